@@ -1,0 +1,21 @@
+"""The one exception family nas raises; the CLI turns each into one line and exit code 2."""
+
+
+class NasError(Exception):
+    """Base of every error nas raises on bad input; the message says what to fix."""
+
+
+class ConfigError(NasError):
+    """A setting (CLI flag, TOML field, dataclass field) is invalid."""
+
+
+class DataError(NasError):
+    """Data is missing, empty, too small, or does not match the tokenizer."""
+
+
+class ModelError(NasError):
+    """A model is missing, of an unsupported family, or a checkpoint is corrupt."""
+
+
+class InfeasibleError(NasError):
+    """An architecture or budget cannot be built from the teacher."""

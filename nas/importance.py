@@ -1,0 +1,242 @@
+"""Minitron activation importance: one no-grad pass over calibration sequences with forward hooks.
+
+Each activation score is aggregated as the mean over the sequence, then the L2 norm over the batch
+(the best-performing aggregation in the Minitron paper):
+- attention heads: L2 norm of each head's slice of the `o_proj` input;
+- KV (query) groups: the sum of their heads' scores;
+- MLP channels: |input of `down_proj`| (= act(gate) * up);
+- hidden (embedding) channels: |output| of every RMSNorm (both per layer and the final one), summed;
+- layers: Block Importance 1 - cos(x_in, x_out), kept for every contiguous block (`block_bi[i, j]` is
+  1 - cos between the input of layer i and the input of layer j), and the held-out LM loss with each
+  layer removed (`layer_loss`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from nas.arch import Arch
+from nas.errors import ModelError
+from nas.evaluate import autocast_for, lm_loss, model_device
+from nas.families import decoder_layers, final_norm, layer_norms
+
+log = logging.getLogger(__name__)
+
+BI_TOKENS_PER_BATCH = 512  # token positions sampled per batch for block BI (bounds memory on long sequences)
+TENSORS = ("heads", "mlp", "hidden", "block_bi", "layer_loss")
+
+
+@dataclass
+class Importance:
+    """Importance scores of one teacher; computed once and reused by every candidate."""
+
+    heads: torch.Tensor  # [num_layers, num_attention_heads]
+    mlp: torch.Tensor  # [num_layers, ffn_hidden_size]
+    hidden: torch.Tensor  # [hidden_size]
+    block_bi: torch.Tensor  # [num_layers + 1, num_layers + 1]
+    layer_loss: torch.Tensor  # [num_layers], LM loss with that layer removed
+    base_loss: float  # LM loss of the whole teacher on the same sequences
+    num_samples: int
+    teacher_arch: dict = field(default_factory=dict)
+
+    @property
+    def groups(self) -> torch.Tensor:
+        """[num_layers, num_query_groups]: the sum of each group's head scores."""
+        num_groups = self.teacher_arch["num_query_groups"]
+        return self.heads.reshape(self.heads.shape[0], num_groups, -1).sum(-1)
+
+    @property
+    def layer_bi(self) -> torch.Tensor:
+        """[num_layers]: 1 - cos(input, output) of each layer."""
+        return torch.diagonal(self.block_bi, offset=1).clone()
+
+    def save(self, path: str | Path) -> Path:
+        """Write one safetensors file (scores as tensors, the rest as metadata), atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {name: getattr(self, name).float().contiguous() for name in TENSORS}
+        meta = {
+            "base_loss": json.dumps(self.base_loss),
+            "num_samples": str(self.num_samples),
+            "teacher_arch": json.dumps(self.teacher_arch),
+        }
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        os.close(fd)
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Importance:
+        path = Path(path)
+        if not path.is_file():
+            raise ModelError(f"importance file {path} does not exist; compute it with `nas importance`")
+        try:
+            tensors = load_file(str(path))
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            return cls(
+                **{name: tensors[name] for name in TENSORS},
+                base_loss=json.loads(meta["base_loss"]),
+                num_samples=int(meta["num_samples"]),
+                teacher_arch=json.loads(meta["teacher_arch"]),
+            )
+        except (SafetensorError, KeyError, ValueError, OSError) as e:
+            raise ModelError(
+                f"importance file {path} is corrupt or not a nas importance file ({e}); delete it and recompute"
+            ) from e
+
+    def check_matches(self, teacher: Arch) -> None:
+        """Raise unless these scores were computed on a teacher of this shape."""
+        if self.teacher_arch != teacher.to_dict():
+            raise ModelError(
+                "the importance file was computed for a different teacher "
+                f"({Arch.from_dict(self.teacher_arch).describe()} vs {teacher.describe()}); recompute it"
+            )
+
+
+class _Accumulator:
+    """Running sums of squares over samples of sequence-mean activations (for the L2 over the batch)."""
+
+    def __init__(self, model: nn.Module, arch: Arch) -> None:
+        dev = model_device(model)
+        n_layers = arch.num_layers
+        self.arch = arch
+        self.heads = torch.zeros(n_layers, arch.num_attention_heads, device=dev, dtype=torch.float64)
+        self.mlp = torch.zeros(n_layers, arch.ffn_hidden_size, device=dev, dtype=torch.float64)
+        self.norms: dict[str, torch.Tensor] = {}
+        self.bi_sum = torch.zeros(n_layers + 1, n_layers + 1, device=dev, dtype=torch.float64)
+        self.bi_count = 0
+        self.boundaries: list[torch.Tensor | None] = [None] * (n_layers + 1)
+
+    def add_heads(self, layer: int, x: torch.Tensor) -> None:
+        per_head = x.float().unflatten(-1, (self.arch.num_attention_heads, self.arch.head_dim))
+        self.heads[layer] += per_head.norm(dim=-1).mean(dim=1).pow(2).sum(0).double()
+
+    def add_mlp(self, layer: int, x: torch.Tensor) -> None:
+        self.mlp[layer] += x.float().abs().mean(dim=1).pow(2).sum(0).double()
+
+    def add_norm(self, name: str, y: torch.Tensor) -> None:
+        sq = y.float().abs().mean(dim=1).pow(2).sum(0).double()
+        self.norms[name] = self.norms.get(name, 0) + sq
+
+    def add_boundary(self, index: int, h: torch.Tensor) -> None:
+        positions = torch.linspace(0, h.shape[1] - 1, min(h.shape[1], BI_TOKENS_PER_BATCH)).long()
+        flat = h[:, positions.to(h.device)].float().flatten(0, 1)
+        self.boundaries[index] = torch.nn.functional.normalize(flat, dim=-1)
+
+    def close_batch(self) -> None:
+        units = torch.stack(self.boundaries)  # [L+1, tokens, H]
+        self.bi_sum += torch.einsum("ikh,jkh->ij", units, units).double()
+        self.bi_count += units.shape[1]
+        self.boundaries = [None] * len(self.boundaries)
+
+    def result(self) -> dict[str, torch.Tensor]:
+        hidden = sum(sq.sqrt() for sq in self.norms.values())
+        return {
+            "heads": self.heads.sqrt().float().cpu(),
+            "mlp": self.mlp.sqrt().float().cpu(),
+            "hidden": hidden.float().cpu(),
+            "block_bi": (1 - self.bi_sum / max(self.bi_count, 1)).float().cpu(),
+        }
+
+
+def _hidden_states_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@contextmanager
+def _hooks(model: nn.Module, acc: _Accumulator) -> Iterator[None]:
+    handles = []
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        handles.append(
+            layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, i=i: acc.add_heads(i, a[0]))
+        )
+        handles.append(layer.mlp.down_proj.register_forward_pre_hook(lambda m, a, i=i: acc.add_mlp(i, a[0])))
+        for j, norm in enumerate(layer_norms(layer)):
+            handles.append(norm.register_forward_hook(lambda m, a, y, key=f"{i}.{j}": acc.add_norm(key, y)))
+        handles.append(
+            layer.register_forward_pre_hook(
+                lambda m, a, kw, i=i: acc.add_boundary(i, _hidden_states_arg(a, kw)), with_kwargs=True
+            )
+        )
+    last = len(layers)
+    handles.append(layers[-1].register_forward_hook(lambda m, a, y: acc.add_boundary(last, y)))
+    handles.append(final_norm(model).register_forward_hook(lambda m, a, y: acc.add_norm("final", y)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def skip_layer(model: nn.Module, index: int) -> Iterator[None]:
+    """Within the block, decoder layer `index` passes its input through unchanged."""
+    layer = decoder_layers(model)[index]
+    handle = layer.register_forward_hook(lambda m, a, kw, y: _hidden_states_arg(a, kw), with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def activation_scores(model: nn.Module, calib: torch.Tensor, batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """Head, MLP, hidden-channel and block-BI scores from one pass over `calib` [N, T]."""
+    arch = Arch.from_hf_config(model.config)
+    acc = _Accumulator(model, arch)
+    device = model_device(model)
+    with _hooks(model, acc):
+        for start in tqdm(range(0, len(calib), batch_size), desc="importance", unit="batch", disable=None):
+            batch = torch.as_tensor(calib[start : start + batch_size], dtype=torch.long).to(device)
+            with autocast_for(device):
+                model.model(input_ids=batch, use_cache=False)
+            acc.close_batch()
+    return acc.result()
+
+
+def layer_removal_losses(model: nn.Module, val: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """[num_layers]: held-out LM loss with each layer removed in turn."""
+    n_layers = len(decoder_layers(model))
+    losses = []
+    for i in tqdm(range(n_layers), desc="layer drop loss", unit="layer", disable=None):
+        with skip_layer(model, i):
+            losses.append(lm_loss(model, val, batch_size))
+    return torch.tensor(losses)
+
+
+def compute_importance(
+    model: nn.Module, calib: torch.Tensor, val: torch.Tensor, batch_size: int = 8
+) -> Importance:
+    """All importance scores of `model` (the teacher), never modifying it."""
+    if len(calib) == 0 or len(val) == 0:
+        raise ModelError("importance needs at least one calibration and one validation sequence")
+    was_training = model.training
+    model.eval()
+    scores = activation_scores(model, calib, batch_size)
+    layer_loss = layer_removal_losses(model, val, batch_size)
+    base = lm_loss(model, val, batch_size)
+    model.train(was_training)
+    log.info("importance: %d calibration sequences, base val loss %.4f", len(calib), base)
+    return Importance(
+        **scores,
+        layer_loss=layer_loss,
+        base_loss=base,
+        num_samples=len(calib),
+        teacher_arch=Arch.from_hf_config(model.config).to_dict(),
+    )

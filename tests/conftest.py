@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny in-process teachers of every supported family, offline hub settings."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from nas.testing import tiny_model  # noqa: E402
+
+FAMILY_CASES = [
+    ("llama", False, 2),
+    ("llama", True, 4),
+    ("mistral", False, 2),
+    ("qwen2", True, 2),
+    ("qwen2", False, 4),
+    ("qwen3", True, 2),
+    ("qwen3", False, 4),
+]
+
+
+@pytest.fixture(params=FAMILY_CASES, ids=lambda c: f"{c[0]}-{'tied' if c[1] else 'untied'}-kv{c[2]}")
+def family_model(request):
+    """A tiny random model of each family, tied/untied, GQA (kv=2) and MHA (kv=4)."""
+    model_type, tied, groups = request.param
+    return tiny_model(model_type, tie_word_embeddings=tied, num_query_groups=groups)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
