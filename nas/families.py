@@ -76,11 +76,9 @@ def layer_norms(layer: nn.Module) -> list[nn.Module]:
     return [layer.input_layernorm, layer.post_attention_layernorm]
 
 
-def load_model(
-    name_or_path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-) -> nn.Module:
-    """Load a supported causal LM from a local directory or a hub id, in eval mode."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_config(name_or_path: str | Path) -> Any:
+    """The config of a supported causal LM (local directory or hub id), without loading weights."""
+    from transformers import AutoConfig
 
     name = str(name_or_path)
     looks_local = name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
@@ -91,11 +89,21 @@ def load_model(
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load a model config from {name!r}: {first_line(e)}") from e
     family_of(config)
+    return config
+
+
+def load_model(
+    name_or_path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> nn.Module:
+    """Load a supported causal LM from a local directory or a hub id, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    load_config(name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype)
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelError(
-            f"cannot load model weights from {name!r} (corrupt or incomplete?): {first_line(e)}"
+            f"cannot load model weights from {str(name_or_path)!r} (corrupt or incomplete?): {first_line(e)}"
         ) from e
     return model.to(device).eval()
 

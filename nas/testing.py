@@ -101,3 +101,71 @@ def tiny_tokenizer(vocab_size: int = 320, texts: list[str] | None = None):
     )
     tok.train_from_iterator(texts or kjv_verses(2000), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def write_tiny_teacher(out, model_type: str = "llama", seed: int = 0, **sizes):
+    """Save a tiny random teacher with a real-text tokenizer to `out` (a model directory)."""
+    from pathlib import Path
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(model_type, seed=seed, vocab_size=len(tokenizer), **sizes)
+    out = Path(out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def write_kjv_corpus(path, verses_per_document: int = 12, limit: int = 6000):
+    """A local .jsonl corpus of real text: consecutive KJV verses grouped into documents."""
+    import json
+    from pathlib import Path
+
+    verses = kjv_verses(limit)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for start in range(0, len(verses), verses_per_document):
+            f.write(json.dumps({"text": " ".join(verses[start : start + verses_per_document])}) + "\n")
+    return path
+
+
+def tiny_study_config(root, name: str = "tiny", **overrides) -> dict:
+    """A complete study config (as a dict, like a parsed TOML) over a tiny teacher and real text,
+    sized so that a whole search runs in seconds on a CPU."""
+    from pathlib import Path
+
+    root = Path(root)
+    teacher = root / "teacher"
+    if not (teacher / "config.json").is_file():
+        write_tiny_teacher(teacher)
+    corpus = root / "corpus.jsonl"
+    if not corpus.is_file():
+        write_kjv_corpus(corpus)
+    config = {
+        "name": name,
+        "teacher": str(teacher),
+        "out_dir": str(root / "studies" / name),
+        "budget": "75%",
+        "data": {"seq_len": 32, "cache_dir": str(root / "cache"), "sources": [{"path": str(corpus)}]},
+        "space": {"tolerance": 0.1, "steps": {"hidden_size": 16, "ffn_hidden_size": 32}},
+        "importance": {"num_samples": 16, "val_sequences": 4, "batch_size": 8},
+        "search": {
+            "horizon_steps": 4,
+            "eval_every": 2,
+            "top_k": 3,
+            "heartbeat_interval": 1,
+            "grace_period": 3,
+        },
+        "distill": {
+            "batch_size": 2,
+            "lr": 1e-3,
+            "min_lr": 1e-4,
+            "eval_sequences": 4,
+            "checkpoint_every": 2,
+            "log_every": 1,
+        },
+        "final": {"steps": 4},
+    }
+    for key, value in overrides.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) and key in config else value
+    return config

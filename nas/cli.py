@@ -1,0 +1,406 @@
+"""The `nas` command: one sub-command a function; `main(argv) -> int` (exit 2 on a NasError)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from nas.errors import ConfigError, NasError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nas", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+SUBCOMMANDS: list = []  # each entry: add_<name>(sub) registering a parser with set_defaults(func=...)
+
+
+def add_data_args(p) -> None:
+    """The data flags shared by every sub-command that reads text (see `data_config_from_args`)."""
+    p.add_argument(
+        "--data",
+        action="append",
+        metavar="PATH[:WEIGHT]",
+        help="local .txt/.jsonl/.parquet file or directory, or a hub dataset id; repeat for a blend, "
+        "with an optional :WEIGHT (default 1)",
+    )
+    p.add_argument("--data-config", help="hub dataset config name (e.g. en)")
+    p.add_argument("--data-split", default="train", help="hub dataset split (default train)")
+    p.add_argument("--data-streaming", action="store_true", help="stream the hub dataset")
+    p.add_argument("--max-documents", type=int, help="read at most this many documents of each source")
+    p.add_argument("--text-field", default="text", help="JSON key / column holding the text (default text)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per packed sequence (default 512)")
+    p.add_argument("--cache-dir", default=".nas_cache/data", help="token cache (default %(default)s)")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the train batch sampling (default 0)")
+
+
+def data_config_from_args(args):
+    """A one-phase DataConfig from the `add_data_args` flags (each --data a source of the blend)."""
+    from nas.data import DataConfig, Phase, Source
+
+    if not args.data:
+        raise ConfigError("give the text with --data PATH (a local file/directory or a hub dataset id)")
+    sources = []
+    for spec in args.data:
+        path, _, weight = spec.rpartition(":")
+        try:
+            path, weight = (path, float(weight)) if path else (spec, 1.0)
+        except ValueError:  # a ':' that is not a weight (e.g. a Windows drive)
+            path, weight = spec, 1.0
+        hub = {"config": args.data_config, "split": args.data_split, "streaming": args.data_streaming}
+        sources.append(Source(path, weight, args.text_field, max_documents=args.max_documents, **hub))
+    phases = (Phase(tuple(sources)),)
+    return DataConfig(phases, seq_len=args.seq_len, cache_dir=args.cache_dir, seed=args.data_seed)
+
+
+def add_importance(sub) -> None:
+    p = sub.add_parser("importance", help="score the layers, heads, groups and channels of a teacher")
+    p.add_argument("teacher", help="local model directory or hub id")
+    add_data_args(p)
+    p.add_argument("--out", required=True, help="importance file to write (.safetensors)")
+    add_importance_args(p)
+    p.set_defaults(func=cmd_importance)
+
+
+def add_importance_args(p) -> None:
+    p.add_argument("--num-samples", type=int, default=1024, help="calibration sequences (default 1024)")
+    p.add_argument("--val-sequences", type=int, default=64, help="held-out sequences for layer-drop loss")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
+
+
+def importance_from_data(args, teacher, tokenizer):
+    from nas.data import prepare
+    from nas.importance import compute_importance
+
+    data = prepare(data_config_from_args(args), tokenizer)
+    return compute_importance(
+        teacher, data.calib(args.num_samples), data.val(args.val_sequences), args.batch_size
+    )
+
+
+def cmd_importance(args) -> int:
+    from nas.evaluate import resolve_device
+    from nas.families import load_model, load_tokenizer
+
+    teacher = load_model(args.teacher, device=resolve_device(args.device))
+    importance = importance_from_data(args, teacher, load_tokenizer(args.teacher))
+    path = importance.save(args.out)
+    print(
+        f"wrote {path}: {importance.num_samples} calibration sequences, base val loss {importance.base_loss:.4f}"
+    )
+    return 0
+
+
+def add_prune(sub) -> None:
+    from nas.prune import DEPTH_STRATEGIES
+
+    p = sub.add_parser("prune", help="cut one architecture out of a teacher and save it")
+    p.add_argument("teacher", help="local model directory or hub id")
+    p.add_argument("out", help="output model directory")
+    p.add_argument("--importance", help="importance file from `nas importance` (or give --data)")
+    for knob in ("num-layers", "hidden-size", "ffn-hidden-size", "num-attention-heads", "num-query-groups"):
+        p.add_argument(f"--{knob}", type=int, help="(default: the teacher's)")
+    p.add_argument("--depth-strategy", choices=DEPTH_STRATEGIES, default="drop-lowest")
+    add_data_args(p)
+    add_importance_args(p)
+    p.set_defaults(func=cmd_prune)
+
+
+def cmd_prune(args) -> int:
+    from nas.arch import KNOBS, Arch, check_prunable, count_params
+    from nas.evaluate import resolve_device
+    from nas.families import load_config, load_model, load_tokenizer
+    from nas.importance import Importance
+    from nas.prune import prune, save_pruned
+
+    if bool(args.importance) == bool(args.data):
+        raise ConfigError("give exactly one of --importance FILE or --data DATA")
+    teacher_arch = Arch.from_hf_config(load_config(args.teacher))
+    knobs = {k: getattr(args, k) for k in KNOBS if getattr(args, k) is not None}
+    arch = teacher_arch.replace(**knobs)
+    check_prunable(teacher_arch, arch)  # fail before loading any weights
+    teacher = load_model(args.teacher, device=resolve_device(args.device))
+    tokenizer = load_tokenizer(args.teacher)
+    if args.importance:
+        importance = Importance.load(args.importance)
+    else:
+        importance = importance_from_data(args, teacher, tokenizer)
+    model = prune(teacher, arch, importance, args.depth_strategy)
+    save_pruned(model, args.out, tokenizer, teacher=args.teacher)
+    numel = sum(p.numel() for p in model.parameters())
+    print(f"wrote {args.out}: {arch.describe()}, {numel:,} params (analytic {count_params(arch):,})")
+    return 0
+
+
+SUBCOMMANDS += [add_importance, add_prune]
+
+
+def add_space(sub) -> None:
+    p = sub.add_parser("space", help="print every candidate architecture under a budget (runs nothing)")
+    p.add_argument("teacher", help="local model directory or hub id (only its config is read)")
+    p.add_argument("--budget", required=True, help="4B, 350M, 1.5e9 or 50%% of the teacher")
+    p.add_argument(
+        "--tolerance", type=float, default=0.05, help="candidates have budget*(1-tolerance) <= params"
+    )
+    p.add_argument("--max-width-prune", type=float, default=0.5)
+    p.add_argument("--max-depth-prune", type=float, default=0.5)
+    p.set_defaults(func=cmd_space)
+
+
+def cmd_space(args) -> int:
+    from nas.arch import Arch, count_params
+    from nas.families import load_config
+    from nas.space import SpaceConfig, candidates_frame, enumerate_candidates
+
+    teacher = Arch.from_hf_config(load_config(args.teacher))
+    config = SpaceConfig(args.tolerance, args.max_width_prune, args.max_depth_prune)
+    candidates = enumerate_candidates(teacher, args.budget, config)
+    print(f"teacher {teacher.describe()}: {count_params(teacher):,} params; {len(candidates)} candidates")
+    print(candidates_frame(candidates, teacher).to_string(index=False))
+    return 0
+
+
+def add_search(sub) -> None:
+    for name, func, text in (
+        ("search", cmd_search, "run (or continue) the Optuna search of a study TOML"),
+        ("run", cmd_run, "importance -> space -> search -> full distillation -> report, from a study TOML"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("study", help="study TOML file, e.g. studies/mystudy.toml")
+        p.add_argument("--storage", help="Optuna storage URL (default sqlite under studies/<name>/)")
+        p.set_defaults(func=func)
+    p = sub.add_parser("worker", help="join a study in shared storage and run its trials until it is done")
+    p.add_argument("--storage", required=True, help="e.g. postgresql://user:pw@host/db")
+    p.add_argument("--study", required=True, help="study name")
+    p.add_argument("--max-trials", type=int, help="stop after this many trials of this worker")
+    p.set_defaults(func=cmd_worker)
+
+
+def study_config(args):
+    import dataclasses
+
+    from nas.config import load_run_config
+
+    cfg = load_run_config(args.study)
+    if args.storage:
+        cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, storage=args.storage))
+    return cfg
+
+
+def cmd_search(args) -> int:
+    from nas.pipeline import search
+
+    cfg = study_config(args)
+    _, study = search(cfg)
+    print_trials(study)
+    print(f"study {cfg.name} in {cfg.storage_url}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from nas.pipeline import run
+
+    result = run(study_config(args))
+    print(f"teacher val loss {result.teacher_val_loss:.4f}; winner val loss {result.winner_val_loss:.4f}")
+    print(f"winner: {result.winner_dir}\nreport: {result.report}")
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from nas.pipeline import worker
+
+    print_trials(worker(args.storage, args.study, args.max_trials))
+    return 0
+
+
+def print_trials(study) -> None:
+    frame = study.trials_dataframe(attrs=("number", "state", "value", "user_attrs"))
+    columns = [c for c in ("number", "state", "value", "user_attrs_label", "user_attrs_params") if c in frame]
+    print(frame[columns].to_string(index=False))
+
+
+SUBCOMMANDS += [add_space, add_search]
+
+
+def add_distill(sub) -> None:
+    p = sub.add_parser(
+        "distill", help="distill a teacher into a student (forward KL on logits); rerun to resume"
+    )
+    p.add_argument("teacher", help="local model directory or hub id")
+    p.add_argument("student", help="student model directory (e.g. from `nas prune`)")
+    p.add_argument("out", help="output directory: metrics.jsonl, checkpoints/, model/")
+    add_data_args(p)
+    add_train_args(p)
+    p.set_defaults(func=cmd_distill)
+
+
+def add_correct(sub) -> None:
+    p = sub.add_parser(
+        "correct", help="teacher correction: fine-tune the teacher briefly on the data (LM loss)"
+    )
+    p.add_argument("teacher", help="local model directory or hub id")
+    p.add_argument("out", help="output directory: metrics.jsonl, checkpoints/, model/")
+    add_data_args(p)
+    add_train_args(p)
+    p.set_defaults(func=cmd_correct)
+
+
+TRAIN_FLAGS = {  # DistillConfig field -> (type, help)
+    "steps": (int, "optimizer steps"),
+    "batch_size": (int, "sequences per micro-batch"),
+    "grad_accum": (int, "micro-batches per optimizer step"),
+    "lr": (float, "peak learning rate"),
+    "min_lr": (float, "final learning rate"),
+    "warmup_steps": (int, "linear warmup steps"),
+    "schedule": (str, "cosine | wsd | constant"),
+    "decay_fraction": (float, "WSD: fraction of steps that decay"),
+    "weight_decay": (float, "AdamW weight decay (matrices only)"),
+    "grad_clip": (float, "max global gradient norm (0: off)"),
+    "ce_weight": (float, "loss = (1 - w) * KL + w * CE"),
+    "temperature": (float, "KL softmax temperature"),
+    "chunk_tokens": (int, "tokens per chunk of the fused head + loss"),
+    "eval_every": (int, "steps between validations"),
+    "eval_sequences": (int, "validation sequences"),
+    "checkpoint_every": (int, "steps between checkpoints (0: none)"),
+    "keep_checkpoints": (int, "checkpoints kept on disk"),
+    "log_every": (int, "steps between metrics.jsonl train lines"),
+}
+
+
+def add_train_args(p) -> None:
+    from nas.distill import DistillConfig
+
+    defaults = DistillConfig()
+    for name, (kind, text) in TRAIN_FLAGS.items():
+        flag = "--" + name.replace("_", "-")
+        p.add_argument(flag, type=kind, default=getattr(defaults, name), help=f"{text} (default %(default)s)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--seed", type=int, default=0, help="torch seed of the run (data order: --data-seed)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
+
+
+def distill_config_from_args(args):
+    from nas.distill import DistillConfig
+
+    fields = {name: getattr(args, name) for name in TRAIN_FLAGS}
+    return DistillConfig(
+        **fields, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, device=args.device
+    )
+
+
+def train_and_save(teacher, student, tokenizer, args) -> int:
+    """Shared tail of `distill` and `correct`: prepare data, run the loop, save the tokenizer with the model."""
+    from pathlib import Path
+
+    from nas.data import prepare
+    from nas.distill import distill
+
+    data = prepare(data_config_from_args(args), tokenizer)
+    result = distill(teacher, student, data, distill_config_from_args(args), args.out)
+    tokenizer.save_pretrained(Path(args.out) / "model")
+    kl = f", val KL {result.val_kl:.4f}" if result.val_kl is not None else ""
+    print(
+        f"wrote {args.out}/model: {result.steps} steps, {result.tokens:,} tokens, val loss {result.val_loss:.4f}{kl}"
+    )
+    print(f"{result.tokens_per_s:,.0f} tokens/s over {result.seconds:.1f} s")
+    return 0
+
+
+def cmd_distill(args) -> int:
+    import torch
+
+    from nas.evaluate import resolve_device
+    from nas.families import load_model, load_tokenizer
+
+    device = resolve_device(args.device)
+    teacher_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # frozen: bf16 is enough
+    teacher = load_model(args.teacher, dtype=teacher_dtype, device=device)
+    student = load_model(args.student, device=device)
+    return train_and_save(teacher, student, load_tokenizer(args.teacher), args)
+
+
+def cmd_correct(args) -> int:
+    from nas.evaluate import resolve_device
+    from nas.families import load_model, load_tokenizer
+
+    teacher = load_model(args.teacher, device=resolve_device(args.device))
+    return train_and_save(None, teacher, load_tokenizer(args.teacher), args)
+
+
+SUBCOMMANDS += [add_distill, add_correct]
+
+
+def add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo", help="the whole pipeline on real text with a small teacher (~10 min on 2 CPU cores)"
+    )
+    p.add_argument("--out", default="studies/demo", help="output directory (default %(default)s)")
+    p.add_argument(
+        "--minutes", type=float, default=10.0, help="scales every stage's steps (default %(default)s)"
+    )
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> int:
+    from nas.demo import closing_table, run_demo
+
+    print(closing_table(run_demo(args.out, args.minutes, args.device)))
+    return 0
+
+
+SUBCOMMANDS += [add_demo]
+
+
+def add_report(sub) -> None:
+    p = sub.add_parser(
+        "report", help="write a study's self-contained HTML report (Pareto fronts, curves, table)"
+    )
+    p.add_argument("--study", required=True, help="study name")
+    p.add_argument("--storage", help="Optuna storage URL (default sqlite:///studies/<study>/study.db)")
+    p.add_argument("--out", help="HTML file to write (default reports/<study>.html)")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args) -> int:
+    from nas.report import write_report
+
+    storage = args.storage or f"sqlite:///studies/{args.study}/study.db"
+    out = write_report(storage, args.study, args.out or f"reports/{args.study}.html")
+    print(f"report: {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+SUBCOMMANDS += [add_report]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if not sys.stderr.isatty():  # no Hugging Face progress bars in logs and pipes
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    try:
+        return int(args.func(args) or 0)
+    except NasError as e:
+        print(f"nas: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nas: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Reading documents from local files, directories, or the Hugging Face hub (`nas.data` builds on this).
+
+A .txt file is split on blank lines, one document per paragraph block (so a book of paragraphs, or one
+verse or record per block, becomes many documents that can go to different splits); a .jsonl file holds
+one JSON object per line with the text in `text_field`; a .parquet file has a `text_field` column; a
+directory holds such files, read in sorted order, recursively (other files are skipped). Anything that is
+not a local path and does not look like one is a Hugging Face datasets id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nas.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = (".txt", ".jsonl", ".parquet")
+BLANK_LINES = re.compile(r"\n[ \t\r]*\n")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One corpus: a local .txt/.jsonl/.parquet file or directory, or a Hugging Face datasets id."""
+
+    path: str
+    weight: float = 1.0  # relative share of the phase's train sequences
+    text_field: str = "text"  # .jsonl key / .parquet column / hub column holding the text
+    config: str | None = None  # hub dataset config name (e.g. "en")
+    split: str = "train"  # hub split
+    streaming: bool = False  # hub: stream instead of downloading the whole split
+    max_documents: int | None = None  # read at most this many (non-empty) documents
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("a data source needs a path (local file/directory or hub dataset id)")
+        if not self.weight > 0:
+            raise ConfigError(f"data source {self.path!r}: weight must be > 0, got {self.weight!r}")
+        if self.max_documents is not None and self.max_documents < 1:
+            raise ConfigError(
+                f"data source {self.path!r}: max_documents must be >= 1, got {self.max_documents!r}"
+            )
+
+
+def is_local(source: Source) -> bool:
+    """True for a local path (existing, or written like a path: a known suffix, '/', '.', '~');
+    a missing local path is reported as missing instead of being sent to the hub."""
+    path = source.path
+    return Path(path).expanduser().exists() or path.endswith(SUFFIXES) or path.startswith(("/", ".", "~"))
+
+
+def local_files(source: Source) -> list[Path]:
+    """The readable files of a local source (a file, or a directory's files sorted, recursively)."""
+    path = Path(source.path).expanduser()
+    if not path.exists():
+        raise DataError(f"data file or directory {source.path} does not exist; check the path")
+    if path.is_file():
+        if path.suffix not in SUFFIXES:
+            raise DataError(f"cannot read {path}: the file type must be one of {', '.join(SUFFIXES)}")
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+    if not files:
+        raise DataError(f"directory {path} has no {', '.join(SUFFIXES)} files to read")
+    return files
+
+
+def source_fingerprint(source: Source) -> dict[str, Any]:
+    """What identifies a source's content: each file's path, size and mtime, or the hub id/config/split."""
+    what = {"text_field": source.text_field, "max_documents": source.max_documents}
+    if not is_local(source):
+        return what | {"hub": source.path, "config": source.config, "split": source.split}
+    files = []
+    for f in local_files(source):
+        stat = f.stat()
+        files.append([str(f.resolve()), stat.st_size, stat.st_mtime_ns])
+    return what | {"files": files}
+
+
+def load_documents(source: Source) -> Iterator[str]:
+    """Yield the non-empty texts of `source` (at most `max_documents`); DataError if there are none."""
+    records = _local_texts(source) if is_local(source) else _hub_texts(source)
+    count = 0
+    for text in records:
+        if not isinstance(text, str) or not text.strip():
+            continue
+        yield text
+        count += 1
+        if source.max_documents is not None and count >= source.max_documents:
+            return
+    if count == 0:
+        raise DataError(
+            f"no text in {source.path}: the text field {source.text_field!r} is missing or empty in every "
+            "record; pass the right field with --text-field (text_field in the study TOML)"
+        )
+
+
+def _local_texts(source: Source) -> Iterator[Any]:
+    for path in local_files(source):
+        if path.suffix == ".txt":
+            yield from BLANK_LINES.split(path.read_text(encoding="utf-8", errors="replace"))
+        elif path.suffix == ".jsonl":
+            yield from _jsonl_texts(path, source.text_field)
+        else:
+            yield from _parquet_texts(path, source.text_field)
+
+
+def _jsonl_texts(path: Path, field: str) -> Iterator[Any]:
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f"{path}:{number} is not valid JSON ({e}); each line must be one JSON object"
+                ) from e
+            if isinstance(record, dict):
+                yield record.get(field)
+
+
+def _parquet_texts(path: Path, field: str) -> Iterator[Any]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        raise DataError(f"cannot read {path} as parquet: {e}") from e
+    columns = parquet.schema_arrow.names
+    if field not in columns:
+        raise DataError(f"{path} has no column {field!r} (columns: {', '.join(columns)}); pass --text-field")
+    for batch in parquet.iter_batches(columns=[field]):
+        yield from batch.column(0).to_pylist()
+
+
+def _hub_texts(source: Source) -> Iterator[Any]:
+    import datasets
+
+    if source.streaming and source.max_documents is None:
+        log.warning(
+            "streaming %s with no max_documents: every document of the split is tokenized", source.path
+        )
+    name = (
+        f"{source.path}" + (f" (config {source.config})" if source.config else "") + f", split {source.split}"
+    )
+    try:
+        dataset = datasets.load_dataset(
+            source.path, source.config, split=source.split, streaming=source.streaming
+        )
+        rows: Iterable[dict] = iter(dataset)
+        first = next(rows, None)
+    except Exception as e:  # offline, unknown id, gated, bad config: all end here
+        raise DataError(
+            f"cannot load hub dataset {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}. "
+            "Pass a local .txt/.jsonl/.parquet file or directory, or check the dataset id and the network "
+            "(HF_DATASETS_OFFLINE / HF_HUB_OFFLINE must be unset)"
+        ) from e
+    if first is None:
+        return
+    if source.text_field not in first:
+        raise DataError(f"hub dataset {name} has no field {source.text_field!r} (fields: {', '.join(first)})")
+    yield first[source.text_field]
+    for row in rows:
+        yield row.get(source.text_field)
+
+
+def document_hash(text: str) -> int:
+    """A 64-bit content hash (the first 8 bytes of the SHA-1 of the UTF-8 text)."""
+    return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "big")

@@ -1,0 +1,398 @@
+"""Text corpora -> tokenized, packed, cached calibration / validation / train sequences.
+
+Splits are by document: each document goes to calibration, validation or train by a hash of its text
+(`nas.corpus.document_hash`), so the same text always lands in the same split, from whatever source.
+Each split of each source is tokenized (no special tokens, EOS after every document), packed into rows
+of `seq_len` tokens (the incomplete last row dropped) and cached as a memory-mapped array under
+`cache_dir/<key>/`, where the key hashes the source's files (path, size, mtime) or hub id, the tokenizer,
+`seq_len` and the split fractions; a second `prepare` reads the cache and tokenizes nothing.
+
+Train batches follow blends with phases: the phase is the one with the greatest `start` <= step /
+total_steps, each sequence's source is drawn with the phase's weights, and its row uniformly (with
+replacement), all from `np.random.default_rng([seed, step])`, so resuming at a step replays its batch.
+Validation and calibration rows are fixed: the sources of every phase, interleaved row by row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from nas.corpus import Source, document_hash, load_documents, source_fingerprint
+from nas.errors import ConfigError, DataError
+
+__all__ = ["DataConfig", "Phase", "Source", "TokenData", "check_tokenizer", "load_documents", "prepare"]
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("calib", "val", "train")
+CACHE_VERSION = 1  # bump when the cached layout or the split rule changes
+TOKENIZE_BATCH = 256  # documents per tokenizer call (fast tokenizers parallelise within a batch)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A blend of sources used from `start` (a fraction of the train steps) on."""
+
+    sources: tuple[Source, ...]
+    start: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ConfigError("a data phase needs at least one source")
+        if not 0.0 <= self.start < 1.0:
+            raise ConfigError(f"a data phase's start must be in [0, 1), got {self.start!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the text comes from (phases of weighted sources) and how it is cut into sequences."""
+
+    phases: tuple[Phase, ...]  # one phase = a plain blend
+    seq_len: int = 512
+    val_fraction: float = 0.05  # of documents, by a content hash
+    calib_fraction: float = 0.05
+    cache_dir: str = ".nas_cache/data"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        starts = [p.start for p in self.phases]
+        if not starts or starts[0] != 0.0 or starts != sorted(set(starts)):
+            raise ConfigError(f"data phases must start at 0.0 and have increasing starts, got {starts}")
+        if self.seq_len < 2:
+            raise ConfigError(f"seq_len must be >= 2, got {self.seq_len}")
+        if not (
+            0 < self.val_fraction and 0 < self.calib_fraction and self.val_fraction + self.calib_fraction < 1
+        ):
+            raise ConfigError(
+                f"val_fraction ({self.val_fraction}) and calib_fraction ({self.calib_fraction}) must be > 0 "
+                "and sum to less than 1"
+            )
+
+    @classmethod
+    def single(cls, path: str, **kw: Any) -> DataConfig:
+        """One source, one phase; `kw` may hold fields of Source and of DataConfig."""
+        source_fields = {f.name for f in dataclasses.fields(Source)}
+        source = Source(path, **{k: v for k, v in kw.items() if k in source_fields})
+        return cls((Phase((source,)),), **{k: v for k, v in kw.items() if k not in source_fields})
+
+    @property
+    def sources(self) -> tuple[Source, ...]:
+        """The distinct corpora of all phases (weights aside), in order of first use."""
+        seen: dict[Source, None] = {}
+        for phase in self.phases:
+            for s in phase.sources:
+                seen.setdefault(dataclasses.replace(s, weight=1.0))
+        return tuple(seen)
+
+
+def data_config_from_dict(data: dict[str, Any]) -> DataConfig:
+    """A DataConfig from a study TOML's [data] table: `sources = [...]` (one blend) or
+    `phases = [{start, sources}, ...]`, plus seq_len, val_fraction, calib_fraction, cache_dir, seed."""
+    from nas.config import from_mapping
+
+    data = dict(data)
+    if ("sources" in data) == ("phases" in data):
+        raise ConfigError(
+            "[data] needs exactly one of `sources = [...]` or `phases = [{start, sources}, ...]`"
+        )
+    phases = data.pop("phases", None) or [{"sources": data.pop("sources")}]
+    built = []
+    for i, phase in enumerate(phases):
+        if not isinstance(phase, dict) or not isinstance(phase.get("sources"), list):
+            raise ConfigError(f"data.phases[{i}] must be a table with a list `sources`")
+        sources = tuple(
+            from_mapping(Source, s, f"data.phases[{i}].sources[{j}]") for j, s in enumerate(phase["sources"])
+        )
+        built.append(from_mapping(Phase, {**phase, "sources": sources}, f"data.phases[{i}]"))
+    return from_mapping(DataConfig, {**data, "phases": tuple(built)}, "data")
+
+
+def check_tokenizer(tokenizer: Any, model_config: Any) -> None:
+    """DataError if the tokenizer has ids the model cannot embed (a smaller tokenizer than the padded
+    embedding is normal)."""
+    if len(tokenizer) > model_config.vocab_size:
+        raise DataError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model_config.vocab_size}: "
+            "use the teacher's own tokenizer (the one saved with it)"
+        )
+
+
+@dataclass(eq=False)
+class TokenData:
+    """Packed token sequences of every source, split into calibration / validation / train."""
+
+    seq_len: int
+    fingerprint: str  # hash of the data config (blends, seq_len, seed), the files' stamps and the tokenizer
+    sources: tuple[Source, ...]  # distinct corpora; a source id indexes this
+    phases: tuple[Phase, ...]
+    seed: int
+    splits: dict[str, list[np.ndarray]]  # split -> one [rows, seq_len] memmap per source
+    from_cache: bool = False  # True when nothing was tokenized
+    _phase_ids: list[np.ndarray] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        index = {s: i for i, s in enumerate(self.sources)}
+        self._phase_ids = [
+            np.array([index[dataclasses.replace(s, weight=1.0)] for s in p.sources]) for p in self.phases
+        ]
+
+    def sizes(self, split: str) -> list[int]:
+        """Rows (sequences) of `split` in each source."""
+        return [len(a) for a in self.splits[split]]
+
+    def calib(self, n: int | None = None) -> torch.Tensor:
+        """The first `n` (default all) calibration sequences, [n, seq_len] int64; the same on every call."""
+        return self._fixed("calib", n)
+
+    def val(self, n: int | None = None) -> torch.Tensor:
+        """The first `n` (default all) validation sequences, [n, seq_len] int64; the same on every call."""
+        return self._fixed("val", n)
+
+    def phase_at(self, step: int, total_steps: int) -> int:
+        """Index of the phase used at `step`: the one with the greatest start <= step / total_steps."""
+        if total_steps < 1:
+            raise ConfigError(f"total_steps must be >= 1, got {total_steps}")
+        fraction = step / total_steps
+        return max(i for i, p in enumerate(self.phases) if p.start <= fraction)
+
+    def train_batch_sources(self, step: int, batch_size: int, total_steps: int) -> np.ndarray:
+        """The source id of each sequence of `train_batch(step, ...)` (ids index `self.sources`)."""
+        return self._draw(step, batch_size, total_steps)[0]
+
+    def train_batch(self, step: int, batch_size: int, total_steps: int) -> torch.Tensor:
+        """Train sequences [batch_size, seq_len] int64, a pure function of (seed, step)."""
+        source_ids, rows = self._draw(step, batch_size, total_steps)
+        train = self.splits["train"]
+        batch = np.stack([train[s][r] for s, r in zip(source_ids, rows, strict=True)])
+        return torch.from_numpy(batch.astype(np.int64))
+
+    def _draw(self, step: int, batch_size: int, total_steps: int) -> tuple[np.ndarray, np.ndarray]:
+        phase = self.phase_at(step, total_steps)
+        ids = self._phase_ids[phase]
+        sizes = np.array(self.sizes("train"))[ids]
+        if sizes.sum() < batch_size:
+            raise DataError(
+                f"phase {phase} has {sizes.sum()} train sequences ({sizes.sum() * self.seq_len} tokens), "
+                f"fewer than one batch of {batch_size}: add data, or lower --batch-size or --seq-len"
+            )
+        weights = np.array([s.weight for s in self.phases[phase].sources], dtype=np.float64)
+        rng = np.random.default_rng([self.seed, step])
+        choice = rng.choice(len(ids), size=batch_size, p=weights / weights.sum())
+        rows = (rng.random(batch_size) * sizes[choice]).astype(np.int64)
+        return ids[choice], rows
+
+    def _fixed(self, split: str, n: int | None) -> torch.Tensor:
+        arrays = self.splits[split]
+        sizes = [len(a) for a in arrays]
+        n = sum(sizes) if n is None else n
+        if n > sum(sizes):
+            raise DataError(
+                f"asked for {n} {split} sequences but the data has {sum(sizes)} ({sum(sizes) * self.seq_len} "
+                f"tokens; {n * self.seq_len} needed): ask for fewer, add data, or raise {split}_fraction"
+            )
+        # interleave the sources row by row, so the first n cover every source
+        row = np.concatenate([np.arange(size) for size in sizes])
+        source = np.repeat(np.arange(len(sizes)), sizes)
+        order = np.lexsort((source, row))[:n]
+        rows = [arrays[s][r] for s, r in zip(source[order], row[order], strict=True)]
+        batch = np.stack(rows) if rows else np.zeros((0, self.seq_len))
+        return torch.from_numpy(batch.astype(np.int64))
+
+
+def prepare(cfg: DataConfig, tokenizer: Any) -> TokenData:
+    """Tokenize (EOS between documents), pack and cache every source of `cfg`; check that the splits are
+    disjoint and none is empty. A source already in the cache is read, not tokenized again."""
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no EOS token (eos_token); set one so documents can be separated")
+    tok_hash = tokenizer_fingerprint(tokenizer)
+    splits: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    hashes: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    metas = []
+    for source in cfg.sources:
+        directory, hit = cached_source(source, cfg, tokenizer, tok_hash)
+        metas.append(json.loads((directory / "meta.json").read_text()) | {"directory": directory, "hit": hit})
+    check_sizes(cfg, metas)
+    for meta in metas:
+        for split in SPLITS:
+            splits[split].append(open_rows(meta["directory"] / f"{split}.bin", meta, split, cfg.seq_len))
+            hashes[split].append(np.load(meta["directory"] / f"{split}.hashes.npy"))
+    from_cache = all(meta["hit"] for meta in metas)
+    check_disjoint({s: np.concatenate(h) for s, h in hashes.items()})
+    # the source keys cover file sizes and mtimes, so edited data gives another fingerprint
+    fingerprint = _hash([config_dict(cfg), tok_hash, [meta["key"] for meta in metas]])
+    data = TokenData(cfg.seq_len, fingerprint, cfg.sources, cfg.phases, cfg.seed, splits, from_cache)
+    log.info(
+        "data %s: %s sequences of %d tokens (train/val/calib)%s",
+        fingerprint[:12],
+        "/".join(str(sum(data.sizes(s))) for s in ("train", "val", "calib")),
+        cfg.seq_len,
+        " from the cache" if from_cache else "",
+    )
+    return data
+
+
+def cached_source(source: Source, cfg: DataConfig, tokenizer: Any, tok_hash: str) -> tuple[Path, bool]:
+    """The cache directory of `source` (tokenized now unless already there), and whether it was there."""
+    settings = [cfg.seq_len, cfg.val_fraction, cfg.calib_fraction]
+    key = _hash([CACHE_VERSION, source_fingerprint(source), tok_hash, settings])
+    directory = Path(cfg.cache_dir) / key[:24]
+    if (directory / "meta.json").is_file():
+        log.info("data %s: cached in %s", source.path, directory)
+        return directory, True
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = tokenize_source(source, cfg, tokenizer, directory)
+    write_atomic(directory / "meta.json", json.dumps(meta | {"key": key}, indent=1).encode())
+    return directory, False
+
+
+def tokenize_source(source: Source, cfg: DataConfig, tokenizer: Any, directory: Path) -> dict[str, Any]:
+    """Tokenize and pack every document of `source` into `directory/<split>.bin` (+ `.hashes.npy`)."""
+    dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32
+    writers = {s: SplitWriter(directory / f"{s}.bin", dtype, cfg.seq_len) for s in SPLITS}
+    try:
+        batch: list[str] = []
+        documents = tqdm(load_documents(source), desc=f"tokenizing {source.path}", unit="doc", disable=None)
+        for text in documents:
+            batch.append(text)
+            if len(batch) == TOKENIZE_BATCH:
+                write_documents(batch, tokenizer, writers, cfg)
+                batch = []
+        write_documents(batch, tokenizer, writers, cfg)
+        splits = {s: w.close() for s, w in writers.items()}
+    finally:
+        for w in writers.values():
+            w.discard()
+    log.info(
+        "data %s: %s",
+        source.path,
+        ", ".join(f"{s} {m['documents']} docs {m['tokens']} tokens" for s, m in splits.items()),
+    )
+    return {"version": CACHE_VERSION, "source": dataclasses.asdict(source), "seq_len": cfg.seq_len,
+            "dtype": np.dtype(dtype).name, "tokenizer": type(tokenizer).__name__, "splits": splits}  # fmt: skip
+
+
+def write_documents(
+    texts: list[str], tokenizer: Any, writers: dict[str, SplitWriter], cfg: DataConfig
+) -> None:
+    if not texts:
+        return
+    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    for text, tokens in zip(texts, ids, strict=True):
+        doc = document_hash(text)
+        u = doc / 2**64
+        split = (
+            "calib"
+            if u < cfg.calib_fraction
+            else "val"
+            if u < cfg.calib_fraction + cfg.val_fraction
+            else "train"
+        )
+        writers[split].write(tokens + [tokenizer.eos_token_id], doc)
+
+
+class SplitWriter:
+    """Appends one split's tokens to a temp file; `close` trims it to whole rows and moves it in place."""
+
+    def __init__(self, path: Path, dtype: Any, seq_len: int) -> None:
+        self.path, self.dtype, self.seq_len = path, dtype, seq_len
+        fd, self.tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        self.file = os.fdopen(fd, "wb")
+        self.tokens = 0
+        self.hashes: list[int] = []
+
+    def write(self, tokens: list[int], doc_hash: int) -> None:
+        np.asarray(tokens, dtype=self.dtype).tofile(self.file)
+        self.tokens += len(tokens)
+        self.hashes.append(doc_hash)
+
+    def close(self) -> dict[str, int]:
+        rows = self.tokens // self.seq_len
+        self.file.truncate(rows * self.seq_len * np.dtype(self.dtype).itemsize)
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        buffer = io.BytesIO()
+        np.save(buffer, np.array(self.hashes, dtype=np.uint64))
+        write_atomic(self.path.with_suffix(".hashes.npy"), buffer.getvalue())
+        return {"documents": len(self.hashes), "tokens": self.tokens, "sequences": rows}
+
+    def discard(self) -> None:
+        """Remove the temp file if `close` did not move it (an error midway)."""
+        self.file.close()
+        Path(self.tmp).unlink(missing_ok=True)
+
+
+def open_rows(path: Path, meta: dict[str, Any], split: str, seq_len: int) -> np.ndarray:
+    """A cached split as a read-only [rows, seq_len] memmap (mmap cannot map an empty file)."""
+    rows = meta["splits"][split]["sequences"]
+    if rows == 0:
+        return np.zeros((0, seq_len), dtype=meta["dtype"])
+    return np.memmap(path, dtype=meta["dtype"], mode="r", shape=(rows, seq_len))
+
+
+def check_sizes(cfg: DataConfig, metas: list[dict[str, Any]]) -> None:
+    """DataError when a source has no train sequence (it could not be sampled) or when no source has a
+    validation or calibration sequence."""
+    for source, meta in zip(cfg.sources, metas, strict=True):
+        m = meta["splits"]["train"]
+        if m["sequences"] == 0:
+            raise DataError(
+                f"{source.path}: its train split has {m['documents']} documents and {m['tokens']} tokens, "
+                f"fewer than one sequence of {cfg.seq_len} tokens: add data or lower seq_len"
+            )
+    for split in ("val", "calib"):
+        docs, tokens, rows = (
+            sum(m["splits"][split][k] for m in metas) for k in ("documents", "tokens", "sequences")
+        )
+        if rows == 0:
+            raise DataError(
+                f"the {split} split has {docs} documents and {tokens} tokens, fewer than one sequence of "
+                f"{cfg.seq_len} tokens: add data, lower seq_len, or raise {split}_fraction"
+            )
+
+
+def check_disjoint(hashes: dict[str, np.ndarray]) -> None:
+    """DataError if one document (by content hash) is in two splits."""
+    for i, a in enumerate(SPLITS):
+        for b in SPLITS[i + 1 :]:
+            shared = np.intersect1d(hashes[a], hashes[b])
+            if len(shared):
+                raise DataError(
+                    f"{len(shared)} documents are in both the {a} and {b} splits; the cache is inconsistent: "
+                    "delete the data cache directory and run again"
+                )
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of the tokenizer's class, vocabulary, merges and special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    content = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return _hash([type(tokenizer).__name__, len(tokenizer), tokenizer.eos_token_id, content])
+
+
+def config_dict(cfg: DataConfig) -> dict[str, Any]:
+    """The parts of `cfg` that decide the token stream (everything but where the cache lives)."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "cache_dir"}
+
+
+def write_atomic(path: Path, payload: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(payload)
+    os.replace(tmp, path)
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

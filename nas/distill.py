@@ -1,0 +1,434 @@
+"""The knowledge-distillation loop: a student learns the teacher's next-token distribution (Minitron).
+
+One optimizer step = `grad_accum` micro-batches of `batch_size` packed sequences. The loss is the
+chunked forward KL(teacher || student) of `nas.kd` (with no teacher: plain LM loss, used for teacher
+correction). Every `eval_every` steps and at the end the student is scored with `nas.evaluate.lm_loss`
+on the same fixed validation sequences (and its KL to the teacher on them). Checkpoints are atomic
+directories `out_dir/checkpoints/step-XXXXXXX/`; calling `distill` again with the same `out_dir`
+resumes from the latest one and reproduces the uninterrupted run (data batches are a pure function
+of the step).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from nas.errors import ConfigError, ModelError, NasError
+from nas.evaluate import lm_loss, resolve_device
+from nas.kd import KDLoss, head_weight, kl_to_teacher, model_kd_loss
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+@dataclass
+class DistillConfig:
+    """Settings of one distillation (or, with no teacher, LM fine-tuning) run."""
+
+    steps: int = 400  # optimizer steps
+    batch_size: int = 8  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-4  # peak learning rate
+    min_lr: float = 1e-5  # learning rate at the end of the decay
+    warmup_steps: int = 0  # linear warmup from lr / warmup_steps
+    schedule: str = "cosine"  # "cosine" | "wsd" (warmup-stable-decay) | "constant"
+    decay_fraction: float = 0.2  # WSD: the last fraction of steps decays linearly to min_lr
+    weight_decay: float = 0.0  # AdamW decay of matrices (never norms or biases)
+    grad_clip: float = 1.0  # max global grad norm (0: no clipping)
+    betas: tuple = (0.9, 0.95)
+    ce_weight: float = 0.0  # mix in CE on the labels: (1 - w) * KL + w * CE (0: pure KD, Minitron)
+    temperature: float = 1.0  # softmax temperature of the KL (see nas.kd for the scaling)
+    chunk_tokens: int = 1024  # tokens per chunk of the fused head + loss
+    eval_every: int = 50  # steps between validations (0: only at the end)
+    eval_sequences: int = 64  # validation sequences (the first n of data.val)
+    eval_batch_size: int = 8
+    checkpoint_every: int = 100  # steps between checkpoints (0: none)
+    keep_checkpoints: int = 2  # how many of the latest checkpoints stay on disk
+    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    seed: int = 0
+    device: str = "auto"  # auto: CUDA if available
+    log_every: int = 10  # steps between train lines in metrics.jsonl
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        positive = ("steps", "batch_size", "grad_accum", "chunk_tokens", "eval_sequences", "eval_batch_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"DistillConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if not 0.0 <= self.ce_weight <= 1.0:
+            raise ConfigError(f"ce_weight must be in [0, 1], got {self.ce_weight}")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ConfigError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        if self.temperature <= 0 or self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError("need temperature > 0 and 0 <= min_lr <= lr")
+        if min(self.warmup_steps, self.eval_every, self.checkpoint_every, self.log_every) < 0:
+            raise ConfigError("warmup_steps, eval_every, checkpoint_every and log_every must be >= 0")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+
+
+@dataclass
+class Result:
+    """What a run produced; `curve` has one {"step", "val_loss", "val_kl"} entry per evaluation."""
+
+    out_dir: str
+    steps: int
+    tokens: int
+    val_loss: float
+    val_kl: float | None
+    curve: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    tokens_per_s: float = 0.0
+
+
+class NonFiniteLossError(NasError):
+    """The training loss (or gradient norm) became NaN or infinite."""
+
+
+def lr_at(step: int, cfg: DistillConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine / WSD / constant."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "cosine":
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps - 1)
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    decay_start = max(cfg.warmup_steps, round(cfg.steps * (1 - cfg.decay_fraction)))
+    if step < decay_start:
+        return cfg.lr
+    progress = (step - decay_start + 1) / max(1, cfg.steps - decay_start)
+    return cfg.lr + (cfg.min_lr - cfg.lr) * min(progress, 1.0)
+
+
+def build_optimizer(student: nn.Module, cfg: DistillConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only; fused kernels on CUDA, foreach elsewhere."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **fast)
+
+
+@dataclass
+class _Run:
+    """Mutable state of a run that checkpoints carry."""
+
+    step: int = 0
+    tokens: int = 0
+    curve: list[dict] = field(default_factory=list)
+
+
+def distill(
+    teacher: nn.Module | None,
+    student: nn.Module,
+    data: Any,
+    cfg: DistillConfig,
+    out_dir: str | os.PathLike,
+    on_eval: Callable[[int, float], None] | None = None,
+) -> Result:
+    """Train `student` in place to match `teacher` (forward KL on logits) on `data.train_batch`.
+
+    `teacher=None` trains on the plain LM loss (teacher correction). `data` is a `nas.data.TokenData`.
+    `on_eval(step, val_loss)` is called after every evaluation and its checkpoint; exceptions from it
+    propagate (the search raises optuna.TrialPruned). Re-running with the same `out_dir` resumes from
+    the latest checkpoint. Writes `metrics.jsonl`, `checkpoints/`, and finally `model/`.
+    On CUDA the teacher runs under bf16 autocast; load it in bf16 to halve its memory.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    student.to(device)
+    if teacher is not None:
+        teacher.to(device).eval()
+    _check_vocab(teacher, student)
+    optimizer = build_optimizer(student, cfg, device)
+    run = _resume(out, student, optimizer, cfg)
+    val = torch.as_tensor(data.val(cfg.eval_sequences), dtype=torch.long)
+    start_time, start_tokens = time.perf_counter(), run.tokens
+    _set_checkpointing(student, cfg.gradient_checkpointing)
+    try:
+        _train(teacher, student, data, cfg, out, optimizer, run, val, on_eval)
+    finally:
+        _set_checkpointing(student, False)
+        student.eval()
+    if not run.curve or run.curve[-1]["step"] != run.step:  # a resumed run that had already finished
+        _evaluate(teacher, student, val, cfg, out, run, on_eval)
+    save_model_atomic(student, out / "model")
+    seconds = time.perf_counter() - start_time
+    last = run.curve[-1]
+    log.info("distilled %d steps (%d tokens): val loss %.4f", run.step, run.tokens, last["val_loss"])
+    return Result(
+        out_dir=str(out),
+        steps=run.step,
+        tokens=run.tokens,
+        val_loss=last["val_loss"],
+        val_kl=last["val_kl"],
+        curve=list(run.curve),
+        seconds=seconds,
+        tokens_per_s=(run.tokens - start_tokens) / max(seconds, 1e-9),
+    )
+
+
+def _set_checkpointing(student: nn.Module, on: bool) -> None:
+    """Activation (gradient) checkpointing on/off; transformers 5 renamed the methods."""
+    prefix = "activation" if hasattr(student, "activation_checkpointing_enable") else "gradient"
+    getattr(student, f"{prefix}_checkpointing_{'enable' if on else 'disable'}")()
+
+
+def _check_vocab(teacher: nn.Module | None, student: nn.Module) -> None:
+    if teacher is None:
+        return
+    t, s = head_weight(teacher).shape[0], head_weight(student).shape[0]
+    if t != s:
+        raise ModelError(f"teacher and student vocabularies differ ({t} vs {s}); prune the student from this teacher")
+
+
+def _resume(out: Path, student: nn.Module, optimizer, cfg: DistillConfig) -> _Run:
+    """Load the latest checkpoint (if any) into student and optimizer; cut metrics.jsonl back to it."""
+    for stale in (out / "checkpoints").glob(".tmp-*"):  # from a run killed while writing one
+        shutil.rmtree(stale, ignore_errors=True)
+    path = latest_checkpoint(out)
+    if path is None:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        return _Run()
+    state = load_checkpoint(path, student, optimizer)
+    if state.get("config", {}).get("batch_size") != cfg.batch_size:
+        log.warning("resuming %s with a different batch_size; the data order changes", path)
+    _truncate_metrics(out / "metrics.jsonl", state["step"])
+    log.info("resumed from %s (step %d)", path, state["step"])
+    return _Run(step=state["step"], tokens=state["tokens"], curve=state["curve"])
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the lines of steps after `step` (they are about to be redone), atomically."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def _train(teacher, student, data, cfg: DistillConfig, out: Path, optimizer, run: _Run, val, on_eval) -> None:
+    """The step loop from `run.step` to `cfg.steps`."""
+    window = {"loss": 0.0, "kl": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
+    bar = tqdm(total=cfg.steps, initial=run.step, disable=None, desc="distill" if teacher else "train")
+    student.train()
+    with bar:
+        while run.step < cfg.steps:
+            lr = lr_at(run.step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, kl, norm, tokens = _accumulate_grads(teacher, student, data, cfg, optimizer, run.step)
+            _check_finite(loss, norm, run.step + 1, out)
+            optimizer.step()
+            run.step += 1
+            run.tokens += tokens
+            _accumulate(window, loss, kl, tokens)
+            bar.update(1)
+            if run.step % max(cfg.log_every, 1) == 0 or run.step == cfg.steps:
+                rate = _log_train(out, run, lr, window)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}")
+            evaluate_now = run.step == cfg.steps or (cfg.eval_every and run.step % cfg.eval_every == 0)
+            if evaluate_now:
+                _evaluate(teacher, student, val, cfg, out, run, None)
+            if cfg.checkpoint_every and (run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps):
+                state = asdict(run) | {"config": asdict(cfg)}
+                save_checkpoint(out, run.step, student, optimizer, state, cfg.keep_checkpoints)
+            if evaluate_now and on_eval is not None:
+                on_eval(run.step, run.curve[-1]["val_loss"])
+                student.train()
+
+
+def _accumulate_grads(teacher, student, data, cfg: DistillConfig, optimizer, step: int):
+    """Gradients of one optimizer step over `grad_accum` micro-batches, clipped.
+    Returns (loss, kl, grad_norm, tokens) with kl NaN when there is no teacher."""
+    device = next(student.parameters()).device
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=device)
+    kl_sum = torch.zeros((), device=device)
+    tokens = 0
+    for micro in range(cfg.grad_accum):
+        index = step * cfg.grad_accum + micro
+        batch = torch.as_tensor(
+            data.train_batch(index, cfg.batch_size, cfg.steps * cfg.grad_accum), dtype=torch.long
+        ).to(device, non_blocking=True)
+        result = _batch_loss(student, teacher, batch, cfg)
+        (result.loss / cfg.grad_accum).backward()
+        loss_sum += result.loss.detach().float()
+        kl_sum += result.kl.float() if result.kl is not None else math.nan
+        tokens += batch.numel()
+    params = [p for p in student.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    stats = torch.stack([loss_sum / cfg.grad_accum, kl_sum / cfg.grad_accum, norm.float()]).tolist()
+    return *stats, tokens
+
+
+def _batch_loss(student, teacher, batch, cfg: DistillConfig) -> KDLoss:
+    return model_kd_loss(
+        student,
+        teacher,
+        batch,
+        temperature=cfg.temperature,
+        ce_weight=cfg.ce_weight,
+        chunk_tokens=cfg.chunk_tokens,
+    )
+
+
+def _check_finite(loss: float, norm: float, step: int, out: Path) -> None:
+    """Stop before a NaN/inf update reaches the weights; the checkpoints on disk stay as they are."""
+    if math.isfinite(loss) and math.isfinite(norm):
+        return
+    what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
+    last = latest_checkpoint(out)
+    raise NonFiniteLossError(
+        f"the training {what} is {value} at step {step}; stopped before updating the weights. "
+        f"The last good checkpoint is kept ({last or 'none written yet'}); lower the learning rate "
+        "or add warmup, then rerun to resume from it"
+    )
+
+
+def _accumulate(window: dict, loss: float, kl: float, tokens: int) -> None:
+    window["loss"] += loss
+    window["kl"] += kl
+    window["n"] += 1
+    window["tokens"] += tokens
+
+
+def _log_train(out: Path, run: _Run, lr: float, window: dict) -> float:
+    """Append a train line (means over the window since the last one); returns tokens/s."""
+    now = time.perf_counter()
+    rate = window["tokens"] / max(now - window["t0"], 1e-9)
+    n = max(window["n"], 1)
+    kl = window["kl"] / n
+    record = {"step": run.step, "loss": window["loss"] / n, "kl": kl if math.isfinite(kl) else None}
+    record |= {"val_loss": None, "val_kl": None, "lr": lr, "tokens": run.tokens, "tokens_per_s": rate}
+    _append_metrics(out, record)
+    window.update(loss=0.0, kl=0.0, n=0, tokens=0, t0=now)
+    return rate
+
+
+def _evaluate(teacher, student, val, cfg: DistillConfig, out: Path, run: _Run, on_eval) -> None:
+    """Validation LM loss (the shared protocol) and KL to the teacher; logged, recorded, reported."""
+    val_loss = lm_loss(student, val, cfg.eval_batch_size)
+    kl = kl_to_teacher(student, teacher, val, cfg.eval_batch_size, cfg.chunk_tokens) if teacher else None
+    run.curve.append({"step": run.step, "val_loss": val_loss, "val_kl": kl})
+    record = {"step": run.step, "loss": None, "kl": None, "val_loss": val_loss, "val_kl": kl}
+    _append_metrics(out, record | {"lr": None, "tokens": run.tokens, "tokens_per_s": None})
+    log.info("step %d: val loss %.4f%s", run.step, val_loss, f", val KL {kl:.4f}" if kl is not None else "")
+    if on_eval is not None:
+        on_eval(run.step, val_loss)
+
+
+def _append_metrics(out: Path, record: dict) -> None:
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ---- checkpoints: out_dir/checkpoints/step-XXXXXXX/{model.safetensors, optimizer.pt, rng.pt, state.json}
+
+CHECKPOINT_NAME = re.compile(r"^step-\d{7}$")
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint directory with the highest step under `out_dir/checkpoints`, or None."""
+    root = Path(out_dir) / "checkpoints"
+    found = sorted(p for p in root.iterdir() if CHECKPOINT_NAME.match(p.name)) if root.is_dir() else []
+    return found[-1] if found else None
+
+
+def save_checkpoint(out: Path, step: int, student: nn.Module, optimizer, state: dict, keep: int) -> Path:
+    """Write a checkpoint into a temp directory, rename it into place, drop all but the `keep` latest."""
+    root = out / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{final.name}-"))
+    safetensors.torch.save_model(student, str(tmp / "model.safetensors"))  # handles tied weights
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(_rng_state(), tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    _replace_dir(tmp, final)
+    for old in sorted(p for p in root.iterdir() if CHECKPOINT_NAME.match(p.name))[:-keep]:
+        shutil.rmtree(old)
+    log.debug("checkpoint %s", final)
+    return final
+
+
+def load_checkpoint(path: Path, student: nn.Module, optimizer) -> dict:
+    """Restore student weights, optimizer and RNG states from `path`; returns its state.json."""
+    device = next(student.parameters()).device
+    try:
+        state = json.loads((path / "state.json").read_text())
+        safetensors.torch.load_model(
+            student, str(path / "model.safetensors"), strict=True, device=str(device)
+        )
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+        _set_rng_state(torch.load(path / "rng.pt", weights_only=False))  # our own file: numpy state inside
+        state["step"], state["tokens"], state["curve"]  # noqa: B018 (a KeyError here means corrupt)
+    except Exception as e:
+        raise ModelError(
+            f"checkpoint {path} is corrupt or incomplete ({type(e).__name__}: {str(e).strip()[:200]}); "
+            "delete that directory to resume from the previous checkpoint (or from scratch)"
+        ) from e
+    return state
+
+
+def save_model_atomic(model: nn.Module, dst: Path) -> Path:
+    """`save_pretrained` (safetensors) into a temp directory next to `dst`, then rename it to `dst`."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".tmp-{dst.name}-"))
+    model.save_pretrained(tmp)
+    _replace_dir(tmp, dst)
+    return dst
+
+
+def _replace_dir(tmp: Path, dst: Path) -> None:
+    """Rename `tmp` to `dst`, replacing an existing `dst` (rename it aside first: os.replace needs an
+    empty target directory)."""
+    if dst.exists():
+        trash = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".old-{dst.name}-"))
+        os.replace(dst, trash / dst.name)
+        os.replace(tmp, dst)
+        shutil.rmtree(trash)
+    else:
+        os.replace(tmp, dst)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,347 @@
+"""The Optuna study: one trial = one candidate, pruned from the teacher and distilled for a short horizon.
+
+Small spaces are searched exhaustively in a fixed priority order (each candidate once); large ones
+are sampled with TPE under a budget constraint. Intermediate validation losses go to `trial.report`,
+so successive halving (default) or Hyperband stops losing candidates early. Heartbeats plus
+`RetryFailedTrialCallback` re-run trials whose worker died, resuming from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from nas.arch import KNOBS, Arch, count_params, kv_cache_bytes
+from nas.config import RunConfig
+from nas.distill import distill
+from nas.evaluate import model_device
+from nas.importance import Importance
+from nas.prune import prune
+
+log = logging.getLogger(__name__)
+CLAIMED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+INFEASIBLE_VALUE = 1e3  # objective of sampled archs outside the budget (they also violate the constraint)
+
+
+@dataclass
+class SearchContext:
+    """Everything a trial needs, loaded once per process (creator or worker)."""
+
+    cfg: RunConfig
+    teacher: torch.nn.Module
+    tokenizer: Any
+    data: Any  # nas.data.TokenData
+    importance: Importance
+    candidates: list[Arch]  # in priority order
+
+    @property
+    def teacher_arch(self) -> Arch:
+        return Arch.from_hf_config(self.teacher.config)
+
+    @property
+    def exhaustive(self) -> bool:
+        mode = self.cfg.search.sampler
+        return mode == "exhaustive" or (
+            mode == "auto" and len(self.candidates) <= self.cfg.search.max_exhaustive
+        )
+
+
+def arch_key(arch: Arch | dict) -> tuple[int, ...]:
+    values = arch.to_dict() if isinstance(arch, Arch) else arch
+    return tuple(int(values[k]) for k in KNOBS)
+
+
+class CandidateSampler(optuna.samplers.BaseSampler):
+    """Hands each new trial the first candidate (in priority order) that no trial has claimed yet."""
+
+    def __init__(self, candidates: list[Arch]) -> None:
+        self.candidates = candidates
+
+    def infer_relative_search_space(self, study, trial):
+        return {}
+
+    def sample_relative(self, study, trial, search_space):
+        return {}
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        chosen = next_unclaimed(study, self.candidates, exclude=trial.number, prefix=trial.params)
+        arch = chosen or self.candidates[0]  # exhausted: a duplicate the objective will refuse
+        return getattr(arch, param_name)
+
+
+def next_unclaimed(study, candidates, exclude: int | None = None, prefix: dict | None = None) -> Arch | None:
+    claimed = set()
+    for t in study.get_trials(deepcopy=False, states=CLAIMED):
+        params = t.params or t.system_attrs.get("fixed_params", {})
+        if t.number != exclude and all(k in params for k in KNOBS):
+            claimed.add(arch_key(params))
+    for arch in candidates:
+        if arch_key(arch) not in claimed and all(getattr(arch, k) == v for k, v in (prefix or {}).items()):
+            return arch
+    return None
+
+
+def suggest_arch(trial: optuna.Trial, ctx: SearchContext) -> Arch:
+    """The trial's candidate: the knobs as integer params over the teacher's ranges."""
+    teacher = ctx.teacher_arch
+    if ctx.exhaustive:
+        knobs = {k: trial.suggest_int(k, 1, getattr(teacher, k)) for k in KNOBS}
+    else:
+        values = {
+            k: sorted({getattr(a, k) for a in ctx.candidates}) for k in KNOBS if k != "num_attention_heads"
+        }
+        knobs = {k: trial.suggest_categorical(k, v) for k, v in values.items()}
+        per_group = trial.suggest_int("heads_per_group", 1, teacher.heads_per_group)
+        knobs["num_attention_heads"] = knobs["num_query_groups"] * per_group
+    return teacher.replace(**knobs)
+
+
+def trial_dir(ctx: SearchContext, arch: Arch) -> Path:
+    """Keyed by the candidate, not the trial, so a retried trial resumes the dead one's checkpoint."""
+    label = "-".join(f"{k.split('_')[0][:1]}{getattr(arch, k)}" for k in KNOBS)
+    return ctx.cfg.root / "trials" / f"{label}"
+
+
+def objective(trial: optuna.Trial, ctx: SearchContext) -> float:
+    arch = suggest_arch(trial, ctx)
+    keys = {arch_key(a): i for i, a in enumerate(ctx.candidates)}
+    if arch_key(arch) not in keys:
+        trial.set_constraint("budget", budget_violation(arch, ctx))
+        trial.set_user_attr("infeasible", True)
+        return INFEASIBLE_VALUE
+    if not ctx.exhaustive:
+        trial.set_constraint("budget", 0.0)
+    duplicate = _finished_twin(trial, arch)
+    if duplicate is not None:
+        raise DuplicateCandidate(f"candidate {arch.describe()} already has trial {duplicate}")
+    student = prune(ctx.teacher, arch, ctx.importance, ctx.cfg.depth_strategy)
+    _describe_trial(trial, arch, keys[arch_key(arch)], student, ctx)
+    out = trial_dir(ctx, arch)
+    curve: list[dict] = []
+
+    def on_eval(step: int, val_loss: float) -> None:
+        curve.append({"step": step, "val_loss": val_loss})
+        trial.set_user_attr("curve", curve)
+        trial.report(val_loss, step)
+        if trial.should_prune():
+            trial.set_user_attr(
+                "tokens", step * ctx.cfg.distill.batch_size * ctx.cfg.distill.grad_accum * ctx.data.seq_len
+            )
+            raise optuna.TrialPruned(f"pruned at step {step} (val loss {val_loss:.4f})")
+
+    result = distill(ctx.teacher, student, ctx.data, ctx.cfg.short_distill(), out, on_eval=on_eval)
+    trial.set_user_attr("curve", result.curve)
+    trial.set_user_attr("tokens", result.tokens)
+    trial.set_user_attr("checkpoint", str(out / "model"))
+    return result.val_loss
+
+
+def budget_violation(arch: Arch, ctx: SearchContext) -> float:
+    """How far (as a share of the budget) a sampled arch lies outside the budget window; > 0 is infeasible."""
+    sizes = [count_params(a) for a in ctx.candidates]
+    low, high, params = min(sizes), max(sizes), count_params(arch)
+    return max(params - high, low - params, 1) / high
+
+
+class DuplicateCandidate(Exception):
+    """A trial drew a candidate another trial already evaluates (a race between workers)."""
+
+
+def _finished_twin(trial: optuna.Trial, arch: Arch) -> int | None:
+    """The number of an earlier live or finished trial of the same candidate, if any."""
+    for other in trial.study.get_trials(deepcopy=False, states=CLAIMED):
+        twin = other.user_attrs.get("arch")
+        if other.number < trial.number and twin and arch_key(twin) == arch_key(arch):
+            return other.number
+    return None
+
+
+def _describe_trial(trial, arch: Arch, index: int, student, ctx: SearchContext) -> None:
+    trial.set_user_attr("arch", arch.to_dict())
+    trial.set_user_attr("label", arch.describe())
+    trial.set_user_attr("candidate", index)
+    trial.set_user_attr("params", count_params(arch))
+    trial.set_user_attr("kv_cache_bytes_per_token", kv_cache_bytes(arch))
+    trial.set_user_attr("latency_tokens_per_s", measure_latency(student, ctx.cfg.search.latency_tokens))
+
+
+@torch.no_grad()
+def measure_latency(model: torch.nn.Module, tokens: int = 128, repeats: int = 3) -> float:
+    """Forward throughput (tokens/s) of one sequence of `tokens` tokens on this machine (best of repeats)."""
+    device = model_device(model)
+    batch = torch.zeros(1, tokens, dtype=torch.long, device=device)
+    model(input_ids=batch, use_cache=False)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        model(input_ids=batch, use_cache=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return tokens / best
+
+
+def make_pruner(ctx: SearchContext) -> optuna.pruners.BasePruner:
+    s = ctx.cfg.search
+    if s.pruner == "successive-halving":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=s.eval_every, reduction_factor=s.reduction_factor
+        )
+    if s.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=s.eval_every, max_resource=s.horizon_steps, reduction_factor=s.reduction_factor
+        )
+    return optuna.pruners.NopPruner()
+
+
+def make_sampler(ctx: SearchContext) -> optuna.samplers.BaseSampler:
+    if ctx.exhaustive:
+        return CandidateSampler(ctx.candidates)
+    return optuna.samplers.TPESampler(seed=ctx.cfg.seed, multivariate=True)
+
+
+def make_storage(url: str, cfg: RunConfig | None = None) -> optuna.storages.BaseStorage | str:
+    """RDB storage with heartbeats, so a trial whose worker died is failed and retried."""
+    if not url.startswith(("sqlite", "postgresql", "mysql")):
+        return url
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    s = cfg.search if cfg else None
+    return optuna.storages.RDBStorage(
+        url,
+        heartbeat_interval=s.heartbeat_interval if s else 30,
+        grace_period=s.grace_period if s else 120,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+            max_retry=s.max_retry if s else 2
+        ),
+    )
+
+
+def open_study(ctx: SearchContext, create: bool = True) -> optuna.Study:
+    """Create or continue the study named `cfg.name` in the configured storage."""
+    storage = make_storage(ctx.cfg.storage_url, ctx.cfg)
+    return (
+        optuna.create_study(
+            study_name=ctx.cfg.name,
+            storage=storage,
+            load_if_exists=True,
+            direction="minimize",
+            sampler=make_sampler(ctx),
+            pruner=make_pruner(ctx),
+        )
+        if create
+        else optuna.load_study(
+            study_name=ctx.cfg.name, storage=storage, sampler=make_sampler(ctx), pruner=make_pruner(ctx)
+        )
+    )
+
+
+def target_trials(ctx: SearchContext) -> int:
+    if ctx.exhaustive:
+        return min(ctx.cfg.search.n_trials or len(ctx.candidates), len(ctx.candidates))
+    return ctx.cfg.search.n_trials or 20
+
+
+def done_trials(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+def run_trials(ctx: SearchContext, study: optuna.Study, max_trials: int | None = None) -> None:
+    """Pull trials until the study has its target count of finished trials (or this worker's max)."""
+    target = target_trials(ctx)
+    ran = 0
+    while done_trials(study) < target and (max_trials is None or ran < max_trials):
+        if ctx.exhaustive and next_unclaimed(study, ctx.candidates) is None and not _waiting(study):
+            if not _running(study):
+                break
+            time.sleep(ctx.cfg.search.heartbeat_interval)  # others still running: wait for a retry or the end
+            study.get_trials(deepcopy=False)
+            continue
+        study.optimize(
+            lambda t: objective(t, ctx), n_trials=1, catch=(DuplicateCandidate,), gc_after_trial=True
+        )
+        ran += 1
+    log.info("study %s: %d finished trials", study.study_name, done_trials(study))
+
+
+def _waiting(study: optuna.Study) -> bool:
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+
+def _running(study: optuna.Study) -> bool:
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+
+def ranking_stability(study: optuna.Study, top_k: int, horizon: int) -> dict[str, Any]:
+    """Rank of the top-k completed trials at half vs full horizon, with Kendall tau."""
+    complete = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not t.user_attrs.get("infeasible")
+    ]
+    top = sorted(complete, key=lambda t: t.value)[:top_k]
+    half_step = _nearest_step(top, horizon // 2)
+    rows = [(t.number, t.intermediate_values.get(half_step), t.value) for t in top]
+    rows = [r for r in rows if r[1] is not None]
+    half = [r[1] for r in rows]
+    full = [r[2] for r in rows]
+    tau = kendall_tau(half, full) if len(rows) >= 2 else None
+    stable = bool(rows) and min(rows, key=lambda r: r[1])[0] == min(rows, key=lambda r: r[2])[0]
+    if not stable and rows:
+        log.warning(
+            "the winner at half horizon (step %s) is not the winner at full horizon: the ranking is not stable; consider a longer horizon",
+            half_step,
+        )
+    return {
+        "k": len(rows),
+        "kendall_tau": tau,
+        "half_step": half_step,
+        "full_step": horizon,
+        "trials": [r[0] for r in rows],
+        "half_losses": half,
+        "full_losses": full,
+        "winner_stable": stable,
+    }
+
+
+def _nearest_step(trials, step: int) -> int | None:
+    steps = sorted({s for t in trials for s in t.intermediate_values})
+    return min(steps, key=lambda s: (abs(s - step), s)) if steps else None
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
+    from nas.errors import NasError
+
+    complete = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not t.user_attrs.get("infeasible")
+    ]
+    if not complete:
+        raise NasError(f"study {study.study_name} has no completed trial yet; run more trials")
+    return min(complete, key=lambda t: t.value)
+
+
+def kendall_tau(a: list[float], b: list[float]) -> float:
+    """Kendall rank correlation (tau-a) of two equally long score lists; 1.0 = same order."""
+    n = len(a)
+    if n < 2 or n != len(b):
+        raise ValueError("kendall_tau needs two lists of the same length >= 2")
+    score = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            score += _sign(a[i] - a[j]) * _sign(b[i] - b[j])
+    return score / (n * (n - 1) / 2)
+
+
+def _sign(x: float) -> int:
+    return (x > 0) - (x < 0)

@@ -1,0 +1,142 @@
+"""The search space: every valid homogeneous architecture under a parameter budget."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from nas.arch import KNOBS, Arch, count_params, kv_cache_bytes, parse_count
+from nas.errors import InfeasibleError
+
+
+@dataclass(frozen=True)
+class SpaceConfig:
+    """Which architectures are valid candidates (besides the budget)."""
+
+    tolerance: float = 0.05  # candidates have budget*(1-tolerance) <= params <= budget
+    max_width_prune: float = 0.5  # at most this fraction of any width knob is cut
+    max_depth_prune: float = 0.5  # at most this fraction of the layers is cut
+    steps: dict[str, int] = field(default_factory=dict)  # per-knob step; missing knobs get default_steps
+
+    def __post_init__(self) -> None:
+        from nas.errors import ConfigError
+
+        if not 0 <= self.tolerance < 1:
+            raise ConfigError(f"tolerance must be in [0, 1), got {self.tolerance}")
+        for name in ("max_width_prune", "max_depth_prune"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        unknown = set(self.steps) - {"num_layers", "hidden_size", "ffn_hidden_size", "num_query_groups"}
+        if unknown:
+            raise ConfigError(
+                f"unknown step knob(s) {sorted(unknown)}; steps apply to num_layers, hidden_size, ffn_hidden_size, num_query_groups"
+            )
+
+
+def default_steps(teacher: Arch) -> dict[str, int]:
+    """Hardware-friendly steps: 64 (hidden) / 256 (ffn) on real models, finer on tiny ones."""
+
+    def step(size: int, real: int) -> int:
+        return real if size >= 16 * real else max(1, 2 ** int(math.log2(max(size // 16, 1))))
+
+    return {
+        "num_layers": 2 if teacher.num_layers >= 24 else 1,
+        "hidden_size": step(teacher.hidden_size, 64),
+        "ffn_hidden_size": step(teacher.ffn_hidden_size, 256),
+        "num_query_groups": 1,
+    }
+
+
+def knob_values(teacher: Arch, config: SpaceConfig) -> dict[str, list[int]]:
+    """The allowed values of each size knob: multiples of its step, down to the max pruning ratio."""
+    steps = {**default_steps(teacher), **config.steps}
+    values = {}
+    for knob in ("num_layers", "hidden_size", "ffn_hidden_size", "num_query_groups"):
+        top = getattr(teacher, knob)
+        ratio = config.max_depth_prune if knob == "num_layers" else config.max_width_prune
+        low = math.ceil(top * (1 - ratio))
+        options = [v for v in range(steps[knob], top + 1, steps[knob]) if v >= low]
+        values[knob] = sorted(set(options) | {top}, reverse=True)
+    return values
+
+
+def all_valid(teacher: Arch, config: SpaceConfig) -> Iterator[Arch]:
+    """Every valid arch of the space, ignoring the budget."""
+    values = knob_values(teacher, config)
+    min_heads = math.ceil(teacher.num_attention_heads * (1 - config.max_width_prune))
+    for layers, hidden, ffn, groups in itertools.product(
+        values["num_layers"], values["hidden_size"], values["ffn_hidden_size"], values["num_query_groups"]
+    ):
+        for per_group in range(teacher.heads_per_group, 0, -1):
+            if groups * per_group < min_heads:
+                break
+            yield teacher.replace(
+                num_layers=layers,
+                hidden_size=hidden,
+                ffn_hidden_size=ffn,
+                num_query_groups=groups,
+                num_attention_heads=groups * per_group,
+            )
+
+
+def parse_budget(budget: str | int | float, teacher: Arch) -> int:
+    """A budget from `4B`, `350M`, `1.5e9` or `50%` (of the teacher's parameters)."""
+    text = str(budget).strip()
+    if text.endswith("%"):
+        try:
+            share = float(text[:-1]) / 100
+        except ValueError:
+            raise InfeasibleError(f"cannot read budget {budget!r}; write e.g. 50% or 4B") from None
+        if not 0 < share <= 1:
+            raise InfeasibleError(f"a budget share must be in (0%, 100%], got {budget!r}")
+        return int(count_params(teacher) * share)
+    return parse_count(text)
+
+
+def enumerate_candidates(
+    teacher: Arch, budget: str | int | float, config: SpaceConfig | None = None
+) -> list[Arch]:
+    """Every valid arch with budget*(1-tolerance) <= params <= budget, largest first.
+
+    An empty space raises `InfeasibleError` naming the nearest feasible budgets."""
+    config = config or SpaceConfig()
+    high = parse_budget(budget, teacher)
+    low = high * (1 - config.tolerance)
+    every = list(all_valid(teacher, config))
+    inside = [a for a in every if low <= count_params(a) <= high]
+    if not inside:
+        raise InfeasibleError(_empty_space_message(every, low, high))
+    return sorted(inside, key=lambda a: (-count_params(a), *(-getattr(a, k) for k in KNOBS)))
+
+
+def _empty_space_message(every: list[Arch], low: float, high: int) -> str:
+    sizes = sorted({count_params(a) for a in every})
+    below = [s for s in sizes if s < low]
+    above = [s for s in sizes if s > high]
+    hints = []
+    if below:
+        hints.append(f"{below[-1]:,} (the largest candidate below; use budget {below[-1]:,})")
+    if above:
+        hints.append(f"{above[0]:,} (the smallest above; use budget {above[0]:,})")
+    return (
+        f"no valid architecture has between {int(low):,} and {high:,} parameters; nearest feasible: "
+        + ("; ".join(hints) or "none")
+        + ". Raise the tolerance, the max pruning ratios, or change the budget."
+    )
+
+
+def candidates_frame(candidates: list[Arch], teacher: Arch | None = None) -> pd.DataFrame:
+    """One row a candidate: params, KV-cache bytes per token (bf16), depth and widths."""
+    rows = []
+    for index, arch in enumerate(candidates):
+        row = {"candidate": index, "label": arch.describe(), "params": count_params(arch)}
+        row["kv_cache_bytes_per_token"] = kv_cache_bytes(arch)
+        row.update({k: getattr(arch, k) for k in KNOBS})
+        if teacher is not None:
+            row["share_of_teacher"] = row["params"] / count_params(teacher)
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,0 +1,84 @@
+"""The search end to end on a tiny teacher and real text (real Optuna, real SQLite)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from optuna.trial import TrialState
+
+from nas.config import run_config_from_dict
+from nas.pipeline import finalize, search, worker
+from nas.search import KNOBS, kendall_tau
+from nas.testing import tiny_study_config
+
+
+def finished(study):
+    return study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+
+
+def candidate_keys(trials):
+    return [tuple(t.params[k] for k in KNOBS) for t in trials]
+
+
+def test_study_with_two_trials_is_continued_to_four_without_repeats(tmp_path):
+    _, study = search(run_config_from_dict(tiny_study_config(tmp_path, search={"n_trials": 2})))
+    assert len(finished(study)) == 2
+    ctx, study = search(run_config_from_dict(tiny_study_config(tmp_path, search={"n_trials": 4})))
+    keys = candidate_keys(finished(study))
+    assert len(keys) == 4 and len(set(keys)) == 4
+    assert keys[:2] == [tuple(getattr(a, k) for k in KNOBS) for a in ctx.candidates[:2]]  # priority order
+    for trial in study.get_trials(states=(TrialState.COMPLETE,)):
+        assert trial.user_attrs["params"] > 0 and trial.user_attrs["latency_tokens_per_s"] > 0
+        assert [p["step"] for p in trial.user_attrs["curve"]] == [2, 4]
+        assert sorted(trial.intermediate_values) == [2, 4]
+
+
+def test_winner_directory_loads_with_plain_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    ctx, study = search(run_config_from_dict(tiny_study_config(tmp_path, search={"n_trials": 2})))
+    winner = finalize(ctx, study)
+    model = AutoModelForCausalLM.from_pretrained(winner["dir"])
+    assert sum(p.numel() for p in model.parameters()) == winner["params"]
+    assert study.user_attrs["winner"]["final_val_loss"] == winner["final_val_loss"]
+    assert (tmp_path / "studies" / "tiny" / "winner" / "nas_pruning.json").is_file()
+
+
+def set_search(study, **values):
+    """Change the search settings stored in the study (what every worker reads)."""
+    config = study.user_attrs["config"]
+    study.set_user_attr("config", {**config, "search": {**config["search"], **values}})
+
+
+@pytest.mark.slow
+def test_a_trial_killed_mid_run_is_retried(tmp_path):
+    _, study = search(run_config_from_dict(tiny_study_config(tmp_path, search={"n_trials": 1})))
+    storage = run_config_from_dict(tiny_study_config(tmp_path)).storage_url
+    set_search(study, n_trials=3, horizon_steps=100000, eval_every=50000)  # the next trial runs "forever"
+    code = f"from nas.pipeline import worker; worker({storage!r}, 'tiny', max_trials=1)"
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not study.get_trials(states=(TrialState.RUNNING,)):
+        time.sleep(0.5)
+    time.sleep(2)
+    proc.send_signal(signal.SIGKILL)  # killed mid-trial: no chance to mark the trial failed
+    proc.wait()
+    killed = study.get_trials(states=(TrialState.RUNNING,))
+    assert killed, "the worker never started a trial"
+    time.sleep(4)  # past the grace period: the killed trial's heartbeat is stale
+    set_search(study, horizon_steps=4, eval_every=2)
+    study = worker(storage, "tiny")
+    assert study.get_trials()[killed[0].number].state == TrialState.FAIL
+    retried = [t for t in study.get_trials() if t.system_attrs.get("failed_trial") == killed[0].number]
+    assert retried and retried[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert retried[0].params == killed[0].params
+    assert len(finished(study)) == 3 and len(set(candidate_keys(finished(study)))) == 3
+
+
+def test_kendall_tau():
+    assert kendall_tau([1, 2, 3], [10, 20, 30]) == 1.0
+    assert kendall_tau([1, 2, 3], [30, 20, 10]) == -1.0
+    assert kendall_tau([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(4 / 6)
