@@ -73,7 +73,7 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        train_tiny_teacher(root / "teacher", root / "corpus.jsonl", steps=args.teacher_steps)
+        train_tiny_teacher(root, steps=args.teacher_steps)
         exhaustive, t_exh = run(root, "exhaustive", "none", args.horizon)
         ours, t_ours = run(root, "halving", "successive-halving", args.horizon)
         full, fast = ranking(exhaustive), ranking(ours)

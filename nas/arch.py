@@ -43,6 +43,11 @@ class Arch:
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_query_groups ({self.num_query_groups})"
             )
+        if self.hidden_size % self.num_attention_heads:  # transformers' config validation rejects it
+            raise InfeasibleError(
+                f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                f"({self.num_attention_heads}), or transformers cannot load the saved model"
+            )
 
     @property
     def heads_per_group(self) -> int:

@@ -381,6 +381,46 @@ def cmd_report(args) -> int:
 SUBCOMMANDS += [add_report]
 
 
+def add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="perplexity on held-out text and lm-eval tasks (offline: kjv_cloze) of a model"
+    )
+    p.add_argument("model", help="local model directory or hub id")
+    add_data_args(p)
+    p.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. kjv_cloze or hellaswag,arc_easy")
+    p.add_argument(
+        "--include-path", action="append", default=[], metavar="DIR", help="folder of lm-eval task YAML (repeatable)"
+    )
+    p.add_argument("--limit", type=int, help="score at most N items of each task (default all)")
+    p.add_argument("--val-sequences", type=int, help="score at most N validation sequences per --data source")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
+    p.add_argument("--out", help="JSON to write (default MODEL/eval.json; eval-<hub id>.json for a hub id)")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    from nas.evaluate import eval_json_path, evaluate_model, format_results, save_results
+
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    record = evaluate_model(
+        args.model,
+        tasks,
+        data_config_from_args(args) if args.data else None,
+        include_paths=args.include_path,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        num_sequences=args.val_sequences,
+        device=args.device,
+    )
+    print(format_results(record))
+    print(f"\nwrote {save_results(record, args.out or eval_json_path(args.model))}")
+    return 0
+
+
+SUBCOMMANDS += [add_eval]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(

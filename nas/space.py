@@ -74,6 +74,8 @@ def all_valid(teacher: Arch, config: SpaceConfig) -> Iterator[Arch]:
         for per_group in range(teacher.heads_per_group, 0, -1):
             if groups * per_group < min_heads:
                 break
+            if hidden % (groups * per_group):  # transformers cannot load such a config
+                continue
             yield teacher.replace(
                 num_layers=layers,
                 hidden_size=hidden,

@@ -169,3 +169,24 @@ def tiny_study_config(root, name: str = "tiny", **overrides) -> dict:
     for key, value in overrides.items():
         config[key] = {**config[key], **value} if isinstance(value, dict) and key in config else value
     return config
+
+
+def train_tiny_teacher(root, steps: int = 300, seq_len: int = 64):
+    """`root/teacher`: the tiny teacher of `tiny_study_config`, trained with LM loss on `root/corpus.jsonl`
+    (real text), so that rankings of its pruned students mean something. Returns its directory."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nas.data import DataConfig, prepare
+    from nas.distill import DistillConfig, distill
+
+    root = Path(root)
+    corpus = write_kjv_corpus(root / "corpus.jsonl")
+    teacher = write_tiny_teacher(root / "teacher")
+    model = AutoModelForCausalLM.from_pretrained(teacher)
+    data = prepare(DataConfig.single(str(corpus), seq_len=seq_len, cache_dir=str(root / "cache")), AutoTokenizer.from_pretrained(teacher))
+    settings = DistillConfig(steps=steps, batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=10, eval_every=0, checkpoint_every=0)
+    distill(None, model, data, settings, root / "teacher-training")
+    model.save_pretrained(teacher)
+    return teacher

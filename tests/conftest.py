@@ -9,6 +9,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# tiny models gain nothing from a second thread, and oversubscribed threads on a busy 2-core
+# machine make each step ~100x slower
+torch.set_num_threads(1)
+
 from nas.testing import tiny_model  # noqa: E402
 
 FAMILY_CASES = [

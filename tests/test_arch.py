@@ -50,6 +50,12 @@ def test_heads_must_be_a_multiple_of_groups():
         arch.replace(num_attention_heads=3, num_query_groups=2)
 
 
+def test_hidden_size_must_split_across_heads_for_transformers_to_load_it():
+    arch = Arch.from_hf_config(tiny_config("llama"))
+    with pytest.raises(InfeasibleError, match="cannot load"):
+        arch.replace(hidden_size=40, num_attention_heads=3, num_query_groups=1)
+
+
 def test_larger_than_teacher_is_infeasible():
     teacher = Arch.from_hf_config(tiny_config("llama"))
     with pytest.raises(InfeasibleError, match="larger than the teacher"):

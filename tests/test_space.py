@@ -22,7 +22,9 @@ TEACHER = Arch.from_hf_config(
 )
 
 
-def test_every_candidate_is_within_budget_valid_and_builds_to_its_count():
+def test_every_candidate_is_within_budget_valid_and_builds_to_its_count(tmp_path):
+    from transformers import AutoConfig
+
     budget = parse_budget("60%", TEACHER)
     candidates = enumerate_candidates(TEACHER, "60%", SpaceConfig(tolerance=0.1))
     assert candidates
@@ -59,7 +61,7 @@ def brute_force(teacher: Arch, budget: int, config: SpaceConfig) -> set[tuple]:
             for k, v in sizes.items()
         ):
             continue
-        if heads % groups or heads // groups > teacher.heads_per_group:
+        if heads % groups or heads // groups > teacher.heads_per_group or hidden % heads:
             continue
         if heads < math.ceil(teacher.num_attention_heads * (1 - config.max_width_prune)):
             continue

@@ -1,0 +1,424 @@
+"""One self-contained HTML report per study: `report_frames` (pure data, `nas.report_data`) -> plotly
+figures -> HTML. plotly.js is embedded once; nothing is fetched from the network when it is opened."""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import plotly.graph_objects as go
+import plotly.offline
+from plotly.subplots import make_subplots
+
+from nas.report_data import OBJECTIVES, ReportData, front_eligible, load_study, pareto_mask, report_frames
+
+log = logging.getLogger(__name__)
+__all__ = ["ReportData", "pareto_mask", "render_html", "report_frames", "write_report"]
+
+COLORS = {
+    "COMPLETE": "#1f77b4",
+    "PRUNED": "#ff7f0e",
+    "RUNNING": "#2ca02c",
+    "FAIL": "#d62728",
+    "WAITING": "#7f7f7f",
+}
+FIGURE_CONFIG = {"displaylogo": False, "responsive": True}
+SECTIONS = ("pareto", "curves", "stability", "importance", "candidates", "winner", "reproducibility")
+TABLE_COLUMNS = ["number", "state", "label", "value", "params", "kv_cache_bytes_per_token", "latency_tokens_per_s",
+                 "tokens", "last_step", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                 "num_query_groups", "pareto_params", "pareto_kv_cache", "pareto_latency", "duration_s"]  # fmt: skip
+
+
+def write_report(
+    study_or_storage: optuna.Study | str, study_name: str | None = None, out: str | Path | None = None
+) -> Path:
+    """Render the report of a study (an `optuna.Study`, or a storage URL plus `study_name`) to `out`
+    (default `reports/<study>.html`), written atomically; returns the path."""
+    if isinstance(study_or_storage, str):
+        if not study_name:
+            raise ValueError("write_report needs study_name when given a storage URL")
+        study = load_study(study_or_storage, study_name)
+    else:
+        study = study_or_storage
+    out = Path(out or Path("reports") / f"{study.study_name}.html")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = render_html(report_frames(study))
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, out)
+    log.info("report of study %s -> %s (%.1f MB)", study.study_name, out, len(text) / 1e6)
+    return out
+
+
+def render_html(data: ReportData) -> str:
+    """The whole report as one HTML document (plotly.js inlined once, no external resources)."""
+    body = [
+        header_html(data),
+        section("pareto", "Pareto fronts", pareto_figure(data), data.notes.get("pareto"), PARETO_HELP),
+        section(
+            "curves",
+            "Learning curves",
+            curves_figure(data),
+            None if len(data.curves) else "No trial has reported a validation loss yet.",
+        ),
+        section(
+            "stability",
+            "Ranking stability",
+            stability_figure(data),
+            data.notes.get("stability"),
+            stability_text(data),
+        ),
+        section("importance", "Teacher importance", importance_figure(data), data.notes.get("importance")),
+        section(
+            "candidates",
+            "Candidates",
+            None,
+            None if len(data.trials) else "The study has no trial yet.",
+            candidates_table(data.trials),
+        ),
+        section("winner", "Winner", winner_figure(data), data.notes.get("winner"), winner_text(data)),
+        section("reproducibility", "Reproducibility", None, None, reproducibility_html(data.reproducibility)),
+    ]
+    title = html.escape(f"nas report: {data.study_name}")
+    return PAGE.format(
+        title=title, css=CSS, plotlyjs=plotly.offline.get_plotlyjs(), body="\n".join(body), js=SORT_JS
+    )
+
+
+def section(sid: str, title: str, fig: go.Figure | None, note: str | None, extra: str = "") -> str:
+    parts = [f'<section id="{sid}"><h2>{html.escape(title)}</h2>']
+    if note:
+        parts.append(f'<p class="note">{html.escape(note)}</p>')
+    if extra:
+        parts.append(extra)
+    if fig is not None:
+        parts.append(
+            fig.to_html(full_html=False, include_plotlyjs=False, include_mathjax=False, config=FIGURE_CONFIG)
+        )
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def header_html(data: ReportData) -> str:
+    h = data.header
+    w = h["winner"]
+    counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(h["trial_counts"].items())) or "none"
+    rows = [
+        (
+            "teacher",
+            f"{h['teacher']} ({fmt(h['teacher_params'])} params, val loss {fmt(h['teacher_val_loss'])})",
+        ),
+        ("budget", f"{fmt(h['budget'])} params"),
+        ("data", h["data"]),
+        ("trials", counts),
+        ("tokens spent", f"{fmt(h['tokens_spent'])} (all trials + the winner's full distillation)"),
+    ]
+    if w:
+        delta = w.get("loss_vs_teacher")
+        versus = f"; {delta:+.4f} vs the teacher" if delta is not None else ""
+        rows.append(("winner", f"trial {w['trial']}: {w['label']}, {fmt(w['params'])} params, "
+                               f"val loss {fmt(w['loss'])}{versus} ({w['source']})"))  # fmt: skip
+    else:
+        rows.append(("winner", "none yet: no trial has completed"))
+    items = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in rows)
+    return f'<header id="header"><h1>nas report: {html.escape(data.study_name)}</h1><dl>{items}</dl></header>'
+
+
+PARETO_HELP = (
+    '<p class="help">Validation loss after the short distillation (lower is better). Joined points are the '
+    "non-dominated front; faded points are dominated; crosses are pruned trials at the loss where they "
+    "stopped (not comparable, shown apart). Hover a point for its architecture.</p>"
+)
+
+
+def pareto_figure(data: ReportData) -> go.Figure | None:
+    trials = data.trials
+    done = trials[front_eligible(trials)]
+    pruned = trials[(trials["state"] == "PRUNED") & trials["value"].notna()]
+    if done.empty and pruned.empty:
+        return None
+    fig = make_subplots(rows=1, cols=3, shared_yaxes=True, horizontal_spacing=0.04,
+                        subplot_titles=[title for _, title, _ in OBJECTIVES.values()])  # fmt: skip
+    teacher_loss = data.header.get("teacher_val_loss")
+    for col, (name, (column, _, _)) in enumerate(OBJECTIVES.items(), start=1):
+        front = done[done[f"pareto_{name}"]].sort_values(column)
+        rest = done[~done[f"pareto_{name}"]]
+        first = col == 1
+        fig.add_trace(
+            points(front, column, "front", "lines+markers", COLORS["COMPLETE"], "circle", 1.0, first), 1, col
+        )
+        fig.add_trace(
+            points(rest, column, "dominated", "markers", COLORS["COMPLETE"], "circle", 0.3, first), 1, col
+        )
+        fig.add_trace(
+            points(pruned, column, "pruned (last loss)", "markers", COLORS["PRUNED"], "x", 0.55, first),
+            1,
+            col,
+        )
+        if teacher_loss is not None:
+            label = {"annotation_text": "teacher"} if first else {}
+            fig.add_hline(y=teacher_loss, line_dash="dot", line_color="gray", row=1, col=col, **label)
+    fig.update_yaxes(title_text="validation loss", row=1, col=1)
+    fig.update_layout(height=460, margin=dict(t=40, l=60, r=20, b=40), legend=dict(orientation="h", y=-0.12))
+    return fig
+
+
+def points(
+    df: pd.DataFrame, column: str, name: str, mode: str, color: str, symbol: str, opacity: float, legend: bool
+) -> go.Scatter:
+    custom = (
+        df[["number", "label", "state", "last_step"]]
+        .astype(object)
+        .where(df[["number", "label", "state", "last_step"]].notna(), "")
+    )
+    return go.Scatter(
+        x=df[column], y=df["value"], mode=mode, name=name, legendgroup=name, showlegend=legend, opacity=opacity,
+        marker=dict(color=color, symbol=symbol, size=9), line=dict(color=color), customdata=custom.to_numpy(),
+        hovertemplate="trial %{customdata[0]}: <b>%{customdata[1]}</b><br>%{customdata[2]} at step %{customdata[3]}"
+        "<br>x=%{x:,}<br>val loss=%{y:.4f}<extra></extra>",
+    )  # fmt: skip
+
+
+def curves_figure(data: ReportData) -> go.Figure | None:
+    curves = data.curves
+    if curves.empty:
+        return None
+    fig = go.Figure()
+    shown: set[str] = set()
+    for trial, df in curves.groupby("trial", sort=True):
+        state = df["state"].iloc[0]
+        fig.add_trace(go.Scatter(
+            x=df["step"], y=df["val_loss"], mode="lines+markers", name=state.lower(), legendgroup=state,
+            showlegend=state not in shown, line=dict(color=COLORS.get(state, "#7f7f7f"), width=1.5), marker=dict(size=4),
+            opacity=0.9 if state == "COMPLETE" else 0.6,
+            hovertemplate=f"trial {trial}: <b>{html.escape(str(df['label'].iloc[0]))}</b><br>step %{{x}}<br>val loss %{{y:.4f}}<extra>{state.lower()}</extra>",
+        ))  # fmt: skip
+        shown.add(state)
+    stops = curves[curves["state"] == "PRUNED"].groupby("trial").tail(1)
+    if len(stops):
+        fig.add_trace(go.Scatter(x=stops["step"], y=stops["val_loss"], mode="markers", name="pruned here",
+                                 marker=dict(symbol="x", size=11, color=COLORS["PRUNED"]), hoverinfo="skip"))  # fmt: skip
+    if data.header.get("teacher_val_loss") is not None:
+        fig.add_hline(
+            y=data.header["teacher_val_loss"], line_dash="dot", line_color="gray", annotation_text="teacher"
+        )
+    fig.update_layout(
+        height=420,
+        xaxis_title="distillation step",
+        yaxis_title="validation loss",
+        margin=dict(t=20, l=60, r=20, b=40),
+    )
+    return fig
+
+
+def stability_text(data: ReportData) -> str:
+    f = data.stability_facts
+    tau = f.get("kendall_tau")
+    tau_text = f"{tau:.3f}" if tau is not None else "n/a"
+    stable = {True: "the same winner at both horizons", False: "a different winner at half horizon"}.get(
+        f.get("winner_stable"), ""
+    )
+    return (f'<p class="help">Rank of the top {f["k"]} completed trials at step {f.get("half_step")} (half horizon) vs step '
+            f'{f.get("full_step")} (full horizon); Kendall tau = <b>{tau_text}</b> (1 = same order); {stable}. '
+            f'Source: {html.escape(f["source"])}.</p>')  # fmt: skip
+
+
+def stability_figure(data: ReportData) -> go.Figure | None:
+    s = data.stability
+    if len(s) < 2:
+        return None
+    tau = data.stability_facts.get("kendall_tau")
+    n = int(max(s["half_rank"].max(), s["full_rank"].max()))
+    fig = go.Figure(
+        go.Scatter(
+            x=[1, n],
+            y=[1, n],
+            mode="lines",
+            line=dict(dash="dot", color="gray"),
+            name="same rank",
+            hoverinfo="skip",
+        )
+    )
+    fig.add_trace(go.Scatter(
+        x=s["half_rank"], y=s["full_rank"], mode="markers+text", text=s["trial"].astype(str), textposition="top center",
+        marker=dict(size=10, color=COLORS["COMPLETE"]), name="trial", customdata=s[["label", "half_loss", "full_loss"]].to_numpy(),
+        hovertemplate="trial %{text}: <b>%{customdata[0]}</b><br>half: rank %{x} (loss %{customdata[1]:.4f})"
+        "<br>full: rank %{y} (loss %{customdata[2]:.4f})<extra></extra>",
+    ))  # fmt: skip
+    fig.update_layout(height=420, width=520, title=f"Kendall tau = {tau:.3f}" if tau is not None else None, showlegend=False,
+                      xaxis=dict(title="rank at half horizon", dtick=1), yaxis=dict(title="rank at full horizon", dtick=1, autorange="reversed"),
+                      margin=dict(t=40, l=60, r=20, b=40))  # fmt: skip
+    fig.update_xaxes(autorange="reversed")
+    return fig
+
+
+def importance_figure(data: ReportData) -> go.Figure | None:
+    heads, layers = data.importance_heads, data.importance_layers
+    if heads is None or layers is None:
+        return None
+    fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.08,
+                        subplot_titles=["attention head scores", "block importance 1 - cos(in, out)", "LM loss with the layer removed"])  # fmt: skip
+    fig.add_trace(go.Heatmap(z=heads.to_numpy(), x=list(heads.columns), y=list(heads.index), colorscale="Viridis",
+                             colorbar=dict(x=0.28, len=0.9), hovertemplate="layer %{y}, head %{x}: %{z:.4g}<extra></extra>"), 1, 1)  # fmt: skip
+    fig.add_trace(go.Bar(x=layers["layer"], y=layers["block_importance"], marker_color=COLORS["COMPLETE"],
+                         hovertemplate="layer %{x}: BI %{y:.4g}<extra></extra>"), 1, 2)  # fmt: skip
+    # markers, not bars: the losses sit far from zero, and their differences are what matters
+    fig.add_trace(go.Scatter(x=layers["layer"], y=layers["drop_one_loss"], mode="markers+lines", marker=dict(size=9, color=COLORS["PRUNED"]),
+                             line=dict(color=COLORS["PRUNED"], width=1), hovertemplate="without layer %{x}: loss %{y:.4f}<extra></extra>"), 1, 3)  # fmt: skip
+    if data.importance_base_loss is not None:
+        fig.add_hline(
+            y=data.importance_base_loss,
+            line_dash="dot",
+            line_color="gray",
+            row=1,
+            col=3,
+            annotation_text="whole teacher",
+        )
+    fig.update_xaxes(title_text="head", row=1, col=1, dtick=1)
+    fig.update_xaxes(title_text="layer", row=1, col=2, dtick=1)
+    fig.update_xaxes(title_text="layer removed", row=1, col=3, dtick=1)
+    fig.update_yaxes(title_text="layer", row=1, col=1, dtick=1, autorange="reversed")
+    fig.update_layout(height=420, showlegend=False, margin=dict(t=40, l=60, r=20, b=40))
+    return fig
+
+
+def candidates_table(trials: pd.DataFrame) -> str:
+    """The trials as an HTML table sortable by a click on a header (a small inline script)."""
+    if trials.empty:
+        return ""
+    cols = [c for c in TABLE_COLUMNS if c in trials]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    whole = {c for c in cols if c != "value" and integral(trials[c])}  # counts stored as float beside a NaN
+    rows = []
+    for _, row in trials.iterrows():
+        cells = "".join(
+            f'<td data-v="{html.escape(sort_key(row[c]))}">{html.escape(fmt(int(row[c]) if c in whole and pd.notna(row[c]) else row[c]))}</td>'
+            for c in cols
+        )
+        rows.append(f'<tr class="{html.escape(str(row["state"]).lower())}">{cells}</tr>')
+    return (f'<p class="help">Click a header to sort. Value: val loss at the horizon (pruned: where it stopped).</p>'
+            f'<div class="scroll"><table class="sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>')  # fmt: skip
+
+
+def integral(column: pd.Series) -> bool:
+    values = pd.to_numeric(column, errors="coerce").dropna()
+    return column.dtype != bool and len(values) == column.notna().sum() and bool((values % 1 == 0).all())
+
+
+def winner_text(data: ReportData) -> str:
+    w = data.header["winner"]
+    if not w or w.get("source") != "full distillation":
+        return ""
+    return (f'<p class="help">Trial {w["trial"]} ({html.escape(str(w["label"]))}, {fmt(w["params"])} params): val loss '
+            f'{fmt(w["short_run_loss"])} after the short run, {fmt(w["loss"])} after full distillation; '
+            f'saved to <code>{html.escape(str(w.get("dir")))}</code>.</p>')  # fmt: skip
+
+
+def winner_figure(data: ReportData) -> go.Figure | None:
+    curve = data.winner_curve
+    if curve.empty:
+        return None
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    short = data.curves[data.curves["trial"] == data.header["winner"].get("trial")]
+    if len(short):  # the short run it continues from, so the two read as one curve
+        fig.add_trace(go.Scatter(x=short["step"], y=short["val_loss"], mode="lines+markers", name="val loss (short run)",
+                                 line=dict(color="#9ecae1")), secondary_y=False)  # fmt: skip
+    fig.add_trace(go.Scatter(x=curve["step"], y=curve["val_loss"], mode="lines+markers", name="val loss (full distillation)",
+                             line=dict(color=COLORS["COMPLETE"])), secondary_y=False)  # fmt: skip
+    if curve["val_kl"].notna().any():
+        fig.add_trace(go.Scatter(x=curve["step"], y=curve["val_kl"], mode="lines+markers", name="val KL(teacher || student)",
+                                 line=dict(dash="dash", color="#7f7f7f")), secondary_y=True)  # fmt: skip
+    if data.header.get("teacher_val_loss") is not None:
+        fig.add_hline(
+            y=data.header["teacher_val_loss"], line_dash="dot", line_color="gray", annotation_text="teacher"
+        )
+    fig.update_layout(height=380, xaxis_title="distillation step", margin=dict(t=20, l=60, r=60, b=40))
+    fig.update_yaxes(title_text="validation loss", secondary_y=False)
+    fig.update_yaxes(title_text="KL", secondary_y=True)
+    return fig
+
+
+def reproducibility_html(rep: dict[str, Any]) -> str:
+    facts = {k: v for k, v in rep.items() if k not in ("versions", "config")}
+    items = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(fmt(v))}</dd>" for k, v in facts.items())
+    versions = "".join(
+        f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in rep["versions"].items()
+    )
+    config = html.escape(json.dumps(rep["config"], indent=2, sort_keys=True, default=str))
+    return (f"<dl>{items}</dl><h3>Package versions</h3><dl>{versions or '<dd>not recorded</dd>'}</dl>"
+            f"<h3>Config</h3><pre>{config}</pre>")  # fmt: skip
+
+
+def fmt(value: Any) -> str:
+    """A readable cell: thousands separators for ints, 4 decimals for losses, blanks for missing."""
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else ""
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) >= 1000):
+        return f"{int(value):,}"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 100 else f"{value:,.1f}"
+    return str(value)
+
+
+def sort_key(value: Any) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
+
+
+CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto; max-width: 1400px; padding: 0 24px 40px; color: #222; }
+h1 { font-size: 1.6em; margin: 18px 0 8px; } h2 { font-size: 1.25em; margin: 28px 0 6px; } h3 { font-size: 1.05em; }
+dl { display: grid; grid-template-columns: max-content auto; gap: 2px 16px; margin: 8px 0 14px; }
+dt { font-weight: 600; color: #555; } dd { margin: 0; font-family: ui-monospace, monospace; font-size: 0.92em; overflow-wrap: anywhere; }
+section { border-top: 1px solid #ddd; }
+.note { background: #fff6e0; border-left: 4px solid #ffb000; padding: 6px 10px; }
+.help { color: #555; font-size: 0.92em; }
+.scroll { overflow-x: auto; max-height: 600px; overflow-y: auto; }
+table { border-collapse: collapse; font-size: 0.85em; font-family: ui-monospace, monospace; }
+th, td { padding: 3px 8px; border-bottom: 1px solid #eee; text-align: right; white-space: nowrap; }
+th { position: sticky; top: 0; background: #f4f6fa; cursor: pointer; user-select: none; }
+th.asc::after { content: " \\25B2"; } th.desc::after { content: " \\25BC"; }
+tr.pruned td { color: #a05a00; } tr.fail td { color: #b00; } tr.running td { color: #1a7f1a; }
+pre { background: #f7f7f7; padding: 10px; overflow: auto; max-height: 420px; font-size: 0.85em; }
+"""
+
+SORT_JS = """
+document.querySelectorAll("table.sortable th").forEach(function (th, col) {
+  th.addEventListener("click", function () {
+    var tbody = th.closest("table").tBodies[0], asc = !th.classList.contains("asc");
+    th.parentNode.querySelectorAll("th").forEach(function (h) { h.classList.remove("asc", "desc"); });
+    th.classList.add(asc ? "asc" : "desc");
+    var rows = Array.prototype.slice.call(tbody.rows);
+    rows.sort(function (a, b) {
+      var x = a.cells[col].dataset.v, y = b.cells[col].dataset.v, nx = parseFloat(x), ny = parseFloat(y);
+      if (x === "" || y === "") { return (x === "") - (y === ""); }  // blanks last either way
+      var c = (isNaN(nx) || isNaN(ny)) ? x.localeCompare(y) : nx - ny;
+      return asc ? c : -c;
+    });
+    rows.forEach(function (r) { tbody.appendChild(r); });
+  });
+});
+"""
+
+PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title><style>{css}</style>
+<script type="text/javascript">{plotlyjs}</script>
+</head><body>
+{body}
+<script>{js}</script>
+</body></html>
+"""

@@ -1,0 +1,291 @@
+"""The data of a study's report as plain DataFrames and dicts (no plotting here; see `nas.report`).
+
+Everything is read from the Optuna study (trials, states, intermediate values, user attributes; the
+schema is in the study's user attributes written by `nas.pipeline`) and from the importance file.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pandas as pd
+from optuna.trial import FrozenTrial
+
+from nas.arch import KNOBS
+from nas.errors import ConfigError, NasError
+
+log = logging.getLogger(__name__)
+
+# name -> (trials column, axis title, lower is better); val loss is always minimised on the other axis
+OBJECTIVES = {
+    "params": ("params", "parameters", True),
+    "kv_cache": ("kv_cache_bytes_per_token", "KV-cache bytes per token (bf16)", True),
+    "latency": ("latency_tokens_per_s", "throughput, tokens/s (higher is better)", False),
+}
+LEAD_COLUMNS = ["number", "state", "value", "label", "params", "kv_cache_bytes_per_token",
+                "latency_tokens_per_s", "tokens", "last_step", "candidate", *KNOBS, "duration_s"]  # fmt: skip
+
+
+@dataclass
+class ReportData:
+    """Everything the HTML report shows, computed before any rendering."""
+
+    study_name: str
+    trials: pd.DataFrame  # one row per trial: LEAD_COLUMNS, user attrs flattened, pareto_<objective> flags
+    curves: pd.DataFrame  # long format: trial, step, val_loss, val_kl, state, label
+    stability: pd.DataFrame  # trial, label, half_loss, full_loss, half_rank, full_rank
+    stability_facts: dict[str, Any]  # k, kendall_tau, half_step, full_step, winner_stable, source
+    header: dict[str, Any]  # teacher, budget, data, tokens_spent, trial counts, winner facts
+    reproducibility: dict[str, Any]  # config, seed, versions, data fingerprint, ...
+    winner_curve: pd.DataFrame  # step, val_loss, val_kl of the winner's full distillation (may be empty)
+    importance_heads: pd.DataFrame | None = None  # [layer x head] head scores
+    importance_layers: pd.DataFrame | None = None  # layer, block_importance, drop_one_loss
+    importance_base_loss: float | None = None
+    notes: dict[str, str] = field(default_factory=dict)  # section id -> why it is empty or partial
+
+
+def load_study(storage: str, study_name: str) -> optuna.Study:
+    """Open an existing study for reading; ConfigError naming the studies there when it is missing."""
+    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
+        raise ConfigError(
+            f"no SQLite file at {storage.removeprefix('sqlite:///')}; pass --storage with the URL the search used"
+        )
+    names = optuna.study.get_all_study_names(storage)
+    if study_name not in names:
+        raise ConfigError(
+            f"no study {study_name!r} in {storage}; studies there: {', '.join(names) or 'none'}"
+        )
+    return optuna.load_study(study_name=study_name, storage=storage)
+
+
+def pareto_mask(df: pd.DataFrame, x: str, y: str = "value", x_lower_is_better: bool = True) -> pd.Series:
+    """True for the non-dominated rows (minimise `y`; minimise `x`, or maximise it when
+    `x_lower_is_better` is False). Rows with a missing or infinite x or y are never on the front;
+    identical points are all on it (neither dominates the other)."""
+    xs = pd.to_numeric(df[x], errors="coerce").to_numpy(dtype=float)
+    ys = pd.to_numeric(df[y], errors="coerce").to_numpy(dtype=float)
+    xs = xs if x_lower_is_better else -xs
+    valid = np.isfinite(xs) & np.isfinite(ys)
+    mask = np.zeros(len(df), dtype=bool)
+    idx = np.flatnonzero(valid)
+    order = idx[np.lexsort((ys[idx], xs[idx]))]  # by x, then y
+    best_before = math.inf  # lowest y among points with a strictly better x
+    i = 0
+    while i < len(order):
+        j = i
+        while j < len(order) and xs[order[j]] == xs[order[i]]:
+            j += 1
+        group = order[i:j]
+        group_min = ys[group].min()
+        if group_min < best_before:
+            mask[group[ys[group] == group_min]] = True
+            best_before = group_min
+        i = j
+    return pd.Series(mask, index=df.index, name=f"pareto_{x}")
+
+
+def report_frames(study: optuna.Study, importance: Any = None) -> ReportData:
+    """All of the report's data from `study`; `importance` (an `nas.importance.Importance`) defaults to
+    the file named by the study attribute "importance_path" (omitted with a note when missing)."""
+    attrs = dict(study.user_attrs)
+    all_trials = study.get_trials(deepcopy=False)
+    trials = trials_frame(all_trials, attrs.get("tokens_per_step"))
+    for name, (column, _, lower) in OBJECTIVES.items():
+        trials[f"pareto_{name}"] = False
+        eligible = trials[front_eligible(trials) & trials[column].notna()]
+        trials.loc[eligible.index, f"pareto_{name}"] = pareto_mask(eligible, column, "value", lower)
+    notes: dict[str, str] = {}
+    if not front_eligible(trials).any():
+        notes["pareto"] = "No completed trial yet: there is no front to draw."
+    stability, facts = stability_frames(study, attrs, trials)
+    if facts["k"] < 2:
+        notes["stability"] = "Ranking stability needs at least two completed trials with a half-horizon loss."
+    data = ReportData(
+        study_name=study.study_name,
+        trials=trials,
+        curves=curves_frame(all_trials),
+        stability=stability,
+        stability_facts=facts,
+        header=header_facts(study.study_name, attrs, trials),
+        reproducibility=reproducibility(study, attrs),
+        winner_curve=pd.DataFrame(
+            (attrs.get("winner") or {}).get("curve") or [], columns=["step", "val_loss", "val_kl"]
+        ),
+        notes=notes,
+    )
+    add_importance(data, importance, attrs.get("importance_path"))
+    if "winner" not in attrs:
+        notes["winner"] = "The winner has not been fully distilled yet (no 'winner' attribute in the study)."
+    return data
+
+
+def front_eligible(trials: pd.DataFrame) -> pd.Series:
+    """Completed, feasible trials with a finite value: the only ones a Pareto front may contain."""
+    finite = pd.to_numeric(trials["value"], errors="coerce").apply(lambda v: math.isfinite(v))
+    infeasible = trials["infeasible"].fillna(False).astype(bool) if "infeasible" in trials else False
+    return (trials["state"] == "COMPLETE") & finite & ~infeasible
+
+
+def trials_frame(trials: list[FrozenTrial], tokens_per_step: int | None = None) -> pd.DataFrame:
+    """One row per trial: the lead columns, then every other user attribute flattened (dicts as a.b)."""
+    rows = [trial_row(t, tokens_per_step) for t in trials]
+    frame = pd.DataFrame(rows)
+    for column in LEAD_COLUMNS:
+        if column not in frame:
+            frame[column] = pd.Series([None] * len(frame), dtype=object)
+    rest = sorted(c for c in frame.columns if c not in LEAD_COLUMNS)
+    return frame[LEAD_COLUMNS + rest].reset_index(drop=True)
+
+
+def trial_row(t: FrozenTrial, tokens_per_step: int | None) -> dict[str, Any]:
+    row: dict[str, Any] = {"number": t.number, "state": t.state.name}
+    steps = sorted(t.intermediate_values)
+    row["last_step"] = steps[-1] if steps else None
+    # a pruned trial's value is its last reported loss; a running one's is its latest so far
+    row["value"] = t.value if t.value is not None else (t.intermediate_values[steps[-1]] if steps else None)
+    arch = t.user_attrs.get("arch") or {}
+    for knob in KNOBS:
+        row[knob] = t.params.get(knob, arch.get(knob))
+    if t.datetime_start and t.datetime_complete:
+        row["duration_s"] = (t.datetime_complete - t.datetime_start).total_seconds()
+    for key, value in t.user_attrs.items():
+        if isinstance(value, dict):
+            row.update({f"{key}.{k}": v for k, v in value.items() if not isinstance(v, dict | list)})
+        elif not isinstance(value, list):
+            row[key] = value
+    if row.get("tokens") is None and tokens_per_step and row["last_step"] is not None:
+        row["tokens"] = row["last_step"] * tokens_per_step
+    return row
+
+
+def curves_frame(trials: list[FrozenTrial]) -> pd.DataFrame:
+    """Every trial's validation curve (its intermediate values, else its "curve" attribute), long format."""
+    rows = []
+    for t in trials:
+        kl = {p["step"]: p.get("val_kl") for p in t.user_attrs.get("curve") or []}
+        points = t.intermediate_values or {p["step"]: p["val_loss"] for p in t.user_attrs.get("curve") or []}
+        label = t.user_attrs.get("label", f"trial {t.number}")
+        for step in sorted(points):
+            rows.append((t.number, step, points[step], kl.get(step), t.state.name, label))
+    return pd.DataFrame(rows, columns=["trial", "step", "val_loss", "val_kl", "state", "label"])
+
+
+def stability_frames(study: optuna.Study, attrs: dict, trials: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """Half- vs full-horizon ranks: from the "stability" attribute (written after the search), else
+    computed now from the completed trials (a partial study), marked as provisional."""
+    stab = attrs.get("stability")
+    source = "recorded after the search"
+    if not stab or not stab.get("trials"):
+        from nas.search import ranking_stability
+
+        top_k = int((attrs.get("config") or {}).get("search", {}).get("top_k", 10))
+        done = trials[front_eligible(trials)]
+        horizon = attrs.get("horizon_steps") or int(done["last_step"].max() if len(done) else 0)
+        stab = ranking_stability(study, top_k, horizon) if len(done) else {"k": 0}
+        source = "computed from the trials finished so far (provisional)"
+    frame = pd.DataFrame(
+        {
+            "trial": stab.get("trials", []),
+            "half_loss": stab.get("half_losses", []),
+            "full_loss": stab.get("full_losses", []),
+        }
+    )
+    labels = trials.set_index("number")["label"]
+    frame["label"] = [labels.get(n) for n in frame["trial"]]
+    frame["half_rank"] = frame["half_loss"].rank(method="min")
+    frame["full_rank"] = frame["full_loss"].rank(method="min")
+    keys = ("k", "kendall_tau", "half_step", "full_step", "winner_stable")
+    facts = {key: stab.get(key) for key in keys} | {"k": len(frame), "source": source}
+    return frame, facts
+
+
+def header_facts(study_name: str, attrs: dict, trials: pd.DataFrame) -> dict[str, Any]:
+    """Teacher, budget, data, tokens spent, trial counts, and the winner's loss vs the teacher's."""
+    winner = attrs.get("winner") or {}
+    tokens_by_trial = pd.to_numeric(trials.set_index("number")["tokens"], errors="coerce").fillna(0)
+    # the pipeline's winner "tokens" counts its short run too (already in its trial's tokens)
+    final_tokens = max(0, int(winner.get("tokens", 0)) - int(tokens_by_trial.get(winner.get("trial"), 0)))
+    facts = {
+        "study": study_name,
+        "teacher": attrs.get("teacher"),
+        "teacher_params": attrs.get("teacher_params"),
+        "teacher_val_loss": attrs.get("teacher_val_loss"),
+        "budget": attrs.get("budget"),
+        "data": attrs.get("data"),
+        "trial_counts": trials["state"].value_counts().to_dict(),
+        "tokens_spent": int(tokens_by_trial.sum()) + final_tokens,
+        "winner": winner_facts(winner, trials),
+    }
+    teacher_loss, loss = facts["teacher_val_loss"], facts["winner"].get("loss")
+    if teacher_loss is not None and loss is not None:
+        facts["winner"]["loss_vs_teacher"] = loss - teacher_loss
+    return facts
+
+
+def winner_facts(winner: dict, trials: pd.DataFrame) -> dict[str, Any]:
+    """The fully distilled winner if there is one, else the best completed trial so far."""
+    if winner:
+        label = next(iter(trials.loc[trials["number"] == winner.get("trial"), "label"]), None)
+        loss = winner.get("final_val_loss", winner.get("val_loss"))
+        return {"trial": winner.get("trial"), "label": label, "params": winner.get("params"), "loss": loss,
+                "short_run_loss": winner.get("val_loss"), "dir": winner.get("dir"), "source": "full distillation"}  # fmt: skip
+    done = trials[front_eligible(trials)]
+    if done.empty:
+        return {}
+    best = done.loc[pd.to_numeric(done["value"]).idxmin()]
+    return {"trial": int(best["number"]), "label": best["label"], "params": best["params"], "loss": float(best["value"]),
+            "short_run_loss": float(best["value"]), "source": "best short run so far (not yet fully distilled)"}  # fmt: skip
+
+
+def reproducibility(study: optuna.Study, attrs: dict) -> dict[str, Any]:
+    """What is needed to re-run the study: its config, seeds, package versions, data fingerprint."""
+    return {
+        "study": study.study_name,
+        "teacher": attrs.get("teacher"),
+        "seed": attrs.get("seed"),
+        "data": attrs.get("data"),
+        "data_fingerprint": attrs.get("data_fingerprint"),
+        "importance_path": attrs.get("importance_path"),
+        "horizon_steps": attrs.get("horizon_steps"),
+        "tokens_per_step": attrs.get("tokens_per_step"),
+        "sampler": type(study.sampler).__name__,
+        "versions": attrs.get("versions") or {},
+        "config": attrs.get("config") or {},
+    }
+
+
+def add_importance(data: ReportData, importance: Any, path: str | None) -> None:
+    """Fill the importance frames from `importance`, else from the file at `path`; a note when neither."""
+    if importance is None:
+        if not path:
+            data.notes["importance"] = "The study names no importance file (no 'importance_path' attribute)."
+            return
+        if not Path(path).is_file():
+            data.notes["importance"] = (
+                f"The importance file {path} is missing (computed on another machine?)."
+            )
+            return
+        from nas.importance import Importance
+
+        try:
+            importance = Importance.load(path)
+        except NasError as e:
+            data.notes["importance"] = str(e)
+            return
+    heads = importance.heads.float().cpu().numpy()
+    data.importance_heads = pd.DataFrame(heads, index=pd.RangeIndex(len(heads), name="layer"))
+    data.importance_heads.columns.name = "head"
+    data.importance_layers = pd.DataFrame(
+        {
+            "layer": range(len(heads)),
+            "block_importance": importance.layer_bi.float().cpu().numpy(),
+            "drop_one_loss": importance.layer_loss.float().cpu().numpy(),
+        }
+    )
+    data.importance_base_loss = float(importance.base_loss)
