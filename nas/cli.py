@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from nas.errors import ConfigError, NasError
@@ -284,6 +285,13 @@ def add_train_args(p) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--seed", type=int, default=0, help="torch seed of the run (data order: --data-seed)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=1,
+        help="processes (GPUs) to train on: reruns itself under torchrun; --batch-size is the global batch",
+    )
+    p.add_argument("--fsdp", action="store_true", help="with several processes: FSDP2 sharding, not DDP")
 
 
 def distill_config_from_args(args):
@@ -291,19 +299,45 @@ def distill_config_from_args(args):
 
     fields = {name: getattr(args, name) for name in TRAIN_FLAGS}
     return DistillConfig(
-        **fields, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, device=args.device
+        **fields,
+        gradient_checkpointing=args.gradient_checkpointing,
+        fsdp=args.fsdp,
+        seed=args.seed,
+        device=args.device,
     )
+
+
+def relaunch_under_torchrun(args) -> int | None:
+    """`--nproc-per-node N` (N > 1) outside torchrun: run this same command under torchrun, return its
+    exit code; None when this process should do the work itself."""
+    from nas.parallel import inside_torchrun, relaunch
+
+    if args.nproc_per_node < 1:
+        raise ConfigError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
+    if args.nproc_per_node == 1 or inside_torchrun():
+        return None
+    argv = list(args.argv)  # the same command line without --nproc-per-node
+    for i, arg in enumerate(argv):
+        if arg.startswith("--nproc-per-node"):
+            del argv[i : i + (1 if "=" in arg else 2)]
+            break
+    return relaunch(args.nproc_per_node, ["nas.cli", *argv])
 
 
 def train_and_save(teacher, student, tokenizer, args) -> int:
     """Shared tail of `distill` and `correct`: prepare data, run the loop, save the tokenizer with the model."""
     from pathlib import Path
 
+    from nas import parallel
     from nas.data import prepare
     from nas.distill import distill
 
-    data = prepare(data_config_from_args(args), tokenizer)
+    with parallel.rank_zero_first():  # rank 0 fills the token cache, the others read it
+        data = prepare(data_config_from_args(args), tokenizer)
     result = distill(teacher, student, data, distill_config_from_args(args), args.out)
+    parallel.teardown()
+    if not parallel.world().main:
+        return 0
     tokenizer.save_pretrained(Path(args.out) / "model")
     kl = f", val KL {result.val_kl:.4f}" if result.val_kl is not None else ""
     print(
@@ -316,10 +350,14 @@ def train_and_save(teacher, student, tokenizer, args) -> int:
 def cmd_distill(args) -> int:
     import torch
 
-    from nas.evaluate import resolve_device
     from nas.families import load_model, load_tokenizer
+    from nas.parallel import local_device, setup
 
-    device = resolve_device(args.device)
+    code = relaunch_under_torchrun(args)
+    if code is not None:
+        return code
+    device = local_device(args.device)
+    setup(device)
     teacher_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # frozen: bf16 is enough
     teacher = load_model(args.teacher, dtype=teacher_dtype, device=device)
     student = load_model(args.student, device=device)
@@ -327,10 +365,15 @@ def cmd_distill(args) -> int:
 
 
 def cmd_correct(args) -> int:
-    from nas.evaluate import resolve_device
     from nas.families import load_model, load_tokenizer
+    from nas.parallel import local_device, setup
 
-    teacher = load_model(args.teacher, device=resolve_device(args.device))
+    code = relaunch_under_torchrun(args)
+    if code is not None:
+        return code
+    device = local_device(args.device)
+    setup(device)
+    teacher = load_model(args.teacher, device=device)
     return train_and_save(None, teacher, load_tokenizer(args.teacher), args)
 
 
@@ -389,7 +432,7 @@ def add_eval(sub) -> None:
     add_data_args(p)
     p.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. kjv_cloze or hellaswag,arc_easy")
     p.add_argument(
-        "--include-path", action="append", default=[], metavar="DIR", help="folder of lm-eval task YAML (repeatable)"
+        "--include-path", action="append", default=[], metavar="DIR", help="task YAML folder (repeatable)"
     )
     p.add_argument("--limit", type=int, help="score at most N items of each task (default all)")
     p.add_argument("--val-sequences", type=int, help="score at most N validation sequences per --data source")
@@ -423,8 +466,10 @@ SUBCOMMANDS += [add_eval]
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for re-running under torchrun
+    quiet = os.environ.get("RANK", "0") != "0"  # under torchrun only rank 0 logs progress
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.WARNING if quiet else logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )

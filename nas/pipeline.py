@@ -49,16 +49,17 @@ class RunResult:
     stability: dict[str, Any]
 
 
-def load_teacher(cfg: RunConfig, data: Any = None):
+def load_teacher(cfg: RunConfig, data: Any):
     """The teacher (corrected first when `correct_steps` > 0) and its tokenizer."""
     device = resolve_device(cfg.device)
     teacher = load_model(cfg.teacher, device=device)
     tokenizer = load_tokenizer(cfg.teacher)
-    if cfg.correct_steps and data is not None:
-        corrected = cfg.root / "corrected"
+    corrected = cfg.root / "corrected"
+    if cfg.correct_steps and not (corrected / "model" / "config.json").is_file():
         run = dataclasses.replace(cfg.distill, steps=cfg.correct_steps, seed=cfg.seed)
         log.info("teacher correction: %d steps of LM loss on the distillation data", cfg.correct_steps)
         distill(None, teacher, data, run, corrected)
+    if cfg.correct_steps:  # computed once per study; workers reuse it
         teacher = AutoModelForCausalLM.from_pretrained(corrected / "model").to(device).eval()
     return teacher, tokenizer
 

@@ -9,6 +9,7 @@ so successive halving (default) or Hyperband stops losing candidates early. Hear
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,8 +106,7 @@ def suggest_arch(trial: optuna.Trial, ctx: SearchContext) -> Arch:
 
 def trial_dir(ctx: SearchContext, arch: Arch) -> Path:
     """Keyed by the candidate, not the trial, so a retried trial resumes the dead one's checkpoint."""
-    label = "-".join(f"{k.split('_')[0][:1]}{getattr(arch, k)}" for k in KNOBS)
-    return ctx.cfg.root / "trials" / f"{label}"
+    return ctx.cfg.root / "trials" / arch.describe().replace(" ", "-").replace("/", "-")
 
 
 def objective(trial: optuna.Trial, ctx: SearchContext) -> float:
@@ -136,7 +136,10 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> float:
             )
             raise optuna.TrialPruned(f"pruned at step {step} (val loss {val_loss:.4f})")
 
-    result = distill(ctx.teacher, student, ctx.data, ctx.cfg.short_distill(), out, on_eval=on_eval)
+    try:
+        result = distill(ctx.teacher, student, ctx.data, ctx.cfg.short_distill(), out, on_eval=on_eval)
+    finally:  # a finished or stopped trial needs no resume state; a killed one keeps it for its retry
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
     trial.set_user_attr("curve", result.curve)
     trial.set_user_attr("tokens", result.tokens)
     trial.set_user_attr("checkpoint", str(out / "model"))
@@ -221,7 +224,7 @@ def make_storage(url: str, cfg: RunConfig | None = None) -> optuna.storages.Base
         heartbeat_interval=s.heartbeat_interval if s else 30,
         grace_period=s.grace_period if s else 120,
         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-            max_retry=s.max_retry if s else 2
+            max_retry=s.max_retry if s else 2, inherit_intermediate_values=True
         ),
     )
 
@@ -264,7 +267,8 @@ def run_trials(ctx: SearchContext, study: optuna.Study, max_trials: int | None =
             if not _running(study):
                 break
             time.sleep(ctx.cfg.search.heartbeat_interval)  # others still running: wait for a retry or the end
-            study.get_trials(deepcopy=False)
+            # only study.optimize fails stale trials; without this a dead worker's trial stays RUNNING forever
+            optuna.storages.fail_stale_trials(study)
             continue
         study.optimize(
             lambda t: objective(t, ctx), n_trials=1, catch=(DuplicateCandidate,), gc_after_trial=True
