@@ -1,7 +1,33 @@
-"""nas: find the best small language model inside a big one (Minitron pruning + distillation search)."""
+"""nas: find the best small language model inside a big one (Minitron pruning + distillation search).
+
+The front door: `nas.compute_importance`, `nas.enumerate_candidates`, `nas.prune`, `nas.distill`,
+`nas.run` (the whole pipeline from a `RunConfig`, see `nas.load_run_config`), `nas.write_report`.
+Heavy modules load on first use, so `import nas` stays cheap.
+"""
+
+import importlib
 
 from nas.arch import Arch, count_params, kv_cache_bytes
 from nas.errors import ConfigError, DataError, InfeasibleError, ModelError, NasError
+
+_LAZY = {
+    "compute_importance": "nas.importance",
+    "Importance": "nas.importance",
+    "enumerate_candidates": "nas.space",
+    "prune": "nas.prune",
+    "save_pruned": "nas.prune",
+    "distill": "nas.distill",
+    "DistillConfig": "nas.distill",
+    "prepare": "nas.data",
+    "DataConfig": "nas.data",
+    "RunConfig": "nas.config",
+    "load_run_config": "nas.config",
+    "run": "nas.pipeline",
+    "search": "nas.pipeline",
+    "worker": "nas.pipeline",
+    "write_report": "nas.report",
+    "lm_loss": "nas.evaluate",
+}
 
 __all__ = [
     "Arch",
@@ -12,5 +38,12 @@ __all__ = [
     "NasError",
     "count_params",
     "kv_cache_bytes",
+    *_LAZY,
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'nas' has no attribute {name!r}")
