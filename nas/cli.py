@@ -177,6 +177,9 @@ def add_search(sub) -> None:
         p.add_argument("study", help="study TOML file, e.g. studies/mystudy.toml")
         p.add_argument("--storage", help="Optuna storage URL (default sqlite under studies/<name>/)")
         p.set_defaults(func=func)
+    p.add_argument(  # `run` only: its final full distillation under torchrun
+        "--nproc-per-node", type=int, default=1, help="processes (GPUs) for the final distillation"
+    )
     p = sub.add_parser("worker", help="join a study in shared storage and run its trials until it is done")
     p.add_argument("--storage", required=True, help="e.g. postgresql://user:pw@host/db")
     p.add_argument("--study", required=True, help="study name")
@@ -208,7 +211,9 @@ def cmd_search(args) -> int:
 def cmd_run(args) -> int:
     from nas.pipeline import run
 
-    result = run(study_config(args))
+    if args.nproc_per_node < 1:
+        raise ConfigError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
+    result = run(study_config(args), nproc_per_node=args.nproc_per_node)
     print(f"teacher val loss {result.teacher_val_loss:.4f}; winner val loss {result.winner_val_loss:.4f}")
     print(f"winner: {result.winner_dir}\nreport: {result.report}")
     return 0
@@ -426,7 +431,7 @@ SUBCOMMANDS += [add_report]
 
 def add_eval(sub) -> None:
     p = sub.add_parser(
-        "eval", help="perplexity on held-out text and lm-eval tasks (offline: kjv_cloze) of a model"
+        "eval", help="perplexity on held-out text and lm-eval tasks (offline: kjv_cloze, kjv_lastword)"
     )
     p.add_argument("model", help="local model directory or hub id")
     add_data_args(p)

@@ -15,25 +15,22 @@ import json
 import logging
 import math
 import os
-import random
-import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import safetensors.torch
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from nas import parallel
+from nas.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model_atomic, tied_names
 from nas.errors import ConfigError, ModelError, NasError
-from nas.evaluate import lm_loss, resolve_device
-from nas.kd import KDLoss, head_weight, kl_to_teacher, model_kd_loss
+from nas.evaluate import lm_loss
+from nas.kd import head_weight, kl_to_teacher
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +42,7 @@ class DistillConfig:
     """Settings of one distillation (or, with no teacher, LM fine-tuning) run."""
 
     steps: int = 400  # optimizer steps
-    batch_size: int = 8  # sequences per micro-batch
+    batch_size: int = 8  # sequences per micro-batch, in all (split across torchrun processes)
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-4  # peak learning rate
     min_lr: float = 1e-5  # learning rate at the end of the decay
@@ -64,8 +61,9 @@ class DistillConfig:
     checkpoint_every: int = 100  # steps between checkpoints (0: none)
     keep_checkpoints: int = 2  # how many of the latest checkpoints stay on disk
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    fsdp: bool = False  # under torchrun: shard student and teacher layers with FSDP2 (else DDP)
     seed: int = 0
-    device: str = "auto"  # auto: CUDA if available
+    device: str = "auto"  # auto: CUDA if available (cuda:LOCAL_RANK under torchrun)
     log_every: int = 10  # steps between train lines in metrics.jsonl
 
     def __post_init__(self) -> None:
@@ -160,25 +158,27 @@ def distill(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    device = parallel.local_device(cfg.device)
+    parallel.setup(device)
     torch.manual_seed(cfg.seed)
     student.to(device)
     if teacher is not None:
         teacher.to(device).eval()
     _check_vocab(teacher, student)
+    model = parallel.wrap(student, teacher, cfg, device)  # before the optimizer: FSDP swaps parameters
     optimizer = build_optimizer(student, cfg, device)
-    run = _resume(out, student, optimizer, cfg)
+    run = _resume(out, student, optimizer, cfg, parallel.is_sharded(model))
     val = torch.as_tensor(data.val(cfg.eval_sequences), dtype=torch.long)
     start_time, start_tokens = time.perf_counter(), run.tokens
     _set_checkpointing(student, cfg.gradient_checkpointing)
     try:
-        _train(teacher, student, data, cfg, out, optimizer, run, val, on_eval)
+        _train(model, data, cfg, out, optimizer, run, val, on_eval)
     finally:
         _set_checkpointing(student, False)
         student.eval()
     if not run.curve or run.curve[-1]["step"] != run.step:  # a resumed run that had already finished
-        _evaluate(teacher, student, val, cfg, out, run, on_eval)
-    save_model_atomic(student, out / "model")
+        _evaluate(model, val, cfg, out, run, on_eval)
+    _save_model(model, student, out / "model")
     seconds = time.perf_counter() - start_time
     last = run.curve[-1]
     log.info("distilled %d steps (%d tokens): val loss %.4f", run.step, run.tokens, last["val_loss"])
@@ -194,6 +194,16 @@ def distill(
     )
 
 
+def _save_model(model: nn.Module, student: nn.Module, dst: Path) -> None:
+    """The final `save_pretrained` export, by rank 0 (from the gathered full weights under FSDP)."""
+    state = parallel.gather_model_state(student) if parallel.is_sharded(model) else None
+    for group in tied_names(student) if state else ():  # one shared tensor, as save_pretrained expects
+        state.update({name: state[group[0]] for name in group})
+    if parallel.world().main:
+        save_model_atomic(student, dst, state)
+    parallel.barrier()
+
+
 def _set_checkpointing(student: nn.Module, on: bool) -> None:
     """Activation (gradient) checkpointing on/off; transformers 5 renamed the methods."""
     prefix = "activation" if hasattr(student, "activation_checkpointing_enable") else "gradient"
@@ -205,21 +215,29 @@ def _check_vocab(teacher: nn.Module | None, student: nn.Module) -> None:
         return
     t, s = head_weight(teacher).shape[0], head_weight(student).shape[0]
     if t != s:
-        raise ModelError(f"teacher and student vocabularies differ ({t} vs {s}); prune the student from this teacher")
+        raise ModelError(
+            f"teacher and student vocabularies differ ({t} vs {s}); prune the student from this teacher"
+        )
 
 
-def _resume(out: Path, student: nn.Module, optimizer, cfg: DistillConfig) -> _Run:
-    """Load the latest checkpoint (if any) into student and optimizer; cut metrics.jsonl back to it."""
-    for stale in (out / "checkpoints").glob(".tmp-*"):  # from a run killed while writing one
-        shutil.rmtree(stale, ignore_errors=True)
+def _resume(out: Path, student: nn.Module, optimizer, cfg: DistillConfig, sharded: bool) -> _Run:
+    """Load the latest checkpoint (if any) into student and optimizer (on every rank); rank 0 cuts
+    metrics.jsonl back to it."""
+    main = parallel.world().main
+    if main:
+        for stale in (out / "checkpoints").glob(".tmp-*"):  # from a run killed while writing one
+            shutil.rmtree(stale, ignore_errors=True)
+    parallel.barrier()
     path = latest_checkpoint(out)
     if path is None:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+        if main:
+            (out / "metrics.jsonl").unlink(missing_ok=True)
         return _Run()
-    state = load_checkpoint(path, student, optimizer)
+    state = load_checkpoint(path, student, optimizer, sharded)
     if state.get("config", {}).get("batch_size") != cfg.batch_size:
         log.warning("resuming %s with a different batch_size; the data order changes", path)
-    _truncate_metrics(out / "metrics.jsonl", state["step"])
+    if main:
+        _truncate_metrics(out / "metrics.jsonl", state["step"])
     log.info("resumed from %s (step %d)", path, state["step"])
     return _Run(step=state["step"], tokens=state["tokens"], curve=state["curve"])
 
@@ -234,17 +252,18 @@ def _truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def _train(teacher, student, data, cfg: DistillConfig, out: Path, optimizer, run: _Run, val, on_eval) -> None:
-    """The step loop from `run.step` to `cfg.steps`."""
+def _train(model, data, cfg: DistillConfig, out: Path, optimizer, run: _Run, val, on_eval) -> None:
+    """The step loop from `run.step` to `cfg.steps`; `model` is the wrapped `parallel.StudentLoss`."""
     window = {"loss": 0.0, "kl": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
-    bar = tqdm(total=cfg.steps, initial=run.step, disable=None, desc="distill" if teacher else "train")
-    student.train()
+    desc = "train" if parallel.unwrapped(model).teacher is None else "distill"
+    bar = tqdm(total=cfg.steps, initial=run.step, disable=None if parallel.world().main else True, desc=desc)
+    model.train()
     with bar:
         while run.step < cfg.steps:
             lr = lr_at(run.step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss, kl, norm, tokens = _accumulate_grads(teacher, student, data, cfg, optimizer, run.step)
+            loss, kl, norm, tokens = _accumulate_grads(model, data, cfg, optimizer, run.step)
             _check_finite(loss, norm, run.step + 1, out)
             optimizer.step()
             run.step += 1
@@ -256,18 +275,19 @@ def _train(teacher, student, data, cfg: DistillConfig, out: Path, optimizer, run
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}")
             evaluate_now = run.step == cfg.steps or (cfg.eval_every and run.step % cfg.eval_every == 0)
             if evaluate_now:
-                _evaluate(teacher, student, val, cfg, out, run, None)
+                _evaluate(model, val, cfg, out, run, None)
             if cfg.checkpoint_every and (run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps):
-                state = asdict(run) | {"config": asdict(cfg)}
-                save_checkpoint(out, run.step, student, optimizer, state, cfg.keep_checkpoints)
+                _checkpoint(model, optimizer, cfg, out, run)
             if evaluate_now and on_eval is not None:
                 on_eval(run.step, run.curve[-1]["val_loss"])
-                student.train()
+                model.train()
 
 
-def _accumulate_grads(teacher, student, data, cfg: DistillConfig, optimizer, step: int):
-    """Gradients of one optimizer step over `grad_accum` micro-batches, clipped.
-    Returns (loss, kl, grad_norm, tokens) with kl NaN when there is no teacher."""
+def _accumulate_grads(model, data, cfg: DistillConfig, optimizer, step: int):
+    """Gradients of one optimizer step over `grad_accum` global micro-batches (each rank computes its
+    rows; gradients are averaged on the last one), clipped. Returns the global (loss, kl, grad_norm,
+    tokens) with kl NaN when there is no teacher."""
+    student = parallel.unwrapped(model).student
     device = next(student.parameters()).device
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device)
@@ -277,27 +297,28 @@ def _accumulate_grads(teacher, student, data, cfg: DistillConfig, optimizer, ste
         index = step * cfg.grad_accum + micro
         batch = torch.as_tensor(
             data.train_batch(index, cfg.batch_size, cfg.steps * cfg.grad_accum), dtype=torch.long
-        ).to(device, non_blocking=True)
-        result = _batch_loss(student, teacher, batch, cfg)
-        (result.loss / cfg.grad_accum).backward()
-        loss_sum += result.loss.detach().float()
-        kl_sum += result.kl.float() if result.kl is not None else math.nan
+        )
         tokens += batch.numel()
+        batch = parallel.local_rows(batch).to(device, non_blocking=True)
+        with parallel.sync_context(model, micro == cfg.grad_accum - 1):
+            loss, kl = model(batch)
+            (loss / cfg.grad_accum).backward()
+        loss_sum += loss.detach().float()
+        kl_sum += kl.float() if kl is not None else math.nan
     params = [p for p in student.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-    stats = torch.stack([loss_sum / cfg.grad_accum, kl_sum / cfg.grad_accum, norm.float()]).tolist()
-    return *stats, tokens
+    means = parallel.global_mean(torch.stack([loss_sum, kl_sum]) / cfg.grad_accum)
+    return *means.tolist(), parallel.full_tensor(norm).float().item(), tokens
 
 
-def _batch_loss(student, teacher, batch, cfg: DistillConfig) -> KDLoss:
-    return model_kd_loss(
-        student,
-        teacher,
-        batch,
-        temperature=cfg.temperature,
-        ce_weight=cfg.ce_weight,
-        chunk_tokens=cfg.chunk_tokens,
-    )
+def _checkpoint(model, optimizer, cfg: DistillConfig, out: Path, run: _Run) -> None:
+    """Rank 0 writes the checkpoint (FSDP: from the full state gathered by all ranks); all wait for it."""
+    student = parallel.unwrapped(model).student
+    full = parallel.gather_full_state(student, optimizer) if parallel.is_sharded(model) else None
+    if parallel.world().main:
+        state = asdict(run) | {"config": asdict(cfg)}
+        save_checkpoint(out, run.step, student, optimizer, state, cfg.keep_checkpoints, full)
+    parallel.barrier()
 
 
 def _check_finite(loss: float, norm: float, step: int, out: Path) -> None:
@@ -333,10 +354,17 @@ def _log_train(out: Path, run: _Run, lr: float, window: dict) -> float:
     return rate
 
 
-def _evaluate(teacher, student, val, cfg: DistillConfig, out: Path, run: _Run, on_eval) -> None:
-    """Validation LM loss (the shared protocol) and KL to the teacher; logged, recorded, reported."""
-    val_loss = lm_loss(student, val, cfg.eval_batch_size)
-    kl = kl_to_teacher(student, teacher, val, cfg.eval_batch_size, cfg.chunk_tokens) if teacher else None
+def _evaluate(model, val, cfg: DistillConfig, out: Path, run: _Run, on_eval) -> None:
+    """Validation LM loss (the shared protocol) and KL to the teacher; logged, recorded, reported.
+    Every rank scores the whole set (FSDP needs all of them in each forward); rank 0's numbers count."""
+
+    def score(student, teacher):
+        loss = lm_loss(student, val, cfg.eval_batch_size)
+        kl = kl_to_teacher(student, teacher, val, cfg.eval_batch_size, cfg.chunk_tokens) if teacher else None
+        return loss, kl
+
+    with torch.no_grad():
+        val_loss, kl = parallel.from_rank_zero(parallel.unwrapped(model)(fn=score))
     run.curve.append({"step": run.step, "val_loss": val_loss, "val_kl": kl})
     record = {"step": run.step, "loss": None, "kl": None, "val_loss": val_loss, "val_kl": kl}
     _append_metrics(out, record | {"lr": None, "tokens": run.tokens, "tokens_per_s": None})
@@ -346,89 +374,6 @@ def _evaluate(teacher, student, val, cfg: DistillConfig, out: Path, run: _Run, o
 
 
 def _append_metrics(out: Path, record: dict) -> None:
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-# ---- checkpoints: out_dir/checkpoints/step-XXXXXXX/{model.safetensors, optimizer.pt, rng.pt, state.json}
-
-CHECKPOINT_NAME = re.compile(r"^step-\d{7}$")
-
-
-def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint directory with the highest step under `out_dir/checkpoints`, or None."""
-    root = Path(out_dir) / "checkpoints"
-    found = sorted(p for p in root.iterdir() if CHECKPOINT_NAME.match(p.name)) if root.is_dir() else []
-    return found[-1] if found else None
-
-
-def save_checkpoint(out: Path, step: int, student: nn.Module, optimizer, state: dict, keep: int) -> Path:
-    """Write a checkpoint into a temp directory, rename it into place, drop all but the `keep` latest."""
-    root = out / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{final.name}-"))
-    safetensors.torch.save_model(student, str(tmp / "model.safetensors"))  # handles tied weights
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    _replace_dir(tmp, final)
-    for old in sorted(p for p in root.iterdir() if CHECKPOINT_NAME.match(p.name))[:-keep]:
-        shutil.rmtree(old)
-    log.debug("checkpoint %s", final)
-    return final
-
-
-def load_checkpoint(path: Path, student: nn.Module, optimizer) -> dict:
-    """Restore student weights, optimizer and RNG states from `path`; returns its state.json."""
-    device = next(student.parameters()).device
-    try:
-        state = json.loads((path / "state.json").read_text())
-        safetensors.torch.load_model(
-            student, str(path / "model.safetensors"), strict=True, device=str(device)
-        )
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
-        _set_rng_state(torch.load(path / "rng.pt", weights_only=False))  # our own file: numpy state inside
-        state["step"], state["tokens"], state["curve"]  # noqa: B018 (a KeyError here means corrupt)
-    except Exception as e:
-        raise ModelError(
-            f"checkpoint {path} is corrupt or incomplete ({type(e).__name__}: {str(e).strip()[:200]}); "
-            "delete that directory to resume from the previous checkpoint (or from scratch)"
-        ) from e
-    return state
-
-
-def save_model_atomic(model: nn.Module, dst: Path) -> Path:
-    """`save_pretrained` (safetensors) into a temp directory next to `dst`, then rename it to `dst`."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".tmp-{dst.name}-"))
-    model.save_pretrained(tmp)
-    _replace_dir(tmp, dst)
-    return dst
-
-
-def _replace_dir(tmp: Path, dst: Path) -> None:
-    """Rename `tmp` to `dst`, replacing an existing `dst` (rename it aside first: os.replace needs an
-    empty target directory)."""
-    if dst.exists():
-        trash = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".old-{dst.name}-"))
-        os.replace(dst, trash / dst.name)
-        os.replace(tmp, dst)
-        shutil.rmtree(trash)
-    else:
-        os.replace(tmp, dst)
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if parallel.world().main:
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")

@@ -136,20 +136,26 @@ def run_tasks(
     from lm_eval.models.huggingface import HFLM
 
     manager = task_manager(tasks, include_paths)
+    results: dict[str, dict[str, float]] = {}
     with quiet_lm_eval():
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        try:
-            out = lm_eval.simple_evaluate(
-                model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False
-            )
-        except OSError as e:  # datasets' ConnectionError / missing files: hub task data not reachable
-            raise DataError(
-                f"cannot load the data of lm-eval task(s) {', '.join(tasks)}: {first_line(e)}; hub tasks "
-                f"need network (or a filled HF datasets cache); offline tasks: {', '.join(OFFLINE_TASKS)}"
-            ) from e
-    return {
-        name: task_metrics(metrics, out["n-samples"].get(name)) for name, metrics in out["results"].items()
-    }
+        # One task per evaluation: lm-eval's logits cache groups requests by context + continuation
+        # minus its last token across all tasks, and scores the shorter continuation of a group with
+        # the wrong positions, so kjv_cloze and kjv_lastword (the same verses, split at different
+        # points) would corrupt each other's true choices when run together.
+        for task in tasks:
+            try:
+                out = lm_eval.simple_evaluate(
+                    model=lm, tasks=[task], task_manager=manager, limit=limit, log_samples=False
+                )
+            except OSError as e:  # datasets' ConnectionError / missing files: hub task data not reachable
+                raise DataError(
+                    f"cannot load the data of lm-eval task {task}: {first_line(e)}; hub tasks need network "
+                    f"(or a filled HF datasets cache); offline tasks: {', '.join(OFFLINE_TASKS)}"
+                ) from e
+            for name, metrics in out["results"].items():
+                results[name] = task_metrics(metrics, out["n-samples"].get(name))
+    return results
 
 
 def task_metrics(raw: dict[str, Any], n_samples: dict[str, int] | None) -> dict[str, float]:

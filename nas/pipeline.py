@@ -178,6 +178,13 @@ def worker(storage: str, study_name: str, max_trials: int | None = None) -> optu
         raise ConfigError(f"study {study_name!r} was not created by nas (no config attribute)")
     data = dict(stored.user_attrs["config"])
     data["search"] = {**data["search"], "storage": storage}
+    importance = Path(stored.user_attrs.get("importance_path", ""))
+    if not importance.is_file():  # computed once by the study's creator; workers share it, never recompute
+        raise ConfigError(
+            f"study {study_name!r}: its importance file {importance} is not on this machine; put the "
+            "study's out_dir on storage that every worker mounts at the same path"
+        )
+    data["out_dir"] = str(importance.parent)  # so a relative out_dir works from any working directory
     cfg = run_config_from_dict(data)
     ctx = prepare_context(cfg, stored.user_attrs.get("candidates"))
     study = open_study(ctx, create=False)
@@ -185,8 +192,9 @@ def worker(storage: str, study_name: str, max_trials: int | None = None) -> optu
     return study
 
 
-def finalize(ctx: SearchContext, study: optuna.Study) -> dict[str, Any]:
-    """Fully distill the best trial's student (from its short-run checkpoint) and export the winner."""
+def finalize(ctx: SearchContext, study: optuna.Study, nproc_per_node: int = 1) -> dict[str, Any]:
+    """Fully distill the best trial's student (from its short-run checkpoint) and export the winner;
+    `nproc_per_node` > 1: in that many torchrun processes (`nas.parallel.distill_in_processes`)."""
     cfg = ctx.cfg
     best = best_trial(study)
     arch = Arch.from_dict(best.user_attrs["arch"])
@@ -200,7 +208,10 @@ def finalize(ctx: SearchContext, study: optuna.Study) -> dict[str, Any]:
             checkpoint,
         )
         student = prune(ctx.teacher, arch, ctx.importance, cfg.depth_strategy)
-    result = distill(ctx.teacher, student, ctx.data, cfg.final_distill(), cfg.root / "final")
+    if nproc_per_node > 1:
+        student, result = _distill_in_processes(ctx, student, checkpoint, nproc_per_node)
+    else:
+        result = distill(ctx.teacher, student, ctx.data, cfg.final_distill(), cfg.root / "final")
     student.nas_cut = plan_cut(ctx.teacher_arch, arch, ctx.importance, cfg.depth_strategy)
     winner_dir = save_pruned(student, cfg.root / "winner", ctx.tokenizer, teacher=cfg.teacher)
     winner = {
@@ -220,10 +231,33 @@ def finalize(ctx: SearchContext, study: optuna.Study) -> dict[str, Any]:
     return winner
 
 
-def run(cfg: RunConfig, report: bool = True) -> RunResult:
-    """The whole pipeline for one study TOML."""
+def _distill_in_processes(ctx: SearchContext, student, checkpoint: Path, nproc: int):
+    """The final distillation as a torchrun job over model directories; the teacher leaves the GPU
+    meanwhile. Returns (the distilled student, its Result)."""
+    from nas.checkpoint import save_model_atomic
+    from nas.parallel import distill_in_processes
+
+    cfg = ctx.cfg
+    start = checkpoint
+    if not (checkpoint / "config.json").is_file():  # a fresh cut: give the workers a directory
+        start = save_model_atomic(student, cfg.root / "final-start")
+    teacher_dir = cfg.root / "corrected" / "model" if cfg.correct_steps else cfg.teacher
+    device = next(ctx.teacher.parameters()).device
+    student.to("cpu")  # replaced by the workers' result
+    ctx.teacher.to("cpu")
+    try:
+        result = distill_in_processes(
+            nproc, str(teacher_dir), str(start), cfg.data, cfg.final_distill(), cfg.root / "final"
+        )
+    finally:
+        ctx.teacher.to(device)
+    return AutoModelForCausalLM.from_pretrained(cfg.root / "final" / "model").to(device), result
+
+
+def run(cfg: RunConfig, report: bool = True, nproc_per_node: int = 1) -> RunResult:
+    """The whole pipeline for one study TOML; the final distillation in `nproc_per_node` processes."""
     ctx, study = search(cfg)
-    winner = finalize(ctx, study)
+    winner = finalize(ctx, study, nproc_per_node)
     path = None
     if report:
         from nas.report import write_report

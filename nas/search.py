@@ -118,6 +118,7 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> float:
         return INFEASIBLE_VALUE
     if not ctx.exhaustive:
         trial.set_constraint("budget", 0.0)
+    trial.set_user_attr("arch", arch.to_dict())  # the claim, written before looking for rivals
     duplicate = _finished_twin(trial, arch)
     if duplicate is not None:
         raise DuplicateCandidate(f"candidate {arch.describe()} already has trial {duplicate}")
@@ -158,10 +159,12 @@ class DuplicateCandidate(Exception):
 
 
 def _finished_twin(trial: optuna.Trial, arch: Arch) -> int | None:
-    """The number of an earlier live or finished trial of the same candidate, if any."""
+    """The number of another live or finished trial of the same candidate, if any. Each trial writes its
+    claim before this check, so of two workers racing for one candidate the later to check always sees
+    the other (both may yield; the candidate is then handed out again), and none is run twice."""
     for other in trial.study.get_trials(deepcopy=False, states=CLAIMED):
         twin = other.user_attrs.get("arch")
-        if other.number < trial.number and twin and arch_key(twin) == arch_key(arch):
+        if other.number != trial.number and twin and arch_key(twin) == arch_key(arch):
             return other.number
     return None
 

@@ -185,8 +185,13 @@ def train_tiny_teacher(root, steps: int = 300, seq_len: int = 64):
     corpus = write_kjv_corpus(root / "corpus.jsonl")
     teacher = write_tiny_teacher(root / "teacher")
     model = AutoModelForCausalLM.from_pretrained(teacher)
-    data = prepare(DataConfig.single(str(corpus), seq_len=seq_len, cache_dir=str(root / "cache")), AutoTokenizer.from_pretrained(teacher))
-    settings = DistillConfig(steps=steps, batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=10, eval_every=0, checkpoint_every=0)
+    data = prepare(
+        DataConfig.single(str(corpus), seq_len=seq_len, cache_dir=str(root / "cache")),
+        AutoTokenizer.from_pretrained(teacher),
+    )
+    settings = DistillConfig(
+        steps=steps, batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=10, eval_every=0, checkpoint_every=0
+    )
     distill(None, model, data, settings, root / "teacher-training")
     model.save_pretrained(teacher)
     return teacher

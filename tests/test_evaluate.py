@@ -1,5 +1,5 @@
-"""Evaluation: the perplexity protocol, the offline `kjv_cloze` task through the real lm-eval harness,
-and `nas eval`."""
+"""Evaluation: the perplexity protocol, the offline `kjv_cloze` and `kjv_lastword` tasks through the
+real lm-eval harness, and `nas eval`."""
 
 import json
 import math
@@ -23,6 +23,7 @@ from nas.evaluate import (
 from nas.testing import kjv_path, tiny_model, tiny_tokenizer, write_kjv_corpus
 
 CLOZE = TASKS_DIR / "kjv_cloze" / "kjv_cloze.jsonl"
+LASTWORD = TASKS_DIR / "kjv_lastword" / "kjv_lastword.jsonl"
 MEMORISED_ITEMS = 16  # the first cloze items, whose verses the trained model learns by heart
 SEQ_LEN = 64
 SIZES = dict(hidden_size=64, ffn_hidden_size=128, num_layers=2, num_attention_heads=4, num_query_groups=2)
@@ -123,6 +124,34 @@ def test_kjv_cloze_is_rebuilt_identically_from_the_held_out_book():
     assert all(0.15 < p < 0.35 for p in positions)
 
 
+def test_kjv_lastword_is_rebuilt_identically_from_the_held_out_book():
+    from nas.tasks.make_kjv_cloze import held_out_verses
+    from nas.tasks.make_kjv_lastword import make_items
+
+    verses = {v["citation"]: v for v in held_out_verses()}
+    items = [json.loads(line) for line in LASTWORD.read_text(encoding="utf-8").splitlines()]
+    assert make_items(list(verses.values())) == items  # the committed file is the generator's output
+    assert 250 <= len(items) <= 303 and LASTWORD.stat().st_size < 100_000
+    finals = {" ".join(v["text"].split()).split()[-1].rstrip(".,;:?!)") for v in verses.values()}
+    for item in items:
+        truth = item["endings"][item["label"]]
+        assert f"{item['context']} {truth}" == " ".join(verses[item["citation"]]["text"].split())
+        words = [e.rstrip(".,;:?!)") for e in item["endings"]]
+        assert len({w.lower() for w in words}) == 4 and set(words) <= finals  # real verse-final words
+        assert all(w.isalpha() and len(w) >= 3 for w in words)
+        punct = truth[len(words[item["label"]]) :]  # the verse's own final punctuation, on every choice
+        assert item["endings"] == [w + punct for w in words]
+    positions = [sum(item["label"] == k for item in items) / len(items) for k in range(4)]
+    assert all(0.15 < p < 0.35 for p in positions)
+
+
+def test_kjv_lastword_runs_through_the_harness(tokenizer):
+    model = tiny_model(vocab_size=len(tokenizer), **SIZES)
+    metrics = run_tasks(model, tokenizer, ["kjv_lastword"], limit=8, batch_size=32)["kjv_lastword"]
+    assert metrics["samples"] == 8
+    assert 0.0 <= metrics["acc"] <= 1.0 and 0.0 <= metrics["acc_norm"] <= 1.0
+
+
 def test_kjv_cloze_through_the_harness_random_vs_trained(memorised, tokenizer):
     trained, _ = memorised
     random_model = tiny_model(vocab_size=len(tokenizer), **SIZES)
@@ -135,6 +164,18 @@ def test_kjv_cloze_through_the_harness_random_vs_trained(memorised, tokenizer):
         scores[name] = metrics["acc"]
     assert scores["random"] <= 0.5
     assert scores["trained"] >= 0.75 and scores["trained"] > scores["random"]
+
+
+def test_tasks_sharing_verses_score_the_same_together_as_alone(memorised, tokenizer):
+    # kjv_cloze and kjv_lastword split the same verses at different points; lm-eval's logits cache
+    # would score one task's true choice with the other's logits if both ran in one evaluation
+    trained, _ = memorised
+    together = run_tasks(
+        trained, tokenizer, ["kjv_cloze", "kjv_lastword"], limit=MEMORISED_ITEMS, batch_size=32
+    )
+    alone = run_tasks(trained, tokenizer, ["kjv_lastword"], limit=MEMORISED_ITEMS, batch_size=32)
+    assert together["kjv_lastword"] == alone["kjv_lastword"]
+    assert alone["kjv_lastword"]["acc"] >= 0.5  # it knows most of these verses by heart
 
 
 def test_missing_include_path_is_a_config_error(tokenizer, tmp_path):

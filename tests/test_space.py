@@ -23,7 +23,6 @@ TEACHER = Arch.from_hf_config(
 
 
 def test_every_candidate_is_within_budget_valid_and_builds_to_its_count(tmp_path):
-    from transformers import AutoConfig
 
     budget = parse_budget("60%", TEACHER)
     candidates = enumerate_candidates(TEACHER, "60%", SpaceConfig(tolerance=0.1))

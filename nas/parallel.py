@@ -1,0 +1,314 @@
+"""Distillation across processes started by torchrun: DDP by default, FSDP2 when `DistillConfig.fsdp`.
+
+Batch semantics: `batch_size` is the *global* micro-batch. Every rank draws the same
+`data.train_batch(...)` and keeps its own contiguous `batch_size / world` rows, so N processes see
+exactly the sequences of a single-process run with the same settings; the per-rank KD losses are
+token means over equal token counts, so DDP's gradient average is the single-process gradient.
+Rank 0 alone writes metrics, checkpoints and the final model; every rank evaluates the full
+validation set (identical weights give identical numbers; rank 0's value is broadcast anyway).
+
+`nas distill --nproc-per-node N` re-executes itself as
+`python -m torch.distributed.run --nproc-per-node N -m nas.cli distill ...` (`relaunch`);
+`torchrun --nproc-per-node N -m nas.cli distill ...` is the same thing started by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from nas.errors import ConfigError, NasError
+from nas.evaluate import resolve_device
+from nas.kd import model_kd_loss
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the torchrun workers (rank 0 of 1 when not under torchrun)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def world() -> World:
+    """Rank, local rank and world size from torchrun's environment variables."""
+    env = os.environ
+    return World(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
+
+
+def inside_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ
+
+
+def local_device(name: str = "auto") -> torch.device:
+    """`resolve_device(name)`, except that a CUDA device under torchrun is cuda:LOCAL_RANK."""
+    device = resolve_device(name)
+    if device.type == "cuda" and world().size > 1:
+        return torch.device("cuda", world().local_rank)
+    return device
+
+
+def setup(device: torch.device) -> World:
+    """Join the process group (nccl on CUDA, gloo on CPU) when torchrun started several processes."""
+    w = world()
+    if w.size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    return w
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def rank_zero_first() -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. fills a cache), then the others (which then read it)."""
+    main = world().main
+    if not main:
+        barrier()
+    yield
+    if main:
+        barrier()
+
+
+def global_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over ranks (itself when not distributed)."""
+    if dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values
+
+
+def from_rank_zero(value: Any) -> Any:
+    """Rank 0's `value` on every rank (a picklable object)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def torchrun_command(nproc: int, module_args: list[str]) -> list[str]:
+    """`python -m torch.distributed.run --standalone --nproc-per-node N -m <module_args>`."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+    ] + [*module_args]
+
+
+def relaunch(nproc: int, module_args: list[str]) -> int:
+    """Run `module_args` (e.g. ["nas.cli", "distill", ...]) under torchrun; returns its exit code."""
+    return subprocess.run(torchrun_command(nproc, module_args), check=False).returncode
+
+
+def local_rows(batch: torch.Tensor) -> torch.Tensor:
+    """This rank's contiguous share of a global micro-batch (all of it when not distributed)."""
+    w = world()
+    if w.size == 1:
+        return batch
+    if len(batch) % w.size:
+        raise ConfigError(
+            f"batch_size {len(batch)} is the global micro-batch and must be divisible by the "
+            f"{w.size} processes; use a multiple of {w.size}"
+        )
+    share = len(batch) // w.size
+    return batch[w.rank * share : (w.rank + 1) * share]
+
+
+class StudentLoss(nn.Module):
+    """The student with the KD loss as its forward, so DDP / FSDP see one real forward per micro-batch
+    (the fused loss calls `student.model` and the LM head directly, never `student.forward`).
+
+    `forward(input_ids)` -> (loss, kl); `forward(fn=f)` -> f(student, teacher), used for evaluation
+    so that FSDP gathers the student's root parameters (embeddings, norm, head) around it."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg) -> None:
+        super().__init__()
+        self.student = student
+        object.__setattr__(self, "teacher", teacher)  # not a submodule: frozen, never synced or sharded
+        self.cfg = cfg
+
+    def forward(self, input_ids: torch.Tensor | None = None, fn: Callable | None = None):
+        if fn is not None:
+            return fn(self.student, self.teacher)
+        cfg = self.cfg
+        result = model_kd_loss(
+            self.student,
+            self.teacher,
+            input_ids,
+            temperature=cfg.temperature,
+            ce_weight=cfg.ce_weight,
+            chunk_tokens=cfg.chunk_tokens,
+        )
+        return result.loss, result.kl
+
+
+def wrap(student: nn.Module, teacher: nn.Module | None, cfg, device: torch.device) -> nn.Module:
+    """`StudentLoss` as it trains here: plain (one process), in DDP, or FSDP2-sharded (`cfg.fsdp`).
+    FSDP shards the student (and the teacher's decoder layers) in place; build the optimizer after."""
+    module = StudentLoss(student, teacher, cfg)
+    if not dist.is_initialized():
+        return module
+    if cfg.fsdp:
+        return _fully_shard(module, student, teacher, device)
+    ids = [device.index] if device.type == "cuda" else None
+    # rotary buffers are identical everywhere: no buffer broadcast (a collective) on every forward
+    return nn.parallel.DistributedDataParallel(
+        module, device_ids=ids, forward_sync_buffers=False, static_graph=cfg.gradient_checkpointing
+    )
+
+
+def _fully_shard(module: StudentLoss, student: nn.Module, teacher, device: torch.device) -> nn.Module:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy()
+    if device.type == "cuda":  # bf16 all-gathers and compute, fp32 gradient reduction and master weights
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if teacher is not None:  # the bulk of the teacher: its layers, gathered one at a time
+        for layer in teacher.model.layers:
+            fully_shard(layer, mp_policy=policy)
+    for layer in student.model.layers:
+        fully_shard(layer, mp_policy=policy)
+    return fully_shard(module, mp_policy=policy)  # root: the student's embeddings, norm and head
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The `StudentLoss` inside a DDP wrapper (FSDP2 modules are their own)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def sync_context(model: nn.Module, sync: bool):
+    """Gradient all-reduce on this backward only when `sync` (the last micro-batch of a step)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext() if sync else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return hasattr(model, "set_requires_gradient_sync")
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a DTensor (e.g. FSDP's gradient norm); other tensors unchanged."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def gather_full_state(student: nn.Module, optimizer) -> tuple[dict, dict]:
+    """Full (unsharded) model and optimizer state dicts on CPU; complete on rank 0 only. Collective."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(student, options=options), get_optimizer_state_dict(
+        student, optimizer, options=options
+    )
+
+
+def gather_model_state(student: nn.Module) -> dict:
+    """The full model state dict on CPU, complete on rank 0 only. Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state(student: nn.Module, optimizer, model_state: dict, optimizer_state: dict) -> None:
+    """Load full state dicts (every rank holds them) into a sharded student and its optimizer."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    from nas.checkpoint import named_optimizer_state
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(student, model_state, options=options)
+    named = named_optimizer_state(optimizer_state, student, optimizer)
+    set_optimizer_state_dict(student, optimizer, named, options=options)
+
+
+# ---- `nas run --nproc-per-node N`: the winner's full distillation as a torchrun job
+
+
+def distill_in_processes(nproc: int, teacher: str, student: str, data: dict, cfg, out: Path):
+    """Run `distill` of the model directories `teacher` and `student` on the study's `[data]` table
+    in `nproc` torchrun processes; returns rank 0's `nas.distill.Result` (the weights are in out/model)."""
+    from nas.distill import Result
+
+    out.mkdir(parents=True, exist_ok=True)
+    job = {"teacher": teacher, "student": student, "data": data, "distill": asdict(cfg), "out": str(out)}
+    _write_json(out / "job.json", job)
+    code = relaunch(nproc, ["nas.parallel", str(out / "job.json")])
+    if code != 0:
+        raise NasError(f"the distillation in {nproc} processes failed (exit code {code}); see its log above")
+    return Result(**json.loads((out / "result.json").read_text()))
+
+
+def run_job(path: str) -> int:
+    """One torchrun worker of `distill_in_processes`: load, distill, rank 0 writes result.json."""
+    from nas.data import data_config_from_dict, prepare
+    from nas.distill import DistillConfig, distill
+    from nas.families import load_model, load_tokenizer
+
+    job = json.loads(Path(path).read_text())
+    cfg = DistillConfig(**job["distill"])
+    device = local_device(cfg.device)
+    setup(device)
+    teacher_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # frozen: bf16 is enough
+    teacher = load_model(job["teacher"], dtype=teacher_dtype, device=device)
+    student = load_model(job["student"], device=device)
+    with rank_zero_first():
+        data = prepare(data_config_from_dict(job["data"]), load_tokenizer(job["teacher"]))
+    result = distill(teacher, student, data, cfg, job["out"])
+    if world().main:
+        _write_json(Path(job["out"]) / "result.json", asdict(result))
+    teardown()
+    return 0
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    import logging
+
+    logging.basicConfig(level=logging.INFO if world().main else logging.WARNING)
+    sys.exit(run_job(sys.argv[1]))

@@ -1,0 +1,112 @@
+"""The embedded demo: real corpus, cached teacher, and the whole pipeline at a tiny size."""
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from nas.corpus import document_hash
+from nas.demo import DemoPlan, closing_table, demo_plan, run_config, run_demo
+from nas.demo_teacher import (
+    MARKER,
+    TeacherSpec,
+    corpus_documents,
+    load_teacher_info,
+    teacher_key,
+    train_texts,
+    unigram_loss,
+)
+from nas.evaluate import HELD_OUT_BOOKS
+
+TINY = DemoPlan(
+    minutes=0.05,
+    seq_len=32,
+    max_documents=150,
+    eval_sequences=4,
+    teacher=TeacherSpec(
+        hidden_size=64,
+        num_layers=4,
+        num_attention_heads=4,
+        num_query_groups=2,
+        head_dim=16,
+        ffn_hidden_size=128,
+        vocab_size=384,
+        steps=6,
+        batch_size=4,
+        warmup_steps=1,
+    ),
+    budget="60%",
+    space={"tolerance": 0.15, "steps": {"hidden_size": 32, "ffn_hidden_size": 64}},
+    importance={"num_samples": 8, "val_sequences": 4, "batch_size": 8},
+    n_trials=3,
+    horizon_steps=4,
+    eval_every=2,
+    batch_size=2,
+    final_steps=2,
+)
+
+
+def test_corpus_is_kjv_chapters_without_held_out_books():
+    docs = list(corpus_documents())
+    assert docs[0]["book"] == "Genesis" and docs[0]["chapter"] == 1
+    assert docs[0]["text"].startswith("In the beginning God created the heaven and the earth.\n")
+    assert len(docs[0]["text"].splitlines()) == 31  # Genesis 1 has 31 verses
+    assert sum(d["book"] == "Genesis" for d in docs) == 50
+    assert docs[-1]["book"] == "Revelation" and docs[-1]["chapter"] == 22
+    assert HELD_OUT_BOOKS and not {d["book"] for d in docs} & set(HELD_OUT_BOOKS)
+    assert [d["chapter"] for d in corpus_documents(max_documents=3)] == [1, 2, 3]
+
+
+def test_unigram_loss_of_uniform_counts_is_log_vocab():
+    vocab = 16
+    train = torch.arange(vocab).repeat(10)
+    val = torch.randint(0, vocab, (3, 9))
+    assert unigram_loss(train, val, vocab) == pytest.approx(math.log(vocab))
+
+
+def test_demo_plan_scales_steps_with_minutes():
+    base, half = demo_plan(10.0), demo_plan(5.0)
+    assert half.teacher.steps == round(base.teacher.steps / 2)
+    assert half.final_steps == round(base.final_steps / 2)
+    assert sum(half.estimates().values()) < sum(base.estimates().values())
+
+
+@pytest.mark.slow
+def test_tiny_demo_writes_every_artifact(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the report goes to ./reports/
+    out = tmp_path / "demo"
+    result = run_demo(out, plan=TINY, device="cpu")
+
+    teacher = out / "teacher"
+    info = json.loads((teacher / MARKER).read_text())
+    assert info["unigram_loss"] > 0 and math.isfinite(info["val_loss"])
+    assert len(AutoTokenizer.from_pretrained(teacher)) == TINY.teacher.vocab_size
+    # the tokenizer saw exactly the documents nas.data put in the train split
+    corpus = out / "corpus" / "kjv.jsonl"
+    seen = {document_hash(t) for t in train_texts(corpus, run_config(out, corpus, TINY, "cpu").data_config())}
+    assert seen == set(np.load(next((out / "cache").glob("*/train.hashes.npy"))).tolist())
+    assert (out / "importance.safetensors").is_file()
+    study = optuna.load_study(study_name="demo", storage=f"sqlite:///{out / 'study.db'}")
+    assert study.user_attrs["winner"]["dir"] == str(result.winner_dir.resolve())
+    winner = AutoModelForCausalLM.from_pretrained(result.winner_dir)
+    assert sum(p.numel() for p in winner.parameters()) == result.winner_params
+    assert result.report is not None and result.report.is_file()
+    assert (out / "scratch" / "model" / "config.json").is_file()
+    table = closing_table(result)
+    assert f"{result.winner_val_loss:.4f}" in table and f"{result.scratch_val_loss:.4f}" in table
+    assert set(result.stage_seconds) == set(TINY.estimates())
+
+    # the complete teacher is found again; another spec or a missing marker is not
+    key = teacher_key(TINY.teacher, TINY.seq_len, corpus)
+    assert load_teacher_info(teacher, key).reused
+    other = teacher_key(
+        dataclasses.replace(TINY.teacher, steps=7), TINY.seq_len, out / "corpus" / "kjv.jsonl"
+    )
+    assert load_teacher_info(teacher, other) is None
+    (teacher / MARKER).unlink()
+    assert load_teacher_info(teacher, key) is None

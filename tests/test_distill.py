@@ -1,0 +1,279 @@
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nas.arch import Arch
+from nas.distill import DistillConfig, NonFiniteLossError, distill, latest_checkpoint, lr_at
+from nas.errors import ModelError
+from nas.evaluate import lm_loss
+from nas.kd import kd_loss, kl_to_teacher, model_kd_loss
+from nas.testing import kjv_verses, tiny_model, tiny_tokenizer
+
+VOCAB = 320
+SEQ_LEN = 32
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer(VOCAB)
+
+
+@pytest.fixture(scope="module")
+def token_data(tmp_path_factory, tokenizer):
+    """Real text (King James Bible verses) through the real data pipeline."""
+    from nas.data import DataConfig, prepare
+
+    root = tmp_path_factory.mktemp("data")
+    text = root / "kjv.txt"
+    text.write_text("\n\n".join(kjv_verses(3000)), encoding="utf-8")
+    cfg = DataConfig.single(str(text), seq_len=SEQ_LEN, cache_dir=str(root / "cache"))
+    return prepare(cfg, tokenizer)
+
+
+def sharp_teacher(seed: int = 0, **sizes):
+    """A tiny random teacher with a scaled-up head, so its next-token distributions are far from uniform
+    (a random init gives near-uniform ones and a near-zero KL to any student)."""
+    teacher = tiny_model("llama", seed=seed, vocab_size=VOCAB, **sizes)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(8.0)
+    return teacher
+
+
+def random_ids(n: int = 3, t: int = 17, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def small_cfg(**kw) -> DistillConfig:
+    base = dict(steps=6, batch_size=4, lr=3e-3, min_lr=3e-4, warmup_steps=1, eval_every=2, eval_sequences=8)
+    return DistillConfig(**(base | dict(checkpoint_every=2, log_every=1) | kw))
+
+
+# ---- the loss
+
+
+def test_kl_of_a_model_against_itself_is_zero():
+    model = sharp_teacher()
+    result = model_kd_loss(model, model, random_ids())
+    result.loss.backward()
+    assert abs(result.kl.item()) < 1e-6
+    assert max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None) < 1e-6
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize(("temperature", "ce_weight"), [(1.0, 0.0), (2.0, 0.3)])
+def test_chunked_loss_and_gradients_equal_plain_kl_div(tied, temperature, ce_weight):
+    teacher = sharp_teacher(seed=1, tie_word_embeddings=False).double()
+    student = tiny_model("llama", seed=2, vocab_size=VOCAB, num_layers=2, tie_word_embeddings=tied).double()
+    ids = random_ids()
+    ours = model_kd_loss(student, teacher, ids, temperature=temperature, ce_weight=ce_weight, chunk_tokens=7)
+    ours.loss.backward()
+    grads = {name: p.grad.clone() for name, p in student.named_parameters()}
+    student.zero_grad()
+    logits = student(input_ids=ids).logits
+    s = logits.flatten(0, 1)
+    with torch.no_grad():
+        t = teacher(input_ids=ids).logits.flatten(0, 1)
+    kl = F.kl_div(
+        F.log_softmax(s / temperature, -1),
+        F.log_softmax(t / temperature, -1),
+        log_target=True,
+        reduction="sum",
+    ) / len(s)
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    plain = (1 - ce_weight) * kl + ce_weight * ce
+    plain.backward()
+    assert abs(ours.loss.item() - plain.item()) < 1e-6 and abs(ours.kl.item() - kl.item()) < 1e-6
+    assert ours.loss.item() > 1e-3  # a real, non-trivial KL was compared
+    for name, p in student.named_parameters():
+        assert torch.allclose(grads[name], p.grad, rtol=1e-6, atol=1e-9), name
+
+
+def test_no_teacher_is_the_shared_lm_loss():
+    model = tiny_model("llama", vocab_size=VOCAB)
+    ids = random_ids()
+    assert abs(model_kd_loss(model, None, ids, chunk_tokens=5).loss.item() - lm_loss(model, ids)) < 1e-5
+
+
+def test_upstream_gradient_scales_the_stored_gradients():
+    """Backward only rescales the gradients computed in forward, so the chain rule must still hold."""
+    hidden = torch.randn(10, 4, requires_grad=True)
+    weight = torch.randn(VOCAB, 4, requires_grad=True)
+    teacher = torch.randn(10, 6), torch.randn(VOCAB, 6)
+    kd_loss(hidden, weight, *teacher, chunk_tokens=3).loss.backward()
+    once = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    (-2.5 * kd_loss(hidden, weight, *teacher, chunk_tokens=4).loss).backward()
+    assert torch.allclose(hidden.grad, -2.5 * once[0], atol=1e-7)
+    assert torch.allclose(weight.grad, -2.5 * once[1], atol=1e-7)
+
+
+# ---- the schedule
+
+
+def test_schedules_warm_up_then_reach_min_lr():
+    cosine = DistillConfig(steps=100, lr=1e-3, min_lr=1e-4, warmup_steps=10)
+    assert lr_at(0, cosine) == pytest.approx(1e-4) and lr_at(9, cosine) == pytest.approx(1e-3)
+    assert lr_at(99, cosine) == pytest.approx(1e-4)
+    assert lr_at(10, cosine) > lr_at(50, cosine) > lr_at(90, cosine)
+    wsd = DistillConfig(steps=100, lr=1e-3, min_lr=1e-4, schedule="wsd", decay_fraction=0.2)
+    assert lr_at(79, wsd) == pytest.approx(1e-3) and lr_at(80, wsd) < 1e-3
+    assert lr_at(99, wsd) == pytest.approx(1e-4)
+    assert lr_at(99, DistillConfig(steps=100, schedule="constant")) == pytest.approx(1e-4)
+
+
+# ---- the loop
+
+
+@pytest.fixture(scope="module")
+def corrected(token_data, tmp_path_factory):
+    """Teacher correction: a random tiny model trained on the LM loss (teacher=None); returns
+    (model, val loss before, Result). A trained teacher has a distribution a student can learn."""
+    model = tiny_model("llama", vocab_size=VOCAB)
+    before = lm_loss(model, token_data.val(8))
+    cfg = small_cfg(steps=20, eval_every=10, lr=1e-2, checkpoint_every=0)
+    return model, before, distill(None, model, token_data, cfg, tmp_path_factory.mktemp("correct"))
+
+
+def test_teacher_correction_without_teacher_lowers_lm_loss(corrected):
+    _, before, result = corrected
+    assert result.val_kl is None and result.val_loss < before - 0.5
+    assert [c["step"] for c in result.curve] == [10, 20]
+
+
+def test_distilling_a_pruned_student_lowers_its_kl(token_data, corrected, tmp_path):
+    from nas.importance import compute_importance
+    from nas.prune import prune
+
+    teacher = corrected[0]
+    importance = compute_importance(teacher, token_data.calib(8), token_data.val(4))
+    arch = Arch.from_hf_config(teacher.config).replace(num_layers=2, hidden_size=32, ffn_hidden_size=48)
+    student = prune(teacher, arch, importance)
+    before = kl_to_teacher(student, teacher, token_data.val(8))
+    result = distill(teacher, student, token_data, small_cfg(steps=12, eval_every=4), tmp_path)
+    assert [c["step"] for c in result.curve] == [4, 8, 12]
+    assert before > result.curve[0]["val_kl"] > result.curve[-1]["val_kl"]
+    assert result.val_kl < 0.2 * before
+    assert result.tokens == 12 * 4 * SEQ_LEN
+
+
+def test_outputs_metrics_and_saved_model(token_data, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    teacher, student = sharp_teacher(), tiny_model("llama", seed=1, vocab_size=VOCAB, num_layers=2)
+    seen = []
+    result = distill(
+        teacher, student, token_data, small_cfg(), tmp_path, on_eval=lambda s, v: seen.append((s, v))
+    )
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if line["loss"] is not None] == [1, 2, 3, 4, 5, 6]
+    assert (
+        seen
+        == [(c["step"], c["val_loss"]) for c in result.curve]
+        == [(line["step"], line["val_loss"]) for line in lines if line["val_loss"] is not None]
+    )
+    assert set(lines[0]) == {"step", "loss", "kl", "val_loss", "val_kl", "lr", "tokens", "tokens_per_s"}
+    assert result.val_loss == pytest.approx(lm_loss(student, token_data.val(8)))
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    ids = token_data.val(2)
+    assert torch.equal(saved(input_ids=ids).logits, student(input_ids=ids).logits)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000004", "step-0000006"]
+
+
+def test_resumed_run_ends_with_the_same_weights(token_data, tmp_path):
+    teacher = sharp_teacher()
+    cfg = small_cfg(steps=6, eval_every=5, checkpoint_every=3, grad_accum=2)
+    whole = tiny_model("llama", seed=1, vocab_size=VOCAB, num_layers=2, tie_word_embeddings=True)
+    expected = distill(teacher, whole, token_data, cfg, tmp_path / "whole")
+
+    def interrupt(step, _):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        student = tiny_model("llama", seed=1, vocab_size=VOCAB, num_layers=2, tie_word_embeddings=True)
+        distill(teacher, student, token_data, cfg, tmp_path / "cut", on_eval=interrupt)
+    assert latest_checkpoint(tmp_path / "cut").name == "step-0000003"
+    fresh = tiny_model("llama", seed=1, vocab_size=VOCAB, num_layers=2, tie_word_embeddings=True)
+    resumed = distill(teacher, fresh, token_data, cfg, tmp_path / "cut")
+    for (name, a), b in zip(whole.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert resumed.curve == expected.curve and resumed.tokens == expected.tokens
+    metrics = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [
+        m["step"] for m in map(json.loads, open(tmp_path / "whole" / "metrics.jsonl"))
+    ]
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(token_data, tmp_path):
+    teacher, student = sharp_teacher(), tiny_model("llama", seed=1, vocab_size=VOCAB, num_layers=2)
+
+    def poison(step, _):
+        if step == 4:
+            student.model.norm.weight.data.fill_(math.nan)
+
+    with pytest.raises(NonFiniteLossError, match="step 5.*step-0000004"):
+        distill(teacher, student, token_data, small_cfg(), tmp_path, on_eval=poison)
+    assert latest_checkpoint(tmp_path).name == "step-0000004"
+    assert not (tmp_path / "model").exists()
+
+
+def test_corrupt_checkpoint_is_a_model_error_naming_it(token_data, tmp_path):
+    teacher, student = sharp_teacher(), tiny_model("llama", seed=1, vocab_size=VOCAB, num_layers=2)
+    distill(teacher, student, token_data, small_cfg(steps=2), tmp_path)
+    (latest_checkpoint(tmp_path) / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelError, match="step-0000002.*delete"):
+        distill(teacher, student, token_data, small_cfg(steps=4), tmp_path)
+
+
+def test_gradient_checkpointing_gives_the_same_weights(token_data, tmp_path):
+    teacher = sharp_teacher()
+    students = [tiny_model("llama", seed=1, vocab_size=VOCAB, num_layers=2) for _ in range(2)]
+    for flag, student in zip((False, True), students, strict=True):
+        cfg = small_cfg(steps=3, checkpoint_every=0, gradient_checkpointing=flag)
+        distill(teacher, student, token_data, cfg, tmp_path / str(flag))
+    for a, b in zip(students[0].parameters(), students[1].parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not students[1].is_activation_checkpointing
+
+
+def test_cli_correct_then_distill_then_resume(tokenizer, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nas.cli import main
+
+    text = tmp_path / "kjv.txt"
+    text.write_text("\n\n".join(kjv_verses(1500)), encoding="utf-8")
+    tiny_model("llama", vocab_size=VOCAB).save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    tiny_model("llama", seed=1, vocab_size=VOCAB, num_layers=2).save_pretrained(tmp_path / "student")
+    common = [
+        "--data",
+        str(text),
+        "--seq-len",
+        "32",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--batch-size",
+        "2",
+    ]
+    common += ["--eval-every", "2", "--checkpoint-every", "2", "--eval-sequences", "4", "--device", "cpu"]
+    assert (
+        main(["correct", str(tmp_path / "teacher"), str(tmp_path / "corrected"), "--steps", "2", *common])
+        == 0
+    )
+    teacher = str(tmp_path / "corrected" / "model")
+    args = ["distill", teacher, str(tmp_path / "student"), str(tmp_path / "kd"), "--steps", "4", *common]
+    assert main(args) == 0
+    assert "4 steps" in capsys.readouterr().out
+    first = AutoModelForCausalLM.from_pretrained(tmp_path / "kd" / "model").state_dict()
+    assert AutoTokenizer.from_pretrained(tmp_path / "kd" / "model").vocab_size == tokenizer.vocab_size
+    assert main(args) == 0  # rerun: resumes from the final checkpoint, nothing to redo
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "kd" / "model").state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert (
+        main(["distill", teacher, str(tmp_path / "student"), str(tmp_path / "x"), "--steps", "0", *common])
+        == 2
+    )

@@ -1,0 +1,116 @@
+"""Search workers on PostgreSQL: two `nas worker` processes share one study; one is SIGKILLed mid-trial,
+its trial goes stale (heartbeat), is failed and retried, and the study still evaluates every candidate
+exactly once. Real PostgreSQL (a private cluster from tests/pg.py), real subprocesses, real Optuna."""
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from nas.config import run_config_from_dict
+from nas.errors import ConfigError
+from nas.pipeline import search, worker
+from nas.search import KNOBS
+from nas.testing import tiny_study_config
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pg import PostgresUnavailable, postgres_server  # noqa: E402
+
+TIMEOUT = 90  # seconds for the workers to finish the study; a healthy run needs a fraction of it
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A throwaway PostgreSQL database for this module (skipped where PostgreSQL cannot start)."""
+    pytest.importorskip("psycopg", reason="psycopg 3 is not installed (pip install -e '.[postgres]')")
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(postgres_server())
+        except PostgresUnavailable as e:
+            pytest.skip(f"no local PostgreSQL server: {e}")
+        yield url
+
+
+def start_worker(storage: str, study: str, log: Path) -> subprocess.Popen:
+    # One thread each: two workers share this machine's cores, as two workers would share nothing on GPUs.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "nas.cli", "worker", "--storage", storage, "--study", study]
+    return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def set_search(study: optuna.Study, **values) -> None:
+    """Change the search settings stored in the study (what a worker reads when it starts)."""
+    config = study.user_attrs["config"]
+    study.set_user_attr("config", {**config, "search": {**config["search"], **values}})
+
+
+def claimed(study: optuna.Study, states=(TrialState.RUNNING,)) -> list[int]:
+    """Trials in one of `states` that passed the duplicate check (so they evaluate their candidate)."""
+    return [t.number for t in study.get_trials(states=states) if "label" in t.user_attrs]
+
+
+def files_with_mtimes(*paths: Path) -> dict[str, int]:
+    found = {}
+    for path in paths:
+        for f in [path] if path.is_file() else sorted(path.rglob("*")):
+            found[str(f)] = f.stat().st_mtime_ns
+    return found
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_two_workers_finish_a_study_when_one_is_killed_mid_trial(tmp_path, postgres_url):
+    overrides = {"search": {"n_trials": 1, "storage": postgres_url}}
+    ctx, study = search(run_config_from_dict(tiny_study_config(tmp_path, name="workers", **overrides)))
+    shared = files_with_mtimes(ctx.cfg.root / "importance.safetensors", tmp_path / "cache")
+    # Three candidates: one done, one for each worker. When the survivor finishes its own, nothing is
+    # left to start, so only the stale-trial check in its wait loop can get the killed trial retried.
+    space = study.user_attrs["candidates"][:3]
+    study.set_user_attr("candidates", space)
+    set_search(study, n_trials=0, horizon_steps=10**5, eval_every=10**5)  # the victim's trial never ends
+    logs = [tmp_path / "victim.log", tmp_path / "survivor.log"]
+    victim = start_worker(postgres_url, "workers", logs[0])
+    survivor = None
+    try:
+        wait_for(lambda: claimed(study), TIMEOUT, "the first worker to start a trial")
+        (victim_trial,) = claimed(study)
+        set_search(study, horizon_steps=4, eval_every=2)  # short trials from here on
+        survivor = start_worker(postgres_url, "workers", logs[1])
+        started = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
+        wait_for(lambda: len(claimed(study, started)) > 2, TIMEOUT, "the second worker to start a trial")
+        assert victim.poll() is None and victim_trial in claimed(study), "the victim is mid-trial"
+        victim.kill()  # SIGKILL: no chance to mark its trial failed
+        victim.wait()
+        assert survivor.wait(TIMEOUT) == 0, logs[1].read_text()[-3000:]
+    finally:
+        for proc in (victim, survivor):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+
+    trials = study.get_trials()
+    retries = [t for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) is not None]
+    assert len(retries) == 1, "exactly one trial (the killed worker's) went stale and was retried"
+    killed = trials[RetryHeartbeatStaleTrialCallback.retried_trial_number(retries[0])]
+    assert killed.number == victim_trial and killed.state == TrialState.FAIL
+    assert retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert retries[0].params == killed.params
+    finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    keys = sorted(tuple(t.params[k] for k in KNOBS) for t in finished)
+    assert keys == sorted(tuple(k) for k in space)  # every candidate exactly once
+    # computed once by `nas search`, then only read by the workers
+    assert files_with_mtimes(ctx.cfg.root / "importance.safetensors", tmp_path / "cache") == shared
+    (ctx.cfg.root / "importance.safetensors").rename(tmp_path / "moved.safetensors")
+    with pytest.raises(ConfigError, match="importance file"):  # not shared: refuse rather than recompute
+        worker(postgres_url, "workers")
