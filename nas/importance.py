@@ -139,9 +139,9 @@ class _Accumulator:
         self.boundaries[index] = torch.nn.functional.normalize(flat, dim=-1)
 
     def close_batch(self) -> None:
-        units = torch.stack(self.boundaries)  # [L+1, tokens, H]
-        self.bi_sum += torch.einsum("ikh,jkh->ij", units, units).double()
-        self.bi_count += units.shape[1]
+        flat = torch.stack(self.boundaries).flatten(1)  # [L+1, tokens * H] of unit vectors per token
+        self.bi_sum += (flat @ flat.T).double()  # [i, j]: sum over tokens of cos(h_i, h_j)
+        self.bi_count += self.boundaries[0].shape[0]
         self.boundaries = [None] * len(self.boundaries)
 
     def result(self) -> dict[str, torch.Tensor]:
