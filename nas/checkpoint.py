@@ -1,4 +1,4 @@
-"""Atomic, resumable checkpoints: `out_dir/checkpoints/step-XXXXXXX/` holding `model.safetensors`,
+"""Atomic files (`atomic_path`, `write_text_atomic`: temp file + rename) and resumable checkpoints: `out_dir/checkpoints/step-XXXXXXX/` holding `model.safetensors`,
 `optimizer.pt`, `rng.pt` and `state.json`, and the final `save_pretrained` export.
 
 A checkpoint is written into a temp directory and renamed into place, so a run killed mid-write leaves
@@ -16,6 +16,8 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,33 @@ from torch import nn
 from nas.errors import ModelError
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temp path beside `path` to write to; renamed onto `path` only if the block succeeds, so
+    readers never see a partial file. The result gets ordinary permissions (mkstemp's are 0600)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` atomically (temp file + rename)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
 
 CHECKPOINT_NAME = re.compile(r"^step-\d{7}$")
 

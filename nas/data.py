@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from nas.checkpoint import atomic_path
 from nas.corpus import Source, document_hash, load_documents, source_fingerprint
 from nas.errors import ConfigError, DataError
 
@@ -388,10 +389,8 @@ def config_dict(cfg: DataConfig) -> dict[str, Any]:
 
 
 def write_atomic(path: Path, payload: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(payload)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(payload)
 
 
 def _hash(obj: Any) -> str:

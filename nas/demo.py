@@ -40,9 +40,9 @@ from nas.distill import DistillConfig, distill
 from nas.evaluate import lm_loss, resolve_device
 
 log = logging.getLogger(__name__)
-# tokens/s measured on 2 CPU cores (fp32), for the time estimates: plain LM training of the teacher,
-# KD of a half-size student (student train + teacher forward), plain LM training of a student
-RATES = {"teacher": 3300.0, "kd": 2600.0, "scratch": 5500.0}
+# tokens/s measured on 2 idle CPU cores (fp32), for the time estimates: plain LM training of the
+# teacher, KD of a half-size student (student train + teacher forward), plain LM training of a student
+RATES = {"teacher": 3300.0, "kd": 4500.0, "scratch": 8000.0}
 STUDY_ARTIFACTS = ("importance.safetensors", "study.db", "trials", "final", "winner", "scratch", "corrected")
 
 
@@ -82,7 +82,8 @@ class DemoPlan:
 
     def estimates(self, candidates: int = 9) -> dict[str, float]:
         """Seconds per stage on 2 CPU cores (RATES); search: every candidate to the first rung, a third
-        of them on to the next, and the first one to the horizon."""
+        of them on to the next, and the first one to the horizon (an upper bound: successive halving
+        usually stops all but the first at the first rung)."""
         t = self.tokens_per_step
         teacher = self.teacher.steps * self.teacher.batch_size * self.seq_len / RATES["teacher"]
         search_steps = (

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from nas.checkpoint import write_text_atomic
 from nas.distill import DistillConfig, distill
 from nas.evaluate import lm_loss, resolve_device
 
@@ -77,10 +78,7 @@ def write_corpus(directory: str | os.PathLike, max_documents: int | None = None)
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
     log.info("corpus: %d documents (KJV chapters), %.1f MB -> %s", len(lines), len(text) / 1e6, path)
     return path
 

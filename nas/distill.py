@@ -27,7 +27,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nas import parallel
-from nas.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model_atomic, tied_names
+from nas.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_model_atomic,
+    tied_names,
+    write_text_atomic,
+)
 from nas.errors import ConfigError, ModelError, NasError
 from nas.evaluate import lm_loss
 from nas.kd import head_weight, kl_to_teacher
@@ -247,9 +254,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
 def _train(model, data, cfg: DistillConfig, out: Path, optimizer, run: _Run, val, on_eval) -> None:

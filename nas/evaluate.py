@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib.metadata import version
@@ -33,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nas.checkpoint import write_text_atomic
 from nas.errors import ConfigError, DataError
 from nas.families import first_line, load_model, load_tokenizer
 
@@ -283,12 +283,7 @@ def save_results(record: dict[str, Any], path: str | os.PathLike) -> Path:
         merged[key] = merged.get(key, {}) | record.get(key, {})
     identity = {k: v for k, v in record.items() if k not in ("perplexity", "tasks")}
     merged = identity | merged | identity  # the model's identity first, so the file reads top-down
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(merged, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(merged, indent=2) + "\n")
 
 
 def format_results(record: dict[str, Any]) -> str:

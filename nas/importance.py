@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nas.arch import Arch
+from nas.checkpoint import atomic_path
 from nas.errors import ModelError
 from nas.evaluate import autocast_for, lm_loss, model_device
 from nas.families import decoder_layers, final_norm, layer_norms
@@ -73,10 +72,8 @@ class Importance:
             "num_samples": str(self.num_samples),
             "teacher_arch": json.dumps(self.teacher_arch),
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
         return path
 
     @classmethod

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from nas.checkpoint import write_text_atomic
 from nas.errors import ConfigError, NasError
 from nas.evaluate import resolve_device
 from nas.kd import model_kd_loss
@@ -302,9 +303,7 @@ def run_job(path: str) -> int:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(value, indent=1))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ import torch
 from torch import nn
 
 from nas.arch import Arch, check_prunable, count_params
+from nas.checkpoint import write_text_atomic
 from nas.errors import ConfigError
 from nas.importance import Importance
 
@@ -169,13 +168,5 @@ def save_pruned(model: nn.Module, out: str | Path, tokenizer: Any = None, teache
     cut = getattr(model, "nas_cut", None)
     if cut is not None:
         record = {"teacher": teacher, "arch": Arch.from_hf_config(model.config).to_dict(), "cut": asdict(cut)}
-        write_json_atomic(out / CUT_FILE, record)
+        write_text_atomic(out / CUT_FILE, json.dumps(record, indent=1))
     return out
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temp file in the same directory, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import html
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ import plotly.graph_objects as go
 import plotly.offline
 from plotly.subplots import make_subplots
 
+from nas.checkpoint import write_text_atomic
 from nas.report_data import OBJECTIVES, ReportData, front_eligible, load_study, pareto_mask, report_frames
 
 log = logging.getLogger(__name__)
@@ -50,10 +49,7 @@ def write_report(
     out = Path(out or Path("reports") / f"{study.study_name}.html")
     out.parent.mkdir(parents=True, exist_ok=True)
     text = render_html(report_frames(study))
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, out)
+    write_text_atomic(out, text)
     log.info("report of study %s -> %s (%.1f MB)", study.study_name, out, len(text) / 1e6)
     return out
 
