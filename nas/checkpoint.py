@@ -94,7 +94,7 @@ def save_checkpoint(
         torch.save(full_state[1], tmp / "optimizer.pt")
     torch.save(_rng_state(), tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    _replace_dir(tmp, final)
+    replace_dir(tmp, final)
     for old in sorted(p for p in root.iterdir() if CHECKPOINT_NAME.match(p.name))[:-keep]:
         shutil.rmtree(old)
     log.debug("checkpoint %s", final)
@@ -169,13 +169,17 @@ def save_model_atomic(model: nn.Module, dst: Path, state_dict: dict | None = Non
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".tmp-{dst.name}-"))
     model.save_pretrained(tmp, state_dict=state_dict)
-    _replace_dir(tmp, dst)
+    replace_dir(tmp, dst)
     return dst
 
 
-def _replace_dir(tmp: Path, dst: Path) -> None:
-    """Rename `tmp` to `dst`, replacing an existing `dst` (rename it aside first: os.replace needs an
-    empty target directory)."""
+def replace_dir(tmp: Path, dst: Path) -> None:
+    """Rename the finished temp directory `tmp` to `dst`, replacing an existing `dst` (renamed aside first:
+    os.replace needs an empty target). `tmp` gets ordinary permissions first (mkdtemp's are 0700), so
+    workers of another user on shared storage can read it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     if dst.exists():
         trash = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".old-{dst.name}-"))
         os.replace(dst, trash / dst.name)

@@ -160,17 +160,27 @@ def train_and_save(teacher, student, tokenizer, args) -> int:
     return 0
 
 
-def cmd_distill(args) -> int:
-    import torch
-
-    from nas.families import load_model, load_tokenizer
+def launch(args):
+    """(exit code of the torchrun re-launch, None) when this process only re-launched itself,
+    else (None, this process's device) with the process group set up."""
     from nas.parallel import local_device, setup
 
     code = relaunch_under_torchrun(args)
     if code is not None:
-        return code
+        return code, None
     device = local_device(args.device)
     setup(device)
+    return None, device
+
+
+def cmd_distill(args) -> int:
+    import torch
+
+    from nas.families import load_model, load_tokenizer
+
+    code, device = launch(args)
+    if code is not None:
+        return code
     teacher_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # frozen: bf16 is enough
     teacher = load_model(args.teacher, dtype=teacher_dtype, device=device)
     student = load_model(args.student, device=device)
@@ -179,12 +189,9 @@ def cmd_distill(args) -> int:
 
 def cmd_correct(args) -> int:
     from nas.families import load_model, load_tokenizer
-    from nas.parallel import local_device, setup
 
-    code = relaunch_under_torchrun(args)
+    code, device = launch(args)
     if code is not None:
         return code
-    device = local_device(args.device)
-    setup(device)
     teacher = load_model(args.teacher, device=device)
     return train_and_save(None, teacher, load_tokenizer(args.teacher), args)

@@ -158,6 +158,7 @@ def run_config(out: Path, corpus: Path, plan: DemoPlan, device: str):
                 "eval_every": plan.eval_every,
                 "n_trials": plan.n_trials,
                 "top_k": 3,
+                "reduction_factor": 2,  # keep half at each rung: a few candidates reach the horizon
             },
             "distill": distill_cfg,
             "final": {"steps": plan.final_steps, "checkpoint_every": max(plan.final_steps // 2, 1)},
@@ -310,7 +311,7 @@ def write_demo_report(cfg) -> Path:
 def train_scratch(winner_dir: Path, data: Any, tokens: int, plan: DemoPlan, out: Path, device: str):
     """The winner's architecture (same config), randomly initialised and trained with plain LM loss
     on `tokens` tokens (rounded up to whole steps): what the same model costs without a teacher."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(winner_dir), dtype=torch.float32)
@@ -334,6 +335,7 @@ def train_scratch(winner_dir: Path, data: Any, tokens: int, plan: DemoPlan, out:
         steps * plan.tokens_per_step,
     )
     distill(None, model, data, cfg, out)
+    AutoTokenizer.from_pretrained(winner_dir).save_pretrained(out / "model")  # so `nas eval` can load it
     return model
 
 

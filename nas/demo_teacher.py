@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nas.checkpoint import write_text_atomic
+from nas.checkpoint import replace_dir, write_text_atomic
 from nas.distill import DistillConfig, distill
 from nas.evaluate import lm_loss, resolve_device
 
@@ -268,9 +268,7 @@ def save_teacher(model: nn.Module, tokenizer: Any, teacher_dir: Path, info: Teac
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / MARKER).write_text(json.dumps(dataclasses.asdict(info), indent=1))
-    if teacher_dir.exists():
-        shutil.rmtree(teacher_dir)
-    os.replace(tmp, teacher_dir)
+    replace_dir(tmp, teacher_dir)
 
 
 def check_teacher(info: TeacherInfo) -> None:

@@ -133,6 +133,10 @@ def record_study_attrs(study: optuna.Study, ctx: SearchContext) -> None:
         "horizon_steps": cfg.search.horizon_steps,
         "tokens_per_step": cfg.distill.batch_size * cfg.distill.grad_accum * ctx.data.seq_len,
         "candidates": [list(arch_key(a)) for a in ctx.candidates],
+        "sampler": "exhaustive, best zero-shot loss first"
+        if ctx.exhaustive
+        else "TPE with a budget constraint",
+        "pruner": cfg.search.pruner,
     }
     for key, value in attrs.items():
         study.set_user_attr(key, value)

@@ -254,7 +254,7 @@ def reproducibility(study: optuna.Study, attrs: dict) -> dict[str, Any]:
         "importance_path": attrs.get("importance_path"),
         "horizon_steps": attrs.get("horizon_steps"),
         "tokens_per_step": attrs.get("tokens_per_step"),
-        "sampler": type(study.sampler).__name__,
+        "sampler": attrs.get("sampler") or type(study.sampler).__name__,
         "versions": attrs.get("versions") or {},
         "config": attrs.get("config") or {},
     }

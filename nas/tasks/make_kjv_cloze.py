@@ -63,14 +63,16 @@ def make_items(verses: list[dict], seed: int = SEED) -> list[dict]:
     return items
 
 
+def write_items(items: list[dict], out: Path) -> None:
+    """One JSON object a line, written atomically; reports what it wrote."""
+    from nas.checkpoint import write_text_atomic
+
+    write_text_atomic(out, "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items))
+    print(f"wrote {len(items)} items from {', '.join(HELD_OUT_BOOKS)} to {out} ({out.stat().st_size} bytes)")
+
+
 def main() -> None:
-    items = make_items(held_out_verses())
-    tmp = OUT.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for item in items:
-            f.write(json.dumps(item, ensure_ascii=False) + "\n")
-    tmp.replace(OUT)
-    print(f"wrote {len(items)} items from {', '.join(HELD_OUT_BOOKS)} to {OUT} ({OUT.stat().st_size} bytes)")
+    write_items(make_items(held_out_verses()), OUT)
 
 
 if __name__ == "__main__":

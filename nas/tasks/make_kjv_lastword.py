@@ -12,13 +12,11 @@ verse-final word and a model cannot win by preferring frequent or rare words; it
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path
 
-from nas.evaluate import HELD_OUT_BOOKS
-from nas.tasks.make_kjv_cloze import SEED, held_out_verses
+from nas.tasks.make_kjv_cloze import SEED, held_out_verses, write_items
 
 NUM_CHOICES = 4
 MIN_LETTERS = 3  # "me." / "us:" endings carry little meaning and are easy to confuse
@@ -58,13 +56,7 @@ def make_items(verses: list[dict], seed: int = SEED) -> list[dict]:
 
 
 def main() -> None:
-    items = make_items(held_out_verses())
-    tmp = OUT.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for item in items:
-            f.write(json.dumps(item, ensure_ascii=False) + "\n")
-    tmp.replace(OUT)
-    print(f"wrote {len(items)} items from {', '.join(HELD_OUT_BOOKS)} to {OUT} ({OUT.stat().st_size} bytes)")
+    write_items(make_items(held_out_verses()), OUT)
 
 
 if __name__ == "__main__":
