@@ -20,10 +20,14 @@ from nas.importance import activation_scores, compute_importance
 from nas.testing import tiny_model
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def timed(fn, repeats: int = 3) -> float:
+    """Best of `repeats` wall times (the least disturbed by other work on the machine)."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 @torch.no_grad()
