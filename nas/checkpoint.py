@@ -1,4 +1,5 @@
-"""Atomic files (`atomic_path`, `write_text_atomic`: temp file + rename) and resumable checkpoints: `out_dir/checkpoints/step-XXXXXXX/` holding `model.safetensors`,
+"""Atomic files (`atomic_path`, `write_text_atomic`: temp file + rename) and resumable checkpoints:
+`out_dir/checkpoints/step-XXXXXXX/` holding `model.safetensors`,
 `optimizer.pt`, `rng.pt` and `state.json`, and the final `save_pretrained` export.
 
 A checkpoint is written into a temp directory and renamed into place, so a run killed mid-write leaves
