@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from nas.checkpoint import atomic_path
+from nas.checkpoint import atomic_path, publish
 from nas.corpus import Source, document_hash, load_documents, source_fingerprint
 from nas.errors import ConfigError, DataError
 
@@ -323,7 +323,7 @@ class SplitWriter:
         rows = self.tokens // self.seq_len
         self.file.truncate(rows * self.seq_len * np.dtype(self.dtype).itemsize)
         self.file.close()
-        os.replace(self.tmp, self.path)
+        publish(self.tmp, self.path)
         buffer = io.BytesIO()
         np.save(buffer, np.array(self.hashes, dtype=np.uint64))
         write_atomic(self.path.with_suffix(".hashes.npy"), buffer.getvalue())
