@@ -28,6 +28,7 @@ from nas.search import (
     SearchContext,
     arch_key,
     best_trial,
+    keep_top_models,
     open_study,
     ranking_stability,
     run_trials,
@@ -166,6 +167,7 @@ def search(cfg: RunConfig) -> tuple[SearchContext, optuna.Study]:
     )
     run_trials(ctx, study)
     study.set_user_attr("stability", ranking_stability(study, cfg.search.top_k, cfg.search.horizon_steps))
+    keep_top_models(study, cfg.search.top_k)
     return ctx, study
 
 

@@ -320,6 +320,23 @@ def ranking_stability(study: optuna.Study, top_k: int, horizon: int) -> dict[str
     }
 
 
+def keep_top_models(study: optuna.Study, top_k: int) -> list[str]:
+    """Delete the short-run models of all but the top-k completed trials (a candidate of an 8B teacher
+    is gigabytes); returns the kept paths. Curves, metrics and the study itself are kept."""
+    complete = sorted(
+        (
+            t
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if "checkpoint" in t.user_attrs
+        ),
+        key=lambda t: t.value,
+    )
+    keep = [t.user_attrs["checkpoint"] for t in complete[:top_k]]
+    for trial in complete[top_k:]:
+        shutil.rmtree(trial.user_attrs["checkpoint"], ignore_errors=True)
+    return keep
+
+
 def _nearest_step(trials, step: int) -> int | None:
     steps = sorted({s for t in trials for s in t.intermediate_values})
     return min(steps, key=lambda s: (abs(s - step), s)) if steps else None

@@ -24,9 +24,12 @@ def candidate_keys(trials):
 
 
 def test_study_with_two_trials_is_continued_to_four_without_repeats(tmp_path):
-    _, study = search(run_config_from_dict(tiny_study_config(tmp_path, search={"n_trials": 2})))
+    no_pruning = {"pruner": "none"}  # every trial completes, so the top-k model clean-up has work to do
+    _, study = search(run_config_from_dict(tiny_study_config(tmp_path, search={"n_trials": 2, **no_pruning})))
     assert len(finished(study)) == 2
-    ctx, study = search(run_config_from_dict(tiny_study_config(tmp_path, search={"n_trials": 4})))
+    ctx, study = search(
+        run_config_from_dict(tiny_study_config(tmp_path, search={"n_trials": 4, **no_pruning}))
+    )
     keys = candidate_keys(finished(study))
     assert len(keys) == 4 and len(set(keys)) == 4
     assert keys[:2] == [tuple(getattr(a, k) for k in KNOBS) for a in ctx.candidates[:2]]  # priority order
@@ -34,6 +37,14 @@ def test_study_with_two_trials_is_continued_to_four_without_repeats(tmp_path):
         assert trial.user_attrs["params"] > 0 and trial.user_attrs["latency_tokens_per_s"] > 0
         assert [p["step"] for p in trial.user_attrs["curve"]] == [2, 4]
         assert sorted(trial.intermediate_values) == [2, 4]
+    complete = sorted(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.value)
+    kept = [os.path.isdir(t.user_attrs["checkpoint"]) for t in complete]
+    assert len(complete) == 4 and kept == [
+        True,
+        True,
+        True,
+        False,
+    ]  # only the top_k short-run models stay on disk
 
 
 def test_winner_directory_loads_with_plain_transformers(tmp_path):
