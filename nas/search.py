@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from optuna.trial import TrialState
 
 from nas.arch import KNOBS, Arch, count_params, kv_cache_bytes
 from nas.config import RunConfig
-from nas.distill import distill
+from nas.distill import NonFiniteLossError, distill
 from nas.evaluate import model_device
 from nas.importance import Importance
 from nas.prune import prune
@@ -60,10 +61,12 @@ def arch_key(arch: Arch | dict) -> tuple[int, ...]:
 
 
 class CandidateSampler(optuna.samplers.BaseSampler):
-    """Hands each new trial the first candidate (in priority order) that no trial has claimed yet."""
+    """Hands each new trial the first candidate (in priority order) that no trial has claimed yet and
+    that has not failed `max_failures` times already."""
 
-    def __init__(self, candidates: list[Arch]) -> None:
+    def __init__(self, candidates: list[Arch], max_failures: int) -> None:
         self.candidates = candidates
+        self.max_failures = max_failures
 
     def infer_relative_search_space(self, study, trial):
         return {}
@@ -72,17 +75,28 @@ class CandidateSampler(optuna.samplers.BaseSampler):
         return {}
 
     def sample_independent(self, study, trial, param_name, param_distribution):
-        chosen = next_unclaimed(study, self.candidates, exclude=trial.number, prefix=trial.params)
+        chosen = next_unclaimed(
+            study, self.candidates, self.max_failures, exclude=trial.number, prefix=trial.params
+        )
         arch = chosen or self.candidates[0]  # exhausted: a duplicate the objective will refuse
         return getattr(arch, param_name)
 
 
-def next_unclaimed(study, candidates, exclude: int | None = None, prefix: dict | None = None) -> Arch | None:
-    claimed = set()
-    for t in study.get_trials(deepcopy=False, states=CLAIMED):
+def next_unclaimed(
+    study, candidates, max_failures: int, exclude: int | None = None, prefix: dict | None = None
+) -> Arch | None:
+    """The first candidate with no live or finished trial that has failed fewer than `max_failures`
+    times (a candidate that keeps failing, e.g. with a NaN loss, is given up instead of retried forever)."""
+    claimed, failures = set(), Counter()
+    for t in study.get_trials(deepcopy=False):
         params = t.params or t.system_attrs.get("fixed_params", {})
-        if t.number != exclude and all(k in params for k in KNOBS):
+        if t.number == exclude:
+            continue
+        if t.state in CLAIMED and all(k in params for k in KNOBS):
             claimed.add(arch_key(params))
+        elif t.state == TrialState.FAIL and "arch" in t.user_attrs and "duplicate_of" not in t.user_attrs:
+            failures[arch_key(t.user_attrs["arch"])] += 1
+    claimed |= {key for key, n in failures.items() if n >= max_failures}
     for arch in candidates:
         if arch_key(arch) not in claimed and all(getattr(arch, k) == v for k, v in (prefix or {}).items()):
             return arch
@@ -121,6 +135,7 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> float:
     trial.set_user_attr("arch", arch.to_dict())  # the claim, written before looking for rivals
     duplicate = _finished_twin(trial, arch)
     if duplicate is not None:
+        trial.set_user_attr("duplicate_of", duplicate)  # a lost race, not a failure of the candidate
         raise DuplicateCandidate(f"candidate {arch.describe()} already has trial {duplicate}")
     student = prune(ctx.teacher, arch, ctx.importance, ctx.cfg.depth_strategy)
     _describe_trial(trial, arch, keys[arch_key(arch)], student, ctx)
@@ -211,7 +226,7 @@ def make_pruner(ctx: SearchContext) -> optuna.pruners.BasePruner:
 
 def make_sampler(ctx: SearchContext) -> optuna.samplers.BaseSampler:
     if ctx.exhaustive:
-        return CandidateSampler(ctx.candidates)
+        return CandidateSampler(ctx.candidates, ctx.cfg.search.max_retry + 1)
     return optuna.samplers.TPESampler(seed=ctx.cfg.seed, multivariate=True)
 
 
@@ -266,7 +281,12 @@ def run_trials(ctx: SearchContext, study: optuna.Study, max_trials: int | None =
     target = target_trials(ctx)
     ran = 0
     while done_trials(study) < target and (max_trials is None or ran < max_trials):
-        if ctx.exhaustive and next_unclaimed(study, ctx.candidates) is None and not _waiting(study):
+        max_failures = ctx.cfg.search.max_retry + 1
+        if (
+            ctx.exhaustive
+            and not _waiting(study)
+            and next_unclaimed(study, ctx.candidates, max_failures) is None
+        ):
             if not _running(study):
                 break
             time.sleep(ctx.cfg.search.heartbeat_interval)  # others still running: wait for a retry or the end
@@ -274,7 +294,11 @@ def run_trials(ctx: SearchContext, study: optuna.Study, max_trials: int | None =
             optuna.storages.fail_stale_trials(study)
             continue
         study.optimize(
-            lambda t: objective(t, ctx), n_trials=1, catch=(DuplicateCandidate,), gc_after_trial=True
+            # a diverging candidate fails its trial (and is retried up to max_retry), not the whole search
+            lambda t: objective(t, ctx),
+            n_trials=1,
+            catch=(DuplicateCandidate, NonFiniteLossError),
+            gc_after_trial=True,
         )
         ran += 1
     log.info("study %s: %d finished trials", study.study_name, done_trials(study))

@@ -93,3 +93,18 @@ def test_kendall_tau():
     assert kendall_tau([1, 2, 3], [10, 20, 30]) == 1.0
     assert kendall_tau([1, 2, 3], [30, 20, 10]) == -1.0
     assert kendall_tau([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(4 / 6)
+
+
+def test_a_candidate_that_keeps_failing_is_given_up_after_max_retry(tmp_path):
+    # logits divided by a temperature this small overflow: every candidate's KD loss is NaN at step 1
+    config = tiny_study_config(
+        tmp_path, search={"n_trials": 2, "max_retry": 1}, distill={"temperature": 1e-30}
+    )
+    ctx, study = search(run_config_from_dict(config))  # returns instead of retrying forever
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert not finished(study) and failed
+    per_candidate = {}
+    for trial in failed:
+        key = tuple(trial.user_attrs["arch"][k] for k in KNOBS)
+        per_candidate[key] = per_candidate.get(key, 0) + 1
+    assert per_candidate == {tuple(getattr(a, k) for k in KNOBS): 2 for a in ctx.candidates}
