@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 from nas.arch import KNOBS, Arch, count_params, kv_cache_bytes
 from nas.config import RunConfig
 from nas.distill import NonFiniteLossError, distill
+from nas.errors import InfeasibleError
 from nas.evaluate import model_device
 from nas.importance import Importance
 from nas.prune import prune
@@ -30,6 +31,7 @@ from nas.prune import prune
 log = logging.getLogger(__name__)
 CLAIMED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 INFEASIBLE_VALUE = 1e3  # objective of sampled archs outside the budget (they also violate the constraint)
+MAX_TRIALS_PER_TARGET = 20  # a sampled search gives up after this many trials per wanted evaluation
 
 
 @dataclass
@@ -124,10 +126,13 @@ def trial_dir(ctx: SearchContext, arch: Arch) -> Path:
 
 
 def objective(trial: optuna.Trial, ctx: SearchContext) -> float:
-    arch = suggest_arch(trial, ctx)
+    try:
+        arch = suggest_arch(trial, ctx)
+    except InfeasibleError:  # a sampled shape no model can have (e.g. hidden_size not divisible by heads)
+        arch = None
     keys = {arch_key(a): i for i, a in enumerate(ctx.candidates)}
-    if arch_key(arch) not in keys:
-        trial.set_constraint("budget", budget_violation(arch, ctx))
+    if arch is None or arch_key(arch) not in keys:
+        trial.set_constraint("budget", budget_violation(arch, ctx) if arch else 1.0)
         trial.set_user_attr("infeasible", True)
         return INFEASIBLE_VALUE
     if not ctx.exhaustive:
@@ -273,20 +278,23 @@ def target_trials(ctx: SearchContext) -> int:
 
 
 def done_trials(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    """Finished evaluations of candidates (sampled shapes outside the space do not count)."""
+    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    return sum(not t.user_attrs.get("infeasible") for t in finished)
 
 
 def run_trials(ctx: SearchContext, study: optuna.Study, max_trials: int | None = None) -> None:
     """Pull trials until the study has its target count of finished trials (or this worker's max)."""
     target = target_trials(ctx)
+    max_failures = ctx.cfg.search.max_retry + 1
     ran = 0
     while done_trials(study) < target and (max_trials is None or ran < max_trials):
-        max_failures = ctx.cfg.search.max_retry + 1
-        if (
-            ctx.exhaustive
-            and not _waiting(study)
-            and next_unclaimed(study, ctx.candidates, max_failures) is None
-        ):
+        if len(study.trials) >= MAX_TRIALS_PER_TARGET * target:  # a sampler stuck outside the space
+            log.warning(
+                "stopping after %d trials for %d evaluations; check the space", len(study.trials), target
+            )
+            break
+        if not _waiting(study) and next_unclaimed(study, ctx.candidates, max_failures) is None:
             if not _running(study):
                 break
             time.sleep(ctx.cfg.search.heartbeat_interval)  # others still running: wait for a retry or the end

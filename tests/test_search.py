@@ -108,3 +108,18 @@ def test_a_candidate_that_keeps_failing_is_given_up_after_max_retry(tmp_path):
         key = tuple(trial.user_attrs["arch"][k] for k in KNOBS)
         per_candidate[key] = per_candidate.get(key, 0) + 1
     assert per_candidate == {tuple(getattr(a, k) for k in KNOBS): 2 for a in ctx.candidates}
+
+
+def test_sampled_search_counts_only_candidates_and_never_repeats_one(tmp_path):
+    config = tiny_study_config(tmp_path, search={"sampler": "tpe", "n_trials": 4, "pruner": "none"})
+    ctx, study = search(run_config_from_dict(config))
+    assert not ctx.exhaustive
+    feasible = [t for t in finished(study) if not t.user_attrs.get("infeasible")]
+    assert len(feasible) == 4
+    keys = [tuple(t.user_attrs["arch"][k] for k in KNOBS) for t in feasible]
+    assert len(set(keys)) == 4 and set(keys) <= {tuple(getattr(a, k) for k in KNOBS) for a in ctx.candidates}
+    for trial in study.get_trials(states=(TrialState.COMPLETE,)):
+        if trial.user_attrs.get(
+            "infeasible"
+        ):  # outside the budget window: a violated constraint, no training
+            assert "curve" not in trial.user_attrs
