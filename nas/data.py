@@ -293,15 +293,16 @@ def write_documents(
     ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
     for text, tokens in zip(texts, ids, strict=True):
         doc = document_hash(text)
-        u = doc / 2**64
-        split = (
-            "calib"
-            if u < cfg.calib_fraction
-            else "val"
-            if u < cfg.calib_fraction + cfg.val_fraction
-            else "train"
-        )
-        writers[split].write(tokens + [tokenizer.eos_token_id], doc)
+        writers[split_of(doc, cfg)].write(tokens + [tokenizer.eos_token_id], doc)
+
+
+def split_of(doc_hash: int, cfg: DataConfig) -> str:
+    """The split of a document: its content hash as a fraction of 2**64 against the split fractions,
+    so identical documents always land together."""
+    u = doc_hash / 2**64
+    if u < cfg.calib_fraction:
+        return "calib"
+    return "val" if u < cfg.calib_fraction + cfg.val_fraction else "train"
 
 
 class SplitWriter:

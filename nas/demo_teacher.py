@@ -84,36 +84,43 @@ def write_corpus(directory: str | os.PathLike, max_documents: int | None = None)
 
 
 def train_texts(corpus: Path, data_cfg: Any) -> list[str]:
-    """The corpus texts that `nas.data` puts in the train split (its rule: a document's content hash,
-    as a fraction of 2**64, at or above calib_fraction + val_fraction), so the tokenizer never sees
+    """The corpus texts that `nas.data` puts in the train split, so the tokenizer never sees
     validation or calibration text."""
     from nas.corpus import document_hash
+    from nas.data import split_of
 
-    cut = data_cfg.calib_fraction + data_cfg.val_fraction
     with corpus.open(encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for line in f]
-    return [t for t in texts if document_hash(t) / 2**64 >= cut]
+    return [t for t in texts if split_of(document_hash(t), data_cfg) == "train"]
 
 
 # ---- tokenizer ------------------------------------------------------------------------------------
 
 
-def train_tokenizer(texts: list[str], vocab_size: int = 4096):
-    """A byte-level BPE tokenizer (every byte in its alphabet, so no unknown tokens) with one special
-    token, `<|endoftext|>`, used as EOS, BOS and padding, as a transformers fast tokenizer."""
+def train_bpe(texts: list[str], vocab_size: int, special_tokens: list[str]):
+    """A byte-level BPE `tokenizers.Tokenizer` (every byte in its alphabet, so no unknown tokens)
+    trained on `texts`; the special tokens get the first ids, in order."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS],
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 4096):
+    """The demo's tokenizer: byte-level BPE with one special token, `<|endoftext|>`, used as EOS, BOS
+    and padding, as a transformers fast tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = train_bpe(texts, vocab_size, [EOS])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS)
 
 

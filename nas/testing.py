@@ -87,19 +87,11 @@ def kjv_path():
 def tiny_tokenizer(vocab_size: int = 320, texts: list[str] | None = None):
     """A byte-level BPE tokenizer trained in-process on real text (BOS id 0, EOS id 1), as a transformers
     tokenizer; all 256 bytes are in its alphabet, so `vocab_size` must be above 258."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts or kjv_verses(2000), trainer)
+    from nas.demo_teacher import train_bpe
+
+    tok = train_bpe(texts or kjv_verses(2000), vocab_size, ["<s>", "</s>"])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
