@@ -29,6 +29,7 @@ from nas.search import (
     arch_key,
     best_trial,
     keep_top_models,
+    load_existing_study,
     open_study,
     ranking_stability,
     run_trials,
@@ -173,13 +174,7 @@ def search(cfg: RunConfig) -> tuple[SearchContext, optuna.Study]:
 
 def worker(storage: str, study_name: str, max_trials: int | None = None) -> optuna.Study:
     """Join a study created by `nas search`/`nas run` and pull trials until it is done."""
-    try:
-        stored = optuna.load_study(study_name=study_name, storage=storage)
-    except KeyError:
-        names = optuna.study.get_all_study_names(storage)
-        raise ConfigError(
-            f"no study {study_name!r} in {storage}; studies there: {', '.join(names) or 'none'}"
-        ) from None
+    stored = load_existing_study(storage, study_name)
     if "config" not in stored.user_attrs:
         raise ConfigError(f"study {study_name!r} was not created by nas (no config attribute)")
     data = dict(stored.user_attrs["config"])

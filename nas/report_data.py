@@ -18,7 +18,8 @@ import pandas as pd
 from optuna.trial import FrozenTrial
 
 from nas.arch import KNOBS
-from nas.errors import ConfigError, NasError
+from nas.errors import NasError
+from nas.search import load_existing_study, ranking_stability
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +51,7 @@ class ReportData:
     notes: dict[str, str] = field(default_factory=dict)  # section id -> why it is empty or partial
 
 
-def load_study(storage: str, study_name: str) -> optuna.Study:
-    """Open an existing study for reading; ConfigError naming the studies there when it is missing."""
-    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
-        raise ConfigError(
-            f"no SQLite file at {storage.removeprefix('sqlite:///')}; pass --storage with the URL the search used"
-        )
-    names = optuna.study.get_all_study_names(storage)
-    if study_name not in names:
-        raise ConfigError(
-            f"no study {study_name!r} in {storage}; studies there: {', '.join(names) or 'none'}"
-        )
-    return optuna.load_study(study_name=study_name, storage=storage)
+load_study = load_existing_study  # the report opens studies the same way workers do
 
 
 def pareto_mask(df: pd.DataFrame, x: str, y: str = "value", x_lower_is_better: bool = True) -> pd.Series:
@@ -182,8 +172,6 @@ def stability_frames(study: optuna.Study, attrs: dict, trials: pd.DataFrame) -> 
     stab = attrs.get("stability")
     source = "recorded after the search"
     if not stab or not stab.get("trials"):
-        from nas.search import ranking_stability
-
         top_k = int((attrs.get("config") or {}).get("search", {}).get("top_k", 10))
         done = trials[front_eligible(trials)]
         horizon = attrs.get("horizon_steps") or int(done["last_step"].max() if len(done) else 0)

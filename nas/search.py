@@ -252,6 +252,22 @@ def make_storage(url: str, cfg: RunConfig | None = None) -> optuna.storages.Base
     )
 
 
+def load_existing_study(storage: str, study_name: str) -> optuna.Study:
+    """Open a study that must already exist; ConfigError naming the studies there when it does not."""
+    from nas.errors import ConfigError
+
+    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
+        raise ConfigError(
+            f"no SQLite file at {storage.removeprefix('sqlite:///')}; pass --storage with the URL the search used"
+        )
+    names = optuna.study.get_all_study_names(storage)
+    if study_name not in names:
+        raise ConfigError(
+            f"no study {study_name!r} in {storage}; studies there: {', '.join(names) or 'none'}"
+        )
+    return optuna.load_study(study_name=study_name, storage=storage)
+
+
 def open_study(ctx: SearchContext, create: bool = True) -> optuna.Study:
     """Create or continue the study named `cfg.name` in the configured storage."""
     storage = make_storage(ctx.cfg.storage_url, ctx.cfg)
