@@ -174,16 +174,12 @@ def launch(args):
 
 
 def cmd_distill(args) -> int:
-    import torch
-
-    from nas.families import load_model, load_tokenizer
+    from nas.families import load_teacher_and_student, load_tokenizer
 
     code, device = launch(args)
     if code is not None:
         return code
-    teacher_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # frozen: bf16 is enough
-    teacher = load_model(args.teacher, dtype=teacher_dtype, device=device)
-    student = load_model(args.student, device=device)
+    teacher, student = load_teacher_and_student(args.teacher, args.student, device)
     return train_and_save(teacher, student, load_tokenizer(args.teacher), args)
 
 

@@ -108,6 +108,13 @@ def load_model(
     return model.to(device).eval()
 
 
+def load_teacher_and_student(teacher: str | Path, student: str | Path, device: torch.device):
+    """The frozen teacher (bf16 on CUDA, where it only runs forward; fp32 on CPU) and the trainable
+    fp32 student, both on `device`."""
+    teacher_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return load_model(teacher, dtype=teacher_dtype, device=device), load_model(student, device=device)
+
+
 def load_tokenizer(name_or_path: str | Path) -> Any:
     """The tokenizer saved with a model (local directory or hub id)."""
     from transformers import AutoTokenizer

@@ -284,15 +284,13 @@ def run_job(path: str) -> int:
     """One torchrun worker of `distill_in_processes`: load, distill, rank 0 writes result.json."""
     from nas.data import data_config_from_dict, prepare
     from nas.distill import DistillConfig, distill
-    from nas.families import load_model, load_tokenizer
+    from nas.families import load_teacher_and_student, load_tokenizer
 
     job = json.loads(Path(path).read_text())
     cfg = DistillConfig(**job["distill"])
     device = local_device(cfg.device)
     setup(device)
-    teacher_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # frozen: bf16 is enough
-    teacher = load_model(job["teacher"], dtype=teacher_dtype, device=device)
-    student = load_model(job["student"], device=device)
+    teacher, student = load_teacher_and_student(job["teacher"], job["student"], device)
     with rank_zero_first():
         data = prepare(data_config_from_dict(job["data"]), load_tokenizer(job["teacher"]))
     result = distill(teacher, student, data, cfg, job["out"])
