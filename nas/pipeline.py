@@ -52,18 +52,16 @@ class RunResult:
 
 
 def load_teacher(cfg: RunConfig, data: Any):
-    """The teacher (corrected first when `correct_steps` > 0) and its tokenizer."""
+    """The teacher, corrected first when `correct_steps` > 0 (once per study; workers reuse it)."""
     device = resolve_device(cfg.device)
-    teacher = load_model(cfg.teacher, device=device)
-    tokenizer = load_tokenizer(cfg.teacher)
+    if not cfg.correct_steps:
+        return load_model(cfg.teacher, device=device)
     corrected = cfg.root / "corrected"
-    if cfg.correct_steps and not (corrected / "model" / "config.json").is_file():
+    if not (corrected / "model" / "config.json").is_file():
         run = dataclasses.replace(cfg.distill, steps=cfg.correct_steps, seed=cfg.seed)
         log.info("teacher correction: %d steps of LM loss on the distillation data", cfg.correct_steps)
-        distill(None, teacher, data, run, corrected)
-    if cfg.correct_steps:  # computed once per study; workers reuse it
-        teacher = AutoModelForCausalLM.from_pretrained(corrected / "model").to(device).eval()
-    return teacher, tokenizer
+        distill(None, load_model(cfg.teacher, device=device), data, run, corrected)
+    return AutoModelForCausalLM.from_pretrained(corrected / "model").to(device).eval()
 
 
 def load_or_compute_importance(cfg: RunConfig, teacher, data) -> Importance:
@@ -102,7 +100,7 @@ def prepare_context(cfg: RunConfig, candidate_keys: list[list[int]] | None = Non
 
     tokenizer = load_tokenizer(cfg.teacher)
     data = prepare(cfg.data_config(), tokenizer)
-    teacher, tokenizer = load_teacher(cfg, data)
+    teacher = load_teacher(cfg, data)
     check_tokenizer(tokenizer, teacher.config)
     importance = load_or_compute_importance(cfg, teacher, data)
     teacher_arch = Arch.from_hf_config(teacher.config)

@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import torch
 from optuna.trial import TrialState
 
 from nas.config import run_config_from_dict
@@ -123,3 +124,19 @@ def test_sampled_search_counts_only_candidates_and_never_repeats_one(tmp_path):
             "infeasible"
         ):  # outside the budget window: a violated constraint, no training
             assert "curve" not in trial.user_attrs
+
+
+def test_teacher_correction_runs_once_per_study_and_is_reused(tmp_path):
+    config = tiny_study_config(tmp_path, correct_steps=2, search={"n_trials": 1})
+    search(run_config_from_dict(config))
+    corrected = tmp_path / "studies" / "tiny" / "corrected" / "model" / "model.safetensors"
+    assert corrected.is_file()
+    stamp = corrected.stat().st_mtime_ns
+    ctx, _ = search(run_config_from_dict({**config, "search": {**config["search"], "n_trials": 2}}))
+    assert corrected.stat().st_mtime_ns == stamp  # the continued study did not correct again
+    from safetensors.torch import load_file
+
+    weights = load_file(corrected)
+    shared = [n for n in ctx.teacher.state_dict() if n in weights]
+    assert len(shared) > 10  # the search's teacher is the corrected model
+    assert all(torch.equal(ctx.teacher.state_dict()[n], weights[n]) for n in shared)
