@@ -190,7 +190,7 @@ def _finished_twin(trial: optuna.Trial, arch: Arch) -> int | None:
 
 
 def _describe_trial(trial, arch: Arch, index: int, student, ctx: SearchContext) -> None:
-    trial.set_user_attr("arch", arch.to_dict())
+    """User attrs of a claimed candidate ("arch" is already set: it is the claim)."""
     trial.set_user_attr("label", arch.describe())
     trial.set_user_attr("candidate", index)
     trial.set_user_attr("params", count_params(arch))
