@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from nas.evaluate import lm_loss
-from nas.importance import activation_scores, compute_importance
+from nas.evaluate.loss import lm_loss
+from nas.prune.importance import activation_scores, compute_importance
 from nas.testing import tiny_model
 
 

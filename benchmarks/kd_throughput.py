@@ -8,7 +8,7 @@ random token batches for the same steps with the same AdamW; the first `--warmup
 One training step is: student body forward, teacher body forward (no grad), the loss on the final
 hidden states (this is where the variants differ), backward, optimizer step.
 
-- fused: `nas.kd.kd_loss`, the LM heads applied `--chunk-tokens` rows at a time with analytic gradients;
+- fused: `nas.train.kd.kd_loss`, the LM heads applied `--chunk-tokens` rows at a time with analytic gradients;
 - plain: `s = lm_head(h)`, `t = teacher_head(h_t)` over all tokens, then
   `kl_div(log_softmax(s), log_softmax(t), log_target=True)` and autograd.
 
@@ -95,7 +95,7 @@ def plain_loss(hidden, weight, teacher_hidden, teacher_weight):
 
 
 def fused_loss(chunk_tokens):
-    from nas.kd import kd_loss
+    from nas.train.kd import kd_loss
 
     def loss(hidden, weight, teacher_hidden, teacher_weight):
         return kd_loss(hidden, weight, teacher_hidden, teacher_weight, chunk_tokens=chunk_tokens).loss
@@ -151,7 +151,7 @@ def _status_kb(key: str) -> int:
 
 def run_variant(args) -> dict:
     """Train with one loss variant; returns tokens/s, loss peak bytes, the method, params."""
-    from nas.evaluate import autocast_for
+    from nas.device import autocast_for
 
     device = torch.device(args.device)
     teacher, student, batches = build(args, device)

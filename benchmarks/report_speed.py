@@ -18,13 +18,15 @@ import optuna
 import torch
 import torch.nn.functional as F
 
-from nas.arch import Arch, count_params, kv_cache_bytes
-from nas.evaluate import lm_loss
-from nas.importance import compute_importance
-from nas.report import write_report
-from nas.report_data import load_study, report_frames
-from nas.search import measure_latency, ranking_stability
-from nas.space import SpaceConfig, enumerate_candidates
+from nas.evaluate.loss import lm_loss
+from nas.model.arch import Arch, count_params, kv_cache_bytes
+from nas.prune.importance import compute_importance
+from nas.prune.space import enumerate_candidates
+from nas.report.data import load_study, report_frames
+from nas.report.html import write_report
+from nas.search.study import ranking_stability
+from nas.search.trial import measure_latency
+from nas.settings import SpaceConfig
 from nas.testing import tiny_model
 
 TEACHER = dict(

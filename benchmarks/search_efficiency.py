@@ -25,10 +25,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-from nas.config import run_config_from_dict  # noqa: E402
+from nas.model.arch import KNOBS
 from nas.pipeline import search  # noqa: E402
-from nas.search import KNOBS, kendall_tau  # noqa: E402
-from nas.testing import tiny_study_config, train_tiny_teacher  # noqa: E402
+from nas.search.study import kendall_tau
+from nas.settings import run_config_from_dict
+from nas.testing import tiny_study_config, train_tiny_teacher
 
 
 def ranking(study: optuna.Study) -> list[tuple[int, ...]]:

@@ -7,26 +7,26 @@ Heavy modules load on first use, so `import nas` stays cheap.
 
 import importlib
 
-from nas.arch import Arch, count_params, kv_cache_bytes
 from nas.errors import ConfigError, DataError, InfeasibleError, ModelError, NasError
+from nas.model.arch import Arch, count_params, kv_cache_bytes
 
 _LAZY = {
-    "compute_importance": "nas.importance",
-    "Importance": "nas.importance",
-    "enumerate_candidates": "nas.space",
-    "prune": "nas.prune",
-    "save_pruned": "nas.prune",
-    "distill": "nas.distill",
-    "DistillConfig": "nas.distill",
-    "prepare": "nas.data",
-    "DataConfig": "nas.data",
-    "RunConfig": "nas.config",
-    "load_run_config": "nas.config",
+    "compute_importance": "nas.prune.importance",
+    "Importance": "nas.prune.importance",
+    "enumerate_candidates": "nas.prune.space",
+    "prune": "nas.prune.cut",
+    "save_pruned": "nas.prune.cut",
+    "distill": "nas.train.loop",
+    "DistillConfig": "nas.settings",
+    "prepare": "nas.data.tokens",
+    "DataConfig": "nas.settings",
+    "RunConfig": "nas.settings",
+    "load_run_config": "nas.settings",
     "run": "nas.pipeline",
     "search": "nas.pipeline",
     "worker": "nas.pipeline",
-    "write_report": "nas.report",
-    "lm_loss": "nas.evaluate",
+    "write_report": "nas.report.html",
+    "lm_loss": "nas.evaluate.loss",
 }
 
 __all__ = [

@@ -19,3 +19,9 @@ class ModelError(NasError):
 
 class InfeasibleError(NasError):
     """An architecture or budget cannot be built from the teacher."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -16,25 +16,22 @@ from typing import Any
 import optuna
 from transformers import AutoModelForCausalLM
 
-from nas.arch import Arch, count_params
-from nas.config import RunConfig, run_config_from_dict
-from nas.distill import distill
+from nas.data.tokens import check_tokenizer, prepare
+from nas.device import resolve_device
 from nas.errors import ConfigError
-from nas.evaluate import lm_loss, resolve_device
-from nas.families import load_model, load_tokenizer
-from nas.importance import Importance, compute_importance
-from nas.prune import plan_cut, prune, save_pruned
-from nas.search import (
-    SearchContext,
-    arch_key,
-    best_trial,
-    keep_top_models,
-    load_existing_study,
-    open_study,
-    ranking_stability,
-    run_trials,
-)
-from nas.space import enumerate_candidates, parse_budget
+from nas.evaluate.loss import lm_loss
+from nas.io import save_model_atomic
+from nas.model.arch import Arch, count_params
+from nas.model.families import load_model, load_tokenizer
+from nas.prune.cut import plan_cut, prune, save_pruned
+from nas.prune.importance import Importance, compute_importance
+from nas.prune.space import enumerate_candidates, parse_budget
+from nas.report.html import write_report
+from nas.search.study import arch_key, best_trial, keep_top_models, load_existing_study, ranking_stability
+from nas.search.trial import SearchContext, open_study, run_trials
+from nas.settings import RunConfig, run_config_from_dict
+from nas.train.launch import distill_in_processes
+from nas.train.loop import distill
 
 log = logging.getLogger(__name__)
 PACKAGES = ("nas", "torch", "transformers", "optuna", "datasets", "lm_eval", "plotly", "pandas")
@@ -96,8 +93,6 @@ def order_candidates(
 
 def prepare_context(cfg: RunConfig, candidate_keys: list[list[int]] | None = None) -> SearchContext:
     """Load teacher, data, importance and the ordered candidates (the order from the study if given)."""
-    from nas.data import check_tokenizer, prepare
-
     tokenizer = load_tokenizer(cfg.teacher)
     data = prepare(cfg.data_config(), tokenizer)
     teacher = load_teacher(cfg, data)
@@ -193,7 +188,7 @@ def worker(storage: str, study_name: str, max_trials: int | None = None) -> optu
 
 def finalize(ctx: SearchContext, study: optuna.Study, nproc_per_node: int = 1) -> dict[str, Any]:
     """Fully distill the best trial's student (from its short-run checkpoint) and export the winner;
-    `nproc_per_node` > 1: in that many torchrun processes (`nas.parallel.distill_in_processes`)."""
+    `nproc_per_node` > 1: in that many torchrun processes (`nas.train.launch.distill_in_processes`)."""
     cfg = ctx.cfg
     best = best_trial(study)
     arch = Arch.from_dict(best.user_attrs["arch"])
@@ -233,9 +228,6 @@ def finalize(ctx: SearchContext, study: optuna.Study, nproc_per_node: int = 1) -
 def _distill_in_processes(ctx: SearchContext, student, checkpoint: Path, nproc: int):
     """The final distillation as a torchrun job over model directories; the teacher leaves the GPU
     meanwhile. Returns (the distilled student, its Result)."""
-    from nas.checkpoint import save_model_atomic
-    from nas.parallel import distill_in_processes
-
     cfg = ctx.cfg
     start = checkpoint
     if not (checkpoint / "config.json").is_file():  # a fresh cut: give the workers a directory
@@ -259,8 +251,6 @@ def run(cfg: RunConfig, report: bool = True, nproc_per_node: int = 1) -> RunResu
     winner = finalize(ctx, study, nproc_per_node)
     path = None
     if report:
-        from nas.report import write_report
-
         path = write_report(cfg.storage_url, cfg.name, Path("reports") / f"{cfg.name}.html")
     return RunResult(
         study_name=cfg.name,

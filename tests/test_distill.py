@@ -5,12 +5,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nas.arch import Arch
-from nas.distill import DistillConfig, NonFiniteLossError, distill, latest_checkpoint, lr_at
+from nas.data.kjv import kjv_verses
 from nas.errors import ModelError
-from nas.evaluate import lm_loss
-from nas.kd import kd_loss, kl_to_teacher, model_kd_loss
-from nas.testing import kjv_verses, tiny_model, tiny_tokenizer
+from nas.evaluate.loss import lm_loss
+from nas.model.arch import Arch
+from nas.settings import DistillConfig
+from nas.testing import tiny_model, tiny_tokenizer
+from nas.train.checkpoint import latest_checkpoint
+from nas.train.kd import kd_loss, kl_to_teacher, model_kd_loss
+from nas.train.loop import NonFiniteLossError, distill, lr_at
 
 VOCAB = 320
 SEQ_LEN = 32
@@ -24,7 +27,8 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def token_data(tmp_path_factory, tokenizer):
     """Real text (King James Bible verses) through the real data pipeline."""
-    from nas.data import DataConfig, prepare
+    from nas.data.tokens import prepare
+    from nas.settings import DataConfig
 
     root = tmp_path_factory.mktemp("data")
     text = root / "kjv.txt"
@@ -144,8 +148,8 @@ def test_teacher_correction_without_teacher_lowers_lm_loss(corrected):
 
 
 def test_distilling_a_pruned_student_lowers_its_kl(token_data, corrected, tmp_path):
-    from nas.importance import compute_importance
-    from nas.prune import prune
+    from nas.prune.cut import prune
+    from nas.prune.importance import compute_importance
 
     teacher = corrected[0]
     importance = compute_importance(teacher, token_data.calib(8), token_data.val(4))
@@ -242,7 +246,7 @@ def test_gradient_checkpointing_gives_the_same_weights(token_data, tmp_path):
 def test_cli_correct_then_distill_then_resume(tokenizer, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nas.cli import main
+    from nas.cli.main import main
 
     text = tmp_path / "kjv.txt"
     text.write_text("\n\n".join(kjv_verses(1500)), encoding="utf-8")

@@ -8,19 +8,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from nas.cli import main
-from nas.distill import DistillConfig, distill
+from nas.cli.main import main
+from nas.data.kjv import HELD_OUT_BOOKS, kjv_path
 from nas.errors import ConfigError
-from nas.evaluate import (
-    HELD_OUT_BOOKS,
-    TASKS_DIR,
-    eval_json_path,
-    evaluate_models,
-    lm_loss,
-    perplexity,
-    run_tasks,
-)
-from nas.testing import kjv_path, tiny_model, tiny_tokenizer, write_kjv_corpus
+from nas.evaluate.harness import TASKS_DIR, eval_json_path, evaluate_models, run_tasks
+from nas.evaluate.loss import lm_loss, perplexity
+from nas.settings import DistillConfig
+from nas.testing import tiny_model, tiny_tokenizer, write_kjv_corpus
+from nas.train.loop import distill
 
 CLOZE = TASKS_DIR / "kjv_cloze" / "kjv_cloze.jsonl"
 LASTWORD = TASKS_DIR / "kjv_lastword" / "kjv_lastword.jsonl"
@@ -53,7 +48,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def memorised(tokenizer, tmp_path_factory):
-    """A tiny model trained (plain LM loss through `nas.distill`) on the verses of the first cloze items
+    """A tiny model trained (plain LM loss through `nas.train.loop`) on the verses of the first cloze items
     until it knows them by heart, and those verses packed into [N, SEQ_LEN] sequences."""
     ids: list[int] = []
     for item in cloze_items()[:MEMORISED_ITEMS]:
@@ -107,7 +102,7 @@ def test_same_numbers_in_memory_and_after_save_and_load(memorised, tmp_path):
 
 
 def test_kjv_cloze_is_rebuilt_identically_from_the_held_out_book():
-    from nas.tasks.make_kjv_cloze import held_out_verses, make_items
+    from nas.evaluate.tasks.make_kjv_cloze import held_out_verses, make_items
 
     verses = {v["citation"]: v for v in held_out_verses()}
     items = cloze_items()
@@ -125,8 +120,8 @@ def test_kjv_cloze_is_rebuilt_identically_from_the_held_out_book():
 
 
 def test_kjv_lastword_is_rebuilt_identically_from_the_held_out_book():
-    from nas.tasks.make_kjv_cloze import held_out_verses
-    from nas.tasks.make_kjv_lastword import make_items
+    from nas.evaluate.tasks.make_kjv_cloze import held_out_verses
+    from nas.evaluate.tasks.make_kjv_lastword import make_items
 
     verses = {v["citation"]: v for v in held_out_verses()}
     items = [json.loads(line) for line in LASTWORD.read_text(encoding="utf-8").splitlines()]

@@ -1,7 +1,7 @@
 import torch
 
-from nas.arch import Arch
-from nas.importance import Importance, compute_importance, skip_layer
+from nas.model.arch import Arch
+from nas.prune.importance import Importance, compute_importance, skip_layer
 from nas.testing import tiny_model
 
 G = torch.Generator().manual_seed(3)
@@ -67,7 +67,7 @@ def test_layer_bi_is_one_minus_cosine_of_layer_input_and_output():
 
 
 def test_layer_loss_is_the_loss_with_that_layer_skipped():
-    from nas.evaluate import lm_loss
+    from nas.evaluate.loss import lm_loss
 
     model = tiny_model("mistral")
     scores = compute_importance(model, CALIB, VAL)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nas.cli import main
+from nas.cli.main import main
 from nas.testing import tiny_model, write_kjv_corpus, write_tiny_teacher
 
 STEPS = 6

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from nas.arch import Arch, count_params
 from nas.errors import InfeasibleError
-from nas.importance import Importance, compute_importance
-from nas.prune import plan_cut, prune, save_pruned
+from nas.model.arch import Arch, count_params
+from nas.prune.cut import plan_cut, prune, save_pruned
+from nas.prune.importance import Importance, compute_importance
 from nas.testing import tiny_model
 
 TOKENS = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))

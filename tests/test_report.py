@@ -12,14 +12,15 @@ import torch
 import torch.nn.functional as F
 from optuna.trial import TrialState
 
-from nas.arch import KNOBS, Arch, count_params, kv_cache_bytes
-from nas.cli import main
+from nas.cli.main import main
 from nas.errors import ConfigError
-from nas.evaluate import lm_loss
-from nas.importance import compute_importance
-from nas.report import SECTIONS, render_html, write_report
-from nas.report_data import OBJECTIVES, load_study, pareto_mask, report_frames
-from nas.search import measure_latency, ranking_stability
+from nas.evaluate.loss import lm_loss
+from nas.model.arch import KNOBS, Arch, count_params, kv_cache_bytes
+from nas.prune.importance import compute_importance
+from nas.report.data import OBJECTIVES, load_study, pareto_mask, report_frames
+from nas.report.html import SECTIONS, render_html, write_report
+from nas.search.study import ranking_stability
+from nas.search.trial import measure_latency
 from nas.testing import tiny_model
 
 TEACHER = dict(
@@ -268,8 +269,8 @@ def test_study_with_no_completed_trial_says_so(tmp_path):
 
 @pytest.mark.slow
 def test_report_of_a_study_made_by_the_search(tmp_path):
-    from nas.config import run_config_from_dict
     from nas.pipeline import finalize, search
+    from nas.settings import run_config_from_dict
     from nas.testing import tiny_study_config
 
     cfg = run_config_from_dict(tiny_study_config(tmp_path, search={"n_trials": 3, "pruner": "none"}))

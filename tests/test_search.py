@@ -10,9 +10,10 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from nas.config import run_config_from_dict
+from nas.model.arch import KNOBS
 from nas.pipeline import finalize, search, worker
-from nas.search import KNOBS, kendall_tau
+from nas.search.study import kendall_tau
+from nas.settings import run_config_from_dict
 from nas.testing import tiny_study_config
 
 

@@ -4,9 +4,10 @@ import math
 import pytest
 from transformers import AutoModelForCausalLM
 
-from nas.arch import KNOBS, Arch, check_prunable, count_params
 from nas.errors import InfeasibleError
-from nas.space import SpaceConfig, candidates_frame, default_steps, enumerate_candidates, parse_budget
+from nas.model.arch import KNOBS, Arch, check_prunable, count_params
+from nas.prune.space import candidates_frame, default_steps, enumerate_candidates, parse_budget
+from nas.settings import SpaceConfig
 from nas.testing import tiny_config
 
 TEACHER = Arch.from_hf_config(

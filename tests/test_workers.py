@@ -14,10 +14,10 @@ import pytest
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from nas.config import run_config_from_dict
 from nas.errors import ConfigError
+from nas.model.arch import KNOBS
 from nas.pipeline import search, worker
-from nas.search import KNOBS
+from nas.settings import run_config_from_dict
 from nas.testing import tiny_study_config
 
 sys.path.insert(0, str(Path(__file__).parent))

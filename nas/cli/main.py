@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from nas.cli_train import add_correct, add_data_args, add_distill, data_config_from_args
+from nas.cli.train import add_correct, add_data_args, add_distill, data_config_from_args
 from nas.errors import ConfigError, NasError
 
 
@@ -40,8 +40,8 @@ def add_importance_args(p) -> None:
 
 
 def importance_from_data(args, teacher, tokenizer):
-    from nas.data import prepare
-    from nas.importance import compute_importance
+    from nas.data.tokens import prepare
+    from nas.prune.importance import compute_importance
 
     data = prepare(data_config_from_args(args), tokenizer)
     return compute_importance(
@@ -50,8 +50,8 @@ def importance_from_data(args, teacher, tokenizer):
 
 
 def cmd_importance(args) -> int:
-    from nas.evaluate import resolve_device
-    from nas.families import load_model, load_tokenizer
+    from nas.device import resolve_device
+    from nas.model.families import load_model, load_tokenizer
 
     teacher = load_model(args.teacher, device=resolve_device(args.device))
     importance = importance_from_data(args, teacher, load_tokenizer(args.teacher))
@@ -63,7 +63,7 @@ def cmd_importance(args) -> int:
 
 
 def add_prune(sub) -> None:
-    from nas.prune import DEPTH_STRATEGIES
+    from nas.settings import DEPTH_STRATEGIES
 
     p = sub.add_parser("prune", help="cut one architecture out of a teacher and save it")
     p.add_argument("teacher", help="local model directory or hub id")
@@ -78,11 +78,11 @@ def add_prune(sub) -> None:
 
 
 def cmd_prune(args) -> int:
-    from nas.arch import KNOBS, Arch, check_prunable, count_params
-    from nas.evaluate import resolve_device
-    from nas.families import load_config, load_model, load_tokenizer
-    from nas.importance import Importance
-    from nas.prune import prune, save_pruned
+    from nas.device import resolve_device
+    from nas.model.arch import KNOBS, Arch, check_prunable, count_params
+    from nas.model.families import load_config, load_model, load_tokenizer
+    from nas.prune.cut import prune, save_pruned
+    from nas.prune.importance import Importance
 
     if bool(args.importance) == bool(args.data):
         raise ConfigError("give exactly one of --importance FILE or --data DATA")
@@ -119,9 +119,10 @@ def add_space(sub) -> None:
 
 
 def cmd_space(args) -> int:
-    from nas.arch import Arch, count_params
-    from nas.families import load_config
-    from nas.space import SpaceConfig, candidates_frame, enumerate_candidates
+    from nas.model.arch import Arch, count_params
+    from nas.model.families import load_config
+    from nas.prune.space import candidates_frame, enumerate_candidates
+    from nas.settings import SpaceConfig
 
     teacher = Arch.from_hf_config(load_config(args.teacher))
     config = SpaceConfig(args.tolerance, args.max_width_prune, args.max_depth_prune)
@@ -153,7 +154,7 @@ def add_search(sub) -> None:
 def study_config(args):
     import dataclasses
 
-    from nas.config import load_run_config
+    from nas.settings import load_run_config
 
     cfg = load_run_config(args.study)
     if args.storage:
@@ -214,7 +215,7 @@ def add_demo(sub) -> None:
 
 
 def cmd_demo(args) -> int:
-    from nas.demo import closing_table, run_demo
+    from nas.demo.run import closing_table, run_demo
 
     print(closing_table(run_demo(args.out, args.minutes, args.device)))
     return 0
@@ -234,7 +235,7 @@ def add_report(sub) -> None:
 
 
 def cmd_report(args) -> int:
-    from nas.report import write_report
+    from nas.report.html import write_report
 
     storage = args.storage or f"sqlite:///studies/{args.study}/study.db"
     out = write_report(storage, args.study, args.out or f"reports/{args.study}.html")
@@ -264,7 +265,7 @@ def add_eval(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    from nas.evaluate import eval_json_path, evaluate_model, format_results, save_results
+    from nas.evaluate.harness import eval_json_path, evaluate_model, format_results, save_results
 
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     record = evaluate_model(
@@ -306,7 +307,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("nas: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

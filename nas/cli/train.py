@@ -26,7 +26,7 @@ def add_data_args(p) -> None:
 
 def data_config_from_args(args):
     """A one-phase DataConfig from the `add_data_args` flags (each --data a source of the blend)."""
-    from nas.data import DataConfig, Phase, Source
+    from nas.settings import DataConfig, Phase, Source
 
     if not args.data:
         raise ConfigError("give the text with --data PATH (a local file/directory or a hub dataset id)")
@@ -89,7 +89,7 @@ TRAIN_FLAGS = {  # DistillConfig field -> (type, help)
 
 
 def add_train_args(p) -> None:
-    from nas.distill import DistillConfig
+    from nas.settings import DistillConfig
 
     defaults = DistillConfig()
     for name, (kind, text) in TRAIN_FLAGS.items():
@@ -108,7 +108,7 @@ def add_train_args(p) -> None:
 
 
 def distill_config_from_args(args):
-    from nas.distill import DistillConfig
+    from nas.settings import DistillConfig
 
     fields = {name: getattr(args, name) for name in TRAIN_FLAGS}
     return DistillConfig(
@@ -123,7 +123,7 @@ def distill_config_from_args(args):
 def relaunch_under_torchrun(args) -> int | None:
     """`--nproc-per-node N` (N > 1) outside torchrun: run this same command under torchrun, return its
     exit code; None when this process should do the work itself."""
-    from nas.parallel import inside_torchrun, relaunch
+    from nas.train.launch import inside_torchrun, relaunch
 
     if args.nproc_per_node < 1:
         raise ConfigError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
@@ -141,15 +141,15 @@ def train_and_save(teacher, student, tokenizer, args) -> int:
     """Shared tail of `distill` and `correct`: prepare data, run the loop, save the tokenizer with the model."""
     from pathlib import Path
 
-    from nas import parallel
-    from nas.data import prepare
-    from nas.distill import distill
+    from nas.data.tokens import prepare
+    from nas.train import dist
+    from nas.train.loop import distill
 
-    with parallel.rank_zero_first():  # rank 0 fills the token cache, the others read it
+    with dist.rank_zero_first():  # rank 0 fills the token cache, the others read it
         data = prepare(data_config_from_args(args), tokenizer)
     result = distill(teacher, student, data, distill_config_from_args(args), args.out)
-    parallel.teardown()
-    if not parallel.world().main:
+    dist.teardown()
+    if not dist.world().main:
         return 0
     tokenizer.save_pretrained(Path(args.out) / "model")
     kl = f", val KL {result.val_kl:.4f}" if result.val_kl is not None else ""
@@ -163,7 +163,7 @@ def train_and_save(teacher, student, tokenizer, args) -> int:
 def launch(args):
     """(exit code of the torchrun re-launch, None) when this process only re-launched itself,
     else (None, this process's device) with the process group set up."""
-    from nas.parallel import local_device, setup
+    from nas.train.dist import local_device, setup
 
     code = relaunch_under_torchrun(args)
     if code is not None:
@@ -174,7 +174,7 @@ def launch(args):
 
 
 def cmd_distill(args) -> int:
-    from nas.families import load_teacher_and_student, load_tokenizer
+    from nas.model.families import load_teacher_and_student, load_tokenizer
 
     code, device = launch(args)
     if code is not None:
@@ -184,7 +184,7 @@ def cmd_distill(args) -> int:
 
 
 def cmd_correct(args) -> int:
-    from nas.families import load_model, load_tokenizer
+    from nas.model.families import load_model, load_tokenizer
 
     code, device = launch(args)
     if code is not None:

@@ -14,39 +14,16 @@ import json
 import logging
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nas.errors import ConfigError, DataError
+from nas.errors import DataError
+from nas.settings import Source
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 BLANK_LINES = re.compile(r"\n[ \t\r]*\n")
-
-
-@dataclass(frozen=True)
-class Source:
-    """One corpus: a local .txt/.jsonl/.parquet file or directory, or a Hugging Face datasets id."""
-
-    path: str
-    weight: float = 1.0  # relative share of the phase's train sequences
-    text_field: str = "text"  # .jsonl key / .parquet column / hub column holding the text
-    config: str | None = None  # hub dataset config name (e.g. "en")
-    split: str = "train"  # hub split
-    streaming: bool = False  # hub: stream instead of downloading the whole split
-    max_documents: int | None = None  # read at most this many (non-empty) documents
-
-    def __post_init__(self) -> None:
-        if not self.path:
-            raise ConfigError("a data source needs a path (local file/directory or hub dataset id)")
-        if not self.weight > 0:
-            raise ConfigError(f"data source {self.path!r}: weight must be > 0, got {self.weight!r}")
-        if self.max_documents is not None and self.max_documents < 1:
-            raise ConfigError(
-                f"data source {self.path!r}: max_documents must be >= 1, got {self.max_documents!r}"
-            )
 
 
 def is_local(source: Source) -> bool:

@@ -1,7 +1,7 @@
 """Text corpora -> tokenized, packed, cached calibration / validation / train sequences.
 
 Splits are by document: each document goes to calibration, validation or train by a hash of its text
-(`nas.corpus.document_hash`), so the same text always lands in the same split, from whatever source.
+(`nas.data.corpus.document_hash`), so the same text always lands in the same split, from whatever source.
 Each split of each source is tokenized (no special tokens, EOS after every document), packed into rows
 of `seq_len` tokens (the incomplete last row dropped) and cached as a memory-mapped array under
 `cache_dir/<key>/`, where the key hashes the source's files (path, size, mtime) or hub id, the tokenizer,
@@ -30,9 +30,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from nas.checkpoint import atomic_path, publish
-from nas.corpus import Source, document_hash, load_documents, source_fingerprint
+from nas.data.corpus import document_hash, load_documents, source_fingerprint
 from nas.errors import ConfigError, DataError
+from nas.io import publish, write_atomic
+from nas.settings import DataConfig, Phase, Source
 
 __all__ = ["DataConfig", "Phase", "Source", "TokenData", "check_tokenizer", "load_documents", "prepare"]
 
@@ -41,84 +42,6 @@ log = logging.getLogger(__name__)
 SPLITS = ("calib", "val", "train")
 CACHE_VERSION = 1  # bump when the cached layout or the split rule changes
 TOKENIZE_BATCH = 256  # documents per tokenizer call (fast tokenizers parallelise within a batch)
-
-
-@dataclass(frozen=True)
-class Phase:
-    """A blend of sources used from `start` (a fraction of the train steps) on."""
-
-    sources: tuple[Source, ...]
-    start: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not self.sources:
-            raise ConfigError("a data phase needs at least one source")
-        if not 0.0 <= self.start < 1.0:
-            raise ConfigError(f"a data phase's start must be in [0, 1), got {self.start!r}")
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Where the text comes from (phases of weighted sources) and how it is cut into sequences."""
-
-    phases: tuple[Phase, ...]  # one phase = a plain blend
-    seq_len: int = 512
-    val_fraction: float = 0.05  # of documents, by a content hash
-    calib_fraction: float = 0.05
-    cache_dir: str = ".nas_cache/data"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        starts = [p.start for p in self.phases]
-        if not starts or starts[0] != 0.0 or starts != sorted(set(starts)):
-            raise ConfigError(f"data phases must start at 0.0 and have increasing starts, got {starts}")
-        if self.seq_len < 2:
-            raise ConfigError(f"seq_len must be >= 2, got {self.seq_len}")
-        if not (
-            0 < self.val_fraction and 0 < self.calib_fraction and self.val_fraction + self.calib_fraction < 1
-        ):
-            raise ConfigError(
-                f"val_fraction ({self.val_fraction}) and calib_fraction ({self.calib_fraction}) must be > 0 "
-                "and sum to less than 1"
-            )
-
-    @classmethod
-    def single(cls, path: str, **kw: Any) -> DataConfig:
-        """One source, one phase; `kw` may hold fields of Source and of DataConfig."""
-        source_fields = {f.name for f in dataclasses.fields(Source)}
-        source = Source(path, **{k: v for k, v in kw.items() if k in source_fields})
-        return cls((Phase((source,)),), **{k: v for k, v in kw.items() if k not in source_fields})
-
-    @property
-    def sources(self) -> tuple[Source, ...]:
-        """The distinct corpora of all phases (weights aside), in order of first use."""
-        seen: dict[Source, None] = {}
-        for phase in self.phases:
-            for s in phase.sources:
-                seen.setdefault(dataclasses.replace(s, weight=1.0))
-        return tuple(seen)
-
-
-def data_config_from_dict(data: dict[str, Any]) -> DataConfig:
-    """A DataConfig from a study TOML's [data] table: `sources = [...]` (one blend) or
-    `phases = [{start, sources}, ...]`, plus seq_len, val_fraction, calib_fraction, cache_dir, seed."""
-    from nas.config import from_mapping
-
-    data = dict(data)
-    if ("sources" in data) == ("phases" in data):
-        raise ConfigError(
-            "[data] needs exactly one of `sources = [...]` or `phases = [{start, sources}, ...]`"
-        )
-    phases = data.pop("phases", None) or [{"sources": data.pop("sources")}]
-    built = []
-    for i, phase in enumerate(phases):
-        if not isinstance(phase, dict) or not isinstance(phase.get("sources"), list):
-            raise ConfigError(f"data.phases[{i}] must be a table with a list `sources`")
-        sources = tuple(
-            from_mapping(Source, s, f"data.phases[{i}].sources[{j}]") for j, s in enumerate(phase["sources"])
-        )
-        built.append(from_mapping(Phase, {**phase, "sources": sources}, f"data.phases[{i}]"))
-    return from_mapping(DataConfig, {**data, "phases": tuple(built)}, "data")
 
 
 def check_tokenizer(tokenizer: Any, model_config: Any) -> None:
@@ -387,11 +310,6 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 def config_dict(cfg: DataConfig) -> dict[str, Any]:
     """The parts of `cfg` that decide the token stream (everything but where the cache lives)."""
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "cache_dir"}
-
-
-def write_atomic(path: Path, payload: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(payload)
 
 
 def _hash(obj: Any) -> str:

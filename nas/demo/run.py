@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from nas.demo_teacher import (
+from nas.data.tokens import prepare
+from nas.demo.teacher import (
     TeacherInfo,
     TeacherSpec,
     load_teacher_info,
@@ -36,8 +37,14 @@ from nas.demo_teacher import (
     train_tokenizer,
     write_corpus,
 )
-from nas.distill import DistillConfig, distill
-from nas.evaluate import lm_loss, resolve_device
+from nas.device import resolve_device
+from nas.errors import ConfigError
+from nas.evaluate.loss import lm_loss
+from nas.model.arch import Arch
+from nas.pipeline import finalize, search
+from nas.report.html import write_report
+from nas.settings import DistillConfig, run_config_from_dict
+from nas.train.loop import distill
 
 log = logging.getLogger(__name__)
 # tokens/s measured on 2 idle CPU cores (fp32), for the time estimates: plain LM training of the
@@ -106,8 +113,6 @@ class DemoPlan:
 def demo_plan(minutes: float = 10.0) -> DemoPlan:
     """The default plan with every step count scaled by `minutes / 10` (at least 2 steps each)."""
     if not minutes > 0:
-        from nas.errors import ConfigError
-
         raise ConfigError(f"--minutes must be positive, got {minutes}")
     base = DemoPlan()
     scale = minutes / base.minutes
@@ -127,9 +132,7 @@ def demo_plan(minutes: float = 10.0) -> DemoPlan:
 
 
 def run_config(out: Path, corpus: Path, plan: DemoPlan, device: str):
-    """The demo's `nas.config.RunConfig`: the teacher under `out/teacher`, every output under `out`."""
-    from nas.config import run_config_from_dict
-
+    """The demo's `nas.settings.RunConfig`: the teacher under `out/teacher`, every output under `out`."""
     distill_cfg = {
         "batch_size": plan.batch_size,
         "lr": plan.kd_lr,
@@ -258,9 +261,6 @@ def run_demo(
     plan: DemoPlan | None = None,
 ) -> DemoResult:
     """Run the whole demo under `out_dir` (see the module docstring); `plan` overrides `demo_plan(minutes)`."""
-    from nas.data import prepare
-    from nas.pipeline import finalize, search
-
     plan = plan or demo_plan(minutes)
     out = Path(out_dir)
     clock = StageClock(plan.estimates())
@@ -303,8 +303,6 @@ def run_demo(
 
 def write_demo_report(cfg) -> Path:
     """The study's HTML report, where `nas run` writes it."""
-    from nas.report import write_report
-
     return write_report(cfg.storage_url, cfg.name, Path("reports") / f"{cfg.name}.html")
 
 
@@ -367,8 +365,6 @@ def compare(
 
 
 def winner_label(winner: dict) -> str:
-    from nas.arch import Arch
-
     return Arch.from_dict(winner["arch"]).describe()
 
 

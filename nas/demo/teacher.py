@@ -25,9 +25,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from nas.checkpoint import replace_dir, write_text_atomic
-from nas.distill import DistillConfig, distill
-from nas.evaluate import lm_loss, resolve_device
+from nas.data.bpe import train_bpe
+from nas.data.corpus import document_hash
+from nas.data.kjv import HELD_OUT_BOOKS, kjv_path
+from nas.data.tokens import split_of
+from nas.device import resolve_device
+from nas.evaluate.loss import lm_loss
+from nas.io import replace_dir, write_text_atomic
+from nas.settings import DistillConfig
+from nas.train.loop import distill
 
 log = logging.getLogger(__name__)
 MARKER = "demo_teacher.json"
@@ -40,10 +46,7 @@ CORPUS_FILE = "kjv.jsonl"
 
 def corpus_documents(max_documents: int | None = None) -> Iterator[dict[str, Any]]:
     """The KJV as documents, one chapter each ({"text", "book", "chapter"}; verses one a line),
-    in canonical order, without the books `nas.evaluate.HELD_OUT_BOOKS` keeps for evaluation."""
-    from nas.evaluate import HELD_OUT_BOOKS
-    from nas.testing import kjv_path
-
+    in canonical order, without the books `nas.data.kjv.HELD_OUT_BOOKS` keeps for evaluation."""
     held_out = set(HELD_OUT_BOOKS)
     chapter: dict[str, Any] | None = None
     count = 0
@@ -86,33 +89,12 @@ def write_corpus(directory: str | os.PathLike, max_documents: int | None = None)
 def train_texts(corpus: Path, data_cfg: Any) -> list[str]:
     """The corpus texts that `nas.data` puts in the train split, so the tokenizer never sees
     validation or calibration text."""
-    from nas.corpus import document_hash
-    from nas.data import split_of
-
     with corpus.open(encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for line in f]
     return [t for t in texts if split_of(document_hash(t), data_cfg) == "train"]
 
 
 # ---- tokenizer ------------------------------------------------------------------------------------
-
-
-def train_bpe(texts: list[str], vocab_size: int, special_tokens: list[str]):
-    """A byte-level BPE `tokenizers.Tokenizer` (every byte in its alphabet, so no unknown tokens)
-    trained on `texts`; the special tokens get the first ids, in order."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=special_tokens,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    return tok
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = 4096):
@@ -152,7 +134,7 @@ class TeacherInfo:
 
     path: str
     params: int
-    val_loss: float  # nas.evaluate.lm_loss on the demo's validation sequences
+    val_loss: float  # nas.evaluate.loss.lm_loss on the demo's validation sequences
     unigram_loss: float  # cross-entropy of the train-token unigram distribution on the same targets
     tokens: int
     seconds: float

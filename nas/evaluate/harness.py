@@ -9,7 +9,7 @@ content hash, `val_fraction` of them), so its numbers equal the ones the search 
 report for the same data, tokenizer and `seq_len`.
 
 Benchmarks: lm-evaluation-harness tasks run on the in-memory model (`run_tasks`). The offline task set
-in `nas/tasks/` (always on the include path) holds `kjv_cloze`, a 4-way cloze over verses of the
+in `nas/evaluate/tasks/` (always on the include path) holds `kjv_cloze`, a 4-way cloze over verses of the
 King James Bible's `HELD_OUT_BOOKS`, and `kjv_lastword`, a 4-way choice of the same verses' last words
 (easier: small models trained on the rest of the Bible beat chance on it); hub tasks (hellaswag,
 winogrande, arc_easy, mmlu, ...) need network.
@@ -28,63 +28,21 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from nas.checkpoint import write_text_atomic
-from nas.errors import ConfigError, DataError
-from nas.families import first_line, load_model, load_tokenizer
+from nas.data.tokens import prepare
+from nas.device import resolve_device
+from nas.errors import ConfigError, DataError, first_line
+from nas.evaluate.loss import lm_loss
+from nas.io import write_text_atomic
+from nas.model.families import load_model, load_tokenizer
+from nas.settings import Phase
 
 log = logging.getLogger(__name__)
 
-# Books of the King James Bible (the demo corpus) that the shipped offline tasks are built from;
-# the demo leaves them out of its training text so that the task measures generalisation.
-HELD_OUT_BOOKS: tuple[str, ...] = ("Hebrews",)
 TASKS_DIR = Path(__file__).parent / "tasks"  # the offline task set, always on the include path
 OFFLINE_TASKS: tuple[str, ...] = ("kjv_cloze", "kjv_lastword")
 HUB_EXAMPLES = ("hellaswag", "winogrande", "arc_easy", "arc_challenge", "mmlu")  # the Minitron papers' set
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
-def lm_loss(model: nn.Module, sequences: torch.Tensor, batch_size: int = 8) -> float:
-    """Token-weighted mean next-token cross-entropy of `model` on packed `sequences` [N, T]."""
-    was_training = model.training
-    model.eval()
-    device = model_device(model)
-    total, count = 0.0, 0
-    for start in range(0, len(sequences), batch_size):
-        batch = torch.as_tensor(sequences[start : start + batch_size], dtype=torch.long).to(device)
-        with autocast_for(device):
-            logits = model(input_ids=batch, use_cache=False).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
-        total += loss.item()
-        count += batch[:, 1:].numel()
-    model.train(was_training)
-    return total / max(count, 1)
-
-
-def perplexity(model: nn.Module, sequences: torch.Tensor, batch_size: int = 8) -> float:
-    """exp of `lm_loss` under the same protocol."""
-    return math.exp(lm_loss(model, sequences, batch_size))
-
-
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA; a no-op on CPU, where bf16 is far slower than fp32."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` -> CUDA when available, else CPU; anything else is passed to torch.device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 # ---- lm-evaluation-harness ------------------------------------------------------------------------
@@ -192,11 +150,9 @@ def data_perplexity(
     model: nn.Module, tokenizer: Any, data_cfg: Any, num_sequences: int | None = None, batch_size: int = 8
 ) -> dict[str, dict[str, Any]]:
     """Held-out loss and perplexity on the validation split of each source of `data_cfg` (a
-    `nas.data.DataConfig`), scored on its own: {source path: {"loss", "perplexity", "sequences",
+    `nas.settings.DataConfig`), scored on its own: {source path: {"loss", "perplexity", "sequences",
     "tokens", "seq_len", "fingerprint"}}. `num_sequences` caps the sequences of each source."""
     import dataclasses
-
-    from nas.data import Phase, prepare
 
     out = {}
     for source in data_cfg.sources:

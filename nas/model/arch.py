@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from nas.errors import InfeasibleError
-from nas.families import bias_flags, family_of
+from nas.model.families import bias_flags, family_of
 
 KNOBS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nas.errors import ModelError
+from nas.errors import ModelError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +123,3 @@ def load_tokenizer(name_or_path: str | Path) -> Any:
         return AutoTokenizer.from_pretrained(str(name_or_path))
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load a tokenizer from {str(name_or_path)!r}: {first_line(e)}") from e
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message, for one-line errors."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

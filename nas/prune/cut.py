@@ -12,14 +12,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from nas.arch import Arch, check_prunable, count_params
-from nas.checkpoint import write_text_atomic
 from nas.errors import ConfigError
-from nas.importance import Importance
+from nas.io import write_text_atomic
+from nas.model.arch import Arch, check_prunable, count_params
+from nas.prune.importance import Importance
+from nas.settings import DEPTH_STRATEGIES
 
 log = logging.getLogger(__name__)
 
-DEPTH_STRATEGIES = ("drop-lowest", "contiguous")
 CUT_FILE = "nas_pruning.json"
 
 

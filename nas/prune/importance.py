@@ -26,11 +26,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from nas.arch import Arch
-from nas.checkpoint import atomic_path
+from nas.device import autocast_for, model_device
 from nas.errors import ModelError
-from nas.evaluate import autocast_for, lm_loss, model_device
-from nas.families import decoder_layers, final_norm, layer_norms
+from nas.evaluate.loss import lm_loss
+from nas.io import atomic_path
+from nas.model.arch import Arch
+from nas.model.families import decoder_layers, final_norm, layer_norms
 
 log = logging.getLogger(__name__)
 

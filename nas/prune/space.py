@@ -5,36 +5,12 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import pandas as pd
 
-from nas.arch import KNOBS, Arch, count_params, kv_cache_bytes, parse_count
 from nas.errors import InfeasibleError
-
-
-@dataclass(frozen=True)
-class SpaceConfig:
-    """Which architectures are valid candidates (besides the budget)."""
-
-    tolerance: float = 0.05  # candidates have budget*(1-tolerance) <= params <= budget
-    max_width_prune: float = 0.5  # at most this fraction of any width knob is cut
-    max_depth_prune: float = 0.5  # at most this fraction of the layers is cut
-    steps: dict[str, int] = field(default_factory=dict)  # per-knob step; missing knobs get default_steps
-
-    def __post_init__(self) -> None:
-        from nas.errors import ConfigError
-
-        if not 0 <= self.tolerance < 1:
-            raise ConfigError(f"tolerance must be in [0, 1), got {self.tolerance}")
-        for name in ("max_width_prune", "max_depth_prune"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        unknown = set(self.steps) - {"num_layers", "hidden_size", "ffn_hidden_size", "num_query_groups"}
-        if unknown:
-            raise ConfigError(
-                f"unknown step knob(s) {sorted(unknown)}; steps apply to num_layers, hidden_size, ffn_hidden_size, num_query_groups"
-            )
+from nas.model.arch import KNOBS, Arch, count_params, kv_cache_bytes, parse_count
+from nas.settings import SpaceConfig
 
 
 def default_steps(teacher: Arch) -> dict[str, int]:

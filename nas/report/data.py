@@ -17,9 +17,9 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial
 
-from nas.arch import KNOBS
 from nas.errors import NasError
-from nas.search import load_existing_study, ranking_stability
+from nas.model.arch import KNOBS
+from nas.search.study import load_existing_study, ranking_stability
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def pareto_mask(df: pd.DataFrame, x: str, y: str = "value", x_lower_is_better: b
 
 
 def report_frames(study: optuna.Study, importance: Any = None) -> ReportData:
-    """All of the report's data from `study`; `importance` (an `nas.importance.Importance`) defaults to
+    """All of the report's data from `study`; `importance` (an `nas.prune.importance.Importance`) defaults to
     the file named by the study attribute "importance_path" (omitted with a note when missing)."""
     attrs = dict(study.user_attrs)
     all_trials = study.get_trials(deepcopy=False)
@@ -174,7 +174,8 @@ def stability_frames(study: optuna.Study, attrs: dict, trials: pd.DataFrame) -> 
     if not stab or not stab.get("trials"):
         top_k = int((attrs.get("config") or {}).get("search", {}).get("top_k", 10))
         done = trials[front_eligible(trials)]
-        horizon = attrs.get("horizon_steps") or int(done["last_step"].max() if len(done) else 0)
+        last = pd.to_numeric(done["last_step"], errors="coerce").max() if len(done) else math.nan
+        horizon = attrs.get("horizon_steps") or (int(last) if math.isfinite(last) else 0)
         stab = ranking_stability(study, top_k, horizon) if len(done) else {"k": 0}
         source = "computed from the trials finished so far (provisional)"
     frame = pd.DataFrame(
@@ -259,7 +260,7 @@ def add_importance(data: ReportData, importance: Any, path: str | None) -> None:
                 f"The importance file {path} is missing (computed on another machine?)."
             )
             return
-        from nas.importance import Importance
+        from nas.prune.importance import Importance
 
         try:
             importance = Importance.load(path)

@@ -1,4 +1,4 @@
-"""One self-contained HTML report per study: `report_frames` (pure data, `nas.report_data`) -> plotly
+"""One self-contained HTML report per study: `report_frames` (pure data, `nas.report.data`) -> plotly
 figures -> HTML. plotly.js is embedded once; nothing is fetched from the network when it is opened."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import plotly.graph_objects as go
 import plotly.offline
 from plotly.subplots import make_subplots
 
-from nas.checkpoint import write_text_atomic
-from nas.report_data import OBJECTIVES, ReportData, front_eligible, load_study, pareto_mask, report_frames
+from nas.io import write_text_atomic
+from nas.report.data import OBJECTIVES, ReportData, front_eligible, load_study, pareto_mask, report_frames
 
 log = logging.getLogger(__name__)
 __all__ = ["ReportData", "pareto_mask", "render_html", "report_frames", "write_report"]

@@ -4,7 +4,7 @@
 
 A checkpoint is written into a temp directory and renamed into place, so a run killed mid-write leaves
 the previous one intact. Single-process and DDP runs write the same files (the optimizer state keyed by
-parameter index). FSDP runs gather the full state dicts on rank 0 first (`nas.parallel.gather_full_state`)
+parameter index). FSDP runs gather the full state dicts on rank 0 first (`gather_full_state`)
 and store the optimizer state keyed by parameter name; either kind resumes in either mode.
 """
 
@@ -17,8 +17,6 @@ import random
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -27,39 +25,9 @@ import torch
 from torch import nn
 
 from nas.errors import ModelError
+from nas.io import replace_dir
 
 log = logging.getLogger(__name__)
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temp path beside `path` to write to; renamed onto `path` only if the block succeeds, so
-    readers never see a partial file. The result gets ordinary permissions (mkstemp's are 0600)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        publish(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
-    """Give a finished temp file ordinary permissions (mkstemp's are 0600) and rename it onto `path`."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` to `path` atomically (temp file + rename)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)
 
 
 CHECKPOINT_NAME = re.compile(r"^step-\d{7}$")
@@ -115,8 +83,6 @@ def load_checkpoint(path: Path, student: nn.Module, optimizer, sharded: bool = F
         state = json.loads((path / "state.json").read_text())
         optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         if sharded:
-            from nas.parallel import load_full_state
-
             tensors = safetensors.torch.load_file(str(path / "model.safetensors"))
             for group in tied_names(student):
                 present = [name for name in group if name in tensors]
@@ -169,32 +135,6 @@ def _param_order(student: nn.Module, optimizer) -> list[str]:
     return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
-def save_model_atomic(model: nn.Module, dst: Path, state_dict: dict | None = None) -> Path:
-    """`save_pretrained` (safetensors) into a temp directory next to `dst`, then rename it to `dst`.
-    `state_dict`: the weights to write instead of the model's own (the gathered ones of a sharded model)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".tmp-{dst.name}-"))
-    model.save_pretrained(tmp, state_dict=state_dict)
-    replace_dir(tmp, dst)
-    return dst
-
-
-def replace_dir(tmp: Path, dst: Path) -> None:
-    """Rename the finished temp directory `tmp` to `dst`, replacing an existing `dst` (renamed aside first:
-    os.replace needs an empty target). `tmp` gets ordinary permissions first (mkdtemp's are 0700), so
-    workers of another user on shared storage can read it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    if dst.exists():
-        trash = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".old-{dst.name}-"))
-        os.replace(dst, trash / dst.name)
-        os.replace(tmp, dst)
-        shutil.rmtree(trash)
-    else:
-        os.replace(tmp, dst)
-
-
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -208,3 +148,38 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_full_state(student: nn.Module, optimizer) -> tuple[dict, dict]:
+    """Full (unsharded) model and optimizer state dicts on CPU; complete on rank 0 only. Collective."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(student, options=options), get_optimizer_state_dict(
+        student, optimizer, options=options
+    )
+
+
+def gather_model_state(student: nn.Module) -> dict:
+    """The full model state dict on CPU, complete on rank 0 only. Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state(student: nn.Module, optimizer, model_state: dict, optimizer_state: dict) -> None:
+    """Load full state dicts (every rank holds them) into a sharded student and its optimizer."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(student, model_state, options=options)
+    named = named_optimizer_state(optimizer_state, student, optimizer)
+    set_optimizer_state_dict(student, optimizer, named, options=options)

@@ -15,23 +15,18 @@ validation set (identical weights give identical numbers; rank 0's value is broa
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from nas.checkpoint import write_text_atomic
-from nas.errors import ConfigError, NasError
-from nas.evaluate import resolve_device
-from nas.kd import model_kd_loss
+from nas.device import resolve_device
+from nas.errors import ConfigError
+from nas.train.kd import model_kd_loss
 
 
 @dataclass(frozen=True)
@@ -51,10 +46,6 @@ def world() -> World:
     """Rank, local rank and world size from torchrun's environment variables."""
     env = os.environ
     return World(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
-
-
-def inside_torchrun() -> bool:
-    return "WORLD_SIZE" in os.environ
 
 
 def local_device(name: str = "auto") -> torch.device:
@@ -113,23 +104,6 @@ def from_rank_zero(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def torchrun_command(nproc: int, module_args: list[str]) -> list[str]:
-    """`python -m torch.distributed.run --standalone --nproc-per-node N -m <module_args>`."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-    ] + [*module_args]
-
-
-def relaunch(nproc: int, module_args: list[str]) -> int:
-    """Run `module_args` (e.g. ["nas.cli", "distill", ...]) under torchrun; returns its exit code."""
-    return subprocess.run(torchrun_command(nproc, module_args), check=False).returncode
 
 
 def local_rows(batch: torch.Tensor) -> torch.Tensor:
@@ -224,88 +198,3 @@ def is_sharded(model: nn.Module) -> bool:
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A plain tensor from a DTensor (e.g. FSDP's gradient norm); other tensors unchanged."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def gather_full_state(student: nn.Module, optimizer) -> tuple[dict, dict]:
-    """Full (unsharded) model and optimizer state dicts on CPU; complete on rank 0 only. Collective."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(student, options=options), get_optimizer_state_dict(
-        student, optimizer, options=options
-    )
-
-
-def gather_model_state(student: nn.Module) -> dict:
-    """The full model state dict on CPU, complete on rank 0 only. Collective."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_full_state(student: nn.Module, optimizer, model_state: dict, optimizer_state: dict) -> None:
-    """Load full state dicts (every rank holds them) into a sharded student and its optimizer."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    from nas.checkpoint import named_optimizer_state
-
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(student, model_state, options=options)
-    named = named_optimizer_state(optimizer_state, student, optimizer)
-    set_optimizer_state_dict(student, optimizer, named, options=options)
-
-
-# ---- `nas run --nproc-per-node N`: the winner's full distillation as a torchrun job
-
-
-def distill_in_processes(nproc: int, teacher: str, student: str, data: dict, cfg, out: Path):
-    """Run `distill` of the model directories `teacher` and `student` on the study's `[data]` table
-    in `nproc` torchrun processes; returns rank 0's `nas.distill.Result` (the weights are in out/model)."""
-    from nas.distill import Result
-
-    out.mkdir(parents=True, exist_ok=True)
-    job = {"teacher": teacher, "student": student, "data": data, "distill": asdict(cfg), "out": str(out)}
-    _write_json(out / "job.json", job)
-    code = relaunch(nproc, ["nas.parallel", str(out / "job.json")])
-    if code != 0:
-        raise NasError(f"the distillation in {nproc} processes failed (exit code {code}); see its log above")
-    return Result(**json.loads((out / "result.json").read_text()))
-
-
-def run_job(path: str) -> int:
-    """One torchrun worker of `distill_in_processes`: load, distill, rank 0 writes result.json."""
-    from nas.data import data_config_from_dict, prepare
-    from nas.distill import DistillConfig, distill
-    from nas.families import load_teacher_and_student, load_tokenizer
-
-    job = json.loads(Path(path).read_text())
-    cfg = DistillConfig(**job["distill"])
-    device = local_device(cfg.device)
-    setup(device)
-    teacher, student = load_teacher_and_student(job["teacher"], job["student"], device)
-    with rank_zero_first():
-        data = prepare(data_config_from_dict(job["data"]), load_tokenizer(job["teacher"]))
-    result = distill(teacher, student, data, cfg, job["out"])
-    if world().main:
-        _write_json(Path(job["out"]) / "result.json", asdict(result))
-    teardown()
-    return 0
-
-
-def _write_json(path: Path, value: Any) -> None:
-    write_text_atomic(path, json.dumps(value, indent=1))
-
-
-if __name__ == "__main__":
-    import logging
-
-    logging.basicConfig(level=logging.INFO if world().main else logging.WARNING)
-    sys.exit(run_job(sys.argv[1]))

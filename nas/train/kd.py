@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from nas.device import autocast_for
 from nas.errors import ModelError
-from nas.evaluate import autocast_for
 
 IGNORE_INDEX = -100
 

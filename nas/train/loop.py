@@ -1,8 +1,8 @@
 """The knowledge-distillation loop: a student learns the teacher's next-token distribution (Minitron).
 
 One optimizer step = `grad_accum` micro-batches of `batch_size` packed sequences. The loss is the
-chunked forward KL(teacher || student) of `nas.kd` (with no teacher: plain LM loss, used for teacher
-correction). Every `eval_every` steps and at the end the student is scored with `nas.evaluate.lm_loss`
+chunked forward KL(teacher || student) of `nas.train.kd` (with no teacher: plain LM loss, used for teacher
+correction). Every `eval_every` steps and at the end the student is scored with `nas.evaluate.loss.lm_loss`
 on the same fixed validation sequences (and its KL to the teacher on them). Checkpoints are atomic
 directories `out_dir/checkpoints/step-XXXXXXX/`; calling `distill` again with the same `out_dir`
 resumes from the latest one and reproduces the uninterrupted run (data batches are a pure function
@@ -26,71 +26,22 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from nas import parallel
-from nas.checkpoint import (
+from nas.errors import ModelError, NasError
+from nas.evaluate.loss import lm_loss
+from nas.io import save_model_atomic, write_text_atomic
+from nas.settings import DistillConfig
+from nas.train import dist
+from nas.train.checkpoint import (
+    gather_full_state,
+    gather_model_state,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
-    save_model_atomic,
     tied_names,
-    write_text_atomic,
 )
-from nas.errors import ConfigError, ModelError, NasError
-from nas.evaluate import lm_loss
-from nas.kd import head_weight, kl_to_teacher
+from nas.train.kd import head_weight, kl_to_teacher
 
 log = logging.getLogger(__name__)
-
-SCHEDULES = ("cosine", "wsd", "constant")
-
-
-@dataclass
-class DistillConfig:
-    """Settings of one distillation (or, with no teacher, LM fine-tuning) run."""
-
-    steps: int = 400  # optimizer steps
-    batch_size: int = 8  # sequences per micro-batch, in all (split across torchrun processes)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-4  # peak learning rate
-    min_lr: float = 1e-5  # learning rate at the end of the decay
-    warmup_steps: int = 0  # linear warmup from lr / warmup_steps
-    schedule: str = "cosine"  # "cosine" | "wsd" (warmup-stable-decay) | "constant"
-    decay_fraction: float = 0.2  # WSD: the last fraction of steps decays linearly to min_lr
-    weight_decay: float = 0.0  # AdamW decay of matrices (never norms or biases)
-    grad_clip: float = 1.0  # max global grad norm (0: no clipping)
-    betas: tuple = (0.9, 0.95)
-    ce_weight: float = 0.0  # mix in CE on the labels: (1 - w) * KL + w * CE (0: pure KD, Minitron)
-    temperature: float = 1.0  # softmax temperature of the KL (see nas.kd for the scaling)
-    chunk_tokens: int = 1024  # tokens per chunk of the fused head + loss
-    eval_every: int = 50  # steps between validations (0: only at the end)
-    eval_sequences: int = 64  # validation sequences (the first n of data.val)
-    eval_batch_size: int = 8
-    checkpoint_every: int = 100  # steps between checkpoints (0: none)
-    keep_checkpoints: int = 2  # how many of the latest checkpoints stay on disk
-    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
-    fsdp: bool = False  # under torchrun: shard student and teacher layers with FSDP2 (else DDP)
-    seed: int = 0
-    device: str = "auto"  # auto: CUDA if available (cuda:LOCAL_RANK under torchrun)
-    log_every: int = 10  # steps between train lines in metrics.jsonl
-
-    def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
-        positive = ("steps", "batch_size", "grad_accum", "chunk_tokens", "eval_sequences", "eval_batch_size")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"DistillConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        if not 0.0 <= self.ce_weight <= 1.0:
-            raise ConfigError(f"ce_weight must be in [0, 1], got {self.ce_weight}")
-        if not 0.0 < self.decay_fraction <= 1.0:
-            raise ConfigError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
-        if self.temperature <= 0 or self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ConfigError("need temperature > 0 and 0 <= min_lr <= lr")
-        if min(self.warmup_steps, self.eval_every, self.checkpoint_every, self.log_every) < 0:
-            raise ConfigError("warmup_steps, eval_every, checkpoint_every and log_every must be >= 0")
-        if self.keep_checkpoints < 1:
-            raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
 
 
 @dataclass
@@ -157,7 +108,7 @@ def distill(
 ) -> Result:
     """Train `student` in place to match `teacher` (forward KL on logits) on `data.train_batch`.
 
-    `teacher=None` trains on the plain LM loss (teacher correction). `data` is a `nas.data.TokenData`.
+    `teacher=None` trains on the plain LM loss (teacher correction). `data` is a `nas.data.tokens.TokenData`.
     `on_eval(step, val_loss)` is called after every evaluation and its checkpoint; exceptions from it
     propagate (the search raises optuna.TrialPruned). Re-running with the same `out_dir` resumes from
     the latest checkpoint. Writes `metrics.jsonl`, `checkpoints/`, and finally `model/`.
@@ -165,16 +116,16 @@ def distill(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device = parallel.local_device(cfg.device)
-    parallel.setup(device)
+    device = dist.local_device(cfg.device)
+    dist.setup(device)
     torch.manual_seed(cfg.seed)
     student.to(device)
     if teacher is not None:
         teacher.to(device).eval()
     _check_vocab(teacher, student)
-    model = parallel.wrap(student, teacher, cfg, device)  # before the optimizer: FSDP swaps parameters
+    model = dist.wrap(student, teacher, cfg, device)  # before the optimizer: FSDP swaps parameters
     optimizer = build_optimizer(student, cfg, device)
-    run = _resume(out, student, optimizer, cfg, parallel.is_sharded(model))
+    run = _resume(out, student, optimizer, cfg, dist.is_sharded(model))
     val = torch.as_tensor(data.val(cfg.eval_sequences), dtype=torch.long)
     start_time, start_tokens = time.perf_counter(), run.tokens
     _set_checkpointing(student, cfg.gradient_checkpointing)
@@ -203,12 +154,12 @@ def distill(
 
 def _save_model(model: nn.Module, student: nn.Module, dst: Path) -> None:
     """The final `save_pretrained` export, by rank 0 (from the gathered full weights under FSDP)."""
-    state = parallel.gather_model_state(student) if parallel.is_sharded(model) else None
+    state = gather_model_state(student) if dist.is_sharded(model) else None
     for group in tied_names(student) if state else ():  # one shared tensor, as save_pretrained expects
         state.update({name: state[group[0]] for name in group})
-    if parallel.world().main:
+    if dist.world().main:
         save_model_atomic(student, dst, state)
-    parallel.barrier()
+    dist.barrier()
 
 
 def _set_checkpointing(student: nn.Module, on: bool) -> None:
@@ -230,11 +181,11 @@ def _check_vocab(teacher: nn.Module | None, student: nn.Module) -> None:
 def _resume(out: Path, student: nn.Module, optimizer, cfg: DistillConfig, sharded: bool) -> _Run:
     """Load the latest checkpoint (if any) into student and optimizer (on every rank); rank 0 cuts
     metrics.jsonl back to it."""
-    main = parallel.world().main
+    main = dist.world().main
     if main:
         for stale in (out / "checkpoints").glob(".tmp-*"):  # from a run killed while writing one
             shutil.rmtree(stale, ignore_errors=True)
-    parallel.barrier()
+    dist.barrier()
     path = latest_checkpoint(out)
     if path is None:
         if main:
@@ -258,10 +209,10 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _train(model, data, cfg: DistillConfig, out: Path, optimizer, run: _Run, val, on_eval) -> None:
-    """The step loop from `run.step` to `cfg.steps`; `model` is the wrapped `parallel.StudentLoss`."""
+    """The step loop from `run.step` to `cfg.steps`; `model` is the wrapped `dist.StudentLoss`."""
     window = {"loss": 0.0, "kl": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
-    desc = "train" if parallel.unwrapped(model).teacher is None else "distill"
-    bar = tqdm(total=cfg.steps, initial=run.step, disable=None if parallel.world().main else True, desc=desc)
+    desc = "train" if dist.unwrapped(model).teacher is None else "distill"
+    bar = tqdm(total=cfg.steps, initial=run.step, disable=None if dist.world().main else True, desc=desc)
     model.train()
     with bar:
         while run.step < cfg.steps:
@@ -292,7 +243,7 @@ def _accumulate_grads(model, data, cfg: DistillConfig, optimizer, step: int):
     """Gradients of one optimizer step over `grad_accum` global micro-batches (each rank computes its
     rows; gradients are averaged on the last one), clipped. Returns the global (loss, kl, grad_norm,
     tokens) with kl NaN when there is no teacher."""
-    student = parallel.unwrapped(model).student
+    student = dist.unwrapped(model).student
     device = next(student.parameters()).device
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device)
@@ -304,26 +255,26 @@ def _accumulate_grads(model, data, cfg: DistillConfig, optimizer, step: int):
             data.train_batch(index, cfg.batch_size, cfg.steps * cfg.grad_accum), dtype=torch.long
         )
         tokens += batch.numel()
-        batch = parallel.local_rows(batch).to(device, non_blocking=True)
-        with parallel.sync_context(model, micro == cfg.grad_accum - 1):
+        batch = dist.local_rows(batch).to(device, non_blocking=True)
+        with dist.sync_context(model, micro == cfg.grad_accum - 1):
             loss, kl = model(batch)
             (loss / cfg.grad_accum).backward()
         loss_sum += loss.detach().float()
         kl_sum += kl.float() if kl is not None else math.nan
     params = [p for p in student.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-    means = parallel.global_mean(torch.stack([loss_sum, kl_sum]) / cfg.grad_accum)
-    return *means.tolist(), parallel.full_tensor(norm).float().item(), tokens
+    means = dist.global_mean(torch.stack([loss_sum, kl_sum]) / cfg.grad_accum)
+    return *means.tolist(), dist.full_tensor(norm).float().item(), tokens
 
 
 def _checkpoint(model, optimizer, cfg: DistillConfig, out: Path, run: _Run) -> None:
     """Rank 0 writes the checkpoint (FSDP: from the full state gathered by all ranks); all wait for it."""
-    student = parallel.unwrapped(model).student
-    full = parallel.gather_full_state(student, optimizer) if parallel.is_sharded(model) else None
-    if parallel.world().main:
+    student = dist.unwrapped(model).student
+    full = gather_full_state(student, optimizer) if dist.is_sharded(model) else None
+    if dist.world().main:
         state = asdict(run) | {"config": asdict(cfg)}
         save_checkpoint(out, run.step, student, optimizer, state, cfg.keep_checkpoints, full)
-    parallel.barrier()
+    dist.barrier()
 
 
 def _check_finite(loss: float, norm: float, step: int, out: Path) -> None:
@@ -369,7 +320,7 @@ def _evaluate(model, val, cfg: DistillConfig, out: Path, run: _Run, on_eval) -> 
         return loss, kl
 
     with torch.no_grad():
-        val_loss, kl = parallel.from_rank_zero(parallel.unwrapped(model)(fn=score))
+        val_loss, kl = dist.from_rank_zero(dist.unwrapped(model)(fn=score))
     run.curve.append({"step": run.step, "val_loss": val_loss, "val_kl": kl})
     record = {"step": run.step, "loss": None, "kl": None, "val_loss": val_loss, "val_kl": kl}
     _append_metrics(out, record | {"lr": None, "tokens": run.tokens, "tokens_per_s": None})
@@ -379,6 +330,6 @@ def _evaluate(model, val, cfg: DistillConfig, out: Path, run: _Run, on_eval) -> 
 
 
 def _append_metrics(out: Path, record: dict) -> None:
-    if parallel.world().main:
+    if dist.world().main:
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")

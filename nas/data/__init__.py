@@ -1,0 +1,1 @@
+"""Text in, token sequences out: reading documents (`corpus`), tokenizing, splitting, packing and caching (`tokens`)."""

@@ -1,0 +1,1 @@
+"""Scoring models: the held-out LM loss protocol (`loss`) and lm-evaluation-harness tasks (`harness`, `tasks/`)."""

@@ -1,0 +1,69 @@
+"""The layering: imports run one way (the import-linter contract in pyproject.toml), and the light commands
+(`import nas`, `nas space`, `nas report`) load no training code."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+
+from nas.model.arch import Arch, count_params
+from nas.testing import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINING = ("nas.train", "nas.search.trial", "nas.pipeline", "nas.prune.cut")
+
+
+def loaded_nas_modules(code: str) -> list[str]:
+    """The nas modules a fresh interpreter has loaded after running `code`."""
+    probe = code + "\nimport sys, json\nprint(json.dumps(sorted(m for m in sys.modules if m.startswith('nas'))))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def training_modules(modules: list[str]) -> list[str]:
+    return [m for m in modules if m.startswith(TRAINING)]
+
+
+def test_import_contract_holds():
+    lint = Path(sys.executable).with_name("lint-imports")
+    result = subprocess.run([str(lint)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "1 kept, 0 broken" in result.stdout
+
+
+def test_import_nas_loads_no_training_code():
+    modules = loaded_nas_modules("import nas")
+    assert "nas" in modules
+    assert training_modules(modules) == []
+
+
+def test_nas_space_loads_no_training_code(tmp_path):
+    tiny_config("llama", vocab_size=320).save_pretrained(tmp_path / "teacher")
+    modules = loaded_nas_modules(
+        f"from nas.cli.main import main\nassert main(['space', {str(tmp_path / 'teacher')!r}, '--budget', '60%']) == 0"
+    )
+    assert "nas.prune.space" in modules
+    assert training_modules(modules) == []
+
+
+def test_nas_report_loads_no_training_code(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="s", storage=storage)
+    teacher = Arch.from_hf_config(tiny_config("llama"))
+    for value, layers in ((3.0, 4), (3.5, 3)):  # two finished trials, recorded as nas records them
+        arch = teacher.replace(num_layers=layers)
+        trial = study.ask()
+        trial.set_user_attr("arch", arch.to_dict())
+        trial.set_user_attr("label", arch.describe())
+        trial.set_user_attr("params", count_params(arch))
+        study.tell(trial, value)
+    out = tmp_path / "r.html"
+    modules = loaded_nas_modules(
+        "from nas.cli.main import main\n"
+        f"assert main(['report', '--study', 's', '--storage', {storage!r}, '--out', {str(out)!r}]) == 0"
+    )
+    assert out.stat().st_size > 0
+    assert "nas.report.html" in modules
+    assert training_modules(modules) == []
