@@ -6,7 +6,6 @@ under the study's directory, so re-running the same command continues where it s
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.metadata
 import logging
 from dataclasses import dataclass
@@ -55,7 +54,7 @@ def load_teacher(cfg: RunConfig, data: Any):
         return load_model(cfg.teacher, device=device)
     corrected = cfg.root / "corrected"
     if not (corrected / "model" / "config.json").is_file():
-        run = dataclasses.replace(cfg.distill, steps=cfg.correct_steps, seed=cfg.seed)
+        run = cfg.distill.replace(steps=cfg.correct_steps, seed=cfg.seed)
         log.info("teacher correction: %d steps of LM loss on the distillation data", cfg.correct_steps)
         distill(None, load_model(cfg.teacher, device=device), data, run, corrected)
     return AutoModelForCausalLM.from_pretrained(corrected / "model").to(device).eval()
@@ -94,7 +93,7 @@ def order_candidates(
 def prepare_context(cfg: RunConfig, candidate_keys: list[list[int]] | None = None) -> SearchContext:
     """Load teacher, data, importance and the ordered candidates (the order from the study if given)."""
     tokenizer = load_tokenizer(cfg.teacher)
-    data = prepare(cfg.data_config(), tokenizer)
+    data = prepare(cfg.data, tokenizer)
     teacher = load_teacher(cfg, data)
     check_tokenizer(tokenizer, teacher.config)
     importance = load_or_compute_importance(cfg, teacher, data)
@@ -122,7 +121,7 @@ def record_study_attrs(study: optuna.Study, ctx: SearchContext) -> None:
         "budget": parse_budget(cfg.budget, teacher_arch),
         "importance_path": str((cfg.root / "importance.safetensors").resolve()),
         "data_fingerprint": ctx.data.fingerprint,
-        "data": ", ".join(s["path"] for p in _phases(cfg.data) for s in p["sources"]),
+        "data": ", ".join(s.path for p in cfg.data.phases for s in p.sources),
         "versions": package_versions(),
         "seed": cfg.seed,
         "horizon_steps": cfg.search.horizon_steps,
@@ -135,10 +134,6 @@ def record_study_attrs(study: optuna.Study, ctx: SearchContext) -> None:
     }
     for key, value in attrs.items():
         study.set_user_attr(key, value)
-
-
-def _phases(data: dict[str, Any]) -> list[dict[str, Any]]:
-    return data.get("phases") or [{"sources": data.get("sources", [])}]
 
 
 def package_versions() -> dict[str, str]:
@@ -238,7 +233,7 @@ def _distill_in_processes(ctx: SearchContext, student, checkpoint: Path, nproc: 
     ctx.teacher.to("cpu")
     try:
         result = distill_in_processes(
-            nproc, str(teacher_dir), str(start), cfg.data, cfg.final_distill(), cfg.root / "final"
+            nproc, str(teacher_dir), str(start), cfg.data.to_dict(), cfg.final_distill(), cfg.root / "final"
         )
     finally:
         ctx.teacher.to(device)

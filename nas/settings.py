@@ -1,126 +1,201 @@
-"""Every setting of a run as validated dataclasses, loaded from a study TOML file.
+"""Every setting of nas, defined once: pydantic models that the study TOML loader, the config a study
+records and the CLI flags (`nas.cli.flags`) all come from.
 
 ```toml
 name = "mystudy"                 # outputs go to studies/mystudy/ (out_dir)
 teacher = "Qwen/Qwen3-1.7B"      # local directory or hub id
 budget = "50%"                   # 4B, 350M, 1.5e9 or a share of the teacher
 
-[data]
-seq_len = 1024
-sources = [{ path = "allenai/c4", config = "en", streaming = true }]
-# or blends with phases: phases = [{ start = 0.0, sources = [...] }, { start = 0.8, sources = [...] }]
-
-[space]      # SpaceConfig:      tolerance, max_width_prune, max_depth_prune, steps
-[importance] # ImportanceConfig: num_samples, val_sequences, batch_size
-[search]     # SearchConfig:     horizon_steps, pruner, sampler, n_trials, storage, ...
+[data]       # DataConfig: seq_len, sources = [...] (one blend) or phases = [{start, sources}, ...]
+[space]      # SpaceConfig
+[importance] # ImportanceConfig
+[search]     # SearchConfig
 [distill]    # DistillConfig of every short run (steps come from search.horizon_steps)
 [final]      # DistillConfig overrides for the winner's full distillation (e.g. steps = 20000)
 ```
+
+Every model is frozen, rejects unknown fields, keeps bounds and choices in its types and has a description
+on every field. An invalid value raises `ConfigError` with one line naming the field (e.g.
+`search.reduction_factor must be >= 2, got 1`), before any model or data is loaded.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import math
+import re
 import tomllib
-import typing
-from dataclasses import dataclass, field
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nas.errors import ConfigError
 
 SCHEDULES = ("cosine", "wsd", "constant")
-
-
 DEPTH_STRATEGIES = ("drop-lowest", "contiguous")
-
-
 PRUNERS = ("successive-halving", "hyperband", "none")
-
-
 SAMPLERS = ("auto", "exhaustive", "tpe")
+STEP_KNOBS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_query_groups")
+_WHERE: ContextVar[str] = ContextVar("settings_where", default="")  # the TOML table being loaded
+_NESTED: ContextVar[bool] = ContextVar("settings_nested", default=False)
 
 
-def positive(obj: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+class Settings(BaseModel):
+    """Base of every settings model: validated on construction (positional arguments allowed, in field
+    order, as with a dataclass); an invalid value raises `ConfigError` with one line."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, validate_default=True)
+
+    def __init__(self, *args: Any, **data: Any) -> None:
+        if args:
+            data = dict(zip(type(self).model_fields, args, strict=False)) | data
+        if _NESTED.get():  # pydantic calls this for nested models too: let the outermost one report
+            super().__init__(**data)
+            return
+        token = _NESTED.set(True)
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise ConfigError(one_line(e, type(self), _WHERE.get())) from None
+        finally:
+            _NESTED.reset(token)
+
+    @classmethod
+    def load(cls, data: Any, where: str = "") -> Any:
+        """Build from a TOML table (`where` names it in errors, e.g. "data")."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"[{where or 'top level'}] must be a table, got {type(data).__name__}")
+        token = _WHERE.set(where)
+        try:
+            return cls(**data)
+        finally:
+            _WHERE.reset(token)
+
+    def replace(self, **changes: Any) -> Any:
+        """A validated copy with some fields changed."""
+        return type(self)(**{**dict(self), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready values (tuples as lists), as a study records them."""
+        return self.model_dump(mode="json")
 
 
-def one_of(obj: Any, name: str, choices: tuple[str, ...]) -> None:
-    if getattr(obj, name) not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {getattr(obj, name)!r}")
+def one_line(error: ValidationError, cls: type[BaseModel], where: str = "") -> str:
+    """The first problem of a pydantic ValidationError as one line in nas's words."""
+    e = error.errors()[0]
+    path = ".".join([where] * bool(where) + [str(k) for k in e["loc"]]).replace(".[", "[")
+    path = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", path)
+    got, ctx, kind = e.get("input"), e.get("ctx") or {}, e["type"]
+    if kind == "extra_forbidden":
+        parent = path.rpartition(".")[0] or "top level"
+        known = ", ".join(sorted(_model_at(cls, e["loc"][:-1]).model_fields))
+        return f"unknown field(s) {e['loc'][-1]} in [{parent}]; known: {known}"
+    if kind == "missing":
+        return f"missing required field {path}"
+    if kind == "literal_error":
+        return f"{path} must be one of {ctx['expected']}, got {got!r}"
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    if kind in bounds:
+        return f"{path} must be {bounds[kind]} {next(iter(ctx.values()))}, got {got!r}"
+    if kind in ("model_type", "dict_type", "model_attributes_type"):
+        return f"[{path or 'top level'}] must be a table, got {got!r}"
+    if kind == "value_error":
+        return f"{path}: {ctx['error']}" if path else str(ctx["error"])
+    return f"{path}: {e['msg'].lower()}, got {got!r}"
 
 
-@dataclass(frozen=True)
-class Source:
+def _model_at(cls: type[BaseModel], loc: tuple) -> type[BaseModel]:
+    """The settings model that a location inside `cls` points into (for its list of known fields)."""
+    for key in loc:
+        if isinstance(key, int):
+            continue
+        annotation = cls.model_fields[key].annotation
+        candidates = [annotation, *get_args(annotation)]
+        cls = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), cls)
+    return cls
+
+
+def _described(default: Any, description: str, **bounds: Any) -> Any:
+    return Field(default, description=description, **bounds)
+
+
+# ---- data ------------------------------------------------------------------------------------------
+
+
+class Source(Settings):
     """One corpus: a local .txt/.jsonl/.parquet file or directory, or a Hugging Face datasets id."""
 
-    path: str
-    weight: float = 1.0  # relative share of the phase's train sequences
-    text_field: str = "text"  # .jsonl key / .parquet column / hub column holding the text
-    config: str | None = None  # hub dataset config name (e.g. "en")
-    split: str = "train"  # hub split
-    streaming: bool = False  # hub: stream instead of downloading the whole split
-    max_documents: int | None = None  # read at most this many (non-empty) documents
-
-    def __post_init__(self) -> None:
-        if not self.path:
-            raise ConfigError("a data source needs a path (local file/directory or hub dataset id)")
-        if not self.weight > 0:
-            raise ConfigError(f"data source {self.path!r}: weight must be > 0, got {self.weight!r}")
-        if self.max_documents is not None and self.max_documents < 1:
-            raise ConfigError(
-                f"data source {self.path!r}: max_documents must be >= 1, got {self.max_documents!r}"
-            )
+    path: str = Field(
+        min_length=1, description="local .txt/.jsonl/.parquet file or directory, or a hub dataset id"
+    )
+    weight: float = _described(
+        1.0, "relative share of the phase's train sequences", gt=0, allow_inf_nan=False
+    )
+    text_field: str = _described("text", "JSON key / parquet column / hub column holding the text")
+    config: str | None = _described(None, "hub dataset config name (e.g. en)")
+    split: str = _described("train", "hub dataset split")
+    streaming: bool = _described(False, "stream the hub dataset instead of downloading the split")
+    max_documents: int | None = _described(None, "read at most this many (non-empty) documents", ge=1)
 
 
-@dataclass(frozen=True)
-class Phase:
+class Phase(Settings):
     """A blend of sources used from `start` (a fraction of the train steps) on."""
 
-    sources: tuple[Source, ...]
-    start: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not self.sources:
-            raise ConfigError("a data phase needs at least one source")
-        if not 0.0 <= self.start < 1.0:
-            raise ConfigError(f"a data phase's start must be in [0, 1), got {self.start!r}")
+    sources: Annotated[tuple[Source, ...], Field(strict=False, min_length=1)] = Field(
+        description="the weighted sources of this phase"
+    )
+    start: float = _described(0.0, "fraction of the train steps at which this phase begins", ge=0, lt=1)
 
 
-@dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Settings):
     """Where the text comes from (phases of weighted sources) and how it is cut into sequences."""
 
-    phases: tuple[Phase, ...]  # one phase = a plain blend
-    seq_len: int = 512
-    val_fraction: float = 0.05  # of documents, by a content hash
-    calib_fraction: float = 0.05
-    cache_dir: str = ".nas_cache/data"
-    seed: int = 0
+    phases: Annotated[tuple[Phase, ...], Field(strict=False, min_length=1)] = Field(
+        description="blends of sources by training progress; `sources = [...]` is one phase"
+    )
+    seq_len: int = _described(512, "tokens per packed sequence", ge=2)
+    val_fraction: float = _described(
+        0.05, "share of documents (by content hash) held out for validation", gt=0, lt=1
+    )
+    calib_fraction: float = _described(
+        0.05, "share of documents (by content hash) for importance calibration", gt=0, lt=1
+    )
+    cache_dir: str = _described(".nas_cache/data", "directory of the tokenized, packed token cache")
+    seed: int = _described(0, "seed of the train batch sampling (data order)")
 
-    def __post_init__(self) -> None:
-        starts = [p.start for p in self.phases]
-        if not starts or starts[0] != 0.0 or starts != sorted(set(starts)):
-            raise ConfigError(f"data phases must start at 0.0 and have increasing starts, got {starts}")
-        if self.seq_len < 2:
-            raise ConfigError(f"seq_len must be >= 2, got {self.seq_len}")
-        if not (
-            0 < self.val_fraction and 0 < self.calib_fraction and self.val_fraction + self.calib_fraction < 1
-        ):
-            raise ConfigError(
-                f"val_fraction ({self.val_fraction}) and calib_fraction ({self.calib_fraction}) must be > 0 "
-                "and sum to less than 1"
+    @model_validator(mode="before")
+    @classmethod
+    def _sources_shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "sources" in data:
+            if "phases" in data:
+                raise ValueError(
+                    "[data] needs exactly one of `sources = [...]` or `phases = [{start, sources}, ...]`"
+                )
+            data = {**data, "phases": [{"sources": data["sources"]}]}
+            del data["sources"]
+        elif isinstance(data, dict) and "phases" not in data:
+            raise ValueError(
+                "[data] needs exactly one of `sources = [...]` or `phases = [{start, sources}, ...]`"
             )
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        starts = [p.start for p in self.phases]
+        if starts[0] != 0.0 or starts != sorted(set(starts)):
+            raise ValueError(f"data phases must start at 0.0 and have increasing starts, got {starts}")
+        if self.val_fraction + self.calib_fraction >= 1:
+            raise ValueError(
+                f"val_fraction ({self.val_fraction}) and calib_fraction ({self.calib_fraction}) must sum to less than 1"
+            )
+        return self
 
     @classmethod
     def single(cls, path: str, **kw: Any) -> DataConfig:
         """One source, one phase; `kw` may hold fields of Source and of DataConfig."""
-        source_fields = {f.name for f in dataclasses.fields(Source)}
-        source = Source(path, **{k: v for k, v in kw.items() if k in source_fields})
-        return cls((Phase((source,)),), **{k: v for k, v in kw.items() if k not in source_fields})
+        source = Source(path, **{k: v for k, v in kw.items() if k in Source.model_fields})
+        return cls((Phase((source,)),), **{k: v for k, v in kw.items() if k not in Source.model_fields})
 
     @property
     def sources(self) -> tuple[Source, ...]:
@@ -128,162 +203,194 @@ class DataConfig:
         seen: dict[Source, None] = {}
         for phase in self.phases:
             for s in phase.sources:
-                seen.setdefault(dataclasses.replace(s, weight=1.0))
+                seen.setdefault(s.replace(weight=1.0))
         return tuple(seen)
 
 
 def data_config_from_dict(data: dict[str, Any]) -> DataConfig:
     """A DataConfig from a study TOML's [data] table: `sources = [...]` (one blend) or
     `phases = [{start, sources}, ...]`, plus seq_len, val_fraction, calib_fraction, cache_dir, seed."""
-    data = dict(data)
-    if ("sources" in data) == ("phases" in data):
-        raise ConfigError(
-            "[data] needs exactly one of `sources = [...]` or `phases = [{start, sources}, ...]`"
-        )
-    phases = data.pop("phases", None) or [{"sources": data.pop("sources")}]
-    built = []
-    for i, phase in enumerate(phases):
-        if not isinstance(phase, dict) or not isinstance(phase.get("sources"), list):
-            raise ConfigError(f"data.phases[{i}] must be a table with a list `sources`")
-        sources = tuple(
-            from_mapping(Source, s, f"data.phases[{i}].sources[{j}]") for j, s in enumerate(phase["sources"])
-        )
-        built.append(from_mapping(Phase, {**phase, "sources": sources}, f"data.phases[{i}]"))
-    return from_mapping(DataConfig, {**data, "phases": tuple(built)}, "data")
+    return DataConfig.load(data, "data")
 
 
-@dataclass(frozen=True)
-class SpaceConfig:
+# ---- what to search ----------------------------------------------------------------------------------
+
+
+class SpaceConfig(Settings):
     """Which architectures are valid candidates (besides the budget)."""
 
-    tolerance: float = 0.05  # candidates have budget*(1-tolerance) <= params <= budget
-    max_width_prune: float = 0.5  # at most this fraction of any width knob is cut
-    max_depth_prune: float = 0.5  # at most this fraction of the layers is cut
-    steps: dict[str, int] = field(default_factory=dict)  # per-knob step; missing knobs get default_steps
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.tolerance < 1:
-            raise ConfigError(f"tolerance must be in [0, 1), got {self.tolerance}")
-        for name in ("max_width_prune", "max_depth_prune"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        unknown = set(self.steps) - {"num_layers", "hidden_size", "ffn_hidden_size", "num_query_groups"}
-        if unknown:
-            raise ConfigError(
-                f"unknown step knob(s) {sorted(unknown)}; steps apply to num_layers, hidden_size, ffn_hidden_size, num_query_groups"
-            )
+    tolerance: float = _described(
+        0.05, "candidates have budget*(1-tolerance) <= params <= budget", ge=0, lt=1
+    )
+    max_width_prune: float = _described(0.5, "at most this fraction of any width knob is cut", ge=0, lt=1)
+    max_depth_prune: float = _described(0.5, "at most this fraction of the layers is cut", ge=0, lt=1)
+    steps: dict[Literal[STEP_KNOBS], Annotated[int, Field(ge=1)]] = _described(  # type: ignore[valid-type]
+        {},
+        "per-knob step of the sizes (num_layers, hidden_size, ffn_hidden_size, num_query_groups); "
+        "missing knobs get hardware-friendly defaults",
+    )
 
 
-@dataclass
-class DistillConfig:
-    """Settings of one distillation (or, with no teacher, LM fine-tuning) run."""
+class ImportanceConfig(Settings):
+    """The importance pass (Minitron: activations on ~1024 calibration sequences, no gradients)."""
 
-    steps: int = 400  # optimizer steps
-    batch_size: int = 8  # sequences per micro-batch, in all (split across torchrun processes)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-4  # peak learning rate
-    min_lr: float = 1e-5  # learning rate at the end of the decay
-    warmup_steps: int = 0  # linear warmup from lr / warmup_steps
-    schedule: str = "cosine"  # "cosine" | "wsd" (warmup-stable-decay) | "constant"
-    decay_fraction: float = 0.2  # WSD: the last fraction of steps decays linearly to min_lr
-    weight_decay: float = 0.0  # AdamW decay of matrices (never norms or biases)
-    grad_clip: float = 1.0  # max global grad norm (0: no clipping)
-    betas: tuple = (0.9, 0.95)
-    ce_weight: float = 0.0  # mix in CE on the labels: (1 - w) * KL + w * CE (0: pure KD, Minitron)
-    temperature: float = 1.0  # softmax temperature of the KL (see nas.train.kd for the scaling)
-    chunk_tokens: int = 1024  # tokens per chunk of the fused head + loss
-    eval_every: int = 50  # steps between validations (0: only at the end)
-    eval_sequences: int = 64  # validation sequences (the first n of data.val)
-    eval_batch_size: int = 8
-    checkpoint_every: int = 100  # steps between checkpoints (0: none)
-    keep_checkpoints: int = 2  # how many of the latest checkpoints stay on disk
-    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
-    fsdp: bool = False  # under torchrun: shard student and teacher layers with FSDP2 (else DDP)
-    seed: int = 0
-    device: str = "auto"  # auto: CUDA if available (cuda:LOCAL_RANK under torchrun)
-    log_every: int = 10  # steps between train lines in metrics.jsonl
-
-    def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
-        positive = ("steps", "batch_size", "grad_accum", "chunk_tokens", "eval_sequences", "eval_batch_size")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"DistillConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        if not 0.0 <= self.ce_weight <= 1.0:
-            raise ConfigError(f"ce_weight must be in [0, 1], got {self.ce_weight}")
-        if not 0.0 < self.decay_fraction <= 1.0:
-            raise ConfigError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
-        if self.temperature <= 0 or self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ConfigError("need temperature > 0 and 0 <= min_lr <= lr")
-        if min(self.warmup_steps, self.eval_every, self.checkpoint_every, self.log_every) < 0:
-            raise ConfigError("warmup_steps, eval_every, checkpoint_every and log_every must be >= 0")
-        if self.keep_checkpoints < 1:
-            raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+    num_samples: int = _described(1024, "calibration sequences", ge=1)
+    val_sequences: int = _described(64, "held-out sequences for the loss with each layer removed", ge=1)
+    batch_size: int = _described(8, "sequences per forward of the importance pass", ge=1)
 
 
-@dataclass(frozen=True)
-class ImportanceConfig:
-    num_samples: int = 1024  # calibration sequences
-    val_sequences: int = 64  # held-out sequences for the layer-drop loss
-    batch_size: int = 8
+class SearchConfig(Settings):
+    """The Optuna study: one trial = one candidate, pruned and distilled for a short horizon."""
 
-    def __post_init__(self) -> None:
-        positive(self, "num_samples", "val_sequences", "batch_size")
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    horizon_steps: int = 400  # short KD per candidate (Minitron: ~400 steps; rankings settle by ~300)
-    eval_every: int = 50  # validation (and trial.report) interval in steps
-    pruner: str = "successive-halving"  # successive-halving | hyperband | none
-    reduction_factor: int = 3  # keep the best 1/reduction_factor at each rung
-    sampler: str = "auto"  # auto: exhaustive when the space has <= max_exhaustive candidates, else TPE
-    max_exhaustive: int = 64
-    n_trials: int = 0  # 0: every candidate (exhaustive) or 20 (sampled)
-    order: str = "pruned-loss"  # exhaustive order: pruned-loss (best first, cheap) or params
-    top_k: int = 5  # trials re-ranked at half vs full horizon for the stability check
-    storage: str = ""  # Optuna storage URL; default sqlite:///<out_dir>/study.db
-    latency_tokens: int = 128  # forward length for the latency measurement
-    heartbeat_interval: int = 30  # seconds; a trial silent for grace_period is failed and retried
-    grace_period: int = 120
-    max_retry: int = 2
-
-    def __post_init__(self) -> None:
-        positive(self, "horizon_steps", "eval_every", "reduction_factor", "max_exhaustive", "top_k")
-        one_of(self, "pruner", PRUNERS)
-        one_of(self, "sampler", SAMPLERS)
-        one_of(self, "order", ("pruned-loss", "params"))
-        if self.n_trials < 0:
-            raise ConfigError(f"search.n_trials must be >= 0, got {self.n_trials}")
+    horizon_steps: int = _described(
+        400, "KD steps per candidate (Minitron: ~400; rankings settle by ~300)", ge=1
+    )
+    eval_every: int = _described(50, "steps between validations (and trial.report, the pruner's rungs)", ge=1)
+    pruner: Literal[PRUNERS] = _described("successive-halving", "how losing trials are stopped early")  # type: ignore[valid-type]
+    reduction_factor: int = _described(3, "keep the best 1/reduction_factor of the trials at each rung", ge=2)
+    sampler: Literal[SAMPLERS] = _described(  # type: ignore[valid-type]
+        "auto", "auto: exhaustive when the space has <= max_exhaustive candidates, else TPE"
+    )
+    max_exhaustive: int = _described(64, "largest space searched exhaustively under sampler = auto", ge=1)
+    n_trials: int = _described(
+        0, "finished trials wanted; 0: every candidate (exhaustive) or 20 (sampled)", ge=0
+    )
+    order: Literal["pruned-loss", "params"] = _described(
+        "pruned-loss", "exhaustive order: best zero-shot loss first (pruned-loss) or largest first (params)"
+    )
+    top_k: int = _described(
+        5, "trials re-ranked at half vs full horizon; their short-run models are kept", ge=1
+    )
+    storage: str = _described("", "Optuna storage URL (default sqlite:///<out_dir>/study.db)")
+    latency_tokens: int = _described(128, "sequence length of the latency measurement", ge=1)
+    heartbeat_interval: int = _described(30, "seconds between a running trial's heartbeats", ge=1)
+    grace_period: int = _described(120, "seconds of silence after which a trial is failed and retried", ge=1)
+    max_retry: int = _described(2, "retries of a failed candidate before it is given up", ge=0)
 
 
-@dataclass(frozen=True)
-class RunConfig:
+# ---- how to train ------------------------------------------------------------------------------------
+
+
+class DistillConfig(Settings):
+    """One distillation (or, with no teacher, LM fine-tuning) run."""
+
+    steps: int = _described(400, "optimizer steps", ge=1)
+    batch_size: int = _described(
+        8, "sequences per micro-batch, in all (split across torchrun processes)", ge=1
+    )
+    grad_accum: int = _described(1, "micro-batches per optimizer step", ge=1)
+    lr: float = _described(1e-4, "peak learning rate", gt=0, allow_inf_nan=False)
+    min_lr: float = _described(1e-5, "learning rate at the end of the decay", ge=0, allow_inf_nan=False)
+    warmup_steps: int = _described(0, "linear warmup steps", ge=0)
+    schedule: Literal[SCHEDULES] = _described("cosine", "learning-rate decay after the warmup")  # type: ignore[valid-type]
+    decay_fraction: float = _described(
+        0.2, "wsd: the last fraction of steps decays linearly to min_lr", gt=0, le=1
+    )
+    weight_decay: float = _described(0.0, "AdamW weight decay of matrices (never norms or biases)", ge=0)
+    grad_clip: float = _described(1.0, "max global gradient norm (0: no clipping)", ge=0)
+    betas: Annotated[tuple[float, float], Field(strict=False)] = _described((0.9, 0.95), "AdamW betas")
+    ce_weight: float = _described(
+        0.0, "loss = (1 - w) * KL + w * CE on the labels (0: pure KD, Minitron)", ge=0, le=1
+    )
+    temperature: float = _described(
+        1.0, "softmax temperature of the KL (see nas.train.kd)", gt=0, allow_inf_nan=False
+    )
+    chunk_tokens: int = _described(1024, "tokens per chunk of the fused LM head + loss", ge=1)
+    eval_every: int = _described(50, "steps between validations (0: only at the end)", ge=0)
+    eval_sequences: int = _described(64, "validation sequences (the first n of the validation split)", ge=1)
+    eval_batch_size: int = _described(8, "sequences per validation forward", ge=1)
+    checkpoint_every: int = _described(100, "steps between checkpoints (0: none)", ge=0)
+    keep_checkpoints: int = _described(2, "how many of the latest checkpoints stay on disk", ge=1)
+    gradient_checkpointing: bool = _described(False, "recompute activations in backward to save memory")
+    fsdp: bool = _described(
+        False, "with several processes: shard student and teacher layers with FSDP2, not DDP"
+    )
+    seed: int = _described(0, "torch seed of the run (the data order is data.seed)")
+    device: str = _described(
+        "auto", "auto (CUDA if available; cuda:LOCAL_RANK under torchrun), cpu, cuda, cuda:1 ..."
+    )
+    log_every: int = _described(10, "steps between train lines in metrics.jsonl", ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> DistillConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
+        return self
+
+
+class Launch(Settings):
+    """How many processes a command trains in."""
+
+    nproc_per_node: int = _described(
+        1,
+        "processes (GPUs) to train on: reruns itself under torchrun; --batch-size is the global batch",
+        ge=1,
+    )
+
+
+class EvalConfig(Settings):
+    """`nas eval`: held-out perplexity and lm-evaluation-harness tasks."""
+
+    tasks: list[str] = _described([], "lm-eval tasks, comma-separated (offline: kjv_cloze, kjv_lastword)")
+    include_paths: list[str] = _described([], "folders of lm-eval task YAML files (repeatable)")
+    limit: int | None = _described(None, "score at most N items of each task (default all)", ge=1)
+    val_sequences: int | None = _described(None, "score at most N validation sequences per data source", ge=1)
+    batch_size: int = _described(8, "sequences per forward", ge=1)
+
+
+# ---- a study -----------------------------------------------------------------------------------------
+
+BUDGET = re.compile(r"^\s*(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*([kKmMbBgGtT%]?)\s*$")
+
+
+class RunConfig(Settings):
     """One study: teacher, data, budget, and how to search and distill."""
 
-    name: str
-    teacher: str
-    data: dict[str, Any]
-    budget: str = "50%"
-    out_dir: str = ""  # default studies/<name>
-    depth_strategy: str = "drop-lowest"
-    correct_steps: int = 0  # teacher correction (plain LM fine-tune) before pruning; 0: off
-    seed: int = 0
-    device: str = "auto"
-    space: SpaceConfig = field(default_factory=SpaceConfig)
-    importance: ImportanceConfig = field(default_factory=ImportanceConfig)
-    search: SearchConfig = field(default_factory=SearchConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    final: dict[str, Any] = field(default_factory=lambda: {"steps": 2000})
+    name: str = Field(description="study name: outputs go to studies/<name>/")
+    teacher: str = Field(min_length=1, description="the teacher: a local model directory or a hub id")
+    data: DataConfig = Field(description="the text of importance, search, distillation and validation")
+    budget: str | int | float = _described("50%", "parameter budget: 4B, 350M, 1.5e9 or a share such as 50%")
+    out_dir: str = _described("", "where the study's files go (default studies/<name>)")
+    depth_strategy: Literal[DEPTH_STRATEGIES] = _described(  # type: ignore[valid-type]
+        "drop-lowest",
+        "which layers a shallower candidate keeps: drop the least important, or the best contiguous block",
+    )
+    correct_steps: int = _described(0, "teacher correction: LM fine-tune steps before pruning (0: off)", ge=0)
+    seed: int = _described(0, "seed of every short run")
+    device: str = _described("auto", "auto (CUDA if available), cpu, cuda, cuda:1 ...")
+    space: SpaceConfig = _described(SpaceConfig(), "which architectures are candidates")
+    importance: ImportanceConfig = _described(ImportanceConfig(), "the importance pass")
+    search: SearchConfig = _described(SearchConfig(), "the Optuna search")
+    distill: DistillConfig = _described(
+        DistillConfig(), "KD settings of every run (trials use search.horizon_steps)"
+    )
+    final: dict[str, Any] = _described(
+        {"steps": 2000}, "DistillConfig overrides for the winner's full distillation"
+    )
 
-    def __post_init__(self) -> None:
-        if not self.name or "/" in self.name:
-            raise ConfigError(f"name must be a plain non-empty study name, got {self.name!r}")
-        one_of(self, "depth_strategy", DEPTH_STRATEGIES)
-        self.final_distill()  # validate the overrides now, not after the search
-        self.data_config()
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not value or "/" in value or value.strip() != value:
+            raise ValueError(f"must be a plain non-empty study name (no '/'), got {value!r}")
+        return value
+
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, value: str | int | float) -> str | int | float:
+        match = BUDGET.match(str(value))
+        if (
+            not match
+            or not math.isfinite(float(match[1] + (match[3] or "")))
+            or float(match[1] + (match[3] or "")) <= 0
+        ):
+            raise ValueError(f"cannot read budget {value!r}; write e.g. 4B, 350M, 1.5e9 or 50%")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        self.final_distill()  # the overrides are validated now, not after the search
+        return self
 
     @property
     def root(self) -> Path:
@@ -295,19 +402,18 @@ class RunConfig:
 
     def short_distill(self) -> DistillConfig:
         """The KD settings of one trial: `distill` with the search horizon."""
-        return dataclasses.replace(
-            self.distill, steps=self.search.horizon_steps, eval_every=self.search.eval_every, seed=self.seed
+        return self.distill.replace(
+            steps=self.search.horizon_steps, eval_every=self.search.eval_every, seed=self.seed
         )
 
     def final_distill(self) -> DistillConfig:
         """The winner's full distillation: `distill` with the `final` overrides."""
-        return from_mapping(DistillConfig, {**dataclasses.asdict(self.distill), **self.final}, "final")
-
-    def data_config(self):
-        return data_config_from_dict(self.data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        where, nested = _WHERE.set("final"), _NESTED.set(False)  # report it as the [final] table
+        try:
+            return DistillConfig(**{**dict(self.distill), **self.final})
+        finally:
+            _WHERE.reset(where)
+            _NESTED.reset(nested)
 
 
 def load_run_config(path: str | Path) -> RunConfig:
@@ -317,57 +423,17 @@ def load_run_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"study file {path} does not exist")
     try:
         data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid TOML: {e}") from e
     data.setdefault("name", path.stem)
     return run_config_from_dict(data)
 
 
 def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
-    return from_mapping(RunConfig, data, "top level")
+    """A RunConfig from a parsed study TOML (or the config a study recorded)."""
+    return RunConfig.load(data)
 
 
-def from_mapping(cls: type, data: dict[str, Any], where: str) -> Any:
-    """Build dataclass `cls` from a mapping, with one clear error per unknown field or wrong type."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"[{where}] must be a table, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(
-            f"unknown field(s) {', '.join(unknown)} in [{where}]; known: {', '.join(sorted(known))}"
-        )
-    kwargs = {
-        name: _coerce(value, hints[name], f"{where}.{name}" if where != "top level" else name)
-        for name, value in data.items()
-    }
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs and _required(f)]
-    if missing:
-        raise ConfigError(f"missing required field(s) {', '.join(missing)} in [{where}]")
-    return cls(**kwargs)
-
-
-def _required(f: dataclasses.Field) -> bool:
-    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    if dataclasses.is_dataclass(hint):
-        return value if isinstance(value, hint) else from_mapping(hint, value, where)
-    origin = typing.get_origin(hint) or hint
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
-        return value
-    if origin is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if origin is tuple and isinstance(value, list):
-        return tuple(value)
-    if origin in (int, float, str, bool, dict, list, tuple) and not _isinstance(value, origin):
-        raise ConfigError(f"{where} must be {origin.__name__}, got {value!r}")
-    return value
-
-
-def _isinstance(value: Any, origin: type) -> bool:
-    if origin is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, origin)
+def annotation_choices(annotation: Any) -> tuple | None:
+    """The allowed values of a Literal field (for CLI choices), else None."""
+    return get_args(annotation) if get_origin(annotation) is Literal else None

@@ -88,7 +88,7 @@ def test_tiny_demo_writes_every_artifact(tmp_path, monkeypatch):
     assert len(AutoTokenizer.from_pretrained(teacher)) == TINY.teacher.vocab_size
     # the tokenizer saw exactly the documents nas.data put in the train split
     corpus = out / "corpus" / "kjv.jsonl"
-    seen = {document_hash(t) for t in train_texts(corpus, run_config(out, corpus, TINY, "cpu").data_config())}
+    seen = {document_hash(t) for t in train_texts(corpus, run_config(out, corpus, TINY, "cpu").data)}
     assert seen == set(np.load(next((out / "cache").glob("*/train.hashes.npy"))).tolist())
     assert (out / "importance.safetensors").is_file()
     study = optuna.load_study(study_name="demo", storage=f"sqlite:///{out / 'study.db'}")

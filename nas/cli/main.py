@@ -7,12 +7,21 @@ import logging
 import os
 import sys
 
+from nas.cli.flags import add_flags, settings_from_args
 from nas.cli.train import add_correct, add_data_args, add_distill, data_config_from_args
 from nas.errors import ConfigError, NasError
+from nas.settings import EvalConfig, ImportanceConfig, Launch, RunConfig, SearchConfig, SpaceConfig
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with nas's error format: one line on stderr and exit code 2 (no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(2, f"nas: error: {self.prog}: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nas", description=__doc__)
+    parser = Parser(prog="nas", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
@@ -33,19 +42,17 @@ def add_importance(sub) -> None:
 
 
 def add_importance_args(p) -> None:
-    p.add_argument("--num-samples", type=int, default=1024, help="calibration sequences (default 1024)")
-    p.add_argument("--val-sequences", type=int, default=64, help="held-out sequences for layer-drop loss")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
+    add_flags(p, ImportanceConfig)
+    add_flags(p, RunConfig, ["device"])
 
 
-def importance_from_data(args, teacher, tokenizer):
+def importance_from_data(args, teacher, tokenizer, data_cfg, imp: ImportanceConfig):
     from nas.data.tokens import prepare
     from nas.prune.importance import compute_importance
 
-    data = prepare(data_config_from_args(args), tokenizer)
+    data = prepare(data_cfg, tokenizer)
     return compute_importance(
-        teacher, data.calib(args.num_samples), data.val(args.val_sequences), args.batch_size
+        teacher, data.calib(imp.num_samples), data.val(imp.val_sequences), imp.batch_size
     )
 
 
@@ -53,8 +60,9 @@ def cmd_importance(args) -> int:
     from nas.device import resolve_device
     from nas.model.families import load_model, load_tokenizer
 
-    teacher = load_model(args.teacher, device=resolve_device(args.device))
-    importance = importance_from_data(args, teacher, load_tokenizer(args.teacher))
+    data_cfg, imp = data_config_from_args(args), settings_from_args(args, ImportanceConfig)
+    teacher = load_model(args.teacher, device=resolve_device(device_of(args)))
+    importance = importance_from_data(args, teacher, load_tokenizer(args.teacher), data_cfg, imp)
     path = importance.save(args.out)
     print(
         f"wrote {path}: {importance.num_samples} calibration sequences, base val loss {importance.base_loss:.4f}"
@@ -62,16 +70,18 @@ def cmd_importance(args) -> int:
     return 0
 
 
-def add_prune(sub) -> None:
-    from nas.settings import DEPTH_STRATEGIES
+def device_of(args) -> str:
+    return getattr(args, "device", RunConfig.model_fields["device"].default)
 
+
+def add_prune(sub) -> None:
     p = sub.add_parser("prune", help="cut one architecture out of a teacher and save it")
     p.add_argument("teacher", help="local model directory or hub id")
     p.add_argument("out", help="output model directory")
     p.add_argument("--importance", help="importance file from `nas importance` (or give --data)")
     for knob in ("num-layers", "hidden-size", "ffn-hidden-size", "num-attention-heads", "num-query-groups"):
         p.add_argument(f"--{knob}", type=int, help="(default: the teacher's)")
-    p.add_argument("--depth-strategy", choices=DEPTH_STRATEGIES, default="drop-lowest")
+    add_flags(p, RunConfig, ["depth_strategy"])
     add_data_args(p)
     add_importance_args(p)
     p.set_defaults(func=cmd_prune)
@@ -86,17 +96,20 @@ def cmd_prune(args) -> int:
 
     if bool(args.importance) == bool(args.data):
         raise ConfigError("give exactly one of --importance FILE or --data DATA")
+    depth_strategy = getattr(args, "depth_strategy", RunConfig.model_fields["depth_strategy"].default)
+    if args.data:  # every setting is validated before a model is loaded
+        data_cfg, imp = data_config_from_args(args), settings_from_args(args, ImportanceConfig)
     teacher_arch = Arch.from_hf_config(load_config(args.teacher))
     knobs = {k: getattr(args, k) for k in KNOBS if getattr(args, k) is not None}
     arch = teacher_arch.replace(**knobs)
     check_prunable(teacher_arch, arch)  # fail before loading any weights
-    teacher = load_model(args.teacher, device=resolve_device(args.device))
+    teacher = load_model(args.teacher, device=resolve_device(device_of(args)))
     tokenizer = load_tokenizer(args.teacher)
     if args.importance:
         importance = Importance.load(args.importance)
     else:
-        importance = importance_from_data(args, teacher, tokenizer)
-    model = prune(teacher, arch, importance, args.depth_strategy)
+        importance = importance_from_data(args, teacher, tokenizer, data_cfg, imp)
+    model = prune(teacher, arch, importance, depth_strategy)
     save_pruned(model, args.out, tokenizer, teacher=args.teacher)
     numel = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.out}: {arch.describe()}, {numel:,} params (analytic {count_params(arch):,})")
@@ -109,12 +122,8 @@ SUBCOMMANDS += [add_importance, add_prune]
 def add_space(sub) -> None:
     p = sub.add_parser("space", help="print every candidate architecture under a budget (runs nothing)")
     p.add_argument("teacher", help="local model directory or hub id (only its config is read)")
-    p.add_argument("--budget", required=True, help="4B, 350M, 1.5e9 or 50%% of the teacher")
-    p.add_argument(
-        "--tolerance", type=float, default=0.05, help="candidates have budget*(1-tolerance) <= params"
-    )
-    p.add_argument("--max-width-prune", type=float, default=0.5)
-    p.add_argument("--max-depth-prune", type=float, default=0.5)
+    add_flags(p, RunConfig, ["budget"], required=["budget"])
+    add_flags(p, SpaceConfig, ["tolerance", "max_width_prune", "max_depth_prune"])
     p.set_defaults(func=cmd_space)
 
 
@@ -122,10 +131,9 @@ def cmd_space(args) -> int:
     from nas.model.arch import Arch, count_params
     from nas.model.families import load_config
     from nas.prune.space import candidates_frame, enumerate_candidates
-    from nas.settings import SpaceConfig
 
+    config = settings_from_args(args, SpaceConfig, ["tolerance", "max_width_prune", "max_depth_prune"])
     teacher = Arch.from_hf_config(load_config(args.teacher))
-    config = SpaceConfig(args.tolerance, args.max_width_prune, args.max_depth_prune)
     candidates = enumerate_candidates(teacher, args.budget, config)
     print(f"teacher {teacher.describe()}: {count_params(teacher):,} params; {len(candidates)} candidates")
     print(candidates_frame(candidates, teacher).to_string(index=False))
@@ -139,11 +147,9 @@ def add_search(sub) -> None:
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("study", help="study TOML file, e.g. studies/mystudy.toml")
-        p.add_argument("--storage", help="Optuna storage URL (default sqlite under studies/<name>/)")
+        add_flags(p, SearchConfig, ["storage"])
         p.set_defaults(func=func)
-    p.add_argument(  # `run` only: its final full distillation under torchrun
-        "--nproc-per-node", type=int, default=1, help="processes (GPUs) for the final distillation"
-    )
+    add_flags(p, Launch)  # `run` only: its final full distillation under torchrun
     p = sub.add_parser("worker", help="join a study in shared storage and run its trials until it is done")
     p.add_argument("--storage", required=True, help="e.g. postgresql+psycopg://user:pw@host/db")
     p.add_argument("--study", required=True, help="study name")
@@ -152,13 +158,11 @@ def add_search(sub) -> None:
 
 
 def study_config(args):
-    import dataclasses
-
     from nas.settings import load_run_config
 
     cfg = load_run_config(args.study)
-    if args.storage:
-        cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, storage=args.storage))
+    if getattr(args, "storage", ""):
+        cfg = cfg.replace(search=cfg.search.replace(storage=args.storage))
     return cfg
 
 
@@ -175,9 +179,8 @@ def cmd_search(args) -> int:
 def cmd_run(args) -> int:
     from nas.pipeline import run
 
-    if args.nproc_per_node < 1:
-        raise ConfigError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
-    result = run(study_config(args), nproc_per_node=args.nproc_per_node)
+    launch = settings_from_args(args, Launch)
+    result = run(study_config(args), nproc_per_node=launch.nproc_per_node)
     print(f"teacher val loss {result.teacher_val_loss:.4f}; winner val loss {result.winner_val_loss:.4f}")
     print(f"winner: {result.winner_dir}\nreport: {result.report}")
     return 0
@@ -210,14 +213,14 @@ def add_demo(sub) -> None:
     p.add_argument(
         "--minutes", type=float, default=10.0, help="scales every stage's steps (default %(default)s)"
     )
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
+    add_flags(p, RunConfig, ["device"])
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args) -> int:
     from nas.demo.run import closing_table, run_demo
 
-    print(closing_table(run_demo(args.out, args.minutes, args.device)))
+    print(closing_table(run_demo(args.out, args.minutes, device_of(args))))
     return 0
 
 
@@ -252,31 +255,28 @@ def add_eval(sub) -> None:
     )
     p.add_argument("model", help="local model directory or hub id")
     add_data_args(p)
-    p.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. kjv_cloze or hellaswag,arc_easy")
-    p.add_argument(
-        "--include-path", action="append", default=[], metavar="DIR", help="task YAML folder (repeatable)"
-    )
-    p.add_argument("--limit", type=int, help="score at most N items of each task (default all)")
-    p.add_argument("--val-sequences", type=int, help="score at most N validation sequences per --data source")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
+    add_flags(p, EvalConfig, names=EVAL_NAMES)
+    add_flags(p, RunConfig, ["device"])
     p.add_argument("--out", help="JSON to write (default MODEL/eval.json; eval-<hub id>.json for a hub id)")
     p.set_defaults(func=cmd_eval)
+
+
+EVAL_NAMES = {"include_paths": "include-path"}
 
 
 def cmd_eval(args) -> int:
     from nas.evaluate.harness import eval_json_path, evaluate_model, format_results, save_results
 
-    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    cfg = settings_from_args(args, EvalConfig, names=EVAL_NAMES)
     record = evaluate_model(
         args.model,
-        tasks,
+        cfg.tasks,
         data_config_from_args(args) if args.data else None,
-        include_paths=args.include_path,
-        limit=args.limit,
-        batch_size=args.batch_size,
-        num_sequences=args.val_sequences,
-        device=args.device,
+        include_paths=cfg.include_paths,
+        limit=cfg.limit,
+        batch_size=cfg.batch_size,
+        num_sequences=cfg.val_sequences,
+        device=device_of(args),
     )
     print(format_results(record))
     print(f"\nwrote {save_results(record, args.out or eval_json_path(args.model))}")

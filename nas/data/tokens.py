@@ -15,7 +15,6 @@ Validation and calibration rows are fixed: the sources of every phase, interleav
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -69,9 +68,7 @@ class TokenData:
 
     def __post_init__(self) -> None:
         index = {s: i for i, s in enumerate(self.sources)}
-        self._phase_ids = [
-            np.array([index[dataclasses.replace(s, weight=1.0)] for s in p.sources]) for p in self.phases
-        ]
+        self._phase_ids = [np.array([index[s.replace(weight=1.0)] for s in p.sources]) for p in self.phases]
 
     def sizes(self, split: str) -> list[int]:
         """Rows (sequences) of `split` in each source."""
@@ -204,7 +201,7 @@ def tokenize_source(source: Source, cfg: DataConfig, tokenizer: Any, directory: 
         source.path,
         ", ".join(f"{s} {m['documents']} docs {m['tokens']} tokens" for s, m in splits.items()),
     )
-    return {"version": CACHE_VERSION, "source": dataclasses.asdict(source), "seq_len": cfg.seq_len,
+    return {"version": CACHE_VERSION, "source": source.model_dump(), "seq_len": cfg.seq_len,
             "dtype": np.dtype(dtype).name, "tokenizer": type(tokenizer).__name__, "splits": splits}  # fmt: skip
 
 
@@ -309,7 +306,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 def config_dict(cfg: DataConfig) -> dict[str, Any]:
     """The parts of `cfg` that decide the token stream (everything but where the cache lives)."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "cache_dir"}
+    return {k: v for k, v in cfg.model_dump().items() if k != "cache_dir"}
 
 
 def _hash(obj: Any) -> str:

@@ -275,9 +275,9 @@ def run_demo(
         cfg = run_config(out, corpus, plan, device)
         key = teacher_key(plan.teacher, plan.seq_len, corpus)
     with clock.stage("tokenizer"):
-        tokenizer = prepare_tokenizer(out, corpus, plan, cfg.data_config(), key)
+        tokenizer = prepare_tokenizer(out, corpus, plan, cfg.data, key)
     with clock.stage("data"):
-        data = prepare(cfg.data_config(), tokenizer)
+        data = prepare(cfg.data, tokenizer)
     with clock.stage("teacher"):
         teacher = train_teacher(plan.teacher, key, tokenizer, data, out, plan.eval_sequences, device)
     if teacher.reused:  # a cached teacher says nothing about this machine's speed

@@ -152,11 +152,10 @@ def data_perplexity(
     """Held-out loss and perplexity on the validation split of each source of `data_cfg` (a
     `nas.settings.DataConfig`), scored on its own: {source path: {"loss", "perplexity", "sequences",
     "tokens", "seq_len", "fingerprint"}}. `num_sequences` caps the sequences of each source."""
-    import dataclasses
 
     out = {}
     for source in data_cfg.sources:
-        data = prepare(dataclasses.replace(data_cfg, phases=(Phase((source,)),)), tokenizer)
+        data = prepare(data_cfg.replace(phases=(Phase((source,)),)), tokenizer)
         n = None if num_sequences is None else min(num_sequences, sum(data.sizes("val")))
         val = data.val(n)
         loss = lm_loss(model, val, batch_size)

@@ -45,7 +45,7 @@ def distill_in_processes(nproc: int, teacher: str, student: str, data: dict, cfg
     """Run `distill` of the model directories `teacher` and `student` on the study's `[data]` table
     in `nproc` torchrun processes; returns rank 0's `nas.train.loop.Result` (the weights are in out/model)."""
     out.mkdir(parents=True, exist_ok=True)
-    job = {"teacher": teacher, "student": student, "data": data, "distill": asdict(cfg), "out": str(out)}
+    job = {"teacher": teacher, "student": student, "data": data, "distill": cfg.to_dict(), "out": str(out)}
     _write_json(out / "job.json", job)
     code = relaunch(nproc, ["nas.train.launch", str(out / "job.json")])
     if code != 0:

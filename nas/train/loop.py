@@ -272,7 +272,7 @@ def _checkpoint(model, optimizer, cfg: DistillConfig, out: Path, run: _Run) -> N
     student = dist.unwrapped(model).student
     full = gather_full_state(student, optimizer) if dist.is_sharded(model) else None
     if dist.world().main:
-        state = asdict(run) | {"config": asdict(cfg)}
+        state = asdict(run) | {"config": cfg.to_dict()}
         save_checkpoint(out, run.step, student, optimizer, state, cfg.keep_checkpoints, full)
     dist.barrier()
 
