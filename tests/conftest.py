@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny in-process teachers of every supported family, offline hub settings."""
+"""Shared fixtures: the real-text tokenizer, tiny in-process teachers of every supported family, offline
+hub settings."""
 
 import os
 
@@ -13,7 +14,7 @@ import torch  # noqa: E402
 # machine make each step ~100x slower
 torch.set_num_threads(1)
 
-from nas.testing import tiny_model  # noqa: E402
+from nas.testing import tiny_model, tiny_tokenizer  # noqa: E402
 
 FAMILY_CASES = [
     ("llama", False, 2),
@@ -24,6 +25,12 @@ FAMILY_CASES = [
     ("qwen3", True, 2),
     ("qwen3", False, 4),
 ]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A 320-token byte-level BPE tokenizer trained on real text (KJV verses), shared by every test."""
+    return tiny_tokenizer(320)
 
 
 @pytest.fixture(params=FAMILY_CASES, ids=lambda c: f"{c[0]}-{'tied' if c[1] else 'untied'}-kv{c[2]}")

@@ -1,7 +1,6 @@
 """The data layer on real text (King James Bible verses) with a real BPE tokenizer trained in-process."""
 
 import argparse
-import dataclasses
 import json
 import os
 from types import SimpleNamespace
@@ -18,14 +17,9 @@ from nas.data.kjv import kjv_verses
 from nas.data.tokens import TokenData, check_disjoint, check_tokenizer, prepare
 from nas.errors import ConfigError, DataError
 from nas.settings import DataConfig, Phase, Source, data_config_from_dict, run_config_from_dict
-from nas.testing import tiny_config, tiny_tokenizer
+from nas.testing import tiny_config
 
 SEQ_LEN = 32
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer(320)
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +146,7 @@ def test_a_resumed_run_sees_the_same_batches(data, blend_cfg, tokenizer):
     for step in (0, 17, 35):
         assert torch.equal(again.train_batch(step, 8, 40), data.train_batch(step, 8, 40))
     assert not torch.equal(data.train_batch(1, 8, 40), data.train_batch(2, 8, 40))
-    other_seed = prepare(dataclasses.replace(blend_cfg, seed=1), tokenizer)
+    other_seed = prepare(blend_cfg.replace(seed=1), tokenizer)
     assert other_seed.from_cache and other_seed.fingerprint != data.fingerprint
     assert not torch.equal(other_seed.train_batch(1, 8, 40), data.train_batch(1, 8, 40))
 

@@ -10,18 +10,13 @@ from nas.errors import ModelError
 from nas.evaluate.loss import lm_loss
 from nas.model.arch import Arch
 from nas.settings import DistillConfig
-from nas.testing import tiny_model, tiny_tokenizer
+from nas.testing import tiny_model
 from nas.train.checkpoint import latest_checkpoint
 from nas.train.kd import kd_loss, kl_to_teacher, model_kd_loss
 from nas.train.loop import NonFiniteLossError, distill, lr_at
 
 VOCAB = 320
 SEQ_LEN = 32
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer(VOCAB)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from nas.errors import ConfigError
 from nas.evaluate.harness import TASKS_DIR, eval_json_path, evaluate_models, run_tasks
 from nas.evaluate.loss import lm_loss, perplexity
 from nas.settings import DistillConfig
-from nas.testing import tiny_model, tiny_tokenizer, write_kjv_corpus
+from nas.testing import tiny_model, write_kjv_corpus
 from nas.train.loop import distill
 
 CLOZE = TASKS_DIR / "kjv_cloze" / "kjv_cloze.jsonl"
@@ -39,11 +39,6 @@ class FixedSequences:
 
     def train_batch(self, step: int, batch_size: int, total_steps: int) -> torch.Tensor:
         return self.sequences
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer(320)
 
 
 @pytest.fixture(scope="module")

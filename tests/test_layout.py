@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import optuna
+import pytest
 
 from nas.model.arch import Arch, count_params
 from nas.testing import tiny_config
@@ -17,7 +18,9 @@ TRAINING = ("nas.train", "nas.search.trial", "nas.pipeline", "nas.prune.cut")
 
 def loaded_nas_modules(code: str) -> list[str]:
     """The nas modules a fresh interpreter has loaded after running `code`."""
-    probe = code + "\nimport sys, json\nprint(json.dumps(sorted(m for m in sys.modules if m.startswith('nas'))))"
+    probe = (
+        code + "\nimport sys, json\nprint(json.dumps(sorted(m for m in sys.modules if m.startswith('nas'))))"
+    )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -26,6 +29,7 @@ def training_modules(modules: list[str]) -> list[str]:
     return [m for m in modules if m.startswith(TRAINING)]
 
 
+@pytest.mark.slow
 def test_import_contract_holds():
     lint = Path(sys.executable).with_name("lint-imports")
     result = subprocess.run([str(lint)], capture_output=True, text=True, cwd=ROOT)
@@ -33,12 +37,14 @@ def test_import_contract_holds():
     assert "1 kept, 0 broken" in result.stdout
 
 
+@pytest.mark.slow
 def test_import_nas_loads_no_training_code():
     modules = loaded_nas_modules("import nas")
     assert "nas" in modules
     assert training_modules(modules) == []
 
 
+@pytest.mark.slow
 def test_nas_space_loads_no_training_code(tmp_path):
     tiny_config("llama", vocab_size=320).save_pretrained(tmp_path / "teacher")
     modules = loaded_nas_modules(
@@ -48,6 +54,7 @@ def test_nas_space_loads_no_training_code(tmp_path):
     assert training_modules(modules) == []
 
 
+@pytest.mark.slow
 def test_nas_report_loads_no_training_code(tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(study_name="s", storage=storage)

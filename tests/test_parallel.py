@@ -68,6 +68,7 @@ def single(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_torchrun_ddp_matches_a_single_process_run(single):
     torchrun(single, single / "ddp")
     assert_same_run(single / "ddp", single / "one")
@@ -89,6 +90,6 @@ def test_torchrun_fsdp_resumes_a_single_process_checkpoint(single):
     assert_same_run(cut, single / "one")
 
 
-def test_nproc_per_node_must_be_positive(single, capsys):
-    assert main([*settings(single, single / "bad"), "--nproc-per-node", "0"]) == 2
+def test_nproc_per_node_must_be_positive(tmp_path, capsys):
+    assert main([*settings(tmp_path, tmp_path / "bad"), "--nproc-per-node", "0"]) == 2
     assert "--nproc-per-node must be >= 1" in capsys.readouterr().err
