@@ -10,7 +10,7 @@ seq_len = 1024
 sources = [{ path = "allenai/c4", config = "en", streaming = true }]
 # or blends with phases: phases = [{ start = 0.0, sources = [...] }, { start = 0.8, sources = [...] }]
 
-[space]      # SpaceConfig:      tolerance, max_width_prune, max_depth_prune, steps
+[space]      # SpaceConfig:      tolerance, max_width_prune, max_depth_prune, steps, budget_kind ("active": MoE)
 [importance] # ImportanceConfig: num_samples, val_sequences, batch_size
 [search]     # SearchConfig:     horizon_steps, pruner, sampler, n_trials, storage, ...
 [distill]    # DistillConfig of every short run (steps come from search.horizon_steps)
@@ -28,6 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from nas.errors import ConfigError
+
+BUDGET_KINDS = ("total", "active")  # a budget on all parameters, or on those one token uses (MoE)
+SIZE_KNOBS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_query_groups", "num_experts")  # with steps
 
 SCHEDULES = ("cosine", "wsd", "constant")
 
@@ -160,6 +163,7 @@ class SpaceConfig:
     max_width_prune: float = 0.5  # at most this fraction of any width knob is cut
     max_depth_prune: float = 0.5  # at most this fraction of the layers is cut
     steps: dict[str, int] = field(default_factory=dict)  # per-knob step; missing knobs get default_steps
+    budget_kind: str = "total"  # "active": the budget counts the parameters one token uses (MoE)
 
     def __post_init__(self) -> None:
         if not 0 <= self.tolerance < 1:
@@ -167,10 +171,14 @@ class SpaceConfig:
         for name in ("max_width_prune", "max_depth_prune"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        unknown = set(self.steps) - {"num_layers", "hidden_size", "ffn_hidden_size", "num_query_groups"}
+        unknown = set(self.steps) - set(SIZE_KNOBS)
         if unknown:
             raise ConfigError(
-                f"unknown step knob(s) {sorted(unknown)}; steps apply to num_layers, hidden_size, ffn_hidden_size, num_query_groups"
+                f"unknown step knob(s) {sorted(unknown)}; steps apply to {', '.join(SIZE_KNOBS)}"
+            )
+        if self.budget_kind not in BUDGET_KINDS:
+            raise ConfigError(
+                f"budget_kind must be one of {', '.join(BUDGET_KINDS)}, got {self.budget_kind!r}"
             )
 
 

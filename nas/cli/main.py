@@ -71,6 +71,9 @@ def add_prune(sub) -> None:
     p.add_argument("--importance", help="importance file from `nas importance` (or give --data)")
     for knob in ("num-layers", "hidden-size", "ffn-hidden-size", "num-attention-heads", "num-query-groups"):
         p.add_argument(f"--{knob}", type=int, help="(default: the teacher's)")
+    p.add_argument(
+        "--num-experts", type=int, help="experts kept per layer (mixture of experts; default: all)"
+    )
     p.add_argument("--depth-strategy", choices=DEPTH_STRATEGIES, default="drop-lowest")
     add_data_args(p)
     add_importance_args(p)
@@ -79,7 +82,7 @@ def add_prune(sub) -> None:
 
 def cmd_prune(args) -> int:
     from nas.device import resolve_device
-    from nas.model.arch import KNOBS, Arch, check_prunable, count_params
+    from nas.model.arch import Arch, check_prunable, count_params
     from nas.model.families import load_config, load_model, load_tokenizer
     from nas.prune.cut import prune, save_pruned
     from nas.prune.importance import Importance
@@ -87,7 +90,9 @@ def cmd_prune(args) -> int:
     if bool(args.importance) == bool(args.data):
         raise ConfigError("give exactly one of --importance FILE or --data DATA")
     teacher_arch = Arch.from_hf_config(load_config(args.teacher))
-    knobs = {k: getattr(args, k) for k in KNOBS if getattr(args, k) is not None}
+    knobs = {k: getattr(args, k) for k in teacher_arch.knobs if getattr(args, k) is not None}
+    if args.num_experts is not None and not teacher_arch.num_experts:
+        raise ConfigError(f"--num-experts needs a mixture-of-experts teacher; {args.teacher} is dense")
     arch = teacher_arch.replace(**knobs)
     check_prunable(teacher_arch, arch)  # fail before loading any weights
     teacher = load_model(args.teacher, device=resolve_device(args.device))
@@ -115,6 +120,12 @@ def add_space(sub) -> None:
     )
     p.add_argument("--max-width-prune", type=float, default=0.5)
     p.add_argument("--max-depth-prune", type=float, default=0.5)
+    p.add_argument(
+        "--budget-kind",
+        choices=("total", "active"),
+        default="total",
+        help="total parameters, or those active per token (mixture of experts)",
+    )
     p.set_defaults(func=cmd_space)
 
 
@@ -125,9 +136,14 @@ def cmd_space(args) -> int:
     from nas.settings import SpaceConfig
 
     teacher = Arch.from_hf_config(load_config(args.teacher))
-    config = SpaceConfig(args.tolerance, args.max_width_prune, args.max_depth_prune)
+    config = SpaceConfig(
+        args.tolerance, args.max_width_prune, args.max_depth_prune, budget_kind=args.budget_kind
+    )
     candidates = enumerate_candidates(teacher, args.budget, config)
-    print(f"teacher {teacher.describe()}: {count_params(teacher):,} params; {len(candidates)} candidates")
+    active = f" ({count_params(teacher, active=True):,} active per token)" if teacher.num_experts else ""
+    print(
+        f"teacher {teacher.describe()}: {count_params(teacher):,} params{active}; {len(candidates)} candidates"
+    )
     print(candidates_frame(candidates, teacher).to_string(index=False))
     return 0
 

@@ -11,11 +11,11 @@ import torch
 
 from nas.errors import ConfigError, InfeasibleError
 from nas.model.families import FAMILIES, Family, bias_flags, family_of
+from nas.settings import BUDGET_KINDS
 
 KNOBS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
 MOE_KNOBS = (*KNOBS, "num_experts")  # mixture of experts: ffn_hidden_size is each expert's FFN width
 MOE_ALIGN = 8  # expert widths in elements: 16 bytes in bf16, as torch's grouped_mm needs
-BUDGET_KINDS = ("total", "active")  # a budget on all parameters, or on those one token uses (MoE)
 
 
 @dataclass(frozen=True)
@@ -171,12 +171,13 @@ class Arch:
 
 def check_prunable(teacher: Arch, arch: Arch) -> None:
     """Raise `InfeasibleError` unless `arch` can be cut out of `teacher` by keeping a subset of units."""
-    fixed = ("model_type", "head_dim", "vocab_size", "qkv_bias", "o_bias", "mlp_bias", "qk_norm", "head_dim_tied")
+    fixed = ("model_type", "head_dim", "vocab_size", "qkv_bias", "o_bias", "mlp_bias", "qk_norm")
+    fixed += ("head_dim_tied",)
     for name in fixed:
         if getattr(arch, name) != getattr(teacher, name):
             raise InfeasibleError(f"{name} must stay {getattr(teacher, name)!r}, got {getattr(arch, name)!r}")
     if bool(arch.num_experts) != bool(teacher.num_experts):
-        raise InfeasibleError("a mixture-of-experts teacher gives mixture-of-experts students (and dense, dense)")
+        raise InfeasibleError("a mixture-of-experts teacher gives mixture-of-experts students only")
     if arch.num_experts_per_tok != min(teacher.num_experts_per_tok, arch.num_experts):
         raise InfeasibleError(
             f"num_experts_per_tok must be min(teacher's {teacher.num_experts_per_tok}, num_experts) = "

@@ -44,25 +44,27 @@ class Family:
     qkv_bias_attr: str | None  # config attribute that turns on q/k/v bias (None: never)
     qkv_bias_default: bool  # the family's value when the attribute is absent
     o_bias_follows_qkv: bool  # o_proj bias toggles with the same attribute (Llama's attention_bias)
-    qk_norm: str | None = None  # "head": RMSNorm over head_dim (Qwen3, Gemma3); "proj": over all of q / k (OLMo2)
+    # q/k norms: "head": an RMSNorm over head_dim (Qwen3, Gemma3); "proj": over all of q, and of k (OLMo2)
+    qk_norm: str | None = None
     mlp_bias_attr: str | None = None  # config attribute that turns on MLP bias (None: never)
     norms: tuple[str, ...] = PRE_NORMS  # the hidden-size norms of one block, in forward order
     fused_qkv: bool = False  # one `qkv_proj` (q rows, then k rows, then v rows) instead of q/k/v_proj (Phi-3)
-    fused_gate_up: bool = False  # one `gate_up_proj` (gate rows, then up rows) instead of gate/up_proj (Phi-3)
+    fused_gate_up: bool = False  # one `gate_up_proj` (gate rows, then up rows) (Phi-3)
     embed_scale: bool = False  # embeddings are multiplied by sqrt(hidden_size) (Gemma)
     norm_offset: float = 0.0  # an RMSNorm scales by (offset + weight) (Gemma: 1)
     layer_lists: tuple[str, ...] = ("layer_types",)  # config lists with one entry per layer
     experts: Experts | None = None  # the sparse MoE block, where every layer has one
-    rope_factors_follow_hidden: bool = False  # longrope factor lists are sized by hidden_size // heads (Phi-3)
-
-    @property
-    def is_moe(self) -> bool:
-        return self.experts is not None
+    rope_factors_follow_hidden: bool = False  # longrope factors are sized by hidden_size // heads (Phi-3)
 
 
 QWEN3_MOE = Experts("num_experts", "moe_intermediate_size")
 MIXTRAL = Experts("num_local_experts", "intermediate_size")
-GEMMA_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+GEMMA_NORMS = (
+    "input_layernorm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+)
 OLMO_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")  # norms after attention and MLP
 
 FAMILIES: dict[str, Family] = {

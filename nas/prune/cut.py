@@ -154,7 +154,9 @@ def _cut_experts(tensor: torch.Tensor, kind: str, teacher: Arch, cut: Cut, new: 
     return torch.stack(kept)
 
 
-def _cut_tensor(tensor: torch.Tensor, local: str, rules: dict, fam: Family, hid: torch.Tensor) -> torch.Tensor:
+def _cut_tensor(
+    tensor: torch.Tensor, local: str, rules: dict, fam: Family, hid: torch.Tensor
+) -> torch.Tensor:
     module, kind = local.rsplit(".", 1)[0].split(".")[-1], local.rsplit(".", 1)[1]
     if module in fam.norms:
         return _select(tensor, rows=hid)

@@ -141,7 +141,9 @@ class _Accumulator:
     def add_mlp(self, layer: int, x: torch.Tensor) -> None:
         self.mlp[layer] += x.float().abs().mean(dim=1).pow(2).sum(0).double()
 
-    def add_experts(self, layer: int, module: nn.Module, x: torch.Tensor, index: torch.Tensor, weights) -> None:
+    def add_experts(
+        self, layer: int, module: nn.Module, x: torch.Tensor, index: torch.Tensor, weights
+    ) -> None:
         """One MoE block's routing ([tokens, top_k] expert indices and weights) and its experts' outputs,
         recomputed per expert from the fused parameters (gate rows, then up rows)."""
         x = x.float()
