@@ -58,7 +58,7 @@ def tiny_config(
     is each expert's FFN width)."""
     import transformers
 
-    from nas.families import FAMILIES
+    from nas.model.families import FAMILIES
 
     cls = getattr(transformers, CONFIG_CLASSES[model_type])
     experts = FAMILIES[model_type].experts

@@ -6,12 +6,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from nas.arch import Arch, check_prunable, count_params
 from nas.cli import main
 from nas.errors import InfeasibleError, ModelError
-from nas.importance import Importance, compute_importance
-from nas.prune import plan_cut, prune
-from nas.space import SpaceConfig, enumerate_candidates, parse_budget
+from nas.model.arch import Arch, check_prunable, count_params
+from nas.prune.cut import plan_cut, prune
+from nas.prune.importance import Importance, compute_importance
+from nas.prune.space import enumerate_candidates, parse_budget
+from nas.settings import SpaceConfig
 from nas.testing import kjv_verses, tiny_config, tiny_model, tiny_tokenizer
 
 G = torch.Generator().manual_seed(5)
@@ -140,7 +141,8 @@ def test_qwen3_moe_with_dense_layers_is_one_clear_error():
 @pytest.fixture(scope="module")
 def token_data(tmp_path_factory):
     """Real text (King James Bible verses) through the real data pipeline, with a 320-token BPE."""
-    from nas.data import DataConfig, prepare
+    from nas.data.tokens import prepare
+    from nas.settings import DataConfig
 
     root = tmp_path_factory.mktemp("data")
     text = root / "kjv.txt"
@@ -152,8 +154,9 @@ def token_data(tmp_path_factory):
 
 @pytest.mark.parametrize("model_type", NEW_FAMILIES)
 def test_a_short_distillation_of_a_pruned_student_lowers_its_kl(model_type, token_data, tmp_path):
-    from nas.distill import DistillConfig, distill
-    from nas.kd import kl_to_teacher
+    from nas.settings import DistillConfig
+    from nas.train.kd import kl_to_teacher
+    from nas.train.loop import distill
 
     teacher = tiny_model(model_type, num_layers=3, vocab_size=VOCAB)
     with torch.no_grad():  # a sharp teacher: a random init gives near-uniform next-token distributions

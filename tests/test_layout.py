@@ -17,9 +17,7 @@ TRAINING = ("nas.train", "nas.search.trial", "nas.pipeline", "nas.prune.cut")
 
 def loaded_nas_modules(code: str) -> list[str]:
     """The nas modules a fresh interpreter has loaded after running `code`."""
-    probe = (
-        code + "\nimport sys, json\nprint(json.dumps(sorted(m for m in sys.modules if m.startswith('nas'))))"
-    )
+    probe = code + "\nimport sys, json\nprint(json.dumps(sorted(m for m in sys.modules if m.startswith('nas'))))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -1,7 +1,7 @@
 """Materialise a candidate from the teacher: keep the top-ranked layers, hidden channels, KV groups,
 query heads, MLP channels and experts (index selection on the weights; the teacher is never modified).
 
-Which tensor is cut along which axis follows the family adapter (`nas.families.Family`): fused projections
+Which tensor is cut along which axis follows the family adapter (`nas.model.families.Family`): fused projections
 are cut in each of their parts, q/k norms over the whole projection are cut with their heads, MoE routers
 keep the rows of the kept experts, and each kept expert keeps its own top-ranked FFN channels."""
 
