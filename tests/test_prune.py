@@ -12,12 +12,21 @@ from nas.testing import tiny_model
 TOKENS = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
 
 
+_SCORES: dict[tuple, Importance] = {}
+
+
 def scores_of(model, seed: int = 0) -> Importance:
-    """Importance on random tokens: real hooks, arbitrary but fixed rankings."""
-    g = torch.Generator().manual_seed(seed)
-    return compute_importance(
-        model, torch.randint(0, 96, (8, 16), generator=g), torch.randint(0, 96, (4, 16), generator=g)
-    )
+    """Importance on random tokens: real hooks, arbitrary but fixed rankings. Computed once per model
+    (its config and a fingerprint of its weights) and handed out as copies, so the many parametrized
+    cases of one tiny model share the computation."""
+    fingerprint = float(sum(p.double().sum() for p in model.parameters()))
+    key = (model.config.to_json_string(), seed, fingerprint)
+    if key not in _SCORES:
+        g = torch.Generator().manual_seed(seed)
+        _SCORES[key] = compute_importance(
+            model, torch.randint(0, 96, (8, 16), generator=g), torch.randint(0, 96, (4, 16), generator=g)
+        )
+    return copy.deepcopy(_SCORES[key])
 
 
 def logits(model, tokens=TOKENS):
