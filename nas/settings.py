@@ -36,7 +36,8 @@ SCHEDULES = ("cosine", "wsd", "constant")
 DEPTH_STRATEGIES = ("drop-lowest", "contiguous")
 PRUNERS = ("successive-halving", "hyperband", "none")
 SAMPLERS = ("auto", "exhaustive", "tpe")
-STEP_KNOBS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_query_groups")
+SIZE_KNOBS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_query_groups", "num_experts")  # with steps
+BUDGET_KINDS = ("total", "active")  # a budget on all parameters, or on those one token uses (MoE)
 _WHERE: ContextVar[str] = ContextVar("settings_where", default="")  # the TOML table being loaded
 _NESTED: ContextVar[bool] = ContextVar("settings_nested", default=False)
 
@@ -224,10 +225,13 @@ class SpaceConfig(Settings):
     )
     max_width_prune: float = _described(0.5, "at most this fraction of any width knob is cut", ge=0, lt=1)
     max_depth_prune: float = _described(0.5, "at most this fraction of the layers is cut", ge=0, lt=1)
-    steps: dict[Literal[STEP_KNOBS], Annotated[int, Field(ge=1)]] = _described(  # type: ignore[valid-type]
+    steps: dict[Literal[SIZE_KNOBS], Annotated[int, Field(ge=1)]] = _described(  # type: ignore[valid-type]
         {},
-        "per-knob step of the sizes (num_layers, hidden_size, ffn_hidden_size, num_query_groups); "
-        "missing knobs get hardware-friendly defaults",
+        "per-knob step of the sizes (num_layers, hidden_size, ffn_hidden_size, num_query_groups, "
+        "num_experts); missing knobs get hardware-friendly defaults",
+    )
+    budget_kind: Literal[BUDGET_KINDS] = _described(  # type: ignore[valid-type]
+        "total", "what the budget counts: all parameters, or those active per token (mixture of experts)"
     )
 
 

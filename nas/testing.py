@@ -16,7 +16,28 @@ CONFIG_CLASSES = {
     "mistral": "MistralConfig",
     "qwen2": "Qwen2Config",
     "qwen3": "Qwen3Config",
+    "gemma3_text": "Gemma3TextConfig",
+    "phi3": "Phi3Config",
+    "olmo2": "Olmo2Config",
+    "olmo3": "Olmo3Config",
+    "smollm3": "SmolLM3Config",
+    "qwen3_moe": "Qwen3MoeConfig",
+    "mixtral": "MixtralConfig",
 }
+SLIDING = ("sliding_attention", "full_attention")
+
+
+def family_extras(model_type: str, num_layers: int) -> dict:
+    """Settings that make a tiny model exercise its family's extras: alternating sliding-window layers with a
+    window shorter than the test sequences, soft-capping, NoPE layers (SmolLM3's default), experts."""
+    sliding = {"sliding_window": 8, "layer_types": [SLIDING[i % 2] for i in range(num_layers)]}
+    return {
+        "gemma3_text": {**sliding, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0,
+                        "query_pre_attn_scalar": 24},
+        "olmo3": sliding,
+        "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2},
+        "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    }.get(model_type, {})  # fmt: skip
 
 
 def tiny_config(
@@ -33,14 +54,19 @@ def tiny_config(
     max_position_embeddings: int = 512,
     **extra,
 ):
-    """A transformers config of `model_type` with small sizes in nas's vocabulary."""
+    """A transformers config of `model_type` with small sizes in nas's vocabulary (a MoE's `ffn_hidden_size`
+    is each expert's FFN width)."""
     import transformers
 
+    from nas.model.families import FAMILIES
+
     cls = getattr(transformers, CONFIG_CLASSES[model_type])
+    experts = FAMILIES[model_type].experts
+    extra = {**family_extras(model_type, num_layers), **extra}
+    extra[experts.ffn_attr if experts else "intermediate_size"] = ffn_hidden_size
     return cls(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
-        intermediate_size=ffn_hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_attention_heads,
         num_key_value_heads=num_query_groups,
@@ -65,6 +91,8 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **kwargs) -> nn.Module:
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith(".bias"):
                 p.uniform_(0.5, 1.5) if name.endswith("norm.weight") else p.normal_(0, 0.1)
+            elif name.endswith("mlp.gate.weight"):  # a router: distinct logits, so routing is not a tie
+                p.normal_(0, 0.5)
     return model.eval()
 
 

@@ -24,6 +24,19 @@ FAMILY_CASES = [
     ("qwen2", False, 4),
     ("qwen3", True, 2),
     ("qwen3", False, 4),
+    ("gemma3_text", True, 2),
+    ("gemma3_text", False, 4),
+    ("phi3", False, 2),
+    ("phi3", True, 4),
+    ("olmo2", False, 2),
+    ("olmo2", True, 2),
+    ("olmo3", True, 2),
+    ("smollm3", True, 2),
+    ("smollm3", False, 4),
+    ("qwen3_moe", False, 2),
+    ("qwen3_moe", True, 4),
+    ("mixtral", True, 2),
+    ("mixtral", False, 2),
 ]
 
 
@@ -35,7 +48,7 @@ def tokenizer():
 
 @pytest.fixture(params=FAMILY_CASES, ids=lambda c: f"{c[0]}-{'tied' if c[1] else 'untied'}-kv{c[2]}")
 def family_model(request):
-    """A tiny random model of each family, tied/untied, GQA (kv=2) and MHA (kv=4)."""
+    """A tiny random model of each family, tied/untied, GQA (kv=2) and MHA (kv=4) (MoE: 4 experts, top-2)."""
     model_type, tied, groups = request.param
     return tiny_model(model_type, tie_word_embeddings=tied, num_query_groups=groups)
 

@@ -67,7 +67,10 @@ def test_larger_than_teacher_is_infeasible():
 def test_unknown_model_type_names_the_supported_ones():
     config = tiny_config("llama")
     config.model_type = "gpt2"
-    with pytest.raises(ModelError, match="llama, mistral, qwen2, qwen3"):
+    with pytest.raises(
+        ModelError,
+        match="gemma3_text, llama, mistral, mixtral, olmo2, olmo3, phi3, qwen2, qwen3, qwen3_moe, smollm3$",
+    ):
         Arch.from_hf_config(config)
 
 

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -10,12 +12,21 @@ from nas.testing import tiny_model
 TOKENS = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
 
 
+_SCORES: dict[tuple, Importance] = {}
+
+
 def scores_of(model, seed: int = 0) -> Importance:
-    """Importance on random tokens: real hooks, arbitrary but fixed rankings."""
-    g = torch.Generator().manual_seed(seed)
-    return compute_importance(
-        model, torch.randint(0, 96, (8, 16), generator=g), torch.randint(0, 96, (4, 16), generator=g)
-    )
+    """Importance on random tokens: real hooks, arbitrary but fixed rankings. Computed once per model
+    (its config and a fingerprint of its weights) and handed out as copies, so the many parametrized
+    cases of one tiny model share the computation."""
+    fingerprint = float(sum(p.double().sum() for p in model.parameters()))
+    key = (model.config.to_json_string(), seed, fingerprint)
+    if key not in _SCORES:
+        g = torch.Generator().manual_seed(seed)
+        _SCORES[key] = compute_importance(
+            model, torch.randint(0, 96, (8, 16), generator=g), torch.randint(0, 96, (4, 16), generator=g)
+        )
+    return copy.deepcopy(_SCORES[key])
 
 
 def logits(model, tokens=TOKENS):
@@ -52,58 +63,79 @@ def test_teacher_is_not_modified(family_model):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def masked_teacher(teacher, cut):
-    """The teacher with every unit the cut drops zeroed out (hidden channels are not masked:
-    RMSNorm over fewer channels is not a masking of the full norm)."""
-    masked = tiny_model(teacher.config.model_type, **sizes_of(teacher))
-    masked.load_state_dict(teacher.state_dict())
-    arch = Arch.from_hf_config(teacher.config)
+def mask_router(gate, dropped: list[int], top_k: int, normalize: bool) -> None:
+    """The router never picks a dropped expert: its logits are -inf before the softmax and top-k."""
+
+    def hook(module, args, out):
+        logits = out[0].clone()
+        logits[:, dropped] = float("-inf")
+        weights, index = torch.topk(torch.softmax(logits.float(), dim=-1), top_k, dim=-1)
+        if normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return out[0], weights.to(out[1].dtype), index
+
+    gate.register_forward_hook(hook)
+
+
+def masked_teacher(teacher, cut, arch):
+    """The teacher with every unit the cut drops masked out: zeroed `o_proj` columns of heads, zeroed
+    `down_proj` columns of MLP channels (of each expert), zeroed outputs of dropped layers, and dropped
+    experts never routed to. Hidden channels are not masked: RMSNorm over fewer channels is not a masking
+    of the full norm (nor is OLMo2's q/k norm over all heads a masking of heads)."""
+    masked = copy.deepcopy(teacher)
+    big = Arch.from_hf_config(teacher.config)
+    normalize = getattr(teacher.config, "norm_topk_prob", True)  # Mixtral always renormalises the top-k
     with torch.no_grad():
         for index, layer in enumerate(masked.model.layers):
             attn, mlp = layer.self_attn, layer.mlp
+            down = mlp.experts.down_proj if big.num_experts else mlp.down_proj.weight  # [E,] H, F
             if index not in cut.layers:  # no attention and no MLP output: the block is the identity
                 attn.o_proj.weight.zero_()
-                mlp.down_proj.weight.zero_()
+                down.zero_()
                 continue
             kept = cut.layers.index(index)
-            for head in set(range(arch.num_attention_heads)) - set(cut.heads[kept]):
-                attn.o_proj.weight[:, head * arch.head_dim : (head + 1) * arch.head_dim] = 0
-            for channel in set(range(arch.ffn_hidden_size)) - set(cut.mlp[kept]):
-                mlp.down_proj.weight[:, channel] = 0
+            for head in set(range(big.num_attention_heads)) - set(cut.heads[kept]):
+                attn.o_proj.weight[:, head * big.head_dim : (head + 1) * big.head_dim] = 0
+            if not big.num_experts:
+                down[:, sorted(set(range(big.ffn_hidden_size)) - set(cut.mlp[kept]))] = 0
+                continue
+            for e, channels in zip(cut.experts[kept], cut.mlp[kept], strict=True):
+                down[e][:, sorted(set(range(big.ffn_hidden_size)) - set(channels))] = 0
+            dropped = sorted(set(range(big.num_experts)) - set(cut.experts[kept]))
+            mask_router(mlp.gate, dropped, arch.num_experts_per_tok, normalize)
     return masked
 
 
-def sizes_of(model):
-    c = model.config
-    return dict(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        ffn_hidden_size=c.intermediate_size,
-        num_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads,
-        num_query_groups=c.num_key_value_heads,
-        head_dim=c.head_dim,
-        tie_word_embeddings=c.tie_word_embeddings,
-    )
+UNIT_KNOBS = {
+    "heads": {"num_attention_heads": 2, "num_query_groups": 2},  # one head per group
+    "kv-group": {"num_attention_heads": 2, "num_query_groups": 1},  # a whole KV group
+    "mlp": {"ffn_hidden_size": 40},
+    "layers": {"num_layers": 2},
+    "mixed": {"num_layers": 3, "ffn_hidden_size": 48, "num_attention_heads": 2, "num_query_groups": 1},
+}
+MOE_KNOBS = {
+    "experts": {"num_experts": 3},
+    "experts-below-top-k": {"num_experts": 1},  # num_experts_per_tok follows down to 1
+    "experts-mixed": {"num_experts": 2, "ffn_hidden_size": 40, "num_layers": 3, "num_query_groups": 1,
+                      "num_attention_heads": 2},
+}  # fmt: skip
+PROJ_NORM = {"olmo2", "olmo3"}  # q/k norm over all heads: head pruning is not a masking
+MASK_CASES = [
+    pytest.param(model_type, knobs, id=f"{model_type}-{name}")
+    for model_type in ("llama", "qwen2", "qwen3", "gemma3_text", "phi3", "olmo2", "olmo3", "smollm3",
+                       "qwen3_moe", "mixtral")
+    for name, knobs in {**UNIT_KNOBS, **(MOE_KNOBS if model_type in ("qwen3_moe", "mixtral") else {})}.items()
+    if not (model_type in PROJ_NORM and "num_attention_heads" in knobs)
+]  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "knobs",
-    [
-        {"num_attention_heads": 2, "num_query_groups": 2},  # one head per group
-        {"num_attention_heads": 2, "num_query_groups": 1},  # a whole KV group
-        {"ffn_hidden_size": 40},
-        {"num_layers": 2},
-        {"num_layers": 3, "ffn_hidden_size": 50, "num_attention_heads": 2, "num_query_groups": 1},
-    ],
-)
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("model_type,knobs", MASK_CASES)
 def test_pruning_equals_masking(model_type, knobs):
     teacher = tiny_model(model_type, num_query_groups=2)
     importance = scores_of(teacher)
     arch = Arch.from_hf_config(teacher.config).replace(**knobs)
     student = prune(teacher, arch, importance)
-    masked = masked_teacher(teacher, plan_cut(Arch.from_hf_config(teacher.config), arch, importance))
+    masked = masked_teacher(teacher, plan_cut(Arch.from_hf_config(teacher.config), arch, importance), arch)
     assert (logits(student) - logits(masked)).abs().max() < 1e-5
 
 

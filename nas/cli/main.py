@@ -81,6 +81,9 @@ def add_prune(sub) -> None:
     p.add_argument("--importance", help="importance file from `nas importance` (or give --data)")
     for knob in ("num-layers", "hidden-size", "ffn-hidden-size", "num-attention-heads", "num-query-groups"):
         p.add_argument(f"--{knob}", type=int, help="(default: the teacher's)")
+    p.add_argument(
+        "--num-experts", type=int, help="experts kept per layer (mixture of experts; default: all)"
+    )
     add_flags(p, RunConfig, ["depth_strategy"])
     add_data_args(p)
     add_importance_args(p)
@@ -89,7 +92,7 @@ def add_prune(sub) -> None:
 
 def cmd_prune(args) -> int:
     from nas.device import resolve_device
-    from nas.model.arch import KNOBS, Arch, check_prunable, count_params
+    from nas.model.arch import Arch, check_prunable, count_params
     from nas.model.families import load_config, load_model, load_tokenizer
     from nas.prune.cut import prune, save_pruned
     from nas.prune.importance import Importance
@@ -100,7 +103,9 @@ def cmd_prune(args) -> int:
     if args.data:  # every setting is validated before a model is loaded
         data_cfg, imp = data_config_from_args(args), settings_from_args(args, ImportanceConfig)
     teacher_arch = Arch.from_hf_config(load_config(args.teacher))
-    knobs = {k: getattr(args, k) for k in KNOBS if getattr(args, k) is not None}
+    knobs = {k: getattr(args, k) for k in teacher_arch.knobs if getattr(args, k) is not None}
+    if args.num_experts is not None and not teacher_arch.num_experts:
+        raise ConfigError(f"--num-experts needs a mixture-of-experts teacher; {args.teacher} is dense")
     arch = teacher_arch.replace(**knobs)
     check_prunable(teacher_arch, arch)  # fail before loading any weights
     teacher = load_model(args.teacher, device=resolve_device(device_of(args)))
@@ -119,11 +124,14 @@ def cmd_prune(args) -> int:
 SUBCOMMANDS += [add_importance, add_prune]
 
 
+SPACE_FLAGS = ("tolerance", "max_width_prune", "max_depth_prune", "budget_kind")
+
+
 def add_space(sub) -> None:
     p = sub.add_parser("space", help="print every candidate architecture under a budget (runs nothing)")
     p.add_argument("teacher", help="local model directory or hub id (only its config is read)")
     add_flags(p, RunConfig, ["budget"], required=["budget"])
-    add_flags(p, SpaceConfig, ["tolerance", "max_width_prune", "max_depth_prune"])
+    add_flags(p, SpaceConfig, SPACE_FLAGS)
     p.set_defaults(func=cmd_space)
 
 
@@ -132,10 +140,13 @@ def cmd_space(args) -> int:
     from nas.model.families import load_config
     from nas.prune.space import candidates_frame, enumerate_candidates
 
-    config = settings_from_args(args, SpaceConfig, ["tolerance", "max_width_prune", "max_depth_prune"])
+    config = settings_from_args(args, SpaceConfig, SPACE_FLAGS)
     teacher = Arch.from_hf_config(load_config(args.teacher))
     candidates = enumerate_candidates(teacher, args.budget, config)
-    print(f"teacher {teacher.describe()}: {count_params(teacher):,} params; {len(candidates)} candidates")
+    active = f" ({count_params(teacher, active=True):,} active per token)" if teacher.num_experts else ""
+    print(
+        f"teacher {teacher.describe()}: {count_params(teacher):,} params{active}; {len(candidates)} candidates"
+    )
     print(candidates_frame(candidates, teacher).to_string(index=False))
     return 0
 

@@ -1,8 +1,12 @@
-"""Per-family facts and module access (Llama, Mistral, Qwen2, Qwen3) in one place.
+"""Per-family adapters: where each supported `model_type` keeps its units, and how its config maps to `Arch`.
 
-Every supported family shares the Llama module layout (`model.model.layers[i].self_attn.{q,k,v,o}_proj`,
-`.mlp.{gate,up,down}_proj`, two RMSNorms per layer, `model.model.norm`, `model.lm_head`); they differ
-in which projections carry a bias and whether attention has per-head q/k norms.
+Every supported family keeps its decoder blocks at `model.model.layers`, its final norm at `model.model.norm`,
+its embeddings at `model.model.embed_tokens` and its output head at `model.lm_head`; attention lives at
+`layer.self_attn` (`o_proj` is the output projection) and the MLP or sparse MoE block at `layer.mlp`.
+A `Family` records everything else declaratively: biases, q/k norms (per head or over the whole projection),
+which hidden-size norms a block has (pre- and/or post-norms), fused projections, embedding scaling,
+per-layer config lists, and where a mixture-of-experts block keeps its router and experts.
+Adding a family is one entry in `FAMILIES` (and its tiny model in `nas.testing`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,18 @@ from nas.errors import ModelError, first_line
 
 log = logging.getLogger(__name__)
 
+PRE_NORMS = ("input_layernorm", "post_attention_layernorm")  # Llama: norms before attention and MLP
+
+
+@dataclass(frozen=True)
+class Experts:
+    """A sparse MoE block at `layer.mlp`: a router `gate` (weight [num_experts, hidden]) and `experts` holding
+    fused 3-D parameters `gate_up_proj` [num_experts, 2 * ffn, hidden] and `down_proj` [num_experts, hidden, ffn]
+    (the transformers 5 layout; gate rows first, then up rows)."""
+
+    num_experts_attr: str  # config attribute of the number of experts
+    ffn_attr: str  # config attribute of each expert's FFN width
+
 
 @dataclass(frozen=True)
 class Family:
@@ -28,19 +44,47 @@ class Family:
     qkv_bias_attr: str | None  # config attribute that turns on q/k/v bias (None: never)
     qkv_bias_default: bool  # the family's value when the attribute is absent
     o_bias_follows_qkv: bool  # o_proj bias toggles with the same attribute (Llama's attention_bias)
-    qk_norm: bool  # per-head RMSNorm on q and k (Qwen3)
+    # q/k norms: "head": an RMSNorm over head_dim (Qwen3, Gemma3); "proj": over all of q, and of k (OLMo2)
+    qk_norm: str | None = None
     mlp_bias_attr: str | None = None  # config attribute that turns on MLP bias (None: never)
+    norms: tuple[str, ...] = PRE_NORMS  # the hidden-size norms of one block, in forward order
+    fused_qkv: bool = False  # one `qkv_proj` (q rows, then k rows, then v rows) instead of q/k/v_proj (Phi-3)
+    fused_gate_up: bool = False  # one `gate_up_proj` (gate rows, then up rows) (Phi-3)
+    embed_scale: bool = False  # embeddings are multiplied by sqrt(hidden_size) (Gemma)
+    norm_offset: float = 0.0  # an RMSNorm scales by (offset + weight) (Gemma: 1)
+    layer_lists: tuple[str, ...] = ("layer_types",)  # config lists with one entry per layer
+    experts: Experts | None = None  # the sparse MoE block, where every layer has one
+    rope_factors_follow_hidden: bool = False  # longrope factors are sized by hidden_size // heads (Phi-3)
 
+
+QWEN3_MOE = Experts("num_experts", "moe_intermediate_size")
+MIXTRAL = Experts("num_local_experts", "intermediate_size")
+GEMMA_NORMS = (
+    "input_layernorm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+)
+OLMO_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")  # norms after attention and MLP
 
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
-        Family("llama", "attention_bias", False, True, False, mlp_bias_attr="mlp_bias"),
-        Family("mistral", None, False, False, False),
-        Family("qwen2", None, True, False, False),
-        Family("qwen3", "attention_bias", False, True, True),
+        Family("llama", "attention_bias", False, True, mlp_bias_attr="mlp_bias"),
+        Family("mistral", None, False, False),
+        Family("qwen2", None, True, False),
+        Family("qwen3", "attention_bias", False, True, qk_norm="head"),
+        Family("gemma3_text", "attention_bias", False, True, qk_norm="head", norms=GEMMA_NORMS,
+               embed_scale=True, norm_offset=1.0),
+        Family("phi3", None, False, False, fused_qkv=True, fused_gate_up=True, rope_factors_follow_hidden=True),
+        Family("olmo2", "attention_bias", False, True, qk_norm="proj", norms=OLMO_NORMS),
+        Family("olmo3", "attention_bias", False, True, qk_norm="proj", norms=OLMO_NORMS),
+        Family("smollm3", "attention_bias", False, True, mlp_bias_attr="mlp_bias",
+               layer_lists=("layer_types", "no_rope_layers")),
+        Family("qwen3_moe", "attention_bias", False, True, qk_norm="head", experts=QWEN3_MOE),
+        Family("mixtral", None, False, False, experts=MIXTRAL),
     )
-}
+}  # fmt: skip
 
 
 def family_of(config: Any) -> Family:
@@ -48,7 +92,15 @@ def family_of(config: Any) -> Family:
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
         raise ModelError(f"unsupported model_type {model_type!r}; nas supports {', '.join(sorted(FAMILIES))}")
-    return FAMILIES[model_type]
+    fam = FAMILIES[model_type]
+    if model_type == "qwen3_moe" and (
+        list(getattr(config, "mlp_only_layers", None) or []) or getattr(config, "decoder_sparse_step", 1) != 1
+    ):
+        raise ModelError(
+            "qwen3_moe with dense layers (mlp_only_layers or decoder_sparse_step > 1) is not supported: "
+            "nas prunes Qwen3-MoE models whose every layer is sparse"
+        )
+    return fam
 
 
 def bias_flags(config: Any) -> tuple[bool, bool, bool]:
@@ -71,9 +123,9 @@ def final_norm(model: nn.Module) -> nn.Module:
     return model.model.norm
 
 
-def layer_norms(layer: nn.Module) -> list[nn.Module]:
-    """The hidden-size norms of one block (not the per-head q/k norms)."""
-    return [layer.input_layernorm, layer.post_attention_layernorm]
+def layer_norms(layer: nn.Module, family: Family) -> list[nn.Module]:
+    """The hidden-size norms of one block (not the q/k norms)."""
+    return [getattr(layer, name) for name in family.norms]
 
 
 def load_config(name_or_path: str | Path) -> Any:

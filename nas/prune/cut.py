@@ -1,11 +1,16 @@
 """Materialise a candidate from the teacher: keep the top-ranked layers, hidden channels, KV groups,
-query heads and MLP channels (index selection on the weights; the teacher is never modified)."""
+query heads, MLP channels and experts (index selection on the weights; the teacher is never modified).
+
+Which tensor is cut along which axis follows the family adapter (`nas.model.families.Family`): fused projections
+are cut in each of their parts, q/k norms over the whole projection are cut with their heads, MoE routers
+keep the rows of the kept experts, and each kept expert keeps its own top-ranked FFN channels."""
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +20,7 @@ from torch import nn
 from nas.errors import ConfigError
 from nas.io import write_text_atomic
 from nas.model.arch import Arch, check_prunable, count_params
+from nas.model.families import Family
 from nas.prune.importance import Importance
 from nas.settings import DEPTH_STRATEGIES
 
@@ -31,8 +37,9 @@ class Cut:
     hidden: list[int]
     heads: list[list[int]]  # per kept layer: kept query heads, grouped by kept KV group
     groups: list[list[int]]  # per kept layer: kept KV groups
-    mlp: list[list[int]]  # per kept layer: kept MLP channels
+    mlp: list  # per kept layer: kept MLP channels (MoE: per kept expert, that expert's kept channels)
     depth_strategy: str
+    experts: list[list[int]] = field(default_factory=list)  # per kept layer: kept experts (MoE only)
 
 
 def top_k(scores: torch.Tensor, k: int) -> list[int]:
@@ -63,7 +70,7 @@ def plan_cut(teacher: Arch, arch: Arch, importance: Importance, depth_strategy: 
     importance.check_matches(teacher)
     layers = keep_layers(importance, arch.num_layers, depth_strategy)
     per_group = teacher.heads_per_group
-    heads, groups, mlp = [], [], []
+    heads, groups, mlp, experts = [], [], [], []
     for layer in layers:
         kept_groups = top_k(importance.groups[layer], arch.num_query_groups)
         kept_heads = []
@@ -72,9 +79,14 @@ def plan_cut(teacher: Arch, arch: Arch, importance: Importance, depth_strategy: 
             kept_heads += [g * per_group + h for h in top_k(in_group, arch.heads_per_group)]
         heads.append(kept_heads)
         groups.append(kept_groups)
-        mlp.append(top_k(importance.mlp[layer], arch.ffn_hidden_size))
+        if arch.num_experts:
+            kept_experts = top_k(importance.experts[layer], arch.num_experts)
+            experts.append(kept_experts)
+            mlp.append([top_k(importance.mlp[layer, e], arch.ffn_hidden_size) for e in kept_experts])
+        else:
+            mlp.append(top_k(importance.mlp[layer], arch.ffn_hidden_size))
     hidden = top_k(importance.hidden, arch.hidden_size)
-    return Cut(layers, hidden, heads, groups, mlp, depth_strategy)
+    return Cut(layers, hidden, heads, groups, mlp, depth_strategy, experts)
 
 
 def _unit_rows(units: list[int], size: int) -> torch.Tensor:
@@ -92,39 +104,104 @@ def _select(
     return t.clone()
 
 
+def _long(values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long)
+
+
+def _fused_rows(parts: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+    """Rows of a fused projection: each part's kept rows, offset by the teacher sizes of the parts before it."""
+    offset, rows = 0, []
+    for kept, size in parts:
+        rows.append(kept + offset)
+        offset += size
+    return torch.cat(rows)
+
+
+def _layer_rules(teacher: Arch, arch: Arch, cut: Cut, new: int) -> dict[str, tuple]:
+    """(rows, cols) kept of each 2-D module of kept layer `new`; "hid" stands for the kept hidden channels."""
+    q = _unit_rows(cut.heads[new], arch.head_dim)
+    kv = _unit_rows(cut.groups[new], arch.head_dim)
+    big_q = teacher.num_attention_heads * teacher.head_dim
+    big_kv = teacher.num_query_groups * teacher.head_dim
+    rules = {
+        "q_proj": (q, "hid"),
+        "k_proj": (kv, "hid"),
+        "v_proj": (kv, "hid"),
+        "qkv_proj": (_fused_rows([(q, big_q), (kv, big_kv), (kv, big_kv)]), "hid"),
+        "o_proj": ("hid", q),
+    }
+    if arch.family.qk_norm == "proj":  # one norm over all heads' channels (OLMo2)
+        rules.update(q_norm=(q, None), k_norm=(kv, None))
+    if arch.num_experts:
+        rules["gate"] = (_long(cut.experts[new]), "hid")  # the router: one row per expert
+    else:
+        ffn = _long(cut.mlp[new])
+        f = teacher.ffn_hidden_size
+        rules.update(gate_proj=(ffn, "hid"), up_proj=(ffn, "hid"), down_proj=("hid", ffn))
+        rules["gate_up_proj"] = (_fused_rows([(ffn, f), (ffn, f)]), "hid")
+    return rules
+
+
+def _cut_experts(tensor: torch.Tensor, kind: str, teacher: Arch, cut: Cut, new: int, hid: torch.Tensor):
+    """The kept experts of a fused 3-D expert parameter, each with its own kept FFN channels."""
+    f, kept = teacher.ffn_hidden_size, []
+    for e, channels in zip(cut.experts[new], cut.mlp[new], strict=True):
+        ch = _long(channels)
+        if kind == "gate_up_proj":  # [2 * ffn, hidden]: gate rows, then up rows
+            kept.append(_select(tensor[e], rows=torch.cat([ch, ch + f]), cols=hid))
+        else:  # down_proj [hidden, ffn]
+            kept.append(_select(tensor[e], rows=hid, cols=ch))
+    return torch.stack(kept)
+
+
+def _cut_tensor(
+    tensor: torch.Tensor, local: str, rules: dict, fam: Family, hid: torch.Tensor
+) -> torch.Tensor:
+    module, kind = local.rsplit(".", 1)[0].split(".")[-1], local.rsplit(".", 1)[1]
+    if module in fam.norms:
+        return _select(tensor, rows=hid)
+    if module not in rules:  # per-head q_norm / k_norm: head_dim is kept
+        return tensor.clone()
+    rows, cols = (hid if r == "hid" else r for r in rules[module])
+    return _select(tensor, rows=rows, cols=cols if kind == "weight" else None)
+
+
+def _embedding_scale(teacher: Arch, arch: Arch) -> float:
+    """Factor on the cut embeddings of a family that scales them by sqrt(hidden_size) (Gemma): the student's
+    residual stream then starts from the teacher's values on the kept channels."""
+    return math.sqrt(teacher.hidden_size / arch.hidden_size) if arch.family.embed_scale else 1.0
+
+
 def cut_state_dict(teacher: nn.Module, arch: Arch, cut: Cut) -> dict[str, torch.Tensor]:
     """The candidate's weights: the teacher's tensors with only the kept rows and columns."""
     sd = teacher.state_dict()
-    hid = torch.tensor(cut.hidden, dtype=torch.long)
+    teacher_arch, fam = Arch.from_hf_config(teacher.config), arch.family
+    hid = _long(cut.hidden)
+    scale = _embedding_scale(teacher_arch, arch)
     out = {"model.embed_tokens.weight": _select(sd["model.embed_tokens.weight"], cols=hid)}
+    if scale != 1.0:
+        out["model.embed_tokens.weight"] *= scale
     out["model.norm.weight"] = _select(sd["model.norm.weight"], rows=hid)
-    # tied: the same (cut) tensor; tie_weights() below makes them one parameter again
-    out["lm_head.weight"] = (
-        out["model.embed_tokens.weight"]
-        if arch.tie_word_embeddings
-        else _select(sd["lm_head.weight"], cols=hid)
-    )
+    if arch.tie_word_embeddings:
+        # the same (cut) tensor; tie_weights() below makes them one parameter again. A scaled embedding
+        # also scales the logits, which the final norm's weight takes back.
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+        if scale != 1.0:
+            norm = out["model.norm.weight"]
+            out["model.norm.weight"] = (norm + fam.norm_offset) / scale - fam.norm_offset
+    else:
+        out["lm_head.weight"] = _select(sd["lm_head.weight"], cols=hid)
     for new, old in enumerate(cut.layers):
         src, dst = f"model.layers.{old}.", f"model.layers.{new}."
-        q = _unit_rows(cut.heads[new], arch.head_dim)
-        kv = _unit_rows(cut.groups[new], arch.head_dim)
-        ffn = torch.tensor(cut.mlp[new], dtype=torch.long)
-        rows = {"q_proj": q, "k_proj": kv, "v_proj": kv, "gate_proj": ffn, "up_proj": ffn}
+        rules = _layer_rules(teacher_arch, arch, cut, new)
         for name, tensor in sd.items():
             if not name.startswith(src):
                 continue
             local = name[len(src) :]
-            module, kind = local.rsplit(".", 1)[0].split(".")[-1], local.rsplit(".", 1)[1]
-            if module in rows:
-                cols = hid if kind == "weight" else None
-                out[dst + local] = _select(tensor, rows=rows[module], cols=cols)
-            elif module in ("o_proj", "down_proj"):
-                cols = (q if module == "o_proj" else ffn) if kind == "weight" else None
-                out[dst + local] = _select(tensor, rows=hid, cols=cols)
-            elif module in ("input_layernorm", "post_attention_layernorm"):
-                out[dst + local] = _select(tensor, rows=hid)
-            else:  # per-head q_norm / k_norm: head_dim is kept
-                out[dst + local] = tensor.clone()
+            if local.startswith("mlp.experts."):
+                out[dst + local] = _cut_experts(tensor, local.split(".")[-1], teacher_arch, cut, new, hid)
+            else:
+                out[dst + local] = _cut_tensor(tensor, local, rules, fam, hid)
     return out
 
 
@@ -133,9 +210,7 @@ def build_model(teacher: nn.Module, arch: Arch, cut: Cut) -> nn.Module:
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    types = getattr(teacher.config, "layer_types", None)
-    layer_types = [types[i] for i in cut.layers] if types is not None else None
-    config = arch.to_hf_config(teacher.config, layer_types=layer_types)
+    config = arch.to_hf_config(teacher.config, kept_layers=cut.layers)
     param = next(teacher.parameters())
     with no_init_weights(), torch.device(param.device):
         model = AutoModelForCausalLM.from_config(config, dtype=param.dtype)

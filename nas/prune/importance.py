@@ -5,7 +5,11 @@ Each activation score is aggregated as the mean over the sequence, then the L2 n
 - attention heads: L2 norm of each head's slice of the `o_proj` input;
 - KV (query) groups: the sum of their heads' scores;
 - MLP channels: |input of `down_proj`| (= act(gate) * up);
-- hidden (embedding) channels: |output| of every RMSNorm (both per layer and the final one), summed;
+- hidden (embedding) channels: |output| of every hidden-size RMSNorm (those of each block, pre- or post-norms
+  as the family has them, and the final one), summed;
+- experts (mixture of experts): per token, the router weight times the norm of the expert's output, summed
+  over the tokens routed to it and divided by all tokens (`experts`); the routing mass alone is
+  `expert_mass`; each expert's FFN channels score the L2 norm over its tokens of router weight * |act(gate) * up|;
 - layers: Block Importance 1 - cos(x_in, x_out), kept for every contiguous block (`block_bi[i, j]` is
   1 - cos between the input of layer i and the input of layer j), and the held-out LM loss with each
   layer removed (`layer_loss`).
@@ -21,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -31,12 +36,13 @@ from nas.errors import ModelError
 from nas.evaluate.loss import lm_loss
 from nas.io import atomic_path
 from nas.model.arch import Arch
-from nas.model.families import decoder_layers, final_norm, layer_norms
+from nas.model.families import decoder_layers, family_of, final_norm, layer_norms
 
 log = logging.getLogger(__name__)
 
 BI_TOKENS_PER_BATCH = 512  # token positions sampled per batch for block BI (bounds memory on long sequences)
 TENSORS = ("heads", "mlp", "hidden", "block_bi", "layer_loss")
+MOE_TENSORS = ("experts", "expert_mass")
 
 
 @dataclass
@@ -44,13 +50,15 @@ class Importance:
     """Importance scores of one teacher; computed once and reused by every candidate."""
 
     heads: torch.Tensor  # [num_layers, num_attention_heads]
-    mlp: torch.Tensor  # [num_layers, ffn_hidden_size]
+    mlp: torch.Tensor  # [num_layers, ffn_hidden_size] (MoE: [num_layers, num_experts, ffn_hidden_size])
     hidden: torch.Tensor  # [hidden_size]
     block_bi: torch.Tensor  # [num_layers + 1, num_layers + 1]
     layer_loss: torch.Tensor  # [num_layers], LM loss with that layer removed
     base_loss: float  # LM loss of the whole teacher on the same sequences
     num_samples: int
     teacher_arch: dict = field(default_factory=dict)
+    experts: torch.Tensor | None = None  # [num_layers, num_experts] (MoE only)
+    expert_mass: torch.Tensor | None = None  # [num_layers, num_experts]: mean router weight per token
 
     @property
     def groups(self) -> torch.Tensor:
@@ -67,7 +75,8 @@ class Importance:
         """Write one safetensors file (scores as tensors, the rest as metadata), atomically."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {name: getattr(self, name).float().contiguous() for name in TENSORS}
+        names = [n for n in (*TENSORS, *MOE_TENSORS) if getattr(self, n) is not None]
+        tensors = {name: getattr(self, name).float().contiguous() for name in names}
         meta = {
             "base_loss": json.dumps(self.base_loss),
             "num_samples": str(self.num_samples),
@@ -88,6 +97,7 @@ class Importance:
                 meta = f.metadata() or {}
             return cls(
                 **{name: tensors[name] for name in TENSORS},
+                **{name: tensors.get(name) for name in MOE_TENSORS},
                 base_loss=json.loads(meta["base_loss"]),
                 num_samples=int(meta["num_samples"]),
                 teacher_arch=json.loads(meta["teacher_arch"]),
@@ -99,7 +109,7 @@ class Importance:
 
     def check_matches(self, teacher: Arch) -> None:
         """Raise unless these scores were computed on a teacher of this shape."""
-        if self.teacher_arch != teacher.to_dict():
+        if Arch.from_dict(self.teacher_arch) != teacher:
             raise ModelError(
                 "the importance file was computed for a different teacher "
                 f"({Arch.from_dict(self.teacher_arch).describe()} vs {teacher.describe()}); recompute it"
@@ -114,7 +124,11 @@ class _Accumulator:
         n_layers = arch.num_layers
         self.arch = arch
         self.heads = torch.zeros(n_layers, arch.num_attention_heads, device=dev, dtype=torch.float64)
-        self.mlp = torch.zeros(n_layers, arch.ffn_hidden_size, device=dev, dtype=torch.float64)
+        mlp_shape = (arch.num_experts, arch.ffn_hidden_size) if arch.num_experts else (arch.ffn_hidden_size,)
+        self.mlp = torch.zeros(n_layers, *mlp_shape, device=dev, dtype=torch.float64)
+        self.experts = torch.zeros(n_layers, arch.num_experts, device=dev, dtype=torch.float64)
+        self.expert_mass = torch.zeros_like(self.experts)
+        self.tokens = torch.zeros(n_layers, device=dev, dtype=torch.float64)
         self.norms: dict[str, torch.Tensor] = {}
         self.bi_sum = torch.zeros(n_layers + 1, n_layers + 1, device=dev, dtype=torch.float64)
         self.bi_count = 0
@@ -126,6 +140,25 @@ class _Accumulator:
 
     def add_mlp(self, layer: int, x: torch.Tensor) -> None:
         self.mlp[layer] += x.float().abs().mean(dim=1).pow(2).sum(0).double()
+
+    def add_experts(
+        self, layer: int, module: nn.Module, x: torch.Tensor, index: torch.Tensor, weights
+    ) -> None:
+        """One MoE block's routing ([tokens, top_k] expert indices and weights) and its experts' outputs,
+        recomputed per expert from the fused parameters (gate rows, then up rows)."""
+        x = x.float()
+        self.tokens[layer] += x.shape[0]
+        for e in index.unique().tolist():
+            if not 0 <= e < self.arch.num_experts:
+                continue
+            token, slot = torch.where(index == e)
+            w = weights[token, slot].float()
+            gate, up = F.linear(x[token], module.gate_up_proj[e].float()).chunk(2, dim=-1)
+            h = module.act_fn(gate) * up
+            y = F.linear(h, module.down_proj[e].float())
+            self.expert_mass[layer, e] += w.sum().double()
+            self.experts[layer, e] += (w * y.norm(dim=-1)).sum().double()
+            self.mlp[layer, e] += (w[:, None] * h.abs()).pow(2).sum(0).double()
 
     def add_norm(self, name: str, y: torch.Tensor) -> None:
         sq = y.float().abs().mean(dim=1).pow(2).sum(0).double()
@@ -144,28 +177,47 @@ class _Accumulator:
 
     def result(self) -> dict[str, torch.Tensor]:
         hidden = sum(sq.sqrt() for sq in self.norms.values())
-        return {
+        scores = {
             "heads": self.heads.sqrt().float().cpu(),
             "mlp": self.mlp.sqrt().float().cpu(),
             "hidden": hidden.float().cpu(),
             "block_bi": (1 - self.bi_sum / max(self.bi_count, 1)).float().cpu(),
         }
+        if self.arch.num_experts:
+            tokens = self.tokens.clamp(min=1)[:, None]
+            scores["experts"] = (self.experts / tokens).float().cpu()
+            scores["expert_mass"] = (self.expert_mass / tokens).float().cpu()
+        return scores
 
 
 def _hidden_states_arg(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
+def _mlp_hook(layer: nn.Module, acc: _Accumulator, i: int):
+    """MLP channels: the input of `down_proj`; MoE: the experts' routing and outputs."""
+    if acc.arch.num_experts:
+        experts = layer.mlp.experts
+
+        def on_experts(m, args, kwargs):
+            names = ("hidden_states", "top_k_index", "top_k_weights")
+            acc.add_experts(i, m, *args, *(kwargs[n] for n in names[len(args) :]))
+
+        return experts.register_forward_pre_hook(on_experts, with_kwargs=True)
+    return layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: acc.add_mlp(i, a[0]))
+
+
 @contextmanager
 def _hooks(model: nn.Module, acc: _Accumulator) -> Iterator[None]:
     handles = []
     layers = decoder_layers(model)
+    family = family_of(model.config)
     for i, layer in enumerate(layers):
         handles.append(
             layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, i=i: acc.add_heads(i, a[0]))
         )
-        handles.append(layer.mlp.down_proj.register_forward_pre_hook(lambda m, a, i=i: acc.add_mlp(i, a[0])))
-        for j, norm in enumerate(layer_norms(layer)):
+        handles.append(_mlp_hook(layer, acc, i))
+        for j, norm in enumerate(layer_norms(layer, family)):
             handles.append(norm.register_forward_hook(lambda m, a, y, key=f"{i}.{j}": acc.add_norm(key, y)))
         handles.append(
             layer.register_forward_pre_hook(

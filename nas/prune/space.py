@@ -1,4 +1,5 @@
-"""The search space: every valid homogeneous architecture under a parameter budget."""
+"""The search space: every valid homogeneous architecture under a parameter budget (total parameters, or for a
+mixture of experts optionally the parameters active per token)."""
 
 from __future__ import annotations
 
@@ -9,29 +10,39 @@ from collections.abc import Iterator
 import pandas as pd
 
 from nas.errors import InfeasibleError
-from nas.model.arch import KNOBS, Arch, count_params, kv_cache_bytes, parse_count
-from nas.settings import SpaceConfig
+from nas.model.arch import (
+    MOE_ALIGN,
+    Arch,
+    count_budget_params,
+    count_params,
+    kv_cache_bytes,
+    parse_count,
+)
+from nas.settings import SIZE_KNOBS, SpaceConfig
 
 
 def default_steps(teacher: Arch) -> dict[str, int]:
-    """Hardware-friendly steps: 64 (hidden) / 256 (ffn) on real models, finer on tiny ones."""
+    """Hardware-friendly steps: 64 (hidden) / 256 (ffn) on real models, finer on tiny ones (never below the
+    alignment that expert kernels need, for a mixture of experts)."""
+    floor = MOE_ALIGN if teacher.num_experts else 1
 
     def step(size: int, real: int) -> int:
-        return real if size >= 16 * real else max(1, 2 ** int(math.log2(max(size // 16, 1))))
+        return real if size >= 16 * real else max(floor, 2 ** int(math.log2(max(size // 16, 1))))
 
-    return {
+    steps = {
         "num_layers": 2 if teacher.num_layers >= 24 else 1,
         "hidden_size": step(teacher.hidden_size, 64),
         "ffn_hidden_size": step(teacher.ffn_hidden_size, 256),
         "num_query_groups": 1,
     }
+    return steps | ({"num_experts": 1} if teacher.num_experts else {})
 
 
 def knob_values(teacher: Arch, config: SpaceConfig) -> dict[str, list[int]]:
     """The allowed values of each size knob: multiples of its step, down to the max pruning ratio."""
     steps = {**default_steps(teacher), **config.steps}
     values = {}
-    for knob in ("num_layers", "hidden_size", "ffn_hidden_size", "num_query_groups"):
+    for knob in (k for k in SIZE_KNOBS if k in teacher.knobs):
         top = getattr(teacher, knob)
         ratio = config.max_depth_prune if knob == "num_layers" else config.max_width_prune
         low = math.ceil(top * (1 - ratio))
@@ -41,28 +52,25 @@ def knob_values(teacher: Arch, config: SpaceConfig) -> dict[str, list[int]]:
 
 
 def all_valid(teacher: Arch, config: SpaceConfig) -> Iterator[Arch]:
-    """Every valid arch of the space, ignoring the budget."""
+    """Every valid arch of the space (by `Arch`'s own validity rules, which are family-aware), ignoring
+    the budget."""
     values = knob_values(teacher, config)
     min_heads = math.ceil(teacher.num_attention_heads * (1 - config.max_width_prune))
-    for layers, hidden, ffn, groups in itertools.product(
-        values["num_layers"], values["hidden_size"], values["ffn_hidden_size"], values["num_query_groups"]
-    ):
+    for combo in itertools.product(*values.values()):
+        sizes = dict(zip(values, combo, strict=True))
         for per_group in range(teacher.heads_per_group, 0, -1):
-            if groups * per_group < min_heads:
+            if sizes["num_query_groups"] * per_group < min_heads:
                 break
-            if hidden % (groups * per_group):  # transformers cannot load such a config
+            try:
+                yield teacher.replace(**sizes, num_attention_heads=sizes["num_query_groups"] * per_group)
+            except (
+                InfeasibleError
+            ):  # e.g. hidden_size not divisible by the heads: transformers cannot load it
                 continue
-            yield teacher.replace(
-                num_layers=layers,
-                hidden_size=hidden,
-                ffn_hidden_size=ffn,
-                num_query_groups=groups,
-                num_attention_heads=groups * per_group,
-            )
 
 
-def parse_budget(budget: str | int | float, teacher: Arch) -> int:
-    """A budget from `4B`, `350M`, `1.5e9` or `50%` (of the teacher's parameters)."""
+def parse_budget(budget: str | int | float, teacher: Arch, budget_kind: str = "total") -> int:
+    """A budget from `4B`, `350M`, `1.5e9` or `50%` (of the teacher's parameters of `budget_kind`)."""
     text = str(budget).strip()
     if text.endswith("%"):
         try:
@@ -71,28 +79,35 @@ def parse_budget(budget: str | int | float, teacher: Arch) -> int:
             raise InfeasibleError(f"cannot read budget {budget!r}; write e.g. 50% or 4B") from None
         if not 0 < share <= 1:
             raise InfeasibleError(f"a budget share must be in (0%, 100%], got {budget!r}")
-        return int(count_params(teacher) * share)
+        return int(count_budget_params(teacher, budget_kind) * share)
     return parse_count(text)
 
 
 def enumerate_candidates(
     teacher: Arch, budget: str | int | float, config: SpaceConfig | None = None
 ) -> list[Arch]:
-    """Every valid arch with budget*(1-tolerance) <= params <= budget, largest first.
+    """Every valid arch with budget*(1-tolerance) <= params <= budget, largest first; params are those of
+    `config.budget_kind` (all, or those active per token).
 
     An empty space raises `InfeasibleError` naming the nearest feasible budgets."""
     config = config or SpaceConfig()
-    high = parse_budget(budget, teacher)
+    high = parse_budget(budget, teacher, config.budget_kind)
     low = high * (1 - config.tolerance)
     every = list(all_valid(teacher, config))
-    inside = [a for a in every if low <= count_params(a) <= high]
+
+    def size(a: Arch) -> int:
+        return count_budget_params(a, config.budget_kind)
+
+    inside = [a for a in every if low <= size(a) <= high]
     if not inside:
-        raise InfeasibleError(_empty_space_message(every, low, high))
-    return sorted(inside, key=lambda a: (-count_params(a), *(-getattr(a, k) for k in KNOBS)))
+        raise InfeasibleError(_empty_space_message([size(a) for a in every], low, high))
+    return sorted(
+        inside, key=lambda a: (-size(a), -count_params(a), *(-getattr(a, k) for k in teacher.knobs))
+    )
 
 
-def _empty_space_message(every: list[Arch], low: float, high: int) -> str:
-    sizes = sorted({count_params(a) for a in every})
+def _empty_space_message(counts: list[int], low: float, high: int) -> str:
+    sizes = sorted(set(counts))
     below = [s for s in sizes if s < low]
     above = [s for s in sizes if s > high]
     hints = []
@@ -108,12 +123,17 @@ def _empty_space_message(every: list[Arch], low: float, high: int) -> str:
 
 
 def candidates_frame(candidates: list[Arch], teacher: Arch | None = None) -> pd.DataFrame:
-    """One row a candidate: params, KV-cache bytes per token (bf16), depth and widths."""
+    """One row a candidate: params (MoE: also those active per token), KV-cache bytes per token (bf16), depth
+    and widths."""
     rows = []
     for index, arch in enumerate(candidates):
         row = {"candidate": index, "label": arch.describe(), "params": count_params(arch)}
+        if arch.num_experts:
+            row["active_params"] = count_params(arch, active=True)
         row["kv_cache_bytes_per_token"] = kv_cache_bytes(arch)
-        row.update({k: getattr(arch, k) for k in KNOBS})
+        row.update({k: getattr(arch, k) for k in arch.knobs})
+        if arch.num_experts:
+            row["num_experts_per_tok"] = arch.num_experts_per_tok
         if teacher is not None:
             row["share_of_teacher"] = row["params"] / count_params(teacher)
         rows.append(row)

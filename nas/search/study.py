@@ -12,7 +12,7 @@ import optuna
 from optuna.trial import TrialState
 
 from nas.errors import ConfigError, NasError
-from nas.model.arch import KNOBS, Arch
+from nas.model.arch import KNOBS, MOE_KNOBS, Arch
 from nas.settings import RunConfig
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ CLAIMED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialStat
 
 def arch_key(arch: Arch | dict) -> tuple[int, ...]:
     values = arch.to_dict() if isinstance(arch, Arch) else arch
-    return tuple(int(values[k]) for k in KNOBS)
+    return tuple(int(values[k]) for k in (MOE_KNOBS if values.get("num_experts") else KNOBS))
 
 
 def make_storage(url: str, cfg: RunConfig | None = None) -> optuna.storages.BaseStorage | str:

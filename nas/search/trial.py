@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 
 from nas.device import model_device
 from nas.errors import InfeasibleError
-from nas.model.arch import KNOBS, Arch, count_params, kv_cache_bytes
+from nas.model.arch import KNOBS, Arch, count_budget_params, count_params, kv_cache_bytes
 from nas.prune.cut import prune
 from nas.prune.importance import Importance
 from nas.search.study import CLAIMED, arch_key, done_trials, make_storage
@@ -104,10 +104,12 @@ def suggest_arch(trial: optuna.Trial, ctx: SearchContext) -> Arch:
     """The trial's candidate: the knobs as integer params over the teacher's ranges."""
     teacher = ctx.teacher_arch
     if ctx.exhaustive:
-        knobs = {k: trial.suggest_int(k, 1, getattr(teacher, k)) for k in KNOBS}
+        knobs = {k: trial.suggest_int(k, 1, getattr(teacher, k)) for k in teacher.knobs}
     else:
         values = {
-            k: sorted({getattr(a, k) for a in ctx.candidates}) for k in KNOBS if k != "num_attention_heads"
+            k: sorted({getattr(a, k) for a in ctx.candidates})
+            for k in teacher.knobs
+            if k != "num_attention_heads"
         }
         knobs = {k: trial.suggest_categorical(k, v) for k, v in values.items()}
         per_group = trial.suggest_int("heads_per_group", 1, teacher.heads_per_group)
@@ -164,8 +166,9 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> float:
 
 def budget_violation(arch: Arch, ctx: SearchContext) -> float:
     """How far (as a share of the budget) a sampled arch lies outside the budget window; > 0 is infeasible."""
-    sizes = [count_params(a) for a in ctx.candidates]
-    low, high, params = min(sizes), max(sizes), count_params(arch)
+    kind = ctx.cfg.space.budget_kind
+    sizes = [count_budget_params(a, kind) for a in ctx.candidates]
+    low, high, params = min(sizes), max(sizes), count_budget_params(arch, kind)
     return max(params - high, low - params, 1) / high
 
 
@@ -189,6 +192,8 @@ def _describe_trial(trial, arch: Arch, index: int, student, ctx: SearchContext) 
     trial.set_user_attr("label", arch.describe())
     trial.set_user_attr("candidate", index)
     trial.set_user_attr("params", count_params(arch))
+    if arch.num_experts:
+        trial.set_user_attr("active_params", count_params(arch, active=True))
     trial.set_user_attr("kv_cache_bytes_per_token", kv_cache_bytes(arch))
     trial.set_user_attr("latency_tokens_per_s", measure_latency(student, ctx.cfg.search.latency_tokens))
 

@@ -1,0 +1,174 @@
+"""Family-specific golden facts beyond the shared ones (tests/test_arch.py and tests/test_prune.py run those
+over every family of `FAMILY_CASES`): mixture-of-experts importance, budgets on active parameters, Gemma's
+embedding scale, Phi-3's longrope coupling, and a short distillation of a pruned student of each family."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from nas.cli import main
+from nas.errors import InfeasibleError, ModelError
+from nas.model.arch import Arch, check_prunable, count_params
+from nas.prune.cut import plan_cut, prune
+from nas.prune.importance import Importance, compute_importance
+from nas.prune.space import enumerate_candidates, parse_budget
+from nas.settings import SpaceConfig
+from nas.testing import kjv_verses, tiny_config, tiny_model, tiny_tokenizer
+
+G = torch.Generator().manual_seed(5)
+CALIB = torch.randint(0, 96, (8, 16), generator=G)
+VAL = torch.randint(0, 96, (4, 16), generator=G)
+VOCAB = 320
+NEW_FAMILIES = ("gemma3_text", "phi3", "olmo2", "olmo3", "smollm3", "qwen3_moe", "mixtral")
+
+
+def numel(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_an_expert_with_zero_output_scores_lowest_and_routing_mass_is_the_router_weights(model_type):
+    model = tiny_model(model_type, num_layers=2)
+    with torch.no_grad():
+        model.model.layers[1].mlp.experts.down_proj[2].zero_()  # expert 2 of layer 1 outputs zeros
+    scores = compute_importance(model, CALIB, VAL)
+    assert scores.experts.shape == scores.expert_mass.shape == (2, 4)
+    assert scores.mlp.shape == (2, 4, 96)  # per expert, its FFN channels
+    assert scores.experts[1].argmin() == 2 and scores.experts[1, 2] == 0
+    assert scores.expert_mass[1, 2] > 0  # still routed to: the mass alone would keep it
+    if getattr(model.config, "norm_topk_prob", True):  # the top-k weights of a token sum to 1
+        assert torch.allclose(scores.expert_mass.sum(-1), torch.ones(2))
+
+
+def test_moe_importance_round_trips_and_prunes_the_dead_expert(tmp_path):
+    model = tiny_model("qwen3_moe", num_layers=2)
+    with torch.no_grad():
+        model.model.layers[0].mlp.experts.down_proj[1].zero_()
+    scores = compute_importance(model, CALIB, VAL)
+    loaded = Importance.load(scores.save(tmp_path / "imp.safetensors"))
+    assert torch.equal(loaded.experts, scores.experts) and torch.equal(loaded.mlp, scores.mlp)
+    teacher = Arch.from_hf_config(model.config)
+    cut = plan_cut(teacher, teacher.replace(num_experts=3), loaded)
+    assert 1 not in cut.experts[0] and len(cut.mlp[0]) == 3
+
+
+def test_fewer_experts_than_the_router_top_k_lower_the_top_k():
+    teacher = Arch.from_hf_config(tiny_config("mixtral"))
+    one = teacher.replace(num_experts=1)
+    assert one.num_experts_per_tok == 1 and one.describe().endswith("E1/k1")
+    check_prunable(teacher, one)
+    with pytest.raises(InfeasibleError, match="num_experts_per_tok must be"):
+        check_prunable(teacher, teacher.replace(num_experts=3, num_experts_per_tok=1))
+
+
+@pytest.mark.parametrize("kind", ["total", "active"])
+def test_moe_space_respects_a_budget_on_total_or_active_params(kind):
+    config = tiny_config("qwen3_moe", tie_word_embeddings=True)
+    teacher = Arch.from_hf_config(config)
+    space = SpaceConfig(tolerance=0.1, budget_kind=kind)
+    budget = parse_budget("70%", teacher, kind)
+    candidates = enumerate_candidates(teacher, "70%", space)
+    assert {a.num_experts for a in candidates} > {teacher.num_experts}  # experts are a knob
+    for arch in candidates:
+        assert 0.9 * budget <= count_params(arch, active=kind == "active") <= budget
+        check_prunable(teacher, arch)
+        assert arch.num_experts_per_tok == min(teacher.num_experts_per_tok, arch.num_experts)
+    for arch in candidates[:3]:  # the largest: built from their config, they have the counted size
+        assert numel(AutoModelForCausalLM.from_config(arch.to_hf_config(config))) == count_params(arch)
+
+
+def test_active_budget_admits_more_total_params_than_a_total_budget():
+    teacher = Arch.from_hf_config(tiny_config("mixtral"))
+    assert count_params(teacher, active=True) < count_params(teacher)
+    active = enumerate_candidates(teacher, "60%", SpaceConfig(tolerance=0.1, budget_kind="active"))
+    total = enumerate_candidates(teacher, "60%", SpaceConfig(tolerance=0.1))
+    assert max(count_params(a) for a in active) > max(count_params(a) for a in total)
+
+
+def test_cli_space_of_a_moe_teacher_with_an_active_budget(tmp_path, capsys):
+    tiny_model("mixtral").save_pretrained(tmp_path / "moe")
+    args = [
+        "space",
+        str(tmp_path / "moe"),
+        "--budget",
+        "60%",
+        "--tolerance",
+        "0.1",
+        "--budget-kind",
+        "active",
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "active per token" in out and "num_experts" in out and "active_params" in out
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_gemma_students_start_from_the_teachers_scaled_embeddings(tied):
+    teacher = tiny_model("gemma3_text", tie_word_embeddings=tied)
+    importance = compute_importance(teacher, CALIB, VAL)
+    arch = Arch.from_hf_config(teacher.config).replace(
+        hidden_size=32, num_attention_heads=2, num_query_groups=1
+    )
+    student = prune(teacher, arch, importance)
+    kept = student.nas_cut.hidden
+    with torch.no_grad():
+        assert torch.allclose(student.model.embed_tokens(CALIB), teacher.model.embed_tokens(CALIB)[..., kept])
+        if tied:  # the scaled (shared) embedding scales the logits; the final norm's weight takes it back
+            scale = (64 / 32) ** 0.5
+            assert torch.allclose(
+                (1 + student.model.norm.weight) * scale, 1 + teacher.model.norm.weight[kept]
+            )
+
+
+def test_phi3_with_longrope_keeps_hidden_size_at_heads_times_head_dim():
+    rope = {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.0] * 8}
+    config = tiny_config("phi3", original_max_position_embeddings=256, rope_scaling=rope)
+    teacher = Arch.from_hf_config(config)
+    assert teacher.head_dim_tied and not Arch.from_hf_config(tiny_config("phi3")).head_dim_tied
+    with pytest.raises(InfeasibleError, match="longrope"):
+        teacher.replace(hidden_size=48)
+    candidates = enumerate_candidates(teacher, "80%", SpaceConfig(tolerance=0.2))
+    assert all(a.hidden_size == a.num_attention_heads * a.head_dim for a in candidates)
+    AutoModelForCausalLM.from_config(candidates[-1].to_hf_config(config))  # transformers validates the rope
+
+
+def test_qwen3_moe_with_dense_layers_is_one_clear_error():
+    config = tiny_config("qwen3_moe", mlp_only_layers=[1])
+    with pytest.raises(ModelError, match="every layer is sparse"):
+        Arch.from_hf_config(config)
+
+
+@pytest.fixture(scope="module")
+def token_data(tmp_path_factory):
+    """Real text (King James Bible verses) through the real data pipeline, with a 320-token BPE."""
+    from nas.data.tokens import prepare
+    from nas.settings import DataConfig
+
+    root = tmp_path_factory.mktemp("data")
+    text = root / "kjv.txt"
+    text.write_text("\n\n".join(kjv_verses(1500)), encoding="utf-8")
+    return prepare(
+        DataConfig.single(str(text), seq_len=32, cache_dir=str(root / "cache")), tiny_tokenizer(VOCAB)
+    )
+
+
+@pytest.mark.parametrize("model_type", NEW_FAMILIES)
+def test_a_short_distillation_of_a_pruned_student_lowers_its_kl(model_type, token_data, tmp_path):
+    from nas.settings import DistillConfig
+    from nas.train.kd import kl_to_teacher
+    from nas.train.loop import distill
+
+    teacher = tiny_model(model_type, num_layers=3, vocab_size=VOCAB)
+    with torch.no_grad():  # a sharp teacher: a random init gives near-uniform next-token distributions
+        # (Gemma's are sharp already: its embeddings are scaled by sqrt(hidden_size); soft-capping saturates)
+        teacher.lm_head.weight.mul_(2.0 if model_type == "gemma3_text" else 8.0)
+    importance = compute_importance(teacher, token_data.calib(8), token_data.val(4))
+    arch = Arch.from_hf_config(teacher.config).replace(num_layers=2, ffn_hidden_size=48)
+    student = prune(teacher, arch, importance)
+    before = kl_to_teacher(student, teacher, token_data.val(8))
+    settings = DistillConfig(
+        steps=16, batch_size=4, lr=1e-3, min_lr=1e-4, warmup_steps=1, eval_every=0, checkpoint_every=0,
+        eval_sequences=8,
+    )  # fmt: skip
+    result = distill(teacher, student, token_data, settings, tmp_path)
+    assert result.val_kl < 0.9 * before
