@@ -27,7 +27,7 @@ from optuna.trial import TrialState  # noqa: E402
 
 from nas.model.arch import KNOBS
 from nas.pipeline import search  # noqa: E402
-from nas.search.study import kendall_tau
+from nas.search.study import TrialRecord, kendall_tau
 from nas.settings import run_config_from_dict
 from nas.testing import tiny_study_config, train_tiny_teacher
 
@@ -45,7 +45,7 @@ def ranking(study: optuna.Study) -> list[tuple[int, ...]]:
 
 def tokens_spent(study: optuna.Study) -> int:
     return sum(
-        t.user_attrs.get("tokens", 0)
+        TrialRecord.read(t).tokens or 0
         for t in study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
     )
 

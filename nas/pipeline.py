@@ -26,8 +26,16 @@ from nas.prune.cut import plan_cut, prune, save_pruned
 from nas.prune.importance import Importance, compute_importance
 from nas.prune.space import enumerate_candidates, parse_budget
 from nas.report.html import write_report
-from nas.search.study import arch_key, best_trial, keep_top_models, load_existing_study, ranking_stability
-from nas.search.trial import SearchContext, open_study, run_trials
+from nas.search.study import (
+    StudyRecord,
+    TrialRecord,
+    arch_key,
+    best_trial,
+    keep_top_models,
+    load_existing_study,
+    ranking_stability,
+)
+from nas.search.trial import SearchContext, enqueue_candidates, open_study, run_trials
 from nas.settings import RunConfig, run_config_from_dict
 from nas.train.launch import distill_in_processes
 from nas.train.loop import distill
@@ -109,32 +117,28 @@ def prepare_context(cfg: RunConfig, candidate_keys: list[list[int]] | None = Non
 
 def record_study_attrs(study: optuna.Study, ctx: SearchContext) -> None:
     """Write the study's settings once, so workers and the report need only the storage and name."""
-    if "config" in study.user_attrs:
+    if StudyRecord.read(study).config is not None:
         return
     cfg, teacher_arch = ctx.cfg, ctx.teacher_arch
-    attrs = {
-        "config": cfg.to_dict(),
-        "teacher": cfg.teacher,
-        "teacher_arch": teacher_arch.to_dict(),
-        "teacher_params": count_params(teacher_arch),
-        "teacher_val_loss": lm_loss(ctx.teacher, ctx.data.val(cfg.distill.eval_sequences)),
-        "budget": parse_budget(cfg.budget, teacher_arch, cfg.space.budget_kind),
-        "budget_kind": cfg.space.budget_kind,
-        "importance_path": str((cfg.root / "importance.safetensors").resolve()),
-        "data_fingerprint": ctx.data.fingerprint,
-        "data": ", ".join(s.path for p in cfg.data.phases for s in p.sources),
-        "versions": package_versions(),
-        "seed": cfg.seed,
-        "horizon_steps": cfg.search.horizon_steps,
-        "tokens_per_step": cfg.distill.batch_size * cfg.distill.grad_accum * ctx.data.seq_len,
-        "candidates": [list(arch_key(a)) for a in ctx.candidates],
-        "sampler": "exhaustive, best zero-shot loss first"
-        if ctx.exhaustive
-        else "TPE with a budget constraint",
-        "pruner": cfg.search.pruner,
-    }
-    for key, value in attrs.items():
-        study.set_user_attr(key, value)
+    StudyRecord(
+        config=cfg.to_dict(),
+        teacher=cfg.teacher,
+        teacher_arch=teacher_arch.to_dict(),
+        teacher_params=count_params(teacher_arch),
+        teacher_val_loss=lm_loss(ctx.teacher, ctx.data.val(cfg.distill.eval_sequences)),
+        budget=parse_budget(cfg.budget, teacher_arch, cfg.space.budget_kind),
+        budget_kind=cfg.space.budget_kind,
+        importance_path=str((cfg.root / "importance.safetensors").resolve()),
+        data_fingerprint=ctx.data.fingerprint,
+        data=", ".join(s.path for p in cfg.data.phases for s in p.sources),
+        versions=package_versions(),
+        seed=cfg.seed,
+        horizon_steps=cfg.search.horizon_steps,
+        tokens_per_step=cfg.distill.batch_size * cfg.distill.grad_accum * ctx.data.seq_len,
+        candidates=[list(arch_key(a)) for a in ctx.candidates],
+        sampler="exhaustive, best zero-shot loss first" if ctx.exhaustive else "TPE with a budget constraint",
+        pruner=cfg.search.pruner,
+    ).write(study)
 
 
 def package_versions() -> dict[str, str]:
@@ -151,24 +155,26 @@ def search(cfg: RunConfig) -> tuple[SearchContext, optuna.Study]:
     """Run (or continue) the study's trials, then record the ranking stability."""
     ctx = prepare_context(cfg)
     study = open_study(ctx)
+    if ctx.exhaustive:  # before the config is recorded: a worker that sees the config sees the queue
+        enqueue_candidates(study, ctx)
     record_study_attrs(study, ctx)
     log.info(
         "space: %d candidates; %s search", len(ctx.candidates), "exhaustive" if ctx.exhaustive else "TPE"
     )
     run_trials(ctx, study)
-    study.set_user_attr("stability", ranking_stability(study, cfg.search.top_k, cfg.search.horizon_steps))
+    StudyRecord(stability=ranking_stability(study, cfg.search.top_k, cfg.search.horizon_steps)).write(study)
     keep_top_models(study, cfg.search.top_k)
     return ctx, study
 
 
 def worker(storage: str, study_name: str, max_trials: int | None = None) -> optuna.Study:
     """Join a study created by `nas search`/`nas run` and pull trials until it is done."""
-    stored = load_existing_study(storage, study_name)
-    if "config" not in stored.user_attrs:
+    record = StudyRecord.read(load_existing_study(storage, study_name))
+    if record.config is None:
         raise ConfigError(f"study {study_name!r} was not created by nas (no config attribute)")
-    data = dict(stored.user_attrs["config"])
+    data = dict(record.config)
     data["search"] = {**data["search"], "storage": storage}
-    importance = Path(stored.user_attrs.get("importance_path", ""))
+    importance = Path(record.importance_path or "")
     if not importance.is_file():  # computed once by the study's creator; workers share it, never recompute
         raise ConfigError(
             f"study {study_name!r}: its importance file {importance} is not on this machine; put the "
@@ -176,7 +182,7 @@ def worker(storage: str, study_name: str, max_trials: int | None = None) -> optu
         )
     data["out_dir"] = str(importance.parent)  # so a relative out_dir works from any working directory
     cfg = run_config_from_dict(data)
-    ctx = prepare_context(cfg, stored.user_attrs.get("candidates"))
+    ctx = prepare_context(cfg, record.candidates)
     study = open_study(ctx, create=False)
     run_trials(ctx, study, max_trials)
     return study
@@ -187,8 +193,9 @@ def finalize(ctx: SearchContext, study: optuna.Study, nproc_per_node: int = 1) -
     `nproc_per_node` > 1: in that many torchrun processes (`nas.train.launch.distill_in_processes`)."""
     cfg = ctx.cfg
     best = best_trial(study)
-    arch = Arch.from_dict(best.user_attrs["arch"])
-    checkpoint = Path(best.user_attrs.get("checkpoint", ""))
+    trial = TrialRecord.read(best)
+    arch = Arch.from_dict(trial.arch)
+    checkpoint = Path(trial.checkpoint or "")
     if (checkpoint / "config.json").is_file():
         student = AutoModelForCausalLM.from_pretrained(checkpoint).to(next(ctx.teacher.parameters()).device)
     else:
@@ -212,9 +219,9 @@ def finalize(ctx: SearchContext, study: optuna.Study, nproc_per_node: int = 1) -
         "final_val_loss": result.val_loss,
         "dir": str(winner_dir.resolve()),
         "curve": result.curve,
-        "tokens": result.tokens + int(best.user_attrs.get("tokens", 0)),
+        "tokens": result.tokens + int(trial.tokens or 0),
     }
-    study.set_user_attr("winner", winner)
+    StudyRecord(winner=winner).write(study)
     log.info(
         "winner %s: val loss %.4f after full distillation -> %s", arch.describe(), result.val_loss, winner_dir
     )
@@ -245,6 +252,7 @@ def run(cfg: RunConfig, report: bool = True, nproc_per_node: int = 1) -> RunResu
     """The whole pipeline for one study TOML; the final distillation in `nproc_per_node` processes."""
     ctx, study = search(cfg)
     winner = finalize(ctx, study, nproc_per_node)
+    record = StudyRecord.read(study)
     path = None
     if report:
         path = write_report(cfg.storage_url, cfg.name, Path("reports") / f"{cfg.name}.html")
@@ -252,8 +260,8 @@ def run(cfg: RunConfig, report: bool = True, nproc_per_node: int = 1) -> RunResu
         study_name=cfg.name,
         storage=cfg.storage_url,
         winner_dir=Path(winner["dir"]),
-        teacher_val_loss=study.user_attrs["teacher_val_loss"],
+        teacher_val_loss=record.teacher_val_loss,
         winner_val_loss=winner["final_val_loss"],
         report=path,
-        stability=study.user_attrs.get("stability", {}),
+        stability=record.stability or {},
     )

@@ -10,9 +10,10 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from nas.model.arch import KNOBS
+from nas.model.arch import KNOBS, Arch
 from nas.pipeline import finalize, search, worker
-from nas.search.study import kendall_tau
+from nas.search.study import StudyRecord, TrialRecord, kendall_tau
+from nas.search.trial import trial_dir
 from nas.settings import run_config_from_dict
 from nas.testing import tiny_study_config
 
@@ -23,6 +24,13 @@ def finished(study):
 
 def candidate_keys(trials):
     return [tuple(t.params[k] for k in KNOBS) for t in trials]
+
+
+def duplicates(study):
+    """Sampled trials that drew a candidate another trial already had (failed, not evaluated)."""
+    return [
+        t for t in study.get_trials(states=(TrialState.FAIL,)) if TrialRecord.read(t).duplicate_of is not None
+    ]
 
 
 def test_study_with_two_trials_is_continued_to_four_without_repeats(tmp_path):
@@ -36,11 +44,12 @@ def test_study_with_two_trials_is_continued_to_four_without_repeats(tmp_path):
     assert len(keys) == 4 and len(set(keys)) == 4
     assert keys[:2] == [tuple(getattr(a, k) for k in KNOBS) for a in ctx.candidates[:2]]  # priority order
     for trial in study.get_trials(states=(TrialState.COMPLETE,)):
-        assert trial.user_attrs["params"] > 0 and trial.user_attrs["latency_tokens_per_s"] > 0
-        assert [p["step"] for p in trial.user_attrs["curve"]] == [2, 4]
+        record = TrialRecord.read(trial)
+        assert record.params > 0 and record.latency_tokens_per_s > 0
+        assert [p["step"] for p in record.curve] == [2, 4]
         assert sorted(trial.intermediate_values) == [2, 4]
     complete = sorted(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.value)
-    kept = [os.path.isdir(t.user_attrs["checkpoint"]) for t in complete]
+    kept = [os.path.isdir(TrialRecord.read(t).checkpoint) for t in complete]
     assert len(complete) == 4 and kept == [
         True,
         True,
@@ -56,39 +65,55 @@ def test_winner_directory_loads_with_plain_transformers(tmp_path):
     winner = finalize(ctx, study)
     model = AutoModelForCausalLM.from_pretrained(winner["dir"])
     assert sum(p.numel() for p in model.parameters()) == winner["params"]
-    assert study.user_attrs["winner"]["final_val_loss"] == winner["final_val_loss"]
+    assert StudyRecord.read(study).winner["final_val_loss"] == winner["final_val_loss"]
     assert (tmp_path / "studies" / "tiny" / "winner" / "nas_pruning.json").is_file()
 
 
 def set_search(study, **values):
     """Change the search settings stored in the study (what every worker reads)."""
-    config = study.user_attrs["config"]
-    study.set_user_attr("config", {**config, "search": {**config["search"], **values}})
+    config = StudyRecord.read(study).config
+    StudyRecord(config={**config, "search": {**config["search"], **values}}).write(study)
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def training(study) -> list:
+    """Running trials past their setup (latency measured): their worker is distilling the candidate."""
+    running = study.get_trials(states=(TrialState.RUNNING,))
+    return [t for t in running if TrialRecord.read(t).latency_tokens_per_s is not None]
 
 
 @pytest.mark.slow
-def test_a_trial_killed_mid_run_is_retried(tmp_path):
-    _, study = search(run_config_from_dict(tiny_study_config(tmp_path, search={"n_trials": 1})))
-    storage = run_config_from_dict(tiny_study_config(tmp_path)).storage_url
-    set_search(study, n_trials=3, horizon_steps=100000, eval_every=50000)  # the next trial runs "forever"
+def test_a_trial_killed_mid_run_is_retried_from_its_checkpoint(tmp_path):
+    ctx, study = search(run_config_from_dict(tiny_study_config(tmp_path, search={"n_trials": 1})))
+    storage = ctx.cfg.storage_url
+    set_search(study, n_trials=0, horizon_steps=100000, eval_every=50000)  # the next trial runs "forever"
     code = f"from nas.pipeline import worker; worker({storage!r}, 'tiny', max_trials=1)"
     proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.time() + 120
-    while time.time() < deadline and not study.get_trials(states=(TrialState.RUNNING,)):
-        time.sleep(0.5)
-    time.sleep(2)
-    proc.send_signal(signal.SIGKILL)  # killed mid-trial: no chance to mark the trial failed
-    proc.wait()
-    killed = study.get_trials(states=(TrialState.RUNNING,))
-    assert killed, "the worker never started a trial"
-    time.sleep(4)  # past the grace period: the killed trial's heartbeat is stale
+    try:
+        wait_for(lambda: training(study), 120, "the worker to start a trial")
+        (killed,) = training(study)
+        checkpoints = trial_dir(ctx, Arch.from_dict(TrialRecord.read(killed).arch)) / "checkpoints"
+        wait_for(lambda: any(checkpoints.glob("*/*")), 120, "the trial's first checkpoint")
+    finally:
+        proc.send_signal(signal.SIGKILL)  # killed mid-trial: no chance to mark the trial failed
+        proc.wait()
+    assert study.get_trials()[killed.number].state == TrialState.RUNNING
     set_search(study, horizon_steps=4, eval_every=2)
+    # nothing waits here: this worker evaluates the rest of the queue, then (nothing left to start, one trial
+    # RUNNING) its own stale-trial check fails the killed trial once its heartbeat is stale, and retries it
     study = worker(storage, "tiny")
-    assert study.get_trials()[killed[0].number].state == TrialState.FAIL
-    retried = [t for t in study.get_trials() if t.system_attrs.get("failed_trial") == killed[0].number]
-    assert retried and retried[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
-    assert retried[0].params == killed[0].params
-    assert len(finished(study)) == 3 and len(set(candidate_keys(finished(study)))) == 3
+    assert study.get_trials()[killed.number].state == TrialState.FAIL
+    retried = [t for t in study.get_trials() if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(retried) == 1 and retried[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert retried[0].params == killed.params
+    keys = candidate_keys(finished(study))
+    assert sorted(keys) == sorted(tuple(getattr(a, k) for k in KNOBS) for a in ctx.candidates)  # each once
 
 
 def test_kendall_tau():
@@ -107,7 +132,7 @@ def test_a_candidate_that_keeps_failing_is_given_up_after_max_retry(tmp_path):
     assert not finished(study) and failed
     per_candidate = {}
     for trial in failed:
-        key = tuple(trial.user_attrs["arch"][k] for k in KNOBS)
+        key = tuple(TrialRecord.read(trial).arch[k] for k in KNOBS)
         per_candidate[key] = per_candidate.get(key, 0) + 1
     assert per_candidate == {tuple(getattr(a, k) for k in KNOBS): 2 for a in ctx.candidates}
 
@@ -116,15 +141,15 @@ def test_sampled_search_counts_only_candidates_and_never_repeats_one(tmp_path):
     config = tiny_study_config(tmp_path, search={"sampler": "tpe", "n_trials": 4, "pruner": "none"})
     ctx, study = search(run_config_from_dict(config))
     assert not ctx.exhaustive
-    feasible = [t for t in finished(study) if not t.user_attrs.get("infeasible")]
+    feasible = [t for t in finished(study) if not TrialRecord.read(t).infeasible]
     assert len(feasible) == 4
-    keys = [tuple(t.user_attrs["arch"][k] for k in KNOBS) for t in feasible]
+    keys = [tuple(TrialRecord.read(t).arch[k] for k in KNOBS) for t in feasible]
     assert len(set(keys)) == 4 and set(keys) <= {tuple(getattr(a, k) for k in KNOBS) for a in ctx.candidates}
-    for trial in study.get_trials(states=(TrialState.COMPLETE,)):
-        if trial.user_attrs.get(
-            "infeasible"
-        ):  # outside the budget window: a violated constraint, no training
-            assert "curve" not in trial.user_attrs
+    # sampled shapes outside the budget window: a violated constraint, no training, not counted
+    infeasible = [t for t in study.get_trials() if TrialRecord.read(t).infeasible]
+    assert all(TrialRecord.read(t).curve is None for t in infeasible)
+    assert all(t.constraints["budget"] > 0 for t in infeasible)
+    assert len(study.get_trials()) == len(feasible) + len(infeasible) + len(duplicates(study))
 
 
 def test_teacher_correction_runs_once_per_study_and_is_reused(tmp_path):

@@ -1,8 +1,10 @@
-"""Search workers on PostgreSQL: two `nas worker` processes share one study; one is SIGKILLed mid-trial,
-its trial goes stale (heartbeat), is failed and retried, and the study still evaluates every candidate
-exactly once. Real PostgreSQL (a private cluster from tests/pg.py), real subprocesses, real Optuna."""
+"""Search workers on SQLite and PostgreSQL: two `nas worker` processes share one study; one is SIGKILLed
+mid-trial, its trial goes stale (heartbeat), is failed and retried, and the study still evaluates every
+candidate exactly once. Real PostgreSQL (a private cluster from tests/pg.py), real SQLite, real
+subprocesses, real Optuna."""
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +19,7 @@ from optuna.trial import TrialState
 from nas.errors import ConfigError
 from nas.model.arch import KNOBS
 from nas.pipeline import search, worker
+from nas.search.study import StudyRecord, TrialRecord, make_storage
 from nas.settings import run_config_from_dict
 from nas.testing import tiny_study_config
 
@@ -27,7 +30,7 @@ TIMEOUT = 90  # seconds for the workers to finish the study; a healthy run needs
 
 
 @pytest.fixture(scope="module")
-def postgres_url():
+def postgres_server_url():
     """A throwaway PostgreSQL database for this module (skipped where PostgreSQL cannot start)."""
     pytest.importorskip("psycopg", reason="psycopg 3 is not installed (pip install -e '.[postgres]')")
     with contextlib.ExitStack() as stack:
@@ -47,13 +50,14 @@ def start_worker(storage: str, study: str, log: Path) -> subprocess.Popen:
 
 def set_search(study: optuna.Study, **values) -> None:
     """Change the search settings stored in the study (what a worker reads when it starts)."""
-    config = study.user_attrs["config"]
-    study.set_user_attr("config", {**config, "search": {**config["search"], **values}})
+    config = StudyRecord.read(study).config
+    StudyRecord(config={**config, "search": {**config["search"], **values}}).write(study)
 
 
 def claimed(study: optuna.Study, states=(TrialState.RUNNING,)) -> list[int]:
-    """Trials in one of `states` that passed the duplicate check (so they evaluate their candidate)."""
-    return [t.number for t in study.get_trials(states=states) if "label" in t.user_attrs]
+    """Trials in one of `states` past their setup (latency measured: the heartbeat runs, training starts)."""
+    trials = study.get_trials(states=states)
+    return [t.number for t in trials if TrialRecord.read(t).latency_tokens_per_s is not None]
 
 
 def files_with_mtimes(*paths: Path) -> dict[str, int]:
@@ -71,23 +75,31 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def test_two_workers_finish_a_study_when_one_is_killed_mid_trial(tmp_path, postgres_url):
-    overrides = {"search": {"n_trials": 1, "storage": postgres_url}}
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/shared/study.db"
+    return request.getfixturevalue("postgres_server_url")
+
+
+@pytest.mark.slow
+def test_two_workers_finish_a_study_when_one_is_killed_mid_trial(tmp_path, storage_url):
+    # budget 70%: three candidates (one done here, then one for each worker). When the survivor finishes
+    # its own, nothing is left to start, so only the stale-trial check in its wait loop retries the killed one.
+    overrides = {"budget": "70%", "search": {"n_trials": 1, "storage": storage_url}}
     ctx, study = search(run_config_from_dict(tiny_study_config(tmp_path, name="workers", **overrides)))
     shared = files_with_mtimes(ctx.cfg.root / "importance.safetensors", tmp_path / "cache")
-    # Three candidates: one done, one for each worker. When the survivor finishes its own, nothing is
-    # left to start, so only the stale-trial check in its wait loop can get the killed trial retried.
-    space = study.user_attrs["candidates"][:3]
-    study.set_user_attr("candidates", space)
+    space = StudyRecord.read(study).candidates
+    assert len(space) == 3 and len(study.get_trials()) == 3  # every candidate queued, once
     set_search(study, n_trials=0, horizon_steps=10**5, eval_every=10**5)  # the victim's trial never ends
     logs = [tmp_path / "victim.log", tmp_path / "survivor.log"]
-    victim = start_worker(postgres_url, "workers", logs[0])
+    victim = start_worker(storage_url, "workers", logs[0])
     survivor = None
     try:
         wait_for(lambda: claimed(study), TIMEOUT, "the first worker to start a trial")
         (victim_trial,) = claimed(study)
         set_search(study, horizon_steps=4, eval_every=2)  # short trials from here on
-        survivor = start_worker(postgres_url, "workers", logs[1])
+        survivor = start_worker(storage_url, "workers", logs[1])
         started = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
         wait_for(lambda: len(claimed(study, started)) > 2, TIMEOUT, "the second worker to start a trial")
         assert victim.poll() is None and victim_trial in claimed(study), "the victim is mid-trial"
@@ -113,4 +125,29 @@ def test_two_workers_finish_a_study_when_one_is_killed_mid_trial(tmp_path, postg
     assert files_with_mtimes(ctx.cfg.root / "importance.safetensors", tmp_path / "cache") == shared
     (ctx.cfg.root / "importance.safetensors").rename(tmp_path / "moved.safetensors")
     with pytest.raises(ConfigError, match="importance file"):  # not shared: refuse rather than recompute
-        worker(postgres_url, "workers")
+        worker(storage_url, "workers")
+
+
+POP_ALL = """
+import sys, optuna
+from nas.search.study import make_storage
+study = optuna.load_study(study_name="race", storage=make_storage(sys.argv[1]))
+popped = []
+while (trial := study.ask()).number < int(sys.argv[2]):  # past the queue: a fresh trial, so stop
+    popped.append(trial.number)
+print(popped)
+"""
+
+
+@pytest.mark.slow
+def test_the_sqlite_queue_hands_each_trial_to_one_worker(tmp_path):
+    # Optuna's own pop is a read then an update; without BEGIN IMMEDIATE (make_storage) two processes
+    # popping 300 queued trials got 6 of them both
+    url, queued = f"sqlite:///{tmp_path}/race.db", 200
+    study = optuna.create_study(study_name="race", storage=make_storage(url))
+    for x in range(queued):
+        study.enqueue_trial({"x": x})
+    cmd = [sys.executable, "-c", POP_ALL, url, str(queued)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    popped = [json.loads(p.communicate(timeout=TIMEOUT * 2)[0]) for p in procs]
+    assert all(popped) and sorted(popped[0] + popped[1]) == list(range(queued))

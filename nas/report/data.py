@@ -1,7 +1,7 @@
 """The data of a study's report as plain DataFrames and dicts (no plotting here; see `nas.report`).
 
-Everything is read from the Optuna study (trials, states, intermediate values, user attributes; the
-schema is in the study's user attributes written by `nas.pipeline`) and from the importance file.
+Everything is read from the Optuna study (trials, states, intermediate values, and what the study and
+each trial record: `nas.search.study.StudyRecord` / `TrialRecord`) and from the importance file.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial
 
 from nas.errors import NasError
 from nas.model.arch import KNOBS
-from nas.search.study import load_existing_study, ranking_stability
+from nas.search.study import StudyRecord, TrialRecord, load_existing_study, ranking_stability
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +82,10 @@ def pareto_mask(df: pd.DataFrame, x: str, y: str = "value", x_lower_is_better: b
 
 def report_frames(study: optuna.Study, importance: Any = None) -> ReportData:
     """All of the report's data from `study`; `importance` (an `nas.prune.importance.Importance`) defaults to
-    the file named by the study attribute "importance_path" (omitted with a note when missing)."""
-    attrs = dict(study.user_attrs)
+    the file named by the study's `importance_path` (omitted with a note when missing)."""
+    record = StudyRecord.read(study)
     all_trials = study.get_trials(deepcopy=False)
-    trials = trials_frame(all_trials, attrs.get("tokens_per_step"))
+    trials = trials_frame(all_trials, record.tokens_per_step)
     for name, (column, _, lower) in OBJECTIVES.items():
         trials[f"pareto_{name}"] = False
         eligible = trials[front_eligible(trials) & trials[column].notna()]
@@ -93,7 +93,7 @@ def report_frames(study: optuna.Study, importance: Any = None) -> ReportData:
     notes: dict[str, str] = {}
     if not front_eligible(trials).any():
         notes["pareto"] = "No completed trial yet: there is no front to draw."
-    stability, facts = stability_frames(study, attrs, trials)
+    stability, facts = stability_frames(study, record, trials)
     if facts["k"] < 2:
         notes["stability"] = "Ranking stability needs at least two completed trials with a half-horizon loss."
     data = ReportData(
@@ -102,15 +102,15 @@ def report_frames(study: optuna.Study, importance: Any = None) -> ReportData:
         curves=curves_frame(all_trials),
         stability=stability,
         stability_facts=facts,
-        header=header_facts(study.study_name, attrs, trials),
-        reproducibility=reproducibility(study, attrs),
+        header=header_facts(study.study_name, record, trials),
+        reproducibility=reproducibility(study, record),
         winner_curve=pd.DataFrame(
-            (attrs.get("winner") or {}).get("curve") or [], columns=["step", "val_loss", "val_kl"]
+            (record.winner or {}).get("curve") or [], columns=["step", "val_loss", "val_kl"]
         ),
         notes=notes,
     )
-    add_importance(data, importance, attrs.get("importance_path"))
-    if "winner" not in attrs:
+    add_importance(data, importance, record.importance_path)
+    if record.winner is None:
         notes["winner"] = "The winner has not been fully distilled yet (no 'winner' attribute in the study)."
     return data
 
@@ -139,7 +139,7 @@ def trial_row(t: FrozenTrial, tokens_per_step: int | None) -> dict[str, Any]:
     row["last_step"] = steps[-1] if steps else None
     # a pruned trial's value is its last reported loss; a running one's is its latest so far
     row["value"] = t.value if t.value is not None else (t.intermediate_values[steps[-1]] if steps else None)
-    arch = t.user_attrs.get("arch") or {}
+    arch = TrialRecord.read(t).arch or {}
     for knob in KNOBS:
         row[knob] = t.params.get(knob, arch.get(knob))
     if t.datetime_start and t.datetime_complete:
@@ -158,24 +158,27 @@ def curves_frame(trials: list[FrozenTrial]) -> pd.DataFrame:
     """Every trial's validation curve (its intermediate values, else its "curve" attribute), long format."""
     rows = []
     for t in trials:
-        kl = {p["step"]: p.get("val_kl") for p in t.user_attrs.get("curve") or []}
-        points = t.intermediate_values or {p["step"]: p["val_loss"] for p in t.user_attrs.get("curve") or []}
-        label = t.user_attrs.get("label", f"trial {t.number}")
+        record = TrialRecord.read(t)
+        kl = {p["step"]: p.get("val_kl") for p in record.curve or []}
+        points = t.intermediate_values or {p["step"]: p["val_loss"] for p in record.curve or []}
+        label = record.label or f"trial {t.number}"
         for step in sorted(points):
             rows.append((t.number, step, points[step], kl.get(step), t.state.name, label))
     return pd.DataFrame(rows, columns=["trial", "step", "val_loss", "val_kl", "state", "label"])
 
 
-def stability_frames(study: optuna.Study, attrs: dict, trials: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-    """Half- vs full-horizon ranks: from the "stability" attribute (written after the search), else
+def stability_frames(
+    study: optuna.Study, record: StudyRecord, trials: pd.DataFrame
+) -> tuple[pd.DataFrame, dict]:
+    """Half- vs full-horizon ranks: from the recorded `stability` (written after the search), else
     computed now from the completed trials (a partial study), marked as provisional."""
-    stab = attrs.get("stability")
+    stab = record.stability
     source = "recorded after the search"
     if not stab or not stab.get("trials"):
-        top_k = int((attrs.get("config") or {}).get("search", {}).get("top_k", 10))
+        top_k = int((record.config or {}).get("search", {}).get("top_k", 10))
         done = trials[front_eligible(trials)]
         last = pd.to_numeric(done["last_step"], errors="coerce").max() if len(done) else math.nan
-        horizon = attrs.get("horizon_steps") or (int(last) if math.isfinite(last) else 0)
+        horizon = record.horizon_steps or (int(last) if math.isfinite(last) else 0)
         stab = ranking_stability(study, top_k, horizon) if len(done) else {"k": 0}
         source = "computed from the trials finished so far (provisional)"
     frame = pd.DataFrame(
@@ -194,19 +197,19 @@ def stability_frames(study: optuna.Study, attrs: dict, trials: pd.DataFrame) -> 
     return frame, facts
 
 
-def header_facts(study_name: str, attrs: dict, trials: pd.DataFrame) -> dict[str, Any]:
+def header_facts(study_name: str, record: StudyRecord, trials: pd.DataFrame) -> dict[str, Any]:
     """Teacher, budget, data, tokens spent, trial counts, and the winner's loss vs the teacher's."""
-    winner = attrs.get("winner") or {}
+    winner = record.winner or {}
     tokens_by_trial = pd.to_numeric(trials.set_index("number")["tokens"], errors="coerce").fillna(0)
     # the pipeline's winner "tokens" counts its short run too (already in its trial's tokens)
     final_tokens = max(0, int(winner.get("tokens", 0)) - int(tokens_by_trial.get(winner.get("trial"), 0)))
     facts = {
         "study": study_name,
-        "teacher": attrs.get("teacher"),
-        "teacher_params": attrs.get("teacher_params"),
-        "teacher_val_loss": attrs.get("teacher_val_loss"),
-        "budget": attrs.get("budget"),
-        "data": attrs.get("data"),
+        "teacher": record.teacher,
+        "teacher_params": record.teacher_params,
+        "teacher_val_loss": record.teacher_val_loss,
+        "budget": record.budget,
+        "data": record.data,
         "trial_counts": trials["state"].value_counts().to_dict(),
         "tokens_spent": int(tokens_by_trial.sum()) + final_tokens,
         "winner": winner_facts(winner, trials),
@@ -232,20 +235,20 @@ def winner_facts(winner: dict, trials: pd.DataFrame) -> dict[str, Any]:
             "short_run_loss": float(best["value"]), "source": "best short run so far (not yet fully distilled)"}  # fmt: skip
 
 
-def reproducibility(study: optuna.Study, attrs: dict) -> dict[str, Any]:
+def reproducibility(study: optuna.Study, record: StudyRecord) -> dict[str, Any]:
     """What is needed to re-run the study: its config, seeds, package versions, data fingerprint."""
     return {
         "study": study.study_name,
-        "teacher": attrs.get("teacher"),
-        "seed": attrs.get("seed"),
-        "data": attrs.get("data"),
-        "data_fingerprint": attrs.get("data_fingerprint"),
-        "importance_path": attrs.get("importance_path"),
-        "horizon_steps": attrs.get("horizon_steps"),
-        "tokens_per_step": attrs.get("tokens_per_step"),
-        "sampler": attrs.get("sampler") or type(study.sampler).__name__,
-        "versions": attrs.get("versions") or {},
-        "config": attrs.get("config") or {},
+        "teacher": record.teacher,
+        "seed": record.seed,
+        "data": record.data,
+        "data_fingerprint": record.data_fingerprint,
+        "importance_path": record.importance_path,
+        "horizon_steps": record.horizon_steps,
+        "tokens_per_step": record.tokens_per_step,
+        "sampler": record.sampler or type(study.sampler).__name__,
+        "versions": record.versions or {},
+        "config": record.config or {},
     }
 
 

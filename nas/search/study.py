@@ -1,24 +1,111 @@
-"""The Optuna study of a search, and nothing else: storage, opening studies, the trial attributes a study
-records, and the rankings read back from it (no torch, no training code: `nas report` uses this alone)."""
+"""The Optuna study of a search, and nothing else: storage, opening studies, what a study and each of its
+trials record (`StudyRecord`, `TrialRecord`), and the rankings read back from it (no torch, no training
+code: `nas report` uses this alone).
+
+SQLite and the trial queue: Optuna's `Study._pop_waiting_trial_id` hands a WAITING trial to one worker by
+reading it, then setting it RUNNING under `SELECT ... FOR UPDATE`. PostgreSQL locks the row; SQLite ignores
+`FOR UPDATE`, and Python's sqlite3 opens its transaction only at the UPDATE, so two workers can both pop
+the same trial (measured with Optuna 5.0: 6 of 300 queued trials went to both of two processes). The same
+race lets two workers both fail one stale trial and retry it twice. `make_storage` therefore opens every
+SQLite transaction with `BEGIN IMMEDIATE` (the writer lock is taken before the read), which makes the
+pop and the stale-trial check atomic on SQLite too.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+import sqlalchemy
+from optuna.trial import FrozenTrial, TrialState
 
 from nas.errors import ConfigError, NasError
 from nas.model.arch import KNOBS, MOE_KNOBS, Arch
 from nas.settings import RunConfig
 
 log = logging.getLogger(__name__)
+SQLITE_LOCK_TIMEOUT = 60  # seconds a SQLite transaction waits for another worker's (short) one
 
 
-CLAIMED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+class _Record:
+    """Read and write a dataclass as Optuna user attributes, one attribute per field (None: not written)."""
+
+    @classmethod
+    def _from_attrs(cls, attrs: dict[str, Any]):
+        return cls(**{f.name: attrs[f.name] for f in dataclasses.fields(cls) if f.name in attrs})
+
+    def attrs(self) -> dict[str, Any]:
+        """The fields that are not None, as user attributes."""
+        return {f.name: v for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None}
+
+
+@dataclass
+class StudyRecord(_Record):
+    """What a study records (its user attributes): written once by `nas search`/`nas run` so that workers and
+    the report need only the storage and the study name; `stability` after the search, `winner` after
+    the full distillation. A field is None when the study has not recorded it (yet)."""
+
+    config: dict[str, Any] | None = None  # the RunConfig as a dict (what every worker runs)
+    teacher: str | None = None
+    teacher_arch: dict[str, int] | None = None
+    teacher_params: int | None = None
+    teacher_val_loss: float | None = None
+    budget: int | None = None
+    budget_kind: str | None = None  # total or active (mixture of experts: parameters one token uses)
+    importance_path: str | None = None  # absolute; shared by every worker
+    data_fingerprint: str | None = None
+    data: str | None = None  # the data sources, comma-separated
+    versions: dict[str, str] | None = None  # package -> version
+    seed: int | None = None
+    horizon_steps: int | None = None
+    tokens_per_step: int | None = None
+    candidates: list[list[int]] | None = None  # arch keys (KNOBS order) in priority order
+    sampler: str | None = None  # in words
+    pruner: str | None = None
+    stability: dict[str, Any] | None = None  # `ranking_stability` of the finished search
+    winner: dict[str, Any] | None = None  # trial, arch, params, val_loss, final_val_loss, dir, curve, tokens
+
+    @classmethod
+    def read(cls, study: optuna.Study) -> StudyRecord:
+        return cls._from_attrs(study.user_attrs)
+
+    def write(self, study: optuna.Study) -> None:
+        """Set the fields that are not None (others stay as they are)."""
+        for key, value in self.attrs().items():
+            study.set_user_attr(key, value)
+
+
+@dataclass
+class TrialRecord(_Record):
+    """What each trial records (its user attributes). Enqueued candidates start with `arch`, `label` and
+    `candidate`; the rest is written as the trial runs. None: not recorded (yet)."""
+
+    arch: dict[str, int] | None = None  # the candidate (`Arch.to_dict`)
+    label: str | None = None  # `Arch.describe`
+    candidate: int | None = None  # index in the study's priority order
+    params: int | None = None
+    active_params: int | None = None  # mixture of experts: parameters one token uses
+    kv_cache_bytes_per_token: int | None = None
+    latency_tokens_per_s: float | None = None
+    curve: list[dict[str, float]] | None = None  # [{step, val_loss, val_kl?}]
+    tokens: int | None = None  # training tokens spent
+    checkpoint: str | None = None  # the short run's model directory
+    infeasible: bool | None = None  # a sampled shape outside the space: no training, not counted
+    duplicate_of: int | None = None  # a sampled candidate another trial already evaluates (TPE only)
+
+    @classmethod
+    def read(cls, trial: FrozenTrial | optuna.Trial) -> TrialRecord:
+        return cls._from_attrs(trial.user_attrs)
+
+    def write(self, trial: optuna.Trial) -> None:
+        """Set the fields that are not None (others stay as they are)."""
+        for key, value in self.attrs().items():
+            trial.set_user_attr(key, value)
 
 
 def arch_key(arch: Arch | dict) -> tuple[int, ...]:
@@ -33,14 +120,34 @@ def make_storage(url: str, cfg: RunConfig | None = None) -> optuna.storages.Base
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     s = cfg.search if cfg else None
-    return optuna.storages.RDBStorage(
+    sqlite = url.startswith("sqlite")
+    storage = optuna.storages.RDBStorage(
         url,
+        engine_kwargs={"connect_args": {"timeout": SQLITE_LOCK_TIMEOUT}} if sqlite else None,
         heartbeat_interval=s.heartbeat_interval if s else 30,
         grace_period=s.grace_period if s else 120,
         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
             max_retry=s.max_retry if s else 2, inherit_intermediate_values=True
         ),
     )
+    if sqlite:
+        _begin_immediate(storage.engine)
+    return storage
+
+
+def _begin_immediate(engine: sqlalchemy.engine.Engine) -> None:
+    """Open every transaction on this SQLite engine with BEGIN IMMEDIATE (why: the module docstring);
+    SQLAlchemy's recipe for SQLite transactions: the driver's own BEGIN is turned off."""
+
+    def on_connect(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None
+
+    def on_begin(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    sqlalchemy.event.listen(engine, "connect", on_connect)
+    sqlalchemy.event.listen(engine, "begin", on_begin)
+    engine.dispose()  # connections opened while creating the tables predate the hooks
 
 
 def load_existing_study(storage: str, study_name: str) -> optuna.Study:
@@ -60,16 +167,12 @@ def load_existing_study(storage: str, study_name: str) -> optuna.Study:
 def done_trials(study: optuna.Study) -> int:
     """Finished evaluations of candidates (sampled shapes outside the space do not count)."""
     finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-    return sum(not t.user_attrs.get("infeasible") for t in finished)
+    return sum(not TrialRecord.read(t).infeasible for t in finished)
 
 
 def ranking_stability(study: optuna.Study, top_k: int, horizon: int) -> dict[str, Any]:
     """Rank of the top-k completed trials at half vs full horizon, with Kendall tau."""
-    complete = [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if not t.user_attrs.get("infeasible")
-    ]
+    complete = _feasible_complete(study)
     top = sorted(complete, key=lambda t: t.value)[:top_k]
     half_step = _nearest_step(top, horizon // 2)
     rows = [(t.number, t.intermediate_values.get(half_step), t.value) for t in top]
@@ -98,18 +201,13 @@ def ranking_stability(study: optuna.Study, top_k: int, horizon: int) -> dict[str
 def keep_top_models(study: optuna.Study, top_k: int) -> list[str]:
     """Delete the short-run models of all but the top-k completed trials (a candidate of an 8B teacher
     is gigabytes); returns the kept paths. Curves, metrics and the study itself are kept."""
-    complete = sorted(
-        (
-            t
-            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if "checkpoint" in t.user_attrs
-        ),
-        key=lambda t: t.value,
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    saved = sorted(
+        ((t.value, path) for t in complete if (path := TrialRecord.read(t).checkpoint)), key=lambda v: v[0]
     )
-    keep = [t.user_attrs["checkpoint"] for t in complete[:top_k]]
-    for trial in complete[top_k:]:
-        shutil.rmtree(trial.user_attrs["checkpoint"], ignore_errors=True)
-    return keep
+    for _, path in saved[top_k:]:
+        shutil.rmtree(path, ignore_errors=True)
+    return [path for _, path in saved[:top_k]]
 
 
 def _nearest_step(trials, step: int) -> int | None:
@@ -117,12 +215,13 @@ def _nearest_step(trials, step: int) -> int | None:
     return min(steps, key=lambda s: (abs(s - step), s)) if steps else None
 
 
-def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
-    complete = [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if not t.user_attrs.get("infeasible")
-    ]
+def _feasible_complete(study: optuna.Study) -> list[FrozenTrial]:
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return [t for t in complete if not TrialRecord.read(t).infeasible]
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial:
+    complete = _feasible_complete(study)
     if not complete:
         raise NasError(f"study {study.study_name} has no completed trial yet; run more trials")
     return min(complete, key=lambda t: t.value)

@@ -1,9 +1,22 @@
 """The Optuna study: one trial = one candidate, pruned from the teacher and distilled for a short horizon.
 
-Small spaces are searched exhaustively in a fixed priority order (each candidate once); large ones
-are sampled with TPE under a budget constraint. Intermediate validation losses go to `trial.report`,
-so successive halving (default) or Hyperband stops losing candidates early. Heartbeats plus
-`RetryFailedTrialCallback` re-run trials whose worker died, resuming from their last checkpoint.
+Small spaces are searched exhaustively: `enqueue_candidates` puts every candidate in Optuna's own trial queue
+once, in priority order (`Study.enqueue_trial(..., skip_if_exists=True)`: a continued study adds nothing
+twice), and the storage hands each WAITING trial to exactly one worker (PostgreSQL: `SELECT ... FOR
+UPDATE`; SQLite: see `nas.search.study`). Large spaces are sampled with TPE under a budget constraint.
+Intermediate validation losses go to `trial.report`, so successive halving (default) or Hyperband stops
+losing candidates early. A trial whose worker died goes stale (heartbeats) and is failed and re-enqueued
+by `RetryHeartbeatStaleTrialCallback`; a trial that fails (a non-finite loss) is re-enqueued by
+`retry_failed` through the same callback; both stop after `max_retry` retries (counted in the trial's
+retry history). Trial directories are keyed by candidate, so a retry resumes the dead trial's checkpoint.
+
+Hand-written parts kept, and why: (1) TPE proposes its own parameters, may propose a candidate twice, and
+two workers may draw the same one at once; Optuna has no queue for that, so a sampled trial writes its
+candidate first and then yields to any other live or finished trial of it (`_twin`). (2) Only
+`study.optimize` checks for stale trials, so a worker with nothing to start but others running checks
+them itself while it waits (else a dead worker's trial would stay RUNNING). (3) A worker that finds the
+queue empty when its trial starts (another worker took the last one) must not evaluate a fresh trial:
+`objective` refuses trials that did not come from the queue (`QueueEmpty`).
 """
 
 from __future__ import annotations
@@ -11,21 +24,21 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
 import torch
-from optuna.trial import TrialState
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
 
 from nas.device import model_device
 from nas.errors import InfeasibleError
 from nas.model.arch import KNOBS, Arch, count_budget_params, count_params, kv_cache_bytes
 from nas.prune.cut import prune
 from nas.prune.importance import Importance
-from nas.search.study import CLAIMED, arch_key, done_trials, make_storage
+from nas.search.study import TrialRecord, arch_key, done_trials, make_storage
 from nas.settings import RunConfig
 from nas.train.loop import NonFiniteLossError, distill
 
@@ -57,47 +70,13 @@ class SearchContext:
         )
 
 
-class CandidateSampler(optuna.samplers.BaseSampler):
-    """Hands each new trial the first candidate (in priority order) that no trial has claimed yet and
-    that has not failed `max_failures` times already."""
-
-    def __init__(self, candidates: list[Arch], max_failures: int) -> None:
-        self.candidates = candidates
-        self.max_failures = max_failures
-
-    def infer_relative_search_space(self, study, trial):
-        return {}
-
-    def sample_relative(self, study, trial, search_space):
-        return {}
-
-    def sample_independent(self, study, trial, param_name, param_distribution):
-        chosen = next_unclaimed(
-            study, self.candidates, self.max_failures, exclude=trial.number, prefix=trial.params
-        )
-        arch = chosen or self.candidates[0]  # exhausted: a duplicate the objective will refuse
-        return getattr(arch, param_name)
-
-
-def next_unclaimed(
-    study, candidates, max_failures: int, exclude: int | None = None, prefix: dict | None = None
-) -> Arch | None:
-    """The first candidate with no live or finished trial that has failed fewer than `max_failures`
-    times (a candidate that keeps failing, e.g. with a NaN loss, is given up instead of retried forever)."""
-    claimed, failures = set(), Counter()
-    for t in study.get_trials(deepcopy=False):
-        params = t.params or t.system_attrs.get("fixed_params", {})
-        if t.number == exclude:
-            continue
-        if t.state in CLAIMED and all(k in params for k in KNOBS):
-            claimed.add(arch_key(params))
-        elif t.state == TrialState.FAIL and "arch" in t.user_attrs and "duplicate_of" not in t.user_attrs:
-            failures[arch_key(t.user_attrs["arch"])] += 1
-    claimed |= {key for key, n in failures.items() if n >= max_failures}
-    for arch in candidates:
-        if arch_key(arch) not in claimed and all(getattr(arch, k) == v for k, v in (prefix or {}).items()):
-            return arch
-    return None
+def enqueue_candidates(study: optuna.Study, ctx: SearchContext) -> None:
+    """Queue every candidate of an exhaustive search once, in priority order (a continued study skips the
+    candidates that already have a trial, in any state)."""
+    for index, arch in enumerate(ctx.candidates):
+        record = TrialRecord(arch=arch.to_dict(), label=arch.describe(), candidate=index)
+        params = {k: getattr(arch, k) for k in KNOBS}
+        study.enqueue_trial(params, user_attrs=record.attrs(), skip_if_exists=True)
 
 
 def suggest_arch(trial: optuna.Trial, ctx: SearchContext) -> Arch:
@@ -122,7 +101,13 @@ def trial_dir(ctx: SearchContext, arch: Arch) -> Path:
     return ctx.cfg.root / "trials" / arch.describe().replace(" ", "-").replace("/", "-")
 
 
+class QueueEmpty(Exception):
+    """An exhaustive search's worker started a trial after another worker took the last queued one."""
+
+
 def objective(trial: optuna.Trial, ctx: SearchContext) -> float:
+    if ctx.exhaustive and TrialRecord.read(trial).candidate is None:
+        raise QueueEmpty(f"trial {trial.number}: no queued candidate left")
     try:
         arch = suggest_arch(trial, ctx)
     except InfeasibleError:  # a sampled shape no model can have (e.g. hidden_size not divisible by heads)
@@ -130,15 +115,15 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> float:
     keys = {arch_key(a): i for i, a in enumerate(ctx.candidates)}
     if arch is None or arch_key(arch) not in keys:
         trial.set_constraint("budget", budget_violation(arch, ctx) if arch else 1.0)
-        trial.set_user_attr("infeasible", True)
+        TrialRecord(infeasible=True).write(trial)
         return INFEASIBLE_VALUE
     if not ctx.exhaustive:
         trial.set_constraint("budget", 0.0)
-    trial.set_user_attr("arch", arch.to_dict())  # the claim, written before looking for rivals
-    duplicate = _finished_twin(trial, arch)
-    if duplicate is not None:
-        trial.set_user_attr("duplicate_of", duplicate)  # a lost race, not a failure of the candidate
-        raise DuplicateCandidate(f"candidate {arch.describe()} already has trial {duplicate}")
+        TrialRecord(arch=arch.to_dict()).write(trial)  # the claim, written before looking for rivals
+        duplicate = _twin(trial, arch)
+        if duplicate is not None:
+            TrialRecord(duplicate_of=duplicate).write(trial)  # a repeat or a lost race, not a failure
+            raise DuplicateCandidate(f"candidate {arch.describe()} already has trial {duplicate}")
     student = prune(ctx.teacher, arch, ctx.importance, ctx.cfg.depth_strategy)
     _describe_trial(trial, arch, keys[arch_key(arch)], student, ctx)
     out = trial_dir(ctx, arch)
@@ -146,21 +131,18 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> float:
 
     def on_eval(step: int, val_loss: float) -> None:
         curve.append({"step": step, "val_loss": val_loss})
-        trial.set_user_attr("curve", curve)
+        TrialRecord(curve=curve).write(trial)
         trial.report(val_loss, step)
         if trial.should_prune():
-            trial.set_user_attr(
-                "tokens", step * ctx.cfg.distill.batch_size * ctx.cfg.distill.grad_accum * ctx.data.seq_len
-            )
+            tokens = step * ctx.cfg.distill.batch_size * ctx.cfg.distill.grad_accum * ctx.data.seq_len
+            TrialRecord(tokens=tokens).write(trial)
             raise optuna.TrialPruned(f"pruned at step {step} (val loss {val_loss:.4f})")
 
     try:
         result = distill(ctx.teacher, student, ctx.data, ctx.cfg.short_distill(), out, on_eval=on_eval)
     finally:  # a finished or stopped trial needs no resume state; a killed one keeps it for its retry
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    trial.set_user_attr("curve", result.curve)
-    trial.set_user_attr("tokens", result.tokens)
-    trial.set_user_attr("checkpoint", str(out / "model"))
+    TrialRecord(curve=result.curve, tokens=result.tokens, checkpoint=str(out / "model")).write(trial)
     return result.val_loss
 
 
@@ -173,29 +155,32 @@ def budget_violation(arch: Arch, ctx: SearchContext) -> float:
 
 
 class DuplicateCandidate(Exception):
-    """A trial drew a candidate another trial already evaluates (a race between workers)."""
+    """A sampled trial drew a candidate another trial already evaluates (TPE only)."""
 
 
-def _finished_twin(trial: optuna.Trial, arch: Arch) -> int | None:
-    """The number of another live or finished trial of the same candidate, if any. Each trial writes its
-    claim before this check, so of two workers racing for one candidate the later to check always sees
-    the other (both may yield; the candidate is then handed out again), and none is run twice."""
-    for other in trial.study.get_trials(deepcopy=False, states=CLAIMED):
-        twin = other.user_attrs.get("arch")
+def _twin(trial: optuna.Trial, arch: Arch) -> int | None:
+    """The number of another live or finished trial of the same candidate, if any. Each sampled trial
+    writes its candidate before this check, so of two workers racing for one candidate the later to check
+    always sees the other (both may yield), and none is run twice."""
+    live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    for other in trial.study.get_trials(deepcopy=False, states=live):
+        twin = TrialRecord.read(other).arch
         if other.number != trial.number and twin and arch_key(twin) == arch_key(arch):
             return other.number
     return None
 
 
 def _describe_trial(trial, arch: Arch, index: int, student, ctx: SearchContext) -> None:
-    """User attrs of a claimed candidate ("arch" is already set: it is the claim)."""
-    trial.set_user_attr("label", arch.describe())
-    trial.set_user_attr("candidate", index)
-    trial.set_user_attr("params", count_params(arch))
-    if arch.num_experts:
-        trial.set_user_attr("active_params", count_params(arch, active=True))
-    trial.set_user_attr("kv_cache_bytes_per_token", kv_cache_bytes(arch))
-    trial.set_user_attr("latency_tokens_per_s", measure_latency(student, ctx.cfg.search.latency_tokens))
+    """What a trial records about its candidate before training."""
+    TrialRecord(
+        arch=arch.to_dict(),
+        label=arch.describe(),
+        candidate=index,
+        params=count_params(arch),
+        active_params=count_params(arch, active=True) if arch.num_experts else None,
+        kv_cache_bytes_per_token=kv_cache_bytes(arch),
+        latency_tokens_per_s=measure_latency(student, ctx.cfg.search.latency_tokens),
+    ).write(trial)
 
 
 @torch.no_grad()
@@ -230,8 +215,8 @@ def make_pruner(ctx: SearchContext) -> optuna.pruners.BasePruner:
 
 
 def make_sampler(ctx: SearchContext) -> optuna.samplers.BaseSampler:
-    if ctx.exhaustive:
-        return CandidateSampler(ctx.candidates, ctx.cfg.search.max_retry + 1)
+    if ctx.exhaustive:  # queued trials carry their parameters; the sampler is never asked
+        return optuna.samplers.RandomSampler(seed=ctx.cfg.seed)
     return optuna.samplers.TPESampler(seed=ctx.cfg.seed, multivariate=True)
 
 
@@ -260,20 +245,34 @@ def target_trials(ctx: SearchContext) -> int:
     return ctx.cfg.search.n_trials or 20
 
 
+def retry_failed(ctx: SearchContext):
+    """An `optimize` callback: re-enqueue a candidate whose trial failed (a non-finite loss) until it has
+    been retried `max_retry` times; then it is given up."""
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=ctx.cfg.search.max_retry)
+
+    def callback(study: optuna.Study, trial: FrozenTrial) -> None:
+        record = TrialRecord.read(trial)
+        if trial.state == TrialState.FAIL and record.arch and record.duplicate_of is None:
+            retry(study, trial)
+
+    return callback
+
+
 def run_trials(ctx: SearchContext, study: optuna.Study, max_trials: int | None = None) -> None:
     """Pull trials until the study has its target count of finished trials (or this worker's max)."""
     target = target_trials(ctx)
-    max_failures = ctx.cfg.search.max_retry + 1
+    callbacks = [retry_failed(ctx)] if ctx.exhaustive else None  # TPE samples anew instead
     ran = 0
     while done_trials(study) < target and (max_trials is None or ran < max_trials):
-        if len(study.trials) >= MAX_TRIALS_PER_TARGET * target:  # a sampler stuck outside the space
+        stuck = not ctx.exhaustive and len(study.trials) >= MAX_TRIALS_PER_TARGET * target
+        if stuck:  # a sampler stuck outside the space (a queue holds each candidate once: it cannot be)
             log.warning(
                 "stopping after %d trials for %d evaluations; check the space", len(study.trials), target
             )
             break
-        if not _waiting(study) and next_unclaimed(study, ctx.candidates, max_failures) is None:
-            if not _running(study):
-                break
+        if ctx.exhaustive and not _has(study, TrialState.WAITING):
+            if not _has(study, TrialState.RUNNING):
+                break  # every candidate evaluated or given up
             time.sleep(ctx.cfg.search.heartbeat_interval)  # others still running: wait for a retry or the end
             # only study.optimize fails stale trials; without this a dead worker's trial stays RUNNING forever
             optuna.storages.fail_stale_trials(study)
@@ -282,16 +281,13 @@ def run_trials(ctx: SearchContext, study: optuna.Study, max_trials: int | None =
             # a diverging candidate fails its trial (and is retried up to max_retry), not the whole search
             lambda t: objective(t, ctx),
             n_trials=1,
-            catch=(DuplicateCandidate, NonFiniteLossError),
+            catch=(DuplicateCandidate, NonFiniteLossError, QueueEmpty),
+            callbacks=callbacks,
             gc_after_trial=True,
         )
         ran += 1
     log.info("study %s: %d finished trials", study.study_name, done_trials(study))
 
 
-def _waiting(study: optuna.Study) -> bool:
-    return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-
-
-def _running(study: optuna.Study) -> bool:
-    return bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+def _has(study: optuna.Study, state: TrialState) -> bool:
+    return bool(study.get_trials(deepcopy=False, states=(state,)))
