@@ -69,7 +69,7 @@ def parse_budget(budget: str | int | float, teacher: Arch) -> int:
             share = float(text[:-1]) / 100
         except ValueError:
             raise InfeasibleError(f"cannot read budget {budget!r}; write e.g. 50% or 4B") from None
-        if not 0 < share <= 1:
+        if not 0 < share <= 1:  # also refuses nan%
             raise InfeasibleError(f"a budget share must be in (0%, 100%], got {budget!r}")
         return int(count_params(teacher) * share)
     return parse_count(text)

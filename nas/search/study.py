@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import logging
 import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
-from nas.errors import ConfigError, NasError
+from nas.errors import ConfigError, NasError, first_line
 from nas.model.arch import KNOBS, Arch
 from nas.settings import RunConfig
 
@@ -26,35 +29,79 @@ def arch_key(arch: Arch | dict) -> tuple[int, ...]:
     return tuple(int(values[k]) for k in KNOBS)
 
 
-def make_storage(url: str, cfg: RunConfig | None = None) -> optuna.storages.BaseStorage | str:
-    """RDB storage with heartbeats, so a trial whose worker died is failed and retried."""
-    if not url.startswith(("sqlite", "postgresql", "mysql")):
+STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
+
+
+def check_storage_url(url: str) -> None:
+    """ConfigError unless `url` is an Optuna RDB storage URL of a known scheme."""
+    scheme = url.partition("://")[0].split("+")[0] if "://" in url else ""
+    if scheme not in STORAGE_SCHEMES:
+        raise ConfigError(
+            f"unknown study storage {url!r}: use sqlite:///PATH, postgresql+psycopg://USER:PW@HOST/DB or "
+            "mysql+pymysql://USER:PW@HOST/DB"
+        )
+
+
+@contextmanager
+def storage_errors(url: str) -> Iterator[None]:
+    """A storage that cannot be reached or read (a refused connection, a corrupt or truncated SQLite
+    file, a missing driver) as one ConfigError naming it, instead of SQLAlchemy's traceback."""
+    import sqlalchemy.exc
+
+    try:
+        yield
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        reason = first_line(getattr(e, "orig", None) or e)
+        if url.startswith("sqlite:///") and isinstance(e, sqlalchemy.exc.DatabaseError):
+            path = url.removeprefix("sqlite:///")
+            raise ConfigError(f"study storage {path} is not a readable SQLite database ({reason}): corrupt or truncated") from e
+        raise ConfigError(f"cannot open the study storage {_redacted(url)}: {reason}") from e
+    except ImportError as e:  # optuna: "Failed to import DB access module"
+        raise ConfigError(f"cannot open the study storage {_redacted(url)}: its database driver is not installed") from e
+
+
+def _redacted(url: str) -> str:
+    """The URL without its password."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not parseable: nothing to hide
         return url
+
+
+def make_storage(url: str, cfg: RunConfig | None = None) -> optuna.storages.BaseStorage:
+    """RDB storage with heartbeats, so a trial whose worker died is failed and retried."""
+    check_storage_url(url)
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     s = cfg.search if cfg else None
-    return optuna.storages.RDBStorage(
-        url,
-        heartbeat_interval=s.heartbeat_interval if s else 30,
-        grace_period=s.grace_period if s else 120,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-            max_retry=s.max_retry if s else 2, inherit_intermediate_values=True
-        ),
-    )
+    with storage_errors(url), warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable in use
+        return optuna.storages.RDBStorage(
+            url,
+            heartbeat_interval=s.heartbeat_interval if s else 30,
+            grace_period=s.grace_period if s else 120,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=s.max_retry if s else 2, inherit_intermediate_values=True
+            ),
+        )
 
 
 def load_existing_study(storage: str, study_name: str) -> optuna.Study:
     """Open a study that must already exist; ConfigError naming the studies there when it does not."""
+    check_storage_url(storage)
     if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
         raise ConfigError(
             f"no SQLite file at {storage.removeprefix('sqlite:///')}; pass --storage with the URL the search used"
         )
-    names = optuna.study.get_all_study_names(storage)
-    if study_name not in names:
-        raise ConfigError(
-            f"no study {study_name!r} in {storage}; studies there: {', '.join(names) or 'none'}"
-        )
-    return optuna.load_study(study_name=study_name, storage=storage)
+    with storage_errors(storage):
+        names = optuna.study.get_all_study_names(storage)
+        if study_name not in names:
+            raise ConfigError(
+                f"no study {study_name!r} in {_redacted(storage)}; studies there: {', '.join(names) or 'none'}"
+            )
+        return optuna.load_study(study_name=study_name, storage=storage)
 
 
 def done_trials(study: optuna.Study) -> int:
