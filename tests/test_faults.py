@@ -92,15 +92,23 @@ class Workspace:
         return str(path)
 
     def busy_dir(self, name: str = "busy", is_dir: bool = True) -> str:
-        """A path whose lock a second, real process holds for the rest of the case."""
+        """A path whose lock a second, real process holds (an flock on its lock file, the pid written in
+        it, as `nas.io.own_output` does) for the rest of the case."""
+        from nas.io import lock_file_of
+
         path = self.root / name
+        lock = lock_file_of(path, is_dir)
+        lock.parent.mkdir(parents=True, exist_ok=True)
         code = (
-            "import sys, time; from nas.io import own_output\n"
-            f"with own_output({str(path)!r}, {is_dir}):\n    print('held', flush=True); time.sleep(120)"
+            "import fcntl, os, sys, time\n"
+            f"fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'%d' % os.getpid())\n"
+            "print('held', flush=True); time.sleep(120)"
         )
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([sys.executable, "-S", "-c", code], stdout=subprocess.PIPE, text=True)
         self.holder = proc
         assert proc.stdout.readline().strip() == "held"
+        self.expected_pid = proc.pid
         return str(path)
 
     def sqlite(self, fault: str) -> str:
@@ -331,6 +339,8 @@ def test_fault_is_one_line_exit_2_and_changes_nothing(case, workspace, capsys, m
     assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("nas: error: "), err
     assert expected in lines[0], lines[0]
+    if workspace.holder is not None:  # the one line names the process that holds the output
+        assert f"(pid {workspace.holder.pid})" in lines[0], lines[0]
     after = tree_digest(workspace.root, workspace.base)
     changed = sorted(k for k in before if before[k] != after.get(k))
     added = sorted(set(after) - set(before))
