@@ -136,9 +136,11 @@ def checked_output(args, *models: str):
     anything is loaded."""
     from nas.cli import guard
 
+    data_cfg, cfg = data_config_from_args(args), settings_from_args(args, DistillConfig)
+    settings_from_args(args, Launch)  # every setting is validated first
     out = guard.output(args.out, [*models, *guard.data_paths(args)])
-    guard.device(settings_from_args(args, DistillConfig).device)
-    guard.seq_len_fits(data_config_from_args(args).seq_len, *models)
+    guard.device(cfg.device)
+    guard.seq_len_fits(data_cfg.seq_len, *models)
     return out
 
 
