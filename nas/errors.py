@@ -25,3 +25,8 @@ def first_line(e: BaseException) -> str:
     """The first line of an exception's message, for one-line errors."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+class OutputError(NasError):
+    """An output path cannot be written: in use by another command, an input, not a directory, read-only,
+    or on a full disk."""

@@ -1,14 +1,22 @@
-"""Leaf helpers for files: atomic writes (temp file + rename) and directory replacement."""
+"""Leaf helpers for files: atomic writes (temp file + rename), directory replacement, the ownership lock of
+an output directory, the checks that an output path is writable and not an input, a full disk as one
+error, and the recorded settings (identity) of a resumable output."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from nas.errors import ConfigError, OutputError
 
 
 @contextmanager
@@ -21,8 +29,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(name)
     try:
-        yield tmp
-        publish(tmp, path)
+        with disk_errors(path):
+            yield tmp
+            publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -46,10 +55,23 @@ def save_model_atomic(model: Any, dst: Path, state_dict: dict | None = None) -> 
     """`save_pretrained` (safetensors) into a temp directory next to `dst`, then rename it to `dst`.
     `state_dict`: the weights to write instead of the model's own (the gathered ones of a sharded model)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".tmp-{dst.name}-"))
-    model.save_pretrained(tmp, state_dict=state_dict)
-    replace_dir(tmp, dst)
+    with temp_dir(dst) as tmp:
+        model.save_pretrained(tmp, state_dict=state_dict)
+        replace_dir(tmp, dst)
     return dst
+
+
+@contextmanager
+def temp_dir(dst: Path) -> Iterator[Path]:
+    """A temp directory beside `dst` for a directory being written; removed when the block fails (a full
+    disk leaves no partial directory behind), and a full disk becomes one `OutputError`."""
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".tmp-{dst.name}-"))
+    try:
+        with disk_errors(dst):
+            yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def replace_dir(tmp: Path, dst: Path) -> None:
@@ -59,6 +81,8 @@ def replace_dir(tmp: Path, dst: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
+    if (dst / LOCK_NAME).is_file():  # the owner's lock moves along (same inode: the flock stays held)
+        os.replace(dst / LOCK_NAME, tmp / LOCK_NAME)
     if dst.exists():
         trash = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".old-{dst.name}-"))
         os.replace(dst, trash / dst.name)
@@ -71,3 +95,218 @@ def replace_dir(tmp: Path, dst: Path) -> None:
 def write_atomic(path: Path, payload: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(payload)
+
+
+# ---- a full disk ------------------------------------------------------------------------------------
+
+FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# torch.save and safetensors report a full disk in their own words, not as an OSError
+FULL_DISK_TEXTS = ("No space left", "StorageFull", "file write failed", "disk is full", "Disk quota")
+
+
+def is_full_disk(e: BaseException) -> bool:
+    """True when `e` (or an exception it was raised from) says the disk or quota is full."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in FULL_DISK_ERRNOS:
+            return True
+        if any(text in str(e) for text in FULL_DISK_TEXTS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+@contextmanager
+def disk_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a full disk (or a read-only file system) while writing `path` into one `OutputError`."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except Exception as e:
+        if is_full_disk(e):
+            raise OutputError(f"no space left on the device holding {path}; free some space and rerun") from e
+        if isinstance(e, OSError) and e.errno == errno.EROFS:
+            raise OutputError(f"cannot write {path}: the file system is read-only") from e
+        raise
+
+
+# ---- outputs: writable, not an input, owned by one command --------------------------------------------
+
+
+def check_output(path: str | os.PathLike, *, is_dir: bool = True) -> Path:
+    """`OutputError` unless `path` can be written: a directory output must not be an existing file, a file
+    output not an existing directory, and the path (or its nearest existing parent) must be writable."""
+    path = Path(path).expanduser()
+    if is_dir and path.exists() and not path.is_dir():
+        raise OutputError(f"output {path} is an existing file; give a directory (a new or an existing one)")
+    if not is_dir and path.is_dir():
+        raise OutputError(f"output {path} is a directory; give a file name")
+    existing = path if is_dir and path.is_dir() else path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"cannot create output {path}: {existing} is a file, not a directory")
+    if not _writable(existing):
+        raise OutputError(f"cannot write output {path}: {existing} is read-only")
+    return path
+
+
+def _writable(directory: Path) -> bool:
+    """Whether a file can be created in `directory` (root passes os.access on a read-only mount, so ask
+    statvfs too)."""
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return False
+    return not os.statvfs(directory).f_flag & os.ST_RDONLY
+
+
+def check_not_input(
+    out: str | os.PathLike,
+    inputs: Sequence[str | os.PathLike | None],
+    allow: Sequence[str | os.PathLike] = (),
+) -> None:
+    """`OutputError` when the output path is, contains, or lies inside a local input path (a hub id is no
+    path and is skipped). `allow`: output paths that may lie inside an input (e.g. MODEL/eval.json)."""
+    target = Path(out).expanduser().resolve()
+    if any(target == Path(a).expanduser().resolve() for a in allow):
+        return
+    for given in inputs:
+        if not given or not Path(given).expanduser().exists():
+            continue
+        source = Path(given).expanduser().resolve()
+        if target == source or source in target.parents or target in source.parents:
+            relation = "is" if target == source else "is inside" if source in target.parents else "contains"
+            raise OutputError(f"output {out} {relation} the input {given}; write the output somewhere else")
+
+
+LOCK_NAME = ".nas.lock"
+HELD_ENV = "NAS_HELD_LOCKS"  # locks of a parent process (torchrun re-launch); its children share them
+_held: dict[Path, list] = {}  # lock file -> [fd, depth, created its directory]: re-entrant within one process
+
+
+def lock_file_of(path: str | os.PathLike, is_dir: bool = True) -> Path:
+    """The lock file of an output: `.nas.lock` inside a directory output, `.<name>.lock` beside a file."""
+    path = Path(path).expanduser().resolve()
+    return path / LOCK_NAME if is_dir else path.parent / f".{path.name}.lock"
+
+
+@contextmanager
+def own_output(path: str | os.PathLike, is_dir: bool = True) -> Iterator[Path]:
+    """Hold the output `path` for the block: an exclusive `fcntl.flock` on its lock file, which the kernel
+    releases when the process dies (a kill never leaves a stale lock). A second command on the same output
+    fails at once with an `OutputError` naming the holder's pid. Re-entrant within one process; processes
+    started by the holder (it exports `NAS_HELD_LOCKS`) share its locks."""
+    lock = lock_file_of(path, is_dir)
+    inherited = str(lock) in os.environ.get(HELD_ENV, "").split(os.pathsep)
+    if lock in _held or inherited:
+        if lock in _held:
+            _held[lock][1] += 1
+        try:
+            yield Path(path)
+        finally:
+            _release(lock)
+        return
+    _acquire(lock, path)
+    try:
+        yield Path(path)
+    finally:
+        _release(lock)
+
+
+def _acquire(lock: Path, path: str | os.PathLike) -> None:
+    created = not lock.parent.exists()
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise OutputError(
+                f"{path} is in use by another nas command (pid {holder}); wait for it to finish, or "
+                "choose another output"
+            ) from None
+        if _same_file(fd, lock):
+            break
+        os.close(fd)  # the holder removed the file between our open and flock: lock the new one
+    with contextlib.suppress(OSError):  # the pid is for the message only (a full disk cannot hold it)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held[lock] = [fd, 1, created]
+    os.environ[HELD_ENV] = os.pathsep.join(filter(None, [os.environ.get(HELD_ENV, ""), str(lock)]))
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _release(lock: Path) -> None:
+    """Drop one hold; the last removes the lock file (still locked, so no one else can hold the removed
+    file: `_acquire` checks that the file it locked is still the one at the path) and, if the lock had
+    created the output directory and it is empty, the directory (a failed command leaves nothing)."""
+    if lock not in _held:
+        return  # inherited from the parent process, which releases it
+    _held[lock][1] -= 1
+    if _held[lock][1] > 0:
+        return
+    fd, _, created = _held.pop(lock)
+    lock.unlink(missing_ok=True)
+    os.close(fd)  # closing the descriptor drops the flock
+    if created:
+        with contextlib.suppress(OSError):  # not empty: the command wrote its output there
+            lock.parent.rmdir()
+    held = [p for p in os.environ.get(HELD_ENV, "").split(os.pathsep) if p and p != str(lock)]
+    os.environ[HELD_ENV] = os.pathsep.join(held)
+
+
+# ---- identity: the settings that decide a resumable output's result ------------------------------------
+
+
+def check_identity(record: str | os.PathLike, settings: dict[str, Any], what: str, ways_out: str) -> None:
+    """Compare `settings` with the ones recorded in the JSON file `record` (written by `record_identity`):
+    `ConfigError` listing the differing settings and `ways_out` when they differ; nothing when they
+    match or nothing is recorded yet."""
+    record = Path(record)
+    if not record.is_file():
+        return
+    try:
+        recorded = json.loads(record.read_text())["settings"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{record} is corrupt ({type(e).__name__}); {ways_out}") from e
+    require_same(recorded, settings, what, ways_out)
+
+
+def require_same(recorded: dict[str, Any], settings: dict[str, Any], what: str, ways_out: str) -> None:
+    """`ConfigError` listing the settings that differ between `recorded` and `settings`, and `ways_out`."""
+    differing = identity_diff(recorded, settings)
+    if differing:
+        raise ConfigError(f"{what} was made with other settings ({differing}); {ways_out}")
+
+
+def identity_diff(recorded: dict[str, Any], settings: dict[str, Any]) -> str:
+    """'key: old -> new; ...' for every (dotted) setting that differs; '' when none does."""
+    old, new = _flatten(_plain(recorded)), _flatten(_plain(settings))
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    return "; ".join(f"{k}: {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}" for k in keys)
+
+
+def record_identity(record: str | os.PathLike, settings: dict[str, Any]) -> None:
+    """Write `settings` (JSON-able) as the identity of an output, atomically."""
+    write_text_atomic(record, json.dumps({"settings": _plain(settings)}, indent=1, sort_keys=True) + "\n")
+
+
+def _plain(obj: Any) -> Any:
+    """JSON round trip, so tuples and lists (and other JSON-equal values) compare equal."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            out |= _flatten(value, f"{prefix}{key}.")
+        return out
+    return {prefix.rstrip("."): json.dumps(obj)}

@@ -8,22 +8,23 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
-from transformers import AutoModelForCausalLM
 
-from nas.data.tokens import check_tokenizer, prepare
+from nas.data.corpus import source_fingerprint
+from nas.data.tokens import check_seq_len, check_tokenizer, config_dict, prepare
 from nas.device import resolve_device
 from nas.errors import ConfigError
 from nas.evaluate.loss import lm_loss
-from nas.io import save_model_atomic
+from nas.io import own_output, require_same, save_model_atomic
 from nas.model.arch import Arch, count_params
-from nas.model.families import load_model, load_tokenizer
+from nas.model.families import load_config, load_model, load_tokenizer
 from nas.prune.cut import plan_cut, prune, save_pruned
-from nas.prune.importance import Importance, compute_importance
+from nas.prune.importance import Importance, compute_importance, importance_identity
 from nas.prune.space import enumerate_candidates, parse_budget
 from nas.report.html import write_report
 from nas.search.study import (
@@ -33,12 +34,14 @@ from nas.search.study import (
     best_trial,
     keep_top_models,
     load_existing_study,
+    make_storage,
     ranking_stability,
+    storage_errors,
 )
 from nas.search.trial import SearchContext, enqueue_candidates, open_study, run_trials
 from nas.settings import RunConfig, run_config_from_dict
 from nas.train.launch import distill_in_processes
-from nas.train.loop import distill
+from nas.train.loop import NOT_IDENTITY, distill
 
 log = logging.getLogger(__name__)
 PACKAGES = ("nas", "torch", "transformers", "optuna", "datasets", "lm_eval", "plotly", "pandas")
@@ -65,23 +68,108 @@ def load_teacher(cfg: RunConfig, data: Any):
         run = cfg.distill.replace(steps=cfg.correct_steps, seed=cfg.seed)
         log.info("teacher correction: %d steps of LM loss on the distillation data", cfg.correct_steps)
         distill(None, load_model(cfg.teacher, device=device), data, run, corrected)
-    return AutoModelForCausalLM.from_pretrained(corrected / "model").to(device).eval()
+    return load_model(corrected / "model", device=device)
 
 
 def load_or_compute_importance(cfg: RunConfig, teacher, data) -> Importance:
-    """The teacher's importance, computed once per study and reused (also by every worker)."""
+    """The teacher's importance, computed once per study and reused (also by every worker), unless it was
+    computed with other settings (another teacher, data, or sample counts)."""
     path = cfg.root / "importance.safetensors"
     teacher_arch = Arch.from_hf_config(teacher.config)
+    imp = cfg.importance
+    identity = importance_identity(
+        cfg.teacher, teacher_arch, data.fingerprint, imp.num_samples, imp.val_sequences,
+        correct_steps=cfg.correct_steps,
+    )  # fmt: skip
     if path.is_file():
         importance = Importance.load(path)
         importance.check_matches(teacher_arch)
+        if importance.identity:  # files written before identities were recorded have none
+            require_same(importance.identity, identity, f"importance file {path}", STUDY_WAYS_OUT)
         return importance
-    imp = cfg.importance
     importance = compute_importance(
         teacher, data.calib(imp.num_samples), data.val(imp.val_sequences), imp.batch_size
     )
+    importance.identity = identity
     importance.save(path)
     return importance
+
+
+STUDY_WAYS_OUT = (
+    "rerun with the study's settings, give the study a new name (and a new out_dir if you set one), "
+    "or pass --restart to delete the study's trials and outputs and start over"
+)
+STUDY_OUTPUTS = ("importance.safetensors", "corrected", "trials", "final", "final-start", "winner")
+
+
+def study_identity(cfg: RunConfig) -> dict[str, Any]:
+    """The settings that decide a study's trials and winner (read from the TOML and the teacher's config
+    alone, so a changed study is refused before anything is loaded). Not: n_trials (raise it to continue
+    a search), top_k, storage, device, heartbeats, the final distillation (`final/` records its own)."""
+    data = cfg.data
+    teacher = Path(cfg.teacher).expanduser()
+    teacher_arch = Arch.from_hf_config(load_config(cfg.teacher))
+    search_keys = (
+        "horizon_steps",
+        "eval_every",
+        "pruner",
+        "reduction_factor",
+        "sampler",
+        "max_exhaustive",
+        "order",
+    )
+    return {
+        "teacher": str(teacher.resolve()) if teacher.exists() else cfg.teacher,
+        "teacher_arch": teacher_arch.to_dict(),
+        "budget": cfg.budget,
+        "budget_params": parse_budget(cfg.budget, teacher_arch),
+        "space": cfg.space.to_dict(),
+        "importance": {
+            "num_samples": cfg.importance.num_samples,
+            "val_sequences": cfg.importance.val_sequences,
+        },
+        "data": {"settings": config_dict(data), "sources": [source_fingerprint(s) for s in data.sources]},
+        "depth_strategy": cfg.depth_strategy,
+        "correct_steps": cfg.correct_steps,
+        "seed": cfg.seed,
+        "distill": {k: v for k, v in cfg.short_distill().to_dict().items() if k not in NOT_IDENTITY},
+        "search": {k: getattr(cfg.search, k) for k in search_keys},
+    }
+
+
+def check_study(cfg: RunConfig, restart: bool = False) -> dict[str, Any]:
+    """The study's identity, after refusing to continue a stored study made with other settings (its old
+    trials would be mixed with new ones). `restart`: delete the stored study and its outputs first."""
+    identity = study_identity(cfg)
+    url = cfg.storage_url
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        return identity  # no study yet (and no empty database file left behind if loading fails)
+    storage = make_storage(url, cfg)
+    if restart:
+        clear_study(cfg, storage)
+    with storage_errors(cfg.storage_url):
+        try:
+            study_id = storage.get_study_id_from_name(cfg.name)
+        except KeyError:
+            return identity
+        recorded = StudyRecord.from_attrs(storage.get_study_user_attrs(study_id)).identity
+    if recorded:
+        require_same(recorded, identity, f"study {cfg.name!r} in {cfg.storage_url}", STUDY_WAYS_OUT)
+    return identity
+
+
+def clear_study(cfg: RunConfig, storage) -> None:
+    """`--restart`: delete the stored study and its outputs under out_dir (nothing else there)."""
+    log.info("restart: deleting study %s and its outputs under %s", cfg.name, cfg.root)
+    with storage_errors(cfg.storage_url):
+        if cfg.name in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
+            optuna.delete_study(study_name=cfg.name, storage=storage)
+    for name in STUDY_OUTPUTS:
+        path = cfg.root / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def order_candidates(
@@ -101,6 +189,7 @@ def order_candidates(
 def prepare_context(cfg: RunConfig, candidate_keys: list[list[int]] | None = None) -> SearchContext:
     """Load teacher, data, importance and the ordered candidates (the order from the study if given)."""
     tokenizer = load_tokenizer(cfg.teacher)
+    check_seq_len(cfg.data.seq_len, load_config(cfg.teacher), cfg.teacher)
     data = prepare(cfg.data, tokenizer)
     teacher = load_teacher(cfg, data)
     check_tokenizer(tokenizer, teacher.config)
@@ -151,13 +240,24 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def search(cfg: RunConfig) -> tuple[SearchContext, optuna.Study]:
-    """Run (or continue) the study's trials, then record the ranking stability."""
-    ctx = prepare_context(cfg)
-    study = open_study(ctx)
-    if ctx.exhaustive:  # before the config is recorded: a worker that sees the config sees the queue
-        enqueue_candidates(study, ctx)
-    record_study_attrs(study, ctx)
+def search(cfg: RunConfig, restart: bool = False) -> tuple[SearchContext, optuna.Study]:
+    """Run (or continue) the study's trials, then record the ranking stability. The study's out_dir is
+    held (`nas.io.own_output`) meanwhile: workers join through the storage, a second search is refused.
+    A stored study made with other settings is refused (`restart`: deleted first)."""
+    with own_output(cfg.root):
+        identity = check_study(cfg, restart)
+        ctx = prepare_context(cfg)
+        study = open_study(ctx)
+        if ctx.exhaustive:  # before the config is recorded: a worker that sees the config sees the queue
+            enqueue_candidates(study, ctx)
+        record_study_attrs(study, ctx)
+        if StudyRecord.read(study).identity is None:
+            StudyRecord(identity=identity).write(study)
+        return _search(ctx, study)
+
+
+def _search(ctx: SearchContext, study: optuna.Study) -> tuple[SearchContext, optuna.Study]:
+    cfg = ctx.cfg
     log.info(
         "space: %d candidates; %s search", len(ctx.candidates), "exhaustive" if ctx.exhaustive else "TPE"
     )
@@ -197,7 +297,7 @@ def finalize(ctx: SearchContext, study: optuna.Study, nproc_per_node: int = 1) -
     arch = Arch.from_dict(trial.arch)
     checkpoint = Path(trial.checkpoint or "")
     if (checkpoint / "config.json").is_file():
-        student = AutoModelForCausalLM.from_pretrained(checkpoint).to(next(ctx.teacher.parameters()).device)
+        student = load_model(checkpoint, device=next(ctx.teacher.parameters()).device)
     else:
         log.warning(
             "trial %d's checkpoint %s is missing; distilling the winner from a fresh cut",
@@ -245,17 +345,19 @@ def _distill_in_processes(ctx: SearchContext, student, checkpoint: Path, nproc: 
         )
     finally:
         ctx.teacher.to(device)
-    return AutoModelForCausalLM.from_pretrained(cfg.root / "final" / "model").to(device), result
+    return load_model(cfg.root / "final" / "model", device=device), result
 
 
-def run(cfg: RunConfig, report: bool = True, nproc_per_node: int = 1) -> RunResult:
-    """The whole pipeline for one study TOML; the final distillation in `nproc_per_node` processes."""
-    ctx, study = search(cfg)
-    winner = finalize(ctx, study, nproc_per_node)
+def run(cfg: RunConfig, report: bool = True, nproc_per_node: int = 1, restart: bool = False) -> RunResult:
+    """The whole pipeline for one study TOML; the final distillation in `nproc_per_node` processes.
+    `restart`: delete a stored study of the same name and its outputs first."""
+    with own_output(cfg.root):
+        ctx, study = search(cfg, restart)
+        winner = finalize(ctx, study, nproc_per_node)
+        path = None
+        if report:
+            path = write_report(cfg.storage_url, cfg.name, Path("reports") / f"{cfg.name}.html")
     record = StudyRecord.read(study)
-    path = None
-    if report:
-        path = write_report(cfg.storage_url, cfg.name, Path("reports") / f"{cfg.name}.html")
     return RunResult(
         study_name=cfg.name,
         storage=cfg.storage_url,

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
 
+from nas.cli import guard
 from nas.cli.flags import add_flags, settings_from_args
 from nas.cli.train import add_correct, add_data_args, add_distill, data_config_from_args
 from nas.errors import ConfigError, NasError
+from nas.io import is_full_disk
 from nas.settings import EvalConfig, ImportanceConfig, Launch, RunConfig, SearchConfig, SpaceConfig
 
 
@@ -38,7 +41,12 @@ def add_importance(sub) -> None:
     add_data_args(p)
     p.add_argument("--out", required=True, help="importance file to write (.safetensors)")
     add_importance_args(p)
+    add_restart(p, "recompute an existing --out file made with other settings")
     p.set_defaults(func=cmd_importance)
+
+
+def add_restart(p, text: str) -> None:
+    p.add_argument("--restart", action="store_true", help=text)
 
 
 def add_importance_args(p) -> None:
@@ -57,13 +65,35 @@ def importance_from_data(args, teacher, tokenizer, data_cfg, imp: ImportanceConf
 
 
 def cmd_importance(args) -> int:
+    from nas.data.tokens import prepare
     from nas.device import resolve_device
-    from nas.model.families import load_model, load_tokenizer
+    from nas.io import require_same
+    from nas.model.arch import Arch
+    from nas.model.families import load_config, load_model, load_tokenizer
+    from nas.prune.importance import Importance, compute_importance, importance_identity
 
     data_cfg, imp = data_config_from_args(args), settings_from_args(args, ImportanceConfig)
-    teacher = load_model(args.teacher, device=resolve_device(device_of(args)))
-    importance = importance_from_data(args, teacher, load_tokenizer(args.teacher), data_cfg, imp)
-    path = importance.save(args.out)
+    out = guard.output(args.out, [args.teacher, *guard.data_paths(args)], is_dir=False)
+    guard.device(device_of(args))
+    guard.seq_len_fits(data_cfg.seq_len, args.teacher)
+    with guard.owning(out, is_dir=False):
+        tokenizer = load_tokenizer(args.teacher)
+        data = prepare(data_cfg, tokenizer)
+        teacher_arch = Arch.from_hf_config(load_config(args.teacher))
+        identity = importance_identity(
+            args.teacher, teacher_arch, data.fingerprint, imp.num_samples, imp.val_sequences
+        )
+        if out.exists() and not args.restart:  # a finished result: returned if made with these settings
+            existing = Importance.load(out)
+            ways_out = "write to another --out file, or pass --restart to recompute it"
+            require_same(existing.identity, identity, f"importance file {out}", ways_out)
+            print(f"{out} is already computed with these settings (base val loss {existing.base_loss:.4f})")
+            return 0
+        teacher = load_model(args.teacher, device=resolve_device(device_of(args)))
+        calib, val = data.calib(imp.num_samples), data.val(imp.val_sequences)
+        importance = compute_importance(teacher, calib, val, imp.batch_size)
+        importance.identity = identity
+        path = importance.save(out)
     print(
         f"wrote {path}: {importance.num_samples} calibration sequences, base val loss {importance.base_loss:.4f}"
     )
@@ -102,20 +132,27 @@ def cmd_prune(args) -> int:
     depth_strategy = getattr(args, "depth_strategy", RunConfig.model_fields["depth_strategy"].default)
     if args.data:  # every setting is validated before a model is loaded
         data_cfg, imp = data_config_from_args(args), settings_from_args(args, ImportanceConfig)
+    out = guard.output(args.out, [args.teacher, args.importance, *guard.data_paths(args)])
+    guard.replaceable_model_dir(out)
+    guard.device(device_of(args))
+    if args.data:
+        guard.seq_len_fits(data_cfg.seq_len, args.teacher)
     teacher_arch = Arch.from_hf_config(load_config(args.teacher))
     knobs = {k: getattr(args, k) for k in teacher_arch.knobs if getattr(args, k) is not None}
     if args.num_experts is not None and not teacher_arch.num_experts:
         raise ConfigError(f"--num-experts needs a mixture-of-experts teacher; {args.teacher} is dense")
     arch = teacher_arch.replace(**knobs)
     check_prunable(teacher_arch, arch)  # fail before loading any weights
-    teacher = load_model(args.teacher, device=resolve_device(device_of(args)))
-    tokenizer = load_tokenizer(args.teacher)
-    if args.importance:
-        importance = Importance.load(args.importance)
-    else:
-        importance = importance_from_data(args, teacher, tokenizer, data_cfg, imp)
-    model = prune(teacher, arch, importance, depth_strategy)
-    save_pruned(model, args.out, tokenizer, teacher=args.teacher)
+    importance = Importance.load(args.importance) if args.importance else None
+    if importance is not None:
+        importance.check_matches(teacher_arch)
+    with guard.owning(out):
+        teacher = load_model(args.teacher, device=resolve_device(device_of(args)))
+        tokenizer = load_tokenizer(args.teacher)
+        if importance is None:
+            importance = importance_from_data(args, teacher, tokenizer, data_cfg, imp)
+        model = prune(teacher, arch, importance, depth_strategy)
+        save_pruned(model, out, tokenizer, teacher=args.teacher)
     numel = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.out}: {arch.describe()}, {numel:,} params (analytic {count_params(arch):,})")
     return 0
@@ -159,6 +196,7 @@ def add_search(sub) -> None:
         p = sub.add_parser(name, help=text)
         p.add_argument("study", help="study TOML file, e.g. studies/mystudy.toml")
         add_flags(p, SearchConfig, ["storage"])
+        add_restart(p, "delete a stored study of this name made with other settings, and its outputs")
         p.set_defaults(func=func)
     add_flags(p, Launch)  # `run` only: its final full distillation under torchrun
     p = sub.add_parser("worker", help="join a study in shared storage and run its trials until it is done")
@@ -169,11 +207,19 @@ def add_search(sub) -> None:
 
 
 def study_config(args):
+    """The study TOML's settings (with --storage), its out_dir checked: writable, no input, and the
+    storage URL, device and sequence length valid, before anything is loaded."""
+    from nas.search.study import check_storage_url
     from nas.settings import load_run_config
 
     cfg = load_run_config(args.study)
     if getattr(args, "storage", ""):
         cfg = cfg.replace(search=cfg.search.replace(storage=args.storage))
+    sources = [s.path for s in cfg.data.sources]
+    guard.output(cfg.root, [cfg.teacher, *sources, args.study])
+    check_storage_url(cfg.storage_url)
+    guard.device(cfg.device)
+    guard.seq_len_fits(cfg.data.seq_len, cfg.teacher)
     return cfg
 
 
@@ -181,7 +227,7 @@ def cmd_search(args) -> int:
     from nas.pipeline import search
 
     cfg = study_config(args)
-    _, study = search(cfg)
+    _, study = search(cfg, restart=args.restart)
     print_trials(study)
     print(f"study {cfg.name} in {cfg.storage_url}")
     return 0
@@ -191,7 +237,7 @@ def cmd_run(args) -> int:
     from nas.pipeline import run
 
     launch = settings_from_args(args, Launch)
-    result = run(study_config(args), nproc_per_node=launch.nproc_per_node)
+    result = run(study_config(args), nproc_per_node=launch.nproc_per_node, restart=args.restart)
     print(f"teacher val loss {result.teacher_val_loss:.4f}; winner val loss {result.winner_val_loss:.4f}")
     print(f"winner: {result.winner_dir}\nreport: {result.report}")
     return 0
@@ -231,7 +277,11 @@ def add_demo(sub) -> None:
 def cmd_demo(args) -> int:
     from nas.demo.run import closing_table, run_demo
 
-    print(closing_table(run_demo(args.out, args.minutes, device_of(args))))
+    guard.finite("--minutes", args.minutes)
+    out = guard.output(args.out, [])
+    guard.device(device_of(args))
+    with guard.owning(out):
+        print(closing_table(run_demo(out, args.minutes, device_of(args))))
     return 0
 
 
@@ -252,7 +302,9 @@ def cmd_report(args) -> int:
     from nas.report.html import write_report
 
     storage = args.storage or f"sqlite:///studies/{args.study}/study.db"
-    out = write_report(storage, args.study, args.out or f"reports/{args.study}.html")
+    out = guard.output(args.out or f"reports/{args.study}.html", [], is_dir=False)
+    with guard.owning(out, is_dir=False):
+        out = write_report(storage, args.study, out)
     print(f"report: {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return 0
 
@@ -276,9 +328,27 @@ EVAL_NAMES = {"include_paths": "include-path"}
 
 
 def cmd_eval(args) -> int:
-    from nas.evaluate.harness import eval_json_path, evaluate_model, format_results, save_results
+    from nas.evaluate.harness import eval_json_path
 
     cfg = settings_from_args(args, EvalConfig, names=EVAL_NAMES)
+    default = eval_json_path(args.model)
+    out = guard.output(
+        args.out or default, [args.model, *guard.data_paths(args)], is_dir=False, allow=[default]
+    )
+    guard.device(device_of(args))
+    if args.data:
+        guard.seq_len_fits(data_config_from_args(args).seq_len, args.model)
+    if cfg.val_sequences is not None and cfg.val_sequences < 1:
+        raise ConfigError(
+            f"--val-sequences must be at least 1 (an empty set has no perplexity), got {cfg.val_sequences}"
+        )
+    with guard.owning(out, is_dir=False):
+        return _eval(args, cfg, out)
+
+
+def _eval(args, cfg, out) -> int:
+    from nas.evaluate.harness import evaluate_model, format_results, save_results
+
     record = evaluate_model(
         args.model,
         cfg.tasks,
@@ -290,11 +360,16 @@ def cmd_eval(args) -> int:
         device=device_of(args),
     )
     print(format_results(record))
-    print(f"\nwrote {save_results(record, args.out or eval_json_path(args.model))}")
+    print(f"\nwrote {save_results(record, out)}")
     return 0
 
 
 SUBCOMMANDS += [add_eval]
+
+
+def one_line(e: BaseException) -> str:
+    """The message as one line (a message that quotes a multi-line text is joined)."""
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,7 +388,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except NasError as e:
-        print(f"nas: error: {e}", file=sys.stderr)
+        print(f"nas: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a read-only or vanished path met while writing: one line too
+        if not (is_full_disk(e) or e.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT)):
+            raise
+        print(f"nas: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("nas: interrupted", file=sys.stderr)

@@ -72,6 +72,9 @@ def add_train_args(p) -> None:
     """Every DistillConfig field as a flag, and the number of processes."""
     add_flags(p, DistillConfig)
     add_flags(p, Launch)
+    p.add_argument(
+        "--restart", action="store_true", help="delete OUT's run made with other settings and start over"
+    )
 
 
 def relaunch_under_torchrun(args, launch: Launch) -> int | None:
@@ -81,11 +84,12 @@ def relaunch_under_torchrun(args, launch: Launch) -> int | None:
 
     if launch.nproc_per_node == 1 or inside_torchrun():
         return None
-    argv = list(args.argv)  # the same command line without --nproc-per-node
+    argv = list(args.argv)  # the same command line without --nproc-per-node (nor --restart: done here)
     for i, arg in enumerate(argv):
         if arg.startswith("--nproc-per-node"):
             del argv[i : i + (1 if "=" in arg else 2)]
             break
+    argv = [arg for arg in argv if arg != "--restart"]
     return relaunch(launch.nproc_per_node, ["nas.cli", *argv])
 
 
@@ -127,21 +131,55 @@ def launch(args):
     return None, device, data_cfg, cfg
 
 
+def checked_output(args, *models: str):
+    """OUT of `distill` / `correct` checked (writable, no input), the device and --seq-len too, before
+    anything is loaded."""
+    from nas.cli import guard
+
+    data_cfg, cfg = data_config_from_args(args), settings_from_args(args, DistillConfig)
+    settings_from_args(args, Launch)  # every setting is validated first
+    out = guard.output(args.out, [*models, *guard.data_paths(args)])
+    guard.device(cfg.device)
+    guard.seq_len_fits(data_cfg.seq_len, *models)
+    return out
+
+
+def owned_run(args, out):
+    """Hold OUT for the run (the torchrun processes this one starts share the lock); `--restart` clears
+    the run's files first."""
+    from contextlib import ExitStack
+
+    from nas.cli import guard
+    from nas.train.loop import clear_run
+
+    stack = ExitStack()
+    stack.enter_context(guard.owning(out))
+    if args.restart:
+        clear_run(out)
+    return stack
+
+
 def cmd_distill(args) -> int:
     from nas.model.families import load_teacher_and_student, load_tokenizer
 
-    code, device, data_cfg, cfg = launch(args)
-    if code is not None:
-        return code
-    teacher, student = load_teacher_and_student(args.teacher, args.student, device)
-    return train_and_save(teacher, student, load_tokenizer(args.teacher), args, data_cfg, cfg)
+    out = checked_output(args, args.teacher, args.student)
+    with owned_run(args, out):
+        code, device, data_cfg, cfg = launch(args)
+        if code is not None:
+            return code
+        tokenizer = load_tokenizer(args.teacher)
+        teacher, student = load_teacher_and_student(args.teacher, args.student, device)
+        return train_and_save(teacher, student, tokenizer, args, data_cfg, cfg)
 
 
 def cmd_correct(args) -> int:
     from nas.model.families import load_model, load_tokenizer
 
-    code, device, data_cfg, cfg = launch(args)
-    if code is not None:
-        return code
-    teacher = load_model(args.teacher, device=device)
-    return train_and_save(None, teacher, load_tokenizer(args.teacher), args, data_cfg, cfg)
+    out = checked_output(args, args.teacher)
+    with owned_run(args, out):
+        code, device, data_cfg, cfg = launch(args)
+        if code is not None:
+            return code
+        tokenizer = load_tokenizer(args.teacher)
+        teacher = load_model(args.teacher, device=device)
+        return train_and_save(None, teacher, tokenizer, args, data_cfg, cfg)

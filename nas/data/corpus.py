@@ -81,20 +81,41 @@ def load_documents(source: Source) -> Iterator[str]:
 def _local_texts(source: Source) -> Iterator[Any]:
     for path in local_files(source):
         if path.suffix == ".txt":
-            yield from BLANK_LINES.split(path.read_text(encoding="utf-8", errors="replace"))
+            yield from BLANK_LINES.split(read_text(path))
         elif path.suffix == ".jsonl":
             yield from _jsonl_texts(path, source.text_field)
         else:
             yield from _parquet_texts(path, source.text_field)
 
 
+def read_text(path: Path) -> str:
+    """A text file's contents; DataError when it is not UTF-8 text (binary data, another encoding)."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path} is not UTF-8 text (invalid byte at offset {e.start}): binary data or another "
+            "encoding; convert it to UTF-8 text"
+        ) from None
+    if "\x00" in text:
+        raise DataError(
+            f"{path} is not text: it holds NUL bytes at offset {text.index(chr(0))} (binary data?)"
+        )
+    return text
+
+
 def _jsonl_texts(path: Path, field: str) -> Iterator[Any]:
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
+    with path.open("rb") as f:  # streamed: a .jsonl corpus can be far larger than memory
+        for number, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise DataError(
+                    f"{path}:{number} is not UTF-8 text (binary data or another encoding)"
+                ) from None
             except json.JSONDecodeError as e:
                 raise DataError(
                     f"{path}:{number} is not valid JSON ({e}); each line must be one JSON object"

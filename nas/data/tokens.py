@@ -53,6 +53,17 @@ def check_tokenizer(tokenizer: Any, model_config: Any) -> None:
         )
 
 
+def check_seq_len(seq_len: int, model_config: Any, model: str) -> None:
+    """DataError when sequences of `seq_len` tokens are longer than the model's positions (it would
+    run, past its trained range, and report meaningless losses)."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise DataError(
+            f"--seq-len {seq_len} is longer than {model}'s max_position_embeddings ({limit}); "
+            f"use --seq-len {limit} or less"
+        )
+
+
 @dataclass(eq=False)
 class TokenData:
     """Packed token sequences of every source, split into calibration / validation / train."""
@@ -171,12 +182,36 @@ def cached_source(source: Source, cfg: DataConfig, tokenizer: Any, tok_hash: str
     key = _hash([CACHE_VERSION, source_fingerprint(source), tok_hash, settings])
     directory = Path(cfg.cache_dir) / key[:24]
     if (directory / "meta.json").is_file():
+        check_cached(directory, key, cfg.seq_len)
         log.info("data %s: cached in %s", source.path, directory)
         return directory, True
     directory.mkdir(parents=True, exist_ok=True)
     meta = tokenize_source(source, cfg, tokenizer, directory)
     write_atomic(directory / "meta.json", json.dumps(meta | {"key": key}, indent=1).encode())
     return directory, False
+
+
+def check_cached(directory: Path, key: str, seq_len: int) -> None:
+    """DataError when a cache directory was not written for these settings (its recorded key differs) or
+    its files are not whole (truncated, missing, corrupt)."""
+    fix = f"delete {directory} and run again (it is rebuilt from the data)"
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        for split in SPLITS:
+            want = meta["splits"][split]["sequences"] * seq_len * itemsize
+            got = (directory / f"{split}.bin").stat().st_size
+            if got != want:
+                raise DataError(
+                    f"data cache {directory / f'{split}.bin'} has {got} bytes, not {want}: truncated; {fix}"
+                )
+            np.load(directory / f"{split}.hashes.npy")
+    except DataError:
+        raise
+    except Exception as e:  # unreadable JSON, missing files or fields, a corrupt .npy
+        raise DataError(f"data cache {directory} is corrupt ({type(e).__name__}: {e}); {fix}") from e
+    if meta.get("key") != key or meta.get("seq_len") != seq_len:
+        raise DataError(f"data cache {directory} was written for other settings; {fix}")
 
 
 def tokenize_source(source: Source, cfg: DataConfig, tokenizer: Any, directory: Path) -> dict[str, Any]:

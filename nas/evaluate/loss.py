@@ -10,11 +10,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from nas.device import autocast_for, model_device
+from nas.errors import DataError
 
 
 @torch.no_grad()
 def lm_loss(model: nn.Module, sequences: torch.Tensor, batch_size: int = 8) -> float:
-    """Token-weighted mean next-token cross-entropy of `model` on packed `sequences` [N, T]."""
+    """Token-weighted mean next-token cross-entropy of `model` on packed `sequences` [N, T]; DataError when
+    there is nothing to score (an empty set would report a loss of 0, a perplexity of 1)."""
+    if len(sequences) == 0 or sequences.shape[-1] < 2:
+        raise DataError(
+            f"no validation tokens to score ({len(sequences)} sequences): ask for at least one sequence "
+            "of at least 2 tokens"
+        )
     was_training = model.training
     model.eval()
     device = model_device(model)

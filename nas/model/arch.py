@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -244,6 +245,6 @@ def parse_count(text: str | int | float) -> int:
         raise InfeasibleError(
             f"cannot read {text!r} as a parameter count; write e.g. 4B, 350M or 1.5e9"
         ) from None
-    if value <= 0:
-        raise InfeasibleError(f"a parameter count must be positive, got {text!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise InfeasibleError(f"a parameter count must be a positive finite number, got {text!r}")
     return int(value)

@@ -150,14 +150,63 @@ def load_model(
     """Load a supported causal LM from a local directory or a hub id, in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    load_config(name_or_path)
+    config = load_config(name_or_path)
+    if Path(name_or_path).expanduser().is_dir():
+        check_weights(Path(name_or_path).expanduser(), config)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype)
-    except (OSError, ValueError, RuntimeError) as e:
+    except Exception as e:  # safetensors, torch and transformers each raise their own types
         raise ModelError(
             f"cannot load model weights from {str(name_or_path)!r} (corrupt or incomplete?): {first_line(e)}"
         ) from e
     return model.to(device).eval()
+
+
+def check_weights(directory: Path, config: Any) -> None:
+    """Strict loading, checked before `from_pretrained` (which silently initialises missing tensors at
+    random): every safetensors file must be readable and whole, and together they must hold exactly the
+    tensors the config's model has, in its shapes. ModelError naming the file otherwise."""
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        return  # no safetensors (e.g. pytorch_model.bin): from_pretrained's own checks apply
+    expected = expected_tensors(config)
+    found: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for file in files:
+        found |= {name: (file, shape) for name, shape in _tensor_shapes(file).items()}
+    where = files[0] if len(files) == 1 else directory
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = sorted(set(expected) - set(found) - tied)
+    extra = sorted(set(found) - set(expected))
+    if missing or extra:
+        what = f"lacks {len(missing)} tensor(s) the config needs (e.g. {missing[0]})" if missing else ""
+        what += " and " if missing and extra else ""
+        what += f"has {len(extra)} tensor(s) the model does not have (e.g. {extra[0]})" if extra else ""
+        raise ModelError(f"weights {where} {what}: incomplete or not this model's weights")
+    for name, (file, shape) in found.items():
+        if shape != expected[name]:
+            raise ModelError(
+                f"weights {file}: tensor {name} has shape {list(shape)}, the config needs {list(expected[name])}"
+            )
+
+
+def expected_tensors(config: Any) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of the model `config` describes (built on the meta device: no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def _tensor_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of the tensors in a safetensors file; ModelError when it is truncated or not one."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    except Exception as e:  # SafetensorError (no public base), OSError
+        raise ModelError(f"weights {file} are unreadable (corrupt or truncated): {first_line(e)}") from e
 
 
 def load_teacher_and_student(teacher: str | Path, student: str | Path, device: torch.device):
@@ -173,5 +222,8 @@ def load_tokenizer(name_or_path: str | Path) -> Any:
 
     try:
         return AutoTokenizer.from_pretrained(str(name_or_path))
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load a tokenizer from {str(name_or_path)!r}: {first_line(e)}") from e
+    except Exception as e:  # tokenizers, json and transformers each raise their own types
+        raise ModelError(
+            f"cannot load a tokenizer from {str(name_or_path)!r} (tokenizer files corrupt or missing?): "
+            f"{type(e).__name__}: {first_line(e)}"
+        ) from e

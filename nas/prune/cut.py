@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from nas.errors import ConfigError
-from nas.io import write_text_atomic
+from nas.io import replace_dir, temp_dir
 from nas.model.arch import Arch, check_prunable, count_params
 from nas.model.families import Family
 from nas.prune.importance import Importance
@@ -234,14 +234,22 @@ def prune(
 
 
 def save_pruned(model: nn.Module, out: str | Path, tokenizer: Any = None, teacher: str | None = None) -> Path:
-    """`save_pretrained` (safetensors + config [+ tokenizer]) and `nas_pruning.json` with the kept units."""
+    """`save_pretrained` (safetensors + config [+ tokenizer]) and `nas_pruning.json` with the kept units,
+    written into a temp directory that replaces `out` once complete (a failure, e.g. a full disk, leaves
+    `out` as it was and no partial directory)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    cut = getattr(model, "nas_cut", None)
-    if cut is not None:
-        record = {"teacher": teacher, "arch": Arch.from_hf_config(model.config).to_dict(), "cut": asdict(cut)}
-        write_text_atomic(out / CUT_FILE, json.dumps(record, indent=1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with temp_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        cut = getattr(model, "nas_cut", None)
+        if cut is not None:
+            record = {
+                "teacher": teacher,
+                "arch": Arch.from_hf_config(model.config).to_dict(),
+                "cut": asdict(cut),
+            }
+            (tmp / CUT_FILE).write_text(json.dumps(record, indent=1))
+        replace_dir(tmp, out)
     return out

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,9 @@ class Importance:
     teacher_arch: dict = field(default_factory=dict)
     experts: torch.Tensor | None = None  # [num_layers, num_experts] (MoE only)
     expert_mass: torch.Tensor | None = None  # [num_layers, num_experts]: mean router weight per token
+    identity: dict = field(
+        default_factory=dict
+    )  # the settings that decided the scores (`importance_identity`)
 
     @property
     def groups(self) -> torch.Tensor:
@@ -81,6 +85,7 @@ class Importance:
             "base_loss": json.dumps(self.base_loss),
             "num_samples": str(self.num_samples),
             "teacher_arch": json.dumps(self.teacher_arch),
+            "identity": json.dumps(self.identity, sort_keys=True),
         }
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
@@ -101,8 +106,9 @@ class Importance:
                 base_loss=json.loads(meta["base_loss"]),
                 num_samples=int(meta["num_samples"]),
                 teacher_arch=json.loads(meta["teacher_arch"]),
+                identity=json.loads(meta.get("identity", "{}")),
             )
-        except (SafetensorError, KeyError, ValueError, OSError) as e:
+        except (SafetensorError, KeyError, ValueError, TypeError, OSError) as e:
             raise ModelError(
                 f"importance file {path} is corrupt or not a nas importance file ({e}); delete it and recompute"
             ) from e
@@ -114,6 +120,22 @@ class Importance:
                 "the importance file was computed for a different teacher "
                 f"({Arch.from_dict(self.teacher_arch).describe()} vs {teacher.describe()}); recompute it"
             )
+
+
+def importance_identity(teacher: str, teacher_arch: Arch, data_fingerprint: str, num_samples: int,
+                        val_sequences: int, **extra: Any) -> dict[str, Any]:  # fmt: skip
+    """The settings that decide a teacher's importance scores: the teacher (where it was loaded from, and
+    its shape), the data (fingerprint), how many calibration and validation sequences; `extra`: more
+    (e.g. the study's teacher-correction steps)."""
+    local = Path(teacher).expanduser()
+    return {
+        "teacher": str(local.resolve()) if local.exists() else teacher,
+        "teacher_arch": teacher_arch.to_dict(),
+        "data": data_fingerprint,
+        "num_samples": num_samples,
+        "val_sequences": val_sequences,
+        **extra,
+    }
 
 
 class _Accumulator:

@@ -77,7 +77,7 @@ def parse_budget(budget: str | int | float, teacher: Arch, budget_kind: str = "t
             share = float(text[:-1]) / 100
         except ValueError:
             raise InfeasibleError(f"cannot read budget {budget!r}; write e.g. 50% or 4B") from None
-        if not 0 < share <= 1:
+        if not 0 < share <= 1:  # also refuses nan%
             raise InfeasibleError(f"a budget share must be in (0%, 100%], got {budget!r}")
         return int(count_budget_params(teacher, budget_kind) * share)
     return parse_count(text)

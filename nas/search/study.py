@@ -16,6 +16,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,7 @@ import optuna
 import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
-from nas.errors import ConfigError, NasError
+from nas.errors import ConfigError, NasError, first_line
 from nas.model.arch import KNOBS, MOE_KNOBS, Arch
 from nas.settings import RunConfig
 
@@ -36,7 +39,7 @@ class _Record:
     """Read and write a dataclass as Optuna user attributes, one attribute per field (None: not written)."""
 
     @classmethod
-    def _from_attrs(cls, attrs: dict[str, Any]):
+    def from_attrs(cls, attrs: dict[str, Any]):
         return cls(**{f.name: attrs[f.name] for f in dataclasses.fields(cls) if f.name in attrs})
 
     def attrs(self) -> dict[str, Any]:
@@ -67,12 +70,15 @@ class StudyRecord(_Record):
     candidates: list[list[int]] | None = None  # arch keys (KNOBS order) in priority order
     sampler: str | None = None  # in words
     pruner: str | None = None
+    identity: dict[str, Any] | None = (
+        None  # the settings that decide its trials (`nas.pipeline.study_identity`)
+    )
     stability: dict[str, Any] | None = None  # `ranking_stability` of the finished search
     winner: dict[str, Any] | None = None  # trial, arch, params, val_loss, final_val_loss, dir, curve, tokens
 
     @classmethod
     def read(cls, study: optuna.Study) -> StudyRecord:
-        return cls._from_attrs(study.user_attrs)
+        return cls.from_attrs(study.user_attrs)
 
     def write(self, study: optuna.Study) -> None:
         """Set the fields that are not None (others stay as they are)."""
@@ -100,7 +106,7 @@ class TrialRecord(_Record):
 
     @classmethod
     def read(cls, trial: FrozenTrial | optuna.Trial) -> TrialRecord:
-        return cls._from_attrs(trial.user_attrs)
+        return cls.from_attrs(trial.user_attrs)
 
     def write(self, trial: optuna.Trial) -> None:
         """Set the fields that are not None (others stay as they are)."""
@@ -113,25 +119,71 @@ def arch_key(arch: Arch | dict) -> tuple[int, ...]:
     return tuple(int(values[k]) for k in (MOE_KNOBS if values.get("num_experts") else KNOBS))
 
 
-def make_storage(url: str, cfg: RunConfig | None = None) -> optuna.storages.BaseStorage | str:
-    """RDB storage with heartbeats, so a trial whose worker died is failed and retried."""
-    if not url.startswith(("sqlite", "postgresql", "mysql")):
+STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
+
+
+def check_storage_url(url: str) -> None:
+    """ConfigError unless `url` is an Optuna RDB storage URL of a known scheme."""
+    scheme = url.partition("://")[0].split("+")[0] if "://" in url else ""
+    if scheme not in STORAGE_SCHEMES:
+        raise ConfigError(
+            f"unknown study storage {url!r}: use sqlite:///PATH, postgresql+psycopg://USER:PW@HOST/DB or "
+            "mysql+pymysql://USER:PW@HOST/DB"
+        )
+
+
+@contextmanager
+def storage_errors(url: str) -> Iterator[None]:
+    """A storage that cannot be reached or read (a refused connection, a corrupt or truncated SQLite
+    file, a missing driver) as one ConfigError naming it, instead of SQLAlchemy's traceback."""
+    import sqlalchemy.exc
+
+    try:
+        yield
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        reason = first_line(getattr(e, "orig", None) or e)
+        if url.startswith("sqlite:///") and isinstance(e, sqlalchemy.exc.DatabaseError):
+            path = url.removeprefix("sqlite:///")
+            raise ConfigError(
+                f"study storage {path} is not a readable SQLite database ({reason}): corrupt or truncated"
+            ) from e
+        raise ConfigError(f"cannot open the study storage {_redacted(url)}: {reason}") from e
+    except ImportError as e:  # optuna: "Failed to import DB access module"
+        raise ConfigError(
+            f"cannot open the study storage {_redacted(url)}: its database driver is not installed"
+        ) from e
+
+
+def _redacted(url: str) -> str:
+    """The URL without its password."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not parseable: nothing to hide
         return url
+
+
+def make_storage(url: str, cfg: RunConfig | None = None) -> optuna.storages.BaseStorage:
+    """RDB storage with heartbeats, so a trial whose worker died is failed and retried."""
+    check_storage_url(url)
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     s = cfg.search if cfg else None
     sqlite = url.startswith("sqlite")
-    storage = optuna.storages.RDBStorage(
-        url,
-        engine_kwargs={"connect_args": {"timeout": SQLITE_LOCK_TIMEOUT}} if sqlite else None,
-        heartbeat_interval=s.heartbeat_interval if s else 30,
-        grace_period=s.grace_period if s else 120,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-            max_retry=s.max_retry if s else 2, inherit_intermediate_values=True
-        ),
-    )
-    if sqlite:
-        _begin_immediate(storage.engine)
+    with storage_errors(url), warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable in use
+        storage = optuna.storages.RDBStorage(
+            url,
+            engine_kwargs={"connect_args": {"timeout": SQLITE_LOCK_TIMEOUT}} if sqlite else None,
+            heartbeat_interval=s.heartbeat_interval if s else 30,
+            grace_period=s.grace_period if s else 120,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=s.max_retry if s else 2, inherit_intermediate_values=True
+            ),
+        )
+        if sqlite:
+            _begin_immediate(storage.engine)
     return storage
 
 
@@ -152,16 +204,18 @@ def _begin_immediate(engine: sqlalchemy.engine.Engine) -> None:
 
 def load_existing_study(storage: str, study_name: str) -> optuna.Study:
     """Open a study that must already exist; ConfigError naming the studies there when it does not."""
+    check_storage_url(storage)
     if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
         raise ConfigError(
             f"no SQLite file at {storage.removeprefix('sqlite:///')}; pass --storage with the URL the search used"
         )
-    names = optuna.study.get_all_study_names(storage)
-    if study_name not in names:
-        raise ConfigError(
-            f"no study {study_name!r} in {storage}; studies there: {', '.join(names) or 'none'}"
-        )
-    return optuna.load_study(study_name=study_name, storage=storage)
+    with storage_errors(storage):
+        names = optuna.study.get_all_study_names(storage)
+        if study_name not in names:
+            raise ConfigError(
+                f"no study {study_name!r} in {_redacted(storage)}; studies there: {', '.join(names) or 'none'}"
+            )
+        return optuna.load_study(study_name=study_name, storage=storage)
 
 
 def done_trials(study: optuna.Study) -> int:

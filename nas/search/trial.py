@@ -139,7 +139,15 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> float:
             raise optuna.TrialPruned(f"pruned at step {step} (val loss {val_loss:.4f})")
 
     try:
-        result = distill(ctx.teacher, student, ctx.data, ctx.cfg.short_distill(), out, on_eval=on_eval)
+        result = distill(
+            ctx.teacher,
+            student,
+            ctx.data,
+            ctx.cfg.short_distill(),
+            out,
+            on_eval=on_eval,
+            fresh_on_change=True,
+        )
     finally:  # a finished or stopped trial needs no resume state; a killed one keeps it for its retry
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     TrialRecord(curve=result.curve, tokens=result.tokens, checkpoint=str(out / "model")).write(trial)

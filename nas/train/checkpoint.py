@@ -16,7 +16,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 
 from nas.errors import ModelError
-from nas.io import replace_dir
+from nas.io import replace_dir, temp_dir
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,17 @@ def save_checkpoint(
     root = out / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{final.name}-"))
+    with temp_dir(final) as tmp:  # a failed write (a full disk) leaves no partial checkpoint behind
+        _write_checkpoint(tmp, student, optimizer, state, full_state)
+        replace_dir(tmp, final)
+    for old in sorted(p for p in root.iterdir() if CHECKPOINT_NAME.match(p.name))[:-keep]:
+        shutil.rmtree(old)
+    log.debug("checkpoint %s", final)
+    return final
+
+
+def _write_checkpoint(tmp: Path, student: nn.Module, optimizer, state: dict, full_state) -> None:
+    """The files of one checkpoint into the (temp) directory `tmp`."""
     if full_state is None:
         safetensors.torch.save_model(student, str(tmp / "model.safetensors"))  # handles tied weights
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -68,11 +77,6 @@ def save_checkpoint(
         torch.save(full_state[1], tmp / "optimizer.pt")
     torch.save(_rng_state(), tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    replace_dir(tmp, final)
-    for old in sorted(p for p in root.iterdir() if CHECKPOINT_NAME.match(p.name))[:-keep]:
-        shutil.rmtree(old)
-    log.debug("checkpoint %s", final)
-    return final
 
 
 def load_checkpoint(path: Path, student: nn.Module, optimizer, sharded: bool = False) -> dict:

@@ -26,9 +26,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from nas.errors import ModelError, NasError
+from nas.errors import ConfigError, ModelError, NasError
 from nas.evaluate.loss import lm_loss
-from nas.io import save_model_atomic, write_text_atomic
+from nas.io import check_identity, record_identity, save_model_atomic, write_text_atomic
 from nas.settings import DistillConfig
 from nas.train import dist
 from nas.train.checkpoint import (
@@ -105,19 +105,32 @@ def distill(
     cfg: DistillConfig,
     out_dir: str | os.PathLike,
     on_eval: Callable[[int, float], None] | None = None,
+    fresh_on_change: bool = False,
 ) -> Result:
     """Train `student` in place to match `teacher` (forward KL on logits) on `data.train_batch`.
 
     `teacher=None` trains on the plain LM loss (teacher correction). `data` is a `nas.data.tokens.TokenData`.
     `on_eval(step, val_loss)` is called after every evaluation and its checkpoint; exceptions from it
     propagate (the search raises optuna.TrialPruned). Re-running with the same `out_dir` resumes from
-    the latest checkpoint. Writes `metrics.jsonl`, `checkpoints/`, and finally `model/`.
+    the latest checkpoint, if it was made with the same settings (`run_identity`, recorded in `run.json`);
+    with others it raises ConfigError, or, with `fresh_on_change` (a search trial's directory, whose
+    study checks the settings itself), starts afresh. Writes `metrics.jsonl`, `checkpoints/`, `model/`.
     On CUDA the teacher runs under bf16 autocast; load it in bf16 to halve its memory.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = dist.local_device(cfg.device)
     dist.setup(device)
+    identity = run_identity(teacher, student, data, cfg)
+    try:
+        check_identity(out / IDENTITY_FILE, identity, f"the run in {out}", restart_hint(out))
+    except ConfigError as e:
+        if not fresh_on_change:
+            raise
+        log.warning("%s: starting it afresh", e)
+        if dist.world().main:
+            clear_run(out)
+        dist.barrier()
     torch.manual_seed(cfg.seed)
     student.to(device)
     if teacher is not None:
@@ -126,6 +139,8 @@ def distill(
     model = dist.wrap(student, teacher, cfg, device)  # before the optimizer: FSDP swaps parameters
     optimizer = build_optimizer(student, cfg, device)
     run = _resume(out, student, optimizer, cfg, dist.is_sharded(model))
+    if dist.world().main and not (out / IDENTITY_FILE).is_file():
+        record_identity(out / IDENTITY_FILE, identity)
     val = torch.as_tensor(data.val(cfg.eval_sequences), dtype=torch.long)
     start_time, start_tokens = time.perf_counter(), run.tokens
     _set_checkpointing(student, cfg.gradient_checkpointing)
@@ -150,6 +165,58 @@ def distill(
         seconds=seconds,
         tokens_per_s=(run.tokens - start_tokens) / max(seconds, 1e-9),
     )
+
+
+IDENTITY_FILE = "run.json"  # the settings that decide the run's result (see `run_identity`)
+# settings that change how a run is executed or logged, never its weights
+NOT_IDENTITY = (
+    "device", "log_every", "eval_every", "eval_batch_size", "checkpoint_every", "keep_checkpoints",
+    "gradient_checkpointing", "fsdp", "chunk_tokens",
+)  # fmt: skip
+RUN_FILES = (IDENTITY_FILE, "metrics.jsonl", "checkpoints", "model")  # what --restart deletes
+
+
+def run_identity(teacher: nn.Module | None, student: nn.Module, data: Any, cfg: DistillConfig) -> dict:
+    """The settings that decide a run's result: the training settings, the data (its fingerprint covers
+    the sources, their files, the tokenizer and the split settings), and the teacher and student models.
+    A re-run with the same ones resumes; with others it is refused (`nas.io.check_identity`)."""
+    return {
+        "training": {k: v for k, v in cfg.to_dict().items() if k not in NOT_IDENTITY},
+        "data": getattr(data, "fingerprint", None),
+        "teacher": _model_identity(teacher),
+        "student": _model_identity(student),
+    }
+
+
+def _model_identity(model: nn.Module | None) -> dict | None:
+    if model is None:
+        return None
+    config = model.config
+    source = str(getattr(config, "_name_or_path", "") or "")
+    if source and Path(source).exists():
+        source = str(Path(source).resolve())
+    keys = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")  # fmt: skip
+    return {"from": source, **{k: getattr(config, k, None) for k in keys}}
+
+
+def restart_hint(out: Path) -> str:
+    """The two ways out of a settings mismatch."""
+    return (
+        f"rerun with the settings it was made with, write to a new output directory, or pass --restart to "
+        f"delete {out}'s run ({', '.join(RUN_FILES)}) and start over"
+    )
+
+
+def clear_run(out: str | os.PathLike) -> None:
+    """Delete a run's files (`--restart`): the recorded settings, metrics, checkpoints and model; nothing
+    else in `out`."""
+    for name in RUN_FILES:
+        path = Path(out) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _save_model(model: nn.Module, student: nn.Module, dst: Path) -> None:

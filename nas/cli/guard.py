@@ -1,0 +1,80 @@
+"""The checks every sub-command makes before it reads or writes anything heavy: its output can be written
+and is no input, the device exists, the sequence length fits the model; and the ownership lock of the
+output while the command runs (`nas.io.own_output`)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+from nas.errors import ConfigError
+from nas.io import check_not_input, check_output, own_output
+
+
+def data_paths(args: Any) -> list[str]:
+    """The local paths (or hub ids) of the `--data` sources of a command."""
+    from nas.cli.train import data_config_from_args
+
+    return [s.path for s in data_config_from_args(args).sources] if getattr(args, "data", None) else []
+
+
+def output(
+    out: str | os.PathLike, inputs: Sequence[str | os.PathLike | None], is_dir: bool = True, allow=()
+) -> Path:
+    """OUT checked: writable (not an existing file for a directory, nor read-only) and not an input."""
+    path = check_output(out, is_dir=is_dir)
+    check_not_input(path, inputs, allow)
+    return path
+
+
+@contextmanager
+def owning(out: str | os.PathLike, is_dir: bool = True) -> Iterator[Path]:
+    """Hold OUT for the command (see `nas.io.own_output`); under torchrun only rank 0 takes the lock, the
+    other ranks work for it."""
+    rank_zero = os.environ.get("RANK", "0") == "0"
+    with own_output(out, is_dir) if rank_zero else nullcontext(Path(out)) as path:
+        yield path
+
+
+def device(name: str) -> None:
+    """ConfigError now, before any loading, when `--device` names a device this machine lacks."""
+    from nas.device import resolve_device
+
+    resolve_device(name)
+
+
+def seq_len_fits(seq_len: int, *models: str) -> None:
+    """DataError when `--seq-len` exceeds a model's `max_position_embeddings` (only configs are read)."""
+    from nas.data.tokens import check_seq_len
+    from nas.model.families import load_config
+
+    for model in models:
+        check_seq_len(seq_len, load_config(model), model)
+
+
+def finite(name: str, value: float | None, positive: bool = True) -> None:
+    """ConfigError for a flag that is nan, inf, or (with `positive`) not above 0."""
+    if value is None:
+        return
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ConfigError(f"{name} must be a finite number{' above 0' if positive else ''}, got {value}")
+
+
+def replaceable_model_dir(out: Path) -> None:
+    """OutputError unless OUT, which a saved model replaces as a whole, is new, empty, or a model nas wrote
+    before (a directory of other files would be deleted)."""
+    from nas.errors import OutputError
+    from nas.io import LOCK_NAME
+
+    if not out.is_dir():
+        return
+    names = {p.name for p in out.iterdir()} - {LOCK_NAME}
+    if names and not {"config.json", "nas_pruning.json"} <= names:
+        raise OutputError(
+            f"output {out} is a directory of other files ({len(names)} entries) that the model would "
+            "replace; give a new or an empty directory"
+        )
