@@ -155,8 +155,11 @@ class TeacherCache:
 def teacher_source(teacher: nn.Module, cache: TeacherCache | None, cfg: DistillConfig, data: Any):
     """What a training run `cfg` learns from: the cache when there is one holding its batches (the
     search horizon's), else the teacher itself (online dense KD, e.g. the winner's final run)."""
-    if cache is not None and cache.mismatch(cfg, data) is None:
+    why = cache.mismatch(cfg, data) if cache is not None else "no cache"
+    if why is None:
         return cache
+    if cache is not None:
+        log.info("online dense KD: the teacher cache holds other batches (%s)", why)
     return teacher
 
 
