@@ -16,7 +16,7 @@ burst of load on a shared machine hits both. Printed:
 
     python benchmarks/teacher_cache.py [--horizon 12] [--teacher-steps 150] [--seq-len 64] [--topk 64]
 
-The defaults are scaled down from the demo (seq_len 64 instead of 256, 400 of the KJV's chapters, 120
+The defaults are scaled down from the demo (seq_len 64 instead of 256, 400 of the KJV's chapters, 150
 teacher steps instead of 340, a 12-step horizon instead of 60, one torch thread) so that the whole run
 stays under ~10 minutes on a busy 2-core CPU machine; the teacher's shape, tokenizer and the search
 space are the demo's.
@@ -58,7 +58,7 @@ from nas.train.teacher_cache import FILES, ensure_teacher_cache  # noqa: E402
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--horizon", type=int, default=12, help="short-KD steps per candidate")
-    p.add_argument("--teacher-steps", type=int, default=120, help="LM training steps of the demo teacher")
+    p.add_argument("--teacher-steps", type=int, default=150, help="LM training steps of the demo teacher")
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--topk", type=int, default=64, help="teacher tokens kept per position")
