@@ -324,8 +324,8 @@ def finalize(ctx: SearchContext, study: optuna.Study, nproc_per_node: int = 1) -
         student, result = _distill_in_processes(ctx, student, checkpoint, nproc_per_node)
     else:
         run = cfg.final_distill()  # dense KD unless the teacher cache holds exactly its batches
-        result = distill(teacher_source(ctx.teacher, ctx.teacher_cache, run, ctx.data), student, ctx.data, run,
-                         cfg.root / "final")  # fmt: skip
+        teacher = teacher_source(ctx.teacher, ctx.teacher_cache, run, ctx.data)
+        result = distill(teacher, student, ctx.data, run, cfg.root / "final")
     student.nas_cut = plan_cut(ctx.teacher_arch, arch, ctx.importance, cfg.depth_strategy)
     winner_dir = save_pruned(student, cfg.root / "winner", ctx.tokenizer, teacher=cfg.teacher)
     winner = {
