@@ -36,11 +36,6 @@ VOCAB = 320
 SEQ_LEN = 32
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer(VOCAB)
-
-
 def make_data(root: Path, tokenizer, verses: int = 3000):
     root.mkdir(parents=True, exist_ok=True)
     text = root / f"kjv-{verses}.txt"
