@@ -110,8 +110,8 @@ def test_top_k_gradient_is_autograd_of_the_bucketed_kl_in_float64(k):
 
 def test_distilling_from_a_full_vocab_cache_equals_dense_distillation(token_data, tokenizer, tmp_path):
     teacher, cfg = sharp_teacher(), run_cfg()
-    cache, written = ensure_teacher_cache(tmp_path, teacher, tokenizer, token_data, cfg, VOCAB, "float32")
-    assert written and cache.settings.topk == VOCAB
+    cache, written = ensure_teacher_cache(tmp_path, teacher, tokenizer, token_data, cfg, VOCAB + 5)
+    assert written and cache.settings.topk == VOCAB and cache.settings.value_dtype == "float32"
     students = [tiny_model("llama", seed=1, vocab_size=VOCAB, num_layers=2) for _ in range(2)]
     dense = distill(teacher, students[0], token_data, cfg, tmp_path / "dense")
     cached = distill(cache, students[1], token_data, cfg, tmp_path / "cached")

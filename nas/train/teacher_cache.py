@@ -23,8 +23,8 @@ k + 1 buckets. Why this one:
   per-token targets are noisy at the same bytes per token; it is not implemented here.
 
 Files of `<study>/teacher_cache/` (flat rows in the loop's order: micro-batch, sequence, position):
-`ids.bin` [N, k] uint16/uint32, `logp.bin` [N, k] float16, `rest.bin` [N] float32 (log of the rest
-mass, -inf when k = vocab), memory-mapped, and `meta.json`: the key (a hash of the teacher's weights,
+`ids.bin` [N, k] uint16/uint32, `logp.bin` [N, k] float16 (float32 when k = vocab, so that the cache
+is exact), `rest.bin` [N] float32 (log of the rest mass, -inf when k = vocab), memory-mapped, and `meta.json`: the key (a hash of the teacher's weights,
 the tokenizer, the data fingerprint, the settings), a hash of every micro-batch's token ids, and
 each file's size and BLAKE2b digest. The directory is written under `.tmp-...` and renamed into place
 with `meta.json` written last, all under an exclusive OS lock (`fcntl.flock`) on
@@ -84,12 +84,16 @@ class CacheSettings:
     value_dtype: str = "float16"  # of the stored log-probs
 
     @classmethod
-    def of(cls, cfg: DistillConfig, data: Any, topk: int, vocab_size: int, value_dtype: str = "float16"):
-        """The settings of a cache for training runs `cfg` on `data` (k clamped to the vocabulary)."""
+    def of(cls, cfg: DistillConfig, data: Any, topk: int, vocab_size: int, value_dtype: str = "auto"):
+        """The settings of a cache for training runs `cfg` on `data`: k clamped to the vocabulary, and
+        log-probs in float16, or float32 (`auto` with k = vocab) so that the full distribution is exact."""
         if topk < 1:
             raise TeacherCacheError(f"search.teacher_cache_topk must be >= 1, got {topk}")
-        return cls(min(topk, vocab_size), cfg.steps, cfg.grad_accum, cfg.batch_size, data.seq_len,
-                   float(cfg.temperature), int(data.seed), value_dtype)  # fmt: skip
+        k = min(topk, vocab_size)
+        if value_dtype == "auto":
+            value_dtype = "float32" if k == vocab_size else "float16"
+        return cls(k, cfg.steps, cfg.grad_accum, cfg.batch_size, data.seq_len, float(cfg.temperature),
+                   int(data.seed), value_dtype)  # fmt: skip
 
     @property
     def micro_batches(self) -> int:
@@ -170,7 +174,7 @@ def ensure_teacher_cache(
     data: Any,
     cfg: DistillConfig,
     topk: int,
-    value_dtype: str = "float16",
+    value_dtype: str = "auto",
 ) -> tuple[TeacherCache, bool]:
     """The study's teacher cache under `root` for training runs `cfg` on `data`, written now if it is
     missing or damaged (by this process; concurrent callers wait for it). Returns (cache, written here)."""
@@ -180,7 +184,8 @@ def ensure_teacher_cache(
     key = cache_key(teacher, tokenizer, data, settings)
     directory = root / DIRNAME
     with exclusive_lock(root / f".{DIRNAME}.lock"):
-        for stale in root.glob(f".tmp-{DIRNAME}-*"):  # a writer killed midway (we hold the lock now)
+        # left by a writer killed midway (we hold the lock, so no one is writing them now)
+        for stale in [*root.glob(f".tmp-{DIRNAME}-*"), *root.glob(f".old-{DIRNAME}-*")]:
             log.warning("removing %s, left by a teacher-cache writer that did not finish", stale)
             shutil.rmtree(stale, ignore_errors=True)
         if (directory / "meta.json").is_file():
