@@ -183,14 +183,18 @@ NOT_IDENTITY = (
 RUN_FILES = (IDENTITY_FILE, "metrics.jsonl", "checkpoints", "model")  # what --restart deletes
 
 
-def run_identity(teacher: nn.Module | None, student: nn.Module, data: Any, cfg: DistillConfig) -> dict:
+def run_identity(
+    teacher: nn.Module | TeacherCache | None, student: nn.Module, data: Any, cfg: DistillConfig
+) -> dict:
     """The settings that decide a run's result: the training settings, the data (its fingerprint covers
-    the sources, their files, the tokenizer and the split settings), and the teacher and student models.
-    A re-run with the same ones resumes; with others it is refused (`nas.io.check_identity`)."""
+    the sources, their files, the tokenizer and the split settings), and the teacher (or the key of the
+    teacher cache) and student models. A re-run with the same ones resumes; with others it is refused
+    (`nas.io.check_identity`)."""
+    cached = isinstance(teacher, TeacherCache)
     return {
         "training": {k: v for k, v in cfg.to_dict().items() if k not in NOT_IDENTITY},
         "data": getattr(data, "fingerprint", None),
-        "teacher": _model_identity(teacher),
+        "teacher": {"teacher_cache": teacher.key} if cached else _model_identity(teacher),
         "student": _model_identity(student),
     }
 

@@ -44,7 +44,6 @@ import json
 import logging
 import math
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -59,7 +58,7 @@ from tqdm.auto import tqdm
 from nas.data.tokens import tokenizer_fingerprint
 from nas.device import autocast_for, model_device
 from nas.errors import TeacherCacheError
-from nas.io import replace_dir, write_text_atomic
+from nas.io import replace_dir, temp_dir, write_text_atomic
 from nas.settings import DistillConfig
 from nas.train.kd import head_weight
 
@@ -225,12 +224,26 @@ def write_teacher_cache(
     directory: Path, key: dict[str, Any], teacher: nn.Module, data: Any, chunk: int
 ) -> None:
     """Run the teacher over every micro-batch of the horizon and store its top-k (see the module
-    docstring); the directory appears complete or not at all."""
+    docstring); the directory appears complete or not at all (a failure removes the temp directory)."""
     s = CacheSettings(**key["settings"])
     vocab = head_weight(teacher).shape[0]
     id_dtype = np.uint16 if vocab <= 2**16 else np.uint32
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".tmp-{DIRNAME}-"))
-    start, per_batch = time.perf_counter(), s.batch_size * s.seq_len
+    start = time.perf_counter()
+    with temp_dir(directory) as tmp:
+        hashes = _fill(tmp, s, id_dtype, teacher, data, chunk)
+        files = {n: {"bytes": (tmp / n).stat().st_size, "blake2b": file_digest(tmp / n)} for n in FILES}
+        meta = {"key": key, "vocab_size": vocab, "id_dtype": np.dtype(id_dtype).name, "files": files,
+                "batch_hashes": hashes, "seconds": time.perf_counter() - start}  # fmt: skip
+        write_text_atomic(tmp / "meta.json", json.dumps(meta))  # last: its presence marks a complete cache
+        replace_dir(tmp, directory)
+    log.info("teacher cache: %d tokens, top-%d, %.1f MB in %.1f s -> %s", s.tokens, s.topk,
+             sum(f["bytes"] for f in files.values()) / 1e6, meta["seconds"], directory)  # fmt: skip
+
+
+def _fill(tmp: Path, s: CacheSettings, id_dtype: Any, teacher: nn.Module, data: Any, chunk: int) -> list[str]:
+    """Write the teacher's targets of every micro-batch into memory-mapped files in `tmp`; returns the
+    batches' hashes."""
+    per_batch = s.batch_size * s.seq_len
     ids = np.memmap(tmp / "ids.bin", dtype=id_dtype, mode="w+", shape=(s.tokens, s.topk))
     logp = np.memmap(tmp / "logp.bin", dtype=s.value_dtype, mode="w+", shape=(s.tokens, s.topk))
     rest = np.memmap(tmp / "rest.bin", dtype=np.float32, mode="w+", shape=(s.tokens,))
@@ -247,14 +260,7 @@ def write_teacher_cache(
     teacher.train(was_training)
     for array in (ids, logp, rest):
         array.flush()
-    del ids, logp, rest
-    files = {n: {"bytes": (tmp / n).stat().st_size, "blake2b": file_digest(tmp / n)} for n in FILES}
-    meta = {"key": key, "vocab_size": vocab, "id_dtype": np.dtype(id_dtype).name, "files": files,
-            "batch_hashes": hashes, "seconds": time.perf_counter() - start}  # fmt: skip
-    write_text_atomic(tmp / "meta.json", json.dumps(meta))  # last: its presence marks a complete cache
-    replace_dir(tmp, directory)
-    log.info("teacher cache: %d tokens, top-%d, %.1f MB in %.1f s -> %s", s.tokens, s.topk,
-             sum(f["bytes"] for f in files.values()) / 1e6, meta["seconds"], directory)  # fmt: skip
+    return hashes
 
 
 @torch.no_grad()
