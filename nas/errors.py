@@ -30,3 +30,7 @@ def first_line(e: BaseException) -> str:
 class OutputError(NasError):
     """An output path cannot be written: in use by another command, an input, not a directory, read-only,
     or on a full disk."""
+
+
+class TeacherCacheError(NasError):
+    """A teacher cache does not match the study (teacher, tokenizer, data, settings) or cannot be used."""

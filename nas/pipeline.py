@@ -42,6 +42,7 @@ from nas.search.trial import SearchContext, enqueue_candidates, open_study, run_
 from nas.settings import RunConfig, run_config_from_dict
 from nas.train.launch import distill_in_processes
 from nas.train.loop import NOT_IDENTITY, distill
+from nas.train.teacher_cache import ensure_teacher_cache, teacher_source
 
 log = logging.getLogger(__name__)
 PACKAGES = ("nas", "torch", "transformers", "optuna", "datasets", "lm_eval", "plotly", "pandas")
@@ -201,7 +202,18 @@ def prepare_context(cfg: RunConfig, candidate_keys: list[list[int]] | None = Non
         candidates = [by_key[tuple(k)] for k in candidate_keys if tuple(k) in by_key]
     else:
         candidates = order_candidates(cfg, teacher, importance, data, candidates)
-    return SearchContext(cfg, teacher, tokenizer, data, importance, candidates)
+    cache = None
+    if cfg.search.teacher_cache:  # once per study: the first process writes it, the others wait and read
+        topk = cfg.search.teacher_cache_topk
+        cache, _ = ensure_teacher_cache(cfg.root, teacher, tokenizer, data, cfg.short_distill(), topk)
+    return SearchContext(cfg, teacher, tokenizer, data, importance, candidates, cache)
+
+
+def teacher_off_device(ctx: SearchContext, off: bool) -> None:
+    """With a teacher cache the trials need no teacher on the GPU: move it to the CPU for them (`off`),
+    and back to the run's device for the final distillation."""
+    if ctx.teacher_cache is not None:
+        ctx.teacher.to("cpu" if off else resolve_device(ctx.cfg.device))
 
 
 def record_study_attrs(study: optuna.Study, ctx: SearchContext) -> None:
@@ -261,6 +273,7 @@ def _search(ctx: SearchContext, study: optuna.Study) -> tuple[SearchContext, opt
     log.info(
         "space: %d candidates; %s search", len(ctx.candidates), "exhaustive" if ctx.exhaustive else "TPE"
     )
+    teacher_off_device(ctx, True)
     run_trials(ctx, study)
     StudyRecord(stability=ranking_stability(study, cfg.search.top_k, cfg.search.horizon_steps)).write(study)
     keep_top_models(study, cfg.search.top_k)
@@ -284,6 +297,7 @@ def worker(storage: str, study_name: str, max_trials: int | None = None) -> optu
     cfg = run_config_from_dict(data)
     ctx = prepare_context(cfg, record.candidates)
     study = open_study(ctx, create=False)
+    teacher_off_device(ctx, True)
     run_trials(ctx, study, max_trials)
     return study
 
@@ -292,6 +306,7 @@ def finalize(ctx: SearchContext, study: optuna.Study, nproc_per_node: int = 1) -
     """Fully distill the best trial's student (from its short-run checkpoint) and export the winner;
     `nproc_per_node` > 1: in that many torchrun processes (`nas.train.launch.distill_in_processes`)."""
     cfg = ctx.cfg
+    teacher_off_device(ctx, False)
     best = best_trial(study)
     trial = TrialRecord.read(best)
     arch = Arch.from_dict(trial.arch)
@@ -308,7 +323,9 @@ def finalize(ctx: SearchContext, study: optuna.Study, nproc_per_node: int = 1) -
     if nproc_per_node > 1:
         student, result = _distill_in_processes(ctx, student, checkpoint, nproc_per_node)
     else:
-        result = distill(ctx.teacher, student, ctx.data, cfg.final_distill(), cfg.root / "final")
+        run = cfg.final_distill()  # dense KD unless the teacher cache holds exactly its batches
+        teacher = teacher_source(ctx.teacher, ctx.teacher_cache, run, ctx.data)
+        result = distill(teacher, student, ctx.data, run, cfg.root / "final")
     student.nas_cut = plan_cut(ctx.teacher_arch, arch, ctx.importance, cfg.depth_strategy)
     winner_dir = save_pruned(student, cfg.root / "winner", ctx.tokenizer, teacher=cfg.teacher)
     winner = {

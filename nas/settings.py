@@ -270,6 +270,16 @@ class SearchConfig(Settings):
     heartbeat_interval: int = _described(30, "seconds between a running trial's heartbeats", ge=1)
     grace_period: int = _described(120, "seconds of silence after which a trial is failed and retried", ge=1)
     max_retry: int = _described(2, "retries of a failed candidate before it is given up", ge=0)
+    teacher_cache: bool = _described(
+        False,
+        "trials train from a per-study cache of the teacher's top-k outputs on the horizon's batches, "
+        "written once before the trials; the teacher is not resident on the GPU during trials",
+    )
+    teacher_cache_topk: int = _described(
+        64,
+        "teacher tokens kept per position in the teacher cache (the rest as one bucket; >= vocab: exact)",
+        ge=1,
+    )
 
 
 # ---- how to train ------------------------------------------------------------------------------------
@@ -399,6 +409,11 @@ class RunConfig(Settings):
     @property
     def root(self) -> Path:
         return Path(self.out_dir or Path("studies") / self.name)
+
+    @property
+    def teacher_resident_in_trials(self) -> bool:
+        """Whether the teacher sits on the trial's GPU (not with `search.teacher_cache`; for `nas plan`)."""
+        return not self.search.teacher_cache
 
     @property
     def storage_url(self) -> str:

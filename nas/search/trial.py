@@ -33,7 +33,7 @@ import torch
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from nas.device import model_device
+from nas.device import model_device, resolve_device
 from nas.errors import InfeasibleError
 from nas.model.arch import KNOBS, Arch, count_budget_params, count_params, kv_cache_bytes
 from nas.prune.cut import prune
@@ -41,6 +41,7 @@ from nas.prune.importance import Importance
 from nas.search.study import TrialRecord, arch_key, done_trials, make_storage
 from nas.settings import RunConfig
 from nas.train.loop import NonFiniteLossError, distill
+from nas.train.teacher_cache import TeacherCache, teacher_source
 
 log = logging.getLogger(__name__)
 INFEASIBLE_VALUE = 1e3  # objective of sampled archs outside the budget (they also violate the constraint)
@@ -57,6 +58,7 @@ class SearchContext:
     data: Any  # nas.data.tokens.TokenData
     importance: Importance
     candidates: list[Arch]  # in priority order
+    teacher_cache: TeacherCache | None = None  # the horizon's teacher outputs (teacher then off the GPU)
 
     @property
     def teacher_arch(self) -> Arch:
@@ -125,6 +127,7 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> float:
             TrialRecord(duplicate_of=duplicate).write(trial)  # a repeat or a lost race, not a failure
             raise DuplicateCandidate(f"candidate {arch.describe()} already has trial {duplicate}")
     student = prune(ctx.teacher, arch, ctx.importance, ctx.cfg.depth_strategy)
+    student.to(resolve_device(ctx.cfg.device))  # where it trains, also when the teacher waits on the CPU
     _describe_trial(trial, arch, keys[arch_key(arch)], student, ctx)
     out = trial_dir(ctx, arch)
     curve: list[dict] = []
@@ -138,16 +141,10 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> float:
             TrialRecord(tokens=tokens).write(trial)
             raise optuna.TrialPruned(f"pruned at step {step} (val loss {val_loss:.4f})")
 
+    run = ctx.cfg.short_distill()
+    teacher = teacher_source(ctx.teacher, ctx.teacher_cache, run, ctx.data)  # the cache when there is one
     try:
-        result = distill(
-            ctx.teacher,
-            student,
-            ctx.data,
-            ctx.cfg.short_distill(),
-            out,
-            on_eval=on_eval,
-            fresh_on_change=True,
-        )
+        result = distill(teacher, student, ctx.data, run, out, on_eval=on_eval, fresh_on_change=True)
     finally:  # a finished or stopped trial needs no resume state; a killed one keeps it for its retry
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     TrialRecord(curve=result.curve, tokens=result.tokens, checkpoint=str(out / "model")).write(trial)

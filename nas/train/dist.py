@@ -26,7 +26,7 @@ from torch import nn
 
 from nas.device import resolve_device
 from nas.errors import ConfigError
-from nas.train.kd import model_kd_loss
+from nas.train.kd import model_cached_kd_loss, model_kd_loss
 
 
 @dataclass(frozen=True)
@@ -124,19 +124,31 @@ class StudentLoss(nn.Module):
     """The student with the KD loss as its forward, so DDP / FSDP see one real forward per micro-batch
     (the fused loss calls `student.model` and the LM head directly, never `student.forward`).
 
-    `forward(input_ids)` -> (loss, kl); `forward(fn=f)` -> f(student, teacher), used for evaluation
-    so that FSDP gathers the student's root parameters (embeddings, norm, head) around it."""
+    `forward(input_ids)` -> (loss, kl); `forward(input_ids, targets)` -> the same against cached
+    teacher targets (`nas.train.teacher_cache`); `forward(fn=f)` -> f(student, teacher), used for
+    evaluation so that FSDP gathers the student's root parameters (embeddings, norm, head) around it."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg) -> None:
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg, cache: Any = None) -> None:
         super().__init__()
         self.student = student
         object.__setattr__(self, "teacher", teacher)  # not a submodule: frozen, never synced or sharded
+        self.cache = cache  # a TeacherCache the targets come from (then teacher is None)
         self.cfg = cfg
 
-    def forward(self, input_ids: torch.Tensor | None = None, fn: Callable | None = None):
+    def forward(self, input_ids: torch.Tensor | None = None, targets=None, fn: Callable | None = None):
         if fn is not None:
             return fn(self.student, self.teacher)
         cfg = self.cfg
+        if targets is not None:
+            result = model_cached_kd_loss(
+                self.student,
+                input_ids,
+                targets,
+                temperature=cfg.temperature,
+                ce_weight=cfg.ce_weight,
+                chunk_tokens=cfg.chunk_tokens,
+            )
+            return result.loss, result.kl
         result = model_kd_loss(
             self.student,
             self.teacher,
@@ -148,10 +160,12 @@ class StudentLoss(nn.Module):
         return result.loss, result.kl
 
 
-def wrap(student: nn.Module, teacher: nn.Module | None, cfg, device: torch.device) -> nn.Module:
+def wrap(
+    student: nn.Module, teacher: nn.Module | None, cfg, device: torch.device, cache: Any = None
+) -> nn.Module:
     """`StudentLoss` as it trains here: plain (one process), in DDP, or FSDP2-sharded (`cfg.fsdp`).
     FSDP shards the student (and the teacher's decoder layers) in place; build the optimizer after."""
-    module = StudentLoss(student, teacher, cfg)
+    module = StudentLoss(student, teacher, cfg, cache)
     if not dist.is_initialized():
         return module
     if cfg.fsdp:

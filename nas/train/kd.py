@@ -17,10 +17,14 @@ teacher logits of one token):
 where m counts the labelled tokens (label != -100). The KL is *not* multiplied by T^2 (Hinton et al.
 do, to keep the gradient scale across temperatures): at the default T = 1 both agree, and this way
 `kl` is the true KL at temperature T, the number that is logged.
+
+`cached_kd_loss` is the same fused loss against a teacher cache (`nas.train.teacher_cache`): the
+teacher's top-k log-probs and the mass of the rest, with the KL over those k + 1 buckets.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -80,11 +84,67 @@ def kd_loss(
     spec = KDSpec(
         float(temperature), float(ce_weight) if has_teacher else 1.0, int(chunk_tokens), _dtype(hidden)
     )
+    target = _DenseTarget(teacher_hidden, teacher_head_weight, spec.compute_dtype) if has_teacher else None
     grad_on = torch.is_grad_enabled()  # forward always runs in no-grad mode: ask here
-    loss, kl, ce = _FusedLinearKD.apply(
-        hidden2, head_weight, teacher_hidden, teacher_head_weight, labels, spec, grad_on
-    )
+    loss, kl, ce = _FusedLinearKD.apply(hidden2, head_weight, target, labels, spec, grad_on)
     return KDLoss(loss, kl if has_teacher else None, ce if spec.ce_weight > 0 else None)
+
+
+def cached_kd_loss(
+    hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    top_ids: torch.Tensor,
+    top_logp: torch.Tensor,
+    log_rest: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    ce_weight: float = 0.0,
+    chunk_tokens: int = 1024,
+) -> KDLoss:
+    """`kd_loss` against cached teacher outputs instead of the teacher's hidden states: per token the ids
+    `top_ids` [..., k] of its k most likely tokens, their log-probs `top_logp` [..., k] at `temperature`,
+    and `log_rest` [...], the log of the mass of all other tokens (-inf when k = vocab).
+
+    The KL is the one between the teacher's and the student's distributions over k + 1 buckets (the
+    top-k tokens and "the rest"), a lower bound of the full KL that equals it when k = vocab. Its
+    gradient w.r.t. the student's logits is (q - p~) / T, p~ being the teacher's p on the top-k and the
+    rest mass spread over the tail in proportion to the student's own q. No [tokens, vocab] teacher
+    tensor is built: per chunk only the student's logits, as in `kd_loss`."""
+    hidden2 = hidden.reshape(-1, hidden.shape[-1])
+    k = top_ids.shape[-1]
+    target = _CachedTarget(top_ids.reshape(-1, k).long(), top_logp.reshape(-1, k), log_rest.reshape(-1))
+    if ce_weight > 0 and labels is None:
+        raise ValueError("cached_kd_loss needs labels for the cross-entropy term")
+    labels = labels.reshape(-1) if labels is not None else None
+    spec = KDSpec(float(temperature), float(ce_weight), int(chunk_tokens), _dtype(hidden))
+    grad_on = torch.is_grad_enabled()
+    loss, kl, ce = _FusedLinearKD.apply(hidden2, head_weight, target, labels, spec, grad_on)
+    return KDLoss(loss, kl, ce if spec.ce_weight > 0 else None)
+
+
+def model_cached_kd_loss(
+    student: nn.Module,
+    input_ids: torch.Tensor,
+    targets: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    *,
+    temperature: float = 1.0,
+    ce_weight: float = 0.0,
+    chunk_tokens: int = 1024,
+) -> KDLoss:
+    """`cached_kd_loss` of an HF causal LM on token ids [B, T] and the teacher's cached
+    (top_ids, top_logp, log_rest) of the same tokens ([B, T, k], [B, T, k], [B, T])."""
+    with autocast_for(input_ids.device):
+        hidden = student.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        return cached_kd_loss(
+            hidden,
+            head_weight(student),
+            *targets,
+            next_token_labels(input_ids),
+            temperature=temperature,
+            ce_weight=ce_weight,
+            chunk_tokens=chunk_tokens,
+        )
 
 
 def model_kd_loss(
@@ -166,11 +226,9 @@ class _FusedLinearKD(torch.autograd.Function):
     """Forward computes the loss and, if needed, the input gradients; backward scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, labels, spec: KDSpec, grad_on: bool):
+    def forward(ctx, hidden, weight, target, labels, spec: KDSpec, grad_on: bool):
         need_h, need_w = grad_on and ctx.needs_input_grad[0], grad_on and ctx.needs_input_grad[1]
-        loss, kl, ce, grad_h, grad_w = _chunked(
-            hidden, weight, teacher_hidden, teacher_weight, labels, spec, need_h, need_w
-        )
+        loss, kl, ce, grad_h, grad_w = _chunked(hidden, weight, target, labels, spec, need_h, need_w)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.mark_non_differentiable(kl, ce)
         return loss, kl, ce
@@ -180,15 +238,36 @@ class _FusedLinearKD(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         grad_h = grad_h * grad_loss.to(grad_h.dtype) if ctx.needs_input_grad[0] else None
         grad_w = grad_w * grad_loss.to(grad_w.dtype) if ctx.needs_input_grad[1] else None
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
-def _chunked(
-    hidden, weight, teacher_hidden, teacher_weight, labels, spec: KDSpec, need_h: bool, need_w: bool
-):
+class _DenseTarget:
+    """The teacher's full distribution, from its final hidden states and LM head, one chunk at a time."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> None:
+        self.hidden, self.weight, self.dtype = hidden, weight.to(dtype), dtype
+
+    def kl_chunk(self, rows: slice, logits, temperature: float, scale: float):
+        teacher_logits = torch.mm(self.hidden[rows].to(self.dtype), self.weight.t()).to(logits.dtype)
+        return _kl_chunk(logits, teacher_logits, temperature, scale)
+
+
+class _CachedTarget:
+    """The teacher's top-k log-probs plus the log of the rest of its mass (see `cached_kd_loss`)."""
+
+    def __init__(self, ids: torch.Tensor, logp: torch.Tensor, log_rest: torch.Tensor) -> None:
+        self.ids, self.logp, self.log_rest = ids, logp, log_rest
+
+    def kl_chunk(self, rows: slice, logits, temperature: float, scale: float):
+        logp = self.logp[rows].to(logits.dtype)
+        return _cached_kl_chunk(logits, self.ids[rows], logp, self.log_rest[rows].to(logits.dtype),
+                                temperature, scale)  # fmt: skip
+
+
+def _chunked(hidden, weight, target, labels, spec: KDSpec, need_h: bool, need_w: bool):
     """Loop over row chunks; returns (loss, kl, ce, grad_hidden, grad_weight) with empty grads if unneeded."""
     n, device = hidden.shape[0], hidden.device
-    has_teacher = teacher_hidden is not None
+    has_teacher = target is not None
     n_labelled = int((labels != IGNORE_INDEX).sum()) if labels is not None and spec.ce_weight > 0 else 0
     kd_scale = (1.0 - spec.ce_weight) / (spec.temperature * n) if has_teacher else 0.0
     ce_scale = spec.ce_weight / max(n_labelled, 1)
@@ -198,7 +277,6 @@ def _chunked(
     kl_sum = torch.zeros((), dtype=torch.float64, device=device)
     ce_sum = torch.zeros((), dtype=torch.float64, device=device)
     w = weight.detach().to(spec.compute_dtype)
-    tw = teacher_weight.to(spec.compute_dtype) if has_teacher else None
     with torch.no_grad():
         for start in range(0, n, spec.chunk_tokens):
             rows = slice(start, min(start + spec.chunk_tokens, n))
@@ -206,8 +284,7 @@ def _chunked(
             logits = torch.mm(h, w.t()).to(acc)
             grad = None
             if has_teacher:
-                teacher_logits = torch.mm(teacher_hidden[rows].to(spec.compute_dtype), tw.t()).to(acc)
-                kl, grad = _kl_chunk(logits, teacher_logits, spec.temperature, kd_scale)
+                kl, grad = target.kl_chunk(rows, logits, spec.temperature, kd_scale)
                 kl_sum += kl
             if spec.ce_weight > 0:
                 ce, ce_grad = _ce_chunk(logits, labels[rows], ce_scale)
@@ -237,6 +314,25 @@ def _kl_chunk(logits, teacher_logits, temperature: float, scale: float):
     del log_p
     grad = log_q.exp_().sub_(p).mul_(scale)
     return kl, grad
+
+
+def _cached_kl_chunk(logits, ids, logp, log_rest, temperature: float, scale: float):
+    """Sum over the rows of the bucketed KL (top-k tokens + one "rest" bucket), and `scale * (q - p~)`
+    where p~ is p on the top-k and the rest mass spread like the student's tail (r * q_j / q_rest)."""
+    log_q = torch.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
+    log_q_top = log_q.gather(1, ids)
+    tail = log_q.scatter_(1, ids, -math.inf)  # in place: log q on the tail, -inf on the top-k
+    log_q_rest = torch.logsumexp(tail, dim=-1)  # -inf when k = vocab
+    p_top, has_rest = logp.exp(), torch.isfinite(log_rest)
+    rest_kl = torch.where(has_rest, log_rest.exp() * (log_rest - log_q_rest), 0.0)
+    kl = ((p_top * (logp - log_q_top)).sum() + rest_kl.sum()).double()
+    # q_j - r q_j / q_rest in log space: log q_j + log r - log q_rest <= log r, so exp never overflows
+    log_ratio = torch.where(has_rest, log_rest - log_q_rest, -math.inf).unsqueeze(1)
+    grad = tail.exp()
+    grad.sub_(tail.add_(log_ratio).exp_())
+    del tail
+    grad.scatter_(1, ids, log_q_top.exp() - p_top)
+    return kl, grad.mul_(scale)
 
 
 def _ce_chunk(logits, labels, scale: float):

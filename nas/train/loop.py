@@ -40,6 +40,7 @@ from nas.train.checkpoint import (
     tied_names,
 )
 from nas.train.kd import head_weight, kl_to_teacher
+from nas.train.teacher_cache import TeacherCache
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class _Run:
 
 
 def distill(
-    teacher: nn.Module | None,
+    teacher: nn.Module | TeacherCache | None,
     student: nn.Module,
     data: Any,
     cfg: DistillConfig,
@@ -109,7 +110,9 @@ def distill(
 ) -> Result:
     """Train `student` in place to match `teacher` (forward KL on logits) on `data.train_batch`.
 
-    `teacher=None` trains on the plain LM loss (teacher correction). `data` is a `nas.data.tokens.TokenData`.
+    `teacher=None` trains on the plain LM loss (teacher correction); a `TeacherCache` of exactly this
+    run's batches trains on its cached targets (no teacher forward; no validation KL). `data` is a
+    `nas.data.tokens.TokenData`.
     `on_eval(step, val_loss)` is called after every evaluation and its checkpoint; exceptions from it
     propagate (the search raises optuna.TrialPruned). Re-running with the same `out_dir` resumes from
     the latest checkpoint, if it was made with the same settings (`run_identity`, recorded in `run.json`);
@@ -133,10 +136,14 @@ def distill(
         dist.barrier()
     torch.manual_seed(cfg.seed)
     student.to(device)
-    if teacher is not None:
+    cache = teacher if isinstance(teacher, TeacherCache) else None
+    if cache is not None:
+        cache.check_covers(cfg, data)
+        teacher = None
+    elif teacher is not None:
         teacher.to(device).eval()
-    _check_vocab(teacher, student)
-    model = dist.wrap(student, teacher, cfg, device)  # before the optimizer: FSDP swaps parameters
+    _check_vocab(teacher, student, cache)
+    model = dist.wrap(student, teacher, cfg, device, cache)  # before the optimizer: FSDP swaps parameters
     optimizer = build_optimizer(student, cfg, device)
     run = _resume(out, student, optimizer, cfg, dist.is_sharded(model))
     if dist.world().main and not (out / IDENTITY_FILE).is_file():
@@ -176,14 +183,18 @@ NOT_IDENTITY = (
 RUN_FILES = (IDENTITY_FILE, "metrics.jsonl", "checkpoints", "model")  # what --restart deletes
 
 
-def run_identity(teacher: nn.Module | None, student: nn.Module, data: Any, cfg: DistillConfig) -> dict:
+def run_identity(
+    teacher: nn.Module | TeacherCache | None, student: nn.Module, data: Any, cfg: DistillConfig
+) -> dict:
     """The settings that decide a run's result: the training settings, the data (its fingerprint covers
-    the sources, their files, the tokenizer and the split settings), and the teacher and student models.
-    A re-run with the same ones resumes; with others it is refused (`nas.io.check_identity`)."""
+    the sources, their files, the tokenizer and the split settings), and the teacher (or the key of the
+    teacher cache) and student models. A re-run with the same ones resumes; with others it is refused
+    (`nas.io.check_identity`)."""
+    cached = isinstance(teacher, TeacherCache)
     return {
         "training": {k: v for k, v in cfg.to_dict().items() if k not in NOT_IDENTITY},
         "data": getattr(data, "fingerprint", None),
-        "teacher": _model_identity(teacher),
+        "teacher": {"teacher_cache": teacher.key} if cached else _model_identity(teacher),
         "student": _model_identity(student),
     }
 
@@ -235,10 +246,11 @@ def _set_checkpointing(student: nn.Module, on: bool) -> None:
     getattr(student, f"{prefix}_checkpointing_{'enable' if on else 'disable'}")()
 
 
-def _check_vocab(teacher: nn.Module | None, student: nn.Module) -> None:
-    if teacher is None:
+def _check_vocab(teacher: nn.Module | None, student: nn.Module, cache: TeacherCache | None) -> None:
+    if teacher is None and cache is None:
         return
-    t, s = head_weight(teacher).shape[0], head_weight(student).shape[0]
+    t = cache.vocab_size if cache is not None else head_weight(teacher).shape[0]
+    s = head_weight(student).shape[0]
     if t != s:
         raise ModelError(
             f"teacher and student vocabularies differ ({t} vs {s}); prune the student from this teacher"
@@ -278,7 +290,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def _train(model, data, cfg: DistillConfig, out: Path, optimizer, run: _Run, val, on_eval) -> None:
     """The step loop from `run.step` to `cfg.steps`; `model` is the wrapped `dist.StudentLoss`."""
     window = {"loss": 0.0, "kl": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
-    desc = "train" if dist.unwrapped(model).teacher is None else "distill"
+    loss_module = dist.unwrapped(model)
+    desc = "train" if loss_module.teacher is None and loss_module.cache is None else "distill"
     bar = tqdm(total=cfg.steps, initial=run.step, disable=None if dist.world().main else True, desc=desc)
     model.train()
     with bar:
@@ -310,7 +323,7 @@ def _accumulate_grads(model, data, cfg: DistillConfig, optimizer, step: int):
     """Gradients of one optimizer step over `grad_accum` global micro-batches (each rank computes its
     rows; gradients are averaged on the last one), clipped. Returns the global (loss, kl, grad_norm,
     tokens) with kl NaN when there is no teacher."""
-    student = dist.unwrapped(model).student
+    student, cache = dist.unwrapped(model).student, dist.unwrapped(model).cache
     device = next(student.parameters()).device
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device)
@@ -322,9 +335,12 @@ def _accumulate_grads(model, data, cfg: DistillConfig, optimizer, step: int):
             data.train_batch(index, cfg.batch_size, cfg.steps * cfg.grad_accum), dtype=torch.long
         )
         tokens += batch.numel()
+        targets = None
+        if cache is not None:  # the teacher's outputs on this very batch, from disk
+            targets = [dist.local_rows(t).to(device, non_blocking=True) for t in cache.targets(index, batch)]
         batch = dist.local_rows(batch).to(device, non_blocking=True)
         with dist.sync_context(model, micro == cfg.grad_accum - 1):
-            loss, kl = model(batch)
+            loss, kl = model(batch, targets)
             (loss / cfg.grad_accum).backward()
         loss_sum += loss.detach().float()
         kl_sum += kl.float() if kl is not None else math.nan
