@@ -2,6 +2,8 @@
 over every family of `FAMILY_CASES`): mixture-of-experts importance, budgets on active parameters, Gemma's
 embedding scale, Phi-3's longrope coupling, and a short distillation of a pruned student of each family."""
 
+import math
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -172,3 +174,30 @@ def test_a_short_distillation_of_a_pruned_student_lowers_its_kl(model_type, toke
     )  # fmt: skip
     result = distill(teacher, student, token_data, settings, tmp_path)
     assert result.val_kl < 0.9 * before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["gemma3_text", "phi3", "olmo2", "qwen3_moe"])
+def test_a_study_searches_and_reports_a_teacher_of_each_kind(model_type, tmp_path):
+    """The whole search (importance, space, queue, short KD trials) and the HTML report on a tiny teacher
+    of a family with its own extras: soft-capping and 4 norms, fused projections, post-norms, experts."""
+    from nas.pipeline import search
+    from nas.report.html import write_report
+    from nas.search.study import TrialRecord
+    from nas.settings import run_config_from_dict
+    from nas.testing import tiny_study_config, write_tiny_teacher
+
+    write_tiny_teacher(tmp_path / "teacher", model_type)
+    cfg = run_config_from_dict(tiny_study_config(tmp_path, search={"n_trials": 2, "pruner": "none"}))
+    ctx, study = search(cfg)
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    done = [t for t in complete if not TrialRecord.read(t).infeasible]  # TPE samples outside the space
+    assert len(done) == 2 and all(math.isfinite(t.value) for t in done)
+    for trial in done:
+        record = TrialRecord.read(trial)
+        arch = Arch.from_dict(record.arch)
+        assert arch.model_type == model_type and record.params == count_params(arch)
+        student = AutoModelForCausalLM.from_pretrained(record.checkpoint)  # plain transformers loads it
+        assert numel(student) == count_params(arch)
+    html = write_report(cfg.storage_url, cfg.name, tmp_path / "report.html").read_text()
+    assert model_type in html or Arch.from_dict(TrialRecord.read(done[0]).arch).describe() in html

@@ -147,55 +147,52 @@ def load_config(name_or_path: str | Path) -> Any:
 def load_model(
     name_or_path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> nn.Module:
-    """Load a supported causal LM from a local directory or a hub id, in eval mode."""
+    """Load a supported causal LM from a local directory or a hub id, in eval mode. Strict: unreadable
+    weights, or weights that lack tensors the config needs or hold tensors it does not have, are a
+    ModelError naming the file (`from_pretrained` alone initialises missing tensors at random)."""
     from transformers import AutoModelForCausalLM
 
-    config = load_config(name_or_path)
-    if Path(name_or_path).expanduser().is_dir():
-        check_weights(Path(name_or_path).expanduser(), config)
+    load_config(name_or_path)
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        check_readable(local)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(name_or_path), dtype=dtype, output_loading_info=True
+        )
     except Exception as e:  # safetensors, torch and transformers each raise their own types
         raise ModelError(
             f"cannot load model weights from {str(name_or_path)!r} (corrupt or incomplete?): {first_line(e)}"
         ) from e
+    check_complete(info, _weights_name(local) if local.is_dir() else str(name_or_path))
     return model.to(device).eval()
 
 
-def check_weights(directory: Path, config: Any) -> None:
-    """Strict loading, checked before `from_pretrained` (which silently initialises missing tensors at
-    random): every safetensors file must be readable and whole, and together they must hold exactly the
-    tensors the config's model has, in its shapes. ModelError naming the file otherwise."""
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        return  # no safetensors (e.g. pytorch_model.bin): from_pretrained's own checks apply
-    expected = expected_tensors(config)
-    found: dict[str, tuple[Path, tuple[int, ...]]] = {}
-    for file in files:
-        found |= {name: (file, shape) for name, shape in _tensor_shapes(file).items()}
-    where = files[0] if len(files) == 1 else directory
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    missing = sorted(set(expected) - set(found) - tied)
-    extra = sorted(set(found) - set(expected))
+def check_complete(info: dict[str, Any], where: str) -> None:
+    """ModelError unless `from_pretrained`'s loading info (names after transformers' own checkpoint
+    conversions, e.g. per-expert tensors fused into one) shows every tensor present and none extra."""
+    missing, extra = sorted(info.get("missing_keys", ())), sorted(info.get("unexpected_keys", ()))
+    mismatched = list(info.get("mismatched_keys", ()))
     if missing or extra:
         what = f"lacks {len(missing)} tensor(s) the config needs (e.g. {missing[0]})" if missing else ""
         what += " and " if missing and extra else ""
         what += f"has {len(extra)} tensor(s) the model does not have (e.g. {extra[0]})" if extra else ""
         raise ModelError(f"weights {where} {what}: incomplete or not this model's weights")
-    for name, (file, shape) in found.items():
-        if shape != expected[name]:
-            raise ModelError(
-                f"weights {file}: tensor {name} has shape {list(shape)}, the config needs {list(expected[name])}"
-            )
+    if mismatched:
+        raise ModelError(
+            f"weights {where}: tensor {mismatched[0][0]} has a shape the config does not give it"
+        )
 
 
-def expected_tensors(config: Any) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor of the model `config` describes (built on the meta device: no memory)."""
-    from transformers import AutoModelForCausalLM
+def _weights_name(directory: Path) -> str:
+    files = sorted(directory.glob("*.safetensors"))
+    return str(files[0] if len(files) == 1 else directory)
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+def check_readable(directory: Path) -> None:
+    """Every safetensors file of a model directory must be readable and whole (ModelError naming it)."""
+    for file in sorted(directory.glob("*.safetensors")):
+        _tensor_shapes(file)
 
 
 def _tensor_shapes(file: Path) -> dict[str, tuple[int, ...]]:

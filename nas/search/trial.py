@@ -35,7 +35,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from nas.device import model_device, resolve_device
 from nas.errors import InfeasibleError
-from nas.model.arch import KNOBS, Arch, count_budget_params, count_params, kv_cache_bytes
+from nas.model.arch import Arch, count_budget_params, count_params, kv_cache_bytes
 from nas.prune.cut import prune
 from nas.prune.importance import Importance
 from nas.search.study import TrialRecord, arch_key, done_trials, make_storage
@@ -77,7 +77,7 @@ def enqueue_candidates(study: optuna.Study, ctx: SearchContext) -> None:
     candidates that already have a trial, in any state)."""
     for index, arch in enumerate(ctx.candidates):
         record = TrialRecord(arch=arch.to_dict(), label=arch.describe(), candidate=index)
-        params = {k: getattr(arch, k) for k in KNOBS}
+        params = {k: getattr(arch, k) for k in arch.knobs}  # every knob fixed, num_experts too
         study.enqueue_trial(params, user_attrs=record.attrs(), skip_if_exists=True)
 
 
