@@ -8,21 +8,24 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 from transformers import AutoModelForCausalLM
 
 from nas.data.tokens import check_tokenizer, prepare
-from nas.device import resolve_device
+from nas.device import precision_for, resolve_device
 from nas.errors import ConfigError
 from nas.evaluate.loss import lm_loss
 from nas.io import save_model_atomic
 from nas.model.arch import Arch, count_params
 from nas.model.families import load_model, load_tokenizer
+from nas.plan import STAGES, check_plan
 from nas.prune.cut import plan_cut, prune, save_pruned
 from nas.prune.importance import Importance, compute_importance
 from nas.prune.space import enumerate_candidates, parse_budget
@@ -51,14 +54,15 @@ class RunResult:
 def load_teacher(cfg: RunConfig, data: Any):
     """The teacher, corrected first when `correct_steps` > 0 (once per study; workers reuse it)."""
     device = resolve_device(cfg.device)
+    dtype = precision_for(cfg.distill.precision, device).teacher_dtype  # the one policy (nas.device)
     if not cfg.correct_steps:
-        return load_model(cfg.teacher, device=device)
+        return load_model(cfg.teacher, dtype=dtype, device=device)
     corrected = cfg.root / "corrected"
     if not (corrected / "model" / "config.json").is_file():
         run = dataclasses.replace(cfg.distill, steps=cfg.correct_steps, seed=cfg.seed)
         log.info("teacher correction: %d steps of LM loss on the distillation data", cfg.correct_steps)
         distill(None, load_model(cfg.teacher, device=device), data, run, corrected)
-    return AutoModelForCausalLM.from_pretrained(corrected / "model").to(device).eval()
+    return AutoModelForCausalLM.from_pretrained(corrected / "model", dtype=dtype).to(device).eval()
 
 
 def load_or_compute_importance(cfg: RunConfig, teacher, data) -> Importance:
@@ -133,6 +137,9 @@ def record_study_attrs(study: optuna.Study, ctx: SearchContext) -> None:
         else "TPE with a budget constraint",
         "pruner": cfg.search.pruner,
     }
+    plan = cfg.root / "plan.json"
+    if plan.is_file():  # the memory plan (`nas plan`, or the check before this run)
+        attrs["plan"] = json.loads(plan.read_text())
     for key, value in attrs.items():
         study.set_user_attr(key, value)
 
@@ -151,8 +158,18 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def search(cfg: RunConfig) -> tuple[SearchContext, optuna.Study]:
-    """Run (or continue) the study's trials, then record the ranking stability."""
+def gpu_memory_of(cfg: RunConfig) -> int | None:
+    """Bytes of the study's CUDA device; None on the CPU, where no memory plan applies."""
+    device = resolve_device(cfg.device)
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory
+
+
+def search(cfg: RunConfig, stages: tuple[str, ...] = ("importance", "trial", "evaluation")) -> tuple[SearchContext, optuna.Study]:
+    """Check the memory plan of `stages`, run (or continue) the study's trials, then record the
+    ranking stability."""
+    check_plan(cfg, stages, gpu_memory_of(cfg))
     ctx = prepare_context(cfg)
     study = open_study(ctx)
     record_study_attrs(study, ctx)
@@ -247,7 +264,7 @@ def _distill_in_processes(ctx: SearchContext, student, checkpoint: Path, nproc: 
 
 def run(cfg: RunConfig, report: bool = True, nproc_per_node: int = 1) -> RunResult:
     """The whole pipeline for one study TOML; the final distillation in `nproc_per_node` processes."""
-    ctx, study = search(cfg)
+    ctx, study = search(cfg, STAGES if nproc_per_node == 1 else ("importance", "trial", "evaluation"))
     winner = finalize(ctx, study, nproc_per_node)
     path = None
     if report:

@@ -27,9 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nas.device import PRECISIONS
 from nas.errors import ConfigError
 
 SCHEDULES = ("cosine", "wsd", "constant")
+OPTIMIZERS = ("adamw", "adamw-8bit")  # torch AdamW | torchao AdamW8bit (https://arxiv.org/abs/2110.02861)
 
 
 DEPTH_STRATEGIES = ("drop-lowest", "contiguous")
@@ -199,6 +201,9 @@ class DistillConfig:
     keep_checkpoints: int = 2  # how many of the latest checkpoints stay on disk
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     fsdp: bool = False  # under torchrun: shard student and teacher layers with FSDP2 (else DDP)
+    precision: str = "auto"  # nas.device policy: auto | fp32 | bf16-mixed | bf16 (bf16 student weights)
+    optimizer: str = "adamw"  # adamw (fp32 states) | adamw-8bit (torchao block-quantized states)
+    offload_optimizer: bool = False  # CUDA only: optimizer states and update on the CPU (torchao)
     seed: int = 0
     device: str = "auto"  # auto: CUDA if available (cuda:LOCAL_RANK under torchrun)
     log_every: int = 10  # steps between train lines in metrics.jsonl
@@ -209,6 +214,11 @@ class DistillConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"DistillConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name, choices in (("precision", PRECISIONS), ("optimizer", OPTIMIZERS)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if self.offload_optimizer and self.optimizer != "adamw":
+            raise ConfigError("offload_optimizer keeps fp32 AdamW states on the CPU; set optimizer = 'adamw'")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if not 0.0 <= self.ce_weight <= 1.0:

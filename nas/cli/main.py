@@ -199,6 +199,38 @@ def print_trials(study) -> None:
 SUBCOMMANDS += [add_space, add_search]
 
 
+def add_plan(sub) -> None:
+    p = sub.add_parser(
+        "plan", help="peak GPU memory of each stage of a study TOML and the settings that fit (no weights)"
+    )
+    p.add_argument("study", help="study TOML file (only the teacher's config.json is read)")
+    p.add_argument("--gpu-memory", help="memory of one GPU, e.g. 80GB or 79.6GiB (default: the visible GPU's)")
+    p.add_argument("--gpus-per-trial", type=int, default=1, help="processes (GPUs) per trial (default 1)")
+    p.add_argument("--json", action="store_true", help="print the plan as a JSON list of stages")
+    p.set_defaults(func=cmd_plan)
+
+
+def cmd_plan(args) -> int:
+    import json
+
+    from nas.device import visible_gpu_memory
+    from nas.plan import format_plan, plan_study, to_json, write_plan
+    from nas.plan.dryrun import parse_bytes
+    from nas.settings import load_run_config
+
+    cfg = load_run_config(args.study)
+    memory = parse_bytes(args.gpu_memory) if args.gpu_memory else visible_gpu_memory()
+    if memory is None:
+        raise ConfigError("no GPU is visible here; give the GPU's memory with --gpu-memory, e.g. 80GB")
+    plans = plan_study(cfg, memory, args.gpus_per_trial)
+    write_plan(cfg, plans, memory)
+    print(json.dumps(to_json(plans), indent=1) if args.json else format_plan(plans, memory))
+    return 0
+
+
+SUBCOMMANDS += [add_plan]
+
+
 SUBCOMMANDS += [add_distill, add_correct]
 
 

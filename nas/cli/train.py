@@ -85,6 +85,8 @@ TRAIN_FLAGS = {  # DistillConfig field -> (type, help)
     "checkpoint_every": (int, "steps between checkpoints (0: none)"),
     "keep_checkpoints": (int, "checkpoints kept on disk"),
     "log_every": (int, "steps between metrics.jsonl train lines"),
+    "precision": (str, "auto | fp32 | bf16-mixed | bf16 (see nas.device)"),
+    "optimizer": (str, "adamw | adamw-8bit"),
 }
 
 
@@ -96,6 +98,7 @@ def add_train_args(p) -> None:
         flag = "--" + name.replace("_", "-")
         p.add_argument(flag, type=kind, default=getattr(defaults, name), help=f"{text} (default %(default)s)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--offload-optimizer", action="store_true", help="CUDA: optimizer states on the CPU")
     p.add_argument("--seed", type=int, default=0, help="torch seed of the run (data order: --data-seed)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
     p.add_argument(
@@ -114,6 +117,7 @@ def distill_config_from_args(args):
     return DistillConfig(
         **fields,
         gradient_checkpointing=args.gradient_checkpointing,
+        offload_optimizer=args.offload_optimizer,
         fsdp=args.fsdp,
         seed=args.seed,
         device=args.device,
@@ -179,7 +183,7 @@ def cmd_distill(args) -> int:
     code, device = launch(args)
     if code is not None:
         return code
-    teacher, student = load_teacher_and_student(args.teacher, args.student, device)
+    teacher, student = load_teacher_and_student(args.teacher, args.student, device, args.precision)
     return train_and_save(teacher, student, load_tokenizer(args.teacher), args)
 
 
