@@ -16,10 +16,10 @@ import json
 import time
 from pathlib import Path
 
-from nas.arch import Arch
-from nas.config import run_config_from_dict
-from nas.families import load_config
+from nas.model.arch import Arch
+from nas.model.families import load_config
 from nas.plan import format_plan, plan_study, to_json
+from nas.settings import run_config_from_dict
 
 CONFIGS = Path(__file__).parent / "configs"
 GPU = 80 * 10**9  # an 80 GB H100 / A100
@@ -27,7 +27,13 @@ CASES = {  # name -> (teacher, budget, fixed student knobs or None for the space
     "Llama-3.1-8B -> Minitron-4B-Width": (
         "Llama-3.1-8B",
         "4.5B",
-        {"num_layers": 32, "hidden_size": 3072, "ffn_hidden_size": 9216, "num_attention_heads": 32, "num_query_groups": 8},
+        {
+            "num_layers": 32,
+            "hidden_size": 3072,
+            "ffn_hidden_size": 9216,
+            "num_attention_heads": 32,
+            "num_query_groups": 8,
+        },
     ),
     "Qwen3-8B -> 50%": ("Qwen3-8B", "50%", None),
     "Mistral-NeMo-12B -> 50%": ("Mistral-Nemo-Base-2407", "50%", None),

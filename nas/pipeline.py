@@ -166,7 +166,9 @@ def gpu_memory_of(cfg: RunConfig) -> int | None:
     return torch.cuda.get_device_properties(device).total_memory
 
 
-def search(cfg: RunConfig, stages: tuple[str, ...] = ("importance", "trial", "evaluation")) -> tuple[SearchContext, optuna.Study]:
+def search(
+    cfg: RunConfig, stages: tuple[str, ...] = ("importance", "trial", "evaluation")
+) -> tuple[SearchContext, optuna.Study]:
     """Check the memory plan of `stages`, run (or continue) the study's trials, then record the
     ranking stability."""
     check_plan(cfg, stages, gpu_memory_of(cfg))

@@ -90,7 +90,9 @@ def test_extrapolated_depth_equals_the_full_depth_dry_run():
     cfg = DistillConfig(batch_size=2, eval_batch_size=2, gradient_checkpointing=True, optimizer="adamw-8bit")
     measure = _measure(teacher_cfg, student_cfg, cfg)
     full, planned = measure((6, 4)), dryrun.extrapolate(measure, (6, 4))
-    assert dryrun.peak_of(planned)["peak_bytes"] == pytest.approx(dryrun.peak_of(full)["peak_bytes"], rel=0.01)
+    assert dryrun.peak_of(planned)["peak_bytes"] == pytest.approx(
+        dryrun.peak_of(full)["peak_bytes"], rel=0.01
+    )
     for phase, cats in full.items():  # exact but for the teacher's forward (its peak layer varies)
         assert sum(planned[phase].values()) == pytest.approx(sum(cats.values()), rel=0.1), phase
 
@@ -98,7 +100,9 @@ def test_extrapolated_depth_equals_the_full_depth_dry_run():
 def test_teacher_only_stages_plan_on_fake_tensors():
     config = tiny_config("mistral", num_layers=3, **SIZES)
     for fn in (dryrun.measure_eval, dryrun.measure_importance):
-        phases = dryrun.extrapolate(lambda d: fn(dryrun.at_depth(config, d[0]), torch.bfloat16, 2, 32, "bf16-mixed"), (3,))
+        phases = dryrun.extrapolate(
+            lambda d, fn=fn: fn(dryrun.at_depth(config, d[0]), torch.bfloat16, 2, 32, "bf16-mixed"), (3,)
+        )
         peak = dryrun.peak_of(phases)
         weights = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters()) * 2
         assert peak["teacher"] == weights and peak["activations"] > 0
@@ -143,7 +147,12 @@ def test_nas_plan_prints_json_and_records_it(tiny_study, tmp_path, capsys):
     path.write_text(tomli_w.dumps(tiny_study))
     assert main(["plan", str(path), "--gpu-memory", "80GB", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["stage"] for r in rows if r["policy"] == "configured"] == ["importance", "trial", "final", "evaluation"]
+    assert [r["stage"] for r in rows if r["policy"] == "configured"] == [
+        "importance",
+        "trial",
+        "final",
+        "evaluation",
+    ]
     assert all(r["fits"] and r["gpus"] == 1 for r in rows)
     recorded = json.loads((tmp_path / "studies" / "tiny" / "plan.json").read_text())
     assert recorded["stages"] == rows and recorded["gpu_memory"] == 80 * 10**9

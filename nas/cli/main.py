@@ -204,7 +204,9 @@ def add_plan(sub) -> None:
         "plan", help="peak GPU memory of each stage of a study TOML and the settings that fit (no weights)"
     )
     p.add_argument("study", help="study TOML file (only the teacher's config.json is read)")
-    p.add_argument("--gpu-memory", help="memory of one GPU, e.g. 80GB or 79.6GiB (default: the visible GPU's)")
+    p.add_argument(
+        "--gpu-memory", help="memory of one GPU, e.g. 80GB or 79.6GiB (default: the visible GPU's)"
+    )
     p.add_argument("--gpus-per-trial", type=int, default=1, help="processes (GPUs) per trial (default 1)")
     p.add_argument("--json", action="store_true", help="print the plan as a JSON list of stages")
     p.set_defaults(func=cmd_plan)

@@ -11,4 +11,13 @@ from nas.plan.stages import (
     write_plan,
 )
 
-__all__ = ["STAGES", "StagePlan", "check_plan", "format_plan", "plan_study", "recommend", "to_json", "write_plan"]
+__all__ = [
+    "STAGES",
+    "StagePlan",
+    "check_plan",
+    "format_plan",
+    "plan_study",
+    "recommend",
+    "to_json",
+    "write_plan",
+]

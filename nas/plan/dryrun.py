@@ -25,14 +25,13 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
-from enum import Enum
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
-from torch.distributed._tools.mem_tracker import MemTracker
+from torch.distributed._tools.mem_tracker import MemTracker, _RefType
 
 from nas.device import precision_for, use_precision
 from nas.errors import ConfigError
@@ -49,7 +48,7 @@ DEVICE = torch.device("cpu")  # where the fake tensors live (see the module docs
 _MESH = None  # the fake device mesh of `fake_world`
 
 
-class _Ref(str, Enum):
+class _Ref(_RefType):
     """MemTracker's reference types (same names and values, so its own keys index these dicts) plus
     the teacher's tensors and the fused loss's."""
 
@@ -157,7 +156,10 @@ def _regions(tracker: _Tracker, model: nn.Module) -> Iterator[None]:
     def enter(region):
         return lambda *args, **kwargs: setattr(tracker, "region", region)
 
-    handles = [before_loss.register_forward_hook(enter(_Ref.LOSS)), wrapper.register_forward_hook(enter(None))]
+    handles = [
+        before_loss.register_forward_hook(enter(_Ref.LOSS)),
+        wrapper.register_forward_hook(enter(None)),
+    ]
     if teacher is not None:
         handles.append(teacher.model.register_forward_pre_hook(enter(_Ref.TEACHER)))
     try:
@@ -254,7 +256,9 @@ def _validation(model, optimizer, cfg: DistillConfig, data: _FakeData, planned) 
     return _categories(tracker.phase_peaks["forward"])
 
 
-def measure_eval(config: Any, dtype: torch.dtype, batch_size: int, seq_len: int, policy: str) -> dict[str, int]:
+def measure_eval(
+    config: Any, dtype: torch.dtype, batch_size: int, seq_len: int, policy: str
+) -> dict[str, int]:
     """Peak bytes of `nas.evaluate.lm_loss` on one batch (its peak repeats for every batch)."""
     with fake_mode(), use_precision(policy):
         model = fake_model(config, dtype)
@@ -265,7 +269,9 @@ def measure_eval(config: Any, dtype: torch.dtype, batch_size: int, seq_len: int,
         return _as_teacher(tracker.phases())
 
 
-def measure_importance(config: Any, dtype: torch.dtype, batch_size: int, seq_len: int, policy: str) -> dict[str, int]:
+def measure_importance(
+    config: Any, dtype: torch.dtype, batch_size: int, seq_len: int, policy: str
+) -> dict[str, int]:
     """Peak bytes of the importance pass's activation scoring on one batch (`activation_scores`)."""
     with fake_mode(), use_precision(policy):
         model = fake_model(config, dtype)
@@ -291,7 +297,7 @@ def extrapolate(measure, layers: tuple[int, ...]) -> dict[str, dict[str, int]]:
         slopes = [(_minus(measure((2,) * len(layers)), base), layers[0] - 1)]
     else:
         bumped = [tuple(2 if j == i else 1 for j in range(len(layers))) for i in range(len(layers))]
-        slopes = [(_minus(measure(d), base), n - 1) for d, n in zip(bumped, layers)]
+        slopes = [(_minus(measure(d), base), n - 1) for d, n in zip(bumped, layers, strict=True)]
     out = {}
     for phase, cats in base.items():
         if all(phase in slope for slope, _ in slopes):
@@ -340,4 +346,3 @@ def parse_bytes(text: str) -> int:
         return int(float(t.removesuffix(unit)) * units[unit])
     except ValueError:
         raise ConfigError(f"cannot read a memory size from {text!r}; write e.g. 80GB or 79.6GiB") from None
-

@@ -89,7 +89,9 @@ def plan_study(
         configured = measure(job, settings, gpu_memory)
         plans.append(configured)
         plans.append(recommend(job, gpu_memory) if not configured.fits else _as_recommended(configured))
-    log.info("planned %s on %.1f GiB GPUs (largest candidate %s)", cfg.name, gpu_memory / 2**30, largest.describe())
+    log.info(
+        "planned %s on %.1f GiB GPUs (largest candidate %s)", cfg.name, gpu_memory / 2**30, largest.describe()
+    )
     return plans
 
 
@@ -122,7 +124,14 @@ def measure(job: _Job, settings: dict[str, Any], gpu_memory: int, policy: str = 
     peak = dict(job.cache[key])
     phase, total = peak.pop("phase"), peak.pop("peak_bytes")
     return StagePlan(
-        job.stage, policy, total, peak, phase, settings["gpus"], total <= HEADROOM * gpu_memory, dict(settings)
+        job.stage,
+        policy,
+        total,
+        peak,
+        phase,
+        settings["gpus"],
+        total <= HEADROOM * gpu_memory,
+        dict(settings),
     )
 
 
@@ -132,7 +141,9 @@ def _phases(job: _Job, s: dict[str, Any]) -> dict[str, dict[str, int]]:
         fn = dryrun.measure_importance if job.stage == "importance" else dryrun.measure_eval
 
         def one(depths):
-            return fn(dryrun.at_depth(job.teacher, depths[0]), dtype, s["batch_size"], job.seq_len, s["precision"])
+            return fn(
+                dryrun.at_depth(job.teacher, depths[0]), dtype, s["batch_size"], job.seq_len, s["precision"]
+            )
 
         return dryrun.extrapolate(one, (job.teacher.num_hidden_layers,))
     dcfg = DistillConfig(
@@ -224,7 +235,9 @@ def format_plan(plans: list[StagePlan], gpu_memory: int) -> str:
 
 def describe(settings: dict[str, Any]) -> str:
     """Settings as TOML-like `key=value` pairs (the gpus are their own column)."""
-    return " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items() if k != "gpus")
+    return " ".join(
+        f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items() if k != "gpus"
+    )
 
 
 def write_plan(cfg: RunConfig, plans: list[StagePlan], gpu_memory: int) -> Path:
@@ -248,7 +261,9 @@ def _recorded(cfg: RunConfig, gpu_memory: int, gpus_per_trial: int) -> list[Stag
     return plans if record.get("gpu_memory") == gpu_memory and configured == wanted else None
 
 
-def check_plan(cfg: RunConfig, stages: tuple[str, ...], gpu_memory: int | None, gpus_per_trial: int = 1) -> None:
+def check_plan(
+    cfg: RunConfig, stages: tuple[str, ...], gpu_memory: int | None, gpus_per_trial: int = 1
+) -> None:
     """Refuse (ConfigError, one line naming the settings to change) a study whose `stages` will not
     fit GPUs of `gpu_memory` bytes; the plan is read from the study when recorded for these
     settings, else made and recorded now. `gpu_memory=None` (a CPU run) checks nothing."""

@@ -171,7 +171,9 @@ def _fully_shard(module: StudentLoss, student: nn.Module, teacher, device: torch
 
     policy = MixedPrecisionPolicy()
     if current_precision(device).autocast_dtype == torch.bfloat16:  # bf16 all-gathers and compute,
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)  # fp32 reduction
+        policy = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+        )  # fp32 reduction
     shard = partial(fully_shard, mp_policy=policy, mesh=mesh)
     if teacher is not None:  # the bulk of the teacher: its layers, gathered one at a time
         for layer in teacher.model.layers:
