@@ -31,8 +31,9 @@ from nas.prune.importance import Importance, compute_importance
 from nas.prune.space import enumerate_candidates, parse_budget
 from nas.report.html import write_report
 from nas.search.study import arch_key, best_trial, keep_top_models, load_existing_study, ranking_stability
-from nas.search.trial import SearchContext, open_study, run_trials
+from nas.search.trial import SearchContext, follow_trials, open_study, run_trials
 from nas.settings import RunConfig, run_config_from_dict
+from nas.train import dist
 from nas.train.launch import distill_in_processes
 from nas.train.loop import distill
 
@@ -53,7 +54,7 @@ class RunResult:
 
 def load_teacher(cfg: RunConfig, data: Any):
     """The teacher, corrected first when `correct_steps` > 0 (once per study; workers reuse it)."""
-    device = resolve_device(cfg.device)
+    device = dist.local_device(cfg.device)  # cuda:LOCAL_RANK in a trial group
     dtype = precision_for(cfg.distill.precision, device).teacher_dtype  # the one policy (nas.device)
     if not cfg.correct_steps:
         return load_model(cfg.teacher, dtype=dtype, device=device)
@@ -184,8 +185,10 @@ def search(
     return ctx, study
 
 
-def worker(storage: str, study_name: str, max_trials: int | None = None) -> optuna.Study:
-    """Join a study created by `nas search`/`nas run` and pull trials until it is done."""
+def worker(storage: str, study_name: str, max_trials: int | None = None) -> optuna.Study | None:
+    """Join a study created by `nas search`/`nas run` and pull trials until it is done. Under torchrun
+    the processes are one trial group: rank 0 pulls the trials, all train each one as an FSDP2 job
+    (`nas worker --nproc-per-node N`); the other ranks return None."""
     stored = load_existing_study(storage, study_name)
     if "config" not in stored.user_attrs:
         raise ConfigError(f"study {study_name!r} was not created by nas (no config attribute)")
@@ -199,9 +202,17 @@ def worker(storage: str, study_name: str, max_trials: int | None = None) -> optu
         )
     data["out_dir"] = str(importance.parent)  # so a relative out_dir works from any working directory
     cfg = run_config_from_dict(data)
-    ctx = prepare_context(cfg, stored.user_attrs.get("candidates"))
+    group = dist.setup(dist.local_device(cfg.distill.device))
+    with dist.rank_zero_first():  # rank 0 fills the token cache, the others read it
+        ctx = prepare_context(cfg, stored.user_attrs.get("candidates"))
+    if not group.main:
+        follow_trials(ctx)
+        return None
     study = open_study(ctx, create=False)
-    run_trials(ctx, study, max_trials)
+    try:
+        run_trials(ctx, study, max_trials)
+    finally:
+        dist.from_rank_zero(None)  # the group's other processes stop
     return study
 
 

@@ -114,3 +114,35 @@ def test_two_workers_finish_a_study_when_one_is_killed_mid_trial(tmp_path, postg
     (ctx.cfg.root / "importance.safetensors").rename(tmp_path / "moved.safetensors")
     with pytest.raises(ConfigError, match="importance file"):  # not shared: refuse rather than recompute
         worker(postgres_url, "workers")
+
+
+@pytest.mark.slow
+def test_a_trial_in_a_two_process_group_scores_what_one_process_does(tmp_path):
+    """`nas worker --nproc-per-node 2` trains its trial as one FSDP2 job over 2 gloo processes; the
+    candidate's validation losses equal those of the same trial in a single process."""
+    from nas.pipeline import prepare_context, record_study_attrs
+    from nas.search.trial import open_study
+
+    search_cfg = {"n_trials": 1, "pruner": "none"}
+    one = run_config_from_dict(tiny_study_config(tmp_path, name="one", search=search_cfg))
+    _, single = search(one)
+    group_cfg = run_config_from_dict(tiny_study_config(tmp_path, name="group", search=search_cfg))
+    ctx = prepare_context(group_cfg)
+    record_study_attrs(open_study(ctx), ctx)  # created, no trial run yet
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "nas.cli", "worker", "--storage", group_cfg.storage_url, "--study", "group"]
+    done = subprocess.run(
+        [*cmd, "--nproc-per-node", "2", "--max-trials", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (a,) = single.get_trials(states=(TrialState.COMPLETE,))
+    (b,) = optuna.load_study(study_name="group", storage=group_cfg.storage_url).get_trials(
+        states=(TrialState.COMPLETE,)
+    )
+    assert a.user_attrs["label"] == b.user_attrs["label"]
+    for x, y in zip(a.user_attrs["curve"], b.user_attrs["curve"], strict=True):
+        assert x["step"] == y["step"] and abs(x["val_loss"] - y["val_loss"]) < 1e-4, (x, y)

@@ -148,6 +148,12 @@ def add_search(sub) -> None:
     p.add_argument("--storage", required=True, help="e.g. postgresql+psycopg://user:pw@host/db")
     p.add_argument("--study", required=True, help="study name")
     p.add_argument("--max-trials", type=int, help="stop after this many trials of this worker")
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=1,
+        help="processes (GPUs) per trial: reruns itself under torchrun, each trial one FSDP2 job",
+    )
     p.set_defaults(func=cmd_worker)
 
 
@@ -184,9 +190,17 @@ def cmd_run(args) -> int:
 
 
 def cmd_worker(args) -> int:
+    from nas.cli.train import relaunch_under_torchrun
     from nas.pipeline import worker
+    from nas.train.dist import teardown
 
-    print_trials(worker(args.storage, args.study, args.max_trials))
+    code = relaunch_under_torchrun(args)
+    if code is not None:
+        return code
+    study = worker(args.storage, args.study, args.max_trials)
+    teardown()
+    if study is not None:  # rank 0 (or the only process)
+        print_trials(study)
     return 0
 
 

@@ -8,6 +8,8 @@ so successive halving (default) or Hyperband stops losing candidates early. Hear
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import shutil
 import time
@@ -26,7 +28,8 @@ from nas.model.arch import KNOBS, Arch, count_params, kv_cache_bytes
 from nas.prune.cut import prune
 from nas.prune.importance import Importance
 from nas.search.study import CLAIMED, arch_key, done_trials, make_storage
-from nas.settings import RunConfig
+from nas.settings import DistillConfig, RunConfig
+from nas.train import dist
 from nas.train.loop import NonFiniteLossError, distill
 
 log = logging.getLogger(__name__)
@@ -146,20 +149,43 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> float:
         curve.append({"step": step, "val_loss": val_loss})
         trial.set_user_attr("curve", curve)
         trial.report(val_loss, step)
-        if trial.should_prune():
+        if dist.from_rank_zero(trial.should_prune()):  # the group's other processes stop with it
             trial.set_user_attr(
                 "tokens", step * ctx.cfg.distill.batch_size * ctx.cfg.distill.grad_accum * ctx.data.seq_len
             )
             raise optuna.TrialPruned(f"pruned at step {step} (val loss {val_loss:.4f})")
 
+    dist.from_rank_zero(arch.to_dict())  # a trial group: the other processes run this candidate too
     try:
-        result = distill(ctx.teacher, student, ctx.data, ctx.cfg.short_distill(), out, on_eval=on_eval)
+        result = distill(ctx.teacher, student, ctx.data, trial_config(ctx), out, on_eval=on_eval)
     finally:  # a finished or stopped trial needs no resume state; a killed one keeps it for its retry
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     trial.set_user_attr("curve", result.curve)
     trial.set_user_attr("tokens", result.tokens)
     trial.set_user_attr("checkpoint", str(out / "model"))
     return result.val_loss
+
+
+def trial_config(ctx: SearchContext) -> DistillConfig:
+    """The KD settings of one trial; under torchrun every trial is one FSDP2 job over all processes."""
+    cfg = ctx.cfg.short_distill()
+    return dataclasses.replace(cfg, fsdp=True) if dist.world().size > 1 else cfg
+
+
+def follow_trials(ctx: SearchContext) -> None:
+    """The processes other than rank 0 of a trial group: train every candidate rank 0 hands out (same
+    student, same batches: each process its share of them), stop a trial when rank 0's pruner does,
+    and return when rank 0 sends None (it alone talks to the study)."""
+    while (arch_dict := dist.from_rank_zero(None)) is not None:
+        arch = Arch.from_dict(arch_dict)
+        student = prune(ctx.teacher, arch, ctx.importance, ctx.cfg.depth_strategy)
+
+        def on_eval(step: int, val_loss: float) -> None:
+            if dist.from_rank_zero(None):
+                raise optuna.TrialPruned()
+
+        with contextlib.suppress(optuna.TrialPruned, NonFiniteLossError):
+            distill(ctx.teacher, student, ctx.data, trial_config(ctx), trial_dir(ctx, arch), on_eval=on_eval)
 
 
 def budget_violation(arch: Arch, ctx: SearchContext) -> float:
