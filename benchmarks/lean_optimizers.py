@@ -38,9 +38,11 @@ SETTINGS = [  # (precision, optimizer); the first is the reference
 ]
 
 
-def setup(out: Path):
+def setup(out: Path, teacher_steps: int | None):
     """The demo's data, trained teacher and the largest candidate's pruned start (saved)."""
     plan = DemoPlan()
+    if teacher_steps:  # a shorter teacher training on a busy machine (the trial settings stay the demo's)
+        plan = dataclasses.replace(plan, teacher=dataclasses.replace(plan.teacher, steps=teacher_steps))
     corpus = write_corpus(out / "corpus", plan.max_documents)
     cfg = run_config(out, corpus, plan, "cpu")
     key = teacher_key(plan.teacher, plan.seq_len, corpus)
@@ -63,11 +65,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="studies/lean-bench", help="work directory (the teacher is reused)")
     parser.add_argument("--steps", type=int, help="override the trial's steps (default: the demo's horizon)")
+    parser.add_argument("--teacher-steps", type=int, help="override the demo teacher's training steps (340)")
     args = parser.parse_args()
     out = Path(args.out)
-    cfg, data, teacher_dir, arch = setup(out)
+    cfg, data, teacher_dir, arch = setup(out, args.teacher_steps)
     trial = cfg.short_distill()
-    trial = dataclasses.replace(trial, steps=args.steps or trial.steps, checkpoint_every=0, device="cpu")
+    steps = args.steps or trial.steps
+    trial = dataclasses.replace(
+        trial, steps=steps, eval_every=min(trial.eval_every, steps), checkpoint_every=0, device="cpu"
+    )
     print(
         f"trial: {arch.describe()} ({count_params(arch):,} params), {trial.steps} steps, batch {trial.batch_size} x {data.seq_len}"
     )

@@ -1,6 +1,8 @@
 """Memory-lean training (8-bit AdamW states, bf16 weights with stochastic rounding) and the GPU
 precision policy, run on the CPU: same loss as fp32 AdamW, and the dtypes the policy promises."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -101,3 +103,15 @@ def test_gpu_policy_dtypes_and_lean_optimizers_build_on_cpu():
         DistillConfig(offload_optimizer=True, optimizer="adamw-8bit")
     with pytest.raises(ConfigError, match="precision"):
         DistillConfig(precision="fp16")
+
+
+@pytest.mark.slow
+def test_a_run_with_8bit_states_resumes_from_its_checkpoint(trial):
+    root, data = trial
+    teacher, student = load_teacher_and_student(
+        root / "teacher", root / "student", torch.device("cpu"), "bf16"
+    )
+    cfg = _cfg(precision="bf16", optimizer="adamw-8bit", steps=4, eval_every=2, checkpoint_every=2)
+    distill(teacher, student, data, cfg, root / "resume")
+    again = distill(teacher, student, data, dataclasses.replace(cfg, steps=6), root / "resume")
+    assert [c["step"] for c in again.curve] == [2, 4, 6]
