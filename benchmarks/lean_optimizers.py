@@ -66,13 +66,16 @@ def main() -> None:
     parser.add_argument("--out", default="studies/lean-bench", help="work directory (the teacher is reused)")
     parser.add_argument("--steps", type=int, help="override the trial's steps (default: the demo's horizon)")
     parser.add_argument("--teacher-steps", type=int, help="override the demo teacher's training steps (340)")
+    parser.add_argument("--batch-size", type=int, help="override the trial's micro-batch (the demo's: 8)")
     args = parser.parse_args()
     out = Path(args.out)
     cfg, data, teacher_dir, arch = setup(out, args.teacher_steps)
     trial = cfg.short_distill()
     steps = args.steps or trial.steps
+    batch = args.batch_size or trial.batch_size
+    every = min(trial.eval_every, max(1, steps // 2))
     trial = dataclasses.replace(
-        trial, steps=steps, eval_every=min(trial.eval_every, steps), checkpoint_every=0, device="cpu"
+        trial, steps=steps, batch_size=batch, eval_every=every, checkpoint_every=0, device="cpu"
     )
     print(
         f"trial: {arch.describe()} ({count_params(arch):,} params), {trial.steps} steps, batch {trial.batch_size} x {data.seq_len}"

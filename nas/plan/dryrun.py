@@ -8,7 +8,11 @@ clipping, the optimizer update), `nas.evaluate.lm_loss` and the importance pass.
 untracked first, so that the optimizer states exist when the tracked step starts, as in training.
 
 The dry run executes on the CPU (this torch may have no CUDA), under the GPU precision policy of the
-plan (`nas.device`): bf16 autocast on the CPU casts the same matmuls to bf16 as on CUDA.
+plan (`nas.device`): bf16 autocast on the CPU casts the same matmuls to bf16 as on CUDA. Two parts
+cannot run here as they do on a GPU and are accounted for instead: torchao's optimizers run their
+update eagerly (on CUDA it is one compiled kernel per parameter), so the update's temporaries are
+left out; `offload_optimizer` (torchao's CPUOffloadOptimizer needs CUDA) is planned with torch's
+AdamW whose states and update are left out of the GPU's memory, where the offload puts them.
 
 Depth: a full 8B step takes minutes on fake tensors, so each measurement runs at 1 and 2 layers per
 model and is extrapolated linearly in each model's number of layers, per phase of the step (teacher

@@ -50,6 +50,7 @@ class StagePlan:
     peak_bytes: int
     breakdown: dict[str, int]  # bytes per dryrun.CATEGORIES at the peak
     phase: str  # the part of the stage where the peak is (e.g. "backward", "validation")
+    train_bytes: int  # the peak of the stage without the in-loop validation (its own knob)
     gpus: int
     fits: bool
     settings: dict[str, Any]
@@ -120,19 +121,13 @@ def measure(job: _Job, settings: dict[str, Any], gpu_memory: int, policy: str = 
     """Dry-run `job` with `settings` (cached per settings) and judge it against `gpu_memory`."""
     key = (job.stage in ("trial", "final"), tuple(sorted(settings.items())))
     if key not in job.cache:
-        job.cache[key] = dryrun.peak_of(_phases(job, settings))
-    peak = dict(job.cache[key])
+        phases = _phases(job, settings)
+        rest = {k: v for k, v in phases.items() if k != "validation"} or phases
+        job.cache[key] = (dryrun.peak_of(phases), dryrun.peak_of(rest)["peak_bytes"])
+    peak, train = dict(job.cache[key][0]), job.cache[key][1]
     phase, total = peak.pop("phase"), peak.pop("peak_bytes")
-    return StagePlan(
-        job.stage,
-        policy,
-        total,
-        peak,
-        phase,
-        settings["gpus"],
-        total <= HEADROOM * gpu_memory,
-        dict(settings),
-    )
+    fits = total <= HEADROOM * gpu_memory
+    return StagePlan(job.stage, policy, total, peak, phase, train, settings["gpus"], fits, dict(settings))
 
 
 def _phases(job: _Job, s: dict[str, Any]) -> dict[str, dict[str, int]]:
@@ -162,23 +157,27 @@ def _as_recommended(plan: StagePlan) -> StagePlan:
     return dataclasses.replace(plan, policy="recommended")
 
 
-def recommend(job: _Job, gpu_memory: int, max_gpus: int = 8) -> StagePlan:
+def recommend(job: _Job, gpu_memory: int) -> StagePlan:
     """The first settings on the ladder (see the module docstring) under which `job` fits; the last
     tried (not fitting) when none does. Each rung keeps the ones before it."""
-    s = dict(job.settings)
-    plan = measure(job, s, gpu_memory, "recommended")
+    s, plan = _fit_validation(job, dict(job.settings), gpu_memory)
     for change in _ladder(job):
         if plan.fits:
             return plan
         nxt = change(dict(s), plan)
-        if nxt is None or nxt == s:
-            continue
-        s = nxt
-        plan = measure(job, s, gpu_memory, "recommended")
-        while not plan.fits and plan.phase == "validation" and s.get("eval_batch_size", 1) > 1:
-            s["eval_batch_size"] //= 2  # the validation logits are [batch, seq, vocab]
-            plan = measure(job, s, gpu_memory, "recommended")
+        if nxt is not None and nxt != s:
+            s, plan = _fit_validation(job, nxt, gpu_memory)
     return plan
+
+
+def _fit_validation(job: _Job, s: dict[str, Any], gpu_memory: int) -> tuple[dict[str, Any], StagePlan]:
+    """Measure `s`; when training fits but the in-loop validation does not, halve its batch (its
+    logits are [batch, seq, vocab]) until it fits."""
+    plan = measure(job, s, gpu_memory, "recommended")
+    while not plan.fits and plan.train_bytes <= HEADROOM * gpu_memory and s.get("eval_batch_size", 1) > 1:
+        s = s | {"eval_batch_size": s["eval_batch_size"] // 2}
+        plan = measure(job, s, gpu_memory, "recommended")
+    return s, plan
 
 
 def _ladder(job: _Job) -> list:
