@@ -1,22 +1,89 @@
-"""Where work runs and in which precision: the one device and precision policy of every command."""
+"""Where nas computes and in which dtypes: the one precision policy of every command.
+
+A policy fixes three things (`Precision`): the teacher's dtype (it only runs forward), the dtype
+of the student's master weights (what the optimizer updates), and the autocast dtype of the
+matmuls. `auto` is `bf16-mixed` on CUDA and `fp32` elsewhere (bf16 matmuls are slow on most CPUs):
+
+| policy     | teacher | student weights                         | matmuls |
+|------------|---------|-----------------------------------------|---------|
+| fp32       | fp32    | fp32                                    | fp32    |
+| bf16-mixed | bf16    | fp32 (master weights, AMP)              | bf16    |
+| bf16       | bf16    | bf16, stochastic rounding in the update | bf16    |
+
+`bf16` follows torchao's recipe for training without fp32 master weights (stochastic rounding keeps
+the small updates unbiased): https://github.com/pytorch/ao/tree/main/torchao/optim#stochastic-rounding-for-bf16-weight.
+The policy of a run is entered with `use_precision`; `autocast_for` reads it, so the loss, the
+evaluation and the importance pass all compute in the run's dtypes.
+"""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from nas.errors import ConfigError
 
+PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
 
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+
+@dataclass(frozen=True)
+class Precision:
+    """The dtypes of one policy (see the module docstring)."""
+
+    name: str
+    teacher_dtype: torch.dtype
+    student_dtype: torch.dtype
+    autocast_dtype: torch.dtype | None  # None: matmuls in the weights' dtype
+
+
+_POLICIES = {
+    "fp32": Precision("fp32", torch.float32, torch.float32, None),
+    "bf16-mixed": Precision("bf16-mixed", torch.bfloat16, torch.float32, torch.bfloat16),
+    "bf16": Precision("bf16", torch.bfloat16, torch.bfloat16, torch.bfloat16),
+}
+_current: ContextVar[str] = ContextVar("nas_precision", default="auto")
+
+
+def precision_for(name: str, device: torch.device) -> Precision:
+    """The policy `name` (one of PRECISIONS) resolved for `device`."""
+    if name == "auto":
+        name = "bf16-mixed" if device.type == "cuda" else "fp32"
+    if name not in _POLICIES:
+        raise ValueError(f"unknown precision {name!r}; choose one of {', '.join(PRECISIONS)}")
+    return _POLICIES[name]
+
+
+def current_precision(device: torch.device) -> Precision:
+    """The policy entered with `use_precision` (default `auto`) on `device`."""
+    return precision_for(_current.get(), device)
+
+
+@contextlib.contextmanager
+def use_precision(name: str) -> Iterator[None]:
+    """Within the block, `autocast_for` and `current_precision` follow policy `name`."""
+    precision_for(name, torch.device("cpu"))  # validate
+    token = _current.set(name)
+    try:
+        yield
+    finally:
+        _current.reset(token)
 
 
 def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA; a no-op on CPU, where bf16 is far slower than fp32."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+    """Autocast in the current policy's matmul dtype on `device` (a no-op for `fp32`)."""
+    dtype = current_precision(device).autocast_dtype
+    if dtype is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -40,3 +107,10 @@ def resolve_device(name: str = "auto") -> torch.device:
     if backend is None or not getattr(backend, "is_available", lambda: False)():
         raise ConfigError(f"--device {name}: no {device.type} device on this machine; use auto or cpu")
     return device
+
+
+def visible_gpu_memory() -> int | None:
+    """Total bytes of the first visible CUDA device, or None without one."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(0).total_memory

@@ -7,6 +7,7 @@ under the study's directory, so re-running the same command continues where it s
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -14,15 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 
 from nas.data.corpus import source_fingerprint
 from nas.data.tokens import check_seq_len, check_tokenizer, config_dict, prepare
-from nas.device import resolve_device
+from nas.device import precision_for, resolve_device
 from nas.errors import ConfigError
 from nas.evaluate.loss import lm_loss
 from nas.io import own_output, require_same, save_model_atomic
 from nas.model.arch import Arch, count_params
 from nas.model.families import load_config, load_model, load_tokenizer
+from nas.plan import STAGES, check_plan
 from nas.prune.cut import plan_cut, prune, save_pruned
 from nas.prune.importance import Importance, compute_importance, importance_identity
 from nas.prune.space import enumerate_candidates, parse_budget
@@ -38,8 +41,9 @@ from nas.search.study import (
     ranking_stability,
     storage_errors,
 )
-from nas.search.trial import SearchContext, enqueue_candidates, open_study, run_trials
+from nas.search.trial import SearchContext, enqueue_candidates, follow_trials, open_study, run_trials
 from nas.settings import RunConfig, run_config_from_dict
+from nas.train import dist
 from nas.train.launch import distill_in_processes
 from nas.train.loop import NOT_IDENTITY, distill
 from nas.train.teacher_cache import ensure_teacher_cache, teacher_source
@@ -61,15 +65,16 @@ class RunResult:
 
 def load_teacher(cfg: RunConfig, data: Any):
     """The teacher, corrected first when `correct_steps` > 0 (once per study; workers reuse it)."""
-    device = resolve_device(cfg.device)
+    device = dist.local_device(cfg.device)  # cuda:LOCAL_RANK in a trial group
+    dtype = precision_for(cfg.distill.precision, device).teacher_dtype  # the one policy (nas.device)
     if not cfg.correct_steps:
-        return load_model(cfg.teacher, device=device)
+        return load_model(cfg.teacher, dtype=dtype, device=device)
     corrected = cfg.root / "corrected"
     if not (corrected / "model" / "config.json").is_file():
         run = cfg.distill.replace(steps=cfg.correct_steps, seed=cfg.seed)
         log.info("teacher correction: %d steps of LM loss on the distillation data", cfg.correct_steps)
         distill(None, load_model(cfg.teacher, device=device), data, run, corrected)
-    return load_model(corrected / "model", device=device)
+    return load_model(corrected / "model", dtype=dtype, device=device)
 
 
 def load_or_compute_importance(cfg: RunConfig, teacher, data) -> Importance:
@@ -239,6 +244,7 @@ def record_study_attrs(study: optuna.Study, ctx: SearchContext) -> None:
         candidates=[list(arch_key(a)) for a in ctx.candidates],
         sampler="exhaustive, best zero-shot loss first" if ctx.exhaustive else "TPE with a budget constraint",
         pruner=cfg.search.pruner,
+        plan=json.loads(plan.read_text()) if (plan := cfg.root / "plan.json").is_file() else None,
     ).write(study)
 
 
@@ -252,12 +258,24 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def search(cfg: RunConfig, restart: bool = False) -> tuple[SearchContext, optuna.Study]:
-    """Run (or continue) the study's trials, then record the ranking stability. The study's out_dir is
-    held (`nas.io.own_output`) meanwhile: workers join through the storage, a second search is refused.
-    A stored study made with other settings is refused (`restart`: deleted first)."""
+def gpu_memory_of(cfg: RunConfig) -> int | None:
+    """Bytes of the study's CUDA device; None on the CPU, where no memory plan applies."""
+    device = resolve_device(cfg.device)
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory
+
+
+def search(
+    cfg: RunConfig, restart: bool = False, stages: tuple[str, ...] = ("importance", "trial", "evaluation")
+) -> tuple[SearchContext, optuna.Study]:
+    """Check the memory plan of `stages`, run (or continue) the study's trials, then record the ranking
+    stability. The study's out_dir is held (`nas.io.own_output`) meanwhile: workers join through the
+    storage, a second search is refused. A stored study made with other settings is refused
+    (`restart`: deleted first)."""
     with own_output(cfg.root):
         identity = check_study(cfg, restart)
+        check_plan(cfg, stages, gpu_memory_of(cfg))
         ctx = prepare_context(cfg)
         study = open_study(ctx)
         if ctx.exhaustive:  # before the config is recorded: a worker that sees the config sees the queue
@@ -280,8 +298,10 @@ def _search(ctx: SearchContext, study: optuna.Study) -> tuple[SearchContext, opt
     return ctx, study
 
 
-def worker(storage: str, study_name: str, max_trials: int | None = None) -> optuna.Study:
-    """Join a study created by `nas search`/`nas run` and pull trials until it is done."""
+def worker(storage: str, study_name: str, max_trials: int | None = None) -> optuna.Study | None:
+    """Join a study created by `nas search`/`nas run` and pull trials until it is done. Under torchrun
+    the processes are one trial group: rank 0 pulls the trials, all train each one as an FSDP2 job
+    (`nas worker --nproc-per-node N`); the other ranks return None."""
     record = StudyRecord.read(load_existing_study(storage, study_name))
     if record.config is None:
         raise ConfigError(f"study {study_name!r} was not created by nas (no config attribute)")
@@ -295,10 +315,18 @@ def worker(storage: str, study_name: str, max_trials: int | None = None) -> optu
         )
     data["out_dir"] = str(importance.parent)  # so a relative out_dir works from any working directory
     cfg = run_config_from_dict(data)
-    ctx = prepare_context(cfg, record.candidates)
-    study = open_study(ctx, create=False)
+    group = dist.setup(dist.local_device(cfg.distill.device))
+    with dist.rank_zero_first():  # rank 0 fills the token cache, the others read it
+        ctx = prepare_context(cfg, record.candidates)
     teacher_off_device(ctx, True)
-    run_trials(ctx, study, max_trials)
+    if not group.main:
+        follow_trials(ctx)
+        return None
+    study = open_study(ctx, create=False)
+    try:
+        run_trials(ctx, study, max_trials)
+    finally:
+        dist.from_rank_zero(None)  # the group's other processes stop
     return study
 
 
@@ -369,7 +397,8 @@ def run(cfg: RunConfig, report: bool = True, nproc_per_node: int = 1, restart: b
     """The whole pipeline for one study TOML; the final distillation in `nproc_per_node` processes.
     `restart`: delete a stored study of the same name and its outputs first."""
     with own_output(cfg.root):
-        ctx, study = search(cfg, restart)
+        stages = STAGES if nproc_per_node == 1 else ("importance", "trial", "evaluation")
+        ctx, study = search(cfg, restart, stages)
         winner = finalize(ctx, study, nproc_per_node)
         path = None
         if report:

@@ -30,9 +30,11 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from nas.device import PRECISIONS
 from nas.errors import ConfigError
 
 SCHEDULES = ("cosine", "wsd", "constant")
+OPTIMIZERS = ("adamw", "adamw-8bit")  # torch AdamW | torchao AdamW8bit (https://arxiv.org/abs/2110.02861)
 DEPTH_STRATEGIES = ("drop-lowest", "contiguous")
 PRUNERS = ("successive-halving", "hyperband", "none")
 SAMPLERS = ("auto", "exhaustive", "tpe")
@@ -319,6 +321,13 @@ class DistillConfig(Settings):
     fsdp: bool = _described(
         False, "with several processes: shard student and teacher layers with FSDP2, not DDP"
     )
+    precision: Literal[PRECISIONS] = _described(  # type: ignore[valid-type]
+        "auto", "dtypes (nas.device): auto = bf16-mixed on CUDA, fp32 on CPU; bf16 = bf16 student weights"
+    )
+    optimizer: Literal[OPTIMIZERS] = _described(  # type: ignore[valid-type]
+        "adamw", "adamw (fp32 states) or adamw-8bit (torchao block-quantized states, a quarter of the memory)"
+    )
+    offload_optimizer: bool = _described(False, "CUDA only: optimizer states and update on the CPU (torchao)")
     seed: int = _described(0, "torch seed of the run (the data order is data.seed)")
     device: str = _described(
         "auto", "auto (CUDA if available; cuda:LOCAL_RANK under torchrun), cpu, cuda, cuda:1 ..."
@@ -329,6 +338,8 @@ class DistillConfig(Settings):
     def _check(self) -> DistillConfig:
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
+        if self.offload_optimizer and self.optimizer != "adamw":
+            raise ValueError("offload_optimizer keeps fp32 AdamW states on the CPU; set optimizer = 'adamw'")
         return self
 
 
@@ -340,6 +351,16 @@ class Launch(Settings):
         "processes (GPUs) to train on: reruns itself under torchrun; --batch-size is the global batch",
         ge=1,
     )
+
+
+class PlanConfig(Settings):
+    """`nas plan`: the GPUs a study's memory plan is made for."""
+
+    gpu_memory: str | None = _described(
+        None, "memory of one GPU, e.g. 80GB or 79.6GiB (default: the visible GPU's)"
+    )
+    gpus_per_trial: int = _described(1, "processes (GPUs) per trial", ge=1)
+    as_json: bool = _described(False, "print the plan as a JSON list of stages")
 
 
 class EvalConfig(Settings):

@@ -151,3 +151,37 @@ def test_the_sqlite_queue_hands_each_trial_to_one_worker(tmp_path):
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(2)]
     popped = [json.loads(p.communicate(timeout=TIMEOUT * 2)[0]) for p in procs]
     assert all(popped) and sorted(popped[0] + popped[1]) == list(range(queued))
+
+
+@pytest.mark.slow
+def test_a_trial_in_a_two_process_group_scores_what_one_process_does(tmp_path):
+    """`nas worker --nproc-per-node 2` trains its trial as one FSDP2 job over 2 gloo processes; the
+    candidate's validation losses equal those of the same trial in a single process."""
+    from nas.pipeline import prepare_context, record_study_attrs
+    from nas.search.trial import enqueue_candidates, open_study
+
+    search_cfg = {"n_trials": 1, "pruner": "none"}
+    one = run_config_from_dict(tiny_study_config(tmp_path, name="one", search=search_cfg))
+    _, single = search(one)
+    group_cfg = run_config_from_dict(tiny_study_config(tmp_path, name="group", search=search_cfg))
+    ctx = prepare_context(group_cfg)
+    study = open_study(ctx)
+    enqueue_candidates(study, ctx)
+    record_study_attrs(study, ctx)  # created and queued, no trial run yet
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "nas.cli", "worker", "--storage", group_cfg.storage_url, "--study", "group"]
+    done = subprocess.run(
+        [*cmd, "--nproc-per-node", "2", "--max-trials", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (a,) = single.get_trials(states=(TrialState.COMPLETE,))
+    (b,) = optuna.load_study(study_name="group", storage=group_cfg.storage_url).get_trials(
+        states=(TrialState.COMPLETE,)
+    )
+    assert a.user_attrs["label"] == b.user_attrs["label"]
+    for x, y in zip(a.user_attrs["curve"], b.user_attrs["curve"], strict=True):
+        assert x["step"] == y["step"] and abs(x["val_loss"] - y["val_loss"]) < 1e-4, (x, y)

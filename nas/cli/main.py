@@ -13,7 +13,15 @@ from nas.cli.flags import add_flags, settings_from_args
 from nas.cli.train import add_correct, add_data_args, add_distill, data_config_from_args
 from nas.errors import ConfigError, NasError
 from nas.io import is_full_disk
-from nas.settings import EvalConfig, ImportanceConfig, Launch, RunConfig, SearchConfig, SpaceConfig
+from nas.settings import (
+    EvalConfig,
+    ImportanceConfig,
+    Launch,
+    PlanConfig,
+    RunConfig,
+    SearchConfig,
+    SpaceConfig,
+)
 
 
 class Parser(argparse.ArgumentParser):
@@ -203,6 +211,7 @@ def add_search(sub) -> None:
     p.add_argument("--storage", required=True, help="e.g. postgresql+psycopg://user:pw@host/db")
     p.add_argument("--study", required=True, help="study name")
     p.add_argument("--max-trials", type=int, help="stop after this many trials of this worker")
+    add_flags(p, Launch)  # processes (GPUs) per trial: each trial one FSDP2 job over them
     p.set_defaults(func=cmd_worker)
 
 
@@ -244,9 +253,17 @@ def cmd_run(args) -> int:
 
 
 def cmd_worker(args) -> int:
+    from nas.cli.train import relaunch_under_torchrun
     from nas.pipeline import worker
+    from nas.train.dist import teardown
 
-    print_trials(worker(args.storage, args.study, args.max_trials))
+    code = relaunch_under_torchrun(args, settings_from_args(args, Launch))
+    if code is not None:
+        return code
+    study = worker(args.storage, args.study, args.max_trials)
+    teardown()
+    if study is not None:  # rank 0 (or the only process)
+        print_trials(study)
     return 0
 
 
@@ -257,6 +274,37 @@ def print_trials(study) -> None:
 
 
 SUBCOMMANDS += [add_space, add_search]
+
+
+def add_plan(sub) -> None:
+    p = sub.add_parser(
+        "plan", help="peak GPU memory of each stage of a study TOML and the settings that fit (no weights)"
+    )
+    p.add_argument("study", help="study TOML file (only the teacher's config.json is read)")
+    add_flags(p, PlanConfig, names={"as_json": "json"})
+    p.set_defaults(func=cmd_plan)
+
+
+def cmd_plan(args) -> int:
+    import json
+
+    from nas.device import visible_gpu_memory
+    from nas.plan import format_plan, plan_study, to_json, write_plan
+    from nas.plan.dryrun import parse_bytes
+    from nas.settings import load_run_config
+
+    options = settings_from_args(args, PlanConfig, names={"as_json": "json"})
+    cfg = load_run_config(args.study)
+    memory = parse_bytes(options.gpu_memory) if options.gpu_memory else visible_gpu_memory()
+    if memory is None:
+        raise ConfigError("no GPU is visible here; give the GPU's memory with --gpu-memory, e.g. 80GB")
+    plans = plan_study(cfg, memory, options.gpus_per_trial)
+    write_plan(cfg, plans, memory)
+    print(json.dumps(to_json(plans), indent=1) if options.as_json else format_plan(plans, memory))
+    return 0
+
+
+SUBCOMMANDS += [add_plan]
 
 
 SUBCOMMANDS += [add_distill, add_correct]

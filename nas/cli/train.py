@@ -168,7 +168,7 @@ def cmd_distill(args) -> int:
         if code is not None:
             return code
         tokenizer = load_tokenizer(args.teacher)
-        teacher, student = load_teacher_and_student(args.teacher, args.student, device)
+        teacher, student = load_teacher_and_student(args.teacher, args.student, device, cfg.precision)
         return train_and_save(teacher, student, tokenizer, args, data_cfg, cfg)
 
 

@@ -25,16 +25,17 @@ def lm_loss(model: nn.Module, sequences: torch.Tensor, batch_size: int = 8) -> f
     was_training = model.training
     model.eval()
     device = model_device(model)
-    total, count = 0.0, 0
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     for start in range(0, len(sequences), batch_size):
         batch = torch.as_tensor(sequences[start : start + batch_size], dtype=torch.long).to(device)
         with autocast_for(device):
             logits = model(input_ids=batch, use_cache=False).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
-        total += loss.item()
+        total += loss.double()
         count += batch[:, 1:].numel()
+        del logits, loss  # before the next batch's logits exist
     model.train(was_training)
-    return total / max(count, 1)
+    return total.item() / max(count, 1)  # one host sync, not one per batch (and none on fake tensors)
 
 
 def perplexity(model: nn.Module, sequences: torch.Tensor, batch_size: int = 8) -> float:

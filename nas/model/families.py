@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nas.device import precision_for
 from nas.errors import ModelError, first_line
 
 log = logging.getLogger(__name__)
@@ -206,11 +207,16 @@ def _tensor_shapes(file: Path) -> dict[str, tuple[int, ...]]:
         raise ModelError(f"weights {file} are unreadable (corrupt or truncated): {first_line(e)}") from e
 
 
-def load_teacher_and_student(teacher: str | Path, student: str | Path, device: torch.device):
-    """The frozen teacher (bf16 on CUDA, where it only runs forward; fp32 on CPU) and the trainable
-    fp32 student, both on `device`."""
-    teacher_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return load_model(teacher, dtype=teacher_dtype, device=device), load_model(student, device=device)
+def load_teacher_and_student(
+    teacher: str | Path, student: str | Path, device: torch.device, precision: str = "auto"
+):
+    """The frozen teacher and the trainable student on `device`, in the dtypes of the precision
+    policy (`nas.device`; auto: bf16 teacher and fp32 student on CUDA, both fp32 on CPU)."""
+    policy = precision_for(precision, device)
+    return (
+        load_model(teacher, dtype=policy.teacher_dtype, device=device),
+        load_model(student, dtype=policy.student_dtype, device=device),
+    )
 
 
 def load_tokenizer(name_or_path: str | Path) -> Any:

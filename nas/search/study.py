@@ -73,6 +73,9 @@ class StudyRecord(_Record):
     identity: dict[str, Any] | None = (
         None  # the settings that decide its trials (`nas.pipeline.study_identity`)
     )
+    plan: list[dict[str, Any]] | dict[str, Any] | None = (
+        None  # the memory plan (`nas plan`) checked before it
+    )
     stability: dict[str, Any] | None = None  # `ranking_stability` of the finished search
     winner: dict[str, Any] | None = None  # trial, arch, params, val_loss, final_val_loss, dir, curve, tokens
 

@@ -21,6 +21,7 @@ queue empty when its trial starts (another worker took the last one) must not ev
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
@@ -39,7 +40,8 @@ from nas.model.arch import Arch, count_budget_params, count_params, kv_cache_byt
 from nas.prune.cut import prune
 from nas.prune.importance import Importance
 from nas.search.study import TrialRecord, arch_key, done_trials, make_storage
-from nas.settings import RunConfig
+from nas.settings import DistillConfig, RunConfig
+from nas.train import dist
 from nas.train.loop import NonFiniteLossError, distill
 from nas.train.teacher_cache import TeacherCache, teacher_source
 
@@ -136,12 +138,13 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> float:
         curve.append({"step": step, "val_loss": val_loss})
         TrialRecord(curve=curve).write(trial)
         trial.report(val_loss, step)
-        if trial.should_prune():
+        if dist.from_rank_zero(trial.should_prune()):  # the group's other processes stop with it
             tokens = step * ctx.cfg.distill.batch_size * ctx.cfg.distill.grad_accum * ctx.data.seq_len
             TrialRecord(tokens=tokens).write(trial)
             raise optuna.TrialPruned(f"pruned at step {step} (val loss {val_loss:.4f})")
 
-    run = ctx.cfg.short_distill()
+    dist.from_rank_zero(arch.to_dict())  # a trial group: the other processes run this candidate too
+    run = trial_config(ctx)
     teacher = teacher_source(ctx.teacher, ctx.teacher_cache, run, ctx.data)  # the cache when there is one
     try:
         result = distill(teacher, student, ctx.data, run, out, on_eval=on_eval, fresh_on_change=True)
@@ -149,6 +152,32 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> float:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     TrialRecord(curve=result.curve, tokens=result.tokens, checkpoint=str(out / "model")).write(trial)
     return result.val_loss
+
+
+def trial_config(ctx: SearchContext) -> DistillConfig:
+    """The KD settings of one trial; under torchrun every trial is one FSDP2 job over all processes."""
+    cfg = ctx.cfg.short_distill()
+    return cfg.replace(fsdp=True) if dist.world().size > 1 else cfg
+
+
+def follow_trials(ctx: SearchContext) -> None:
+    """The processes other than rank 0 of a trial group: train every candidate rank 0 hands out (same
+    student, same batches: each process its share of them), stop a trial when rank 0's pruner does,
+    and return when rank 0 sends None (it alone talks to the study)."""
+    while (arch_dict := dist.from_rank_zero(None)) is not None:
+        arch = Arch.from_dict(arch_dict)
+        student = prune(ctx.teacher, arch, ctx.importance, ctx.cfg.depth_strategy)
+
+        def on_eval(step: int, val_loss: float) -> None:
+            if dist.from_rank_zero(None):
+                raise optuna.TrialPruned()
+
+        run = trial_config(ctx)
+        teacher = teacher_source(ctx.teacher, ctx.teacher_cache, run, ctx.data)
+        with contextlib.suppress(optuna.TrialPruned, NonFiniteLossError):
+            distill(
+                teacher, student, ctx.data, run, trial_dir(ctx, arch), on_eval=on_eval, fresh_on_change=True
+            )
 
 
 def budget_violation(arch: Arch, ctx: SearchContext) -> float:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nas.device import resolve_device
+from nas.device import current_precision, resolve_device
 from nas.errors import ConfigError
 from nas.train.kd import model_cached_kd_loss, model_kd_loss
 
@@ -161,15 +161,16 @@ class StudentLoss(nn.Module):
 
 
 def wrap(
-    student: nn.Module, teacher: nn.Module | None, cfg, device: torch.device, cache: Any = None
+    student: nn.Module, teacher: nn.Module | None, cfg, device: torch.device, cache: Any = None, mesh=None
 ) -> nn.Module:
     """`StudentLoss` as it trains here: plain (one process), in DDP, or FSDP2-sharded (`cfg.fsdp`).
-    FSDP shards the student (and the teacher's decoder layers) in place; build the optimizer after."""
+    FSDP shards the student (and the teacher's decoder layers) in place; build the optimizer after.
+    `mesh`: FSDP's device mesh (default: all processes; the memory plan passes its fake one)."""
     module = StudentLoss(student, teacher, cfg, cache)
     if not dist.is_initialized():
         return module
     if cfg.fsdp:
-        return _fully_shard(module, student, teacher, device)
+        return _fully_shard(module, student, teacher, device, mesh)
     ids = [device.index] if device.type == "cuda" else None
     # rotary buffers are identical everywhere: no buffer broadcast (a collective) on every forward
     return nn.parallel.DistributedDataParallel(
@@ -177,18 +178,23 @@ def wrap(
     )
 
 
-def _fully_shard(module: StudentLoss, student: nn.Module, teacher, device: torch.device) -> nn.Module:
+def _fully_shard(module: StudentLoss, student: nn.Module, teacher, device: torch.device, mesh) -> nn.Module:
+    from functools import partial
+
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy()
-    if device.type == "cuda":  # bf16 all-gathers and compute, fp32 gradient reduction and master weights
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if current_precision(device).autocast_dtype == torch.bfloat16:  # bf16 all-gathers and compute,
+        policy = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+        )  # fp32 reduction
+    shard = partial(fully_shard, mp_policy=policy, mesh=mesh)
     if teacher is not None:  # the bulk of the teacher: its layers, gathered one at a time
         for layer in teacher.model.layers:
-            fully_shard(layer, mp_policy=policy)
+            shard(layer)
     for layer in student.model.layers:
-        fully_shard(layer, mp_policy=policy)
-    return fully_shard(module, mp_policy=policy)  # root: the student's embeddings, norm and head
+        shard(layer)
+    return shard(module)  # root: the student's embeddings, norm and head
 
 
 def unwrapped(model: nn.Module) -> nn.Module:

@@ -59,7 +59,7 @@ def run_job(path: str) -> int:
     cfg = DistillConfig(**job["distill"])
     device = local_device(cfg.device)
     setup(device)
-    teacher, student = load_teacher_and_student(job["teacher"], job["student"], device)
+    teacher, student = load_teacher_and_student(job["teacher"], job["student"], device, cfg.precision)
     with rank_zero_first():
         data = prepare(data_config_from_dict(job["data"]), load_tokenizer(job["teacher"]))
     result = distill(teacher, student, data, cfg, job["out"])

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from nas.device import precision_for, use_precision
 from nas.errors import ConfigError, ModelError, NasError
 from nas.evaluate.loss import lm_loss
 from nas.io import check_identity, record_identity, save_model_atomic, write_text_atomic
@@ -79,15 +80,69 @@ def lr_at(step: int, cfg: DistillConfig) -> float:
     return cfg.lr + (cfg.min_lr - cfg.lr) * min(progress, 1.0)
 
 
-def build_optimizer(student: nn.Module, cfg: DistillConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only; fused kernels on CUDA, foreach elsewhere."""
+def build_optimizer(student: nn.Module, cfg: DistillConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only, as `cfg.optimizer` / `precision` / `offload_optimizer`
+    ask: torch's (fused on CUDA, foreach elsewhere) for fp32 states on fp32 weights; torchao's for
+    8-bit states and for bf16 weights (stochastic rounding); torchao's CPU offload around torch's."""
     params = [p for p in student.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **fast)
+    bf16 = precision_for(cfg.precision, device).student_dtype == torch.bfloat16
+    if cfg.offload_optimizer:
+        return _offloaded(groups, cfg, device, bf16)
+    if cfg.optimizer == "adamw" and not bf16:
+        fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **fast)
+    from torchao.optim import AdamW8bit, _AdamW
+
+    _allow_torchao_states()
+    cls = AdamW8bit if cfg.optimizer == "adamw-8bit" else _AdamW
+    return cls(groups, lr=cfg.lr, betas=cfg.betas, bf16_stochastic_round=bf16)
+
+
+def _offloaded(groups: list[dict], cfg: DistillConfig, device: torch.device, bf16: bool):
+    """torchao's CPUOffloadOptimizer: states, master copies and the step on the CPU (CUDA only)."""
+    if device.type != "cuda":
+        raise ConfigError("offload_optimizer moves optimizer states from a GPU to the CPU; it needs CUDA")
+    from torchao.optim import CPUOffloadOptimizer, _AdamW
+
+    if bf16:  # bf16 weights: torchao's AdamW with stochastic rounding, on the CPU copies
+        return CPUOffloadOptimizer(groups, _AdamW, lr=cfg.lr, betas=cfg.betas, bf16_stochastic_round=True)
+    return CPUOffloadOptimizer(groups, torch.optim.AdamW, lr=cfg.lr, betas=cfg.betas)
+
+
+def _allow_torchao_states() -> None:
+    """Let checkpoints (torch.load with weights_only) restore torchao's quantized optimizer states."""
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    torch.serialization.add_safe_globals([OptimState8bit])
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's learning rate (torchao keeps it as a tensor, updated in place)."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def train_step(model, data, cfg: DistillConfig, optimizer, step: int, out: Path | None = None):
+    """One optimizer step `step` (0-based) of the loop: learning rate, `grad_accum` micro-batches,
+    clipping, the NaN check and the update. Returns (loss, kl, grad_norm, tokens); `out=None` (the
+    memory plan's dry run on fake tensors, which hold no values) returns tensors and checks nothing."""
+    set_lr(optimizer, lr_at(step, cfg))
+    means, norm, tokens = _accumulate_grads(model, data, cfg, optimizer, step)
+    if out is None:
+        optimizer.step()
+        return means[0], means[1], norm, tokens
+    loss, kl = means.tolist()
+    norm = norm.item()
+    _check_finite(loss, norm, step + 1, out)
+    optimizer.step()
+    return loss, kl, norm, tokens
 
 
 @dataclass
@@ -118,9 +173,14 @@ def distill(
     the latest checkpoint, if it was made with the same settings (`run_identity`, recorded in `run.json`);
     with others it raises ConfigError, or, with `fresh_on_change` (a search trial's directory, whose
     study checks the settings itself), starts afresh. Writes `metrics.jsonl`, `checkpoints/`, `model/`.
-    On CUDA the teacher runs under bf16 autocast; load it in bf16 to halve its memory.
+    Dtypes follow `cfg.precision` (`nas.device`): the student is cast to its master dtype here;
+    load the teacher with `nas.model.families.load_teacher_and_student` (or in the policy's teacher dtype).
     """
-    out = Path(out_dir)
+    with use_precision(cfg.precision):
+        return _distill(teacher, student, data, cfg, Path(out_dir), on_eval, fresh_on_change)
+
+
+def _distill(teacher, student, data, cfg: DistillConfig, out: Path, on_eval, fresh_on_change: bool) -> Result:
     out.mkdir(parents=True, exist_ok=True)
     device = dist.local_device(cfg.device)
     dist.setup(device)
@@ -135,7 +195,7 @@ def distill(
             clear_run(out)
         dist.barrier()
     torch.manual_seed(cfg.seed)
-    student.to(device)
+    student.to(device, dtype=precision_for(cfg.precision, device).student_dtype)  # the master weights
     cache = teacher if isinstance(teacher, TeacherCache) else None
     if cache is not None:
         cache.check_covers(cfg, data)
@@ -178,7 +238,7 @@ IDENTITY_FILE = "run.json"  # the settings that decide the run's result (see `ru
 # settings that change how a run is executed or logged, never its weights
 NOT_IDENTITY = (
     "device", "log_every", "eval_every", "eval_batch_size", "checkpoint_every", "keep_checkpoints",
-    "gradient_checkpointing", "fsdp", "chunk_tokens",
+    "gradient_checkpointing", "fsdp", "chunk_tokens", "offload_optimizer",
 )  # fmt: skip
 RUN_FILES = (IDENTITY_FILE, "metrics.jsonl", "checkpoints", "model")  # what --restart deletes
 
@@ -297,11 +357,7 @@ def _train(model, data, cfg: DistillConfig, out: Path, optimizer, run: _Run, val
     with bar:
         while run.step < cfg.steps:
             lr = lr_at(run.step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss, kl, norm, tokens = _accumulate_grads(model, data, cfg, optimizer, run.step)
-            _check_finite(loss, norm, run.step + 1, out)
-            optimizer.step()
+            loss, kl, _, tokens = train_step(model, data, cfg, optimizer, run.step, out)
             run.step += 1
             run.tokens += tokens
             _accumulate(window, loss, kl, tokens)
@@ -321,8 +377,8 @@ def _train(model, data, cfg: DistillConfig, out: Path, optimizer, run: _Run, val
 
 def _accumulate_grads(model, data, cfg: DistillConfig, optimizer, step: int):
     """Gradients of one optimizer step over `grad_accum` global micro-batches (each rank computes its
-    rows; gradients are averaged on the last one), clipped. Returns the global (loss, kl, grad_norm,
-    tokens) with kl NaN when there is no teacher."""
+    rows; gradients are averaged on the last one), clipped. Returns the global [loss, kl] means and
+    the gradient norm as tensors (no host sync), and the tokens; kl is NaN when there is no teacher."""
     student, cache = dist.unwrapped(model).student, dist.unwrapped(model).cache
     device = next(student.parameters()).device
     optimizer.zero_grad(set_to_none=True)
@@ -347,7 +403,7 @@ def _accumulate_grads(model, data, cfg: DistillConfig, optimizer, step: int):
     params = [p for p in student.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
     means = dist.global_mean(torch.stack([loss_sum, kl_sum]) / cfg.grad_accum)
-    return *means.tolist(), dist.full_tensor(norm).float().item(), tokens
+    return means, dist.full_tensor(norm).float(), tokens
 
 
 def _checkpoint(model, optimizer, cfg: DistillConfig, out: Path, run: _Run) -> None:

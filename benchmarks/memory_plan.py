@@ -1,0 +1,71 @@
+"""Memory plan of three real teachers on 80 GB GPUs: today's default policy vs the plan's recommendation.
+
+Reads only the shipped `config.json` files (benchmarks/configs/, the published values of
+meta-llama/Llama-3.1-8B, Qwen/Qwen3-8B and mistralai/Mistral-Nemo-Base-2407); no weights, no GPU.
+"Today's default" is how nas trained before the precision policy: fp32 teacher and student (as
+`nas.pipeline.load_teacher` loaded them on CUDA) and torch's AdamW, with the issue's micro-batch of
+4 x 1024 tokens and gradient checkpointing on. The recommendation is `nas.plan.recommend`'s.
+
+    .venv/bin/python benchmarks/memory_plan.py            # ~2-4 minutes on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from nas.model.arch import Arch
+from nas.model.families import load_config
+from nas.plan import format_plan, plan_study, to_json
+from nas.settings import run_config_from_dict
+
+CONFIGS = Path(__file__).parent / "configs"
+GPU = 80 * 10**9  # an 80 GB H100 / A100
+CASES = {  # name -> (teacher, budget, fixed student knobs or None for the space's largest candidate)
+    "Llama-3.1-8B -> Minitron-4B-Width": (
+        "Llama-3.1-8B",
+        "4.5B",
+        {
+            "num_layers": 32,
+            "hidden_size": 3072,
+            "ffn_hidden_size": 9216,
+            "num_attention_heads": 32,
+            "num_query_groups": 8,
+        },
+    ),
+    "Qwen3-8B -> 50%": ("Qwen3-8B", "50%", None),
+    "Mistral-NeMo-12B -> 50%": ("Mistral-Nemo-Base-2407", "50%", None),
+}
+
+
+def study(teacher: str, budget: str) -> dict:
+    """Today's defaults, with the issue's micro-batch and checkpointing."""
+    return {
+        "name": teacher,
+        "teacher": str(CONFIGS / teacher),
+        "budget": budget,
+        "data": {"seq_len": 1024, "sources": [{"path": "unused.txt"}]},
+        "distill": {"batch_size": 4, "gradient_checkpointing": True, "precision": "fp32"},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="also write every plan to this JSON file")
+    args = parser.parse_args()
+    everything = {}
+    for name, (teacher, budget, knobs) in CASES.items():
+        start = time.perf_counter()
+        student = Arch.from_hf_config(load_config(CONFIGS / teacher)).replace(**knobs) if knobs else None
+        plans = plan_study(run_config_from_dict(study(teacher, budget)), GPU, student=student)
+        print(f"\n## {name} (planned in {time.perf_counter() - start:.0f} s)")
+        print(format_plan(plans, GPU))
+        everything[name] = to_json(plans)
+    if args.json:
+        Path(args.json).write_text(json.dumps(everything, indent=1))
+
+
+if __name__ == "__main__":
+    main()

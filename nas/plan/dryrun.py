@@ -1,0 +1,351 @@
+"""Peak GPU memory of nas's own code paths, measured on fake tensors (the engine of `nas.plan`).
+
+Nothing here is a formula. Models are built from their `config.json` under torch's `FakeTensorMode`
+(tensors with shapes and dtypes but no storage), and the real code paths run on them under
+`torch.distributed._tools.mem_tracker.MemTracker`, which records every storage as it is created and
+freed: the loop's `train_step` (teacher forward, student forward and backward with the fused KD loss,
+clipping, the optimizer update), `nas.evaluate.lm_loss` and the importance pass. One step is run
+untracked first, so that the optimizer states exist when the tracked step starts, as in training.
+
+The dry run executes on the CPU (this torch may have no CUDA), under the GPU precision policy of the
+plan (`nas.device`): bf16 autocast on the CPU casts the same matmuls to bf16 as on CUDA. Two parts
+cannot run here as they do on a GPU and are accounted for instead: torchao's optimizers run their
+update eagerly (on CUDA it is one compiled kernel per parameter), so the update's temporaries are
+left out; `offload_optimizer` (torchao's CPUOffloadOptimizer needs CUDA) is planned with torch's
+AdamW whose states and update are left out of the GPU's memory, where the offload puts them.
+
+Depth: a full 8B step takes minutes on fake tensors, so each measurement runs at 1 and 2 layers per
+model and is extrapolated linearly in each model's number of layers, per phase of the step (teacher
+forward, student forward, loss, backward, optimizer update, validation) and per memory category:
+within a phase every layer adds the same bytes (its weights, gradients, states, saved inputs), so the
+extrapolation is exact; `tests/test_plan.py` checks it against the full depth. The peak is the
+largest extrapolated phase, so a peak that moves from one phase to another as the model grows is
+still found.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+from torch.distributed._tools.mem_tracker import MemTracker, _RefType
+
+from nas.device import precision_for, use_precision
+from nas.errors import ConfigError
+from nas.evaluate.loss import lm_loss
+from nas.prune.importance import activation_scores
+from nas.settings import DistillConfig
+from nas.train import dist as parallel
+from nas.train import loop
+
+log = logging.getLogger(__name__)
+
+CATEGORIES = ("weights", "gradients", "optimizer", "activations", "teacher", "loss")
+DEVICE = torch.device("cpu")  # where the fake tensors live (see the module docstring)
+_MESH = None  # the fake device mesh of `fake_world`
+
+
+class _Ref(_RefType):
+    """MemTracker's reference types (same names and values, so its own keys index these dicts) plus
+    the teacher's tensors and the fused loss's."""
+
+    PARAM = "Parameter"
+    BUFFER = "Buffer"
+    GRAD = "Gradient"
+    ACT = "Activation"
+    TEMP = "Temp"
+    OPT = "Optstate"
+    OTH = "Other"
+    TEACHER = "Teacher"
+    LOSS = "Loss"
+
+
+_CATEGORY_OF = {
+    _Ref.PARAM: "weights",
+    _Ref.GRAD: "gradients",
+    _Ref.OPT: "optimizer",
+    _Ref.BUFFER: "activations",
+    _Ref.ACT: "activations",
+    _Ref.TEMP: "activations",
+    _Ref.OTH: "activations",
+    _Ref.TEACHER: "teacher",
+    _Ref.LOSS: "loss",
+}
+
+
+class _Tracker(MemTracker):
+    """MemTracker that files the teacher's weights and forward, and the fused loss's forward, under
+    their own categories; with `host_optimizer` the optimizer's memory is left out (it is on the CPU)."""
+
+    def __init__(self, host_optimizer: bool = False, fused_update: bool = False) -> None:
+        super().__init__()
+        self._ref_class = _Ref
+        self.region: _Ref | None = None
+        self.host_optimizer = host_optimizer
+        self.fused_update = fused_update
+        self.phase_peaks: dict[str, dict] = {}
+
+    def _track(self, reftype, t: torch.Tensor) -> None:
+        if self._in_opt and (self.host_optimizer or self.fused_update):
+            return  # on the CPU / temporaries of an eager run that the compiled update does not make
+        if self.region is not None and reftype == _Ref.ACT:
+            reftype = self.region
+        super()._track(reftype, t)
+
+    def _track_optimizer_states(self, reftype, optimizer) -> None:
+        if not self.host_optimizer:
+            super()._track_optimizer_states(reftype, optimizer)
+
+    def track_teacher(self, teacher: nn.Module) -> None:
+        self._teacher_ids = {id(p) for p in teacher.parameters()}
+        self.track_external(teacher)
+        self._retag_teacher(teacher)
+
+    def _retag_teacher(self, module: nn.Module) -> None:
+        for p in module.parameters():
+            if id(p) in getattr(self, "_teacher_ids", ()):
+                self._update_and_maybe_create_winfos(p, _Ref.TEACHER)
+
+    def _track_module_params_and_buffers(self, module: nn.Module, install_grad_hooks: bool = True):
+        sizes = super()._track_module_params_and_buffers(module, install_grad_hooks)
+        self._retag_teacher(module)  # MemTracker files every module's parameters as PARAM on first use
+        return sizes
+
+    def _update_peak_stats(self, peak_state) -> None:
+        super()._update_peak_stats(peak_state)
+        snap = self._curr_mem_snap.get(DEVICE)
+        phase = self._phase()
+        if snap and snap["Total"] > self.phase_peaks.get(phase, {}).get("Total", -1):
+            self.phase_peaks[phase] = dict(snap)
+
+    def _phase(self) -> str:
+        if self._in_opt:
+            return "optimizer"
+        if self._mod_tracker.is_bw:
+            return "backward"
+        return {_Ref.TEACHER: "teacher", _Ref.LOSS: "loss"}.get(self.region, "forward")
+
+    def phases(self) -> dict[str, dict[str, int]]:
+        """Per phase of the step, the bytes per category at that phase's peak."""
+        return {phase: _categories(snap) for phase, snap in self.phase_peaks.items()}
+
+
+def _categories(snap: dict) -> dict[str, int]:
+    out = dict.fromkeys(CATEGORIES, 0)
+    for ref, category in _CATEGORY_OF.items():
+        out[category] += int(snap.get(ref, 0))
+    return out
+
+
+def peak_of(phases: dict[str, dict[str, int]]) -> dict[str, int]:
+    """The phase with the highest total: its categories and `peak_bytes` (their sum), `phase`."""
+    phase, cats = max(phases.items(), key=lambda kv: sum(kv[1].values()))
+    return {**cats, "peak_bytes": sum(cats.values()), "phase": phase}
+
+
+@contextlib.contextmanager
+def _regions(tracker: _Tracker, model: nn.Module) -> Iterator[None]:
+    """Hooks that mark the teacher's forward and the loss after it (until the StudentLoss returns)."""
+    wrapper = parallel.unwrapped(model)
+    teacher, student = wrapper.teacher, wrapper.student
+    before_loss = teacher.model if teacher is not None else student.model
+
+    def enter(region):
+        return lambda *args, **kwargs: setattr(tracker, "region", region)
+
+    handles = [
+        before_loss.register_forward_hook(enter(_Ref.LOSS)),
+        wrapper.register_forward_hook(enter(None)),
+    ]
+    if teacher is not None:
+        handles.append(teacher.model.register_forward_pre_hook(enter(_Ref.TEACHER)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        tracker.region = None
+
+
+class _FakeData:
+    """`TokenData`'s batch interface with fake token ids (their values never matter for memory)."""
+
+    def __init__(self, seq_len: int) -> None:
+        self.seq_len = seq_len
+
+    def train_batch(self, index: int, batch_size: int, total: int) -> torch.Tensor:
+        return torch.zeros(batch_size, self.seq_len, dtype=torch.long)
+
+    def val(self, n: int) -> torch.Tensor:
+        return torch.zeros(n, self.seq_len, dtype=torch.long)
+
+
+def at_depth(config: Any, num_layers: int) -> Any:
+    """A copy of an HF config with `num_layers` decoder layers (per-layer lists cut to match)."""
+    config = config.__class__.from_dict(config.to_dict())
+    config.num_hidden_layers = num_layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = list(config.layer_types)[:num_layers]
+    return config
+
+
+def fake_model(config: Any, dtype: torch.dtype) -> nn.Module:
+    """The causal LM of `config` with fake weights in `dtype` (call under a FakeTensorMode)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+@contextlib.contextmanager
+def fake_mode() -> Iterator[FakeTensorMode]:
+    """FakeTensorMode with torch.compile off (torchao's optimizers run their update eagerly: a bound
+    from above, the compiled update fuses temporaries away),
+    and torchao's lookup tables built from real tensors first."""
+    _prepare_torchao()
+    with torch.compiler.set_stance("force_eager"), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        yield mode
+
+
+def _prepare_torchao() -> None:
+    with contextlib.suppress(ImportError):
+        from torchao.optim.subclass_8bit import get_qmap_signed, get_qmap_unsigned
+
+        get_qmap_signed(), get_qmap_unsigned()  # cached; built with .tolist(), which fake tensors lack
+
+
+def measure_train(
+    teacher_config: Any | None, student_config: Any, cfg: DistillConfig, seq_len: int
+) -> dict[str, int]:
+    """Peak bytes per category of one `train_step` (the second one) of `cfg` on fake models."""
+    precision = precision_for(cfg.precision, torch.device("cuda"))
+    dry = cfg.replace(offload_optimizer=False, precision=precision.name)  # CPU offload is planned below
+    with fake_mode(), use_precision(precision.name):
+        teacher = fake_model(teacher_config, precision.teacher_dtype) if teacher_config else None
+        student = fake_model(student_config, precision.student_dtype)
+        model = parallel.wrap(student, teacher, dry, DEVICE, _MESH)
+        optimizer = loop.build_optimizer(student, dry, torch.device("cuda"))  # CUDA's kernels (fused)
+        data = _FakeData(seq_len)
+        loop._set_checkpointing(student, cfg.gradient_checkpointing)
+        model.train()
+        loop.train_step(model, data, dry, optimizer, 0)  # creates the optimizer states
+        fused = not isinstance(optimizer, torch.optim.AdamW)  # torchao: one compiled kernel per parameter
+        tracker = _Tracker(host_optimizer=cfg.offload_optimizer, fused_update=fused)
+        tracker.track_external(model, optimizer)
+        if teacher is not None:
+            tracker.track_teacher(teacher)
+        with _regions(tracker, model), tracker:
+            loop.train_step(model, data, dry, optimizer, 1)
+        return tracker.phases() | {"validation": _validation(model, optimizer, dry, data, cfg)}
+
+
+def _validation(model, optimizer, cfg: DistillConfig, data: _FakeData, planned) -> dict[str, int]:
+    """The loop's validation (`lm_loss` on one batch of `eval_batch_size`) right after an update:
+    gradients and optimizer states are still allocated then."""
+    wrapper = parallel.unwrapped(model)
+    tracker = _Tracker(host_optimizer=planned.offload_optimizer)
+    tracker.track_external(model, optimizer)
+    if wrapper.teacher is not None:
+        tracker.track_teacher(wrapper.teacher)
+    val = data.val(cfg.eval_batch_size)
+    with tracker, contextlib.suppress(DataDependentOutputException):  # raised by the final .item()
+        wrapper(fn=lambda student, teacher: lm_loss(student, val, cfg.eval_batch_size))  # as the loop does
+    return _categories(tracker.phase_peaks["forward"])
+
+
+def measure_eval(
+    config: Any, dtype: torch.dtype, batch_size: int, seq_len: int, policy: str
+) -> dict[str, int]:
+    """Peak bytes of `nas.evaluate.lm_loss` on one batch (its peak repeats for every batch)."""
+    with fake_mode(), use_precision(policy):
+        model = fake_model(config, dtype)
+        tracker = _Tracker()
+        tracker.track_external(model)
+        with tracker, contextlib.suppress(DataDependentOutputException):  # raised by the final .item()
+            lm_loss(model, torch.zeros(batch_size, seq_len, dtype=torch.long), batch_size)
+        return _as_teacher(tracker.phases())
+
+
+def measure_importance(
+    config: Any, dtype: torch.dtype, batch_size: int, seq_len: int, policy: str
+) -> dict[str, int]:
+    """Peak bytes of the importance pass's activation scoring on one batch (`activation_scores`)."""
+    with fake_mode(), use_precision(policy):
+        model = fake_model(config, dtype)
+        tracker = _Tracker()
+        tracker.track_external(model)
+        with tracker:
+            activation_scores(model, torch.zeros(batch_size, seq_len, dtype=torch.long), batch_size)
+        return _as_teacher(tracker.phases())
+
+
+def _as_teacher(phases: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """The stages that only run the teacher: its weights are the `teacher` category."""
+    for cats in phases.values():
+        cats["teacher"], cats["weights"] = cats["teacher"] + cats["weights"], 0
+    return phases
+
+
+def extrapolate(measure, layers: tuple[int, ...]) -> dict[str, dict[str, int]]:
+    """Per-phase categories of `measure(depths)` (one layer count per model) at `layers`, from runs
+    at 1 and 2 layers: along the diagonal when all models have the same depth, else one model at a time."""
+    base = measure((1,) * len(layers))
+    if len(set(layers)) == 1:
+        slopes = [(_minus(measure((2,) * len(layers)), base), layers[0] - 1)]
+    else:
+        bumped = [tuple(2 if j == i else 1 for j in range(len(layers))) for i in range(len(layers))]
+        slopes = [(_minus(measure(d), base), n - 1) for d, n in zip(bumped, layers, strict=True)]
+    out = {}
+    for phase, cats in base.items():
+        if all(phase in slope for slope, _ in slopes):
+            out[phase] = {k: max(0, cats[k] + sum(s[phase][k] * n for s, n in slopes)) for k in CATEGORIES}
+    return out
+
+
+def _minus(a: dict, b: dict) -> dict:
+    return {p: {k: a[p][k] - b[p][k] for k in CATEGORIES} for p in a.keys() & b.keys()}
+
+
+@contextlib.contextmanager
+def fake_world(gpus: int) -> Iterator[None]:
+    """A fake process group of `gpus` ranks (this process is rank 0), so FSDP2 shards as it would."""
+    if gpus == 1:
+        yield
+        return
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE=str(gpus))
+    dist.init_process_group("fake", rank=0, world_size=gpus, store=FakeStore())
+    global _MESH
+    _MESH = init_device_mesh("cpu", (gpus,))  # outside fake mode: building it reads tensor values
+    try:
+        yield
+    finally:
+        _MESH = None
+        dist.destroy_process_group()
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def gib(n: float) -> float:
+    return n / 2**30
+
+
+def parse_bytes(text: str) -> int:
+    """'80GB', '80 GiB', '79.6e9' -> bytes (GB = 1e9, GiB = 2**30)."""
+    units = {"gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6, "tb": 10**12, "b": 1}
+    t = text.strip().lower().replace(" ", "")
+    unit = next((u for u in units if t.endswith(u)), "b")
+    try:
+        return int(float(t.removesuffix(unit)) * units[unit])
+    except ValueError:
+        raise ConfigError(f"cannot read a memory size from {text!r}; write e.g. 80GB or 79.6GiB") from None

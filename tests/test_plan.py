@@ -1,0 +1,168 @@
+"""The memory plan: dry runs on fake tensors agree with the same code on real tensors."""
+
+import contextlib
+import json
+
+import pytest
+import tomli_w
+import torch
+from torch._subclasses.fake_tensor import DataDependentOutputException
+from torch.distributed._tools.mem_tracker import MemTracker
+from transformers import AutoModelForCausalLM
+
+from nas.cli import main
+from nas.device import precision_for, use_precision
+from nas.errors import ConfigError
+from nas.evaluate.loss import lm_loss
+from nas.plan import check_plan, dryrun, plan_study, to_json
+from nas.plan.stages import HEADROOM
+from nas.settings import DistillConfig, run_config_from_dict
+from nas.testing import tiny_config, tiny_study_config
+from nas.train import dist as parallel
+from nas.train.loop import build_optimizer, train_step
+
+CUDA = torch.device("cuda")
+SIZES = {"vocab_size": 256, "hidden_size": 64, "ffn_hidden_size": 128}
+SEQ_LEN = 64
+
+
+class _Tokens:
+    def __init__(self, vocab: int) -> None:
+        self.gen = torch.Generator().manual_seed(0)
+        self.vocab = vocab
+
+    def train_batch(self, index, batch_size, total):
+        return torch.randint(0, self.vocab, (batch_size, SEQ_LEN), generator=self.gen)
+
+    def val(self, n):
+        return torch.randint(0, self.vocab, (n, SEQ_LEN), generator=self.gen)
+
+
+def _real_peaks(teacher_cfg, student_cfg, cfg: DistillConfig) -> tuple[int, int]:
+    """Plain MemTracker on real tensors: the peak of the second train_step, then of the validation."""
+    policy = precision_for(cfg.precision, CUDA)
+    with use_precision(cfg.precision):
+        torch.manual_seed(0)
+        teacher = AutoModelForCausalLM.from_config(teacher_cfg, dtype=policy.teacher_dtype).eval()
+        student = AutoModelForCausalLM.from_config(student_cfg, dtype=policy.student_dtype)
+        model = parallel.wrap(student, teacher, cfg, torch.device("cpu"))
+        optimizer = build_optimizer(student, cfg, CUDA)  # the kernels planned for CUDA (fused AdamW)
+        data = _Tokens(teacher_cfg.vocab_size)
+        model.train()
+        train_step(model, data, cfg, optimizer, 0)
+        peaks = []
+        for run in (
+            lambda: train_step(model, data, cfg, optimizer, 1),
+            lambda: lm_loss(student, data.val(cfg.eval_batch_size), cfg.eval_batch_size),
+        ):
+            tracker = MemTracker()
+            tracker.track_external(model, optimizer, teacher)
+            with tracker:
+                run()
+            peaks.append(tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"])
+        return peaks[0], peaks[1]
+
+
+def _measure(teacher_cfg, student_cfg, cfg):
+    return lambda depths: dryrun.measure_train(
+        dryrun.at_depth(teacher_cfg, depths[0]), dryrun.at_depth(student_cfg, depths[1]), cfg, SEQ_LEN
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
+def test_planned_peak_agrees_with_memtracker_on_real_tensors(precision):
+    teacher_cfg = tiny_config("llama", num_layers=4, **SIZES)
+    student_cfg = tiny_config("llama", num_layers=3, **SIZES)
+    cfg = DistillConfig(batch_size=4, eval_batch_size=4, chunk_tokens=64, precision=precision)
+    planned = dryrun.extrapolate(_measure(teacher_cfg, student_cfg, cfg), (4, 3))  # from 1 and 2 layers
+    train = dryrun.peak_of({k: v for k, v in planned.items() if k != "validation"})["peak_bytes"]
+    validation = sum(planned["validation"].values())
+    real_train, real_validation = _real_peaks(teacher_cfg, student_cfg, cfg)
+    assert abs(train - real_train) / real_train < 0.10, (train, real_train)
+    assert abs(validation - real_validation) / real_validation < 0.10, (validation, real_validation)
+
+
+@pytest.mark.slow
+def test_extrapolated_depth_equals_the_full_depth_dry_run():
+    teacher_cfg = tiny_config("qwen3", num_layers=6, **SIZES)
+    student_cfg = tiny_config("qwen3", num_layers=4, hidden_size=48, vocab_size=256, ffn_hidden_size=64)
+    cfg = DistillConfig(batch_size=2, eval_batch_size=2, gradient_checkpointing=True, optimizer="adamw-8bit")
+    measure = _measure(teacher_cfg, student_cfg, cfg)
+    full, planned = measure((6, 4)), dryrun.extrapolate(measure, (6, 4))
+    assert dryrun.peak_of(planned)["peak_bytes"] == pytest.approx(
+        dryrun.peak_of(full)["peak_bytes"], rel=0.01
+    )
+    for phase, cats in full.items():  # exact but for the teacher's forward (its peak layer varies)
+        assert sum(planned[phase].values()) == pytest.approx(sum(cats.values()), rel=0.1), phase
+
+
+def test_teacher_only_stages_plan_on_fake_tensors():
+    config = tiny_config("mistral", num_layers=3, **SIZES)
+    for fn in (dryrun.measure_eval, dryrun.measure_importance):
+        phases = dryrun.extrapolate(
+            lambda d, fn=fn: fn(dryrun.at_depth(config, d[0]), torch.bfloat16, 2, 32, "bf16-mixed"), (3,)
+        )
+        peak = dryrun.peak_of(phases)
+        weights = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters()) * 2
+        assert peak["teacher"] == weights and peak["activations"] > 0
+
+
+def test_lm_loss_peak_on_real_tensors_is_what_fake_tensors_report():
+    config = tiny_config("llama", num_layers=2, **SIZES)
+    fake = dryrun.peak_of(dryrun.measure_eval(config, torch.float32, 4, SEQ_LEN, "fp32"))["peak_bytes"]
+    model = AutoModelForCausalLM.from_config(config)
+    tracker = MemTracker()
+    tracker.track_external(model)
+    with tracker, contextlib.suppress(DataDependentOutputException):
+        lm_loss(model, torch.zeros(4, SEQ_LEN, dtype=torch.long), 4)
+    real = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    assert abs(fake - real) / real < 0.10
+
+
+@pytest.fixture
+def tiny_study(tmp_path):
+    return tiny_study_config(tmp_path, distill={"batch_size": 4, "eval_batch_size": 4, "precision": "fp32"})
+
+
+@pytest.mark.slow
+def test_plan_recommends_settings_that_fit_when_the_configured_ones_do_not(tiny_study):
+    cfg = run_config_from_dict(tiny_study)
+    configured = {p.stage: p for p in plan_study(cfg, 10**12) if p.policy == "configured"}
+    trial = configured["trial"].peak_bytes
+    memory = int(trial * 0.8 / HEADROOM)  # the configured trial is 25% too big
+    plans = plan_study(cfg, memory)
+    by = {(p.stage, p.policy): p for p in plans}
+    assert not by[("trial", "configured")].fits and by[("trial", "recommended")].fits
+    assert by[("trial", "recommended")].peak_bytes <= HEADROOM * memory < trial
+    assert by[("trial", "recommended")].settings != by[("trial", "configured")].settings
+    for row in to_json(plans):
+        assert {"stage", "peak_bytes", "gpus", "fits", "settings", "policy", "breakdown"} <= set(row)
+        assert row["peak_bytes"] == sum(row["breakdown"].values())
+
+
+@pytest.mark.slow
+def test_nas_plan_prints_json_and_records_it(tiny_study, tmp_path, capsys):
+    path = tmp_path / "tiny.toml"
+    path.write_text(tomli_w.dumps(tiny_study))
+    assert main(["plan", str(path), "--gpu-memory", "80GB", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["stage"] for r in rows if r["policy"] == "configured"] == [
+        "importance",
+        "trial",
+        "final",
+        "evaluation",
+    ]
+    assert all(r["fits"] and r["gpus"] == 1 for r in rows)
+    recorded = json.loads((tmp_path / "studies" / "tiny" / "plan.json").read_text())
+    assert recorded["stages"] == rows and recorded["gpu_memory"] == 80 * 10**9
+
+
+@pytest.mark.slow
+def test_a_stage_that_does_not_fit_is_refused_naming_the_settings(tiny_study):
+    cfg = run_config_from_dict(tiny_study)
+    trial = next(p for p in plan_study(cfg, 10**12) if p.stage == "trial").peak_bytes
+    with pytest.raises(ConfigError, match=r"the trial stage needs .* set distill\.") as e:
+        check_plan(cfg, ("trial",), int(trial * 0.8 / HEADROOM))
+    assert "\n" not in str(e.value)
+    check_plan(cfg, ("trial",), None)  # a CPU run: nothing to check
