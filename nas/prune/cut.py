@@ -44,8 +44,10 @@ class Cut:
 
 def top_k(scores: torch.Tensor, k: int) -> list[int]:
     """Indices of the k highest scores, in ascending index order (ties: lower index wins)."""
-    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
-    return sorted(order[:k])
+    # a stable sort of the negated scores keeps lower indices first among ties; one C-level sort, not a
+    # Python key per unit (the screen plans the cuts of thousands of candidates of 14k-channel layers)
+    order = torch.sort(-torch.as_tensor(scores).float(), stable=True).indices[:k]
+    return sorted(order.tolist())
 
 
 def keep_layers(importance: Importance, num_layers: int, depth_strategy: str) -> list[int]:

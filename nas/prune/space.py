@@ -1,5 +1,6 @@
-"""The search space: every valid homogeneous architecture under a parameter budget (total parameters, or for a
-mixture of experts optionally the parameters active per token)."""
+"""The search space: every valid homogeneous architecture under one or several parameter budgets (total
+parameters, or for a mixture of experts optionally the parameters active per token), and the deployment
+constraints (memory of weights + KV cache) a candidate must also meet."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Iterator
 
 import pandas as pd
 
-from nas.errors import InfeasibleError
+from nas.errors import ConfigError, InfeasibleError
 from nas.model.arch import (
     MOE_ALIGN,
     Arch,
@@ -18,7 +19,7 @@ from nas.model.arch import (
     kv_cache_bytes,
     parse_count,
 )
-from nas.settings import SIZE_KNOBS, SpaceConfig
+from nas.settings import DTYPE_BYTES, SIZE_KNOBS, ConstraintsConfig, SpaceConfig
 
 
 def default_steps(teacher: Arch) -> dict[str, int]:
@@ -122,15 +123,18 @@ def _empty_space_message(counts: list[int], low: float, high: int) -> str:
     )
 
 
-def candidates_frame(candidates: list[Arch], teacher: Arch | None = None) -> pd.DataFrame:
-    """One row a candidate: params (MoE: also those active per token), KV-cache bytes per token (bf16), depth
-    and widths."""
+def candidates_frame(
+    candidates: list[Arch], teacher: Arch | None = None, constraints: ConstraintsConfig | None = None
+) -> pd.DataFrame:
+    """One row a candidate: params (MoE: also those active per token), KV-cache bytes per token (bf16), serving
+    memory under `constraints` (weights + KV cache), depth and widths."""
     rows = []
     for index, arch in enumerate(candidates):
         row = {"candidate": index, "label": arch.describe(), "params": count_params(arch)}
         if arch.num_experts:
             row["active_params"] = count_params(arch, active=True)
         row["kv_cache_bytes_per_token"] = kv_cache_bytes(arch)
+        row["memory_bytes"] = memory_bytes(arch, constraints)
         row.update({k: getattr(arch, k) for k in arch.knobs})
         if arch.num_experts:
             row["num_experts_per_tok"] = arch.num_experts_per_tok
@@ -138,3 +142,72 @@ def candidates_frame(candidates: list[Arch], teacher: Arch | None = None) -> pd.
             row["share_of_teacher"] = row["params"] / count_params(teacher)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def enumerate_budgets(
+    teacher: Arch, budgets: list[str], config: SpaceConfig | None = None
+) -> dict[str, list[Arch]]:
+    """The space of every budget (label as written -> candidates, largest first). A candidate inside the
+    windows of two budgets belongs to the first only, so every candidate has one funnel."""
+    spaces: dict[str, list[Arch]] = {}
+    seen: set[tuple[int, ...]] = set()
+    for budget in budgets:
+        inside = enumerate_candidates(teacher, budget, config)
+        spaces[str(budget)] = [a for a in inside if _key(a) not in seen]
+        seen |= {_key(a) for a in inside}
+        if not spaces[str(budget)]:
+            raise InfeasibleError(f"budget {budget} has no candidate that an earlier budget does not hold")
+    return spaces
+
+
+def _key(arch: Arch) -> tuple[int, ...]:
+    return tuple(getattr(arch, k) for k in arch.knobs)
+
+
+def parse_bytes(text: str | int | float, teacher_bytes: int | None = None) -> int:
+    """A memory size from `2GB`, `512MB`, `3.5e9`, `2GiB` or a share of the teacher's (`60%`)."""
+    s = str(text).strip().replace("_", "").upper()
+    if s.endswith("%"):
+        if teacher_bytes is None:
+            raise ConfigError(f"memory {text!r} is a share, but no teacher size is known here")
+        try:
+            return int(teacher_bytes * float(s[:-1]) / 100)
+        except ValueError:
+            raise ConfigError(f"cannot read memory {text!r}; write e.g. 2GB, 512MB or 60%") from None
+    binary = s.endswith("IB")
+    s = s.removesuffix("IB").removesuffix("B") if binary else s.removesuffix("B")
+    scale = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}.get(s[-1:], None)
+    if binary and scale:
+        scale = 1024 ** (1 + "KMGT".index(s[-1]))
+    try:
+        value = float(s[:-1]) * scale if scale else float(s)
+    except ValueError:
+        raise ConfigError(f"cannot read memory {text!r}; write e.g. 2GB, 512MB, 2GiB or 3.5e9") from None
+    if value <= 0:
+        raise ConfigError(f"a memory limit must be positive, got {text!r}")
+    return int(value)
+
+
+def memory_bytes(arch: Arch, constraints: ConstraintsConfig | None = None) -> int:
+    """Serving memory of `arch`: its weights plus the KV cache of `batch` x `seq_len` tokens, in `dtype`."""
+    c = constraints or ConstraintsConfig()
+    itemsize = DTYPE_BYTES[c.dtype]
+    kv_per_token = kv_cache_bytes(arch) // 2  # kv_cache_bytes counts 2-byte elements
+    return count_params(arch) * itemsize + kv_per_token * itemsize * c.seq_len * c.batch
+
+
+def memory_violation(arch: Arch, constraints: ConstraintsConfig, teacher: Arch) -> float:
+    """How far `arch` exceeds the memory limit, as a share of it (0: within, or no limit)."""
+    if not constraints.max_memory:
+        return 0.0
+    limit = parse_bytes(constraints.max_memory, memory_bytes(teacher, constraints))
+    return max(0.0, memory_bytes(arch, constraints) / limit - 1)
+
+
+def within_memory(
+    candidates: list[Arch], constraints: ConstraintsConfig, teacher: Arch
+) -> tuple[list[Arch], list[Arch]]:
+    """(kept, rejected): the candidates within the memory limit and those over it, in order."""
+    kept = [a for a in candidates if memory_violation(a, constraints, teacher) == 0]
+    rejected = [a for a in candidates if memory_violation(a, constraints, teacher) > 0]
+    return kept, rejected

@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial
 
 from nas.errors import NasError
 from nas.model.arch import KNOBS, MOE_KNOBS
-from nas.search.study import StudyRecord, TrialRecord, load_existing_study, ranking_stability
+from nas.search.study import StudyRecord, TrialRecord, kendall_tau, load_existing_study, ranking_stability
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +29,11 @@ OBJECTIVES = {
     "kv_cache": ("kv_cache_bytes_per_token", "KV-cache bytes per token (bf16)", True),
     "latency": ("latency_tokens_per_s", "throughput, tokens/s (higher is better)", False),
 }
-LEAD_COLUMNS = ["number", "state", "value", "label", "params", "kv_cache_bytes_per_token",
-                "latency_tokens_per_s", "tokens", "last_step", "candidate", *KNOBS, "duration_s"]  # fmt: skip
+LEAD_COLUMNS = ["number", "state", "value", "budget", "screen_rank", "screen_loss", "label", "params",
+                "kv_cache_bytes_per_token", "latency_tokens_per_s", "tokens", "last_step", "candidate", *KNOBS,
+                "duration_s"]  # fmt: skip
+SCREEN_COLUMNS = ["budget", "rank", "loss", "label", "params", "kv_cache_bytes_per_token", "memory_bytes",
+                  "tokens_per_s", "rejected", "trial", "state", "kd_loss"]  # fmt: skip
 
 
 @dataclass
@@ -45,6 +48,8 @@ class ReportData:
     header: dict[str, Any]  # teacher, budget, data, tokens_spent, trial counts, winner facts
     reproducibility: dict[str, Any]  # config, seed, versions, data fingerprint, ...
     winner_curve: pd.DataFrame  # step, val_loss, val_kl of the winner's full distillation (may be empty)
+    screen: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=SCREEN_COLUMNS))
+    screen_facts: dict[str, Any] = field(default_factory=dict)  # budget -> screened, rejected, trained, tau
     importance_heads: pd.DataFrame | None = None  # [layer x head] head scores
     importance_layers: pd.DataFrame | None = None  # layer, block_importance, drop_one_loss
     importance_base_loss: float | None = None
@@ -86,15 +91,19 @@ def report_frames(study: optuna.Study, importance: Any = None) -> ReportData:
     record = StudyRecord.read(study)
     all_trials = study.get_trials(deepcopy=False)
     trials = trials_frame(all_trials, record.tokens_per_step)
+    add_rerank(trials, record.rerank or {})
     for name, (column, _, lower) in OBJECTIVES.items():
         trials[f"pareto_{name}"] = False
         eligible = trials[front_eligible(trials) & trials[column].notna()]
         trials.loc[eligible.index, f"pareto_{name}"] = pareto_mask(eligible, column, "value", lower)
+    screen, screen_facts = screen_frames(record.screen or [], trials)
     notes: dict[str, str] = {}
+    if screen.empty:
+        notes["screen"] = "This study has no screen (it was searched exhaustively or with TPE)."
     if not front_eligible(trials).any():
         notes["pareto"] = "No completed trial yet: there is no front to draw."
     stability, facts = stability_frames(study, record, trials)
-    if facts["k"] < 2:
+    if max((f["k"] for f in facts["budgets"].values()), default=0) < 2:
         notes["stability"] = "Ranking stability needs at least two completed trials with a half-horizon loss."
     data = ReportData(
         study_name=study.study_name,
@@ -107,12 +116,44 @@ def report_frames(study: optuna.Study, importance: Any = None) -> ReportData:
         winner_curve=pd.DataFrame(
             (record.winner or {}).get("curve") or [], columns=["step", "val_loss", "val_kl"]
         ),
+        screen=screen,
+        screen_facts=screen_facts,
         notes=notes,
     )
     add_importance(data, importance, record.importance_path)
-    if record.winner is None:
+    if record.winner is None and not record.winners:
         notes["winner"] = "The winner has not been fully distilled yet (no 'winner' attribute in the study)."
     return data
+
+
+def add_rerank(trials: pd.DataFrame, rerank: dict[str, dict[str, float]]) -> None:
+    """One "rerank.<task>" column per re-rank task (accuracy; blank for trials not scored): the study stores
+    the scores by trial number, as a finished trial's own attributes cannot change."""
+    tasks = sorted({task for scores in rerank.values() for task in scores})
+    for task in tasks:
+        trials[f"rerank.{task}"] = [rerank.get(str(n), {}).get(task) for n in trials["number"]]
+
+
+def screen_frames(screened: list[dict], trials: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The stored screen, one row a candidate, joined to the trial that trained it (if any), and per
+    budget: how many were screened, rejected by a constraint and trained, and the Kendall tau between
+    the screen loss and the short-KD loss of the completed ones."""
+    rows = [{k: v for k, v in s.items() if k != "arch"} | {"key": s.get("label")} for s in screened]
+    frame = pd.DataFrame(
+        rows, columns=[c for c in SCREEN_COLUMNS if c not in ("trial", "state", "kd_loss")] + ["key"]
+    )
+    # by label (unique per architecture); a failed attempt never hides the trial that ran the candidate
+    records = sorted(trials.to_dict("records"), key=lambda r: r["state"] != "FAIL")
+    keyed = {r["label"]: r for r in records if isinstance(r.get("label"), str)}
+    for column, source in (("trial", "number"), ("state", "state"), ("kd_loss", "value")):
+        frame[column] = [keyed.get(k, {}).get(source) for k in frame["key"]]
+    facts: dict[str, Any] = {}
+    for budget, group in frame.groupby("budget", sort=False):
+        done = group[(group["state"] == "COMPLETE") & group["loss"].notna()]
+        tau = kendall_tau(list(done["loss"]), list(done["kd_loss"])) if len(done) >= 2 else None
+        facts[str(budget)] = {"screened": len(group), "rejected": int((group["rejected"].fillna("") != "").sum()),
+                              "trained": int(group["trial"].notna().sum()), "completed": len(done), "kendall_tau": tau}  # fmt: skip
+    return frame.drop(columns="key"), facts
 
 
 def front_eligible(trials: pd.DataFrame) -> pd.Series:
@@ -170,30 +211,42 @@ def curves_frame(trials: list[FrozenTrial]) -> pd.DataFrame:
 def stability_frames(
     study: optuna.Study, record: StudyRecord, trials: pd.DataFrame
 ) -> tuple[pd.DataFrame, dict]:
-    """Half- vs full-horizon ranks: from the recorded `stability` (written after the search), else
-    computed now from the completed trials (a partial study), marked as provisional."""
-    stab = record.stability
+    """Half- vs full-horizon ranks (within each budget): from the "stability_by_budget" (or "stability")
+    attribute written after the search, else computed now from the completed trials (a partial study),
+    marked as provisional."""
+    recorded = record.stability_by_budget or (
+        {"": record.stability} if (record.stability or {}).get("trials") else {}
+    )
     source = "recorded after the search"
-    if not stab or not stab.get("trials"):
+    if not recorded:
         top_k = int((record.config or {}).get("search", {}).get("top_k", 10))
         done = trials[front_eligible(trials)]
         last = pd.to_numeric(done["last_step"], errors="coerce").max() if len(done) else math.nan
         horizon = record.horizon_steps or (int(last) if math.isfinite(last) else 0)
-        stab = ranking_stability(study, top_k, horizon) if len(done) else {"k": 0}
-        source = "computed from the trials finished so far (provisional)"
-    frame = pd.DataFrame(
-        {
-            "trial": stab.get("trials", []),
-            "half_loss": stab.get("half_losses", []),
-            "full_loss": stab.get("full_losses", []),
+        budgets = sorted({str(b) for b in done.get("budget", pd.Series(dtype=object)).dropna()}) or [None]
+        recorded = {
+            b or "": ranking_stability(study, top_k, horizon, b) if len(done) else {"k": 0} for b in budgets
         }
+        source = "computed from the trials finished so far (provisional)"
+    frames, per_budget = [], {}
+    for budget, stab in recorded.items():
+        frame = pd.DataFrame({"trial": stab.get("trials", []), "half_loss": stab.get("half_losses", []),
+                              "full_loss": stab.get("full_losses", [])})  # fmt: skip
+        frame["budget"] = budget
+        frame["half_rank"] = frame["half_loss"].rank(method="min")
+        frame["full_rank"] = frame["full_loss"].rank(method="min")
+        frames.append(frame)
+        keys = ("kendall_tau", "half_step", "full_step", "winner_stable")
+        per_budget[budget] = {key: stab.get(key) for key in keys} | {"k": len(frame)}
+    frame = (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame(columns=["trial", "half_loss", "full_loss", "budget", "half_rank", "full_rank"])
     )
     labels = trials.set_index("number")["label"]
     frame["label"] = [labels.get(n) for n in frame["trial"]]
-    frame["half_rank"] = frame["half_loss"].rank(method="min")
-    frame["full_rank"] = frame["full_loss"].rank(method="min")
-    keys = ("k", "kendall_tau", "half_step", "full_step", "winner_stable")
-    facts = {key: stab.get(key) for key in keys} | {"k": len(frame), "source": source}
+    first = next((f for f in per_budget.values() if f["k"] >= 2), next(iter(per_budget.values()), {}))
+    facts = {**first, "k": len(frame), "source": source, "budgets": per_budget}
     return frame, facts
 
 
@@ -202,17 +255,22 @@ def header_facts(study_name: str, record: StudyRecord, trials: pd.DataFrame) -> 
     winner = record.winner or {}
     tokens_by_trial = pd.to_numeric(trials.set_index("number")["tokens"], errors="coerce").fillna(0)
     # the pipeline's winner "tokens" counts its short run too (already in its trial's tokens)
-    final_tokens = max(0, int(winner.get("tokens", 0)) - int(tokens_by_trial.get(winner.get("trial"), 0)))
+    finals = {w.get("trial"): w for w in [winner, *(record.winners or {}).values()] if w}
+    final_tokens = sum(
+        max(0, int(w.get("tokens", 0)) - int(tokens_by_trial.get(n, 0))) for n, w in finals.items()
+    )
     facts = {
         "study": study_name,
         "teacher": record.teacher,
         "teacher_params": record.teacher_params,
         "teacher_val_loss": record.teacher_val_loss,
         "budget": record.budget,
+        "budgets": record.budgets or {},
         "data": record.data,
         "trial_counts": trials["state"].value_counts().to_dict(),
         "tokens_spent": int(tokens_by_trial.sum()) + final_tokens,
         "winner": winner_facts(winner, trials),
+        "winners": {b: winner_facts(w, trials) for b, w in (record.winners or {}).items()},
     }
     teacher_loss, loss = facts["teacher_val_loss"], facts["winner"].get("loss")
     if teacher_loss is not None and loss is not None:

@@ -29,8 +29,18 @@ COLORS = {
     "WAITING": "#7f7f7f",
 }
 FIGURE_CONFIG = {"displaylogo": False, "responsive": True}
-SECTIONS = ("pareto", "curves", "stability", "importance", "candidates", "winner", "reproducibility")
-TABLE_COLUMNS = ["number", "state", "label", "value", "params", "kv_cache_bytes_per_token", "latency_tokens_per_s",
+SECTIONS = (
+    "pareto",
+    "screen",
+    "curves",
+    "stability",
+    "importance",
+    "candidates",
+    "winner",
+    "reproducibility",
+)
+BUDGET_COLORS = ("#1f77b4", "#9467bd", "#17becf", "#8c564b", "#e377c2", "#bcbd22")
+TABLE_COLUMNS = ["number", "state", "budget", "screen_rank", "screen_loss", "label", "value", "params", "kv_cache_bytes_per_token", "latency_tokens_per_s",
                  "tokens", "last_step", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                  "num_query_groups", "pareto_params", "pareto_kv_cache", "pareto_latency", "duration_s"]  # fmt: skip
 
@@ -59,6 +69,7 @@ def render_html(data: ReportData) -> str:
     body = [
         header_html(data),
         section("pareto", "Pareto fronts", pareto_figure(data), data.notes.get("pareto"), PARETO_HELP),
+        section("screen", "Screen", screen_figure(data), data.notes.get("screen"), screen_text(data)),
         section(
             "curves",
             "Learning curves",
@@ -112,17 +123,25 @@ def header_html(data: ReportData) -> str:
             "teacher",
             f"{h['teacher']} ({fmt(h['teacher_params'])} params, val loss {fmt(h['teacher_val_loss'])})",
         ),
-        ("budget", f"{fmt(h['budget'])} params"),
+        (
+            "budget",
+            ", ".join(f"{b} ({fmt(n)} params)" for b, n in h["budgets"].items())
+            or f"{fmt(h['budget'])} params",
+        ),
         ("data", h["data"]),
         ("trials", counts),
         ("tokens spent", f"{fmt(h['tokens_spent'])} (all trials + the winner's full distillation)"),
     ]
-    if w:
+    for budget, bw in h.get("winners", {}).items():
+        if bw:
+            rows.append((f"winner of {budget}", f"trial {bw['trial']}: {bw['label']}, {fmt(bw['params'])} params, "
+                                                f"val loss {fmt(bw['loss'])} ({bw['source']})"))  # fmt: skip
+    if not h.get("winners") and w:
         delta = w.get("loss_vs_teacher")
         versus = f"; {delta:+.4f} vs the teacher" if delta is not None else ""
         rows.append(("winner", f"trial {w['trial']}: {w['label']}, {fmt(w['params'])} params, "
                                f"val loss {fmt(w['loss'])}{versus} ({w['source']})"))  # fmt: skip
-    else:
+    elif not h.get("winners"):
         rows.append(("winner", "none yet: no trial has completed"))
     items = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in rows)
     return f'<header id="header"><h1>nas report: {html.escape(data.study_name)}</h1><dl>{items}</dl></header>'
@@ -144,16 +163,21 @@ def pareto_figure(data: ReportData) -> go.Figure | None:
     fig = make_subplots(rows=1, cols=3, shared_yaxes=True, horizontal_spacing=0.04,
                         subplot_titles=[title for _, title, _ in OBJECTIVES.values()])  # fmt: skip
     teacher_loss = data.header.get("teacher_val_loss")
+    budgets = budget_colors(trials)
     for col, (name, (column, _, _)) in enumerate(OBJECTIVES.items(), start=1):
         front = done[done[f"pareto_{name}"]].sort_values(column)
-        rest = done[~done[f"pareto_{name}"]]
         first = col == 1
-        fig.add_trace(
-            points(front, column, "front", "lines+markers", COLORS["COMPLETE"], "circle", 1.0, first), 1, col
-        )
-        fig.add_trace(
-            points(rest, column, "dominated", "markers", COLORS["COMPLETE"], "circle", 0.3, first), 1, col
-        )
+        fig.add_trace(points(front, column, "front", "lines", "#444", "circle", 0.6, first), 1, col)
+        for budget, color in budgets.items():  # the front spans the budgets; colour says which
+            mine = done[done["budget"].astype(str) == budget] if budget else done
+            on = mine[f"pareto_{name}"].astype(bool)
+            label = f"budget {budget}" if budget else "completed"
+            fig.add_trace(points(mine[on], column, label, "markers", color, "circle", 1.0, first), 1, col)
+            fig.add_trace(
+                points(mine[~on], column, f"{label} (dominated)", "markers", color, "circle", 0.3, first),
+                1,
+                col,
+            )
         fig.add_trace(
             points(pruned, column, "pruned (last loss)", "markers", COLORS["PRUNED"], "x", 0.55, first),
             1,
@@ -164,6 +188,59 @@ def pareto_figure(data: ReportData) -> go.Figure | None:
             fig.add_hline(y=teacher_loss, line_dash="dot", line_color="gray", row=1, col=col, **label)
     fig.update_yaxes(title_text="validation loss", row=1, col=1)
     fig.update_layout(height=460, margin=dict(t=40, l=60, r=20, b=40), legend=dict(orientation="h", y=-0.12))
+    return fig
+
+
+def budget_colors(trials: pd.DataFrame) -> dict[str, str]:
+    """Budget label -> colour, in the order the study lists them ("" for a study without budgets)."""
+    labels = [str(b) for b in trials["budget"].dropna().unique()] if "budget" in trials else []
+    return {b: BUDGET_COLORS[i % len(BUDGET_COLORS)] for i, b in enumerate(labels)} or {
+        "": COLORS["COMPLETE"]
+    }
+
+
+def screen_text(data: ReportData) -> str:
+    if data.screen.empty:
+        return ""
+    parts = []
+    for budget, f in data.screen_facts.items():
+        tau = f"{f['kendall_tau']:.3f}" if f["kendall_tau"] is not None else "n/a"
+        parts.append(f"budget {html.escape(budget)}: {f['screened']} screened, {f['rejected']} rejected by a "
+                     f"constraint, {f['trained']} distilled, {f['completed']} to the horizon; Kendall tau "
+                     f"screen vs short-KD loss = <b>{tau}</b>")  # fmt: skip
+    table = data.screen.drop(columns=["kv_cache_bytes_per_token"], errors="ignore")
+    return (
+        '<p class="help">Every candidate\'s LM loss right after pruning (no training) on a few validation '
+        "sequences; the best of each budget were distilled briefly, best first.</p><ul>"
+        + "".join(f"<li>{p}</li>" for p in parts)
+        + f"</ul><details><summary>all {len(table)} screened candidates</summary>"
+        + candidates_table(table.assign(state=table["state"].fillna("screened")), list(table.columns))
+        + "</details>"
+    )
+
+
+def screen_figure(data: ReportData) -> go.Figure | None:
+    screen = data.screen[data.screen["loss"].notna()]
+    if screen.empty:
+        return None
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.08,
+                        subplot_titles=["screen loss (pruned, no training) vs parameters", "screen loss vs short-KD loss"])  # fmt: skip
+    colors = {str(b): BUDGET_COLORS[i % len(BUDGET_COLORS)] for i, b in enumerate(screen["budget"].unique())}
+    for budget, group in screen.groupby("budget", sort=False):
+        trained = group["trial"].notna()
+        for mask, suffix, opacity in ((trained, "distilled", 1.0), (~trained, "screened only", 0.35)):
+            fig.add_trace(go.Scatter(x=group[mask]["params"], y=group[mask]["loss"], mode="markers", opacity=opacity,
+                                     name=f"budget {budget}: {suffix}", marker=dict(color=colors[str(budget)], size=8),
+                                     text=group[mask]["label"], hovertemplate="<b>%{text}</b><br>params %{x:,}<br>screen loss %{y:.4f}<extra></extra>"), 1, 1)  # fmt: skip
+        kd = group[group["kd_loss"].notna()]
+        fig.add_trace(go.Scatter(x=kd["loss"], y=kd["kd_loss"], mode="markers", showlegend=False, text=kd["label"],
+                                 marker=dict(color=colors[str(budget)], size=9, symbol=["circle" if s == "COMPLETE" else "x" for s in kd["state"]]),
+                                 hovertemplate="<b>%{text}</b><br>screen %{x:.4f}<br>short KD %{y:.4f}<extra></extra>"), 1, 2)  # fmt: skip
+    fig.update_xaxes(title_text="parameters", row=1, col=1)
+    fig.update_yaxes(title_text="screen loss", row=1, col=1)
+    fig.update_xaxes(title_text="screen loss", row=1, col=2)
+    fig.update_yaxes(title_text="val loss after short KD (x: stopped early)", row=1, col=2)
+    fig.update_layout(height=420, margin=dict(t=40, l=60, r=20, b=40), legend=dict(orientation="h", y=-0.15))
     return fig
 
 
@@ -222,6 +299,11 @@ def stability_text(data: ReportData) -> str:
     stable = {True: "the same winner at both horizons", False: "a different winner at half horizon"}.get(
         f.get("winner_stable"), ""
     )
+    budgets = {b: v for b, v in f.get("budgets", {}).items() if b and v["k"] >= 2}
+    if len(budgets) > 1:
+        taus = "; ".join(f"budget {html.escape(b)}: tau = <b>{v['kendall_tau']:.3f}</b> over {v['k']} trials" + ("" if v["winner_stable"] else " (winner changed)") for b, v in budgets.items())  # fmt: skip
+        return (f'<p class="help">Rank of each budget\'s top completed trials at step {f.get("half_step")} (half horizon) '
+                f'vs step {f.get("full_step")} (full horizon), within the budget: {taus}. Source: {html.escape(f["source"])}.</p>')  # fmt: skip
     return (f'<p class="help">Rank of the top {f["k"]} completed trials at step {f.get("half_step")} (half horizon) vs step '
             f'{f.get("full_step")} (full horizon); Kendall tau = <b>{tau_text}</b> (1 = same order); {stable}. '
             f'Source: {html.escape(f["source"])}.</p>')  # fmt: skip
@@ -232,6 +314,7 @@ def stability_figure(data: ReportData) -> go.Figure | None:
     if len(s) < 2:
         return None
     tau = data.stability_facts.get("kendall_tau")
+    colors = budget_colors(data.trials)  # ranks are within each budget; the colour says which
     n = int(max(s["half_rank"].max(), s["full_rank"].max()))
     fig = go.Figure(
         go.Scatter(
@@ -245,7 +328,8 @@ def stability_figure(data: ReportData) -> go.Figure | None:
     )
     fig.add_trace(go.Scatter(
         x=s["half_rank"], y=s["full_rank"], mode="markers+text", text=s["trial"].astype(str), textposition="top center",
-        marker=dict(size=10, color=COLORS["COMPLETE"]), name="trial", customdata=s[["label", "half_loss", "full_loss"]].to_numpy(),
+        marker=dict(size=10, color=[colors.get(str(b), COLORS["COMPLETE"]) for b in s["budget"]]), name="trial",
+        customdata=s[["label", "half_loss", "full_loss"]].to_numpy(),
         hovertemplate="trial %{text}: <b>%{customdata[0]}</b><br>half: rank %{x} (loss %{customdata[1]:.4f})"
         "<br>full: rank %{y} (loss %{customdata[2]:.4f})<extra></extra>",
     ))  # fmt: skip
@@ -286,11 +370,13 @@ def importance_figure(data: ReportData) -> go.Figure | None:
     return fig
 
 
-def candidates_table(trials: pd.DataFrame) -> str:
-    """The trials as an HTML table sortable by a click on a header (a small inline script)."""
+def candidates_table(trials: pd.DataFrame, columns: list[str] | None = None) -> str:
+    """The trials (or the `columns` of any frame with a "state") as an HTML table sortable by a click on a
+    header (a small inline script); task re-rank scores ("rerank.<task>") come after the lead columns."""
     if trials.empty:
         return ""
-    cols = [c for c in TABLE_COLUMNS if c in trials]
+    rerank = sorted(c for c in trials if str(c).startswith("rerank."))
+    cols = [c for c in (columns or [*TABLE_COLUMNS[:7], *rerank, *TABLE_COLUMNS[7:]]) if c in trials]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     whole = {c for c in cols if c != "value" and integral(trials[c])}  # counts stored as float beside a NaN
     rows = []
@@ -310,7 +396,11 @@ def integral(column: pd.Series) -> bool:
 
 
 def winner_text(data: ReportData) -> str:
-    w = data.header["winner"]
+    winners = [w for w in data.header.get("winners", {}).values() if w] or [data.header["winner"]]
+    return "".join(one_winner_text(w) for w in winners)
+
+
+def one_winner_text(w: dict) -> str:
     if not w or w.get("source") != "full distillation":
         return ""
     return (f'<p class="help">Trial {w["trial"]} ({html.escape(str(w["label"]))}, {fmt(w["params"])} params): val loss '

@@ -76,8 +76,13 @@ class StudyRecord(_Record):
     plan: list[dict[str, Any]] | dict[str, Any] | None = (
         None  # the memory plan (`nas plan`) checked before it
     )
-    stability: dict[str, Any] | None = None  # `ranking_stability` of the finished search
+    stability: dict[str, Any] | None = None  # `ranking_stability` of the finished search (the first budget)
     winner: dict[str, Any] | None = None  # trial, arch, params, val_loss, final_val_loss, dir, curve, tokens
+    budgets: dict[str, int] | None = None  # budget as written -> parameters (a funnel each)
+    screen: list[dict[str, Any]] | None = None  # every candidate's screen (`nas.search.funnel.Screened`)
+    stability_by_budget: dict[str, dict[str, Any]] | None = None  # budget -> `ranking_stability`
+    winners: dict[str, dict[str, Any]] | None = None  # budget -> winner (studies of several budgets)
+    rerank: dict[str, dict[str, float]] | None = None  # trial number -> {task: accuracy}
 
     @classmethod
     def read(cls, study: optuna.Study) -> StudyRecord:
@@ -106,6 +111,9 @@ class TrialRecord(_Record):
     checkpoint: str | None = None  # the short run's model directory
     infeasible: bool | None = None  # a sampled shape outside the space: no training, not counted
     duplicate_of: int | None = None  # a sampled candidate another trial already evaluates (TPE only)
+    budget: str | None = None  # the budget (as written) whose funnel the candidate is in
+    screen_rank: int | None = None  # 0 = the best screen loss of its budget
+    screen_loss: float | None = None  # LM loss right after pruning, no training
 
     @classmethod
     def read(cls, trial: FrozenTrial | optuna.Trial) -> TrialRecord:
@@ -227,9 +235,12 @@ def done_trials(study: optuna.Study) -> int:
     return sum(not TrialRecord.read(t).infeasible for t in finished)
 
 
-def ranking_stability(study: optuna.Study, top_k: int, horizon: int) -> dict[str, Any]:
-    """Rank of the top-k completed trials at half vs full horizon, with Kendall tau."""
-    complete = _feasible_complete(study)
+def ranking_stability(
+    study: optuna.Study, top_k: int, horizon: int, budget: str | None = None
+) -> dict[str, Any]:
+    """Rank of the top-k completed trials (of `budget` only, when given) at half vs full horizon, with
+    Kendall tau."""
+    complete = _feasible_complete(study, budget)
     top = sorted(complete, key=lambda t: t.value)[:top_k]
     half_step = _nearest_step(top, horizon // 2)
     rows = [(t.number, t.intermediate_values.get(half_step), t.value) for t in top]
@@ -255,10 +266,15 @@ def ranking_stability(study: optuna.Study, top_k: int, horizon: int) -> dict[str
     }
 
 
-def keep_top_models(study: optuna.Study, top_k: int) -> list[str]:
-    """Delete the short-run models of all but the top-k completed trials (a candidate of an 8B teacher
-    is gigabytes); returns the kept paths. Curves, metrics and the study itself are kept."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+def keep_top_models(study: optuna.Study, top_k: int, budget: str | None = None) -> list[str]:
+    """Delete the short-run models of all but the top-k completed trials (of `budget` only, when given: each
+    budget keeps its own top-k; a candidate of an 8B teacher is gigabytes); returns the kept paths.
+    Curves, metrics and the study itself are kept."""
+    complete = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if budget in (None, TrialRecord.read(t).budget)
+    ]
     saved = sorted(
         ((t.value, path) for t in complete if (path := TrialRecord.read(t).checkpoint)), key=lambda v: v[0]
     )
@@ -272,15 +288,19 @@ def _nearest_step(trials, step: int) -> int | None:
     return min(steps, key=lambda s: (abs(s - step), s)) if steps else None
 
 
-def _feasible_complete(study: optuna.Study) -> list[FrozenTrial]:
+def _feasible_complete(study: optuna.Study, budget: str | None = None) -> list[FrozenTrial]:
+    """Completed trials of candidates (of `budget` only, when given)."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return [t for t in complete if not TrialRecord.read(t).infeasible]
+    records = ((t, TrialRecord.read(t)) for t in complete)
+    return [t for t, r in records if not r.infeasible and budget in (None, r.budget)]
 
 
-def best_trial(study: optuna.Study) -> FrozenTrial:
-    complete = _feasible_complete(study)
+def best_trial(study: optuna.Study, budget: str | None = None) -> FrozenTrial:
+    """The completed trial with the lowest loss (of `budget` only, when given)."""
+    complete = _feasible_complete(study, budget)
     if not complete:
-        raise NasError(f"study {study.study_name} has no completed trial yet; run more trials")
+        where = f" for budget {budget}" if budget else ""
+        raise NasError(f"study {study.study_name} has no completed trial{where} yet; run more trials")
     return min(complete, key=lambda t: t.value)
 
 

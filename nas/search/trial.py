@@ -1,11 +1,12 @@
 """The Optuna study: one trial = one candidate, pruned from the teacher and distilled for a short horizon.
 
-Small spaces are searched exhaustively: `enqueue_candidates` puts every candidate in Optuna's own trial queue
-once, in priority order (`Study.enqueue_trial(..., skip_if_exists=True)`: a continued study adds nothing
+The candidates to distill are the funnel's shortlist of every budget, best screen first
+(`nas.search.funnel`), or every candidate (sampler "exhaustive"): `enqueue_candidates` puts each in Optuna's
+own trial queue once, in that priority order, with its budget (`Study.enqueue_trial(..., skip_if_exists=True)`: a continued study adds nothing
 twice), and the storage hands each WAITING trial to exactly one worker (PostgreSQL: `SELECT ... FOR
-UPDATE`; SQLite: see `nas.search.study`). Large spaces are sampled with TPE under a budget constraint.
-Intermediate validation losses go to `trial.report`, so successive halving (default) or Hyperband stops
-losing candidates early. A trial whose worker died goes stale (heartbeats) and is failed and re-enqueued
+UPDATE`; SQLite: see `nas.search.study`). Sampler "tpe" samples one budget's space under a budget
+constraint. Intermediate validation losses go to `trial.report`, so successive halving (within each
+budget, its first `finalists` never stopped) or Hyperband stops losing candidates early. A trial whose worker died goes stale (heartbeats) and is failed and re-enqueued
 by `RetryHeartbeatStaleTrialCallback`; a trial that fails (a non-finite loss) is re-enqueued by
 `retry_failed` through the same callback; both stop after `max_retry` retries (counted in the trial's
 retry history). Trial directories are keyed by candidate, so a retry resumes the dead trial's checkpoint.
@@ -25,7 +26,7 @@ import contextlib
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +35,12 @@ import torch
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from nas.device import model_device, resolve_device
+from nas.device import resolve_device
 from nas.errors import InfeasibleError
 from nas.model.arch import Arch, count_budget_params, count_params, kv_cache_bytes
 from nas.prune.cut import prune
 from nas.prune.importance import Importance
+from nas.search.funnel import FunnelPruner, measure_throughput
 from nas.search.study import TrialRecord, arch_key, done_trials, make_storage
 from nas.settings import DistillConfig, RunConfig
 from nas.train import dist
@@ -61,6 +63,8 @@ class SearchContext:
     importance: Importance
     candidates: list[Arch]  # in priority order
     teacher_cache: TeacherCache | None = None  # the horizon's teacher outputs (teacher then off the GPU)
+    candidates: list[Arch]  # in priority order (the funnel: each budget's shortlist, best screen first)
+    screen: dict[tuple[int, ...], dict] = field(default_factory=dict)  # key -> its screen (nas.search.funnel)
 
     @property
     def teacher_arch(self) -> Arch:
@@ -68,17 +72,26 @@ class SearchContext:
 
     @property
     def exhaustive(self) -> bool:
-        mode = self.cfg.search.sampler
-        return mode == "exhaustive" or (
-            mode == "auto" and len(self.candidates) <= self.cfg.search.max_exhaustive
-        )
+        """Each candidate of the list in order (the funnel's shortlist, or every candidate), not sampled."""
+        return self.cfg.search.sampler != "tpe"
+
+    def budget_sizes(self) -> dict[str | None, int]:
+        """Budget label -> how many of its candidates the search distills (None: a search without a
+        screen, i.e. TPE over one budget)."""
+        sizes: dict[str | None, int] = {}
+        for arch in self.candidates:
+            budget = self.screen.get(arch_key(arch), {}).get("budget")
+            sizes[budget] = sizes.get(budget, 0) + 1
+        return sizes
 
 
 def enqueue_candidates(study: optuna.Study, ctx: SearchContext) -> None:
     """Queue every candidate of an exhaustive search once, in priority order (a continued study skips the
     candidates that already have a trial, in any state)."""
     for index, arch in enumerate(ctx.candidates):
-        record = TrialRecord(arch=arch.to_dict(), label=arch.describe(), candidate=index)
+        screened = ctx.screen.get(arch_key(arch), {})  # its budget groups it for the halving pruner
+        record = TrialRecord(arch=arch.to_dict(), label=arch.describe(), candidate=index, budget=screened.get("budget"),
+                             screen_rank=screened.get("rank"), screen_loss=screened.get("loss"))  # fmt: skip
         params = {k: getattr(arch, k) for k in arch.knobs}  # every knob fixed, num_experts too
         study.enqueue_trial(params, user_attrs=record.attrs(), skip_if_exists=True)
 
@@ -217,26 +230,15 @@ def _describe_trial(trial, arch: Arch, index: int, student, ctx: SearchContext) 
     ).write(trial)
 
 
-@torch.no_grad()
-def measure_latency(model: torch.nn.Module, tokens: int = 128, repeats: int = 3) -> float:
-    """Forward throughput (tokens/s) of one sequence of `tokens` tokens on this machine (best of repeats)."""
-    device = model_device(model)
-    batch = torch.zeros(1, tokens, dtype=torch.long, device=device)
-    model(input_ids=batch, use_cache=False)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        model(input_ids=batch, use_cache=False)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return tokens / best
+measure_latency = measure_throughput  # the name trials and the report use
 
 
 def make_pruner(ctx: SearchContext) -> optuna.pruners.BasePruner:
     s = ctx.cfg.search
+    if s.pruner == "successive-halving" and ctx.exhaustive:  # halving within each budget, finalists kept
+        return FunnelPruner(
+            s.eval_every, s.horizon_steps, s.reduction_factor, s.finalists, ctx.budget_sizes()
+        )
     if s.pruner == "successive-halving":
         return optuna.pruners.SuccessiveHalvingPruner(
             min_resource=s.eval_every, reduction_factor=s.reduction_factor
