@@ -1,6 +1,8 @@
 """Memory-lean training (8-bit AdamW states, bf16 weights with stochastic rounding) and the GPU
 precision policy, run on the CPU: same loss as fp32 AdamW, and the dtypes the policy promises."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -109,7 +111,15 @@ def test_a_run_with_8bit_states_resumes_from_its_checkpoint(trial):
     teacher, student = load_teacher_and_student(
         root / "teacher", root / "student", torch.device("cpu"), "bf16"
     )
-    cfg = _cfg(precision="bf16", optimizer="adamw-8bit", steps=4, eval_every=2, checkpoint_every=2)
-    distill(teacher, student, data, cfg, root / "resume")
-    again = distill(teacher, student, data, cfg.replace(steps=6), root / "resume")
+    cfg = _cfg(precision="bf16", optimizer="adamw-8bit", steps=6, eval_every=2, checkpoint_every=2)
+    whole = distill(teacher, student, data, cfg, root / "whole")
+    # a run stopped after its step-4 checkpoint: the same settings resume it from there
+    shutil.copytree(root / "whole", root / "resume")
+    shutil.rmtree(root / "resume" / "checkpoints" / "step-0000006")
+    shutil.rmtree(root / "resume" / "model")
+    teacher, student = load_teacher_and_student(
+        root / "teacher", root / "student", torch.device("cpu"), "bf16"
+    )
+    again = distill(teacher, student, data, cfg, root / "resume")
     assert [c["step"] for c in again.curve] == [2, 4, 6]
+    assert again.val_loss == whole.val_loss  # 8-bit states restored exactly: the same end

@@ -30,7 +30,7 @@ from nas.io import write_text_atomic
 from nas.model.arch import Arch, count_params
 from nas.model.families import load_config
 from nas.plan import dryrun
-from nas.prune.space import enumerate_candidates
+from nas.prune.space import enumerate_budgets
 from nas.settings import DistillConfig, RunConfig
 
 log = logging.getLogger(__name__)
@@ -80,8 +80,9 @@ def plan_study(
         raise ConfigError("the GPU memory must be positive and gpus_per_trial >= 1")
     teacher = load_config(cfg.teacher)
     teacher_arch = Arch.from_hf_config(teacher)
-    largest = student or max(enumerate_candidates(teacher_arch, cfg.budget, cfg.space), key=count_params)
-    student = largest.to_hf_config(teacher, layer_types=_layer_types(teacher, largest.num_layers))
+    spaces = enumerate_budgets(teacher_arch, cfg.budgets, cfg.space)  # every budget of the study
+    largest = student or max((a for space in spaces.values() for a in space), key=count_params)
+    student = largest.to_hf_config(teacher)  # the first layers' per-layer types: memory is the same
     seq_len = int(cfg.data.seq_len)
     cache: dict = {}
     plans = []
@@ -94,11 +95,6 @@ def plan_study(
         "planned %s on %.1f GiB GPUs (largest candidate %s)", cfg.name, gpu_memory / 2**30, largest.describe()
     )
     return plans
-
-
-def _layer_types(config: Any, num_layers: int) -> list[str] | None:
-    types = getattr(config, "layer_types", None)
-    return list(types)[:num_layers] if types else None
 
 
 def stage_settings(cfg: RunConfig, gpus_per_trial: int) -> dict[str, dict[str, Any]]:
