@@ -74,3 +74,16 @@ def test_nas_report_loads_no_training_code(tmp_path):
     assert out.stat().st_size > 0
     assert "nas.report.html" in modules
     assert training_modules(modules) == []
+
+
+def test_no_import_cycle_top_level_or_inside_functions():
+    import grimp  # import-linter's graph: every import statement, function-level ones too
+
+    graph = grimp.build_graph("nas")
+    cycles = [
+        (a, b)
+        for a in sorted(graph.modules)
+        for b in graph.find_modules_directly_imported_by(a)
+        if graph.chain_exists(importer=b, imported=a)
+    ]
+    assert cycles == []

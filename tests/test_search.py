@@ -33,6 +33,7 @@ def duplicates(study):
     ]
 
 
+@pytest.mark.slow
 def test_study_with_two_trials_is_continued_to_four_without_repeats(tmp_path):
     no_pruning = {"pruner": "none"}  # every trial completes, so the top-k model clean-up has work to do
     _, study = search(run_config_from_dict(tiny_study_config(tmp_path, search={"n_trials": 2, **no_pruning})))
@@ -58,6 +59,7 @@ def test_study_with_two_trials_is_continued_to_four_without_repeats(tmp_path):
     ]  # only the top_k short-run models stay on disk
 
 
+@pytest.mark.slow
 def test_winner_directory_loads_with_plain_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -122,6 +124,7 @@ def test_kendall_tau():
     assert kendall_tau([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(4 / 6)
 
 
+@pytest.mark.slow
 def test_a_candidate_that_keeps_failing_is_given_up_after_max_retry(tmp_path):
     # logits divided by a temperature this small overflow: every candidate's KD loss is NaN at step 1
     config = tiny_study_config(
@@ -137,6 +140,7 @@ def test_a_candidate_that_keeps_failing_is_given_up_after_max_retry(tmp_path):
     assert per_candidate == {tuple(getattr(a, k) for k in KNOBS): 2 for a in ctx.candidates}
 
 
+@pytest.mark.slow
 def test_sampled_search_counts_only_candidates_and_never_repeats_one(tmp_path):
     config = tiny_study_config(tmp_path, search={"sampler": "tpe", "n_trials": 4, "pruner": "none"})
     ctx, study = search(run_config_from_dict(config))
@@ -152,6 +156,7 @@ def test_sampled_search_counts_only_candidates_and_never_repeats_one(tmp_path):
     assert len(study.get_trials()) == len(feasible) + len(infeasible) + len(duplicates(study))
 
 
+@pytest.mark.slow
 def test_teacher_correction_runs_once_per_study_and_is_reused(tmp_path):
     config = tiny_study_config(tmp_path, correct_steps=2, search={"n_trials": 1})
     search(run_config_from_dict(config))

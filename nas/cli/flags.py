@@ -89,3 +89,13 @@ def _parse_rule(annotation: Any) -> dict[str, Any]:
 
 def _comma_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def split_weight(spec: str) -> tuple[str, float]:
+    """`PATH[:WEIGHT]` of a --data flag as (path, weight); a ':' that is not a weight (e.g. in a URL or a
+    Windows drive) stays in the path."""
+    path, _, weight = spec.rpartition(":")
+    try:
+        return (path, float(weight)) if path else (spec, 1.0)
+    except ValueError:
+        return spec, 1.0

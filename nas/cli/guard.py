@@ -11,15 +11,14 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
+from nas.cli.flags import split_weight
 from nas.errors import ConfigError
 from nas.io import check_not_input, check_output, own_output
 
 
 def data_paths(args: Any) -> list[str]:
     """The local paths (or hub ids) of the `--data` sources of a command."""
-    from nas.cli.train import data_config_from_args
-
-    return [s.path for s in data_config_from_args(args).sources] if getattr(args, "data", None) else []
+    return [split_weight(spec)[0] for spec in getattr(args, "data", None) or []]
 
 
 def output(

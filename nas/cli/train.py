@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nas.cli.flags import add_flags, settings_from_args
+from nas.cli.flags import add_flags, settings_from_args, split_weight
 from nas.errors import ConfigError
 from nas.settings import DataConfig, DistillConfig, Launch, Phase, Source
 
@@ -36,11 +36,7 @@ def data_config_from_args(args) -> DataConfig:
         raise ConfigError("give the text with --data PATH (a local file/directory or a hub dataset id)")
     sources = []
     for spec in args.data:
-        path, _, weight = spec.rpartition(":")
-        try:
-            path, weight = (path, float(weight)) if path else (spec, 1.0)
-        except ValueError:  # a ':' that is not a weight (e.g. a Windows drive)
-            path, weight = spec, 1.0
+        path, weight = split_weight(spec)
         sources.append(settings_from_args(args, Source, SOURCE_FLAGS, DATA_NAMES, path=path, weight=weight))
     return settings_from_args(args, DataConfig, DATA_FLAGS, DATA_NAMES, phases=(Phase(tuple(sources)),))
 
