@@ -108,3 +108,10 @@ def test_settings_are_frozen_and_positional_like_dataclasses():
     with pytest.raises(ConfigError, match="steps must be >= 1"):
         cfg.replace(steps=0)
     assert RunConfig.model_fields["budget"].default == "50%"
+
+
+def test_the_documented_example_study_loads():
+    from pathlib import Path
+
+    cfg = settings.load_run_config(Path(__file__).resolve().parents[1] / "studies" / "example.toml")
+    assert cfg.name == "example" and cfg.teacher and len(cfg.budgets) >= 1
