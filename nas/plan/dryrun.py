@@ -263,25 +263,35 @@ def measure_eval(
     config: Any, dtype: torch.dtype, batch_size: int, seq_len: int, policy: str
 ) -> dict[str, int]:
     """Peak bytes of `nas.evaluate.lm_loss` on one batch (its peak repeats for every batch)."""
-    with fake_mode(), use_precision(policy):
-        model = fake_model(config, dtype)
-        tracker = _Tracker()
-        tracker.track_external(model)
-        with tracker, contextlib.suppress(DataDependentOutputException):  # raised by the final .item()
-            lm_loss(model, torch.zeros(batch_size, seq_len, dtype=torch.long), batch_size)
-        return _as_teacher(tracker.phases())
+    return _measure_forward(
+        config, dtype, policy, lambda model, ids: lm_loss(model, ids, batch_size), batch_size, seq_len
+    )
 
 
 def measure_importance(
     config: Any, dtype: torch.dtype, batch_size: int, seq_len: int, policy: str
 ) -> dict[str, int]:
     """Peak bytes of the importance pass's activation scoring on one batch (`activation_scores`)."""
+    return _measure_forward(
+        config,
+        dtype,
+        policy,
+        lambda model, ids: activation_scores(model, ids, batch_size),
+        batch_size,
+        seq_len,
+    )
+
+
+def _measure_forward(
+    config: Any, dtype: torch.dtype, policy: str, run, batch_size: int, seq_len: int
+) -> dict[str, int]:
+    """Peak bytes of `run(model, ids)`, a teacher-only pass, on a fake model of `config`."""
     with fake_mode(), use_precision(policy):
         model = fake_model(config, dtype)
         tracker = _Tracker()
         tracker.track_external(model)
-        with tracker:
-            activation_scores(model, torch.zeros(batch_size, seq_len, dtype=torch.long), batch_size)
+        with tracker, contextlib.suppress(DataDependentOutputException):  # lm_loss's final .item()
+            run(model, torch.zeros(batch_size, seq_len, dtype=torch.long))
         return _as_teacher(tracker.phases())
 
 
