@@ -90,6 +90,41 @@ def test_chunked_loss_and_gradients_equal_plain_kl_div(tied, temperature, ce_wei
         assert torch.allclose(grads[name], p.grad, rtol=1e-6, atol=1e-9), name
 
 
+@pytest.mark.parametrize("ce_weight", [0.0, 0.3])
+def test_soft_capped_logits_are_distilled_and_scored_as_hf_computes_them(ce_weight):
+    """Gemma's final_logit_softcapping is applied after the head, inside HF's forward; the chunked losses
+    apply the head themselves and must cap too (a small cap, so that it changes the numbers)."""
+    from nas.train.teacher_cache import teacher_topk
+
+    def gemma(seed):
+        model = tiny_model("gemma3_text", seed=seed, vocab_size=VOCAB, final_logit_softcapping=2.0).double()
+        with torch.no_grad():
+            model.lm_head.weight.mul_(8.0)  # logits well beyond the cap
+        return model
+
+    teacher, student, ids = gemma(1), gemma(2), random_ids()
+    ours = model_kd_loss(student, teacher, ids, ce_weight=ce_weight, chunk_tokens=7)
+    grads = torch.autograd.grad(ours.loss, list(student.parameters()))
+    s = student(input_ids=ids).logits
+    with torch.no_grad():
+        t = teacher(input_ids=ids).logits
+    assert s.abs().max() < 2.0 and (s.abs().max() > 1.5)  # HF capped them, and the cap binds
+    log_q, log_p = F.log_softmax(s.flatten(0, 1), -1), F.log_softmax(t.flatten(0, 1), -1)
+    kl = F.kl_div(log_q, log_p, log_target=True, reduction="sum") / len(log_q)
+    plain = (1 - ce_weight) * kl + ce_weight * F.cross_entropy(s[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    assert abs(ours.kl.item() - kl.item()) < 1e-9 and kl.item() > 1e-2
+    for ours_grad, plain_grad in zip(
+        grads, torch.autograd.grad(plain, list(student.parameters())), strict=True
+    ):
+        torch.testing.assert_close(ours_grad, plain_grad, rtol=1e-6, atol=1e-10)
+    ce = F.cross_entropy(t[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
+    assert abs(lm_loss(teacher, ids, batch_size=2) - ce) < 1e-6  # lm_loss scores in float32
+    top_ids, top_logp, _ = teacher_topk(teacher, ids, 5, 1.0, chunk=7)
+    torch.testing.assert_close(
+        top_logp.double(), log_p.view(*ids.shape, -1).gather(-1, top_ids), rtol=1e-5, atol=1e-6
+    )
+
+
 def test_no_teacher_is_the_shared_lm_loss():
     model = tiny_model("llama", vocab_size=VOCAB)
     ids = random_ids()

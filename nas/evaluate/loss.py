@@ -1,5 +1,10 @@
 """The held-out LM loss protocol (also used to rank candidates); see `nas.evaluate.harness` for the
-protocol text and the lm-eval tasks."""
+protocol text and the lm-eval tasks.
+
+The loss never holds a batch's full `[tokens, vocab]` logits: at a 128k vocabulary the fp32 logits of
+8 x 4096 tokens are 17 GB. The decoder's last hidden state is scored with the LM head applied
+`CHUNK_TOKENS` rows at a time (with the family's final-logit soft-cap, `nas.model.head`), the same way
+the distillation loss applies it; a model without a plain linear head is scored from HF's logits."""
 
 from __future__ import annotations
 
@@ -11,6 +16,9 @@ from torch import nn
 
 from nas.device import autocast_for, model_device
 from nas.errors import DataError
+from nas.model.head import chunked_head, softcap_
+
+CHUNK_TOKENS = 1024  # rows of logits alive at a time
 
 
 @torch.no_grad()
@@ -28,14 +36,28 @@ def lm_loss(model: nn.Module, sequences: torch.Tensor, batch_size: int = 8) -> f
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     for start in range(0, len(sequences), batch_size):
         batch = torch.as_tensor(sequences[start : start + batch_size], dtype=torch.long).to(device)
-        with autocast_for(device):
-            logits = model(input_ids=batch, use_cache=False).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
-        total += loss.double()
+        total += _summed_ce(model, batch)
         count += batch[:, 1:].numel()
-        del logits, loss  # before the next batch's logits exist
     model.train(was_training)
     return total.item() / max(count, 1)  # one host sync, not one per batch (and none on fake tensors)
+
+
+def _summed_ce(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy of one batch [B, T] (float64 scalar), the logits in float32."""
+    labels = batch[:, 1:].flatten()
+    head = chunked_head(model)
+    with autocast_for(batch.device):
+        if head is None:
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].flatten(0, 1)
+            return F.cross_entropy(logits.float(), labels, reduction="sum").double()
+        decoder, weight, cap = head
+        hidden = decoder(input_ids=batch, use_cache=False).last_hidden_state[:, :-1].flatten(0, 1)
+        total = torch.zeros((), dtype=torch.float64, device=batch.device)
+        for start in range(0, len(hidden), CHUNK_TOKENS):
+            rows = slice(start, start + CHUNK_TOKENS)
+            logits = softcap_(F.linear(hidden[rows], weight).float(), cap)
+            total += F.cross_entropy(logits, labels[rows], reduction="sum").double()
+        return total
 
 
 def perplexity(model: nn.Module, sequences: torch.Tensor, batch_size: int = 8) -> float:

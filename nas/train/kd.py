@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from nas.device import autocast_for
-from nas.errors import ModelError
+from nas.model.head import head_weight, logit_softcap, softcap_, softcap_grad_
 
 IGNORE_INDEX = -100
 
@@ -44,6 +44,7 @@ class KDSpec:
     ce_weight: float = 0.0
     chunk_tokens: int = 1024
     compute_dtype: torch.dtype = torch.float32  # dtype of the head matmuls (bf16 under CUDA autocast)
+    softcap: float | None = None  # the student's final-logit soft-cap (`nas.model.head`), None: none
 
 
 @dataclass
@@ -65,13 +66,17 @@ def kd_loss(
     temperature: float = 1.0,
     ce_weight: float = 0.0,
     chunk_tokens: int = 1024,
+    softcap: float | None = None,
+    teacher_softcap: float | None = None,
 ) -> KDLoss:
     """Chunked forward KL(teacher || student) (+ optional CE) from final hidden states and LM-head weights.
 
     `hidden` [..., H] is the student's last hidden state, `head_weight` [V, H] its lm_head weight
     (the embedding when tied: autograd adds both gradients); `teacher_hidden` [..., H_t] and
     `teacher_head_weight` [V, H_t] the teacher's (no gradient flows to them). `labels` [...] are
-    next-token ids (-100: ignored), needed when `ce_weight > 0` or there is no teacher.
+    next-token ids (-100: ignored), needed when `ce_weight > 0` or there is no teacher. `softcap` /
+    `teacher_softcap`: the models' final-logit soft-caps (`nas.model.head.logit_softcap`), applied to each
+    chunk's logits as HF's forward applies them.
     """
     hidden2 = hidden.reshape(-1, hidden.shape[-1])
     has_teacher = teacher_hidden is not None
@@ -82,9 +87,17 @@ def kd_loss(
         raise ValueError("kd_loss needs labels for the cross-entropy term")
     labels = labels.reshape(-1) if labels is not None else None
     spec = KDSpec(
-        float(temperature), float(ce_weight) if has_teacher else 1.0, int(chunk_tokens), _dtype(hidden)
+        float(temperature),
+        float(ce_weight) if has_teacher else 1.0,
+        int(chunk_tokens),
+        _dtype(hidden),
+        softcap,
     )
-    target = _DenseTarget(teacher_hidden, teacher_head_weight, spec.compute_dtype) if has_teacher else None
+    target = (
+        _DenseTarget(teacher_hidden, teacher_head_weight, spec.compute_dtype, teacher_softcap)
+        if has_teacher
+        else None
+    )
     grad_on = torch.is_grad_enabled()  # forward always runs in no-grad mode: ask here
     loss, kl, ce = _FusedLinearKD.apply(hidden2, head_weight, target, labels, spec, grad_on)
     return KDLoss(loss, kl if has_teacher else None, ce if spec.ce_weight > 0 else None)
@@ -101,6 +114,7 @@ def cached_kd_loss(
     temperature: float = 1.0,
     ce_weight: float = 0.0,
     chunk_tokens: int = 1024,
+    softcap: float | None = None,
 ) -> KDLoss:
     """`kd_loss` against cached teacher outputs instead of the teacher's hidden states: per token the ids
     `top_ids` [..., k] of its k most likely tokens, their log-probs `top_logp` [..., k] at `temperature`,
@@ -117,7 +131,7 @@ def cached_kd_loss(
     if ce_weight > 0 and labels is None:
         raise ValueError("cached_kd_loss needs labels for the cross-entropy term")
     labels = labels.reshape(-1) if labels is not None else None
-    spec = KDSpec(float(temperature), float(ce_weight), int(chunk_tokens), _dtype(hidden))
+    spec = KDSpec(float(temperature), float(ce_weight), int(chunk_tokens), _dtype(hidden), softcap)
     grad_on = torch.is_grad_enabled()
     loss, kl, ce = _FusedLinearKD.apply(hidden2, head_weight, target, labels, spec, grad_on)
     return KDLoss(loss, kl, ce if spec.ce_weight > 0 else None)
@@ -144,6 +158,7 @@ def model_cached_kd_loss(
             temperature=temperature,
             ce_weight=ce_weight,
             chunk_tokens=chunk_tokens,
+            softcap=logit_softcap(student),
         )
 
 
@@ -175,6 +190,8 @@ def model_kd_loss(
             temperature=temperature,
             ce_weight=ce_weight,
             chunk_tokens=chunk_tokens,
+            softcap=logit_softcap(student),
+            teacher_softcap=logit_softcap(teacher) if teacher is not None else None,
         )
 
 
@@ -197,14 +214,6 @@ def kl_to_teacher(
         count += batch.numel()
     student.train(was_training)
     return total / max(count, 1)
-
-
-def head_weight(model: nn.Module) -> torch.Tensor:
-    """The LM-head weight [V, H] (the embedding when tied)."""
-    head = model.get_output_embeddings()
-    if getattr(head, "bias", None) is not None:
-        raise ModelError("nas distillation supports LM heads without bias only")
-    return head.weight
 
 
 def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
@@ -244,11 +253,14 @@ class _FusedLinearKD(torch.autograd.Function):
 class _DenseTarget:
     """The teacher's full distribution, from its final hidden states and LM head, one chunk at a time."""
 
-    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> None:
-        self.hidden, self.weight, self.dtype = hidden, weight.to(dtype), dtype
+    def __init__(
+        self, hidden: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, cap: float | None
+    ) -> None:
+        self.hidden, self.weight, self.dtype, self.cap = hidden, weight.to(dtype), dtype, cap
 
     def kl_chunk(self, rows: slice, logits, temperature: float, scale: float):
         teacher_logits = torch.mm(self.hidden[rows].to(self.dtype), self.weight.t()).to(logits.dtype)
+        softcap_(teacher_logits, self.cap)
         return _kl_chunk(logits, teacher_logits, temperature, scale)
 
 
@@ -281,7 +293,7 @@ def _chunked(hidden, weight, target, labels, spec: KDSpec, need_h: bool, need_w:
         for start in range(0, n, spec.chunk_tokens):
             rows = slice(start, min(start + spec.chunk_tokens, n))
             h = hidden[rows].detach().to(spec.compute_dtype)
-            logits = torch.mm(h, w.t()).to(acc)
+            logits = softcap_(torch.mm(h, w.t()).to(acc), spec.softcap)
             grad = None
             if has_teacher:
                 kl, grad = target.kl_chunk(rows, logits, spec.temperature, kd_scale)
@@ -290,6 +302,7 @@ def _chunked(hidden, weight, target, labels, spec: KDSpec, need_h: bool, need_w:
                 ce, ce_grad = _ce_chunk(logits, labels[rows], ce_scale)
                 ce_sum += ce
                 grad = ce_grad if grad is None else grad.add_(ce_grad)
+            softcap_grad_(grad, logits, spec.softcap)  # from the capped logits back to the raw ones
             del logits
             if need_h:
                 grad_h[rows] = torch.mm(grad.to(spec.compute_dtype), w).to(hidden.dtype)

@@ -30,6 +30,7 @@ from nas.device import precision_for, use_precision
 from nas.errors import ConfigError, ModelError, NasError
 from nas.evaluate.loss import lm_loss
 from nas.io import check_identity, record_identity, save_model_atomic, write_text_atomic
+from nas.model.head import head_weight
 from nas.settings import DistillConfig
 from nas.train import dist
 from nas.train.checkpoint import (
@@ -40,7 +41,7 @@ from nas.train.checkpoint import (
     save_checkpoint,
     tied_names,
 )
-from nas.train.kd import head_weight, kl_to_teacher
+from nas.train.kd import kl_to_teacher
 from nas.train.teacher_cache import TeacherCache
 
 log = logging.getLogger(__name__)

@@ -59,11 +59,11 @@ from nas.data.tokens import tokenizer_fingerprint
 from nas.device import autocast_for, model_device
 from nas.errors import TeacherCacheError
 from nas.io import replace_dir, temp_dir, write_text_atomic
+from nas.model.head import head_weight, logit_softcap, softcap_
 from nas.settings import DistillConfig
-from nas.train.kd import head_weight
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1  # bump when the files or the estimator change
+CACHE_VERSION = 2  # bump when the files or the estimator change (2: final-logit soft-capping)
 DIRNAME = "teacher_cache"
 FILES = ("ids.bin", "logp.bin", "rest.bin")
 DIGEST_BLOCK = 1 << 24  # bytes read at a time when hashing
@@ -270,10 +270,10 @@ def teacher_topk(teacher: nn.Module, input_ids: torch.Tensor, k: int, temperatur
     with autocast_for(input_ids.device):
         hidden = teacher.model(input_ids=input_ids, use_cache=False).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1])
-    weight = head_weight(teacher).to(hidden.dtype)
+    weight, cap = head_weight(teacher).to(hidden.dtype), logit_softcap(teacher)
     ids, values, rests = [], [], []
     for start in range(0, hidden.shape[0], chunk):
-        logits = torch.mm(hidden[start : start + chunk], weight.t()).float()
+        logits = softcap_(torch.mm(hidden[start : start + chunk], weight.t()).float(), cap)
         log_p = torch.log_softmax(logits / temperature, dim=-1)
         top, top_ids = log_p.topk(k, dim=-1, sorted=False)
         rests.append(torch.logsumexp(log_p.scatter_(1, top_ids, -math.inf), dim=-1))
