@@ -99,3 +99,7 @@ def split_weight(spec: str) -> tuple[str, float]:
         return (path, float(weight)) if path else (spec, 1.0)
     except ValueError:
         return spec, 1.0
+
+
+def add_restart(p, text: str) -> None:
+    p.add_argument("--restart", action="store_true", help=text)

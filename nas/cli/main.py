@@ -9,19 +9,15 @@ import os
 import sys
 
 from nas.cli import guard
-from nas.cli.flags import add_flags, settings_from_args
+from nas.cli.flags import add_flags, add_restart, settings_from_args
+from nas.cli.study import add_plan, add_search, add_space
 from nas.cli.train import add_correct, add_data_args, add_distill, data_config_from_args
 from nas.errors import ConfigError, NasError
 from nas.io import is_full_disk
 from nas.settings import (
-    ConstraintsConfig,
     EvalConfig,
     ImportanceConfig,
-    Launch,
-    PlanConfig,
     RunConfig,
-    SearchConfig,
-    SpaceConfig,
 )
 
 
@@ -52,10 +48,6 @@ def add_importance(sub) -> None:
     add_importance_args(p)
     add_restart(p, "recompute an existing --out file made with other settings")
     p.set_defaults(func=cmd_importance)
-
-
-def add_restart(p, text: str) -> None:
-    p.add_argument("--restart", action="store_true", help=text)
 
 
 def add_importance_args(p) -> None:
@@ -170,202 +162,7 @@ def cmd_prune(args) -> int:
 SUBCOMMANDS += [add_importance, add_prune]
 
 
-SPACE_FLAGS = ("tolerance", "max_width_prune", "max_depth_prune", "budget_kind")
-
-
-def add_space(sub) -> None:
-    p = sub.add_parser("space", help="print every candidate architecture under a budget (runs nothing)")
-    p.add_argument("teacher", help="local model directory or hub id (only its config is read)")
-    p.add_argument("--budget", help="4B, 350M, 1.5e9 or 50%% of the teacher; several: 25%%,50%%,75%%")
-    add_flags(p, SpaceConfig, SPACE_FLAGS)
-    add_flags(p, ConstraintsConfig, ["max_memory", "seq_len", "batch", "dtype"])
-    p.add_argument("--study", help="a study: its space, budgets and constraints, with the screen it stored")
-    p.add_argument("--storage", help="the study's storage URL (default sqlite:///studies/<study>/study.db)")
-    p.set_defaults(func=cmd_space)
-
-
-def cmd_space(args) -> int:
-    from nas.model.arch import Arch, count_params
-    from nas.model.families import load_config
-    from nas.prune.space import candidates_frame, enumerate_budgets, memory_violation
-
-    config = settings_from_args(args, SpaceConfig, SPACE_FLAGS)
-    teacher = Arch.from_hf_config(load_config(args.teacher))
-    if args.study:  # the study's own space, budgets and constraints, with the screen it stored
-        cfg = stored_config(args)
-        config, constraints, budgets = cfg.space, cfg.constraints, cfg.budgets
-    else:
-        if not args.budget:
-            raise ConfigError("give --budget (e.g. 50% or 25%,50%,75%) or --study NAME")
-        constraints = settings_from_args(args, ConstraintsConfig, ["max_memory", "seq_len", "batch", "dtype"])
-        budgets = [b.strip() for b in args.budget.split(",") if b.strip()]
-    spaces = enumerate_budgets(teacher, budgets, config)
-    frames = []
-    for budget, candidates in spaces.items():
-        frame = candidates_frame(candidates, teacher, constraints)
-        frame.insert(0, "budget", budget)
-        frame["over_memory"] = [memory_violation(a, constraints, teacher) > 0 for a in candidates]
-        frames.append(frame)
-    frame = screen_columns(pd_concat(frames), args) if args.study else pd_concat(frames)
-    counts = ", ".join(f"{len(c)} at {b}" for b, c in spaces.items())
-    active = f" ({count_params(teacher, active=True):,} active per token)" if teacher.num_experts else ""
-    print(f"teacher {teacher.describe()}: {count_params(teacher):,} params{active}; candidates: {counts}")
-    if constraints.max_memory:
-        print(
-            f"{int(frame['over_memory'].sum())} over the memory limit {constraints.max_memory} (never trained)"
-        )
-    print(frame.drop(columns=[] if constraints.max_memory else ["over_memory"]).to_string(index=False))
-    return 0
-
-
-def stored_config(args):
-    """The RunConfig a study recorded (`nas space --study`)."""
-    from nas.search.study import load_existing_study
-    from nas.settings import run_config_from_dict
-
-    args.storage = args.storage or f"sqlite:///studies/{args.study}/study.db"
-    study = load_existing_study(args.storage, args.study)
-    if "config" not in study.user_attrs:
-        raise ConfigError(f"study {args.study!r} was not created by nas (no config attribute)")
-    return run_config_from_dict(study.user_attrs["config"])
-
-
-def pd_concat(frames):
-    import pandas as pd
-
-    return pd.concat(frames, ignore_index=True)
-
-
-def screen_columns(frame, args):
-    """The study's stored screen joined to the space's rows: screen loss, rank (per budget), rejection."""
-    from nas.search.study import StudyRecord, load_existing_study
-
-    screened = StudyRecord.read(load_existing_study(args.storage, args.study)).screen or []
-    if not screened:
-        raise ConfigError(f"study {args.study!r} stored no screen (searched exhaustively or with TPE?)")
-    by_label = {(s["budget"], s["label"]): s for s in screened}
-    for column, key in (("screen_loss", "loss"), ("screen_rank", "rank"), ("rejected", "rejected")):
-        frame[column] = [
-            by_label.get((b, label), {}).get(key)
-            for b, label in zip(frame["budget"], frame["label"], strict=True)
-        ]
-    return frame.sort_values(["budget", "screen_rank"], na_position="last", kind="stable")
-
-
-def add_search(sub) -> None:
-    for name, func, text in (
-        ("search", cmd_search, "run (or continue) the Optuna search of a study TOML"),
-        ("run", cmd_run, "importance -> space -> search -> full distillation -> report, from a study TOML"),
-    ):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("study", help="study TOML file, e.g. studies/mystudy.toml")
-        add_flags(p, SearchConfig, ["storage"])
-        add_restart(p, "delete a stored study of this name made with other settings, and its outputs")
-        p.set_defaults(func=func)
-    add_flags(p, Launch)  # `run` only: its final full distillation under torchrun
-    p = sub.add_parser("worker", help="join a study in shared storage and run its trials until it is done")
-    p.add_argument("--storage", required=True, help="e.g. postgresql+psycopg://user:pw@host/db")
-    p.add_argument("--study", required=True, help="study name")
-    p.add_argument("--max-trials", type=int, help="stop after this many trials of this worker")
-    add_flags(p, Launch)  # processes (GPUs) per trial: each trial one FSDP2 job over them
-    p.set_defaults(func=cmd_worker)
-
-
-def study_config(args):
-    """The study TOML's settings (with --storage), its out_dir checked: writable, no input, and the
-    storage URL, device and sequence length valid, before anything is loaded."""
-    from nas.search.study import check_storage_url
-    from nas.settings import load_run_config
-
-    cfg = load_run_config(args.study)
-    if getattr(args, "storage", ""):
-        cfg = cfg.replace(search=cfg.search.replace(storage=args.storage))
-    sources = [s.path for s in cfg.data.sources]
-    guard.output(cfg.root, [cfg.teacher, *sources, args.study])
-    check_storage_url(cfg.storage_url)
-    guard.device(cfg.device)
-    guard.seq_len_fits(cfg.data.seq_len, cfg.teacher)
-    return cfg
-
-
-def cmd_search(args) -> int:
-    from nas.pipeline import search
-
-    cfg = study_config(args)
-    _, study = search(cfg, restart=args.restart)
-    print_trials(study)
-    print(f"study {cfg.name} in {cfg.storage_url}")
-    return 0
-
-
-def cmd_run(args) -> int:
-    from nas.pipeline import run
-
-    launch = settings_from_args(args, Launch)
-    result = run(study_config(args), nproc_per_node=launch.nproc_per_node, restart=args.restart)
-    print(f"teacher val loss {result.teacher_val_loss:.4f}; winner val loss {result.winner_val_loss:.4f}")
-    for budget, path in result.winners.items():
-        print(f"winner of {budget}: {path}")
-    print(f"report: {result.report}")
-    return 0
-
-
-def cmd_worker(args) -> int:
-    from nas.cli.train import relaunch_under_torchrun
-    from nas.pipeline import worker
-    from nas.train.dist import teardown
-
-    code = relaunch_under_torchrun(args, settings_from_args(args, Launch))
-    if code is not None:
-        return code
-    study = worker(args.storage, args.study, args.max_trials)
-    teardown()
-    if study is not None:  # rank 0 (or the only process)
-        print_trials(study)
-    return 0
-
-
-def print_trials(study) -> None:
-    frame = study.trials_dataframe(attrs=("number", "state", "value", "user_attrs"))
-    columns = [c for c in ("number", "state", "value", "user_attrs_label", "user_attrs_params") if c in frame]
-    print(frame[columns].to_string(index=False))
-
-
-SUBCOMMANDS += [add_space, add_search]
-
-
-def add_plan(sub) -> None:
-    p = sub.add_parser(
-        "plan", help="peak GPU memory of each stage of a study TOML and the settings that fit (no weights)"
-    )
-    p.add_argument("study", help="study TOML file (only the teacher's config.json is read)")
-    add_flags(p, PlanConfig, names={"as_json": "json"})
-    p.set_defaults(func=cmd_plan)
-
-
-def cmd_plan(args) -> int:
-    import json
-
-    from nas.device import visible_gpu_memory
-    from nas.plan import format_plan, plan_study, to_json, write_plan
-    from nas.plan.dryrun import parse_bytes
-    from nas.settings import load_run_config
-
-    options = settings_from_args(args, PlanConfig, names={"as_json": "json"})
-    cfg = load_run_config(args.study)
-    memory = parse_bytes(options.gpu_memory) if options.gpu_memory else visible_gpu_memory()
-    if memory is None:
-        raise ConfigError("no GPU is visible here; give the GPU's memory with --gpu-memory, e.g. 80GB")
-    plans = plan_study(cfg, memory, options.gpus_per_trial)
-    write_plan(cfg, plans, memory)
-    print(json.dumps(to_json(plans), indent=1) if options.as_json else format_plan(plans, memory))
-    return 0
-
-
-SUBCOMMANDS += [add_plan]
-
-
-SUBCOMMANDS += [add_distill, add_correct]
+SUBCOMMANDS += [add_space, add_search, add_plan, add_distill, add_correct]
 
 
 def add_demo(sub) -> None:
@@ -487,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # torchao (imported by transformers when installed) warns at import that its CUDA kernels do not load
+    # on a CPU build, and torch that its enum registrations are deprecated: nothing a user can act on
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     if not sys.stderr.isatty():  # no Hugging Face progress bars in logs and pipes
         from transformers.utils import logging as hf_logging
 

@@ -26,6 +26,7 @@ import contextlib
 import logging
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -284,7 +285,9 @@ def target_trials(ctx: SearchContext) -> int:
 def retry_failed(ctx: SearchContext):
     """An `optimize` callback: re-enqueue a candidate whose trial failed (a non-finite loss) until it has
     been retried `max_retry` times; then it is given up."""
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=ctx.cfg.search.max_retry)
+    with warnings.catch_warnings():  # experimental since Optuna 2.8 and still: not the user's concern
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=ctx.cfg.search.max_retry)
 
     def callback(study: optuna.Study, trial: FrozenTrial) -> None:
         record = TrialRecord.read(trial)

@@ -162,7 +162,7 @@ def teacher_source(teacher: nn.Module, cache: TeacherCache | None, cfg: DistillC
     if why is None:
         return cache
     if cache is not None:
-        log.info("online dense KD: the teacher cache holds other batches (%s)", why)
+        log.info("online dense KD for this run: the teacher cache holds other batches (%s)", why)
     return teacher
 
 

@@ -1,0 +1,116 @@
+"""What to search: the [space], [importance], [search] and [constraints] tables."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from nas.settings.base import (
+    BUDGET_KINDS,
+    DTYPE_BYTES,
+    PRUNERS,
+    SAMPLERS,
+    SIZE_KNOBS,
+    Settings,
+    _described,
+)
+
+
+class SpaceConfig(Settings):
+    """Which architectures are valid candidates (besides the budget)."""
+
+    tolerance: float = _described(
+        0.05, "candidates have budget*(1-tolerance) <= params <= budget", ge=0, lt=1
+    )
+    max_width_prune: float = _described(0.5, "at most this fraction of any width knob is cut", ge=0, lt=1)
+    max_depth_prune: float = _described(0.5, "at most this fraction of the layers is cut", ge=0, lt=1)
+    steps: dict[Literal[SIZE_KNOBS], Annotated[int, Field(ge=1)]] = _described(  # type: ignore[valid-type]
+        {},
+        "per-knob step of the sizes (num_layers, hidden_size, ffn_hidden_size, num_query_groups, "
+        "num_experts); missing knobs get hardware-friendly defaults",
+    )
+    budget_kind: Literal[BUDGET_KINDS] = _described(  # type: ignore[valid-type]
+        "total", "what the budget counts: all parameters, or those active per token (mixture of experts)"
+    )
+
+
+class ImportanceConfig(Settings):
+    """The importance pass (Minitron: activations on ~1024 calibration sequences, no gradients)."""
+
+    num_samples: int = _described(1024, "calibration sequences", ge=1)
+    val_sequences: int = _described(64, "held-out sequences for the loss with each layer removed", ge=1)
+    batch_size: int = _described(8, "sequences per forward of the importance pass", ge=1)
+
+
+class SearchConfig(Settings):
+    """The Optuna study: one trial = one candidate, pruned and distilled for a short horizon."""
+
+    horizon_steps: int = _described(
+        400, "KD steps per candidate (Minitron: ~400; rankings settle by ~300)", ge=1
+    )
+    eval_every: int = _described(50, "steps between validations (and trial.report, the pruner's rungs)", ge=1)
+    pruner: Literal[PRUNERS] = _described("successive-halving", "how losing trials are stopped early")  # type: ignore[valid-type]
+    reduction_factor: int = _described(3, "keep the best 1/reduction_factor of the trials at each rung", ge=2)
+    sampler: Literal[SAMPLERS] = _described(  # type: ignore[valid-type]
+        "auto",
+        "auto/funnel: screen every candidate, short-KD each budget's best screen_top; exhaustive: every "
+        "candidate, best screen first; tpe: sample one budget's space",
+    )
+    screen_sequences: int = _described(
+        8, "validation sequences of the screen (every candidate's loss right after pruning)", ge=1
+    )
+    screen_top: int = _described(
+        8, "funnel: candidates per budget, best screen first, that get short KD", ge=1
+    )
+    finalists: int = _described(
+        3, "candidates per budget never stopped before the horizon (the first ones, best screen first)", ge=1
+    )
+    rerank_tasks: list[str] = _described(
+        [], "lm-eval tasks (e.g. kjv_lastword) scored on the completed trials, shown beside the loss"
+    )
+    rerank_limit: int = _described(0, "items per re-rank task (0: all)", ge=0)
+    max_exhaustive: int = _described(
+        64, "unused since the funnel screens spaces of any size (kept so older study files load)", ge=1
+    )
+    n_trials: int = _described(
+        0, "finished trials wanted; 0: every candidate (exhaustive) or 20 (sampled)", ge=0
+    )
+    order: Literal["pruned-loss", "params"] = _described(
+        "pruned-loss", "exhaustive order: best zero-shot loss first (pruned-loss) or largest first (params)"
+    )
+    top_k: int = _described(
+        5, "trials re-ranked at half vs full horizon; their short-run models are kept", ge=1
+    )
+    storage: str = _described("", "Optuna storage URL (default sqlite:///<out_dir>/study.db)")
+    latency_tokens: int = _described(128, "sequence length of the latency measurement", ge=1)
+    heartbeat_interval: int = _described(30, "seconds between a running trial's heartbeats", ge=1)
+    grace_period: int = _described(120, "seconds of silence after which a trial is failed and retried", ge=1)
+    max_retry: int = _described(2, "retries of a failed candidate before it is given up", ge=0)
+    teacher_cache: bool = _described(
+        False,
+        "trials train from a per-study cache of the teacher's top-k outputs on the horizon's batches, "
+        "written once before the trials; the teacher is not resident on the GPU during trials",
+    )
+    teacher_cache_topk: int = _described(
+        64,
+        "teacher tokens kept per position in the teacher cache (the rest as one bucket; >= vocab: exact)",
+        ge=1,
+    )
+
+
+class ConstraintsConfig(Settings):
+    """Deployment limits besides the parameter budget; a candidate outside any is never trained."""
+
+    max_memory: str = _described(
+        "", "weights + KV cache limit in bytes: 2GB, 512MB, 2GiB, 3.5e9, or a share of the teacher's (60%)"
+    )
+    seq_len: int = _described(4096, "KV-cache tokens per sequence counted in the memory", ge=1)
+    batch: int = _described(1, "sequences whose KV cache counts in the memory", ge=1)
+    dtype: Literal[tuple(DTYPE_BYTES)] = _described(  # type: ignore[valid-type]
+        "bfloat16", "dtype of the weights and the cache in the memory"
+    )
+    min_throughput: float = _described(
+        0.0, "tokens/s of a forward pass on this machine, measured in the screen (0: no limit)", ge=0
+    )
+    throughput_tokens: int = _described(128, "sequence length of the throughput measurement", ge=1)

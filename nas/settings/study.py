@@ -1,0 +1,143 @@
+"""A study: the whole TOML file (`RunConfig`), its loader, and its budgets."""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from nas.errors import ConfigError
+from nas.settings.base import (
+    _NESTED,
+    _WHERE,
+    DEPTH_STRATEGIES,
+    Settings,
+    _described,
+)
+from nas.settings.data import DataConfig
+from nas.settings.search import ConstraintsConfig, ImportanceConfig, SearchConfig, SpaceConfig
+from nas.settings.train import DistillConfig
+
+BUDGET = re.compile(r"^\s*(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*([kKmMbBgGtT%]?)\s*$")
+
+
+class RunConfig(Settings):
+    """One study: teacher, data, budget, and how to search and distill."""
+
+    name: str = Field(description="study name: outputs go to studies/<name>/")
+    teacher: str = Field(min_length=1, description="the teacher: a local model directory or a hub id")
+    data: DataConfig = Field(description="the text of importance, search, distillation and validation")
+    budget: str | int | float | list[str | int | float] = _described(
+        "50%", "parameter budget: 4B, 350M, 1.5e9 or a share such as 50%; a list: a funnel and a winner each"
+    )
+    final_budgets: list[str] = _described([], "budgets whose winners `nas run` distills fully (empty: all)")
+    out_dir: str = _described("", "where the study's files go (default studies/<name>)")
+    depth_strategy: Literal[DEPTH_STRATEGIES] = _described(  # type: ignore[valid-type]
+        "drop-lowest",
+        "which layers a shallower candidate keeps: drop the least important, or the best contiguous block",
+    )
+    correct_steps: int = _described(0, "teacher correction: LM fine-tune steps before pruning (0: off)", ge=0)
+    seed: int = _described(0, "seed of every short run")
+    device: str = _described("auto", "auto (CUDA if available), cpu, cuda, cuda:1 ...")
+    space: SpaceConfig = _described(SpaceConfig(), "which architectures are candidates")
+    importance: ImportanceConfig = _described(ImportanceConfig(), "the importance pass")
+    search: SearchConfig = _described(SearchConfig(), "the Optuna search")
+    constraints: ConstraintsConfig = _described(
+        ConstraintsConfig(), "memory and throughput limits a candidate must meet to be trained"
+    )
+    distill: DistillConfig = _described(
+        DistillConfig(), "KD settings of every run (trials use search.horizon_steps)"
+    )
+    final: dict[str, Any] = _described(
+        {"steps": 2000}, "DistillConfig overrides for the winner's full distillation"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not value or "/" in value or value.strip() != value:
+            raise ValueError(f"must be a plain non-empty study name (no '/'), got {value!r}")
+        return value
+
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, value: Any) -> Any:
+        values = value if isinstance(value, list) else [value]
+        for one in values:
+            match = BUDGET.match(str(one))
+            if (
+                not match
+                or not math.isfinite(float(match[1] + (match[3] or "")))
+                or float(match[1] + (match[3] or "")) <= 0
+            ):
+                raise ValueError(f"cannot read budget {one!r}; write e.g. 4B, 350M, 1.5e9 or 50%")
+        if not values or len({str(v) for v in values}) != len(values):
+            raise ValueError(f"must be one budget or a list of distinct budgets, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        unknown = [b for b in self.final_budgets if b not in self.budgets]
+        if unknown:
+            raise ValueError(f"final_budgets {unknown} are not among the budgets {self.budgets}")
+        if self.search.finalists > self.search.screen_top:
+            raise ValueError(
+                f"search.finalists ({self.search.finalists}) must be <= search.screen_top ({self.search.screen_top})"
+            )
+        self.final_distill()  # the overrides are validated now, not after the search
+        return self
+
+    @property
+    def budgets(self) -> list[str]:
+        """The budgets as written (the labels of the funnels), one or several."""
+        return [str(b) for b in self.budget] if isinstance(self.budget, list) else [str(self.budget)]
+
+    @property
+    def root(self) -> Path:
+        return Path(self.out_dir or Path("studies") / self.name)
+
+    @property
+    def teacher_resident_in_trials(self) -> bool:
+        """Whether the teacher sits on the trial's GPU (not with `search.teacher_cache`; for `nas plan`)."""
+        return not self.search.teacher_cache
+
+    @property
+    def storage_url(self) -> str:
+        return self.search.storage or f"sqlite:///{self.root / 'study.db'}"
+
+    def short_distill(self) -> DistillConfig:
+        """The KD settings of one trial: `distill` with the search horizon."""
+        return self.distill.replace(
+            steps=self.search.horizon_steps, eval_every=self.search.eval_every, seed=self.seed
+        )
+
+    def final_distill(self) -> DistillConfig:
+        """The winner's full distillation: `distill` with the `final` overrides."""
+        where, nested = _WHERE.set("final"), _NESTED.set(False)  # report it as the [final] table
+        try:
+            return DistillConfig(**{**dict(self.distill), **self.final})
+        finally:
+            _WHERE.reset(where)
+            _NESTED.reset(nested)
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Read and validate a study TOML file; `name` defaults to the file's stem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study file {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from e
+    data.setdefault("name", path.stem)
+    return run_config_from_dict(data)
+
+
+def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """A RunConfig from a parsed study TOML (or the config a study recorded)."""
+    return RunConfig.load(data)

@@ -1,0 +1,101 @@
+"""How to train: the [distill] / [final] tables, and the options of `nas plan`, `nas eval` and launching."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from nas.device import PRECISIONS
+from nas.settings.base import (
+    OPTIMIZERS,
+    SCHEDULES,
+    Settings,
+    _described,
+)
+
+
+class DistillConfig(Settings):
+    """One distillation (or, with no teacher, LM fine-tuning) run."""
+
+    steps: int = _described(400, "optimizer steps", ge=1)
+    batch_size: int = _described(
+        8, "sequences per micro-batch, in all (split across torchrun processes)", ge=1
+    )
+    grad_accum: int = _described(1, "micro-batches per optimizer step", ge=1)
+    lr: float = _described(1e-4, "peak learning rate", gt=0, allow_inf_nan=False)
+    min_lr: float = _described(1e-5, "learning rate at the end of the decay", ge=0, allow_inf_nan=False)
+    warmup_steps: int = _described(0, "linear warmup steps", ge=0)
+    schedule: Literal[SCHEDULES] = _described("cosine", "learning-rate decay after the warmup")  # type: ignore[valid-type]
+    decay_fraction: float = _described(
+        0.2, "wsd: the last fraction of steps decays linearly to min_lr", gt=0, le=1
+    )
+    weight_decay: float = _described(0.0, "AdamW weight decay of matrices (never norms or biases)", ge=0)
+    grad_clip: float = _described(1.0, "max global gradient norm (0: no clipping)", ge=0)
+    betas: Annotated[tuple[float, float], Field(strict=False)] = _described((0.9, 0.95), "AdamW betas")
+    ce_weight: float = _described(
+        0.0, "loss = (1 - w) * KL + w * CE on the labels (0: pure KD, Minitron)", ge=0, le=1
+    )
+    temperature: float = _described(
+        1.0, "softmax temperature of the KL (see nas.train.kd)", gt=0, allow_inf_nan=False
+    )
+    chunk_tokens: int = _described(1024, "tokens per chunk of the fused LM head + loss", ge=1)
+    eval_every: int = _described(50, "steps between validations (0: only at the end)", ge=0)
+    eval_sequences: int = _described(64, "validation sequences (the first n of the validation split)", ge=1)
+    eval_batch_size: int = _described(8, "sequences per validation forward", ge=1)
+    checkpoint_every: int = _described(100, "steps between checkpoints (0: none)", ge=0)
+    keep_checkpoints: int = _described(2, "how many of the latest checkpoints stay on disk", ge=1)
+    gradient_checkpointing: bool = _described(False, "recompute activations in backward to save memory")
+    fsdp: bool = _described(
+        False, "with several processes: shard student and teacher layers with FSDP2, not DDP"
+    )
+    precision: Literal[PRECISIONS] = _described(  # type: ignore[valid-type]
+        "auto", "dtypes (nas.device): auto = bf16-mixed on CUDA, fp32 on CPU; bf16 = bf16 student weights"
+    )
+    optimizer: Literal[OPTIMIZERS] = _described(  # type: ignore[valid-type]
+        "adamw", "adamw (fp32 states) or adamw-8bit (torchao block-quantized states, a quarter of the memory)"
+    )
+    offload_optimizer: bool = _described(False, "CUDA only: optimizer states and update on the CPU (torchao)")
+    seed: int = _described(0, "torch seed of the run (the data order is data.seed)")
+    device: str = _described(
+        "auto", "auto (CUDA if available; cuda:LOCAL_RANK under torchrun), cpu, cuda, cuda:1 ..."
+    )
+    log_every: int = _described(10, "steps between train lines in metrics.jsonl", ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> DistillConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
+        if self.offload_optimizer and self.optimizer != "adamw":
+            raise ValueError("offload_optimizer keeps fp32 AdamW states on the CPU; set optimizer = 'adamw'")
+        return self
+
+
+class Launch(Settings):
+    """How many processes a command trains in."""
+
+    nproc_per_node: int = _described(
+        1,
+        "processes (GPUs) to train on: reruns itself under torchrun; --batch-size is the global batch",
+        ge=1,
+    )
+
+
+class PlanConfig(Settings):
+    """`nas plan`: the GPUs a study's memory plan is made for."""
+
+    gpu_memory: str | None = _described(
+        None, "memory of one GPU, e.g. 80GB or 79.6GiB (default: the visible GPU's)"
+    )
+    gpus_per_trial: int = _described(1, "processes (GPUs) per trial", ge=1)
+    as_json: bool = _described(False, "print the plan as a JSON list of stages")
+
+
+class EvalConfig(Settings):
+    """`nas eval`: held-out perplexity and lm-evaluation-harness tasks."""
+
+    tasks: list[str] = _described([], "lm-eval tasks, comma-separated (offline: kjv_cloze, kjv_lastword)")
+    include_paths: list[str] = _described([], "folders of lm-eval task YAML files (repeatable)")
+    limit: int | None = _described(None, "score at most N items of each task (default all)", ge=1)
+    val_sequences: int | None = _described(None, "score at most N validation sequences per data source", ge=1)
+    batch_size: int = _described(8, "sequences per forward", ge=1)
