@@ -9,7 +9,8 @@ with fronts over both budgets) -> the winner's architecture trained from scratch
 -> teacher vs winner vs scratch validation loss on the same sequences.
 
 Every step count comes from `demo_plan(minutes)`, calibrated on 2 CPU cores in fp32 so that the
-default (10 minutes) takes about that long there; a GPU is used automatically and is faster.
+default (10 minutes) takes about that long there (`RATES`; the stage clock prints its estimate and
+corrects it as stages finish); a GPU is used automatically and is faster.
 """
 
 from __future__ import annotations
