@@ -135,6 +135,7 @@ def test_kjv_lastword_is_rebuilt_identically_from_the_held_out_book():
     assert all(0.15 < p < 0.35 for p in positions)
 
 
+@pytest.mark.slow  # the real lm-eval harness: seconds per task run
 def test_kjv_lastword_runs_through_the_harness(tokenizer):
     model = tiny_model(vocab_size=len(tokenizer), **SIZES)
     metrics = run_tasks(model, tokenizer, ["kjv_lastword"], limit=8, batch_size=32)["kjv_lastword"]
@@ -142,6 +143,7 @@ def test_kjv_lastword_runs_through_the_harness(tokenizer):
     assert 0.0 <= metrics["acc"] <= 1.0 and 0.0 <= metrics["acc_norm"] <= 1.0
 
 
+@pytest.mark.slow  # the real lm-eval harness: seconds per task run
 def test_kjv_cloze_through_the_harness_random_vs_trained(memorised, tokenizer):
     trained, _ = memorised
     random_model = tiny_model(vocab_size=len(tokenizer), **SIZES)
@@ -156,6 +158,7 @@ def test_kjv_cloze_through_the_harness_random_vs_trained(memorised, tokenizer):
     assert scores["trained"] >= 0.75 and scores["trained"] > scores["random"]
 
 
+@pytest.mark.slow  # the real lm-eval harness: seconds per task run
 def test_tasks_sharing_verses_score_the_same_together_as_alone(memorised, tokenizer):
     # kjv_cloze and kjv_lastword split the same verses at different points; lm-eval's logits cache
     # would score one task's true choice with the other's logits if both ran in one evaluation
@@ -209,6 +212,7 @@ def test_nas_eval_errors_are_one_line(tmp_path, capsys):
     assert "--data" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the real lm-eval harness: seconds per task run
 def test_evaluate_models_gives_one_row_per_model(tokenizer, tmp_path):
     dirs = []
     for seed in (0, 1):

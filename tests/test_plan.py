@@ -108,6 +108,21 @@ def test_teacher_only_stages_plan_on_fake_tensors():
         assert peak["teacher"] == weights and peak["activations"] > 0
 
 
+def test_importance_and_evaluation_at_equal_settings_are_measured_apart():
+    """The two teacher-only stages run different code: a plan whose importance.batch_size equals
+    distill.eval_batch_size must not reuse one's peak for the other."""
+    from nas.plan.stages import _Job, measure
+
+    config = tiny_config("llama", num_layers=2, **(SIZES | {"vocab_size": 4096}))
+    settings = {"precision": "fp32", "gpus": 1, "batch_size": 4}
+    shared: dict = {}
+    planned = {stage: measure(_Job(stage, config, None, 64, settings, shared), settings, 10**12)
+               for stage in ("importance", "evaluation")}  # fmt: skip
+    alone = {stage: measure(_Job(stage, config, None, 64, settings), settings, 10**12) for stage in planned}
+    assert planned == alone
+    assert planned["importance"].peak_bytes != planned["evaluation"].peak_bytes
+
+
 def test_lm_loss_peak_on_real_tensors_is_what_fake_tensors_report():
     config = tiny_config("llama", num_layers=2, **SIZES)
     fake = dryrun.peak_of(dryrun.measure_eval(config, torch.float32, 4, SEQ_LEN, "fp32"))["peak_bytes"]

@@ -19,7 +19,7 @@ def scores_of(model, seed: int = 0) -> Importance:
     """Importance on random tokens: real hooks, arbitrary but fixed rankings. Computed once per model
     (its config and a fingerprint of its weights) and handed out as copies, so the many parametrized
     cases of one tiny model share the computation."""
-    fingerprint = float(sum(p.double().sum() for p in model.parameters()))
+    fingerprint = float(sum(p.detach().double().sum() for p in model.parameters()))
     key = (model.config.to_json_string(), seed, fingerprint)
     if key not in _SCORES:
         g = torch.Generator().manual_seed(seed)

@@ -115,7 +115,8 @@ def stage_settings(cfg: RunConfig, gpus_per_trial: int) -> dict[str, dict[str, A
 
 def measure(job: _Job, settings: dict[str, Any], gpu_memory: int, policy: str = "configured") -> StagePlan:
     """Dry-run `job` with `settings` (cached per settings) and judge it against `gpu_memory`."""
-    key = (job.stage in ("trial", "final"), tuple(sorted(settings.items())))
+    # trial and final run the same code (one entry); importance and evaluation do not, even at equal settings
+    key = ("train" if job.student is not None else job.stage, tuple(sorted(settings.items())))
     if key not in job.cache:
         phases = _phases(job, settings)
         rest = {k: v for k, v in phases.items() if k != "validation"} or phases
