@@ -65,7 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="studies/lean-bench", help="work directory (the teacher is reused)")
     parser.add_argument("--steps", type=int, help="override the trial's steps (default: the demo's horizon)")
-    parser.add_argument("--teacher-steps", type=int, help="override the demo teacher's training steps (250)")
+    parser.add_argument("--teacher-steps", type=int, help="override the demo teacher's training steps (210)")
     parser.add_argument("--batch-size", type=int, help="override the trial's micro-batch (the demo's: 8)")
     args = parser.parse_args()
     out = Path(args.out)

@@ -17,7 +17,7 @@ burst of load on a shared machine hits both. Printed:
     python benchmarks/teacher_cache.py [--horizon 12] [--teacher-steps 150] [--seq-len 64] [--topk 64]
 
 The defaults are scaled down from the demo (seq_len 64 instead of 256, 400 of the KJV's chapters, 150
-teacher steps instead of 250, a 12-step horizon instead of 36, one torch thread) so that the whole run
+teacher steps instead of 210, a 12-step horizon instead of 30, one torch thread) so that the whole run
 stays under ~10 minutes on a busy 2-core CPU machine; the teacher's shape, tokenizer and the search
 space are the demo's.
 """

@@ -86,11 +86,11 @@ class DemoPlan:
     screen_top: int = 4  # candidates per budget distilled after the screen
     finalists: int = 3  # of them, per budget, carried to the horizon
     teacher_cache: bool = True  # trials train from the teacher's top-k outputs, written once (1.5x faster)
-    horizon_steps: int = 36  # short KD of every trial
-    eval_every: int = 12  # successive halving's rung size
+    horizon_steps: int = 30  # short KD of every trial
+    eval_every: int = 10  # successive halving's rung size
     batch_size: int = 8  # of every KD / scratch step
     kd_lr: float = 1e-3
-    final_steps: int = 80  # full KD of the winner, after its short run (the funnel costs more search)
+    final_steps: int = 70  # full KD of the winner, after its short run (the funnel costs more search)
     scratch_lr: float = 3e-3  # from-scratch training gets the teacher's recipe, not the KD one
 
     @property

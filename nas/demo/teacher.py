@@ -121,7 +121,7 @@ class TeacherSpec:
     ffn_hidden_size: int = 768
     vocab_size: int = 4096
     tie_word_embeddings: bool = True
-    steps: int = 250  # optimizer steps of plain LM training
+    steps: int = 210  # optimizer steps of plain LM training
     batch_size: int = 8
     lr: float = 3e-3  # a 7M-parameter model trained for < 1 epoch wants a high peak LR
     min_lr: float = 3e-4
