@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 # checkpoints included: plain LM training of the teacher, dense KD of a half-size student (student
 # train + teacher forward: the winner's final run), the same from the teacher cache (no teacher forward:
 # the trials), plain LM training of a student. Measured in one demo run on a shared 2-core host whose
-# speed varies by about 20% from run to run; these are its slower figures.
+# speed drifted by up to 1.7x within an hour (teacher 1,250-2,110 tok/s); these are from a slow phase.
 RATES = {"teacher": 1730.0, "kd": 1800.0, "kd_cached": 3300.0, "scratch": 3500.0}
 STUDY_ARTIFACTS = ("importance.safetensors", "study.db", "trials", "final", "winner", "scratch", "corrected")
 

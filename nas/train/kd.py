@@ -191,7 +191,7 @@ def model_kd_loss(
             ce_weight=ce_weight,
             chunk_tokens=chunk_tokens,
             softcap=logit_softcap(student),
-            teacher_softcap=logit_softcap(teacher) if teacher is not None else None,
+            teacher_softcap=logit_softcap(teacher),  # None without a teacher
         )
 
 
