@@ -6,7 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from nas.model.mamba import MambaShape, channels, check_heads, cut_mixer, mamba_params, recurrent_state_elements
+from nas.model.mamba import (
+    MambaShape,
+    channels,
+    check_heads,
+    cut_mixer,
+    mamba_params,
+    recurrent_state_elements,
+)
 
 SHAPE = MambaShape(num_heads=8, head_dim=8, n_groups=2, state_size=8, conv_kernel=4, proj_bias=True)
 HIDDEN = 64
