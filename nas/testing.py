@@ -23,8 +23,17 @@ CONFIG_CLASSES = {
     "smollm3": "SmolLM3Config",
     "qwen3_moe": "Qwen3MoeConfig",
     "mixtral": "MixtralConfig",
+    "nemotron_h": "NemotronHConfig",
 }
 SLIDING = ("sliding_attention", "full_attention")
+# Nemotron-H's block types, in the order of transformers' default `layers_block_type`: Mamba2, MoE, attention, MLP
+NEMOTRON_BLOCKS = ("linear_attention", "moe", "full_attention", "mlp")
+NEMOTRON_SIZES = {
+    "mamba_num_heads": 8, "mamba_head_dim": 8, "n_groups": 2, "ssm_state_size": 8, "conv_kernel": 4,
+    "chunk_size": 8,  # shorter than the test sequences: the chunked scan carries state across chunks
+    "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
+    "moe_shared_expert_intermediate_size": 32,
+}  # fmt: skip
 
 
 def family_extras(model_type: str, num_layers: int) -> dict:
@@ -37,6 +46,7 @@ def family_extras(model_type: str, num_layers: int) -> dict:
         "olmo3": sliding,
         "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2},
         "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+        "nemotron_h": {**NEMOTRON_SIZES, "layers_block_type": [NEMOTRON_BLOCKS[i % 4] for i in range(num_layers)]},
     }.get(model_type, {})  # fmt: skip
 
 
@@ -91,8 +101,13 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **kwargs) -> nn.Module:
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith(".bias"):
                 p.uniform_(0.5, 1.5) if name.endswith("norm.weight") else p.normal_(0, 0.1)
-            elif name.endswith("mlp.gate.weight"):  # a router: distinct logits, so routing is not a tie
-                p.normal_(0, 0.5)
+            elif name.endswith(("mlp.gate.weight", "mixer.gate.weight")):  # a router: distinct logits, so
+                p.normal_(0, 0.5)  # routing is not a tie
+            elif name.endswith("mixer.D"):  # Mamba2's skip: one value per head (1.0 in every head at init)
+                p.uniform_(0.5, 1.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # Nemotron-H's router bias (zeros at init)
+                b.normal_(0, 0.1)
     return model.eval()
 
 

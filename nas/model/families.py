@@ -84,6 +84,7 @@ FAMILIES: dict[str, Family] = {
                layer_lists=("layer_types", "no_rope_layers")),
         Family("qwen3_moe", "attention_bias", False, True, qk_norm="head", experts=QWEN3_MOE),
         Family("mixtral", None, False, False, experts=MIXTRAL),
+        Family("nemotron_h", None, False, False, norms=("norm",)),
     )
 }  # fmt: skip
 
