@@ -155,3 +155,34 @@ def test_a_pruned_student_saves_loads_and_generates(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert torch.equal(logits(loaded), logits(student))
     assert loaded.generate(TOKENS[:1, :5], max_new_tokens=4, do_sample=False, pad_token_id=1).shape == (1, 9)
+
+
+G = torch.Generator().manual_seed(5)
+CALIB = torch.randint(0, 96, (8, 16), generator=G)
+VAL = torch.randint(0, 96, (4, 16), generator=G)
+
+
+def test_importance_scores_each_unit_kind_in_its_own_layers_and_round_trips(tmp_path):
+    from nas.prune.importance import Importance, compute_importance
+
+    teacher = tiny_nemotron()  # Mamba2, MoE, attention, MLP
+    with torch.no_grad():
+        norm = teacher.model.layers[0].mixer.norm.weight  # [heads * head_dim], head-major
+        norm[5 * 8 : 6 * 8] = 0  # Mamba head 5 outputs nothing
+        norm[3::8] = 0  # nor does head channel 3 of any head
+        teacher.model.layers[1].mixer.experts.down_proj[2].zero_()  # expert 2 outputs zeros
+        teacher.model.layers[1].mixer.shared_experts.down_proj.weight[:, 7] = 0
+    scores = compute_importance(teacher, CALIB, VAL)
+    assert scores.mamba_heads.shape == (4, 8) and scores.mamba_channels.shape == (4, 8)
+    assert scores.mamba_heads[0].argmin() == 5 and scores.mamba_heads[0, 5] == 0
+    assert scores.mamba_channels[0].argmin() == 3 and scores.mamba_channels[0, 3] == 0
+    assert scores.experts[1].argmin() == 2 and scores.experts[1, 2] == 0 < scores.expert_mass[1, 2]
+    assert torch.allclose(scores.expert_mass[1].sum(), torch.tensor(1.0))  # norm_topk_prob: weights sum to 1
+    assert scores.expert_mlp.shape == (4, 4, 48) and scores.shared_mlp.shape == (4, 32)
+    # each unit kind is scored in the layers of its type only
+    assert scores.heads[[0, 1, 3]].abs().sum() == 0 < scores.heads[2].min()
+    assert scores.mlp[[0, 1, 2]].abs().sum() == 0 < scores.mlp[3].min()
+    assert scores.mamba_heads[1:].abs().sum() == 0 and scores.experts[[0, 2, 3]].abs().sum() == 0
+    loaded = Importance.load(scores.save(tmp_path / "imp.safetensors"))
+    for name in ("mamba_heads", "mamba_channels", "experts", "expert_mlp", "shared_mlp"):
+        assert torch.equal(getattr(loaded, name), getattr(scores, name))

@@ -56,6 +56,7 @@ class Family:
     layer_lists: tuple[str, ...] = ("layer_types",)  # config lists with one entry per layer
     experts: Experts | None = None  # the sparse MoE block, where every layer has one
     rope_factors_follow_hidden: bool = False  # longrope factors are sized by hidden_size // heads (Phi-3)
+    final_norm: str = "norm"  # the final norm's name under `model.model` (Nemotron-H: `norm_f`)
 
 
 QWEN3_MOE = Experts("num_experts", "moe_intermediate_size")
@@ -84,7 +85,7 @@ FAMILIES: dict[str, Family] = {
                layer_lists=("layer_types", "no_rope_layers")),
         Family("qwen3_moe", "attention_bias", False, True, qk_norm="head", experts=QWEN3_MOE),
         Family("mixtral", None, False, False, experts=MIXTRAL),
-        Family("nemotron_h", None, False, False, norms=("norm",)),
+        Family("nemotron_h", None, False, False, norms=("norm",), final_norm="norm_f"),
     )
 }  # fmt: skip
 
@@ -122,7 +123,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def final_norm(model: nn.Module) -> nn.Module:
-    return model.model.norm
+    return getattr(model.model, family_of(model.config).final_norm)
 
 
 def layer_norms(layer: nn.Module, family: Family) -> list[nn.Module]:

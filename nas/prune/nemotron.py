@@ -48,6 +48,21 @@ def mamba_shape(config: Any) -> MambaShape:
     )
 
 
+def hybrid_score_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+    """Per-layer shapes of the importance sums of a Nemotron-H's Mamba2 and MoE units (`nas.prune.importance`):
+    Mamba2 heads and channels (`inner`, folded into head channels at the end), experts, their routing mass,
+    their FFN channels and the shared expert's."""
+    mamba, experts = mamba_shape(config), config.n_routed_experts
+    return {
+        "mamba_heads": (mamba.num_heads,),
+        "mamba_channels": (mamba.inner,),
+        "experts": (experts,),
+        "expert_mass": (experts,),
+        "expert_mlp": (experts, config.moe_intermediate_size),
+        "shared_mlp": (config.moe_shared_expert_intermediate_size,),
+    }
+
+
 def _rows(units: list[int], size: int) -> torch.Tensor:
     return torch.tensor([u * size + r for u in units for r in range(size)], dtype=torch.long)
 
@@ -132,5 +147,7 @@ def cut_state_dict(
     for new, (old, keep) in enumerate(zip(layers, keeps, strict=True)):
         src = f"model.layers.{old}."
         block = {name[len(src) :]: t for name, t in sd.items() if name.startswith(src)}
-        out |= {f"model.layers.{new}.{name}": t for name, t in cut_block(block, keep, teacher.config, hid).items()}
+        out |= {
+            f"model.layers.{new}.{name}": t for name, t in cut_block(block, keep, teacher.config, hid).items()
+        }
     return out
