@@ -57,6 +57,7 @@ class Family:
     experts: Experts | None = None  # the sparse MoE block, where every layer has one
     rope_factors_follow_hidden: bool = False  # longrope factors are sized by hidden_size // heads (Phi-3)
     final_norm: str = "norm"  # the final norm's name under `model.model` (Nemotron-H: `norm_f`)
+    block_types_attr: str | None = None  # a hybrid stack's per-layer block types (Nemotron-H: `layers_block_type`)
 
 
 QWEN3_MOE = Experts("num_experts", "moe_intermediate_size")
@@ -85,7 +86,8 @@ FAMILIES: dict[str, Family] = {
                layer_lists=("layer_types", "no_rope_layers")),
         Family("qwen3_moe", "attention_bias", False, True, qk_norm="head", experts=QWEN3_MOE),
         Family("mixtral", None, False, False, experts=MIXTRAL),
-        Family("nemotron_h", None, False, False, norms=("norm",), final_norm="norm_f"),
+        Family("nemotron_h", None, False, False, norms=("norm",), final_norm="norm_f",
+               block_types_attr="layers_block_type"),
     )
 }  # fmt: skip
 
@@ -115,6 +117,13 @@ def bias_flags(config: Any) -> tuple[bool, bool, bool]:
     o_bias = qkv if fam.o_bias_follows_qkv else False
     mlp = bool(getattr(config, fam.mlp_bias_attr, False)) if fam.mlp_bias_attr else False
     return qkv, o_bias, mlp
+
+
+def block_types(config: Any) -> list[str] | None:
+    """The per-layer block types of a hybrid stack (e.g. Nemotron-H's Mamba2 / attention / MLP / MoE layers), or
+    None for a stack of identical blocks."""
+    attr = family_of(config).block_types_attr
+    return list(getattr(config, attr)) if attr else None
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -15,7 +15,9 @@ left out; `offload_optimizer` (torchao's CPUOffloadOptimizer needs CUDA) is plan
 AdamW whose states and update are left out of the GPU's memory, where the offload puts them.
 
 Depth: a full 8B step takes minutes on fake tensors, so each measurement runs at 1 and 2 layers per
-model and is extrapolated linearly in each model's number of layers, per phase of the step (teacher
+model (a hybrid stack: one layer of each block type, then one more of one type at a time, as a Mamba2 and an
+MLP layer hold different bytes) and is extrapolated linearly in each model's number of layers (of each block
+type), per phase of the step (teacher
 forward, student forward, loss, backward, optimizer update, validation) and per memory category:
 within a phase every layer adds the same bytes (its weights, gradients, states, saved inputs), so the
 extrapolation is exact; `tests/test_plan.py` checks it against the full depth. The peak is the
@@ -28,6 +30,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,6 +43,7 @@ from torch.distributed._tools.mem_tracker import MemTracker, _RefType
 from nas.device import precision_for, use_precision
 from nas.errors import ConfigError
 from nas.evaluate.loss import lm_loss
+from nas.model.families import block_types, family_of
 from nas.prune.importance import activation_scores
 from nas.settings import DistillConfig
 from nas.train import dist as parallel
@@ -186,12 +191,24 @@ class _FakeData:
         return torch.zeros(n, self.seq_len, dtype=torch.long)
 
 
-def at_depth(config: Any, num_layers: int) -> Any:
-    """A copy of an HF config with `num_layers` decoder layers (per-layer lists cut to match)."""
+def layout(config: Any) -> int | list[str]:
+    """What the depth extrapolation varies for a config: its number of layers, or for a hybrid stack its
+    per-layer block types (a Mamba2 layer and an MLP layer do not hold the same bytes)."""
+    kinds = block_types(config)
+    return kinds if kinds is not None else config.num_hidden_layers
+
+
+def at_depth(config: Any, layers: int | list[str]) -> Any:
+    """A copy of an HF config with `layers` decoder layers (per-layer lists cut to match), or for a hybrid
+    stack with layers of the block types `layers`, in order."""
     config = config.__class__.from_dict(config.to_dict())
-    config.num_hidden_layers = num_layers
+    if isinstance(layers, list):
+        setattr(config, family_of(config).block_types_attr, list(layers))
+        config.num_hidden_layers = len(layers)
+        return config
+    config.num_hidden_layers = layers
     if getattr(config, "layer_types", None):
-        config.layer_types = list(config.layer_types)[:num_layers]
+        config.layer_types = list(config.layer_types)[:layers]
     return config
 
 
@@ -240,7 +257,10 @@ def measure_train(
         tracker.track_external(model, optimizer)
         if teacher is not None:
             tracker.track_teacher(teacher)
-        with _regions(tracker, model), tracker:
+        with _regions(tracker, model), tracker, warnings.catch_warnings():
+            # transformers' Mamba2 conv builds its activation module per call (`ACT2FN[...]`), gone by the
+            # backward, whose hooks MemTracker then skips with a warning (nothing is missed: it holds no tensors)
+            warnings.filterwarnings("ignore", "Module is None", UserWarning)
             loop.train_step(model, data, dry, optimizer, 1)
         return tracker.phases() | {"validation": _validation(model, optimizer, dry, data, cfg)}
 
@@ -302,20 +322,44 @@ def _as_teacher(phases: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
     return phases
 
 
-def extrapolate(measure, layers: tuple[int, ...]) -> dict[str, dict[str, int]]:
-    """Per-phase categories of `measure(depths)` (one layer count per model) at `layers`, from runs
-    at 1 and 2 layers: along the diagonal when all models have the same depth, else one model at a time."""
-    base = measure((1,) * len(layers))
-    if len(set(layers)) == 1:
-        slopes = [(_minus(measure((2,) * len(layers)), base), layers[0] - 1)]
+def extrapolate(measure, layers: tuple) -> dict[str, dict[str, int]]:
+    """Per-phase categories of `measure(layouts)` (one layout a model: a number of layers, or a hybrid stack's
+    list of block types) at `layers`, from runs at one layer of each kind and one more of a kind at a time:
+    along the diagonal when all models have the same layout, else one model at a time."""
+    start = tuple(_start(layout) for layout in layers)
+    base = measure(start)
+    if len({repr(layout) for layout in layers}) == 1:
+        bumps = [(tuple(_grow(s, kind) for s in start), n - 1) for kind, n in _kinds(layers[0]).items()]
     else:
-        bumped = [tuple(2 if j == i else 1 for j in range(len(layers))) for i in range(len(layers))]
-        slopes = [(_minus(measure(d), base), n - 1) for d, n in zip(bumped, layers, strict=True)]
+        bumps = [
+            (tuple(_grow(s, kind) if j == i else s for j, s in enumerate(start)), n - 1)
+            for i, layout in enumerate(layers)
+            for kind, n in _kinds(layout).items()
+        ]
+    slopes = [(_minus(measure(layouts), base), n) for layouts, n in bumps if n]
     out = {}
     for phase, cats in base.items():
         if all(phase in slope for slope, _ in slopes):
             out[phase] = {k: max(0, cats[k] + sum(s[phase][k] * n for s, n in slopes)) for k in CATEGORIES}
     return out
+
+
+def _kinds(layout: int | list[str]) -> dict[str, int]:
+    """How many layers of each kind, in order of first appearance."""
+    return {"layer": layout} if isinstance(layout, int) else dict(Counter(layout))
+
+
+def _start(layout: int | list[str]) -> int | list[str]:
+    """One layer of each kind."""
+    return 1 if isinstance(layout, int) else list(dict.fromkeys(layout))
+
+
+def _grow(start: int | list[str], kind: str) -> int | list[str]:
+    """`start` with one more layer of `kind` (next to the first)."""
+    if isinstance(start, int):
+        return start + 1
+    i = start.index(kind)
+    return [*start[: i + 1], kind, *start[i + 1 :]]
 
 
 def _minus(a: dict, b: dict) -> dict:

@@ -137,7 +137,7 @@ def _phases(job: _Job, s: dict[str, Any]) -> dict[str, dict[str, int]]:
                 dryrun.at_depth(job.teacher, depths[0]), dtype, s["batch_size"], job.seq_len, s["precision"]
             )
 
-        return dryrun.extrapolate(one, (job.teacher.num_hidden_layers,))
+        return dryrun.extrapolate(one, (dryrun.layout(job.teacher),))
     dcfg = DistillConfig(
         **{k: s[k] for k in KNOBS}, eval_batch_size=s["eval_batch_size"], fsdp=s["gpus"] > 1, device="cuda"
     )
@@ -147,7 +147,7 @@ def _phases(job: _Job, s: dict[str, Any]) -> dict[str, dict[str, int]]:
         with dryrun.fake_world(s["gpus"]):
             return dryrun.measure_train(t, st, dcfg, job.seq_len)
 
-    return dryrun.extrapolate(pair, (job.teacher.num_hidden_layers, job.student.num_hidden_layers))
+    return dryrun.extrapolate(pair, (dryrun.layout(job.teacher), dryrun.layout(job.student)))
 
 
 def _as_recommended(plan: StagePlan) -> StagePlan:
