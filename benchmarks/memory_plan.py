@@ -1,4 +1,4 @@
-"""Memory plan of three real teachers on 80 GB GPUs: today's default policy vs the plan's recommendation.
+"""Memory plan of real teachers on 80 GB GPUs: today's default policy vs the plan's recommendation.
 
 Reads only the shipped `config.json` files (benchmarks/configs/, the published values of
 meta-llama/Llama-3.1-8B, Qwen/Qwen3-8B, mistralai/Mistral-Nemo-Base-2407 and nvidia/NVIDIA-Nemotron-Nano-9B-v2,
