@@ -23,8 +23,10 @@ CONFIG_CLASSES = {
     "smollm3": "SmolLM3Config",
     "qwen3_moe": "Qwen3MoeConfig",
     "mixtral": "MixtralConfig",
+    "qwen3_5_text": "Qwen3_5TextConfig",
 }
 SLIDING = ("sliding_attention", "full_attention")
+HYBRID = ("linear_attention", "full_attention")
 
 
 def family_extras(model_type: str, num_layers: int) -> dict:
@@ -37,6 +39,9 @@ def family_extras(model_type: str, num_layers: int) -> dict:
         "olmo3": sliding,
         "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2},
         "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+        # Gated DeltaNet layers with 2 value heads per key head, a full-attention layer every 2nd (3.5: 4th)
+        "qwen3_5_text": {"linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 8,
+                         "linear_value_head_dim": 8, "layer_types": [HYBRID[i % 2] for i in range(num_layers)]},
     }.get(model_type, {})  # fmt: skip
 
 

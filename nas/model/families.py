@@ -38,6 +38,38 @@ class Experts:
 
 
 @dataclass(frozen=True)
+class Blocks:
+    """A hybrid stack (see `nas.model.blocks` for the design): `attr` is the config list naming each layer's
+    type; `layers` maps each of its values to the nas block types that layer holds (its own type first);
+    `modules` maps a nas block type to the attribute of the decoder layer that holds it."""
+
+    attr: str
+    layers: tuple[tuple[str, tuple[str, ...]], ...]  # (HF layer type, nas block types of that layer)
+    modules: tuple[tuple[str, str], ...]  # (nas block type, attribute of the decoder layer)
+
+    def layer_type(self, hf_type: str) -> str:
+        """The nas type of a layer whose config entry is `hf_type`."""
+        return self.units_of_hf(hf_type)[0]
+
+    def units_of_hf(self, hf_type: str) -> tuple[str, ...]:
+        for name, units in self.layers:
+            if name == hf_type:
+                return units
+        raise ModelError(f"layer type {hf_type!r} is not one of {', '.join(n for n, _ in self.layers)}")
+
+    def units(self, layer_type: str) -> tuple[str, ...]:
+        """The nas block types a layer of nas type `layer_type` holds."""
+        return next(units for _, units in self.layers if units[0] == layer_type)
+
+    def hf_type(self, layer_type: str) -> str:
+        return next(name for name, units in self.layers if units[0] == layer_type)
+
+    def module(self, layer: nn.Module, block: str) -> nn.Module:
+        """The module of block type `block` in a decoder layer."""
+        return getattr(layer, dict(self.modules)[block])
+
+
+@dataclass(frozen=True)
 class Family:
     """What distinguishes one supported `model_type` from another."""
 
@@ -56,6 +88,8 @@ class Family:
     layer_lists: tuple[str, ...] = ("layer_types",)  # config lists with one entry per layer
     experts: Experts | None = None  # the sparse MoE block, where every layer has one
     rope_factors_follow_hidden: bool = False  # longrope factors are sized by hidden_size // heads (Phi-3)
+    blocks: Blocks | None = None  # a hybrid stack: layers of several types (None: every layer the same block)
+    attn_output_gate: bool = False  # q_proj also gives a per-head sigmoid output gate (Qwen3.5)
 
 
 QWEN3_MOE = Experts("num_experts", "moe_intermediate_size")
@@ -67,6 +101,11 @@ GEMMA_NORMS = (
     "post_feedforward_layernorm",
 )
 OLMO_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")  # norms after attention and MLP
+QWEN3_5_BLOCKS = Blocks(
+    "layer_types",
+    (("linear_attention", ("linear_attention", "mlp")), ("full_attention", ("attention", "mlp"))),
+    (("attention", "self_attn"), ("linear_attention", "linear_attn"), ("mlp", "mlp")),
+)
 
 FAMILIES: dict[str, Family] = {
     f.model_type: f
@@ -84,6 +123,8 @@ FAMILIES: dict[str, Family] = {
                layer_lists=("layer_types", "no_rope_layers")),
         Family("qwen3_moe", "attention_bias", False, True, qk_norm="head", experts=QWEN3_MOE),
         Family("mixtral", None, False, False, experts=MIXTRAL),
+        Family("qwen3_5_text", "attention_bias", False, True, qk_norm="head", norm_offset=1.0,
+               blocks=QWEN3_5_BLOCKS, attn_output_gate=True),
     )
 }  # fmt: skip
 
