@@ -23,16 +23,17 @@ CONFIG_CLASSES = {
     "smollm3": "SmolLM3Config",
     "qwen3_moe": "Qwen3MoeConfig",
     "mixtral": "MixtralConfig",
+    "qwen3_5_text": "Qwen3_5TextConfig",
     "nemotron_h": "NemotronHConfig",
 }
 SLIDING = ("sliding_attention", "full_attention")
+HYBRID = ("linear_attention", "full_attention")
 # Nemotron-H's block types, in the order of transformers' default `layers_block_type`: Mamba2, MoE, attention, MLP
 NEMOTRON_BLOCKS = ("linear_attention", "moe", "full_attention", "mlp")
 NEMOTRON_SIZES = {
     "mamba_num_heads": 8, "mamba_head_dim": 8, "n_groups": 2, "ssm_state_size": 8, "conv_kernel": 4,
     "chunk_size": 8,  # shorter than the test sequences: the chunked scan carries state across chunks
-    "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
-    "moe_shared_expert_intermediate_size": 32,
+    "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_shared_expert_intermediate_size": 32,
 }  # fmt: skip
 
 
@@ -46,6 +47,9 @@ def family_extras(model_type: str, num_layers: int) -> dict:
         "olmo3": sliding,
         "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2},
         "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+        # Gated DeltaNet layers with 2 value heads per key head, a full-attention layer every 2nd (3.5: 4th)
+        "qwen3_5_text": {"linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 8,
+                         "linear_value_head_dim": 8, "layer_types": [HYBRID[i % 2] for i in range(num_layers)]},
         "nemotron_h": {**NEMOTRON_SIZES, "layers_block_type": [NEMOTRON_BLOCKS[i % 4] for i in range(num_layers)]},
     }.get(model_type, {})  # fmt: skip
 
@@ -73,7 +77,9 @@ def tiny_config(
     cls = getattr(transformers, CONFIG_CLASSES[model_type])
     experts = FAMILIES[model_type].experts
     extra = {**family_extras(model_type, num_layers), **extra}
-    extra[experts.ffn_attr if experts else "intermediate_size"] = ffn_hidden_size
+    extra["intermediate_size"] = ffn_hidden_size  # the MLPs' (Nemotron-H: beside its MoE layers, one width)
+    if experts:
+        extra[experts.ffn_attr] = ffn_hidden_size
     return cls(
         vocab_size=vocab_size,
         hidden_size=hidden_size,

@@ -1,6 +1,6 @@
-"""Golden facts of one Mamba2 mixer (Nemotron-H's), at the module level: the analytic size equals numel, the
-recurrent state is what transformers' cache holds, keep-all is the identity, and cutting heads (evenly per
-group), head channels and hidden channels equals masking them."""
+"""Golden facts of one Mamba2 mixer (Nemotron-H's), at the module level: keep-all is the identity, and cutting
+heads (evenly per group), head channels and hidden channels equals masking them (the model-level facts are in
+tests/test_nemotron.py)."""
 
 import pytest
 import torch
@@ -11,8 +11,6 @@ from nas.model.mamba import (
     channels,
     check_heads,
     cut_mixer,
-    mamba_params,
-    recurrent_state_elements,
 )
 
 SHAPE = MambaShape(num_heads=8, head_dim=8, n_groups=2, state_size=8, conv_kernel=4, proj_bias=True)
@@ -61,23 +59,6 @@ class MaskedGatedNorm(nn.Module):
         m = self.mask.unflatten(-1, (self.n_groups, -1))
         var = y.pow(2).sum(-1, keepdim=True) / m.sum(-1, keepdim=True)
         return self.norm.weight * (y * torch.rsqrt(var + self.norm.variance_epsilon)).flatten(-2)
-
-
-def test_analytic_params_equal_numel_with_and_without_biases():
-    for shape in (SHAPE, MambaShape(6, 4, 3, 5, 3, proj_bias=False, conv_bias=False)):
-        assert mamba_params(shape, HIDDEN) == sum(p.numel() for p in mixer(shape).parameters())
-
-
-def test_recurrent_state_is_what_the_cache_holds_and_does_not_grow_with_the_sequence():
-    from transformers import DynamicCache
-
-    module, config = mixer(), mixer_config()
-    for length in (5, 19):
-        cache = DynamicCache(config=config)
-        with torch.no_grad():
-            module(torch.randn(1, length, HIDDEN), cache=cache)
-        held = (cache.get_conv_state(0).numel(), cache.get_recurrent_state(0).numel())
-        assert held == recurrent_state_elements(SHAPE)
 
 
 def test_heads_must_be_kept_evenly_in_group_order():

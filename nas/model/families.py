@@ -35,6 +35,39 @@ class Experts:
 
     num_experts_attr: str  # config attribute of the number of experts
     ffn_attr: str  # config attribute of each expert's FFN width
+    shared_attr: str | None = None  # config attribute of an always-on shared expert's FFN width (Nemotron-H)
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """A hybrid stack (see `nas.model.blocks` for the design): `attr` is the config list naming each layer's
+    type; `layers` maps each of its values to the nas block types that layer holds (its own type first);
+    `modules` maps a nas block type to the attribute of the decoder layer that holds it."""
+
+    attr: str
+    layers: tuple[tuple[str, tuple[str, ...]], ...]  # (HF layer type, nas block types of that layer)
+    modules: tuple[tuple[str, str], ...]  # (nas block type, attribute of the decoder layer)
+
+    def layer_type(self, hf_type: str) -> str:
+        """The nas type of a layer whose config entry is `hf_type`."""
+        return self.units_of_hf(hf_type)[0]
+
+    def units_of_hf(self, hf_type: str) -> tuple[str, ...]:
+        for name, units in self.layers:
+            if name == hf_type:
+                return units
+        raise ModelError(f"layer type {hf_type!r} is not one of {', '.join(n for n, _ in self.layers)}")
+
+    def units(self, layer_type: str) -> tuple[str, ...]:
+        """The nas block types a layer of nas type `layer_type` holds."""
+        return next(units for _, units in self.layers if units[0] == layer_type)
+
+    def hf_type(self, layer_type: str) -> str:
+        return next(name for name, units in self.layers if units[0] == layer_type)
+
+    def module(self, layer: nn.Module, block: str) -> nn.Module:
+        """The module of block type `block` in a decoder layer."""
+        return getattr(layer, dict(self.modules)[block])
 
 
 @dataclass(frozen=True)
@@ -56,8 +89,12 @@ class Family:
     layer_lists: tuple[str, ...] = ("layer_types",)  # config lists with one entry per layer
     experts: Experts | None = None  # the sparse MoE block, where every layer has one
     rope_factors_follow_hidden: bool = False  # longrope factors are sized by hidden_size // heads (Phi-3)
+    blocks: Blocks | None = None  # a hybrid stack: layers of several types (None: every layer the same block)
+    attn_output_gate: bool = False  # q_proj also gives a per-head sigmoid output gate (Qwen3.5)
     final_norm: str = "norm"  # the final norm's name under `model.model` (Nemotron-H: `norm_f`)
-    block_types_attr: str | None = None  # a hybrid stack's per-layer block types (Nemotron-H: `layers_block_type`)
+    gated_mlp: bool = True  # MLPs and experts have a gate projection (Nemotron-H's squared-ReLU MLPs do not)
+    ties_embeddings: bool = True  # the HF class can tie its head to the embeddings (Nemotron-H's never does)
+    min_experts: int = 1  # fewest experts a MoE layer can keep (Nemotron-H's router takes the top 2 per group)
 
 
 QWEN3_MOE = Experts("num_experts", "moe_intermediate_size")
@@ -69,6 +106,18 @@ GEMMA_NORMS = (
     "post_feedforward_layernorm",
 )
 OLMO_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")  # norms after attention and MLP
+NEMOTRON_H_EXPERTS = Experts("n_routed_experts", "moe_intermediate_size", "moe_shared_expert_intermediate_size")
+# Nemotron-H: each layer is one `mixer` of its `layers_block_type` (transformers names Mamba2 "linear_attention")
+NEMOTRON_H_BLOCKS = Blocks(
+    "layers_block_type",
+    (("linear_attention", ("mamba",)), ("full_attention", ("attention",)), ("mlp", ("mlp",)), ("moe", ("moe",))),
+    (("mamba", "mixer"), ("attention", "mixer"), ("mlp", "mixer"), ("moe", "mixer")),
+)
+QWEN3_5_BLOCKS = Blocks(
+    "layer_types",
+    (("linear_attention", ("linear_attention", "mlp")), ("full_attention", ("attention", "mlp"))),
+    (("attention", "self_attn"), ("linear_attention", "linear_attn"), ("mlp", "mlp")),
+)
 
 FAMILIES: dict[str, Family] = {
     f.model_type: f
@@ -86,8 +135,11 @@ FAMILIES: dict[str, Family] = {
                layer_lists=("layer_types", "no_rope_layers")),
         Family("qwen3_moe", "attention_bias", False, True, qk_norm="head", experts=QWEN3_MOE),
         Family("mixtral", None, False, False, experts=MIXTRAL),
-        Family("nemotron_h", None, False, False, norms=("norm",), final_norm="norm_f",
-               block_types_attr="layers_block_type"),
+        Family("qwen3_5_text", "attention_bias", False, True, qk_norm="head", norm_offset=1.0,
+               blocks=QWEN3_5_BLOCKS, attn_output_gate=True),
+        Family("nemotron_h", None, False, False, mlp_bias_attr="mlp_bias", norms=("norm",), layer_lists=(),
+               experts=NEMOTRON_H_EXPERTS, blocks=NEMOTRON_H_BLOCKS, final_norm="norm_f", gated_mlp=False,
+               ties_embeddings=False, min_experts=2),
     )
 }  # fmt: skip
 
@@ -105,6 +157,14 @@ def family_of(config: Any) -> Family:
             "qwen3_moe with dense layers (mlp_only_layers or decoder_sparse_step > 1) is not supported: "
             "nas prunes Qwen3-MoE models whose every layer is sparse"
         )
+    if model_type == "nemotron_h" and "moe" in getattr(config, "layers_block_type", ()):
+        if getattr(config, "moe_latent_size", None) is not None:
+            raise ModelError("nemotron_h with latent MoE projections (moe_latent_size) is not supported yet")
+        if getattr(config, "n_group", 1) != 1:
+            raise ModelError(
+                f"nemotron_h with a grouped router (n_group = {config.n_group}) is not supported: nas prunes "
+                "Nemotron-H routers of one expert group (n_group = 1, as Nemotron 3 Nano)"
+            )
     return fam
 
 
@@ -120,10 +180,10 @@ def bias_flags(config: Any) -> tuple[bool, bool, bool]:
 
 
 def block_types(config: Any) -> list[str] | None:
-    """The per-layer block types of a hybrid stack (e.g. Nemotron-H's Mamba2 / attention / MLP / MoE layers), or
-    None for a stack of identical blocks."""
-    attr = family_of(config).block_types_attr
-    return list(getattr(config, attr)) if attr else None
+    """The per-layer types of a hybrid stack as its config lists them (e.g. Nemotron-H's Mamba2 / attention /
+    MLP / MoE layers), or None for a stack of identical blocks."""
+    blocks = family_of(config).blocks
+    return list(getattr(config, blocks.attr)) if blocks else None
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

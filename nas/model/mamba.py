@@ -1,6 +1,6 @@
-"""The layout of a Mamba2 mixer (Nemotron-H's `NemotronHMamba2Mixer`, transformers 5.24): its sizes, its exact
-parameter count, its recurrent state, and which rows and columns of each tensor a set of kept heads and head
-channels keeps.
+"""The layout of a Mamba2 mixer (Nemotron-H's `NemotronHMamba2Mixer`, transformers 5.24): which rows and columns
+of each tensor a set of kept heads and head channels keeps, and the scores of heads and head channels (its
+parameter count and recurrent state are `nas.model.blocks.mamba_params` / `block_state`).
 
 A mixer of `num_heads` heads of `head_dim` channels (`inner = num_heads * head_dim`), `n_groups` groups sharing
 one B and one C of `state_size` each, and a depthwise causal conv of `conv_kernel` taps:
@@ -54,23 +54,6 @@ class MambaShape:
     @property
     def heads_per_group(self) -> int:
         return self.num_heads // self.n_groups
-
-
-def mamba_params(shape: MambaShape, hidden_size: int) -> int:
-    """Exact parameter count of one mixer (without the block's pre-norm)."""
-    s, h = shape, hidden_size
-    in_rows = 2 * s.inner + s.bc + s.num_heads
-    params = h * in_rows + (in_rows if s.proj_bias else 0)
-    params += s.conv_dim * s.conv_kernel + (s.conv_dim if s.conv_bias else 0)
-    params += 3 * s.num_heads + s.inner  # dt_bias, A_log, D; the gated norm's weight
-    return params + s.inner * h + (h if s.proj_bias else 0)
-
-
-def recurrent_state_elements(shape: MambaShape) -> tuple[int, int]:
-    """(conv state, SSM state) elements one sequence holds in one mixer, whatever its length: transformers'
-    cache keeps the last `conv_kernel` inputs of the conv ([conv_dim, conv_kernel]) and one
-    [num_heads, head_dim, state_size] SSM state (`cache_utils.LinearAttentionLayer`)."""
-    return shape.conv_dim * shape.conv_kernel, shape.inner * shape.state_size
 
 
 def channels(heads: list[int], dims: list[int], head_dim: int) -> torch.Tensor:

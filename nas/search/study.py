@@ -28,7 +28,7 @@ import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
 from nas.errors import ConfigError, NasError, first_line
-from nas.model.arch import KNOBS, MOE_KNOBS, Arch
+from nas.model.arch import Arch
 from nas.settings import RunConfig
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class StudyRecord(_Record):
     seed: int | None = None
     horizon_steps: int | None = None
     tokens_per_step: int | None = None
-    candidates: list[list[int]] | None = None  # arch keys (KNOBS order) in priority order
+    candidates: list[list[int]] | None = None  # arch keys (`Arch.knobs` order) in priority order
     sampler: str | None = None  # in words
     pruner: str | None = None
     identity: dict[str, Any] | None = (
@@ -126,8 +126,9 @@ class TrialRecord(_Record):
 
 
 def arch_key(arch: Arch | dict) -> tuple[int, ...]:
-    values = arch.to_dict() if isinstance(arch, Arch) else arch
-    return tuple(int(values[k]) for k in (MOE_KNOBS if values.get("num_experts") else KNOBS))
+    """The candidate's knob values (`Arch.knobs` order): its identity in a study."""
+    arch = arch if isinstance(arch, Arch) else Arch.from_dict(arch)
+    return tuple(int(getattr(arch, k)) for k in arch.knobs)
 
 
 STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
