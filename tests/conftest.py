@@ -37,6 +37,8 @@ FAMILY_CASES = [
     ("qwen3_moe", True, 4),
     ("mixtral", True, 2),
     ("mixtral", False, 2),
+    ("qwen3_5_text", False, 2),
+    ("qwen3_5_text", True, 4),
 ]
 
 
