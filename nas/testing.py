@@ -28,8 +28,9 @@ CONFIG_CLASSES = {
 }
 SLIDING = ("sliding_attention", "full_attention")
 HYBRID = ("linear_attention", "full_attention")
-# Nemotron-H's block types, in the order of transformers' default `layers_block_type`: Mamba2, MoE, attention, MLP
-NEMOTRON_BLOCKS = ("linear_attention", "moe", "full_attention", "mlp")
+# Nemotron-H's layer types as Nemotron Nano 2 has them: Mamba2, attention, MLP (4 layers: M * - M, so that every
+# shorter prefix of 3 keeps each type); Nemotron 3 Nano's MoE layers: pass `layers_block_type` with "moe"
+NEMOTRON_BLOCKS = ("linear_attention", "full_attention", "mlp")
 NEMOTRON_SIZES = {
     "mamba_num_heads": 8, "mamba_head_dim": 8, "n_groups": 2, "ssm_state_size": 8, "conv_kernel": 4,
     "chunk_size": 8,  # shorter than the test sequences: the chunked scan carries state across chunks
@@ -50,7 +51,7 @@ def family_extras(model_type: str, num_layers: int) -> dict:
         # Gated DeltaNet layers with 2 value heads per key head, a full-attention layer every 2nd (3.5: 4th)
         "qwen3_5_text": {"linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 8,
                          "linear_value_head_dim": 8, "layer_types": [HYBRID[i % 2] for i in range(num_layers)]},
-        "nemotron_h": {**NEMOTRON_SIZES, "layers_block_type": [NEMOTRON_BLOCKS[i % 4] for i in range(num_layers)]},
+        "nemotron_h": {**NEMOTRON_SIZES, "layers_block_type": [NEMOTRON_BLOCKS[i % 3] for i in range(num_layers)]},
     }.get(model_type, {})  # fmt: skip
 
 
@@ -77,9 +78,9 @@ def tiny_config(
     cls = getattr(transformers, CONFIG_CLASSES[model_type])
     experts = FAMILIES[model_type].experts
     extra = {**family_extras(model_type, num_layers), **extra}
-    extra["intermediate_size"] = ffn_hidden_size  # the MLPs' (Nemotron-H: beside its MoE layers, one width)
+    extra.setdefault("intermediate_size", ffn_hidden_size)  # the MLPs' (Nemotron-H: beside its MoE layers)
     if experts:
-        extra[experts.ffn_attr] = ffn_hidden_size
+        extra.setdefault(experts.ffn_attr, ffn_hidden_size)
     return cls(
         vocab_size=vocab_size,
         hidden_size=hidden_size,

@@ -214,7 +214,7 @@ class Arch:
         config.num_hidden_layers = self.num_layers
         config.hidden_size = self.hidden_size
         moe = self.family.experts
-        if "mlp" in self.blocks:
+        if "mlp" in self.blocks or "moe" not in self.blocks:
             config.intermediate_size = self.ffn_hidden_size
         if "moe" in self.blocks:
             setattr(config, moe.ffn_attr, self.ffn_hidden_size)
@@ -249,21 +249,19 @@ class Arch:
     def replace(self, **knobs: int) -> Arch:
         """This arch with some knobs changed (see `knobs`); fewer experts than the router's top-k
         lower the top-k with them. A hybrid's layer counts (`num_<type>_layers`) drop the last layers of
-        their type from `layer_types` (the cut decides which teacher layers stay)."""
+        their type from `layer_types` (the cut decides which teacher layers stay); `num_layers=n` alone on a
+        hybrid keeps the counts of the pattern's first n layers."""
         if "num_experts" in knobs and "num_experts_per_tok" not in knobs:
             knobs["num_experts_per_tok"] = min(self.num_experts_per_tok, knobs["num_experts"])
         counts = {t: knobs.pop(k) for t, k in LAYER_KNOBS.items() if k in knobs}
+        if counts and not self.layer_types:
+            raise InfeasibleError(f"{', '.join(LAYER_KNOBS[t] for t in counts)}: not a hybrid stack; set num_layers")
+        if self.layer_types and "num_layers" in knobs and not counts:  # the counts of the pattern's first layers
+            prefix = self.layer_types[: knobs["num_layers"]]
+            counts = {t: prefix.count(t) for t in dict.fromkeys(self.layer_types)}
         if counts:
-            if not self.layer_types:
-                raise InfeasibleError(f"{', '.join(LAYER_KNOBS[t] for t in counts)}: not a hybrid stack; set num_layers")
             knobs["layer_types"] = _shortened(self.layer_types, counts)
             knobs["num_layers"] = len(knobs["layer_types"])
-        elif self.layer_types and knobs.get("num_layers", self.num_layers) != self.num_layers:
-            raise InfeasibleError(
-                "a hybrid stack counts its layers per type: set "
-                + ", ".join(LAYER_KNOBS[t] for t in dict.fromkeys(self.layer_types))
-                + " instead of num_layers"
-            )
         return dataclasses.replace(self, **knobs)
 
     def describe(self) -> str:
@@ -295,7 +293,7 @@ def _ffn_fields(config: Any, fam: Family) -> dict[str, Any]:
     types = set(getattr(config, fam.blocks.attr)) if fam.blocks else set()
     has_moe = moe is not None and (not fam.blocks or any("moe" in fam.blocks.units_of_hf(t) for t in types))
     has_mlp = not moe or (fam.blocks is not None and any("mlp" in fam.blocks.units_of_hf(t) for t in types))
-    widths = {config.intermediate_size} if has_mlp else set()
+    widths = {config.intermediate_size} if has_mlp or not has_moe else set()  # (no FFN layer: the config's)
     widths |= {getattr(config, moe.ffn_attr)} if has_moe else set()
     if len(widths) != 1:
         raise ModelError(

@@ -186,6 +186,25 @@ def block_types(config: Any) -> list[str] | None:
     return list(getattr(config, blocks.attr)) if blocks else None
 
 
+HOMOGENEOUS_MODULES = {"attention": "self_attn", "mlp": "mlp", "moe": "mlp"}
+
+
+def layer_units(config: Any) -> list[tuple[str, ...]]:
+    """The nas block types of each decoder layer (`nas.model.blocks`), in order."""
+    fam = family_of(config)
+    if fam.blocks is None:
+        return [("attention", "moe" if fam.experts else "mlp")] * config.num_hidden_layers
+    return [fam.blocks.units_of_hf(t) for t in getattr(config, fam.blocks.attr)]
+
+
+def block_module(layer: nn.Module, family: Family, block: str) -> nn.Module:
+    """The module of block type `block` in a decoder layer (attention at `self_attn`, MLP/MoE at `mlp` unless
+    the family's `blocks` says otherwise)."""
+    if family.blocks is not None:
+        return family.blocks.module(layer, block)
+    return getattr(layer, HOMOGENEOUS_MODULES[block])
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks of a causal LM."""
     return model.model.layers

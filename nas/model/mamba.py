@@ -1,6 +1,6 @@
 """The layout of a Mamba2 mixer (Nemotron-H's `NemotronHMamba2Mixer`, transformers 5.24): which rows and columns
-of each tensor a set of kept heads and head channels keeps, and the scores of heads and head channels (its
-parameter count and recurrent state are `nas.model.blocks.mamba_params` / `block_state`).
+of each tensor a set of kept heads and head channels keeps (its parameter count and recurrent state are
+`nas.model.blocks.mamba_params` / `block_state`, its importance `nas.prune.importance`).
 
 A mixer of `num_heads` heads of `head_dim` channels (`inner = num_heads * head_dim`), `n_groups` groups sharing
 one B and one C of `state_size` each, and a depthwise causal conv of `conv_kernel` taps:
@@ -118,19 +118,3 @@ def cut_mixer(
         out[name] = (t if c is None else t.index_select(1, c.to(t.device))).clone()
     return out
 
-
-def head_scores(x: torch.Tensor, shape: MambaShape) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sums of squares over the batch of one batch's `out_proj` input [batch, seq, inner] (the gated norm's
-    output): (per head [num_heads]: the L2 norm of its slice, mean over the sequence; per channel [inner]:
-    |x| mean over the sequence). The square roots of their running sums are the Minitron scores (mean over the
-    sequence, L2 over the batch), as for attention heads and MLP channels."""
-    x = x.float()
-    per_head = x.unflatten(-1, (shape.num_heads, shape.head_dim)).norm(dim=-1).mean(dim=1)
-    return per_head.pow(2).sum(0).double(), x.abs().mean(dim=1).pow(2).sum(0).double()
-
-
-def head_dim_scores(channel_scores: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """[..., head_dim]: a head channel's score is the L2 norm over the heads of its channel scores (the same
-    channel is cut from every head), as NVIDIA ModelOpt ranks `mamba_head_dim`
-    (`modelopt/torch/nas/plugins/megatron.py`, `_estimate_head_and_head_dim_rankings`)."""
-    return channel_scores.unflatten(-1, (-1, head_dim)).norm(dim=-2)

@@ -10,13 +10,14 @@ Each activation score is aggregated as the mean over the sequence, then the L2 n
 - experts (mixture of experts): per token, the router weight times the norm of the expert's output, summed
   over the tokens routed to it and divided by all tokens (`experts`); the routing mass alone is
   `expert_mass`; each expert's FFN channels score the L2 norm over its tokens of router weight * |act(gate) * up|;
-- Mamba2 heads (Nemotron-H): the L2 norm of each head's slice of the `out_proj` input (the gated norm's output),
-  as for attention heads; Mamba head channels (`mamba_head_dim`): |out_proj input| per channel, then the L2 norm
-  over the heads of each head channel (`nas.model.mamba.head_dim_scores`); a Nemotron-H MoE layer's expert FFN
-  channels are `expert_mlp` (its MLP layers' channels are `mlp`) and its shared expert's channels `shared_mlp`;
+- linear-attention (Gated DeltaNet) value heads: L2 norm of each head's slice of the `out_proj` input
+  (`linear_heads`; a key head scores the sum of its value heads, `linear_key_heads`);
+- Mamba2 heads: L2 norm of each head's slice of the `out_proj` input (`mamba_heads`), and each of the
+  `mamba_head_dim` channels the norm over the heads of that channel (`mamba_head_dims`);
 - layers: Block Importance 1 - cos(x_in, x_out), kept for every contiguous block (`block_bi[i, j]` is
   1 - cos between the input of layer i and the input of layer j), and the held-out LM loss with each
-  layer removed (`layer_loss`).
+  layer removed (`layer_loss`). A hybrid stack compares layers within each type (`nas.prune.cut`).
+Rows of layers without a unit kind (an attention score of a linear-attention layer) stay 0.
 """
 
 from __future__ import annotations
@@ -41,16 +42,15 @@ from nas.errors import ModelError
 from nas.evaluate.loss import lm_loss
 from nas.io import atomic_path
 from nas.model.arch import Arch
-from nas.model.families import decoder_layers, family_of, final_norm, layer_norms
-from nas.model.mamba import head_dim_scores, head_scores
-from nas.prune.nemotron import ATTENTION, MAMBA, MLP, MOE, hybrid_score_shapes, mamba_shape
+from nas.model.families import block_module, decoder_layers, family_of, final_norm, layer_norms, layer_units
 
 log = logging.getLogger(__name__)
 
 BI_TOKENS_PER_BATCH = 512  # token positions sampled per batch for block BI (bounds memory on long sequences)
 TENSORS = ("heads", "mlp", "hidden", "block_bi", "layer_loss")
 MOE_TENSORS = ("experts", "expert_mass")
-HYBRID_TENSORS = ("mamba_heads", "mamba_channels", "expert_mlp", "shared_mlp")  # Nemotron-H
+HYBRID_TENSORS = ("linear_heads", "mamba_heads", "mamba_head_dims")
+OPTIONAL_TENSORS = (*MOE_TENSORS, *HYBRID_TENSORS)
 
 
 @dataclass
@@ -67,10 +67,9 @@ class Importance:
     teacher_arch: dict = field(default_factory=dict)
     experts: torch.Tensor | None = None  # [num_layers, num_experts] (MoE only)
     expert_mass: torch.Tensor | None = None  # [num_layers, num_experts]: mean router weight per token
-    mamba_heads: torch.Tensor | None = None  # [num_layers, num_mamba_heads] (Mamba2 layers; 0 elsewhere)
-    mamba_channels: torch.Tensor | None = None  # [num_layers, mamba_head_dim] (Mamba2 layers; 0 elsewhere)
-    expert_mlp: torch.Tensor | None = None  # [num_layers, num_experts, expert FFN] (Nemotron-H MoE layers)
-    shared_mlp: torch.Tensor | None = None  # [num_layers, shared expert FFN] (Nemotron-H MoE layers)
+    linear_heads: torch.Tensor | None = None  # [num_layers, num_linear_value_heads] (Gated DeltaNet only)
+    mamba_heads: torch.Tensor | None = None  # [num_layers, num_mamba_heads] (Mamba2 only)
+    mamba_head_dims: torch.Tensor | None = None  # [num_layers, mamba_head_dim] (Mamba2 only)
     identity: dict = field(
         default_factory=dict
     )  # the settings that decided the scores (`importance_identity`)
@@ -82,6 +81,12 @@ class Importance:
         return self.heads.reshape(self.heads.shape[0], num_groups, -1).sum(-1)
 
     @property
+    def linear_key_heads(self) -> torch.Tensor:
+        """[num_layers, num_linear_key_heads]: the sum of the scores of the value heads each key head serves."""
+        keys = self.teacher_arch["num_linear_key_heads"]
+        return self.linear_heads.reshape(self.linear_heads.shape[0], keys, -1).sum(-1)
+
+    @property
     def layer_bi(self) -> torch.Tensor:
         """[num_layers]: 1 - cos(input, output) of each layer."""
         return torch.diagonal(self.block_bi, offset=1).clone()
@@ -90,7 +95,7 @@ class Importance:
         """Write one safetensors file (scores as tensors, the rest as metadata), atomically."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        names = [n for n in (*TENSORS, *MOE_TENSORS, *HYBRID_TENSORS) if getattr(self, n) is not None]
+        names = [n for n in (*TENSORS, *OPTIONAL_TENSORS) if getattr(self, n) is not None]
         tensors = {name: getattr(self, name).float().contiguous() for name in names}
         meta = {
             "base_loss": json.dumps(self.base_loss),
@@ -113,7 +118,7 @@ class Importance:
                 meta = f.metadata() or {}
             return cls(
                 **{name: tensors[name] for name in TENSORS},
-                **{name: tensors.get(name) for name in (*MOE_TENSORS, *HYBRID_TENSORS)},
+                **{name: tensors.get(name) for name in OPTIONAL_TENSORS},
                 base_loss=json.loads(meta["base_loss"]),
                 num_samples=int(meta["num_samples"]),
                 teacher_arch=json.loads(meta["teacher_arch"]),
@@ -162,58 +167,52 @@ class _Accumulator:
         self.experts = torch.zeros(n_layers, arch.num_experts, device=dev, dtype=torch.float64)
         self.expert_mass = torch.zeros_like(self.experts)
         self.tokens = torch.zeros(n_layers, device=dev, dtype=torch.float64)
+        self.linear_heads = torch.zeros(n_layers, arch.num_linear_value_heads, device=dev, dtype=torch.float64)
+        self.mamba_heads = torch.zeros(n_layers, arch.num_mamba_heads, device=dev, dtype=torch.float64)
+        self.mamba_head_dims = torch.zeros(n_layers, arch.mamba_head_dim, device=dev, dtype=torch.float64)
         self.norms: dict[str, torch.Tensor] = {}
         self.bi_sum = torch.zeros(n_layers + 1, n_layers + 1, device=dev, dtype=torch.float64)
         self.bi_count = 0
         self.boundaries: list[torch.Tensor | None] = [None] * (n_layers + 1)
-        self.mamba = mamba_shape(model.config) if arch.model_type == "nemotron_h" else None
-        if self.mamba is not None:  # Nemotron-H: MLP channels in `mlp`, Mamba2 and MoE layers' units apart
-            sizes = hybrid_score_shapes(model.config)
-            self.hybrid = {
-                n: torch.zeros(n_layers, *shape, device=dev, dtype=torch.float64)
-                for n, shape in sizes.items()
-            }
-            self.experts, self.expert_mass = self.hybrid.pop("experts"), self.hybrid.pop("expert_mass")
 
     def add_heads(self, layer: int, x: torch.Tensor) -> None:
         per_head = x.float().unflatten(-1, (self.arch.num_attention_heads, self.arch.head_dim))
         self.heads[layer] += per_head.norm(dim=-1).mean(dim=1).pow(2).sum(0).double()
 
+    def add_linear_heads(self, layer: int, x: torch.Tensor) -> None:
+        per_head = x.float().unflatten(-1, (self.arch.num_linear_value_heads, self.arch.linear_value_head_dim))
+        self.linear_heads[layer] += per_head.norm(dim=-1).mean(dim=1).pow(2).sum(0).double()
+
+    def add_mamba_heads(self, layer: int, x: torch.Tensor) -> None:
+        per_head = x.float().unflatten(-1, (self.arch.num_mamba_heads, self.arch.mamba_head_dim))
+        self.mamba_heads[layer] += per_head.norm(dim=-1).mean(dim=1).pow(2).sum(0).double()
+        self.mamba_head_dims[layer] += per_head.norm(dim=-2).mean(dim=1).pow(2).sum(0).double()
+
     def add_mlp(self, layer: int, x: torch.Tensor) -> None:
+        # in a stack with MoE layers too (Nemotron-H) an MLP layer's row is [num_experts, ffn]: every row the same
         self.mlp[layer] += x.float().abs().mean(dim=1).pow(2).sum(0).double()
 
     def add_experts(
         self, layer: int, module: nn.Module, x: torch.Tensor, index: torch.Tensor, weights
     ) -> None:
         """One MoE block's routing ([tokens, top_k] expert indices and weights) and its experts' outputs,
-        recomputed per expert from the fused parameters (gate rows, then up rows; or gateless `up_proj`)."""
+        recomputed per expert from the fused parameters (gate rows, then up rows; or a gateless `up_proj`)."""
         x = x.float()
         self.tokens[layer] += x.shape[0]
-        channels = self.hybrid["expert_mlp"] if self.mamba is not None else self.mlp
         for e in index.unique().tolist():
-            if not 0 <= e < self.experts.shape[1]:
+            if not 0 <= e < self.arch.num_experts:
                 continue
             token, slot = torch.where(index == e)
             w = weights[token, slot].float()
             if hasattr(module, "gate_up_proj"):
                 gate, up = F.linear(x[token], module.gate_up_proj[e].float()).chunk(2, dim=-1)
                 h = module.act_fn(gate) * up
-            else:  # Nemotron-H's experts: act(up), no gate
+            else:  # experts without a gate (Nemotron-H): act(up)
                 h = module.act_fn(F.linear(x[token], module.up_proj[e].float()))
             y = F.linear(h, module.down_proj[e].float())
             self.expert_mass[layer, e] += w.sum().double()
             self.experts[layer, e] += (w * y.norm(dim=-1)).sum().double()
-            channels[layer, e] += (w[:, None] * h.abs()).pow(2).sum(0).double()
-
-    def add_mamba(self, layer: int, x: torch.Tensor) -> None:
-        """A Mamba2 mixer's `out_proj` input: its heads and head channels."""
-        heads, channels = head_scores(x, self.mamba)
-        self.hybrid["mamba_heads"][layer] += heads
-        self.hybrid["mamba_channels"][layer] += channels
-
-    def add_shared(self, layer: int, x: torch.Tensor) -> None:
-        """The input of a shared expert's `down_proj`."""
-        self.hybrid["shared_mlp"][layer] += x.float().abs().mean(dim=1).pow(2).sum(0).double()
+            self.mlp[layer, e] += (w[:, None] * h.abs()).pow(2).sum(0).double()
 
     def add_norm(self, name: str, y: torch.Tensor) -> None:
         sq = y.float().abs().mean(dim=1).pow(2).sum(0).double()
@@ -238,10 +237,13 @@ class _Accumulator:
             "hidden": hidden.float().cpu(),
             "block_bi": (1 - self.bi_sum / max(self.bi_count, 1)).float().cpu(),
         }
-        if self.mamba is not None:
-            scores |= {n: t.sqrt().float().cpu() for n, t in self.hybrid.items()}
-            scores["mamba_channels"] = head_dim_scores(scores["mamba_channels"], self.mamba.head_dim)
-        if self.arch.num_experts or self.mamba is not None:
+        blocks = self.arch.blocks
+        if "linear_attention" in blocks:
+            scores["linear_heads"] = self.linear_heads.sqrt().float().cpu()
+        if "mamba" in blocks:
+            scores["mamba_heads"] = self.mamba_heads.sqrt().float().cpu()
+            scores["mamba_head_dims"] = self.mamba_head_dims.sqrt().float().cpu()
+        if self.arch.num_experts:
             tokens = self.tokens.clamp(min=1)[:, None]
             scores["experts"] = (self.experts / tokens).float().cpu()
             scores["expert_mass"] = (self.expert_mass / tokens).float().cpu()
@@ -252,35 +254,39 @@ def _hidden_states_arg(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def _experts_hook(experts: nn.Module, acc: _Accumulator, i: int):
-    def on_experts(m, args, kwargs):
-        names = ("hidden_states", "top_k_index", "top_k_weights")
-        acc.add_experts(i, m, *args, *(kwargs[n] for n in names[len(args) :]))
+def _mlp_hook(mlp: nn.Module, acc: _Accumulator, i: int):
+    """MLP channels: the input of `down_proj`; MoE: the experts' routing and outputs."""
+    if hasattr(mlp, "experts"):
+        experts = mlp.experts
 
-    return experts.register_forward_pre_hook(on_experts, with_kwargs=True)
+        def on_experts(m, args, kwargs):
+            names = ("hidden_states", "top_k_index", "top_k_weights")
+            acc.add_experts(i, m, *args, *(kwargs[n] for n in names[len(args) :]))
+
+        return experts.register_forward_pre_hook(on_experts, with_kwargs=True)
+    return mlp.down_proj.register_forward_pre_hook(lambda m, a: acc.add_mlp(i, a[0]))
 
 
-def _pre_hook(module: nn.Module, add, i: int):
-    """`add(i, input)` on every call of `module`."""
-    return module.register_forward_pre_hook(lambda m, a: add(i, a[0]))
+def _out_proj_hook(module: nn.Module, add) -> Any:
+    """A per-head score from the input of the block's output projection (`o_proj` or `out_proj`)."""
+    proj = module.o_proj if hasattr(module, "o_proj") else module.out_proj
+    return proj.register_forward_pre_hook(lambda m, a: add(a[0]))
 
 
-def _unit_hooks(layer: nn.Module, acc: _Accumulator, i: int) -> list:
-    """Heads: the input of `o_proj`; MLP channels: the input of `down_proj`; MoE: the experts' routing and
-    outputs. A Nemotron-H block has one `mixer` of its `block_type` (Mamba2: the input of `out_proj`)."""
-    if acc.mamba is None:
-        mlp = _experts_hook(layer.mlp.experts, acc, i) if acc.arch.num_experts else _pre_hook(
-            layer.mlp.down_proj, acc.add_mlp, i)  # fmt: skip
-        return [_pre_hook(layer.self_attn.o_proj, acc.add_heads, i), mlp]
-    mixer = layer.mixer
-    if layer.block_type == MOE:
-        return [
-            _experts_hook(mixer.experts, acc, i),
-            _pre_hook(mixer.shared_experts.down_proj, acc.add_shared, i),
-        ]
-    module, add = {MAMBA: ("out_proj", acc.add_mamba), ATTENTION: ("o_proj", acc.add_heads),
-                   MLP: ("down_proj", acc.add_mlp)}[layer.block_type]  # fmt: skip
-    return [_pre_hook(getattr(mixer, module), add, i)]
+def _block_hooks(layer: nn.Module, units: tuple[str, ...], family, acc: _Accumulator, i: int) -> list:
+    adds = {
+        "attention": acc.add_heads,
+        "linear_attention": acc.add_linear_heads,
+        "mamba": acc.add_mamba_heads,
+    }
+    handles = []
+    for block in units:
+        module = block_module(layer, family, block)
+        if block in adds:
+            handles.append(_out_proj_hook(module, lambda x, add=adds[block]: add(i, x)))
+        else:  # mlp, moe
+            handles.append(_mlp_hook(module, acc, i))
+    return handles
 
 
 @contextmanager
@@ -288,8 +294,8 @@ def _hooks(model: nn.Module, acc: _Accumulator) -> Iterator[None]:
     handles = []
     layers = decoder_layers(model)
     family = family_of(model.config)
-    for i, layer in enumerate(layers):
-        handles += _unit_hooks(layer, acc, i)
+    for i, (layer, units) in enumerate(zip(layers, layer_units(model.config), strict=True)):
+        handles += _block_hooks(layer, units, family, acc, i)
         for j, norm in enumerate(layer_norms(layer, family)):
             handles.append(norm.register_forward_hook(lambda m, a, y, key=f"{i}.{j}": acc.add_norm(key, y)))
         handles.append(

@@ -48,21 +48,6 @@ def mamba_shape(config: Any) -> MambaShape:
     )
 
 
-def hybrid_score_shapes(config: Any) -> dict[str, tuple[int, ...]]:
-    """Per-layer shapes of the importance sums of a Nemotron-H's Mamba2 and MoE units (`nas.prune.importance`):
-    Mamba2 heads and channels (`inner`, folded into head channels at the end), experts, their routing mass,
-    their FFN channels and the shared expert's."""
-    mamba, experts = mamba_shape(config), config.n_routed_experts
-    return {
-        "mamba_heads": (mamba.num_heads,),
-        "mamba_channels": (mamba.inner,),
-        "experts": (experts,),
-        "expert_mass": (experts,),
-        "expert_mlp": (experts, config.moe_intermediate_size),
-        "shared_mlp": (config.moe_shared_expert_intermediate_size,),
-    }
-
-
 def _rows(units: list[int], size: int) -> torch.Tensor:
     return torch.tensor([u * size + r for u in units for r in range(size)], dtype=torch.long)
 
@@ -152,38 +137,3 @@ def cut_state_dict(
         }
     return out
 
-
-def grouped_top_k(scores: torch.Tensor, n_groups: int, k: int, top_k) -> list[int]:
-    """The `k // n_groups` best units of each of `n_groups` equal groups of `scores`, in group order (Mamba2
-    heads: the group-aware rule of Minitron-SSM, arXiv 2504.11409; experts of a grouped router)."""
-    per_group, size = k // n_groups, scores.numel() // n_groups
-    return [
-        g * size + u for g in range(n_groups) for u in top_k(scores[g * size : (g + 1) * size], per_group)
-    ]
-
-
-def plan_block(
-    block_type: str, layer: int, sizes: dict[str, int], config: Any, importance: Any, top_k
-) -> BlockKeep:
-    """The units teacher layer `layer` (a `block_type` block) keeps at the student's `sizes` (`mamba_heads`,
-    `mamba_head_dim`, `heads`, `groups`, `ffn`, `experts`, `expert_ffn`, `shared_ffn`), best by `importance`."""
-    if block_type == MAMBA:
-        heads = grouped_top_k(importance.mamba_heads[layer], config.n_groups, sizes["mamba_heads"], top_k)
-        return BlockKeep(
-            MAMBA,
-            mamba_heads=heads,
-            mamba_channels=top_k(importance.mamba_channels[layer], sizes["mamba_head_dim"]),
-        )
-    if block_type == ATTENTION:
-        per_group = config.num_attention_heads // config.num_key_value_heads
-        groups = top_k(importance.groups[layer], sizes["groups"])
-        heads = [g * per_group + h for g in groups
-                 for h in top_k(importance.heads[layer, g * per_group : (g + 1) * per_group], sizes["heads"] // sizes["groups"])]  # fmt: skip
-        return BlockKeep(ATTENTION, heads=heads, groups=groups)
-    if block_type == MLP:
-        return BlockKeep(MLP, mlp=top_k(importance.mlp[layer], sizes["ffn"]))
-    experts = grouped_top_k(importance.experts[layer], config.n_group, sizes["experts"], top_k)
-    channels = [top_k(importance.expert_mlp[layer, e], sizes["expert_ffn"]) for e in experts]
-    return BlockKeep(
-        MOE, experts=experts, mlp=channels, shared=top_k(importance.shared_mlp[layer], sizes["shared_ffn"])
-    )
