@@ -21,7 +21,7 @@ G = torch.Generator().manual_seed(5)
 CALIB = torch.randint(0, 96, (8, 16), generator=G)
 VAL = torch.randint(0, 96, (4, 16), generator=G)
 VOCAB = 320
-NEW_FAMILIES = ("gemma3_text", "phi3", "olmo2", "olmo3", "smollm3", "qwen3_moe", "mixtral")
+NEW_FAMILIES = ("gemma3_text", "phi3", "olmo2", "olmo3", "smollm3", "qwen3_moe", "mixtral", "nemotron_h")
 
 
 def numel(model) -> int:
@@ -165,7 +165,10 @@ def test_a_short_distillation_of_a_pruned_student_lowers_its_kl(model_type, toke
         # (Gemma's are sharp already: its embeddings are scaled by sqrt(hidden_size); soft-capping saturates)
         teacher.lm_head.weight.mul_(2.0 if model_type == "gemma3_text" else 8.0)
     importance = compute_importance(teacher, token_data.calib(8), token_data.val(4))
-    arch = Arch.from_hf_config(teacher.config).replace(num_layers=2, ffn_hidden_size=48)
+    big = Arch.from_hf_config(teacher.config)
+    # a hybrid keeps a layer of each type (Nemotron-H's 3 layers: Mamba2, attention, MLP): cut width instead
+    depth = {"hidden_size": 48} if big.layer_types else {"num_layers": 2}
+    arch = big.replace(**depth, ffn_hidden_size=48)
     student = prune(teacher, arch, importance)
     before = kl_to_teacher(student, teacher, token_data.val(8))
     settings = DistillConfig(
@@ -177,10 +180,11 @@ def test_a_short_distillation_of_a_pruned_student_lowers_its_kl(model_type, toke
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", ["gemma3_text", "phi3", "olmo2", "qwen3_moe"])
+@pytest.mark.parametrize("model_type", ["gemma3_text", "phi3", "olmo2", "qwen3_moe", "nemotron_h"])
 def test_a_study_searches_and_reports_a_teacher_of_each_kind(model_type, tmp_path):
     """The whole search (importance, space, queue, short KD trials) and the HTML report on a tiny teacher
-    of a family with its own extras: soft-capping and 4 norms, fused projections, post-norms, experts."""
+    of a family with its own extras: soft-capping and 4 norms, fused projections, post-norms, experts, a
+    Mamba2 / attention / MLP hybrid stack."""
     from nas.pipeline import search
     from nas.report.html import write_report
     from nas.search.study import TrialRecord

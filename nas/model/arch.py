@@ -240,7 +240,8 @@ class Arch:
         return config
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as JSON has them (`layer_types` a list), so a stored dict compares equal to a fresh one."""
+        return dataclasses.asdict(self) | {"layer_types": list(self.layer_types)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Arch:
