@@ -217,3 +217,22 @@ class NemotronPattern:
     @staticmethod
     def parse(pattern: str) -> list[str]:
         return [{"M": MAMBA, "*": ATTENTION, "-": MLP, "E": MOE}[c] for c in pattern]
+
+
+def test_cli_prunes_a_nemotron_teacher_by_its_hybrid_knobs(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from nas.cli import main
+    from nas.testing import write_tiny_teacher
+
+    teacher = write_tiny_teacher(tmp_path / "teacher", "nemotron_h")  # Mamba2, attention, MLP, Mamba2
+    compute_importance(AutoModelForCausalLM.from_pretrained(teacher), CALIB, VAL).save(tmp_path / "imp.safetensors")
+    args = ["prune", str(tmp_path / "teacher"), str(tmp_path / "out"), "--importance", str(tmp_path / "imp.safetensors"),
+            "--num-mamba-layers", "1", "--num-mamba-heads", "4", "--mamba-head-dim", "4"]  # fmt: skip
+    assert main(args) == 0
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    arch = Arch.from_hf_config(student.config)
+    assert (arch.num_mamba_layers, arch.num_mamba_heads, arch.mamba_head_dim) == (1, 4, 4)
+    assert "M4x4" in capsys.readouterr().out
+    assert main([*args[:5], "--num-linear-key-heads", "1"]) == 2  # not a knob of Nemotron-H: one line, exit 2
+    assert "not a knob" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from nas.cli.study import add_plan, add_search, add_space
 from nas.cli.train import add_correct, add_data_args, add_distill, data_config_from_args
 from nas.errors import ConfigError, NasError
 from nas.io import is_full_disk
+from nas.model.blocks import LAYER_KNOBS, WIDTH_KNOBS
 from nas.settings import (
     EvalConfig,
     ImportanceConfig,
@@ -105,6 +106,13 @@ def device_of(args) -> str:
     return getattr(args, "device", RunConfig.model_fields["device"].default)
 
 
+HOMOGENEOUS_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                     "num_experts")  # fmt: skip
+# a hybrid stack's layer counts per type and width knobs (`nas.model.blocks`), e.g. --num-mamba-heads
+HYBRID_KNOBS = tuple(k for k in dict.fromkeys([*LAYER_KNOBS.values(), *(k for ks in WIDTH_KNOBS.values() for k in ks)])
+                     if k not in HOMOGENEOUS_FLAGS)  # fmt: skip
+
+
 def add_prune(sub) -> None:
     p = sub.add_parser("prune", help="cut one architecture out of a teacher and save it")
     p.add_argument("teacher", help="local model directory or hub id")
@@ -112,6 +120,8 @@ def add_prune(sub) -> None:
     p.add_argument("--importance", help="importance file from `nas importance` (or give --data)")
     for knob in ("num-layers", "hidden-size", "ffn-hidden-size", "num-attention-heads", "num-query-groups"):
         p.add_argument(f"--{knob}", type=int, help="(default: the teacher's)")
+    for knob in HYBRID_KNOBS:
+        p.add_argument(f"--{knob.replace('_', '-')}", type=int, help="a hybrid stack's (default: the teacher's)")
     p.add_argument(
         "--num-experts", type=int, help="experts kept per layer (mixture of experts; default: all)"
     )
@@ -139,7 +149,12 @@ def cmd_prune(args) -> int:
     if args.data:
         guard.seq_len_fits(data_cfg.seq_len, args.teacher)
     teacher_arch = Arch.from_hf_config(load_config(args.teacher))
-    knobs = {k: getattr(args, k) for k in teacher_arch.knobs if getattr(args, k) is not None}
+    knobs = {k: getattr(args, k) for k in teacher_arch.knobs if getattr(args, k, None) is not None}
+    stray = [k for k in HYBRID_KNOBS if getattr(args, k) is not None and k not in teacher_arch.knobs]
+    if stray:
+        raise ConfigError(
+            f"--{stray[0].replace('_', '-')} is not a knob of {args.teacher}; its knobs: {', '.join(teacher_arch.knobs)}"
+        )
     if args.num_experts is not None and not teacher_arch.num_experts:
         raise ConfigError(f"--num-experts needs a mixture-of-experts teacher; {args.teacher} is dense")
     arch = teacher_arch.replace(**knobs)
