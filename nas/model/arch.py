@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -142,8 +143,7 @@ class Arch:
         mlp or moe)."""
         if not self.layer_types:
             return ("attention", "moe" if self.num_experts else "mlp")
-        units = self.family.blocks.units
-        return tuple(dict.fromkeys(u for t in dict.fromkeys(self.layer_types) for u in units(t)))
+        return tuple(dict.fromkeys(u for _, units in _type_units(self.model_type, self.layer_types) for u in units))
 
     def layer_count(self, layer_type: str) -> int:
         """How many layers of type `layer_type` (homogeneous: every layer is an attention layer)."""
@@ -240,7 +240,7 @@ class Arch:
         return config
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as JSON has them (`layer_types` a list), so a stored dict compares equal to a fresh one."""
+        """The fields as JSON values (`layer_types` a list), as a study or an importance file stores them."""
         return dataclasses.asdict(self) | {"layer_types": list(self.layer_types)}
 
     @classmethod
@@ -261,7 +261,7 @@ class Arch:
             prefix = self.layer_types[: knobs["num_layers"]]
             counts = {t: prefix.count(t) for t in dict.fromkeys(self.layer_types)}
         if counts:
-            knobs["layer_types"] = _shortened(self.layer_types, counts)
+            knobs["layer_types"] = _shortened(self.layer_types, tuple(counts.items()))
             knobs["num_layers"] = len(knobs["layer_types"])
         return dataclasses.replace(self, **knobs)
 
@@ -320,8 +320,17 @@ def _hybrid_fields(config: Any, fam: Family) -> dict[str, Any]:
     return fields
 
 
-def _shortened(layer_types: tuple[str, ...], counts: dict[str, int]) -> tuple[str, ...]:
-    """`layer_types` with only the first `counts[t]` layers of each type `t` named in `counts`."""
+@functools.lru_cache(maxsize=4096)  # the space asks for the same few patterns for every width
+def _type_units(model_type: str, layer_types: tuple[str, ...]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """(layer type, the block types a layer of it holds) for each layer type of a hybrid, in order."""
+    units = FAMILIES[model_type].blocks.units
+    return tuple((t, units(t)) for t in dict.fromkeys(layer_types))
+
+
+@functools.lru_cache(maxsize=4096)
+def _shortened(layer_types: tuple[str, ...], counts: tuple[tuple[str, int], ...]) -> tuple[str, ...]:
+    """`layer_types` with only the first `n` layers of each type `t` of the `(t, n)` in `counts`."""
+    counts = dict(counts)
     seen: dict[str, int] = {}
     kept = []
     for t in layer_types:
@@ -382,7 +391,7 @@ def _layer_units(arch: Arch) -> list[tuple[int, tuple[str, ...]]]:
     """(how many layers, their block types) for each layer type of `arch`."""
     if not arch.layer_types:
         return [(arch.num_layers, arch.blocks)]
-    return [(arch.layer_count(t), arch.family.blocks.units(t)) for t in dict.fromkeys(arch.layer_types)]
+    return [(arch.layer_types.count(t), units) for t, units in _type_units(arch.model_type, arch.layer_types)]
 
 
 def count_params(arch: Arch, active: bool = False) -> int:
