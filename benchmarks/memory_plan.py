@@ -38,7 +38,17 @@ CASES = {  # name -> (teacher, budget, fixed student knobs or None for the space
     ),
     "Qwen3-8B -> 50%": ("Qwen3-8B", "50%", None),
     "Mistral-NeMo-12B -> 50%": ("Mistral-Nemo-Base-2407", "50%", None),
-    "Nemotron-Nano-9B-v2 -> 50%": ("NVIDIA-Nemotron-Nano-9B-v2", "50%", None),  # a Mamba2 / MLP / attention hybrid
+    # a Mamba2 / MLP / attention hybrid; the largest 50% candidate of `nas space ... --budget 50% --max-width-prune
+    # 0.4 --max-depth-prune 0.2 --steps hidden_size=256,ffn_hidden_size=512` (4,615 candidates; NVIDIA's defaults)
+    "Nemotron-Nano-9B-v2 -> 50%": (
+        "NVIDIA-Nemotron-Nano-9B-v2",
+        "50%",
+        {
+            "num_mamba_layers": 27, "num_mlp_layers": 22, "num_attention_layers": 4, "hidden_size": 3840,
+            "num_mamba_heads": 80, "mamba_head_dim": 48, "ffn_hidden_size": 11264, "num_attention_heads": 24,
+            "num_query_groups": 6,
+        },
+    ),
 }
 
 

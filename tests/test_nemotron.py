@@ -236,3 +236,16 @@ def test_cli_prunes_a_nemotron_teacher_by_its_hybrid_knobs(tmp_path, capsys):
     assert "M4x4" in capsys.readouterr().out
     assert main([*args[:5], "--num-linear-key-heads", "1"]) == 2  # not a knob of Nemotron-H: one line, exit 2
     assert "not a knob" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # ~30 s on 2 busy cores
+def test_cli_space_of_a_nemotron_teacher_with_steps(tmp_path, capsys):
+    from nas.cli import main
+
+    tiny_model("nemotron_h").save_pretrained(tmp_path / "teacher")  # Mamba2, attention, MLP, Mamba2
+    args = ["space", str(tmp_path / "teacher"), "--budget", "70%", "--tolerance", "0.1",
+            "--steps", "hidden_size=32,ffn_hidden_size=48,num_mamba_heads=4,mamba_head_dim=4"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "num_mamba_heads" in out and "state_bytes_per_sequence" in out and "candidates:" in out
+    assert main([*args[:-1], "hidden_size=x"]) == 2

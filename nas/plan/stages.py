@@ -80,8 +80,10 @@ def plan_study(
         raise ConfigError("the GPU memory must be positive and gpus_per_trial >= 1")
     teacher = load_config(cfg.teacher)
     teacher_arch = Arch.from_hf_config(teacher)
-    spaces = enumerate_budgets(teacher_arch, cfg.budgets, cfg.space)  # every budget of the study
-    largest = student or max((a for space in spaces.values() for a in space), key=count_params)
+    if student is None:  # the largest candidate of every budget of the study (a given student needs no space)
+        spaces = enumerate_budgets(teacher_arch, cfg.budgets, cfg.space)
+        student = max((a for space in spaces.values() for a in space), key=count_params)
+    largest = student
     student = largest.to_hf_config(teacher)  # the first layers' per-layer types: memory is the same
     seq_len = int(cfg.data.seq_len)
     cache: dict = {}
