@@ -21,7 +21,7 @@ G = torch.Generator().manual_seed(5)
 CALIB = torch.randint(0, 96, (8, 16), generator=G)
 VAL = torch.randint(0, 96, (4, 16), generator=G)
 VOCAB = 320
-NEW_FAMILIES = ("gemma3_text", "phi3", "olmo2", "olmo3", "smollm3", "qwen3_moe", "mixtral")
+NEW_FAMILIES = ("gemma3_text", "phi3", "olmo2", "olmo3", "smollm3", "qwen3_moe", "mixtral", "qwen3_5_text")
 
 
 def numel(model) -> int:
@@ -177,7 +177,7 @@ def test_a_short_distillation_of_a_pruned_student_lowers_its_kl(model_type, toke
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", ["gemma3_text", "phi3", "olmo2", "qwen3_moe"])
+@pytest.mark.parametrize("model_type", ["gemma3_text", "phi3", "olmo2", "qwen3_moe", "qwen3_5_text"])
 def test_a_study_searches_and_reports_a_teacher_of_each_kind(model_type, tmp_path):
     """The whole search (importance, space, queue, short KD trials) and the HTML report on a tiny teacher
     of a family with its own extras: soft-capping and 4 norms, fused projections, post-norms, experts."""
