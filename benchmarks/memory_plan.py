@@ -1,7 +1,8 @@
 """Memory plan of three real teachers on 80 GB GPUs: today's default policy vs the plan's recommendation.
 
 Reads only the shipped `config.json` files (benchmarks/configs/, the published values of
-meta-llama/Llama-3.1-8B, Qwen/Qwen3-8B and mistralai/Mistral-Nemo-Base-2407); no weights, no GPU.
+meta-llama/Llama-3.1-8B, Qwen/Qwen3-8B, mistralai/Mistral-Nemo-Base-2407 and the text model of
+Qwen/Qwen3.5-9B); no weights, no GPU.
 "Today's default" is how nas trained before the precision policy: fp32 teacher and student (as
 `nas.pipeline.load_teacher` loaded them on CUDA) and torch's AdamW, with the issue's micro-batch of
 4 x 1024 tokens and gradient checkpointing on. The recommendation is `nas.plan.recommend`'s.
@@ -37,6 +38,7 @@ CASES = {  # name -> (teacher, budget, fixed student knobs or None for the space
     ),
     "Qwen3-8B -> 50%": ("Qwen3-8B", "50%", None),
     "Mistral-NeMo-12B -> 50%": ("Mistral-Nemo-Base-2407", "50%", None),
+    "Qwen3.5-9B -> 50%": ("Qwen3.5-9B", "50%", None),  # hybrid: Gated DeltaNet + gated attention layers
 }
 
 
@@ -54,9 +56,12 @@ def study(teacher: str, budget: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write every plan to this JSON file")
+    parser.add_argument("--only", help="plan only the cases whose name contains this text")
     args = parser.parse_args()
     everything = {}
     for name, (teacher, budget, knobs) in CASES.items():
+        if args.only and args.only not in name:
+            continue
         start = time.perf_counter()
         student = Arch.from_hf_config(load_config(CONFIGS / teacher)).replace(**knobs) if knobs else None
         plans = plan_study(run_config_from_dict(study(teacher, budget)), GPU, student=student)
