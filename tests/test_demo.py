@@ -22,6 +22,7 @@ from nas.demo.teacher import (
     train_texts,
     unigram_loss,
 )
+from nas.search.record import RECORD_VERSION, StudyRecord
 
 TINY = DemoPlan(
     minutes=0.05,
@@ -94,8 +95,9 @@ def test_tiny_demo_writes_every_artifact(tmp_path, monkeypatch):
     assert seen == set(np.load(next((out / "cache").glob("*/train.hashes.npy"))).tolist())
     assert (out / "importance.safetensors").is_file()
     study = optuna.load_study(study_name="demo", storage=f"sqlite:///{out / 'study.db'}")
-    assert study.user_attrs["winner"]["dir"] == str(result.winner_dir.resolve())
-    assert study.user_attrs["winner"]["budget"] == "60%" and list(study.user_attrs["winners"]) == ["60%"]
+    record = StudyRecord.read(study)
+    assert record.record_version == RECORD_VERSION and record.winner["dir"] == str(result.winner_dir.resolve())
+    assert record.winner["budget"] == "60%" and list(study.user_attrs["winners"]) == ["60%"]
     assert [line.split(":")[0] for line in result.search] == ["budget 40%", "budget 60%"]
     assert all("2 to the horizon" in line or "3 to the horizon" in line for line in result.search)
     winner = AutoModelForCausalLM.from_pretrained(result.winner_dir)

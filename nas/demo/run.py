@@ -56,7 +56,6 @@ log = logging.getLogger(__name__)
 # the trials), plain LM training of a student. Measured in one demo run on a shared 2-core host whose
 # speed drifted by up to 1.7x within an hour (teacher 1,250-2,110 tok/s); these are from a slow phase.
 RATES = {"teacher": 1730.0, "kd": 1800.0, "kd_cached": 3300.0, "scratch": 3500.0}
-STUDY_ARTIFACTS = ("importance.safetensors", "study.db", "trials", "final", "winner", "scratch", "corrected")
 
 
 # ---- plan -----------------------------------------------------------------------------------------
@@ -261,16 +260,6 @@ def prepare_tokenizer(out: Path, corpus: Path, plan: DemoPlan, data_cfg: Any, ke
     return train_tokenizer(texts, plan.teacher.vocab_size)
 
 
-def clear_study(out: Path) -> None:
-    """Remove the previous run's study outputs, so each demo run searches afresh (the teacher stays)."""
-    for name in STUDY_ARTIFACTS:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-
-
 def run_demo(
     out_dir: str | os.PathLike = "studies/demo",
     minutes: float = 10.0,
@@ -299,7 +288,8 @@ def run_demo(
         teacher = train_teacher(plan.teacher, key, tokenizer, data, out, plan.eval_sequences, device)
     if teacher.reused:  # a cached teacher says nothing about this machine's speed
         clock.estimates["teacher"] = clock.seconds["teacher"]
-    clear_study(out)
+    cfg.paths.clear(database=True)  # each demo run searches afresh (the teacher and token cache stay)
+    shutil.rmtree(out / "scratch", ignore_errors=True)
     with clock.stage("search"):
         ctx, study = search(cfg)
     with clock.stage("final"):
@@ -321,7 +311,7 @@ def run_demo(
 
 def write_demo_report(cfg) -> Path:
     """The study's HTML report, where `nas run` writes it."""
-    return write_report(cfg.storage_url, cfg.name, Path("reports") / f"{cfg.name}.html")
+    return write_report(cfg.storage_url, cfg.name, cfg.paths.report)
 
 
 def train_scratch(winner_dir: Path, data: Any, tokens: int, plan: DemoPlan, out: Path, device: str):
@@ -388,7 +378,7 @@ def search_summary(study) -> list[str]:
 
     lines = []
     record = StudyRecord.read(study)
-    stability, screened = record.stability_by_budget or {}, record.screen or []
+    stability, screened = record.stability or {}, record.screen or []
     for budget, stab in stability.items():
         trials = [t for t in study.trials if TrialRecord.read(t).budget == budget]
         done = [t for t in trials if t.state == TrialState.COMPLETE]
