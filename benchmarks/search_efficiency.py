@@ -22,6 +22,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import _smoke as smoke  # noqa: E402  (benchmarks/_smoke.py: --smoke)
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
@@ -50,14 +51,14 @@ def tokens_spent(study: optuna.Study) -> int:
     )
 
 
-def run(root: Path, name: str, pruner: str, horizon: int) -> tuple[optuna.Study, float]:
+def run(root: Path, name: str, sampler: str, pruner: str, horizon: int) -> tuple[optuna.Study, float]:
     config = tiny_study_config(
         root,
         name=name,
         budget="70%",
         data={"seq_len": 64},
         space={"tolerance": 0.2, "steps": {"hidden_size": 16, "ffn_hidden_size": 16}},
-        search={"pruner": pruner, "horizon_steps": horizon, "eval_every": max(1, horizon // 6)},
+        search={"sampler": sampler, "pruner": pruner, "horizon_steps": horizon, "eval_every": max(1, horizon // 6)},
         # 64 validation sequences (4k tokens): the loss gaps between candidates are ~0.01 nats
         distill={
             "batch_size": 8,
@@ -79,13 +80,13 @@ def main() -> None:
     parser.add_argument(
         "--teacher-steps", type=int, default=300, help="LM training steps of the tiny teacher"
     )
-    args = parser.parse_args()
+    args = smoke.parse(parser, horizon=2, teacher_steps=2)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         train_tiny_teacher(root, steps=args.teacher_steps)
-        exhaustive, t_exh = run(root, "exhaustive", "none", args.horizon)
-        ours, t_ours = run(root, "halving", "successive-halving", args.horizon)
+        exhaustive, t_exh = run(root, "exhaustive", "exhaustive", "none", args.horizon)
+        ours, t_ours = run(root, "halving", "auto", "successive-halving", args.horizon)
         full, fast = ranking(exhaustive), ranking(ours)
         position = {c: i for i, c in enumerate(fast)}
         tau = kendall_tau(list(range(len(full))), [position[c] for c in full])
