@@ -136,7 +136,7 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     out, start = Path(args.out), time.perf_counter()
     spec = smoke.tiny_teacher(TEACHER) if args.smoke else TEACHER
-    info, data_cfg = teacher_and_data(out, args.seq_len, spec, 60 if args.smoke else None)
+    info, data_cfg = teacher_and_data(out, args.seq_len, spec, 150 if args.smoke else None)
     print(
         f"teacher: {info.params:,} params, {spec.num_layers} layers, val loss {info.val_loss:.3f} (unigram {info.unigram_loss:.3f})"
     )

@@ -18,6 +18,8 @@ from nas.settings import (
     EvalConfig,
     ImportanceConfig,
     RunConfig,
+    default_report,
+    default_storage,
 )
 
 
@@ -199,8 +201,8 @@ def add_report(sub) -> None:
 def cmd_report(args) -> int:
     from nas.report.html import write_report
 
-    storage = args.storage or f"sqlite:///studies/{args.study}/study.db"
-    out = guard.output(args.out or f"reports/{args.study}.html", [], is_dir=False)
+    storage = args.storage or default_storage(args.study)
+    out = guard.output(args.out or default_report(args.study), [], is_dir=False)
     with guard.owning(out, is_dir=False):
         out = write_report(storage, args.study, out)
     print(f"report: {out} ({out.stat().st_size / 1e6:.1f} MB)")
