@@ -17,7 +17,7 @@ from nas.model.families import load_config
 from nas.prune.space import parse_budget
 from nas.search.study import StudyRecord, make_storage, storage_errors
 from nas.settings import RunConfig
-from nas.train.loop import NOT_IDENTITY
+from nas.train.run_files import NOT_IDENTITY
 
 log = logging.getLogger(__name__)
 STUDY_WAYS_OUT = (
