@@ -52,20 +52,21 @@ def tokens_spent(study: optuna.Study) -> int:
     )
 
 
-def run(root: Path, name: str, sampler: str, pruner: str, horizon: int) -> tuple[optuna.Study, float]:
+def run(root: Path, name: str, sampler: str, pruner: str, args) -> tuple[optuna.Study, float]:
+    horizon = args.horizon
     config = tiny_study_config(
         root,
         name=name,
         budget="70%",
         data={"seq_len": 64},
-        space={"tolerance": 0.2, "steps": {"hidden_size": 16, "ffn_hidden_size": 16}},
+        space={"tolerance": args.tolerance, "steps": {"hidden_size": 16, "ffn_hidden_size": 16}},
         search={"sampler": sampler, "pruner": pruner, "horizon_steps": horizon, "eval_every": max(1, horizon // 6)},
         # 64 validation sequences (4k tokens): the loss gaps between candidates are ~0.01 nats
         distill={
             "batch_size": 8,
             "lr": 2e-3,
             "min_lr": 2e-4,
-            "eval_sequences": 64,
+            "eval_sequences": args.eval_sequences,
             "checkpoint_every": 0,
             "log_every": 10,
         },
@@ -81,13 +82,15 @@ def main() -> None:
     parser.add_argument(
         "--teacher-steps", type=int, default=300, help="LM training steps of the tiny teacher"
     )
-    args = smoke.parse(parser, horizon=2, teacher_steps=2)
+    parser.add_argument("--tolerance", type=float, default=0.2, help="budget window of the space")
+    parser.add_argument("--eval-sequences", type=int, default=64, help="validation sequences of every trial")
+    args = smoke.parse(parser, horizon=2, teacher_steps=2, tolerance=0.05, eval_sequences=4)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         train_tiny_teacher(root, steps=args.teacher_steps)
-        exhaustive, t_exh = run(root, "exhaustive", "exhaustive", "none", args.horizon)
-        ours, t_ours = run(root, "halving", "auto", "successive-halving", args.horizon)
+        exhaustive, t_exh = run(root, "exhaustive", "exhaustive", "none", args)
+        ours, t_ours = run(root, "halving", "auto", "successive-halving", args)
         full, fast = ranking(exhaustive), ranking(ours)
         position = {c: i for i, c in enumerate(fast)}
         ranked = [c for c in full if c in position]  # the funnel distills its shortlist only
