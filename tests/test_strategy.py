@@ -75,6 +75,8 @@ def check_contract(cfg, ctx, study) -> None:
     winner = finalize(ctx, study)
     record = StudyRecord.read(study)
     assert record.record_version == RECORD_VERSION and record.sampler == ctx.strategy.description()
+    assert record.strategy == {"name": ctx.strategy.name, "queued": ctx.strategy.queued,
+                               "description": ctx.strategy.description()}  # fmt: skip
     assert list(record.winners) == cfg.budgets and record.winners[cfg.budgets[0]]["dir"] == winner["dir"]
     assert winner["trial"] in {t.number for t in evaluated if t.state == TrialState.COMPLETE}
     assert set(record.stability) == set(cfg.budgets)

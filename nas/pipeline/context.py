@@ -126,6 +126,7 @@ def record_study_attrs(study: optuna.Study, ctx: SearchContext) -> None:
         tokens_per_step=cfg.distill.batch_size * cfg.distill.grad_accum * ctx.data.seq_len,
         candidates=[list(arch_key(a)) for a in ctx.candidates],
         sampler=ctx.strategy.description(),
+        strategy=ctx.strategy.record(),
         pruner=cfg.search.pruner,
         plan=json.loads(cfg.paths.plan.read_text()) if cfg.paths.plan.is_file() else None,
     ).write(study)

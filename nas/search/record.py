@@ -60,6 +60,7 @@ class StudyRecord(_Record):
     tokens_per_step: int | None = None
     candidates: list[list[int]] | None = None  # arch keys (KNOBS order) in priority order
     sampler: str | None = None  # the search strategy in words (`nas.search.strategy`)
+    strategy: dict[str, Any] | None = None  # what the strategy records (`Strategy.record`)
     pruner: str | None = None
     identity: dict[str, Any] | None = None  # the settings that decide its trials (`nas.pipeline.identity`)
     plan: list[dict[str, Any]] | dict[str, Any] | None = (

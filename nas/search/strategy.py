@@ -15,15 +15,19 @@ How to add a strategy (nothing outside the class and its `register` line changes
    candidate (then only `order(screened)` is needed: the candidates to distill, in order).
 2. Override what differs: `candidates(inputs)` (which candidates, in what order, and the screen the study
    records), `sampler()` and `pruner(sizes)` (the Optuna objects), `description()` (the study's
-   "sampler" attribute, in words), `target_trials(n)` (the finished trials the search wants), and
+   "sampler" attribute, in words), `record()` (more it wants the study to keep, under "strategy"),
+   `target_trials(n)` (the finished trials the search wants), and
    `queued` (True: every candidate is put in Optuna's trial queue once, in order, and each worker pulls
    the next; False: the sampler proposes candidates and a trial drawing a taken one yields).
 3. Register it: `@register("my-name")` on the class. `search.sampler = "my-name"` then selects it
    (the settings accept every registered name), and `tests/test_strategy.py`'s contract test (every
    trial within its budget, no candidate evaluated twice, a winner recorded) runs over it.
 
-A later stage of a cascade (search stage 2 on stage 1's winner) is a strategy whose `candidates` reads
-the winner from `inputs`; an adaptive horizon or a KD screen at rung 0 is a strategy's `pruner`.
+`nas.pipeline.search(cfg, strategy=...)` also takes an instance, e.g. a later stage of a cascade built
+with stage 1's winner (`Stage2(cfg, winner)`, whose `candidates` narrows `inputs.spaces` around it).
+Workers that join through the storage rebuild the strategy from `search.sampler`, so a strategy whose
+trials run on workers is registered. An adaptive horizon or a KD screen at rung 0 is a strategy's
+`pruner` (and its `candidates`).
 """
 
 from __future__ import annotations
@@ -110,6 +114,10 @@ class Strategy:
     def description(self) -> str:
         """The study's "sampler" attribute: the strategy in words."""
         return self.name
+
+    def record(self) -> dict[str, Any]:
+        """What the study records about its strategy (the "strategy" attribute; JSON values)."""
+        return {"name": self.name, "queued": self.queued, "description": self.description()}
 
     def target_trials(self, n_candidates: int) -> int:
         """Finished trials the search wants: `n_trials`, at most every candidate."""
