@@ -131,7 +131,7 @@ def main() -> None:
     p.add_argument("--screen-top", type=int, default=8)
     p.add_argument("--finalists", type=int, default=3)
     p.add_argument("--eval-sequences", type=int, default=48, help="validation sequences of every run")
-    args = smoke.parse(p, out=tempfile.mkdtemp(prefix="nas-smoke-"), budget="50%", tolerance=0.05, horizon=4,
+    args = smoke.parse(p, out=tempfile.mkdtemp(prefix="nas-smoke-"), budget="50%", tolerance=0.1, horizon=4,
                        eval_sequences=8, screen_top=2, finalists=1)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     log.setLevel(logging.INFO)
