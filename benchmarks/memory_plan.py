@@ -1,21 +1,25 @@
 """Memory plan of real teachers on 80 GB GPUs: today's default policy vs the plan's recommendation.
 
 Reads only the shipped `config.json` files (benchmarks/configs/, the published values of
-meta-llama/Llama-3.1-8B, Qwen/Qwen3-8B, mistralai/Mistral-Nemo-Base-2407 and nvidia/NVIDIA-Nemotron-Nano-9B-v2,
-sources in its SOURCE.md); no weights, no GPU.
+meta-llama/Llama-3.1-8B, Qwen/Qwen3-8B, mistralai/Mistral-Nemo-Base-2407 and the text model of
+Qwen/Qwen3.5-9B, nvidia/NVIDIA-Nemotron-Nano-9B-v2: sources in its SOURCE.md); no weights, no GPU.
 "Today's default" is how nas trained before the precision policy: fp32 teacher and student (as
 `nas.pipeline.load_teacher` loaded them on CUDA) and torch's AdamW, with the issue's micro-batch of
 4 x 1024 tokens and gradient checkpointing on. The recommendation is `nas.plan.recommend`'s.
 
     .venv/bin/python benchmarks/memory_plan.py            # ~2-4 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/memory_plan.py --smoke    # one tiny teacher, seconds
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
+
+import _smoke as smoke  # benchmarks/_smoke.py: --smoke
 
 from nas.model.arch import Arch
 from nas.model.families import load_config
@@ -38,6 +42,7 @@ CASES = {  # name -> (teacher, budget, fixed student knobs or None for the space
     ),
     "Qwen3-8B -> 50%": ("Qwen3-8B", "50%", None),
     "Mistral-NeMo-12B -> 50%": ("Mistral-Nemo-Base-2407", "50%", None),
+    "Qwen3.5-9B -> 50%": ("Qwen3.5-9B", "50%", None),  # hybrid: Gated DeltaNet + gated attention layers
     # a Mamba2 / MLP / attention hybrid; the largest 50% candidate of `nas space ... --budget 50% --max-width-prune
     # 0.4 --max-depth-prune 0.2 --steps hidden_size=256,ffn_hidden_size=512` (4,615 candidates; NVIDIA's defaults)
     "Nemotron-Nano-9B-v2 -> 50%": (
@@ -48,15 +53,15 @@ CASES = {  # name -> (teacher, budget, fixed student knobs or None for the space
             "num_mamba_heads": 80, "mamba_head_dim": 48, "ffn_hidden_size": 11264, "num_attention_heads": 24,
             "num_query_groups": 6,
         },
-    ),
+    ),  # fmt: skip
 }
 
 
 def study(teacher: str, budget: str) -> dict:
     """Today's defaults, with the issue's micro-batch and checkpointing."""
     return {
-        "name": teacher,
-        "teacher": str(CONFIGS / teacher),
+        "name": Path(teacher).name,
+        "teacher": teacher,
         "budget": budget,
         "data": {"seq_len": 1024, "sources": [{"path": "unused.txt"}]},
         "distill": {"batch_size": 4, "gradient_checkpointing": True, "precision": "fp32"},
@@ -66,20 +71,34 @@ def study(teacher: str, budget: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write every plan to this JSON file")
-    parser.add_argument("--only", help="plan only the teachers whose name contains this text")
-    args = parser.parse_args()
+    parser.add_argument("--only", help="plan only the cases whose name contains this text")
+    args = smoke.parse(parser)
     everything = {}
-    for name, (teacher, budget, knobs) in CASES.items():
-        if args.only and args.only not in name:
-            continue
-        start = time.perf_counter()
-        student = Arch.from_hf_config(load_config(CONFIGS / teacher)).replace(**knobs) if knobs else None
-        plans = plan_study(run_config_from_dict(study(teacher, budget)), GPU, student=student)
-        print(f"\n## {name} (planned in {time.perf_counter() - start:.0f} s)")
-        print(format_plan(plans, GPU))
-        everything[name] = to_json(plans)
+    with tempfile.TemporaryDirectory() as tmp:
+        shipped = {name: (str(CONFIGS / teacher), b, k) for name, (teacher, b, k) in CASES.items()}
+        cases = smoke_cases(Path(tmp)) if args.smoke else shipped
+        for name, (teacher, budget, knobs) in cases.items():
+            if not args.only or args.only in name:
+                everything[name] = plan_case(name, teacher, budget, knobs)
     if args.json:
         Path(args.json).write_text(json.dumps(everything, indent=1))
+
+
+def smoke_cases(tmp: Path) -> dict:
+    """--smoke: one tiny Llama teacher at 50%."""
+    from nas.testing import tiny_config
+
+    tiny_config("llama").save_pretrained(tmp / "tiny")
+    return {"tiny llama -> 50%": (str(tmp / "tiny"), "50%", None)}
+
+
+def plan_case(name: str, teacher: str, budget: str, knobs: dict | None) -> list:
+    start = time.perf_counter()
+    student = Arch.from_hf_config(load_config(teacher)).replace(**knobs) if knobs else None
+    plans = plan_study(run_config_from_dict(study(teacher, budget)), GPU, student=student)
+    print(f"\n## {name} (planned in {time.perf_counter() - start:.0f} s)")
+    print(format_plan(plans, GPU))
+    return to_json(plans)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ G = torch.Generator().manual_seed(5)
 CALIB = torch.randint(0, 96, (8, 16), generator=G)
 VAL = torch.randint(0, 96, (4, 16), generator=G)
 VOCAB = 320
-NEW_FAMILIES = ("gemma3_text", "phi3", "olmo2", "olmo3", "smollm3", "qwen3_moe", "mixtral", "nemotron_h")
+NEW_FAMILIES = ("gemma3_text", "phi3", "olmo2", "olmo3", "smollm3", "qwen3_moe", "mixtral", "qwen3_5_text",
+                "nemotron_h")
 
 
 def numel(model) -> int:
@@ -180,7 +181,7 @@ def test_a_short_distillation_of_a_pruned_student_lowers_its_kl(model_type, toke
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", ["gemma3_text", "phi3", "olmo2", "qwen3_moe", "nemotron_h"])
+@pytest.mark.parametrize("model_type", ["gemma3_text", "phi3", "olmo2", "qwen3_moe", "qwen3_5_text", "nemotron_h"])
 def test_a_study_searches_and_reports_a_teacher_of_each_kind(model_type, tmp_path):
     """The whole search (importance, space, queue, short KD trials) and the HTML report on a tiny teacher
     of a family with its own extras: soft-capping and 4 norms, fused projections, post-norms, experts, a
@@ -205,3 +206,36 @@ def test_a_study_searches_and_reports_a_teacher_of_each_kind(model_type, tmp_pat
         assert numel(student) == count_params(arch)
     html = write_report(cfg.storage_url, cfg.name, tmp_path / "report.html").read_text()
     assert model_type in html or Arch.from_dict(TrialRecord.read(done[0]).arch).describe() in html
+
+
+def test_qwen3_5_moe_with_its_shared_expert_is_one_clear_error():
+    from transformers import Qwen3_5MoeTextConfig
+
+    config = Qwen3_5MoeTextConfig(hidden_size=64, num_hidden_layers=2, num_experts=4, vocab_size=96)
+    with pytest.raises(ModelError, match="shared expert"):
+        Arch.from_hf_config(config)
+
+
+def test_a_hybrid_space_budgets_layers_per_type_and_counts_the_recurrent_state(tmp_path, capsys):
+    """Every candidate of a Qwen3.5 teacher keeps both layer types, its count is exact, its memory adds the
+    Gated DeltaNet state once per sequence (not per token), and the CLI lists the per-type knobs."""
+    from nas.model.arch import kv_cache_bytes, recurrent_state_bytes
+    from nas.prune.space import memory_bytes
+    from nas.settings import ConstraintsConfig
+
+    teacher = Arch.from_hf_config(tiny_config("qwen3_5_text"))
+    space = enumerate_candidates(teacher, "70%", SpaceConfig(tolerance=0.2))
+    assert {a.num_linear_attention_layers for a in space} > {teacher.num_linear_attention_layers}
+    for arch in space:
+        check_prunable(teacher, arch)
+        assert arch.num_attention_layers >= 1 and arch.num_linear_attention_layers >= 1
+        assert arch.num_linear_value_heads % arch.num_linear_key_heads == 0
+    short, long = ConstraintsConfig(seq_len=16), ConstraintsConfig(seq_len=1024)
+    arch = space[0]
+    grown = memory_bytes(arch, long) - memory_bytes(arch, short)
+    assert grown == kv_cache_bytes(arch, seq_len=1024 - 16)  # only the KV cache grows with the sequence
+    assert memory_bytes(arch, short) == count_params(arch) * 2 + kv_cache_bytes(arch, 16) + recurrent_state_bytes(arch)
+    tiny_model("qwen3_5_text").save_pretrained(tmp_path / "hybrid")
+    assert main(["space", str(tmp_path / "hybrid"), "--budget", "70%", "--tolerance", "0.2"]) == 0
+    out = capsys.readouterr().out
+    assert "num_linear_attention_layers" in out and "state_bytes_per_sequence" in out

@@ -14,11 +14,13 @@ from nas.cli.study import add_plan, add_search, add_space
 from nas.cli.train import add_correct, add_data_args, add_distill, data_config_from_args
 from nas.errors import ConfigError, NasError
 from nas.io import is_full_disk
-from nas.model.blocks import LAYER_KNOBS, WIDTH_KNOBS
+from nas.model.blocks import BLOCK_TYPES
 from nas.settings import (
     EvalConfig,
     ImportanceConfig,
     RunConfig,
+    default_report,
+    default_storage,
 )
 
 
@@ -69,10 +71,9 @@ def importance_from_data(args, teacher, tokenizer, data_cfg, imp: ImportanceConf
 def cmd_importance(args) -> int:
     from nas.data.tokens import prepare
     from nas.device import resolve_device
-    from nas.io import require_same
     from nas.model.arch import Arch
     from nas.model.families import load_config, load_model, load_tokenizer
-    from nas.prune.importance import Importance, compute_importance, importance_identity
+    from nas.prune.importance import ensure_importance, importance_identity
 
     data_cfg, imp = data_config_from_args(args), settings_from_args(args, ImportanceConfig)
     out = guard.output(args.out, [args.teacher, *guard.data_paths(args)], is_dir=False)
@@ -85,32 +86,21 @@ def cmd_importance(args) -> int:
         identity = importance_identity(
             args.teacher, teacher_arch, data.fingerprint, imp.num_samples, imp.val_sequences
         )
-        if out.exists() and not args.restart:  # a finished result: returned if made with these settings
-            existing = Importance.load(out)
-            ways_out = "write to another --out file, or pass --restart to recompute it"
-            require_same(existing.identity, identity, f"importance file {out}", ways_out)
-            print(f"{out} is already computed with these settings (base val loss {existing.base_loss:.4f})")
+        importance, computed = ensure_importance(
+            out, lambda: load_model(args.teacher, device=resolve_device(device_of(args))), data, identity,
+            imp.batch_size, "write to another --out file, or pass --restart to recompute it", args.restart,
+        )  # fmt: skip
+        if not computed:  # a finished result, made with these settings
+            print(f"{out} is already computed with these settings (base val loss {importance.base_loss:.4f})")
             return 0
-        teacher = load_model(args.teacher, device=resolve_device(device_of(args)))
-        calib, val = data.calib(imp.num_samples), data.val(imp.val_sequences)
-        importance = compute_importance(teacher, calib, val, imp.batch_size)
-        importance.identity = identity
-        path = importance.save(out)
     print(
-        f"wrote {path}: {importance.num_samples} calibration sequences, base val loss {importance.base_loss:.4f}"
+        f"wrote {out}: {importance.num_samples} calibration sequences, base val loss {importance.base_loss:.4f}"
     )
     return 0
 
 
 def device_of(args) -> str:
     return getattr(args, "device", RunConfig.model_fields["device"].default)
-
-
-HOMOGENEOUS_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-                     "num_experts")  # fmt: skip
-# a hybrid stack's layer counts per type and width knobs (`nas.model.blocks`), e.g. --num-mamba-heads
-HYBRID_KNOBS = tuple(k for k in dict.fromkeys([*LAYER_KNOBS.values(), *(k for ks in WIDTH_KNOBS.values() for k in ks)])
-                     if k not in HOMOGENEOUS_FLAGS)  # fmt: skip
 
 
 def add_prune(sub) -> None:
@@ -120,11 +110,14 @@ def add_prune(sub) -> None:
     p.add_argument("--importance", help="importance file from `nas importance` (or give --data)")
     for knob in ("num-layers", "hidden-size", "ffn-hidden-size", "num-attention-heads", "num-query-groups"):
         p.add_argument(f"--{knob}", type=int, help="(default: the teacher's)")
-    for knob in HYBRID_KNOBS:
-        p.add_argument(f"--{knob.replace('_', '-')}", type=int, help="a hybrid stack's (default: the teacher's)")
     p.add_argument(
         "--num-experts", type=int, help="experts kept per layer (mixture of experts; default: all)"
     )
+    hybrid = "(hybrid stacks; default: the teacher's)"
+    for layer_type in BLOCK_TYPES:
+        p.add_argument(f"--num-{layer_type.replace('_', '-')}-layers", type=int, help=f"layers of type {layer_type} {hybrid}")
+    for knob in ("num-linear-key-heads", "num-linear-value-heads", "num-mamba-heads", "mamba-head-dim"):
+        p.add_argument(f"--{knob}", type=int, help=hybrid)
     add_flags(p, RunConfig, ["depth_strategy"])
     add_data_args(p)
     add_importance_args(p)
@@ -150,11 +143,8 @@ def cmd_prune(args) -> int:
         guard.seq_len_fits(data_cfg.seq_len, args.teacher)
     teacher_arch = Arch.from_hf_config(load_config(args.teacher))
     knobs = {k: getattr(args, k) for k in teacher_arch.knobs if getattr(args, k, None) is not None}
-    stray = [k for k in HYBRID_KNOBS if getattr(args, k) is not None and k not in teacher_arch.knobs]
-    if stray:
-        raise ConfigError(
-            f"--{stray[0].replace('_', '-')} is not a knob of {args.teacher}; its knobs: {', '.join(teacher_arch.knobs)}"
-        )
+    if args.num_layers is not None and teacher_arch.layer_types:  # the first num_layers layers' types
+        knobs["num_layers"] = args.num_layers
     if args.num_experts is not None and not teacher_arch.num_experts:
         raise ConfigError(f"--num-experts needs a mixture-of-experts teacher; {args.teacher} is dense")
     arch = teacher_arch.replace(**knobs)
@@ -219,8 +209,8 @@ def add_report(sub) -> None:
 def cmd_report(args) -> int:
     from nas.report.html import write_report
 
-    storage = args.storage or f"sqlite:///studies/{args.study}/study.db"
-    out = guard.output(args.out or f"reports/{args.study}.html", [], is_dir=False)
+    storage = args.storage or default_storage(args.study)
+    out = guard.output(args.out or default_report(args.study), [], is_dir=False)
     with guard.owning(out, is_dir=False):
         out = write_report(storage, args.study, out)
     print(f"report: {out} ({out.stat().st_size / 1e6:.1f} MB)")

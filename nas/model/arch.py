@@ -203,8 +203,8 @@ class Arch:
     def to_hf_config(self, base_config: Any, kept_layers: list[int] | None = None) -> Any:
         """A copy of `base_config` (the teacher's) reshaped to this arch; `head_dim` is written explicitly.
 
-        `kept_layers` (teacher indices; default: the first `num_layers`) select the entries of the
-        family's per-layer config lists (attention types, NoPE layers).
+        `kept_layers` (teacher indices; default: the first `num_layers`, a hybrid's first layers of each type)
+        select the entries of the family's per-layer config lists (attention types, NoPE layers, block types).
         """
         if family_of(base_config).model_type != self.model_type:
             raise InfeasibleError(
@@ -224,7 +224,7 @@ class Arch:
         config.num_key_value_heads = self.num_query_groups
         config.head_dim = self.head_dim
         config.tie_word_embeddings = self.tie_word_embeddings
-        kept = list(range(self.num_layers)) if kept_layers is None else list(kept_layers)
+        kept = self._first_layers(base_config) if kept_layers is None else list(kept_layers)
         if len(kept) != self.num_layers:
             raise InfeasibleError(f"need {self.num_layers} kept layers, got {len(kept)}")
         fam = self.family
@@ -238,6 +238,18 @@ class Arch:
         if hasattr(config, "max_window_layers"):
             config.max_window_layers = min(config.max_window_layers, self.num_layers)
         return config
+
+    def _first_layers(self, base_config: Any) -> list[int]:
+        """The teacher layers a cut keeps by default: the first `num_layers` (a hybrid: the first of each type)."""
+        if not self.layer_types:
+            return list(range(self.num_layers))
+        fam, seen, kept = self.family, {}, []
+        for i, hf_type in enumerate(getattr(base_config, fam.blocks.attr)):
+            t = fam.blocks.layer_type(hf_type)
+            seen[t] = seen.get(t, 0) + 1
+            if seen[t] <= self.layer_count(t):
+                kept.append(i)
+        return kept
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as JSON values (`layer_types` a list), as a study or an importance file stores them."""

@@ -15,9 +15,8 @@ left out; `offload_optimizer` (torchao's CPUOffloadOptimizer needs CUDA) is plan
 AdamW whose states and update are left out of the GPU's memory, where the offload puts them.
 
 Depth: a full 8B step takes minutes on fake tensors, so each measurement runs at 1 and 2 layers per
-model (a hybrid stack: one layer of each block type, then one more of one type at a time, as a Mamba2 and an
-MLP layer hold different bytes) and is extrapolated linearly in each model's number of layers (of each block
-type), per phase of the step (teacher
+model (a hybrid stack: per layer type, `depth_axes`) and is extrapolated linearly in each model's number of
+layers (of each type), per phase of the step (teacher
 forward, student forward, loss, backward, optimizer update, validation) and per memory category:
 within a phase every layer adds the same bytes (its weights, gradients, states, saved inputs), so the
 extrapolation is exact; `tests/test_plan.py` checks it against the full depth. The peak is the
@@ -30,8 +29,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import warnings
-from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,7 +40,7 @@ from torch.distributed._tools.mem_tracker import MemTracker, _RefType
 from nas.device import precision_for, use_precision
 from nas.errors import ConfigError
 from nas.evaluate.loss import lm_loss
-from nas.model.families import block_types, family_of
+from nas.model.families import family_of
 from nas.prune.importance import activation_scores
 from nas.settings import DistillConfig
 from nas.train import dist as parallel
@@ -191,25 +188,37 @@ class _FakeData:
         return torch.zeros(n, self.seq_len, dtype=torch.long)
 
 
-def layout(config: Any) -> int | list[str]:
-    """What the depth extrapolation varies for a config: its number of layers, or for a hybrid stack its
-    per-layer block types (a Mamba2 layer and an MLP layer do not hold the same bytes)."""
-    kinds = block_types(config)
-    return kinds if kinds is not None else config.num_hidden_layers
+def depth_axes(config: Any) -> list[tuple[str | None, int]]:
+    """The axes along which a model's memory grows layer by layer: (None, num_layers) for identical blocks; for
+    a hybrid stack (`Family.blocks`) one axis per layer type (its config value, its count), since a layer's
+    bytes depend on its type."""
+    blocks = family_of(config).blocks
+    if blocks is None:
+        return [(None, config.num_hidden_layers)]
+    types = list(getattr(config, blocks.attr))
+    return [(t, types.count(t)) for t in dict.fromkeys(types)]
 
 
-def at_depth(config: Any, layers: int | list[str]) -> Any:
-    """A copy of an HF config with `layers` decoder layers (per-layer lists cut to match), or for a hybrid
-    stack with layers of the block types `layers`, in order."""
+def at_depth(config: Any, num_layers: int | dict[str, int]) -> Any:
+    """A copy of an HF config with `num_layers` decoder layers (per-layer lists cut to match); a hybrid's
+    `{layer type: count}` gives it that many layers of each type."""
     config = config.__class__.from_dict(config.to_dict())
-    if isinstance(layers, list):
-        setattr(config, family_of(config).block_types_attr, list(layers))
-        config.num_hidden_layers = len(layers)
+    if isinstance(num_layers, dict):
+        types = [t for t, n in num_layers.items() for _ in range(n)]
+        setattr(config, family_of(config).blocks.attr, types)
+        config.num_hidden_layers = len(types)
         return config
-    config.num_hidden_layers = layers
+    config.num_hidden_layers = num_layers
     if getattr(config, "layer_types", None):
-        config.layer_types = list(config.layer_types)[:layers]
+        config.layer_types = list(config.layer_types)[:num_layers]
     return config
+
+
+def at_axes(config: Any, axes: list[tuple[str | None, int]], depths: tuple[int, ...]) -> Any:
+    """`config` at `depths`, one count per axis of `depth_axes(config)`."""
+    if axes[0][0] is None:
+        return at_depth(config, depths[0])
+    return at_depth(config, {t: n for (t, _), n in zip(axes, depths, strict=True)})
 
 
 def fake_model(config: Any, dtype: torch.dtype) -> nn.Module:
@@ -257,10 +266,7 @@ def measure_train(
         tracker.track_external(model, optimizer)
         if teacher is not None:
             tracker.track_teacher(teacher)
-        with _regions(tracker, model), tracker, warnings.catch_warnings():
-            # transformers' Mamba2 conv builds its activation module per call (`ACT2FN[...]`), gone by the
-            # backward, whose hooks MemTracker then skips with a warning (nothing is missed: it holds no tensors)
-            warnings.filterwarnings("ignore", "Module is None", UserWarning)
+        with _regions(tracker, model), tracker:
             loop.train_step(model, data, dry, optimizer, 1)
         return tracker.phases() | {"validation": _validation(model, optimizer, dry, data, cfg)}
 
@@ -322,44 +328,20 @@ def _as_teacher(phases: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
     return phases
 
 
-def extrapolate(measure, layers: tuple) -> dict[str, dict[str, int]]:
-    """Per-phase categories of `measure(layouts)` (one layout a model: a number of layers, or a hybrid stack's
-    list of block types) at `layers`, from runs at one layer of each kind and one more of a kind at a time:
-    along the diagonal when all models have the same layout, else one model at a time."""
-    start = tuple(_start(layout) for layout in layers)
-    base = measure(start)
-    if len({repr(layout) for layout in layers}) == 1:
-        bumps = [(tuple(_grow(s, kind) for s in start), n - 1) for kind, n in _kinds(layers[0]).items()]
+def extrapolate(measure, layers: tuple[int, ...]) -> dict[str, dict[str, int]]:
+    """Per-phase categories of `measure(depths)` (one layer count per model) at `layers`, from runs
+    at 1 and 2 layers: along the diagonal when all models have the same depth, else one model at a time."""
+    base = measure((1,) * len(layers))
+    if len(set(layers)) == 1:
+        slopes = [(_minus(measure((2,) * len(layers)), base), layers[0] - 1)]
     else:
-        bumps = [
-            (tuple(_grow(s, kind) if j == i else s for j, s in enumerate(start)), n - 1)
-            for i, layout in enumerate(layers)
-            for kind, n in _kinds(layout).items()
-        ]
-    slopes = [(_minus(measure(layouts), base), n) for layouts, n in bumps if n]
+        bumped = [tuple(2 if j == i else 1 for j in range(len(layers))) for i in range(len(layers))]
+        slopes = [(_minus(measure(d), base), n - 1) for d, n in zip(bumped, layers, strict=True)]
     out = {}
     for phase, cats in base.items():
         if all(phase in slope for slope, _ in slopes):
             out[phase] = {k: max(0, cats[k] + sum(s[phase][k] * n for s, n in slopes)) for k in CATEGORIES}
     return out
-
-
-def _kinds(layout: int | list[str]) -> dict[str, int]:
-    """How many layers of each kind, in order of first appearance."""
-    return {"layer": layout} if isinstance(layout, int) else dict(Counter(layout))
-
-
-def _start(layout: int | list[str]) -> int | list[str]:
-    """One layer of each kind."""
-    return 1 if isinstance(layout, int) else list(dict.fromkeys(layout))
-
-
-def _grow(start: int | list[str], kind: str) -> int | list[str]:
-    """`start` with one more layer of `kind` (next to the first)."""
-    if isinstance(start, int):
-        return start + 1
-    i = start.index(kind)
-    return [*start[: i + 1], kind, *start[i + 1 :]]
 
 
 def _minus(a: dict, b: dict) -> dict:

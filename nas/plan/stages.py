@@ -134,22 +134,26 @@ def _phases(job: _Job, s: dict[str, Any]) -> dict[str, dict[str, int]]:
     if job.student is None:
         fn = dryrun.measure_importance if job.stage == "importance" else dryrun.measure_eval
 
-        def one(depths):
-            return fn(
-                dryrun.at_depth(job.teacher, depths[0]), dtype, s["batch_size"], job.seq_len, s["precision"]
-            )
+        axes = dryrun.depth_axes(job.teacher)
 
-        return dryrun.extrapolate(one, (dryrun.layout(job.teacher),))
+        def one(depths):
+            config = dryrun.at_axes(job.teacher, axes, depths)
+            return fn(config, dtype, s["batch_size"], job.seq_len, s["precision"])
+
+        return dryrun.extrapolate(one, tuple(n for _, n in axes))
     dcfg = DistillConfig(
         **{k: s[k] for k in KNOBS}, eval_batch_size=s["eval_batch_size"], fsdp=s["gpus"] > 1, device="cuda"
     )
 
+    t_axes, s_axes = dryrun.depth_axes(job.teacher), dryrun.depth_axes(job.student)
+
     def pair(depths):
-        t, st = dryrun.at_depth(job.teacher, depths[0]), dryrun.at_depth(job.student, depths[1])
+        t = dryrun.at_axes(job.teacher, t_axes, depths[: len(t_axes)])
+        st = dryrun.at_axes(job.student, s_axes, depths[len(t_axes) :])
         with dryrun.fake_world(s["gpus"]):
             return dryrun.measure_train(t, st, dcfg, job.seq_len)
 
-    return dryrun.extrapolate(pair, (dryrun.layout(job.teacher), dryrun.layout(job.student)))
+    return dryrun.extrapolate(pair, tuple(n for _, n in t_axes + s_axes))
 
 
 def _as_recommended(plan: StagePlan) -> StagePlan:
