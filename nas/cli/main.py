@@ -99,6 +99,10 @@ def cmd_importance(args) -> int:
     return 0
 
 
+HYBRID_FLAGS = (*(f"num_{t}_layers" for t in BLOCK_TYPES), "num_linear_key_heads", "num_linear_value_heads",
+                "num_mamba_heads", "mamba_head_dim")  # fmt: skip
+
+
 def device_of(args) -> str:
     return getattr(args, "device", RunConfig.model_fields["device"].default)
 
@@ -143,6 +147,10 @@ def cmd_prune(args) -> int:
         guard.seq_len_fits(data_cfg.seq_len, args.teacher)
     teacher_arch = Arch.from_hf_config(load_config(args.teacher))
     knobs = {k: getattr(args, k) for k in teacher_arch.knobs if getattr(args, k, None) is not None}
+    stray = [k for k in HYBRID_FLAGS if getattr(args, k, None) is not None and k not in teacher_arch.knobs]
+    if stray:  # e.g. --num-mamba-heads for a teacher without Mamba2 layers: say so rather than ignore it
+        flag = stray[0].replace("_", "-")
+        raise ConfigError(f"--{flag} is not a knob of {args.teacher}; its knobs: {', '.join(teacher_arch.knobs)}")
     if args.num_layers is not None and teacher_arch.layer_types:  # the first num_layers layers' types
         knobs["num_layers"] = args.num_layers
     if args.num_experts is not None and not teacher_arch.num_experts:
