@@ -13,7 +13,7 @@ from typing import Any
 
 from nas.cli.flags import split_weight
 from nas.errors import ConfigError
-from nas.io import check_not_input, check_output, own_output
+from nas.io import check_not_input, check_ours, check_output, own_output
 
 
 def data_paths(args: Any) -> list[str]:
@@ -22,11 +22,18 @@ def data_paths(args: Any) -> list[str]:
 
 
 def output(
-    out: str | os.PathLike, inputs: Sequence[str | os.PathLike | None], is_dir: bool = True, allow=()
+    out: str | os.PathLike,
+    inputs: Sequence[str | os.PathLike | None],
+    is_dir: bool = True,
+    allow=(),
+    overwrite: bool = False,
 ) -> Path:
-    """OUT checked: writable (not an existing file for a directory, nor read-only) and not an input."""
+    """OUT checked: writable (not an existing file for a directory, nor read-only), not an input, and, for
+    a file, new or one nas wrote unless `overwrite` (`--overwrite`; the rule of every command)."""
     path = check_output(out, is_dir=is_dir)
     check_not_input(path, inputs, allow)
+    if not is_dir:
+        check_ours(path, overwrite)
     return path
 
 

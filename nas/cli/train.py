@@ -13,7 +13,7 @@ DATA_NAMES = {
     "streaming": "data-streaming",
     "seed": "data-seed",
 }
-SOURCE_FLAGS = ("text_field", "config", "split", "streaming", "max_documents")
+SOURCE_FLAGS = ("text_field", "config", "split", "streaming", "max_documents", "max_skipped_share")
 DATA_FLAGS = ("seq_len", "cache_dir", "seed")
 
 
