@@ -117,7 +117,9 @@ def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
         if isinstance(record, dict):
             records.append(record)
         elif any(rest.strip() for rest in lines[number:]):
-            raise OutputError(f"{path}:{number} is not a JSON object; the log is corrupt: rerun with --restart")
+            raise OutputError(
+                f"{path}:{number} is not a JSON object; the log is corrupt: rerun with --restart"
+            )
         else:
             log.warning("%s:%d: dropped a torn last line (a run killed while writing it)", path, number)
     return records
@@ -248,8 +250,10 @@ def written_by_nas(path: Path) -> bool:
         return False
     if not isinstance(record, dict):
         return False
-    return record.get("generator") == GENERATOR or {"model", "params"} <= record.keys() and (
-        "perplexity" in record or "tasks" in record
+    return (
+        record.get("generator") == GENERATOR
+        or {"model", "params"} <= record.keys()
+        and ("perplexity" in record or "tasks" in record)
     )
 
 

@@ -62,6 +62,17 @@ def seq_len_fits(seq_len: int, *models: str) -> None:
         check_seq_len(seq_len, load_config(model), model)
 
 
+def batch_splits(batch_size: int, nproc: int, name: str = "--batch-size") -> None:
+    """ConfigError before any torchrun child starts when the global micro-batch `batch_size` cannot be
+    split evenly over `nproc` processes (`nas.train.dist.local_rows` needs equal shares)."""
+    if nproc > 1 and batch_size % nproc:
+        raise ConfigError(
+            f"{name} {batch_size} must be a multiple of --nproc-per-node {nproc} (each process takes an "
+            f"equal share of the batch); use {batch_size - batch_size % nproc or nproc} or "
+            f"{batch_size + nproc - batch_size % nproc}"
+        )
+
+
 def finite(name: str, value: float | None, positive: bool = True) -> None:
     """ConfigError for a flag that is nan, inf, or (with `positive`) not above 0."""
     if value is None:

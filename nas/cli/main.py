@@ -87,7 +87,8 @@ def cmd_importance(args) -> int:
         identity = importance_identity(
             args.teacher, teacher_arch, data.fingerprint, imp.num_samples, imp.val_sequences
         )
-        if out.exists() and not args.restart and written_by_nas(out):  # a finished result: returned if made with these settings
+        # a finished result (nas's, not a file --overwrite replaces): returned if made with these settings
+        if out.exists() and not args.restart and written_by_nas(out):
             existing = Importance.load(out)
             ways_out = "write to another --out file, or pass --restart to recompute it"
             require_same(existing.identity, identity, f"importance file {out}", ways_out)

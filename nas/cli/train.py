@@ -116,9 +116,12 @@ def launch(args):
     """Validate every setting first (before any model is loaded), then: (exit code of the torchrun
     re-launch, ...) when this process only re-launched itself, else (None, device, data config,
     distill config) with the process group set up."""
+    from nas.cli import guard
     from nas.train.dist import local_device, setup
 
     data_cfg, cfg = data_config_from_args(args), settings_from_args(args, DistillConfig)
+    nproc = settings_from_args(args, Launch).nproc_per_node
+    guard.batch_splits(cfg.batch_size, nproc)
     code = relaunch_under_torchrun(args, settings_from_args(args, Launch))
     if code is not None:
         return code, None, data_cfg, cfg
@@ -133,7 +136,7 @@ def checked_output(args, *models: str):
     from nas.cli import guard
 
     data_cfg, cfg = data_config_from_args(args), settings_from_args(args, DistillConfig)
-    settings_from_args(args, Launch)  # every setting is validated first
+    guard.batch_splits(cfg.batch_size, settings_from_args(args, Launch).nproc_per_node)  # validated first
     out = guard.output(args.out, [*models, *guard.data_paths(args)])
     guard.device(cfg.device)
     guard.seq_len_fits(data_cfg.seq_len, *models)

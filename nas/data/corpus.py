@@ -87,7 +87,9 @@ class Skipped:
 
     def add(self, where: str, value: Any) -> None:
         if not self.count:
-            reason = "missing" if value is MISSING else "blank" if isinstance(value, str) else type(value).__name__
+            reason = (
+                "missing" if value is MISSING else "blank" if isinstance(value, str) else type(value).__name__
+            )
             self.first = f"{where} ({reason})"
         self.count += 1
 

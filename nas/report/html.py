@@ -95,7 +95,12 @@ def render_html(data: ReportData) -> str:
     ]
     title = html.escape(f"nas report: {data.study_name}")
     return PAGE.format(
-        mark=HTML_MARK, title=title, css=CSS, plotlyjs=plotly.offline.get_plotlyjs(), body="\n".join(body), js=SORT_JS
+        mark=HTML_MARK,
+        title=title,
+        css=CSS,
+        plotlyjs=plotly.offline.get_plotlyjs(),
+        body="\n".join(body),
+        js=SORT_JS,
     )
 
 
