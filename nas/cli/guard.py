@@ -73,6 +73,24 @@ def batch_splits(batch_size: int, nproc: int, name: str = "--batch-size") -> Non
         )
 
 
+def default_seq_len_fits(args: Any, model: str) -> str | None:
+    """When `--seq-len` is not given and the model has fewer positions than its default, set it to the
+    model's `max_position_embeddings`; returns the note saying so (None when nothing changed)."""
+    from nas.model.families import load_config
+    from nas.settings import DataConfig
+
+    if hasattr(args, "seq_len"):
+        return None
+    default = DataConfig.model_fields["seq_len"].default
+    limit = getattr(load_config(model), "max_position_embeddings", None)
+    if limit is None or limit >= default:
+        return None
+    args.seq_len = limit
+    return (
+        f"{model} has {limit} positions, fewer than the default --seq-len {default}: using --seq-len {limit}"
+    )
+
+
 def finite(name: str, value: float | None, positive: bool = True) -> None:
     """ConfigError for a flag that is nan, inf, or (with `positive`) not above 0."""
     if value is None:

@@ -245,6 +245,9 @@ def cmd_eval(args) -> int:
     out = guard.output(args.out or default, inputs, is_dir=False, allow=[default], overwrite=args.overwrite)
     guard.device(device_of(args))
     if args.data:
+        note = guard.default_seq_len_fits(args, args.model)
+        if note:
+            print(note)
         guard.seq_len_fits(data_config_from_args(args).seq_len, args.model)
     if cfg.val_sequences is not None and cfg.val_sequences < 1:
         raise ConfigError(

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 from nas.cli import guard
 from nas.cli.flags import add_flags, add_restart, settings_from_args
 from nas.errors import ConfigError
@@ -92,14 +90,6 @@ def screen_columns(frame, args):
     return frame.sort_values(["budget", "screen_rank"], na_position="last", kind="stable")
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1 (argparse reports a ValueError as one line)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def add_search(sub) -> None:
     for name, func, text in (
         ("search", cmd_search, "run (or continue) the Optuna search of a study TOML"),
@@ -114,7 +104,7 @@ def add_search(sub) -> None:
     p = sub.add_parser("worker", help="join a study in shared storage and run its trials until it is done")
     p.add_argument("--storage", required=True, help="e.g. postgresql+psycopg://user:pw@host/db")
     p.add_argument("--study", required=True, help="study name")
-    p.add_argument("--max-trials", type=positive_int, help="stop after this many trials of this worker")
+    p.add_argument("--max-trials", type=int, help="stop after this many trials of this worker (at least 1)")
     add_flags(p, Launch)  # processes (GPUs) per trial: each trial one FSDP2 job over them
     p.set_defaults(func=cmd_worker)
 
@@ -199,6 +189,10 @@ def cmd_worker(args) -> int:
     from nas.pipeline import worker
     from nas.train.dist import teardown
 
+    if args.max_trials is not None and args.max_trials < 1:
+        raise ConfigError(
+            f"--max-trials must be at least 1 (or left out: until the study is done), got {args.max_trials}"
+        )
     launch = settings_from_args(args, Launch)
     if launch.nproc_per_node > 1:  # before any torchrun child starts
         guard.batch_splits(
