@@ -206,7 +206,9 @@ class Workspace:
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(str(out))
-            tok.add_tokens([f"<extra{i}>" for i in range(len(tok), json.loads(config.read_text())["vocab_size"] + 5)])
+            tok.add_tokens(
+                [f"<extra{i}>" for i in range(len(tok), json.loads(config.read_text())["vocab_size"] + 5)]
+            )
             tok.save_pretrained(str(out))
         return str(out)
 
@@ -227,7 +229,9 @@ class Workspace:
         import optuna.storages._rdb as rdb
         from alembic.script import ScriptDirectory
 
-        revisions = [r.revision for r in ScriptDirectory(str(Path(rdb.__file__).parent / "alembic")).walk_revisions()]
+        revisions = [
+            r.revision for r in ScriptDirectory(str(Path(rdb.__file__).parent / "alembic")).walk_revisions()
+        ]
         path = self.root / "old.db"
         shutil.copy(self.base / "study.db", path)
         with contextlib.closing(sqlite3.connect(path)) as db, db:
@@ -592,3 +596,102 @@ def test_a_second_command_is_refused_and_kill_9_leaves_no_stale_lock(workspace, 
     with own_output(out):  # the kernel dropped the dead process's lock
         pass
     assert main([*argv[:-4], "--steps", "2", "--batch-size", "2", "--restart"]) == 0
+
+
+# A writer of metrics.jsonl killed by SIGKILL halfway through a line: the real loop, with the one append
+# of (step, kind) written half (flushed to disk) before the process kills itself.
+KILL_MID_LINE = """
+import json, os, signal, sys
+import nas.train.loop as loop
+real, step, kind = loop.append_log, int(sys.argv[1]), sys.argv[2]
+def torn(path, record):
+    if record["step"] == step and (record["loss"] is None) == (kind == "val"):
+        line = json.dumps(record).encode()
+        with open(path, "ab") as f:
+            f.write(line[: len(line) // 2]); f.flush(); os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(path, record)
+loop.append_log = torn
+from nas.cli.main import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def losses(out: Path) -> list[tuple]:
+    """(step, train loss, val loss) of every line of a run's metrics.jsonl."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["val_loss"]) for r in records]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("command", "kind", "step"), [("distill", "train", 3), ("correct", "val", 4)])
+def test_a_writer_killed_mid_line_resumes_to_the_same_loss(workspace, caplog, command, kind, step):
+    w = workspace
+    models = [w.teacher, w.teacher] if command == D else [w.teacher]
+    run = ["--steps", "6", "--batch-size", "2", "--eval-every", "2", "--eval-sequences", "2"]
+    run += ["--checkpoint-every", "2", "--log-every", "1"]
+    assert main([command, *models, str(w.root / "whole"), *w.data(), *run]) == 0
+    cut = w.root / "cut"
+    argv = [command, *models, str(cut), *w.data(), *run]
+    child = subprocess.run([sys.executable, "-c", KILL_MID_LINE, str(step), kind, *argv], capture_output=True)
+    assert child.returncode == -9, child.stderr.decode()[-2000:]
+    assert not (cut / "metrics.jsonl").read_bytes().endswith(b"\n")  # torn mid-line
+    assert main(argv) == 0  # resumes from the last checkpoint (before `step`)
+    assert "dropped a torn last line" in caplog.text
+    assert losses(cut) == losses(w.root / "whole")
+    whole = safetensors.torch.load_file(str(w.root / "whole" / "model" / "model.safetensors"))
+    resumed = safetensors.torch.load_file(str(cut / "model" / "model.safetensors"))
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole) and whole.keys() == resumed.keys()
+
+
+def test_eval_takes_the_models_length_when_it_has_fewer_positions_than_the_default(base, tmp_path, capsys):
+    short = tmp_path / "short"
+    write_tiny_teacher(short, max_position_embeddings=48)
+    argv = ["eval", str(short), "--data", str(base / "corpus.jsonl"), "--cache-dir", str(tmp_path / "cache")]
+    assert main([*argv, "--val-sequences", "2"]) == 0
+    assert "fewer than the default --seq-len 512: using --seq-len 48" in capsys.readouterr().out
+    record = json.loads((short / "eval.json").read_text())
+    assert [p["seq_len"] for p in record["perplexity"].values()] == [48]
+    assert (
+        main([*argv, "--seq-len", "64"]) == 2
+    )  # a length given explicitly is still refused past the model's
+
+
+def test_overwrite_replaces_a_file_nas_did_not_write_and_then_owns_it(base, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    out.write_text("user notes, not JSON\n")
+    argv = ["eval", str(base / "teacher"), "--data", str(base / "corpus.jsonl"), *SEQ, "--val-sequences", "2"]
+    argv += ["--cache-dir", str(base / "cache"), "--out", str(out)]
+    assert main(argv) == 2 and out.read_text() == "user notes, not JSON\n"
+    assert main([*argv, "--overwrite"]) == 0
+    assert json.loads(out.read_text())["generator"] == "nas"
+    assert main(argv) == 0  # nas's file now: updated without --overwrite
+
+
+def test_a_few_skipped_records_are_a_warning_with_their_count_and_first_place(workspace, caplog, tmp_path):
+    lossy = workspace.lossy_jsonl(lambda r: {"title": "Genesis"}, every=100)  # 2 of 125 records
+    argv = [
+        "importance",
+        workspace.teacher,
+        *workspace.data(lossy),
+        "--num-samples",
+        "4",
+        "--val-sequences",
+        "2",
+    ]
+    assert (
+        main(
+            [
+                *argv,
+                "--max-skipped-share",
+                "0.05",
+                "--cache-dir",
+                str(tmp_path / "c"),
+                "--out",
+                str(tmp_path / "i.st"),
+            ]
+        )
+        == 0
+    )
+    assert f"2 of 125 records of {lossy} have no usable text field 'text'" in caplog.text
+    assert f"the first at {lossy}:2 (missing)" in caplog.text
