@@ -405,6 +405,8 @@ CASES = [
     ("report-out-users-html", "report", lambda w: ["report", "--storage", f"sqlite:///{w.base / 'study.db'}", "--study", "s", "--out", w.users_file("mine.html", "<html>mine</html>")], "nas did not write; pass --overwrite"),
     ("eval-out-users-json", "eval", lambda w: ["eval", w.teacher, *w.data(), "--out", w.users_file("results.json", '{"mine": 1}')], "nas did not write; pass --overwrite"),
     ("importance-out-users-safetensors", "importance", lambda w: ["importance", w.teacher, *w.data(), "--out", str(shutil.copy(w.base / "teacher" / "model.safetensors", w.root / "w.safetensors"))], "nas did not write"),
+    ("distill-out-holds-users-model", D, lambda w: [D, w.teacher, w.teacher, str(Path(w.file("runs/model/notes.txt")).parent.parent), *w.data(), "--steps", "2"], "holds model that nas did not write"),
+    ("correct-out-holds-users-metrics", "correct", lambda w: ["correct", w.teacher, str(Path(w.file("mine/metrics.jsonl")).parent), *w.data(), "--steps", "2", "--restart"], "holds metrics.jsonl that nas did not write"),
     # -- records without usable text: counted, refused past max_skipped_share
     ("importance-records-other-field", "importance", lambda w: ["importance", w.teacher, *w.data(w.lossy_jsonl(lambda r: {"body": r["text"]})), "--out", str(w.root / "i.st")], "42 of 125 records"),
     ("distill-records-text-list", D, lambda w: [D, w.teacher, w.teacher, str(w.root / "o"), *w.data(w.lossy_jsonl(lambda r: {"text": [r["text"]]}, every=10)), "--steps", "2"], "lossy.jsonl:2 (list)"),

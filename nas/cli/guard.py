@@ -113,3 +113,21 @@ def replaceable_model_dir(out: Path) -> None:
             f"output {out} is a directory of other files ({len(names)} entries) that the model would "
             "replace; give a new or an empty directory"
         )
+
+
+def run_dir_is_ours(out: Path, overwrite: bool = False) -> None:
+    """OutputError when the run directory OUT holds an entry a run writes (metrics.jsonl, checkpoints/,
+    model/) but no run record (`run.json`, written before a run's first step): those are someone else's
+    and the run would replace them; `--overwrite` allows it. Other files in OUT are never touched."""
+    from nas.errors import OutputError
+    from nas.io import NOT_OURS_HINT
+    from nas.train.loop import IDENTITY_FILE, RUN_FILES
+
+    if overwrite or not out.is_dir() or (out / IDENTITY_FILE).is_file():
+        return
+    theirs = [name for name in RUN_FILES if (out / name).exists()]
+    if theirs:
+        hint = NOT_OURS_HINT.replace("--out", "output directory")
+        raise OutputError(
+            f"output {out} holds {', '.join(theirs)} that nas did not write (no {IDENTITY_FILE}); {hint}"
+        )

@@ -71,6 +71,11 @@ def add_train_args(p) -> None:
     p.add_argument(
         "--restart", action="store_true", help="delete OUT's run made with other settings and start over"
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace metrics.jsonl, checkpoints/, model/ in OUT that nas did not write",
+    )
 
 
 def relaunch_under_torchrun(args, launch: Launch) -> int | None:
@@ -138,6 +143,7 @@ def checked_output(args, *models: str):
     data_cfg, cfg = data_config_from_args(args), settings_from_args(args, DistillConfig)
     guard.batch_splits(cfg.batch_size, settings_from_args(args, Launch).nproc_per_node)  # validated first
     out = guard.output(args.out, [*models, *guard.data_paths(args)])
+    guard.run_dir_is_ours(out, args.overwrite)
     guard.device(cfg.device)
     guard.seq_len_fits(data_cfg.seq_len, *models)
     return out

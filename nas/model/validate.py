@@ -64,10 +64,16 @@ def check_finite(model: nn.Module, where: str) -> None:
 
 def check_tokenizer_fits(tokenizer: Any, config: Any, name: str) -> None:
     """ModelError when the tokenizer has ids the model cannot embed (a smaller tokenizer than the padded
-    embedding is normal)."""
-    if len(tokenizer) > config.vocab_size:
+    embedding is normal). Ids past the embedding that are only a pad or unknown token are let through:
+    nas packs without padding, and transformers' Qwen2 tokenizer adds such a token of its own at load."""
+    unused = {tokenizer.pad_token_id, tokenizer.unk_token_id} - {
+        tokenizer.eos_token_id,
+        tokenizer.bos_token_id,
+    }
+    ids = [i for i in range(config.vocab_size, len(tokenizer)) if i not in unused]
+    if ids:
         raise ModelError(
             f"the tokenizer of {name} has {len(tokenizer)} tokens but its vocab_size (the embedding) is "
-            f"{config.vocab_size}: ids from {config.vocab_size} on cannot be embedded; save the model's own "
+            f"{config.vocab_size}: {len(ids)} id(s) from {ids[0]} on cannot be embedded; save the model's own "
             "tokenizer with it"
         )
