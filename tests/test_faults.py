@@ -185,16 +185,18 @@ class Workspace:
 
     def broken(self, fault: str, name: str = "") -> str:
         """A copy of the teacher with `fault` in tensor or field `name`: nan | inf (one value of the
-        tensor) | dtype (the tensor cast to `name`'s dtype, e.g. "model.norm.weight:int16") | no-field
+        tensor) | huge (every value 3e38, finite) | dtype (the tensor cast to `name`'s dtype, e.g. "model.norm.weight:int16") | no-field
         (config.json without the field) | big-tokenizer (5 more tokens than vocab_size)."""
         out = self.root / f"broken-{fault}"
         shutil.copytree(self.base / "teacher", out)
         weights, config = out / "model.safetensors", out / "config.json"
-        if fault in ("nan", "inf", "dtype"):
+        if fault in ("nan", "inf", "dtype", "huge"):
             tensors = safetensors.torch.load_file(str(weights))
             tensor, _, dtype = name.partition(":")
             if fault == "dtype":
                 tensors[tensor] = tensors[tensor].to(getattr(torch, dtype))
+            elif fault == "huge":  # finite weights whose activations overflow float32
+                tensors[tensor] = torch.full_like(tensors[tensor], 3e38)
             else:
                 tensors[tensor].view(-1)[7] = float(fault)
             safetensors.torch.save_file(tensors, str(weights), metadata={"format": "pt"})
@@ -394,6 +396,7 @@ CASES = [
     ("distill-nan-student", D, lambda w: [D, w.teacher, w.broken("nan", "lm_head.weight"), str(w.root / "o"), *w.data(), "--steps", "2"], "tensor lm_head.weight holds"),
     ("prune-int16-weight", "prune", lambda w: ["prune", w.broken("dtype", "model.layers.0.input_layernorm.weight:int16"), str(w.root / "p"), "--importance", str(w.base / "imp.safetensors")], "tensor model.layers.0.input_layernorm.weight is I16, not floating point"),
     ("eval-uint8-weight", "eval", lambda w: ["eval", w.broken("dtype", "model.layers.2.self_attn.v_proj.weight:uint8"), *w.data(), "--out", str(w.root / "e.json")], "is U8, not floating point"),
+    ("importance-overflowing-teacher", "importance", lambda w: ["importance", w.broken("huge", "model.layers.1.self_attn.k_proj.weight"), *w.data(), "--num-samples", "4", "--val-sequences", "2", "--out", str(w.root / "i.st")], "the teacher's outputs are not finite"),
     # -- a tokenizer with more tokens than the embedding
     ("importance-big-tokenizer", "importance", lambda w: ["importance", w.broken("big-tokenizer"), *w.data(), "--out", str(w.root / "i.st")], "but its vocab_size (the embedding) is 320"),
     ("correct-big-tokenizer", "correct", lambda w: ["correct", w.broken("big-tokenizer"), str(w.root / "o"), *w.data(), "--steps", "2"], "has 325 tokens"),

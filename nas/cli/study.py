@@ -141,7 +141,7 @@ def check_against_teacher(cfg) -> None:
     try:
         spaces = enumerate_budgets(teacher, cfg.budgets, cfg.space)
     except (InfeasibleError, ConfigError) as e:
-        raise ConfigError(f"budget = {cfg.budget!r} in {cfg.name}: {e}") from None
+        raise ConfigError(f"budget = {cfg.budget!r}: {e}") from None
     limit = cfg.constraints.max_memory
     if not limit:
         return
