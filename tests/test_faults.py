@@ -404,6 +404,7 @@ CASES = [
     # -- files and databases that are not nas's: refused, read-only
     ("report-foreign-sqlite", "report", lambda w: ["report", "--storage", w.foreign_db(), "--study", "s", "--out", str(w.root / "r.html")], "not an Optuna study storage"),
     ("worker-foreign-sqlite", "worker", lambda w: ["worker", "--storage", w.foreign_db(), "--study", "s"], "database of other tables (notes)"),
+    ("report-empty-sqlite-file", "report", lambda w: ["report", "--storage", f"sqlite:///{w.users_file('empty.db', '')}", "--study", "s", "--out", str(w.root / "r.html")], "is an empty file"),
     ("search-foreign-sqlite", "search", lambda w: ["search", w.study(), "--storage", w.foreign_db()], "nas never writes into it"),
     ("report-out-users-html", "report", lambda w: ["report", "--storage", f"sqlite:///{w.base / 'study.db'}", "--study", "s", "--out", w.users_file("mine.html", "<html>mine</html>")], "nas did not write; pass --overwrite"),
     ("eval-out-users-json", "eval", lambda w: ["eval", w.teacher, *w.data(), "--out", w.users_file("results.json", '{"mine": 1}')], "nas did not write; pass --overwrite"),

@@ -172,15 +172,19 @@ def storage_errors(url: str) -> Iterator[None]:
 OPTUNA_TABLES = {"studies", "trials", "version_info"}  # tables every Optuna RDB schema since v1 has
 
 
-def check_optuna_schema(url: str) -> None:
+def check_optuna_schema(url: str, existing: bool = False) -> None:
     """Before Optuna touches a storage (it creates its tables in any database it opens): ConfigError when
-    the database holds tables but is not an Optuna storage (nas never writes into it), or when its schema
-    is of another Optuna version. Read-only: an SQLite file is opened with mode=ro."""
+    the database holds tables but is not an Optuna storage (nas never writes into it), when its schema
+    is of another Optuna version, or, with `existing` (a study to read), when it holds no tables at all.
+    Read-only: an SQLite file is opened with mode=ro."""
     import sqlalchemy
 
+    where = _redacted(url)
     if url.startswith("sqlite:///"):
         path = Path(url.removeprefix("sqlite:///")).expanduser()
         if not path.is_file() or path.stat().st_size == 0:
+            if existing:
+                raise ConfigError(f"study storage {where} is an empty file, not an Optuna study storage")
             return  # a new storage
         url_ro = f"sqlite:///file:{path.resolve()}?mode=ro&uri=true"
     else:
@@ -197,7 +201,8 @@ def check_optuna_schema(url: str) -> None:
                     ).scalar()
         finally:
             engine.dispose()
-    where = _redacted(url)
+    if existing and not tables:
+        raise ConfigError(f"study storage {where} is an empty database: no Optuna study there")
     if tables and not OPTUNA_TABLES <= tables:
         shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
         raise ConfigError(
@@ -283,7 +288,7 @@ def load_existing_study(storage: str, study_name: str) -> optuna.Study:
         raise ConfigError(
             f"no SQLite file at {storage.removeprefix('sqlite:///')}; pass --storage with the URL the search used"
         )
-    check_optuna_schema(storage)
+    check_optuna_schema(storage, existing=True)
     with storage_errors(storage):
         names = optuna.study.get_all_study_names(storage)
         if study_name not in names:
