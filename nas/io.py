@@ -118,7 +118,8 @@ def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
             records.append(record)
         elif any(rest.strip() for rest in lines[number:]):
             raise OutputError(
-                f"{path}:{number} is not a JSON object; the log is corrupt: rerun with --restart"
+                f"{path}:{number} is not a JSON object (not a torn last line: the log was changed by "
+                "something else); repair or delete that line to resume, or pass --restart to start over"
             )
         else:
             log.warning("%s:%d: dropped a torn last line (a run killed while writing it)", path, number)

@@ -701,3 +701,23 @@ def test_a_few_skipped_records_are_a_warning_with_their_count_and_first_place(wo
     )
     assert f"2 of 125 records of {lossy} have no usable text field 'text'" in caplog.text
     assert f"the first at {lossy}:2 (missing)" in caplog.text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("command", "line"), [("distill", 1), ("correct", 3)])
+def test_a_log_changed_before_its_last_line_is_refused_on_resume(workspace, capsys, command, line):
+    """Only a torn last line is a crash's; a bad line before it was written by something else: the resume
+    is refused (one line naming the file and line), and nothing changes."""
+    w = workspace
+    models = [w.teacher, w.teacher] if command == D else [w.teacher]
+    argv = [command, *models, str(w.root / "run"), *w.data(), "--steps", "4", "--batch-size", "2"]
+    argv += ["--eval-every", "2", "--eval-sequences", "2", "--checkpoint-every", "2", "--log-every", "1"]
+    assert main(argv) == 0
+    metrics = w.root / "run" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    lines[line - 1] = lines[line - 1][:10] + "\n"
+    metrics.write_text("".join(lines))
+    before = tree_digest(w.root)
+    message = one_line_error(capsys, argv)
+    assert f"metrics.jsonl:{line} is not a JSON object" in message and "repair or delete that line" in message
+    assert tree_digest(w.root) == before
