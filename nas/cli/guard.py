@@ -121,7 +121,7 @@ def run_dir_is_ours(out: Path, overwrite: bool = False) -> None:
     and the run would replace them; `--overwrite` allows it. Other files in OUT are never touched."""
     from nas.errors import OutputError
     from nas.io import NOT_OURS_HINT
-    from nas.train.loop import IDENTITY_FILE, RUN_FILES
+    from nas.train.run_files import IDENTITY_FILE, RUN_FILES
 
     if overwrite or not out.is_dir() or (out / IDENTITY_FILE).is_file():
         return
