@@ -249,3 +249,15 @@ def test_cli_space_of_a_nemotron_teacher_with_steps(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "num_mamba_heads" in out and "state_bytes_per_sequence" in out and "candidates:" in out
     assert main([*args[:-1], "hidden_size=x"]) == 2
+
+
+def test_a_saved_nemotron_config_is_valid_without_num_hidden_layers_and_names_a_missing_layer_list(tmp_path):
+    from nas.model.families import load_config
+
+    tiny_model("nemotron_h").save_pretrained(tmp_path / "m")  # transformers writes no num_hidden_layers
+    raw = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert raw.get("num_hidden_layers") is None and Arch.from_hf_config(load_config(tmp_path / "m")).num_layers == 4
+    del raw["layers_block_type"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ModelError, match="lacks layers_block_type"):
+        load_config(tmp_path / "m")
