@@ -3,7 +3,7 @@ Nemotron Nano 2-like tiny model of `FAMILY_CASES`): on a stack of all four layer
 MLP), pruning every unit kind (Mamba2 heads evenly per group and head_dim, attention heads and KV groups, FFN
 channels of the MLPs and of each expert, experts, layers of each type) equals masking the same units; keep-all
 reproduces the teacher; importance scores each unit kind in the layers of its type; the recurrent state is what
-transformers' cache holds; the published 12B -> 9B prune is a point of the space."""
+transformers' cache holds; the published 12B -> 9B prune is a valid cut."""
 
 import copy
 import json
@@ -196,7 +196,7 @@ def test_invalid_nemotron_shapes_are_clear_errors():
     assert not tied.tie_word_embeddings  # NemotronHForCausalLM never ties its head
 
 
-def test_the_published_12b_to_9b_prune_is_a_point_of_the_space():
+def test_the_published_12b_to_9b_prune_is_a_valid_cut():
     """Nemotron Nano 2 (arXiv 2508.14444): 12B -> 9B, 62 -> 56 layers, hidden 5120 -> 4480, FFN 20480 -> 15680
     (the 12B's shape: Megatron-Bridge's NemotronNanoModelProvider12Bv2)."""
     from nas.model.families import load_config
