@@ -259,6 +259,17 @@ class Arch:
         lower the top-k with them. A hybrid's layer counts (`num_<type>_layers`) drop the last layers of
         their type from `layer_types` (the cut decides which teacher layers stay); `num_layers=n` alone on a
         hybrid keeps the counts of the pattern's first n layers."""
+        return dataclasses.replace(self, **self._changes(knobs))
+
+    def sized(self, **knobs: int) -> Arch:
+        """`replace` without the validity checks: a shape to count (the space bisects sizes with it), never to
+        build."""
+        arch = object.__new__(Arch)
+        arch.__dict__.update(self.__dict__, **self._changes(knobs))
+        return arch
+
+    def _changes(self, knobs: dict[str, int]) -> dict[str, Any]:
+        knobs = dict(knobs)
         if "num_experts" in knobs and "num_experts_per_tok" not in knobs:
             knobs["num_experts_per_tok"] = min(self.num_experts_per_tok, knobs["num_experts"])
         counts = {t: knobs.pop(k) for t, k in LAYER_KNOBS.items() if k in knobs}
@@ -270,7 +281,7 @@ class Arch:
         if counts:
             knobs["layer_types"] = _shortened(self.layer_types, tuple(counts.items()))
             knobs["num_layers"] = len(knobs["layer_types"])
-        return dataclasses.replace(self, **knobs)
+        return knobs
 
     def describe(self) -> str:
         """A short human-readable label, e.g. `L24 H2048 F5632 A16/G8` (MoE: `... E64/k8`; a hybrid:
