@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +25,9 @@ from nas.model.blocks import (
     block_kv,
     block_params,
     block_state,
+    hybrid_fields,
+    shortened,
+    type_units,
 )
 from nas.model.families import FAMILIES, Family, bias_flags, family_of
 from nas.settings import BUDGET_KINDS
@@ -137,7 +139,7 @@ class Arch:
         mlp or moe)."""
         if not self.layer_types:
             return ("attention", "moe" if self.num_experts else "mlp")
-        return tuple(dict.fromkeys(u for _, units in _type_units(self.model_type, self.layer_types) for u in units))
+        return tuple(dict.fromkeys(u for _, units in type_units(self.model_type, self.layer_types) for u in units))
 
     def layer_count(self, layer_type: str) -> int:
         """How many layers of type `layer_type` (homogeneous: every layer is an attention layer)."""
@@ -194,7 +196,7 @@ class Arch:
             num_experts_per_tok=config.num_experts_per_tok if moe else 0,
             head_dim_tied=fam.rope_factors_follow_hidden
             and any(isinstance(rope.get(k), list) for k in ("short_factor", "long_factor")),
-            **_hybrid_fields(config, fam),
+            **hybrid_fields(config, fam),
         )
 
     def to_hf_config(self, base_config: Any, kept_layers: list[int] | None = None) -> Any:
@@ -279,7 +281,7 @@ class Arch:
             prefix = self.layer_types[: knobs["num_layers"]]
             counts = {t: prefix.count(t) for t in dict.fromkeys(self.layer_types)}
         if counts:
-            knobs["layer_types"] = _shortened(self.layer_types, tuple(counts.items()))
+            knobs["layer_types"] = shortened(self.layer_types, tuple(counts.items()))
             knobs["num_layers"] = len(knobs["layer_types"])
         return knobs
 
@@ -303,38 +305,6 @@ class Arch:
         if self.num_experts:
             parts.append(f"E{self.num_experts}/k{self.num_experts_per_tok}")
         return " ".join(parts)
-
-
-def _hybrid_fields(config: Any, fam: Family) -> dict[str, Any]:
-    """The `Arch` fields of a hybrid stack read from its config (none for a homogeneous family)."""
-    if fam.blocks is None:
-        return {}
-    types = tuple(fam.blocks.layer_type(t) for t in getattr(config, fam.blocks.attr))
-    fields: dict[str, Any] = {"layer_types": types, "attn_output_gate": fam.attn_output_gate}
-    for layer_type in dict.fromkeys(types):
-        for block in fam.blocks.units(layer_type):
-            fields |= {name: getattr(config, attr) for name, attr in CONFIG_ATTRS.get(block, ())}
-    return fields
-
-
-@functools.lru_cache(maxsize=4096)  # the space asks for the same few patterns for every width
-def _type_units(model_type: str, layer_types: tuple[str, ...]) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """(layer type, the block types a layer of it holds) for each layer type of a hybrid, in order."""
-    units = FAMILIES[model_type].blocks.units
-    return tuple((t, units(t)) for t in dict.fromkeys(layer_types))
-
-
-@functools.lru_cache(maxsize=4096)
-def _shortened(layer_types: tuple[str, ...], counts: tuple[tuple[str, int], ...]) -> tuple[str, ...]:
-    """`layer_types` with only the first `n` layers of each type `t` of the `(t, n)` in `counts`."""
-    counts = dict(counts)
-    seen: dict[str, int] = {}
-    kept = []
-    for t in layer_types:
-        seen[t] = seen.get(t, 0) + 1
-        if seen[t] <= counts.get(t, len(layer_types)):
-            kept.append(t)
-    return tuple(kept)
 
 
 def check_prunable(teacher: Arch, arch: Arch) -> None:
@@ -388,7 +358,7 @@ def _layer_units(arch: Arch) -> list[tuple[int, tuple[str, ...]]]:
     """(how many layers, their block types) for each layer type of `arch`."""
     if not arch.layer_types:
         return [(arch.num_layers, arch.blocks)]
-    return [(arch.layer_types.count(t), units) for t, units in _type_units(arch.model_type, arch.layer_types)]
+    return [(arch.layer_types.count(t), units) for t, units in type_units(arch.model_type, arch.layer_types)]
 
 
 def count_params(arch: Arch, active: bool = False) -> int:
