@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +25,9 @@ from nas.model.blocks import (
     block_kv,
     block_params,
     block_state,
+    hybrid_fields,
+    shortened,
+    type_units,
 )
 from nas.model.families import FAMILIES, Family, bias_flags, family_of
 from nas.settings import BUDGET_KINDS
@@ -143,7 +145,7 @@ class Arch:
         mlp or moe)."""
         if not self.layer_types:
             return ("attention", "moe" if self.num_experts else "mlp")
-        return tuple(dict.fromkeys(u for _, units in _type_units(self.model_type, self.layer_types) for u in units))
+        return tuple(dict.fromkeys(u for _, units in type_units(self.model_type, self.layer_types) for u in units))
 
     def layer_count(self, layer_type: str) -> int:
         """How many layers of type `layer_type` (homogeneous: every layer is an attention layer)."""
@@ -197,7 +199,7 @@ class Arch:
             **_ffn_fields(config, fam),
             head_dim_tied=fam.rope_factors_follow_hidden
             and any(isinstance(rope.get(k), list) for k in ("short_factor", "long_factor")),
-            **_hybrid_fields(config, fam),
+            **hybrid_fields(config, fam),
         )
 
     def to_hf_config(self, base_config: Any, kept_layers: list[int] | None = None) -> Any:
@@ -264,6 +266,17 @@ class Arch:
         lower the top-k with them. A hybrid's layer counts (`num_<type>_layers`) drop the last layers of
         their type from `layer_types` (the cut decides which teacher layers stay); `num_layers=n` alone on a
         hybrid keeps the counts of the pattern's first n layers."""
+        return dataclasses.replace(self, **self._changes(knobs))
+
+    def sized(self, **knobs: int) -> Arch:
+        """`replace` without the validity checks: a shape to count (the space bisects sizes with it), never to
+        build."""
+        arch = object.__new__(Arch)
+        arch.__dict__.update(self.__dict__, **self._changes(knobs))
+        return arch
+
+    def _changes(self, knobs: dict[str, int]) -> dict[str, Any]:
+        knobs = dict(knobs)
         if "num_experts" in knobs and "num_experts_per_tok" not in knobs:
             knobs["num_experts_per_tok"] = min(self.num_experts_per_tok, knobs["num_experts"])
         counts = {t: knobs.pop(k) for t, k in LAYER_KNOBS.items() if k in knobs}
@@ -273,9 +286,9 @@ class Arch:
             prefix = self.layer_types[: knobs["num_layers"]]
             counts = {t: prefix.count(t) for t in dict.fromkeys(self.layer_types)}
         if counts:
-            knobs["layer_types"] = _shortened(self.layer_types, tuple(counts.items()))
+            knobs["layer_types"] = shortened(self.layer_types, tuple(counts.items()))
             knobs["num_layers"] = len(knobs["layer_types"])
-        return dataclasses.replace(self, **knobs)
+        return knobs
 
     def describe(self) -> str:
         """A short human-readable label, e.g. `L24 H2048 F5632 A16/G8` (MoE: `... E64/k8`; a hybrid:
@@ -318,38 +331,6 @@ def _ffn_fields(config: Any, fam: Family) -> dict[str, Any]:
     shared = getattr(config, moe.shared_attr) if moe.shared_attr else 0
     return {"ffn_hidden_size": widths.pop(), "num_experts": getattr(config, moe.num_experts_attr),
             "num_experts_per_tok": config.num_experts_per_tok, "shared_expert_ffn_hidden_size": shared}  # fmt: skip
-
-
-def _hybrid_fields(config: Any, fam: Family) -> dict[str, Any]:
-    """The `Arch` fields of a hybrid stack read from its config (none for a homogeneous family)."""
-    if fam.blocks is None:
-        return {}
-    types = tuple(fam.blocks.layer_type(t) for t in getattr(config, fam.blocks.attr))
-    fields: dict[str, Any] = {"layer_types": types, "attn_output_gate": fam.attn_output_gate}
-    for layer_type in dict.fromkeys(types):
-        for block in fam.blocks.units(layer_type):
-            fields |= {name: getattr(config, attr) for name, attr in CONFIG_ATTRS.get(block, ())}
-    return fields
-
-
-@functools.lru_cache(maxsize=4096)  # the space asks for the same few patterns for every width
-def _type_units(model_type: str, layer_types: tuple[str, ...]) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """(layer type, the block types a layer of it holds) for each layer type of a hybrid, in order."""
-    units = FAMILIES[model_type].blocks.units
-    return tuple((t, units(t)) for t in dict.fromkeys(layer_types))
-
-
-@functools.lru_cache(maxsize=4096)
-def _shortened(layer_types: tuple[str, ...], counts: tuple[tuple[str, int], ...]) -> tuple[str, ...]:
-    """`layer_types` with only the first `n` layers of each type `t` of the `(t, n)` in `counts`."""
-    counts = dict(counts)
-    seen: dict[str, int] = {}
-    kept = []
-    for t in layer_types:
-        seen[t] = seen.get(t, 0) + 1
-        if seen[t] <= counts.get(t, len(layer_types)):
-            kept.append(t)
-    return tuple(kept)
 
 
 def check_prunable(teacher: Arch, arch: Arch) -> None:
@@ -403,7 +384,7 @@ def _layer_units(arch: Arch) -> list[tuple[int, tuple[str, ...]]]:
     """(how many layers, their block types) for each layer type of `arch`."""
     if not arch.layer_types:
         return [(arch.num_layers, arch.blocks)]
-    return [(arch.layer_types.count(t), units) for t, units in _type_units(arch.model_type, arch.layer_types)]
+    return [(arch.layer_types.count(t), units) for t, units in type_units(arch.model_type, arch.layer_types)]
 
 
 def count_params(arch: Arch, active: bool = False) -> int:

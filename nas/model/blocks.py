@@ -42,7 +42,10 @@ Arch dicts of homogeneous models keep loading).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import functools
+from typing import TYPE_CHECKING, Any
+
+from nas.model.families import FAMILIES, Family
 
 if TYPE_CHECKING:
     from nas.model.arch import Arch
@@ -162,3 +165,35 @@ def block_state(arch: Arch, block: str) -> int:
 def block_kv(arch: Arch, block: str) -> int:
     """KV-cache elements per token of one block of type `block` (K and V of every KV group)."""
     return 2 * arch.num_query_groups * arch.head_dim if block == "attention" else 0
+
+
+def hybrid_fields(config: Any, fam: Family) -> dict[str, Any]:
+    """The `Arch` fields of a hybrid stack read from its config (none for a homogeneous family)."""
+    if fam.blocks is None:
+        return {}
+    types = tuple(fam.blocks.layer_type(t) for t in getattr(config, fam.blocks.attr))
+    fields: dict[str, Any] = {"layer_types": types, "attn_output_gate": fam.attn_output_gate}
+    for layer_type in dict.fromkeys(types):
+        for block in fam.blocks.units(layer_type):
+            fields |= {name: getattr(config, attr) for name, attr in CONFIG_ATTRS.get(block, ())}
+    return fields
+
+
+@functools.lru_cache(maxsize=4096)  # the space asks for the same few patterns for every width
+def type_units(model_type: str, layer_types: tuple[str, ...]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """(layer type, the block types a layer of it holds) for each layer type of a hybrid, in order."""
+    units = FAMILIES[model_type].blocks.units
+    return tuple((t, units(t)) for t in dict.fromkeys(layer_types))
+
+
+@functools.lru_cache(maxsize=4096)
+def shortened(layer_types: tuple[str, ...], counts: tuple[tuple[str, int], ...]) -> tuple[str, ...]:
+    """`layer_types` with only the first `n` layers of each type `t` of the `(t, n)` in `counts`."""
+    counts = dict(counts)
+    seen: dict[str, int] = {}
+    kept = []
+    for t in layer_types:
+        seen[t] = seen.get(t, 0) + 1
+        if seen[t] <= counts.get(t, len(layer_types)):
+            kept.append(t)
+    return tuple(kept)

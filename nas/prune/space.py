@@ -4,6 +4,7 @@ constraints (memory of weights + KV cache) a candidate must also meet."""
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from collections.abc import Iterator
@@ -119,17 +120,40 @@ def enumerate_candidates(
     config = config or SpaceConfig()
     high = parse_budget(budget, teacher, config.budget_kind)
     low = high * (1 - config.tolerance)
-    every = list(all_valid(teacher, config))
 
     def size(a: Arch) -> int:
         return count_budget_params(a, config.budget_kind)
 
-    inside = [a for a in every if low <= size(a) <= high]
+    inside = list(_in_window(teacher, config, low, high))
     if not inside:
-        raise InfeasibleError(_empty_space_message([size(a) for a in every], low, high))
+        raise InfeasibleError(_empty_space_message([size(a) for a in all_valid(teacher, config)], low, high))
     return sorted(
         inside, key=lambda a: (-size(a), -count_params(a), *(-getattr(a, k) for k in teacher.knobs))
     )
+
+
+def _in_window(teacher: Arch, config: SpaceConfig, low: float, high: int) -> Iterator[Arch]:
+    """The archs of `all_valid` with low <= params <= high, without building the others: the count grows with
+    hidden_size, so for each choice of the other knobs a bisection over the hidden sizes (on unchecked shapes,
+    `Arch.sized`) finds the window, and only the sizes inside it are built and validated. (A 9B hybrid's space
+    has ~2M shapes; building each took minutes.)"""
+    values = knob_values(teacher, config)
+    hidden = sorted(values.pop("hidden_size"))
+
+    def size(fixed: dict[str, int], h: int) -> int:
+        return count_budget_params(teacher.sized(**fixed, hidden_size=h), config.budget_kind)
+
+    for combo in itertools.product(*values.values()):
+        sizes = dict(zip(values, combo, strict=True))
+        for derived in _ratio_choices(teacher, sizes, config.max_width_prune):
+            fixed = sizes | derived
+            start = bisect.bisect_left(hidden, low, key=lambda h, f=fixed: size(f, h))
+            stop = bisect.bisect_right(hidden, high, key=lambda h, f=fixed: size(f, h))
+            for h in reversed(hidden[start:stop]):
+                try:
+                    yield teacher.replace(**fixed, hidden_size=h)
+                except InfeasibleError:  # e.g. hidden_size not divisible by the heads
+                    continue
 
 
 def _empty_space_message(counts: list[int], low: float, high: int) -> str:
