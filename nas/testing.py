@@ -14,6 +14,7 @@ from nas.train.loop import distill
 CONFIG_CLASSES = {
     "llama": "LlamaConfig",
     "mistral": "MistralConfig",
+    "ministral3": "Ministral3Config",
     "qwen2": "Qwen2Config",
     "qwen3": "Qwen3Config",
     "gemma3_text": "Gemma3TextConfig",
@@ -23,6 +24,7 @@ CONFIG_CLASSES = {
     "smollm3": "SmolLM3Config",
     "qwen3_moe": "Qwen3MoeConfig",
     "mixtral": "MixtralConfig",
+    "gpt_oss": "GptOssConfig",
 }
 SLIDING = ("sliding_attention", "full_attention")
 
@@ -37,6 +39,16 @@ def family_extras(model_type: str, num_layers: int) -> dict:
         "olmo3": sliding,
         "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2},
         "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+        # gpt-oss: sliding layers first (its default pattern), a clamp the random init reaches (limit 0.5)
+        "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2, "swiglu_limit": 0.5, "sliding_window": 8,
+                    "layer_types": [SLIDING[i % 2] for i in range(num_layers)],
+                    "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0,
+                                        "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                        "original_max_position_embeddings": 16}},
+        # Ministral 3: Llama 4 query scaling that changes every 8 positions, inside the test sequences
+        "ministral3": {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 64.0,
+                       "original_max_position_embeddings": 8, "beta_fast": 32.0, "beta_slow": 1.0,
+                       "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1}},
     }.get(model_type, {})  # fmt: skip
 
 
@@ -89,10 +101,12 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **kwargs) -> nn.Module:
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, **kwargs), dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith(".bias"):
+            if name.endswith(("norm.weight", ".bias", "_bias")):  # gpt-oss's experts: `gate_up_proj_bias`
                 p.uniform_(0.5, 1.5) if name.endswith("norm.weight") else p.normal_(0, 0.1)
-            elif name.endswith("mlp.gate.weight"):  # a router: distinct logits, so routing is not a tie
-                p.normal_(0, 0.5)
+            elif name.endswith(("mlp.gate.weight", "mlp.router.weight")):  # a router: distinct logits, so
+                p.normal_(0, 0.5)  # routing is not a tie
+            elif name.endswith(("self_attn.sinks", "gate_up_proj")):  # gpt-oss: sinks that matter; gate and up
+                p.normal_(0, 1.0 if name.endswith("sinks") else 0.2)  # that reach the swiglu clamp
     return model.eval()
 
 

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from nas.cli import main
 from nas.errors import InfeasibleError, ModelError
 from nas.model.arch import Arch, check_prunable, count_params
+from nas.model.families import expert_ffn, family_of
 from nas.prune.cut import plan_cut, prune
 from nas.prune.importance import Importance, compute_importance
 from nas.prune.space import enumerate_candidates, parse_budget
@@ -21,18 +22,21 @@ G = torch.Generator().manual_seed(5)
 CALIB = torch.randint(0, 96, (8, 16), generator=G)
 VAL = torch.randint(0, 96, (4, 16), generator=G)
 VOCAB = 320
-NEW_FAMILIES = ("gemma3_text", "phi3", "olmo2", "olmo3", "smollm3", "qwen3_moe", "mixtral")
+NEW_FAMILIES = ("gemma3_text", "phi3", "olmo2", "olmo3", "smollm3", "qwen3_moe", "mixtral", "ministral3", "gpt_oss")
 
 
 def numel(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "gpt_oss"])
 def test_an_expert_with_zero_output_scores_lowest_and_routing_mass_is_the_router_weights(model_type):
     model = tiny_model(model_type, num_layers=2)
     with torch.no_grad():
-        model.model.layers[1].mlp.experts.down_proj[2].zero_()  # expert 2 of layer 1 outputs zeros
+        experts = model.model.layers[1].mlp.experts
+        experts.down_proj[2].zero_()  # expert 2 of layer 1 outputs zeros
+        if hasattr(experts, "down_proj_bias"):  # gpt-oss: and its output bias
+            experts.down_proj_bias[2].zero_()
     scores = compute_importance(model, CALIB, VAL)
     assert scores.experts.shape == scores.expert_mass.shape == (2, 4)
     assert scores.mlp.shape == (2, 4, 96)  # per expert, its FFN channels
@@ -40,6 +44,23 @@ def test_an_expert_with_zero_output_scores_lowest_and_routing_mass_is_the_router
     assert scores.expert_mass[1, 2] > 0  # still routed to: the mass alone would keep it
     if getattr(model.config, "norm_topk_prob", True):  # the top-k weights of a token sum to 1
         assert torch.allclose(scores.expert_mass.sum(-1), torch.ones(2))
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_expert_outputs_as_importance_recomputes_them_are_the_experts_outputs(model_type):
+    """The per-expert FFN that importance scores (`expert_ffn`: gpt-oss's transposed, interleaved, biased
+    experts and clamped SwiGLU included), weighted by the routing, sums to what the experts module returns."""
+    model = tiny_model(model_type, num_layers=1)
+    spec, experts, seen = family_of(model.config).experts, model.model.layers[0].mlp.experts, {}
+    experts.register_forward_hook(lambda m, args, out: seen.update(args=args, out=out))
+    with torch.no_grad():
+        model(input_ids=CALIB[:2])
+        x, index, weights = seen["args"]
+        total = torch.zeros_like(seen["out"])
+        for e in range(4):
+            token, slot = torch.where(index == e)
+            total.index_add_(0, token, expert_ffn(experts, spec, e, x[token])[1] * weights[token, slot, None])
+    assert (total - seen["out"]).abs().max() < 1e-5
 
 
 def test_moe_importance_round_trips_and_prunes_the_dead_expert(tmp_path):

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from nas.device import precision_for
 from nas.errors import ModelError, first_line
@@ -29,12 +30,18 @@ PRE_NORMS = ("input_layernorm", "post_attention_layernorm")  # Llama: norms befo
 
 @dataclass(frozen=True)
 class Experts:
-    """A sparse MoE block at `layer.mlp`: a router `gate` (weight [num_experts, hidden]) and `experts` holding
-    fused 3-D parameters `gate_up_proj` [num_experts, 2 * ffn, hidden] and `down_proj` [num_experts, hidden, ffn]
-    (the transformers 5 layout; gate rows first, then up rows)."""
+    """A sparse MoE block at `layer.mlp`: a router (weight [num_experts, hidden]) and `experts` holding fused 3-D
+    parameters `gate_up_proj` [num_experts, 2 * ffn, hidden] and `down_proj` [num_experts, hidden, ffn] (the
+    transformers 5 layout; gate rows first, then up rows). gpt-oss stores them transposed
+    (`gate_up_proj` [num_experts, hidden, 2 * ffn], `down_proj` [num_experts, ffn, hidden]) with gate and up
+    interleaved (gate at even, up at odd positions), and biases on the router and on both expert projections."""
 
     num_experts_attr: str  # config attribute of the number of experts
     ffn_attr: str  # config attribute of each expert's FFN width
+    router: str = "gate"  # the router's name in `layer.mlp`
+    transposed: bool = False  # expert weights stored [in, out] (gpt-oss)
+    interleaved: bool = False  # gate_up_proj holds gate and up channels alternately (gpt-oss)
+    bias: bool = False  # biased router and expert projections (`gate_up_proj_bias`, `down_proj_bias`; gpt-oss)
 
 
 @dataclass(frozen=True)
@@ -56,10 +63,13 @@ class Family:
     layer_lists: tuple[str, ...] = ("layer_types",)  # config lists with one entry per layer
     experts: Experts | None = None  # the sparse MoE block, where every layer has one
     rope_factors_follow_hidden: bool = False  # longrope factors are sized by hidden_size // heads (Phi-3)
+    attention_sinks: bool = False  # one learned sink logit per query head (`self_attn.sinks`; gpt-oss)
 
 
 QWEN3_MOE = Experts("num_experts", "moe_intermediate_size")
 MIXTRAL = Experts("num_local_experts", "intermediate_size")
+GPT_OSS = Experts("num_local_experts", "intermediate_size", router="router", transposed=True, interleaved=True,
+                  bias=True)  # fmt: skip
 GEMMA_NORMS = (
     "input_layernorm",
     "post_attention_layernorm",
@@ -73,6 +83,8 @@ FAMILIES: dict[str, Family] = {
     for f in (
         Family("llama", "attention_bias", False, True, mlp_bias_attr="mlp_bias"),
         Family("mistral", None, False, False),
+        Family("ministral3", None, False, False),  # Mistral's blocks; its position-dependent query scale
+        # (Llama 4 scaling, from `rope_parameters`) has no weights and follows the config unchanged
         Family("qwen2", None, True, False),
         Family("qwen3", "attention_bias", False, True, qk_norm="head"),
         Family("gemma3_text", "attention_bias", False, True, qk_norm="head", norms=GEMMA_NORMS,
@@ -84,6 +96,7 @@ FAMILIES: dict[str, Family] = {
                layer_lists=("layer_types", "no_rope_layers")),
         Family("qwen3_moe", "attention_bias", False, True, qk_norm="head", experts=QWEN3_MOE),
         Family("mixtral", None, False, False, experts=MIXTRAL),
+        Family("gpt_oss", "attention_bias", True, True, experts=GPT_OSS, attention_sinks=True),
     )
 }  # fmt: skip
 
@@ -112,7 +125,31 @@ def bias_flags(config: Any) -> tuple[bool, bool, bool]:
         qkv = bool(getattr(config, fam.qkv_bias_attr, fam.qkv_bias_default))
     o_bias = qkv if fam.o_bias_follows_qkv else False
     mlp = bool(getattr(config, fam.mlp_bias_attr, False)) if fam.mlp_bias_attr else False
-    return qkv, o_bias, mlp
+    return qkv, o_bias, mlp or bool(fam.experts and fam.experts.bias)
+
+
+def gate_up_index(channels: torch.Tensor, ffn: int, spec: Experts | None) -> torch.Tensor:
+    """Positions in a fused gate/up projection of the gate and up parts of FFN `channels`: gate rows, then up
+    rows (offset by the teacher's `ffn`), or each channel's gate and up side by side (gpt-oss)."""
+    if spec is not None and spec.interleaved:
+        return torch.stack([2 * channels, 2 * channels + 1], dim=-1).flatten()
+    return torch.cat([channels, channels + ffn])
+
+
+def expert_ffn(experts: nn.Module, spec: Experts, e: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input of `down_proj`, output) of expert `e` on tokens `x`, in float32, recomputed from the fused
+    parameters as the family's forward computes them (gpt-oss: biases and its clamped SwiGLU)."""
+    gate_up, down = experts.gate_up_proj[e].float(), experts.down_proj[e].float()
+    if spec.transposed:
+        gate_up, down = gate_up.T, down.T
+    bias = spec.bias
+    fused = F.linear(x, gate_up, experts.gate_up_proj_bias[e].float() if bias else None)
+    if spec.interleaved:  # gpt-oss: the module's own clamped SwiGLU (alpha, limit) on the interleaved halves
+        h = experts._apply_gate(fused)
+    else:
+        gate, up = fused.chunk(2, dim=-1)
+        h = experts.act_fn(gate) * up
+    return h, F.linear(h, down, experts.down_proj_bias[e].float() if bias else None)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

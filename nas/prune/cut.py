@@ -20,7 +20,7 @@ from torch import nn
 from nas.errors import ConfigError
 from nas.io import replace_dir, temp_dir
 from nas.model.arch import Arch, check_prunable, count_params
-from nas.model.families import Family
+from nas.model.families import Family, gate_up_index
 from nas.prune.importance import Importance
 from nas.settings import DEPTH_STRATEGIES
 
@@ -134,8 +134,10 @@ def _layer_rules(teacher: Arch, arch: Arch, cut: Cut, new: int) -> dict[str, tup
     }
     if arch.family.qk_norm == "proj":  # one norm over all heads' channels (OLMo2)
         rules.update(q_norm=(q, None), k_norm=(kv, None))
+    if arch.family.attention_sinks:  # `self_attn.sinks`: one logit per query head (gpt-oss)
+        rules["self_attn"] = (_long(cut.heads[new]), None)
     if arch.num_experts:
-        rules["gate"] = (_long(cut.experts[new]), "hid")  # the router: one row per expert
+        rules[arch.family.experts.router] = (_long(cut.experts[new]), "hid")  # one row (and bias) per expert
     else:
         ffn = _long(cut.mlp[new])
         f = teacher.ffn_hidden_size
@@ -145,20 +147,27 @@ def _layer_rules(teacher: Arch, arch: Arch, cut: Cut, new: int) -> dict[str, tup
 
 
 def _cut_experts(tensor: torch.Tensor, kind: str, teacher: Arch, cut: Cut, new: int, hid: torch.Tensor):
-    """The kept experts of a fused 3-D expert parameter, each with its own kept FFN channels."""
-    f, kept = teacher.ffn_hidden_size, []
+    """The kept experts of a fused 3-D expert parameter (or of its bias), each with its own kept FFN channels."""
+    spec, kept = teacher.family.experts, []
     for e, channels in zip(cut.experts[new], cut.mlp[new], strict=True):
         ch = _long(channels)
-        if kind == "gate_up_proj":  # [2 * ffn, hidden]: gate rows, then up rows
-            kept.append(_select(tensor[e], rows=torch.cat([ch, ch + f]), cols=hid))
-        else:  # down_proj [hidden, ffn]
-            kept.append(_select(tensor[e], rows=hid, cols=ch))
+        fused = gate_up_index(ch, teacher.ffn_hidden_size, spec)
+        if kind == "gate_up_proj_bias":
+            kept.append(_select(tensor[e], rows=fused))
+        elif kind == "down_proj_bias":
+            kept.append(_select(tensor[e], rows=hid))
+        else:  # [out, in], or [in, out] transposed (gpt-oss)
+            out_in = (fused, hid) if kind == "gate_up_proj" else (hid, ch)
+            rows, cols = out_in[::-1] if spec.transposed else out_in
+            kept.append(_select(tensor[e], rows=rows, cols=cols))
     return torch.stack(kept)
 
 
 def _cut_tensor(
     tensor: torch.Tensor, local: str, rules: dict, fam: Family, hid: torch.Tensor
 ) -> torch.Tensor:
+    if "." not in local:  # a tensor of the block itself (Gemma 4's `layer_scalar`)
+        return tensor.clone()
     module, kind = local.rsplit(".", 1)[0].split(".")[-1], local.rsplit(".", 1)[1]
     if module in fam.norms:
         return _select(tensor, rows=hid)
