@@ -25,11 +25,12 @@ CONFIG_CLASSES = {
     "qwen3_moe": "Qwen3MoeConfig",
     "mixtral": "MixtralConfig",
     "gpt_oss": "GptOssConfig",
+    "gemma4_text": "Gemma4TextConfig",
 }
 SLIDING = ("sliding_attention", "full_attention")
 
 
-def family_extras(model_type: str, num_layers: int) -> dict:
+def family_extras(model_type: str, num_layers: int, head_dim: int = 16) -> dict:
     """Settings that make a tiny model exercise its family's extras: alternating sliding-window layers with a
     window shorter than the test sequences, soft-capping, NoPE layers (SmolLM3's default), experts."""
     sliding = {"sliding_window": 8, "layer_types": [SLIDING[i % 2] for i in range(num_layers)]}
@@ -37,6 +38,12 @@ def family_extras(model_type: str, num_layers: int) -> dict:
         "gemma3_text": {**sliding, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0,
                         "query_pre_attn_scalar": 24},
         "olmo3": sliding,
+        # Gemma 4 text without the features nas refuses (per-layer embeddings; one head_dim in every layer);
+        # the last layer is full attention, as transformers makes it
+        "gemma4_text": {"sliding_window": 8, "layer_types": [SLIDING[1 - (num_layers - 1 - i) % 2]
+                                                                    for i in range(num_layers)],
+                        "final_logit_softcapping": 30.0, "hidden_size_per_layer_input": 0,
+                        "global_head_dim": head_dim},
         "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2},
         "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
         # gpt-oss: sliding layers first (its default pattern), a clamp the random init reaches (limit 0.5)
@@ -74,7 +81,7 @@ def tiny_config(
 
     cls = getattr(transformers, CONFIG_CLASSES[model_type])
     experts = FAMILIES[model_type].experts
-    extra = {**family_extras(model_type, num_layers), **extra}
+    extra = {**family_extras(model_type, num_layers, head_dim), **extra}
     extra[experts.ffn_attr if experts else "intermediate_size"] = ffn_hidden_size
     return cls(
         vocab_size=vocab_size,

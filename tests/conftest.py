@@ -41,6 +41,8 @@ FAMILY_CASES = [
     ("ministral3", True, 4),
     ("gpt_oss", False, 2),
     ("gpt_oss", True, 4),
+    ("gemma4_text", True, 2),
+    ("gemma4_text", False, 4),
 ]
 
 

@@ -22,7 +22,7 @@ G = torch.Generator().manual_seed(5)
 CALIB = torch.randint(0, 96, (8, 16), generator=G)
 VAL = torch.randint(0, 96, (4, 16), generator=G)
 VOCAB = 320
-NEW_FAMILIES = ("gemma3_text", "phi3", "olmo2", "olmo3", "smollm3", "qwen3_moe", "mixtral", "ministral3", "gpt_oss")
+NEW_FAMILIES = ("gemma3_text", "phi3", "olmo2", "olmo3", "smollm3", "qwen3_moe", "mixtral", "ministral3", "gpt_oss", "gemma4_text")
 
 
 def numel(model) -> int:
@@ -184,7 +184,7 @@ def test_a_short_distillation_of_a_pruned_student_lowers_its_kl(model_type, toke
     teacher = tiny_model(model_type, num_layers=3, vocab_size=VOCAB)
     with torch.no_grad():  # a sharp teacher: a random init gives near-uniform next-token distributions
         # (Gemma's are sharp already: its embeddings are scaled by sqrt(hidden_size); soft-capping saturates)
-        teacher.lm_head.weight.mul_(2.0 if model_type == "gemma3_text" else 8.0)
+        teacher.lm_head.weight.mul_(2.0 if model_type.startswith("gemma") else 8.0)
     importance = compute_importance(teacher, token_data.calib(8), token_data.val(4))
     arch = Arch.from_hf_config(teacher.config).replace(num_layers=2, ffn_hidden_size=48)
     student = prune(teacher, arch, importance)
@@ -222,3 +222,36 @@ def test_a_study_searches_and_reports_a_teacher_of_each_kind(model_type, tmp_pat
         assert numel(student) == count_params(arch)
     html = write_report(cfg.storage_url, cfg.name, tmp_path / "report.html").read_text()
     assert model_type in html or Arch.from_dict(TrialRecord.read(done[0]).arch).describe() in html
+
+
+@pytest.mark.parametrize(
+    "features,named",
+    [
+        ({"hidden_size_per_layer_input": 8}, ["per-layer embeddings"]),
+        ({"num_kv_shared_layers": 2}, ["KV-sharing layers"]),
+        ({"global_head_dim": 32}, ["own head_dim"]),
+        ({"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 32,
+          "attention_k_eq_v": True, "num_global_key_value_heads": 1}, ["expert block", "keys reused as values"]),
+    ],
+)  # fmt: skip
+def test_gemma4_features_nas_cannot_prune_are_one_error_naming_each(features, named, tmp_path):
+    config = tiny_config("gemma4_text", **features)
+    with pytest.raises(ModelError, match="gemma4_text with") as error:
+        Arch.from_hf_config(config)
+    assert all(what in str(error.value) for what in named)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "g4")  # the CLI: one line, exit 2
+    assert main(["space", str(tmp_path / "g4"), "--budget", "50%"]) == 2
+
+
+@pytest.mark.parametrize("strategy", ["drop-lowest", "contiguous"])
+def test_gemma4_depth_pruning_keeps_the_last_layer_whose_type_transformers_fixes(strategy):
+    teacher = tiny_model("gemma4_text", num_layers=4)
+    importance = compute_importance(teacher, CALIB, VAL)
+    importance.layer_loss = torch.tensor([5.0, 4.0, 3.0, 0.0])  # the last layer matters least
+    importance.block_bi = torch.ones(5, 5)
+    importance.block_bi[2, 4] = 0.0  # and so does the block of the last two
+    arch = Arch.from_hf_config(teacher.config)
+    cut = plan_cut(arch, arch.replace(num_layers=2), importance, strategy)
+    assert cut.layers[-1] == 3
+    student = prune(teacher, arch.replace(num_layers=2), importance, strategy)
+    assert student.config.layer_types == [teacher.config.layer_types[i] for i in cut.layers]

@@ -141,7 +141,7 @@ PROJ_NORM = {"olmo2", "olmo3"}  # q/k norm over all heads: head pruning is not a
 MASK_CASES = [
     pytest.param(model_type, knobs, id=f"{model_type}-{name}")
     for model_type in ("llama", "qwen2", "qwen3", "gemma3_text", "phi3", "olmo2", "olmo3", "smollm3",
-                       "qwen3_moe", "mixtral", "ministral3", "gpt_oss")
+                       "qwen3_moe", "mixtral", "ministral3", "gpt_oss", "gemma4_text")
     for name, knobs in {**UNIT_KNOBS, **(MOE_KNOBS if model_type in MOE_FAMILIES else {})}.items()
     if not (model_type in PROJ_NORM and "num_attention_heads" in knobs)
 ]  # fmt: skip

@@ -64,6 +64,7 @@ class Family:
     experts: Experts | None = None  # the sparse MoE block, where every layer has one
     rope_factors_follow_hidden: bool = False  # longrope factors are sized by hidden_size // heads (Phi-3)
     attention_sinks: bool = False  # one learned sink logit per query head (`self_attn.sinks`; gpt-oss)
+    keep_last_layer: bool = False  # depth pruning never drops the last layer (its type is fixed; Gemma 4)
 
 
 QWEN3_MOE = Experts("num_experts", "moe_intermediate_size")
@@ -97,6 +98,10 @@ FAMILIES: dict[str, Family] = {
         Family("qwen3_moe", "attention_bias", False, True, qk_norm="head", experts=QWEN3_MOE),
         Family("mixtral", None, False, False, experts=MIXTRAL),
         Family("gpt_oss", "attention_bias", True, True, experts=GPT_OSS, attention_sinks=True),
+        # Gemma 4 text: Gemma 3's block (v_norm has no weight; `layer_scalar` is a buffer, kept per layer);
+        # transformers makes the last layer full attention, so depth pruning keeps the teacher's last layer
+        Family("gemma4_text", "attention_bias", False, True, qk_norm="head", norms=GEMMA_NORMS, embed_scale=True,
+               keep_last_layer=True),
     )
 }  # fmt: skip
 
@@ -107,6 +112,8 @@ def family_of(config: Any) -> Family:
     if model_type not in FAMILIES:
         raise ModelError(f"unsupported model_type {model_type!r}; nas supports {', '.join(sorted(FAMILIES))}")
     fam = FAMILIES[model_type]
+    if model_type == "gemma4_text":
+        _check_gemma4(config)
     if model_type == "qwen3_moe" and (
         list(getattr(config, "mlp_only_layers", None) or []) or getattr(config, "decoder_sparse_step", 1) != 1
     ):
@@ -115,6 +122,31 @@ def family_of(config: Any) -> Family:
             "nas prunes Qwen3-MoE models whose every layer is sparse"
         )
     return fam
+
+
+GEMMA4_UNSUPPORTED = {  # config attribute -> the Gemma 4 feature it turns on that nas does not prune yet
+    "hidden_size_per_layer_input": "per-layer embeddings (hidden_size_per_layer_input)",
+    "num_kv_shared_layers": "KV-sharing layers (num_kv_shared_layers)",
+    "enable_moe_block": "the expert block beside the MLP (enable_moe_block)",
+    "attention_k_eq_v": "keys reused as values (attention_k_eq_v)",
+}
+
+
+def _check_gemma4(config: Any) -> None:
+    """One ModelError naming every Gemma 4 feature a config turns on that nas cannot prune: per-layer
+    embeddings, KV-sharing layers, the MoE block, keys as values, and full-attention layers with their own
+    head_dim or KV heads (`global_head_dim`; nas's `Arch` has one head_dim and one KV-group count)."""
+    used = [what for attr, what in GEMMA4_UNSUPPORTED.items() if getattr(config, attr, None)]
+    layers = getattr(config, "per_layer_config", None) or []
+    shapes = {(c.head_dim, c.num_key_value_heads) for c in layers}
+    if len(shapes) > 1:
+        used.append("full-attention layers with their own head_dim or KV heads (global_head_dim, "
+                    "num_global_key_value_heads)")  # fmt: skip
+    if used:
+        raise ModelError(
+            f"gemma4_text with {'; '.join(used)} is not supported: nas prunes Gemma 4 text models with one "
+            "head_dim and one KV-head count in every layer and none of these features"
+        )
 
 
 def bias_flags(config: Any) -> tuple[bool, bool, bool]:

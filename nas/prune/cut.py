@@ -50,8 +50,9 @@ def top_k(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(order.tolist())
 
 
-def keep_layers(importance: Importance, num_layers: int, depth_strategy: str) -> list[int]:
-    """The teacher layers to keep: all but the least important, or all but the best contiguous block."""
+def keep_layers(importance: Importance, num_layers: int, depth_strategy: str, keep_last: bool = False) -> list[int]:
+    """The teacher layers to keep: all but the least important, or all but the best contiguous block;
+    `keep_last`: never the last layer (a family whose last layer must stay what it is)."""
     total = importance.layer_loss.numel()
     if depth_strategy not in DEPTH_STRATEGIES:
         raise ConfigError(f"depth strategy {depth_strategy!r} is not one of {', '.join(DEPTH_STRATEGIES)}")
@@ -59,9 +60,11 @@ def keep_layers(importance: Importance, num_layers: int, depth_strategy: str) ->
     if drop == 0:
         return list(range(total))
     if depth_strategy == "drop-lowest":
+        if keep_last:
+            return [*top_k(importance.layer_loss[:-1], num_layers - 1), total - 1]
         return top_k(importance.layer_loss, num_layers)
     # contiguous: the block whose removal changes the residual stream least (lowest block BI)
-    starts = range(0, total - drop + 1)
+    starts = range(0, total - drop + 1 - keep_last)
     best = min(starts, key=lambda s: (float(importance.block_bi[s, s + drop]), s))
     return [i for i in range(total) if not best <= i < best + drop]
 
@@ -70,7 +73,7 @@ def plan_cut(teacher: Arch, arch: Arch, importance: Importance, depth_strategy: 
     """Decide every kept unit of `arch` from the teacher's importance (pure: no weights touched)."""
     check_prunable(teacher, arch)
     importance.check_matches(teacher)
-    layers = keep_layers(importance, arch.num_layers, depth_strategy)
+    layers = keep_layers(importance, arch.num_layers, depth_strategy, arch.family.keep_last_layer)
     per_group = teacher.heads_per_group
     heads, groups, mlp, experts = [], [], [], []
     for layer in layers:
