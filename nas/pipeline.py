@@ -429,7 +429,9 @@ def finalize(
         teacher = teacher_source(ctx.teacher, ctx.teacher_cache, run, ctx.data)
         result = distill(teacher, student, ctx.data, run, final)
     student.nas_cut = plan_cut(ctx.teacher_arch, arch, ctx.importance, cfg.depth_strategy)
-    winner_dir = save_pruned(student, cfg.root / f"winner{suffix}", ctx.tokenizer, teacher=cfg.teacher)
+    winner_dir = save_pruned(
+        student, cfg.root / f"winner{suffix}", ctx.tokenizer, teacher=cfg.teacher, vision=cfg.vision
+    )
     winner = {
         "budget": budget,
         "trial": best.number,

@@ -215,3 +215,54 @@ def train_tiny_teacher(root, steps: int = 300, seq_len: int = 64):
     distill(None, model, data, settings, root / "teacher-training")
     model.save_pretrained(teacher)
     return teacher
+
+
+WRAPPERS = {"gemma4": "gemma4_text", "mistral3": "ministral3", "qwen3_5": "qwen3_5_text"}  # wrapper -> text
+
+
+def tiny_wrapper_config(wrapper: str = "gemma4", tie_word_embeddings: bool = False, **sizes):
+    """A multimodal wrapper config as released checkpoints carry it (`gemma4`, `mistral3`, `qwen3_5`): a tiny
+    text model of the wrapper's text family in `text_config` and a one-layer vision tower."""
+    import transformers
+
+    text_type = WRAPPERS[wrapper]
+    if text_type in CONFIG_CLASSES:
+        text = tiny_config(text_type, tie_word_embeddings=tie_word_embeddings, **sizes)
+    else:  # a text family of another branch: its transformers defaults at tiny sizes
+        text = transformers.AutoConfig.for_model(
+            text_type, vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=tie_word_embeddings,
+        )  # fmt: skip
+    text.pad_token_id = 2  # Gemma 4 puts it where image tokens were
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    if wrapper == "gemma4":
+        vision = transformers.Gemma4VisionConfig(**tower, num_key_value_heads=2, head_dim=16, global_head_dim=16)
+        return transformers.Gemma4Config(text_config=text, vision_config=vision, audio_config=None,
+                                         tie_word_embeddings=tie_word_embeddings)  # fmt: skip
+    if wrapper == "mistral3":
+        vision = transformers.PixtralVisionConfig(**tower, image_size=32, patch_size=8, head_dim=16)
+        return transformers.Mistral3Config(text_config=text, vision_config=vision, spatial_merge_size=2,
+                                           tie_word_embeddings=tie_word_embeddings)  # fmt: skip
+    vision = {**tower, "depth": 1, "num_heads": 2, "out_hidden_size": text.hidden_size, "patch_size": 8}
+    return transformers.Qwen3_5Config(text_config=text.to_dict(), vision_config=vision,
+                                      tie_word_embeddings=tie_word_embeddings)  # fmt: skip
+
+
+def write_tiny_wrapper(out, wrapper: str = "gemma4", tie_word_embeddings: bool = False, seed: int = 0):
+    """Save a tiny random multimodal checkpoint (the whole wrapper model) with a real-text tokenizer to `out`."""
+    from pathlib import Path
+
+    from transformers import AutoModelForImageTextToText
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = tiny_wrapper_config(wrapper, tie_word_embeddings, vocab_size=len(tokenizer))
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):  # non-trivial norms, as `tiny_model`
+                p.uniform_(0.5, 1.5)
+    out = Path(out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -199,8 +199,11 @@ def layer_norms(layer: nn.Module, family: Family) -> list[nn.Module]:
 
 
 def load_config(name_or_path: str | Path) -> Any:
-    """The config of a supported causal LM (local directory or hub id), without loading weights."""
+    """The config of a supported causal LM (local directory or hub id), without loading weights; of a
+    multimodal checkpoint (`nas.model.multimodal`), its text model's config."""
     from transformers import AutoConfig
+
+    from nas.model.multimodal import text_config
 
     name = str(name_or_path)
     looks_local = name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
@@ -210,8 +213,14 @@ def load_config(name_or_path: str | Path) -> Any:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load a model config from {name!r}: {first_line(e)}") from e
-    family_of(config)
-    return config
+    text = text_config(config)
+    if text is not config and text.model_type not in FAMILIES:
+        raise ModelError(
+            f"unsupported model_type {text.model_type!r} (the text model of a {config.model_type!r} checkpoint); "
+            f"nas supports {', '.join(sorted(FAMILIES))}"
+        )
+    family_of(text)
+    return text
 
 
 def load_model(
@@ -222,10 +231,14 @@ def load_model(
     ModelError naming the file (`from_pretrained` alone initialises missing tensors at random)."""
     from transformers import AutoModelForCausalLM
 
+    from nas.model.multimodal import load_text_model, wrapper_type
+
     load_config(name_or_path)
     local = Path(name_or_path).expanduser()
     if local.is_dir():
         check_readable(local)
+    if wrapper_type(name_or_path):  # a multimodal checkpoint: its text model
+        return load_text_model(str(name_or_path), dtype).to(device).eval()
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             str(name_or_path), dtype=dtype, output_loading_info=True

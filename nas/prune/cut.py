@@ -21,8 +21,9 @@ from nas.errors import ConfigError
 from nas.io import replace_dir, temp_dir
 from nas.model.arch import Arch, check_prunable, count_params
 from nas.model.families import Family, gate_up_index
+from nas.model.multimodal import multimodal_note, with_vision, wrapper_type
 from nas.prune.importance import Importance
-from nas.settings import DEPTH_STRATEGIES
+from nas.settings import DEPTH_STRATEGIES, VISION
 
 log = logging.getLogger(__name__)
 
@@ -247,23 +248,35 @@ def prune(
     return model
 
 
-def save_pruned(model: nn.Module, out: str | Path, tokenizer: Any = None, teacher: str | None = None) -> Path:
+def save_pruned(
+    model: nn.Module, out: str | Path, tokenizer: Any = None, teacher: str | None = None, vision: str = "drop"
+) -> Path:
     """`save_pretrained` (safetensors + config [+ tokenizer]) and `nas_pruning.json` with the kept units,
     written into a temp directory that replaces `out` once complete (a failure, e.g. a full disk, leaves
-    `out` as it was and no partial directory)."""
+    `out` as it was and no partial directory). A `teacher` that is a multimodal checkpoint
+    (`nas.model.multimodal`): `vision` "drop" writes the text model alone, "keep" the teacher's wrapper
+    model around it; `nas_pruning.json` says which."""
+    if vision not in VISION:
+        raise ConfigError(f"vision {vision!r} is not one of {', '.join(VISION)}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    cut, wrapper = getattr(model, "nas_cut", None), wrapper_type(teacher)
+    export = model
+    if wrapper and vision == "keep":
+        hidden = cut.hidden if cut is not None else list(range(model.config.hidden_size))
+        export = with_vision(model, str(teacher), hidden)
     with temp_dir(out) as tmp:
-        model.save_pretrained(tmp)
+        export.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        cut = getattr(model, "nas_cut", None)
         if cut is not None:
             record = {
                 "teacher": teacher,
                 "arch": Arch.from_hf_config(model.config).to_dict(),
                 "cut": asdict(cut),
             }
+            if wrapper:
+                record["multimodal"] = {"wrapper": wrapper, "vision": multimodal_note(vision)}
             (tmp / CUT_FILE).write_text(json.dumps(record, indent=1))
         replace_dir(tmp, out)
     return out
