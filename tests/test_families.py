@@ -198,7 +198,7 @@ def test_a_short_distillation_of_a_pruned_student_lowers_its_kl(model_type, toke
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", ["gemma3_text", "phi3", "olmo2", "qwen3_moe"])
+@pytest.mark.parametrize("model_type", ["gemma3_text", "phi3", "olmo2", "qwen3_moe", "gpt_oss", "gemma4_text"])
 def test_a_study_searches_and_reports_a_teacher_of_each_kind(model_type, tmp_path):
     """The whole search (importance, space, queue, short KD trials) and the HTML report on a tiny teacher
     of a family with its own extras: soft-capping and 4 norms, fused projections, post-norms, experts."""

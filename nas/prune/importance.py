@@ -29,6 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from tqdm.auto import tqdm
 
 from nas.device import autocast_for, model_device
@@ -167,6 +168,8 @@ class _Accumulator:
     ) -> None:
         """One MoE block's routing ([tokens, top_k] expert indices and weights) and its experts' outputs,
         recomputed per expert from the fused parameters (gate rows, then up rows)."""
+        if is_fake(index):  # the memory plan's dry run: which tokens go where is data (no shapes to trace); the
+            return  # recompute, one expert's tokens at a time, stays below what the experts' own forward holds
         x = x.float()
         self.tokens[layer] += x.shape[0]
         for e in index.unique().tolist():
