@@ -112,8 +112,10 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **kwargs) -> nn.Module:
                 p.uniform_(0.5, 1.5) if name.endswith("norm.weight") else p.normal_(0, 0.1)
             elif name.endswith(("mlp.gate.weight", "mlp.router.weight")):  # a router: distinct logits, so
                 p.normal_(0, 0.5)  # routing is not a tie
-            elif name.endswith(("self_attn.sinks", "gate_up_proj")):  # gpt-oss: sinks that matter; gate and up
-                p.normal_(0, 1.0 if name.endswith("sinks") else 0.2)  # that reach the swiglu clamp
+            elif name.endswith("self_attn.sinks"):  # gpt-oss: sinks that matter
+                p.normal_(0, 1.0)
+            elif name.endswith("gate_up_proj") and model_type == "gpt_oss":  # gate and up that reach its clamp
+                p.normal_(0, 0.2)
     return model.eval()
 
 
