@@ -248,7 +248,9 @@ def load_model(
     if local.is_dir():
         check_readable(local)
     if wrapper_type(name_or_path):  # a multimodal checkpoint: its text model
-        return load_text_model(str(name_or_path), dtype).to(device).eval()
+        model, info = load_text_model(str(name_or_path), dtype)
+        check_complete(info, _weights_name(local) if local.is_dir() else str(name_or_path))
+        return model.to(device).eval()
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             str(name_or_path), config=config, dtype=dtype, output_loading_info=True

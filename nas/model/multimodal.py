@@ -35,10 +35,10 @@ HIDDEN_FOLLOWERS = {"qwen3_5": ("vision_config.out_hidden_size",), "qwen3_5_moe"
 
 
 def is_wrapper(config: Any) -> bool:
-    """A multimodal wrapper config: not a text family itself, but holding one in `text_config`."""
-    from nas.model.families import FAMILIES
-
-    return getattr(config, "model_type", None) not in FAMILIES and getattr(config, "text_config", None) is not None
+    """A multimodal wrapper config: one that holds its text model's config in `text_config` (no text
+    family's config has one)."""
+    text = getattr(config, "text_config", None)
+    return text is not None and text is not config
 
 
 def text_config(config: Any) -> Any:
@@ -72,28 +72,26 @@ def wrapper_type(name_or_path: str | Path | None) -> str | None:
     return config.model_type if is_wrapper(config) else None
 
 
-def _load_wrapper(name: str, dtype: torch.dtype) -> nn.Module:
-    """The whole multimodal model, strictly (every tensor present, none extra)."""
+def _load_wrapper(name: str, dtype: torch.dtype) -> tuple[nn.Module, dict[str, Any]]:
+    """The whole multimodal model and `from_pretrained`'s loading info (for the caller's strictness check)."""
     from transformers import AutoModelForImageTextToText
-
-    from nas.model.families import check_complete
 
     try:
         model, info = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, output_loading_info=True)
     except Exception as e:  # safetensors, torch and transformers each raise their own types
         raise ModelError(f"cannot load the multimodal checkpoint {name!r}: {first_line(e)}") from e
-    check_complete(info, name)
     if not isinstance(getattr(getattr(model, "model", None), "language_model", None), nn.Module):
         raise ModelError(f"{name}: no text model at model.language_model; nas cannot take this wrapper apart")
-    return model
+    return model, info
 
 
-def load_text_model(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The text causal LM inside a wrapper checkpoint (its `model.language_model` and `lm_head`)."""
+def load_text_model(name: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, dict[str, Any]]:
+    """The text causal LM inside a wrapper checkpoint (its `model.language_model` and `lm_head`), and the
+    wrapper's loading info (`nas.model.families.load_model` checks it is complete)."""
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    wrapper = _load_wrapper(name, dtype)
+    wrapper, info = _load_wrapper(name, dtype)
     config = text_config(wrapper.config)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -103,7 +101,7 @@ def load_text_model(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     else:
         model.lm_head.load_state_dict(wrapper.lm_head.state_dict(), strict=True)
     log.info("%s: the text model (%s) of a %s checkpoint", name, config.model_type, wrapper.config.model_type)
-    return model
+    return model, info
 
 
 def _fit(tensor: torch.Tensor, shape: torch.Size, hidden: torch.Tensor, teacher_hidden: int, name: str):
@@ -124,7 +122,7 @@ def with_vision(student: nn.Module, teacher: str, hidden: list[int]) -> nn.Modul
     from transformers.initialization import no_init_weights
 
     dtype = next(student.parameters()).dtype
-    wrapper = _load_wrapper(teacher, dtype)
+    wrapper, _ = _load_wrapper(teacher, dtype)  # the same checkpoint the teacher was loaded from, strictly
     config = copy.deepcopy(wrapper.config)
     config.text_config = copy.deepcopy(student.config)
     if getattr(config, "tie_word_embeddings", None) is not None:
