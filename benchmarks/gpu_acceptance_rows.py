@@ -1,0 +1,423 @@
+"""The rows of `benchmarks/gpu_acceptance.py`, one function each; each runs in its own process.
+
+A row returns a dict: `figure` (what it measured, one line), `threshold` (the pass rule and why),
+`verdict`, `measured` (the numbers) and optionally `detail` (e.g. the demo's closing table). Every row
+reuses nas's code (the demo, `kd_throughput.py`'s step, the memory plan, the trial loop, the screen,
+the CLI) and builds its models with random weights at the row's shape: on the lent GPU nothing can
+be downloaded, and speed and memory do not depend on the weights' values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = HERE / "configs"
+REAL_TEACHER, BIG_TEACHER = "Qwen3-1.7B", "Qwen3-8B"  # rows 3-4 and the screen's projection
+# the shapes of row 2 (kd_throughput.py's flags): a 0.74B teacher (hidden 2048, 12 layers, vocab 32k)
+# and its 0.14B student, 8 x 2048 tokens a step (3.8e13 FLOP: ~0.1 s on an H200, well past launch costs)
+KD_SHAPE = {"hidden-size": 2048, "num-layers": 12, "batch-size": 8, "seq-len": 2048, "steps": 8, "warmup": 3}
+KD_SMOKE = {"hidden-size": 64, "num-layers": 2, "batch-size": 2, "seq-len": 64, "steps": 2, "warmup": 1,
+            "vocab-size": 1024}  # fmt: skip
+MFU_FLOOR = 0.20  # row 2: under a fifth of the bf16 peak the step is not matmul-bound (see the README)
+SCREEN_GOAL_MINUTES = 60.0  # row 4: an 8B space screened within an hour on one GPU (see the README)
+SCREEN_SAMPLE = 24  # row 4: candidates timed, spread over the space (3 at smoke size)
+TRIAL_STEPS = 3  # row 3: optimizer steps of the real trial (the second step has the optimizer states)
+PARALLEL_TOLERANCE = 0.01  # row 5: nats; bf16 autocast with another reduction order moves the 3rd decimal
+log = logging.getLogger("gpu_acceptance")
+
+
+@dataclasses.dataclass
+class Context:
+    device: torch.device
+    smoke: bool
+    work: Path
+    demo_minutes: float
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def verdict(self, ok: bool, needs_cuda: bool = False) -> str:
+        """ok/FAIL only at full size on CUDA (see gpu_acceptance.py's docstring)."""
+        if needs_cuda and not self.cuda:
+            return "no GPU"
+        return "smoke" if self.smoke else ("ok" if ok else "FAIL")
+
+
+def run_row(name: str, args) -> int:
+    """Run row `name` (this is the child process) and write its result to `args.result`."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("torchao", "torch.utils._pytree"):  # import-time notices nobody can act on (as nas's CLI)
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    ctx = Context(torch.device(args.device), args.smoke, Path(args.work), args.demo_minutes)
+    try:
+        row = ROW_FUNCTIONS[name](ctx)
+    except Exception as e:  # an OOM is one too (torch.OutOfMemoryError): the row records it, the run goes on
+        traceback.print_exc()
+        row = {"verdict": "error", "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:400]}",
+               "figure": "", "threshold": ""}  # fmt: skip
+    from nas.io import write_text_atomic
+
+    write_text_atomic(args.result, json.dumps(row, default=float))
+    return 0
+
+
+# ---- shared helpers -----------------------------------------------------------------------------
+
+
+def benchmark(name: str):
+    """A sibling benchmark script as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def teacher_config(ctx: Context, name: str):
+    """The shipped config of `name` (published values), or at smoke size a tiny Qwen3 of the same family."""
+    from nas.model.families import load_config
+    from nas.testing import tiny_config
+
+    if not ctx.smoke:
+        return CONFIGS / name, load_config(CONFIGS / name)
+    path = ctx.work / f"tiny-{name}"
+    layers = 4 if name == BIG_TEACHER else 2
+    tiny_config("qwen3", vocab_size=512, hidden_size=64, ffn_hidden_size=128, num_layers=layers).save_pretrained(path)
+    return path, load_config(path)
+
+
+def random_model(config, dtype: torch.dtype, device: torch.device):
+    """The causal LM of `config` with random weights, initialised on `device` (fast on a GPU)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def largest_candidate(config, budget: str, space=None):
+    from nas.model.arch import Arch, count_params
+    from nas.prune.space import enumerate_budgets
+
+    spaces = enumerate_budgets(Arch.from_hf_config(config), [budget], space)
+    return max(spaces[budget], key=count_params), spaces[budget]
+
+
+class RandomTokens:
+    """`TokenData`'s batch interface over seeded random token ids (memory and speed do not see values)."""
+
+    fingerprint = "random"
+
+    def __init__(self, seq_len: int, vocab_size: int) -> None:
+        self.seq_len, self.vocab_size = seq_len, vocab_size
+
+    def train_batch(self, index: int, batch_size: int, total: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(index)
+        return torch.randint(0, self.vocab_size, (batch_size, self.seq_len), generator=g)
+
+    def val(self, n: int) -> torch.Tensor:
+        return self.train_batch(10**6, n, 0)
+
+    calib = val
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def params(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 10**8 else f"{n / 1e6:.2f}M"
+
+
+# ---- row 1: the demo -----------------------------------------------------------------------------
+
+
+def demo_smoke_plan(minutes: float):
+    """The demo's whole pipeline at the smallest size that still runs every stage (as tests/test_demo.py)."""
+    from nas.demo.run import demo_plan
+    from nas.demo.teacher import TeacherSpec
+
+    teacher = TeacherSpec(hidden_size=64, num_layers=4, num_attention_heads=4, num_query_groups=2, head_dim=16,
+                          ffn_hidden_size=128, vocab_size=384, steps=6, batch_size=4, warmup_steps=1)  # fmt: skip
+    return dataclasses.replace(
+        demo_plan(minutes), seq_len=32, max_documents=150, eval_sequences=4, teacher=teacher,
+        budgets=("40%", "60%"), final_budget="60%",
+        space={"tolerance": 0.15, "steps": {"hidden_size": 32, "ffn_hidden_size": 64}},
+        importance={"num_samples": 8, "val_sequences": 4, "batch_size": 8},
+        screen_top=3, finalists=2, horizon_steps=4, eval_every=2, batch_size=2, final_steps=2,
+    )  # fmt: skip
+
+
+def demo_row(ctx: Context) -> dict:
+    from nas.demo.run import closing_table, demo_plan, run_demo
+
+    plan = demo_smoke_plan(ctx.demo_minutes) if ctx.smoke else demo_plan(ctx.demo_minutes)
+    os.chdir(ctx.work)  # the demo writes reports/demo.html under the working directory
+    result = run_demo(ctx.work / "demo", device=str(ctx.device), plan=plan)
+    t, w, s = result.teacher_val_loss, result.winner_val_loss, result.scratch_val_loss
+    gain = s - w
+    ok = all(map(math.isfinite, (t, w, s))) and w < result.teacher.unigram_loss and gain > 0
+    return {
+        "figure": f"{result.seconds / 60:.1f} min at --minutes {ctx.demo_minutes:g}; val loss teacher {t:.3f}, "
+        f"winner {w:.3f}, scratch {s:.3f} (KD gain {gain:+.3f})",
+        "threshold": "every stage ran on the device; winner below the unigram baseline and below scratch",
+        "verdict": ctx.verdict(ok),
+        "measured": {"seconds": result.seconds, "stage_seconds": result.stage_seconds, "teacher_val_loss": t,
+                     "winner_val_loss": w, "scratch_val_loss": s, "unigram_loss": result.teacher.unigram_loss,
+                     "kd_gain": gain, "winner": result.winner_label},  # fmt: skip
+        "detail": closing_table(result),
+    }
+
+
+# ---- row 2: the KD step --------------------------------------------------------------------------
+
+
+def matmul_tflops(n: int = 8192, repeats: int = 10) -> float:
+    """The bf16 matrix-product ceiling of this GPU, measured (random data, CUDA events, after warm-up)."""
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * n**3 * repeats / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+def kd_row(ctx: Context) -> dict:
+    kd = benchmark("kd_throughput")
+    shape = KD_SMOKE if ctx.smoke else KD_SHAPE
+    argv = ["--device", str(ctx.device), "--variant", "fused"]
+    argv += [x for key, value in shape.items() for x in (f"--{key}", str(value))]
+    r = kd.run_variant(kd.parse_args(argv))
+    # kd_throughput.py's count: 2 FLOP per teacher parameter (forward) and 6 per student parameter
+    # (forward + backward) per token; attention scores are left out, so this MFU is a lower bound
+    achieved = r["tokens_per_s"] * (2 * r["n_teacher"] + 6 * r["n_student"]) / 1e12
+    measured = {**{k: r[k] for k in ("tokens_per_s", "n_teacher", "n_student")}, "tflops": achieved}
+    figure = f"{r['tokens_per_s']:,.0f} tokens/s ({params(r['n_teacher'])} teacher, {params(r['n_student'])} student)"
+    threshold = f"MFU >= {MFU_FLOOR:.0%} of the GPU's dense bf16 peak (datasheet)"
+    if not ctx.cuda:
+        return {"figure": figure + "; MFU: no GPU", "threshold": threshold, "verdict": "no GPU", "measured": measured}
+    name = torch.cuda.get_device_name()
+    # NVIDIA's datasheets, dense bf16 without sparsity: H100/H200 SXM 989 TFLOP/s, A100 312 (kd_throughput.py)
+    peak = next((v for k, v in kd.PEAK_BF16_TFLOPS.items() if k in name), None)
+    ceiling = matmul_tflops()
+    measured |= {"gpu": name, "peak_tflops": peak, "matmul_tflops": ceiling,
+                 "mfu": achieved / peak if peak else None}  # fmt: skip
+    mfu = f"MFU {achieved / peak:.1%} of {peak:.0f}" if peak else f"no datasheet peak for {name}"
+    figure += f"; {achieved:.0f} TFLOP/s = {mfu}, {achieved / ceiling:.0%} of a measured 8192^3 matmul ({ceiling:.0f})"
+    ok = peak is not None and achieved / peak >= MFU_FLOOR
+    return {"figure": figure, "threshold": threshold, "verdict": ctx.verdict(ok), "measured": measured}
+
+
+# ---- row 3: the memory plan against a real trial -------------------------------------------------
+
+
+def trial_study(teacher_dir: Path, optimizer: str, smoke: bool, out: Path) -> dict:
+    """A study of the teacher at 50% with bf16-mixed and `optimizer`: 4 x 2048 tokens a step, no
+    gradient checkpointing (the activations, the plan's hardest part, are all there), one
+    validation batch."""
+    seq_len, batch = (32, 2) if smoke else (2048, 4)
+    return {
+        "name": f"memory-{optimizer}", "teacher": str(teacher_dir), "budget": "50%", "out_dir": str(out),
+        "data": {"seq_len": seq_len, "sources": [{"path": "unused.txt"}]},
+        "distill": {"batch_size": batch, "eval_batch_size": batch, "eval_sequences": batch,
+                    "gradient_checkpointing": False, "precision": "bf16-mixed", "optimizer": optimizer},
+    }  # fmt: skip
+
+
+def real_trial_peak(ctx: Context, cfg, teacher_hf, arch) -> int | None:
+    """`torch.cuda.max_memory_allocated` over a real trial (`distill`, the trial's settings, a few
+    steps and its validation) of random-init models; None on the CPU, where the trial still runs."""
+    from nas.device import precision_for
+    from nas.train.loop import distill
+
+    policy = precision_for(cfg.distill.precision, ctx.device)
+    teacher = random_model(teacher_hf, policy.teacher_dtype, ctx.device).eval()
+    student = random_model(arch.to_hf_config(teacher_hf), policy.student_dtype, ctx.device)
+    run = cfg.short_distill().replace(steps=TRIAL_STEPS, eval_every=0, checkpoint_every=0, device=str(ctx.device))
+    data = RandomTokens(cfg.data.seq_len, teacher_hf.vocab_size)
+    if ctx.cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()  # the models stay resident, as in a trial
+    # torchao compiles its update on CUDA; the CPU smoke runs it eagerly (no C++ toolchain needed)
+    stance = "default" if ctx.cuda else "force_eager"
+    with torch.compiler.set_stance(stance):
+        distill(teacher, student, data, run, ctx.work / "trial")
+    return torch.cuda.max_memory_allocated() if ctx.cuda else None
+
+
+def memory_row(ctx: Context, optimizer: str) -> dict:
+    from nas.plan import plan_study
+    from nas.plan.stages import HEADROOM
+    from nas.settings import run_config_from_dict
+
+    teacher_dir, teacher_hf = teacher_config(ctx, REAL_TEACHER)
+    cfg = run_config_from_dict(trial_study(teacher_dir, optimizer, ctx.smoke, ctx.work / "study"))
+    arch, _ = largest_candidate(teacher_hf, "50%", cfg.space)
+    gpu_memory = torch.cuda.get_device_properties(0).total_memory if ctx.cuda else 80 * 10**9
+    start = time.perf_counter()
+    plan = next(p for p in plan_study(cfg, gpu_memory, student=arch) if (p.stage, p.policy) == ("trial", "configured"))
+    planned_s = time.perf_counter() - start
+    peak = real_trial_peak(ctx, cfg, teacher_hf, arch)
+    measured = {"student": arch.describe(), "plan_bytes": plan.peak_bytes, "plan_phase": plan.phase,
+                "plan_breakdown": plan.breakdown, "plan_seconds": planned_s, "measured_bytes": peak}  # fmt: skip
+    shape = f"{'tiny' if ctx.smoke else REAL_TEACHER} -> {arch.describe()}, {cfg.distill.batch_size}x{cfg.data.seq_len}"
+    threshold = f"plan <= real <= plan / {HEADROOM} (the plan's headroom), real >= 0.8 x plan"
+    if peak is None:
+        return {"figure": f"{shape}: plan {gib(plan.peak_bytes)}; real: no GPU", "threshold": threshold,
+                "verdict": "no GPU", "measured": measured}  # fmt: skip
+    measured["max_memory_reserved"] = torch.cuda.max_memory_reserved()
+    ratio = peak / plan.peak_bytes
+    ok = 0.8 <= ratio <= 1 / HEADROOM
+    return {"figure": f"{shape}: plan {gib(plan.peak_bytes)} ({plan.phase}), real {gib(peak)} = {ratio:.2f}x plan",
+            "threshold": threshold, "verdict": ctx.verdict(ok), "measured": measured}  # fmt: skip
+
+
+# ---- row 4: the screen's speed -------------------------------------------------------------------
+
+
+def screen_row(ctx: Context) -> dict:
+    from nas.device import precision_for
+    from nas.model.arch import Arch, count_params
+    from nas.prune.importance import compute_importance
+    from nas.search.funnel import screen
+    from nas.settings import DataConfig
+    from nas.settings.search import SearchConfig
+
+    _, teacher_hf = teacher_config(ctx, REAL_TEACHER)
+    teacher = random_model(teacher_hf, precision_for("auto", ctx.device).teacher_dtype, ctx.device).eval()
+    seq_len = 32 if ctx.smoke else DataConfig.model_fields["seq_len"].default  # the study default (512)
+    data = RandomTokens(seq_len, teacher_hf.vocab_size)
+    importance = compute_importance(teacher, data.calib(16), data.val(4), batch_size=8)
+    _, space = largest_candidate(teacher_hf, "50%")
+    n = 3 if ctx.smoke else SCREEN_SAMPLE
+    picked = [space[i * (len(space) - 1) // max(n - 1, 1)] for i in range(n)]  # largest to smallest
+    sequences = data.val(SearchConfig().screen_sequences)  # the study default (8), one batch
+    screen(teacher, importance, {"50%": picked[:1]}, sequences)  # warm-up: kernels, allocator
+    start = time.perf_counter()
+    screen(teacher, importance, {"50%": picked}, sequences)
+    seconds = (time.perf_counter() - start) / n
+    _, big_hf = teacher_config(ctx, BIG_TEACHER)
+    _, big_space = largest_candidate(big_hf, "50%")
+    # the screen of a candidate is its cut (index-select of its weights) and one forward: both scale
+    # with its parameters, so the 8B space costs the mean-params ratio more per candidate
+    ratio = (sum(map(count_params, big_space)) / len(big_space)) / (sum(map(count_params, picked)) / n)
+    projected = len(big_space) * seconds * ratio / 60
+    measured = {"seconds_per_candidate": seconds, "candidates_per_minute": 60 / seconds, "timed": n,
+                "space": len(space), "big_space": len(big_space), "params_ratio": ratio, "projected_minutes": projected,
+                "sequences": list(sequences.shape), "teacher": Arch.from_hf_config(teacher_hf).describe()}  # fmt: skip
+    return {
+        "figure": f"{60 / seconds:,.1f} candidates/min ({n} of {len(space)}, {len(sequences)}x{seq_len} tokens); "
+        f"{BIG_TEACHER} 50% ({len(big_space)} candidates, {ratio:.1f}x params): {projected:.0f} min",
+        "threshold": f"the 8B projection <= {SCREEN_GOAL_MINUTES:.0f} min",
+        "verdict": ctx.verdict(projected <= SCREEN_GOAL_MINUTES, needs_cuda=False),
+        "measured": measured,
+    }
+
+
+# ---- row 5: DDP and an FSDP2 trial group against one process (2+ GPUs) ----------------------------
+
+
+def nas_cli(*argv: str, timeout: float = 200) -> subprocess.CompletedProcess:
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "nas.cli", *argv], env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"nas {argv[0]} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return done
+
+
+def val_curve(out: Path) -> list[tuple[int, float]]:
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(m["step"], m["val_loss"]) for m in lines if m["val_loss"] is not None]
+
+
+def max_gap(a: list, b: list) -> float:
+    if [s for s, _ in a] != [s for s, _ in b]:
+        return math.inf
+    return max(abs(x - y) for (_, x), (_, y) in zip(a, b, strict=True))
+
+
+def ddp_gap(ctx: Context) -> tuple[float, float]:
+    """`nas distill` on 1 process and on 2 (DDP over nccl); the largest val-loss gap and the DDP run's
+    tokens/s over the single one's (the tiny student of tests/test_parallel.py: plumbing, not speed)."""
+    from nas.testing import tiny_model, write_kjv_corpus, write_tiny_teacher
+
+    root = ctx.work
+    write_tiny_teacher(root / "teacher")
+    write_kjv_corpus(root / "corpus.jsonl", limit=3000)
+    tiny_model("llama", seed=1, vocab_size=320, num_layers=2, tie_word_embeddings=True).save_pretrained(root / "student")
+    common = [*("--data", str(root / "corpus.jsonl"), "--seq-len", "32", "--cache-dir", str(root / "cache")),
+              *("--batch-size", "4", "--steps", "6", "--eval-every", "3", "--checkpoint-every", "0"),
+              *("--eval-sequences", "8", "--lr", "3e-3", "--min-lr", "3e-4", "--device", ctx.device.type)]  # fmt: skip
+    seconds = {}
+    for name, extra in (("one", []), ("ddp", ["--nproc-per-node", "2"])):
+        start = time.perf_counter()
+        nas_cli("distill", str(root / "teacher"), str(root / "student"), str(root / name), *common, *extra)
+        seconds[name] = time.perf_counter() - start
+    return max_gap(val_curve(root / "one"), val_curve(root / "ddp")), seconds["one"] / seconds["ddp"]
+
+
+def fsdp_group_gap(ctx: Context) -> float:
+    """One trial of the tiny study in one process and as an FSDP2 group of 2 (`nas worker
+    --nproc-per-node 2`), as tests/test_workers.py; the largest gap between their val-loss curves."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from nas.pipeline import prepare_context, record_study_attrs, search
+    from nas.search.trial import enqueue_candidates, open_study
+    from nas.settings import run_config_from_dict
+    from nas.testing import tiny_study_config
+
+    search_cfg = {"n_trials": 1, "pruner": "none"}
+    device = {"device": ctx.device.type, "distill": {"device": ctx.device.type}}
+    one = run_config_from_dict(tiny_study_config(ctx.work / "group", name="one", search=search_cfg, **device))
+    _, single = search(one)
+    group = run_config_from_dict(tiny_study_config(ctx.work / "group", name="group", search=search_cfg, **device))
+    gctx = prepare_context(group)
+    study = open_study(gctx)
+    enqueue_candidates(study, gctx)
+    record_study_attrs(study, gctx)
+    nas_cli("worker", "--storage", group.storage_url, "--study", "group", "--nproc-per-node", "2", "--max-trials", "1")
+    (a,) = single.get_trials(states=(TrialState.COMPLETE,))
+    (b,) = optuna.load_study(study_name="group", storage=group.storage_url).get_trials(states=(TrialState.COMPLETE,))
+    curve = [[(c["step"], c["val_loss"]) for c in t.user_attrs["curve"]] for t in (a, b)]
+    return max_gap(*curve)
+
+
+def parallel_row(ctx: Context) -> dict:
+    ddp, speed = ddp_gap(ctx)
+    fsdp = fsdp_group_gap(ctx)
+    backend = "nccl" if ctx.cuda else "gloo"
+    return {
+        "figure": f"2 processes ({backend}): DDP val-loss gap {ddp:.2e} ({speed:.2f}x the 1-process wall time), "
+        f"FSDP2 trial group gap {fsdp:.2e}",
+        "threshold": f"both gaps <= {PARALLEL_TOLERANCE} nats",
+        "verdict": ctx.verdict(max(ddp, fsdp) <= PARALLEL_TOLERANCE),
+        "measured": {"ddp_gap": ddp, "fsdp_group_gap": fsdp, "ddp_speed": speed, "backend": backend},
+    }
+
+
+ROW_FUNCTIONS = {
+    "demo": demo_row,
+    "kd_step": kd_row,
+    "memory_adamw": lambda ctx: memory_row(ctx, "adamw"),
+    "memory_8bit": lambda ctx: memory_row(ctx, "adamw-8bit"),
+    "screen": screen_row,
+    "parallel": parallel_row,
+}
