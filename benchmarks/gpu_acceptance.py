@@ -3,7 +3,7 @@
     python3 benchmarks/gpu_acceptance.py --device cuda --out $OUT/gpu_acceptance.json   # < 9 min, one GPU
     python3 benchmarks/gpu_acceptance.py --device cpu --smoke                           # tiny shapes, CPU
 
-Rows (the rows' code is in `gpu_acceptance_rows.py`; each reuses nas's own functions):
+Rows (their code: `gpu_acceptance_rows.py`, row 5 `gpu_acceptance_parallel.py`; each reuses nas's functions):
 1. demo: `nas.demo.run.run_demo` on the device at reduced minutes, with its closing table;
 2. KD step: `benchmarks/kd_throughput.py`'s fused variant at a 0.74B-teacher shape (random weights):
    tokens/s and MFU against the GPU's dense bf16 peak;
@@ -55,7 +55,9 @@ ROWS = {
 }
 SMOKE_CAP = 300  # seconds per row at smoke size (a loaded 2-core CI machine)
 RESERVE = 10  # seconds kept for the table and the JSON after the last row
-DEFAULT_TIME_LIMIT = 480.0  # 8 min: under the lent GPU's 10-minute command limit, leaving a few minutes of its
+DEFAULT_TIME_LIMIT = (
+    480.0  # 8 min: under the lent GPU's 10-minute command limit, leaving a few minutes of its
+)
 # 15-minute lease for one short rerun (`--only`) of a row that failed
 
 
@@ -194,7 +196,10 @@ def format_table(record: dict) -> str:
     """The one table: a line per row (number, check, measured figure, threshold, verdict), then the
     demo's closing table, the errors and the skipped rows."""
     head = ("#", "check", "measured", "threshold", "verdict")
-    lines = [[r["row"], r["title"], r.get("figure", ""), r.get("threshold", ""), r["verdict"]] for r in record["rows"]]
+    lines = [
+        [r["row"], r["title"], r.get("figure", ""), r.get("threshold", ""), r["verdict"]]
+        for r in record["rows"]
+    ]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines, strict=True)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [f"nas GPU acceptance on {record.get('gpu', record['device'])} ({record['gpus']} GPU(s), torch "
