@@ -1,8 +1,11 @@
 """Row 5 of `benchmarks/gpu_acceptance.py` (2+ GPUs): DDP and an FSDP2 trial group against one process.
 
 The tiny models and study of `tests/test_parallel.py` and `tests/test_workers.py` (the figures check
-nccl and FSDP2 plumbing on CUDA, not speed), through nas's CLI as a user runs it. On CPU the same code
-runs over gloo (`tests/test_gpu_acceptance.py`).
+nccl and FSDP2 plumbing on CUDA, not speed), through nas's CLI as a user runs it. The same code runs on
+the CPU over gloo (2 processes; 4.5 minutes on 2 busy cores, too long for the test suite, which covers
+these nas paths in tests/test_parallel.py and tests/test_workers.py):
+
+    python benchmarks/gpu_acceptance_parallel.py /tmp/row5      # prints the row (verdict "smoke" on CPU)
 """
 
 from __future__ import annotations
@@ -21,7 +24,11 @@ PARALLEL_TOLERANCE = 0.01  # nats; bf16 autocast with another reduction order mo
 
 
 def nas_cli(*argv: str, timeout: float = 200) -> subprocess.CompletedProcess:
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    root = str(Path(__file__).resolve().parents[1])  # this checkout's nas, also in torchrun's processes
+    env = os.environ | {
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+    }
     done = subprocess.run(
         [sys.executable, "-m", "nas.cli", *argv], env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -115,3 +122,13 @@ def parallel_row(ctx: Context) -> dict:
         "verdict": ctx.verdict(max(ddp, fsdp) <= PARALLEL_TOLERANCE),
         "measured": {"ddp_gap": ddp, "fsdp_group_gap": fsdp, "ddp_speed": speed, "backend": backend},
     }
+
+
+if __name__ == "__main__":  # the row on this machine: CUDA with 2+ GPUs, else the CPU over gloo
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    device = torch.device("cuda" if torch.cuda.device_count() >= 2 else "cpu")
+    work = Path(sys.argv[1] if len(sys.argv) > 1 else "row5")
+    work.mkdir(parents=True, exist_ok=True)
+    print(json.dumps(parallel_row(Context(device, device.type == "cpu", work.resolve(), 3.0)), indent=1))

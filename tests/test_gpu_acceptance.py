@@ -89,19 +89,3 @@ def test_gpu_acceptance_smoke_bad_arguments_exit_2(tmp_path, argv, message):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert not out.exists()
-
-
-@pytest.mark.slow
-def test_gpu_acceptance_smoke_parallel_row_on_gloo(tmp_path, monkeypatch):
-    """Row 5 runs only where 2+ GPUs are; its code runs here over gloo on 2 CPU processes, so it cannot
-    rot meanwhile: DDP and the FSDP2 trial group match one process."""
-    import torch
-
-    monkeypatch.syspath_prepend(str(SCRIPT.parent))
-    from gpu_acceptance_parallel import parallel_row
-    from gpu_acceptance_rows import Context
-
-    monkeypatch.chdir(tmp_path)
-    row = parallel_row(Context(torch.device("cpu"), True, tmp_path, 3.0))
-    assert row["verdict"] == "smoke" and row["measured"]["backend"] == "gloo"
-    assert row["measured"]["ddp_gap"] < 1e-3 and row["measured"]["fsdp_group_gap"] < 1e-3
