@@ -182,10 +182,16 @@ def _row_key(name: str) -> str:
 
 def environment(device: str) -> dict:
     import platform
+    from importlib import metadata
 
     import torch
 
     env = {"torch": torch.__version__, "python": platform.python_version(), "gpus": gpu_count(device)}
+    for name in ("transformers", "torchao", "optuna"):  # the machine's own or the carried wheels'
+        try:
+            env[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            env[name] = None
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name()
         env["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
@@ -203,7 +209,7 @@ def format_table(record: dict) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines, strict=True)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [f"nas GPU acceptance on {record.get('gpu', record['device'])} ({record['gpus']} GPU(s), torch "
-           f"{record['torch']}){' at smoke size' if record['smoke'] else ''}: {record['wall_s']:.0f} s of "
+           f"{record['torch']}, transformers {record['transformers']}, torchao {record['torchao']}){' at smoke size' if record['smoke'] else ''}: {record['wall_s']:.0f} s of "
            f"{record['time_limit_s']:.0f} s", fmt.format(*head), fmt.format(*("-" * w for w in widths))]  # fmt: skip
     out += [fmt.format(*map(str, line)) for line in lines]
     for r in record["rows"]:
