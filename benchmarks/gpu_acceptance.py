@@ -30,9 +30,11 @@ Exit code 0 when no row failed or errored, 1 otherwise (the table and the JSON a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -67,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny shapes: every row in seconds")
     p.add_argument("--out", help="the JSON file (default benchmarks/results/gpu_acceptance-<device>.json)")
     p.add_argument("--time-limit", type=float, default=DEFAULT_TIME_LIMIT, help="seconds for all rows")
+    p.add_argument("--row-cap", type=float, help="seconds any one row may take (default: each row's own cap)")
     p.add_argument("--only", help="comma-separated row names to run (default all): " + ", ".join(ROWS))
     p.add_argument("--demo-minutes", type=float, default=3.0, help="the demo's --minutes (CPU-calibrated)")
     p.add_argument("--work", help="scratch directory (default a temporary one, removed at the end)")
@@ -88,6 +91,8 @@ def check_args(args: argparse.Namespace) -> str | None:
         return "--device cpu runs only at smoke size (the full shapes need a GPU); add --smoke"
     if not args.time_limit > 0:
         return f"--time-limit must be positive seconds, got {args.time_limit}"
+    if args.row_cap is not None and not args.row_cap > 0:
+        return f"--row-cap must be positive seconds, got {args.row_cap}"
     if not args.demo_minutes > 0:
         return f"--demo-minutes must be positive, got {args.demo_minutes}"
     unknown = set(selected(args)) - set(ROWS)
@@ -120,18 +125,23 @@ def run_child(args: argparse.Namespace, name: str, work: Path, timeout: float) -
     row_work = work / name
     row_work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    try:
-        done = subprocess.run(
-            child_command(args, name, result, row_work), env=child_env(), capture_output=True,
-            text=True, timeout=timeout,
+    log = work / f"{name}.log"
+    # its own process group, so that its children end with it (torchrun's workers, compile workers);
+    # output to a file, not a pipe, so a straggler holding it open cannot keep the row waiting
+    with log.open("w") as sink:
+        child = subprocess.Popen(
+            child_command(args, name, result, row_work), env=child_env(), stdout=sink,
+            stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-        log_tail = (done.stdout + done.stderr)[-4000:]
-        failure = None if done.returncode == 0 else f"exit code {done.returncode}"
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"") + (e.stderr or b"")
-        log_tail = (out.decode(errors="replace") if isinstance(out, bytes) else out)[-4000:]
-        failure = f"timed out after {timeout:.0f} s (time guard)"
-    (work / f"{name}.log").write_text(log_tail)
+        try:
+            child.wait(timeout=timeout)
+            failure = None if child.returncode == 0 else f"exit code {child.returncode}"
+        except subprocess.TimeoutExpired:
+            failure = f"timed out after {timeout:.0f} s (time guard)"
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    log_tail = log.read_text(errors="replace")[-4000:]
     if result.is_file():
         row = json.loads(result.read_text())
     else:  # the child died before writing (killed, CUDA abort, OOM kill)
@@ -165,9 +175,10 @@ def run_all(args: argparse.Namespace, work: Path) -> dict:
             row = {"verdict": "skipped", "seconds": 0.0, "threshold": "",
                    "figure": f"time guard: {max(left, 0):.0f} s left, the row needs about {least} s"}  # fmt: skip
         else:
-            print(f"[gpu_acceptance] row {number} {name}: up to {min(left, cap):.0f} s", file=sys.stderr)
+            timeout = min(left, args.row_cap or (SMOKE_CAP if args.smoke else cap))
+            print(f"[gpu_acceptance] row {number} {name}: up to {timeout:.0f} s", file=sys.stderr)
             try:
-                row = run_child(args, name, work, min(left, SMOKE_CAP if args.smoke else cap))
+                row = run_child(args, name, work, timeout)
             except Exception as e:  # setting the row up failed (its folder, its log): that row alone
                 row = {"verdict": "error", "error": f"{type(e).__name__}: {e}", "figure": "", "threshold": ""}
         rows[name] = {"row": number, "name": name, "title": title, **row}

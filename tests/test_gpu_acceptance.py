@@ -65,6 +65,17 @@ def test_gpu_acceptance_smoke_records_a_failing_row_and_runs_the_next(tmp_path):
     assert "row 3a (memory_adamw) error:" in done.stdout
 
 
+@pytest.mark.slow
+def test_gpu_acceptance_smoke_stops_a_row_that_runs_past_its_cap(tmp_path):
+    """The demo gets 5 s (it needs far more): its process group is killed and the row says so; the
+    run still ends with the table and the JSON."""
+    done, record = acceptance(tmp_path, "--only", "demo", "--row-cap", "5")
+    assert done.returncode == 1
+    (demo,) = record["rows"]
+    assert demo["verdict"] == "error" and "timed out after 5 s" in demo["error"] and demo["seconds"] < 10
+    assert "row 1 (demo) error: timed out after 5 s" in done.stdout
+
+
 def test_gpu_acceptance_smoke_time_guard_skips_rows_by_name(tmp_path):
     done, record = acceptance(tmp_path, "--time-limit", "1")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -79,6 +90,7 @@ def test_gpu_acceptance_smoke_time_guard_skips_rows_by_name(tmp_path):
         (["--device", "cuda"], "no CUDA device"),
         (["--only", "demo,nonsense"], "unknown row(s) nonsense"),
         (["--time-limit", "0"], "--time-limit must be positive"),
+        (["--row-cap", "-1"], "--row-cap must be positive"),
     ],
 )
 def test_gpu_acceptance_smoke_bad_arguments_exit_2(tmp_path, argv, message):
