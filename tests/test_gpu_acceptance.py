@@ -45,7 +45,7 @@ def test_gpu_acceptance_smoke_runs_every_row_on_cpu(tmp_path):
         assert m["plan_bytes"] == sum(m["plan_breakdown"].values()) > 0 and m["measured_bytes"] is None
     screen = by["screen"]["measured"]
     assert screen["candidates_per_minute"] > 0 and screen["projected_minutes"] > 0
-    assert screen["big_space"] > screen["timed"]
+    assert screen["big_space"] > screen["timed"] and screen["big_minutes_from_measured"] > 0
     table = done.stdout
     assert "no GPU" in table and "KD gain" in table and f"written {tmp_path / 'acceptance.json'}" in table
 
