@@ -146,7 +146,12 @@ def run_child(args: argparse.Namespace, name: str, work: Path, timeout: float) -
         row = json.loads(result.read_text())
     else:  # the child died before writing (killed, CUDA abort, OOM kill)
         last = next((line for line in reversed(log_tail.splitlines()) if line.strip()), "")
-        row = {"verdict": "error", "error": f"{failure}: {last}"[:500], "figure": "", "threshold": ""}
+        row = {
+            "verdict": "error",
+            "error": f"{failure}: {last}".rstrip(": ")[:500],
+            "figure": "",
+            "threshold": "",
+        }
     row.setdefault("log_tail", log_tail[-1500:] if row.get("verdict") == "error" else "")
     row["seconds"] = round(time.perf_counter() - start, 1)
     return row
