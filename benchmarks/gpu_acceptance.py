@@ -1,9 +1,9 @@
 """GPU acceptance: one command that runs every CUDA path of nas once and prints one table (and JSON).
 
-    python3 benchmarks/gpu_acceptance.py --device cuda --out $OUT/gpu_acceptance.json   # < 9 min, one GPU
-    python3 benchmarks/gpu_acceptance.py --device cpu --smoke                           # tiny shapes, CPU
+    python3 benchmarks/gpu_acceptance.py --device cuda --out $OUT/gpu_acceptance.json   # < 8 min, one GPU
+    python3 benchmarks/gpu_acceptance.py --smoke                   # tiny shapes (on the CPU without a GPU)
 
-Rows (their code: `gpu_acceptance_rows.py`, row 5 `gpu_acceptance_parallel.py`; each reuses nas's functions):
+Rows (their code: `_gpu_rows.py`, row 5 `_gpu_parallel.py`; each reuses nas's functions):
 1. demo: `nas.demo.run.run_demo` on the device at reduced minutes, with its closing table;
 2. KD step: `benchmarks/kd_throughput.py`'s fused variant at a 0.74B-teacher shape (random weights):
    tokens/s and MFU against the GPU's dense bf16 peak;
@@ -65,7 +65,9 @@ DEFAULT_TIME_LIMIT = (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda", help="cuda (the acceptance run) or cpu (with --smoke)")
+    p.add_argument(
+        "--device", default="auto", help="cuda (the acceptance run), cpu (with --smoke), auto: cuda if any"
+    )
     p.add_argument("--smoke", action="store_true", help="tiny shapes: every row in seconds")
     p.add_argument("--out", help="the JSON file (default benchmarks/results/gpu_acceptance-<device>.json)")
     p.add_argument("--time-limit", type=float, default=DEFAULT_TIME_LIMIT, help="seconds for all rows")
@@ -79,7 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> str | None:
-    """The first bad argument, as one line naming what to fix (None when all are good)."""
+    """The first bad argument, as one line naming what to fix (None when all are good); resolves
+    `--device auto`."""
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device not in ("cuda", "cpu") and not args.device.startswith("cuda:"):
         return f"--device {args.device!r}: use cuda or cpu"
     if args.device.startswith("cuda"):
@@ -88,7 +95,7 @@ def check_args(args: argparse.Namespace) -> str | None:
         if not torch.cuda.is_available():
             return f"--device {args.device}: this machine has no CUDA device; use --device cpu --smoke"
     if args.device == "cpu" and not args.smoke:
-        return "--device cpu runs only at smoke size (the full shapes need a GPU); add --smoke"
+        return "no GPU here: the full shapes need one; add --smoke (tiny shapes on the CPU)"
     if not args.time_limit > 0:
         return f"--time-limit must be positive seconds, got {args.time_limit}"
     if args.row_cap is not None and not args.row_cap > 0:
@@ -246,7 +253,7 @@ def default_out(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.row:  # a child
-        from gpu_acceptance_rows import run_row
+        from _gpu_rows import run_row
 
         return run_row(args.row, args)
     problem = check_args(args)

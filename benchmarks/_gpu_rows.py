@@ -146,26 +146,12 @@ def params(n: int) -> str:
 # ---- row 1: the demo -----------------------------------------------------------------------------
 
 
-def demo_smoke_plan(minutes: float):
-    """The demo's whole pipeline at the smallest size that still runs every stage (as tests/test_demo.py)."""
-    from nas.demo.run import demo_plan
-    from nas.demo.teacher import TeacherSpec
-
-    teacher = TeacherSpec(hidden_size=64, num_layers=4, num_attention_heads=4, num_query_groups=2, head_dim=16,
-                          ffn_hidden_size=128, vocab_size=384, steps=6, batch_size=4, warmup_steps=1)  # fmt: skip
-    return dataclasses.replace(
-        demo_plan(minutes), seq_len=32, max_documents=150, eval_sequences=4, teacher=teacher,
-        budgets=("40%", "60%"), final_budget="60%",
-        space={"tolerance": 0.15, "steps": {"hidden_size": 32, "ffn_hidden_size": 64}},
-        importance={"num_samples": 8, "val_sequences": 4, "batch_size": 8},
-        screen_top=3, finalists=2, horizon_steps=4, eval_every=2, batch_size=2, final_steps=2,
-    )  # fmt: skip
-
-
 def demo_row(ctx: Context) -> dict:
+    from _smoke import tiny_plan  # every benchmark's smoke size of the demo (benchmarks/_smoke.py)
+
     from nas.demo.run import closing_table, demo_plan, run_demo
 
-    plan = demo_smoke_plan(ctx.demo_minutes) if ctx.smoke else demo_plan(ctx.demo_minutes)
+    plan = tiny_plan(demo_plan(ctx.demo_minutes)) if ctx.smoke else demo_plan(ctx.demo_minutes)
     os.chdir(ctx.work)  # the demo writes reports/demo.html under the working directory
     result = run_demo(ctx.work / "demo", device=str(ctx.device), plan=plan)
     t, w, s = result.teacher_val_loss, result.winner_val_loss, result.scratch_val_loss
@@ -374,6 +360,6 @@ ROW_FUNCTIONS = {
 
 
 def parallel_row(ctx: Context) -> dict:
-    from gpu_acceptance_parallel import parallel_row as row  # beside this file (on sys.path)
+    from _gpu_parallel import parallel_row as row  # beside this file (on sys.path)
 
     return row(ctx)

@@ -5,7 +5,7 @@ nccl and FSDP2 plumbing on CUDA, not speed), through nas's CLI as a user runs it
 the CPU over gloo (2 processes; 4.5 minutes on 2 busy cores, too long for the test suite, which covers
 these nas paths in tests/test_parallel.py and tests/test_workers.py):
 
-    python benchmarks/gpu_acceptance_parallel.py /tmp/row5      # prints the row (verdict "smoke" on CPU)
+    python benchmarks/_gpu_parallel.py /tmp/row5      # prints the row (verdict "smoke" on CPU)
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from gpu_acceptance_rows import Context
+from _gpu_rows import Context
 
 PARALLEL_TOLERANCE = 0.01  # nats; bf16 autocast with another reduction order moves the 3rd decimal
 
