@@ -58,18 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=6, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
     p.add_argument("--variant", choices=["fused", "plain"], help=argparse.SUPPRESS)
-    return smoke.parse(
-        p,
-        argv,
-        vocab_size=512,
-        hidden_size=32,
-        num_layers=2,
-        batch_size=1,
-        seq_len=32,
-        chunk_tokens=32,
-        steps=1,
-        warmup=1,
-    )
+    return smoke.parse(p, argv, vocab_size=512, hidden_size=32, num_layers=2, batch_size=1, seq_len=32,
+                       chunk_tokens=32, steps=1, warmup=1)
 
 
 def build(args, device):

@@ -56,8 +56,7 @@ def setup(out: Path, teacher_steps: int | None, tiny: bool = False):
         teacher, data.calib(imp.num_samples), data.val(imp.val_sequences), imp.batch_size
     )
     arch = max(
-        enumerate_candidates(Arch.from_hf_config(teacher.config), plan.final_budget, cfg.space),
-        key=count_params,
+        enumerate_candidates(Arch.from_hf_config(teacher.config), plan.final_budget, cfg.space), key=count_params
     )
     save_pruned(prune(teacher, arch, importance), out / "lean-start")
     return cfg, data, info.path, arch

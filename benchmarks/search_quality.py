@@ -91,13 +91,8 @@ def study_config(out: Path, data_cfg: dict, args) -> dict:
             "screen_sequences": 16,
             "top_k": 5,
         },  # fmt: skip
-        "distill": {
-            "batch_size": 8,
-            "lr": 1e-3,
-            "min_lr": 1e-4,
-            "eval_sequences": args.eval_sequences,
-            "checkpoint_every": 0,
-        },
+        "distill": {"batch_size": 8, "lr": 1e-3, "min_lr": 1e-4, "eval_sequences": args.eval_sequences,
+                    "checkpoint_every": 0},
     }
 
 
@@ -136,16 +131,8 @@ def main() -> None:
     p.add_argument("--screen-top", type=int, default=8)
     p.add_argument("--finalists", type=int, default=3)
     p.add_argument("--eval-sequences", type=int, default=48, help="validation sequences of every run")
-    args = smoke.parse(
-        p,
-        out=tempfile.mkdtemp(prefix="nas-smoke-"),
-        budget="50%",
-        tolerance=0.1,
-        horizon=4,
-        eval_sequences=8,
-        screen_top=2,
-        finalists=1,
-    )
+    args = smoke.parse(p, out=tempfile.mkdtemp(prefix="nas-smoke-"), budget="50%", tolerance=0.1, horizon=4,
+                       eval_sequences=8, screen_top=2, finalists=1)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     log.setLevel(logging.INFO)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))

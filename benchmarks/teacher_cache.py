@@ -67,20 +67,9 @@ def parse_args():
     p.add_argument("--max-documents", type=int, default=400, help="KJV chapters of the corpus")
     p.add_argument("--threads", type=int, default=1, help="torch threads (more oversubscribe a busy machine)")
     p.add_argument("--out", default="", help="work directory (default: a temp directory)")
-    p.add_argument(
-        "--max-candidates", type=int, default=0, help="distill only the first n candidates (0: all)"
-    )
-    return smoke.parse(
-        p,
-        horizon=2,
-        teacher_steps=4,
-        seq_len=32,
-        batch_size=2,
-        topk=8,
-        eval_sequences=4,
-        max_documents=60,
-        max_candidates=2,
-    )
+    p.add_argument("--max-candidates", type=int, default=0, help="distill only the first n candidates (0: all)")
+    return smoke.parse(p, horizon=2, teacher_steps=4, seq_len=32, batch_size=2, topk=8, eval_sequences=4,
+                       max_documents=60, max_candidates=2)
 
 
 def setup(out: Path, args, plan: DemoPlan):
