@@ -97,6 +97,14 @@ def test_extrapolated_depth_equals_the_full_depth_dry_run():
         assert sum(planned[phase].values()) == pytest.approx(sum(cats.values()), rel=0.1), phase
 
 
+def test_a_one_layer_student_is_measured_at_two_layers_too():
+    """The plan extrapolates from 1 and 2 layers, also for a model that has 1 (its layer_types repeat)."""
+    one = tiny_config("qwen3", num_layers=1, **SIZES)
+    two = dryrun.at_depth(one, 2)
+    assert two.layer_types == [one.layer_types[0]] * 2
+    assert len(AutoModelForCausalLM.from_config(two).model.layers) == 2
+
+
 def test_teacher_only_stages_plan_on_fake_tensors():
     config = tiny_config("mistral", num_layers=3, **SIZES)
     for fn in (dryrun.measure_eval, dryrun.measure_importance):

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 
 from nas.device import precision_for
 from nas.errors import ModelError, first_line
+from nas.model.validate import check_config_fields, check_finite, check_tokenizer_fits, check_weight_dtypes
 
 log = logging.getLogger(__name__)
 
@@ -215,12 +216,13 @@ def load_config(name_or_path: str | Path) -> Any:
 
 @functools.lru_cache(maxsize=16)
 def _parsed_config(name: str, stamp: tuple[int, int] | None) -> Any:
-    from transformers import AutoConfig
+    from transformers import AutoConfig, PretrainedConfig
 
     from nas.model.multimodal import text_config
 
     try:
         config = AutoConfig.from_pretrained(name)
+        raw, _ = PretrainedConfig.get_config_dict(name)  # the file itself, without transformers' defaults
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load a model config from {name!r}: {first_line(e)}") from e
     text = text_config(config)
@@ -229,7 +231,7 @@ def _parsed_config(name: str, stamp: tuple[int, int] | None) -> Any:
             f"unsupported model_type {text.model_type!r} (the text model of a {config.model_type!r} checkpoint); "
             f"nas supports {', '.join(sorted(FAMILIES))}"
         )
-    family_of(text)
+    check_config_fields(name, raw.get("text_config", raw) if text is not config else raw, family_of(text))
     return text
 
 
@@ -249,17 +251,18 @@ def load_model(
         check_readable(local)
     if wrapper_type(name_or_path):  # a multimodal checkpoint: its text model
         model, info = load_text_model(str(name_or_path), dtype)
-        check_complete(info, _weights_name(local) if local.is_dir() else str(name_or_path))
-        return model.to(device).eval()
-    try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            str(name_or_path), config=config, dtype=dtype, output_loading_info=True
-        )
-    except Exception as e:  # safetensors, torch and transformers each raise their own types
-        raise ModelError(
-            f"cannot load model weights from {str(name_or_path)!r} (corrupt or incomplete?): {first_line(e)}"
-        ) from e
-    check_complete(info, _weights_name(local) if local.is_dir() else str(name_or_path))
+    else:
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(name_or_path), config=config, dtype=dtype, output_loading_info=True
+            )
+        except Exception as e:  # safetensors, torch and transformers each raise their own types
+            raise ModelError(
+                f"cannot load model weights from {str(name_or_path)!r} (corrupt or incomplete?): {first_line(e)}"
+            ) from e
+    where = _weights_name(local) if local.is_dir() else str(name_or_path)
+    check_complete(info, where)
+    check_finite(model, where)
     return model.to(device).eval()
 
 
@@ -296,9 +299,13 @@ def _tensor_shapes(file: Path) -> dict[str, tuple[int, ...]]:
 
     try:
         with safe_open(str(file), framework="pt") as f:
-            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+            slices = {name: f.get_slice(name) for name in f.keys()}  # noqa: SIM118
+            dtypes = {name: s.get_dtype() for name, s in slices.items()}
+            shapes = {name: tuple(s.get_shape()) for name, s in slices.items()}
     except Exception as e:  # SafetensorError (no public base), OSError
         raise ModelError(f"weights {file} are unreadable (corrupt or truncated): {first_line(e)}") from e
+    check_weight_dtypes(file, dtypes)
+    return shapes
 
 
 def load_teacher_and_student(
@@ -318,9 +325,11 @@ def load_tokenizer(name_or_path: str | Path) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(name_or_path))
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
     except Exception as e:  # tokenizers, json and transformers each raise their own types
         raise ModelError(
             f"cannot load a tokenizer from {str(name_or_path)!r} (tokenizer files corrupt or missing?): "
             f"{type(e).__name__}: {first_line(e)}"
         ) from e
+    check_tokenizer_fits(tokenizer, load_config(name_or_path), str(name_or_path))
+    return tokenizer

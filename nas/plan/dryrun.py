@@ -187,11 +187,13 @@ class _FakeData:
 
 
 def at_depth(config: Any, num_layers: int) -> Any:
-    """A copy of an HF config with `num_layers` decoder layers (per-layer lists cut to match)."""
+    """A copy of an HF config with `num_layers` decoder layers (per-layer lists cut to match, or
+    repeated when the model has fewer layers: the plan measures a 1-layer student at 2 layers too)."""
     config = config.__class__.from_dict(config.to_dict())
     config.num_hidden_layers = num_layers
     if getattr(config, "layer_types", None):
-        config.layer_types = list(config.layer_types)[:num_layers]
+        types = list(config.layer_types)
+        config.layer_types = [types[i % len(types)] for i in range(num_layers)]
     return config
 
 

@@ -95,6 +95,11 @@ class RunConfig(Settings):
             raise ValueError(
                 f"search.finalists ({self.search.finalists}) must be <= search.screen_top ({self.search.screen_top})"
             )
+        if self.search.sampler == "tpe" and (len(self.budgets) > 1 or self.constraints.min_throughput):
+            raise ValueError(
+                "search.sampler = tpe searches one budget with no constraints.min_throughput; use the "
+                "funnel (sampler = auto)"
+            )
         self.final_distill()  # the overrides are validated now, not after the search
         return self
 
@@ -140,6 +145,10 @@ class RunConfig(Settings):
 def load_run_config(path: str | Path) -> RunConfig:
     """Read and validate a study TOML file; `name` defaults to the file's stem."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(
+            f"study file {path} is a directory; give the study's TOML file (e.g. {path}/NAME.toml)"
+        )
     if not path.is_file():
         raise ConfigError(f"study file {path} does not exist")
     try:
