@@ -41,6 +41,12 @@ FAMILY_CASES = [
     ("qwen3_5_text", True, 4),
     ("nemotron_h", False, 2),
     ("nemotron_h", True, 4),  # a tied config: NemotronHForCausalLM keeps its head untied all the same
+    ("ministral3", False, 2),
+    ("ministral3", True, 4),
+    ("gpt_oss", False, 2),
+    ("gpt_oss", True, 4),
+    ("gemma4_text", True, 2),
+    ("gemma4_text", False, 4),
 ]
 
 

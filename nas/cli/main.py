@@ -127,7 +127,7 @@ def add_prune(sub) -> None:
         p.add_argument(f"--num-{layer_type.replace('_', '-')}-layers", type=int, help=f"layers of type {layer_type} {hybrid}")
     for knob in ("num-linear-key-heads", "num-linear-value-heads", "num-mamba-heads", "mamba-head-dim"):
         p.add_argument(f"--{knob}", type=int, help=hybrid)
-    add_flags(p, RunConfig, ["depth_strategy"])
+    add_flags(p, RunConfig, ["depth_strategy", "vision"])
     add_data_args(p)
     add_importance_args(p)
     p.set_defaults(func=cmd_prune)
@@ -137,12 +137,14 @@ def cmd_prune(args) -> int:
     from nas.device import resolve_device
     from nas.model.arch import Arch, check_prunable, count_params
     from nas.model.families import load_config, load_model, load_tokenizer
+    from nas.model.multimodal import multimodal_note, wrapper_type
     from nas.prune.cut import prune, save_pruned
     from nas.prune.importance import Importance
 
     if bool(args.importance) == bool(args.data):
         raise ConfigError("give exactly one of --importance FILE or --data DATA")
     depth_strategy = getattr(args, "depth_strategy", RunConfig.model_fields["depth_strategy"].default)
+    vision = getattr(args, "vision", RunConfig.model_fields["vision"].default)
     if args.data:  # every setting is validated before a model is loaded
         data_cfg, imp = data_config_from_args(args), settings_from_args(args, ImportanceConfig)
     out = guard.output(args.out, [args.teacher, args.importance, *guard.data_paths(args)])
@@ -171,9 +173,11 @@ def cmd_prune(args) -> int:
         if importance is None:
             importance = importance_from_data(args, teacher, tokenizer, data_cfg, imp)
         model = prune(teacher, arch, importance, depth_strategy)
-        save_pruned(model, out, tokenizer, teacher=args.teacher)
+        save_pruned(model, out, tokenizer, teacher=args.teacher, vision=vision)
     numel = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.out}: {arch.describe()}, {numel:,} params (analytic {count_params(arch):,})")
+    if wrapper := wrapper_type(args.teacher):
+        print(f"{args.teacher} is a {wrapper} checkpoint: pruned its text model; vision tower {multimodal_note(vision)}")
     return 0
 
 
