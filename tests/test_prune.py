@@ -106,7 +106,8 @@ def masked_teacher(teacher, cut, arch):
             spec = big.family.experts
             if index not in cut.layers:  # no attention and no MLP output: the block is the identity
                 outs[units[0]](block_module(layer, fam, units[0])).zero_()
-                for p in (down, *_output_biases(block_module(layer, fam, units[0]), mlp)):
+                mixer = block_module(layer, fam, units[0])
+                for p in (down, *(_output_biases(mixer, mlp) if units[0] == "attention" else ())):
                     p.zero_()
                 continue
             kept = cut.layers.index(index)

@@ -93,6 +93,7 @@ def attention_params(arch: Arch) -> int:
     n = h * q_rows + 2 * h * kv + q * h
     n += (q_rows + 2 * kv) if arch.qkv_bias else 0
     n += h if arch.o_bias else 0
+    n += arch.num_attention_heads if arch.family.attention_sinks else 0  # one sink logit per head (gpt-oss)
     return n + {"head": 2 * d, "proj": q + kv, None: 0}[arch.family.qk_norm]
 
 
@@ -105,11 +106,12 @@ def mlp_params(arch: Arch, ffn: int | None = None, bias: bool | None = None) -> 
 
 
 def moe_params(arch: Arch, active: bool = False) -> int:
-    """The router, the experts (bias-free in every supported family) and a shared expert if any (active: the
+    """The router, the experts (biased in gpt-oss only) and a shared expert if any (active: the
     router, the top-k experts one token uses and the shared expert)."""
     experts = arch.num_experts_per_tok if active else arch.num_experts
     shared = mlp_params(arch, arch.shared_expert_ffn_hidden_size) if arch.shared_expert_ffn_hidden_size else 0
-    return arch.num_experts * arch.hidden_size + experts * mlp_params(arch, bias=False) + shared
+    bias = arch.family.experts.bias  # a biased router and biased experts (gpt-oss)
+    return arch.num_experts * (arch.hidden_size + bias) + experts * mlp_params(arch, bias=bias) + shared
 
 
 def linear_attention_params(arch: Arch) -> int:
