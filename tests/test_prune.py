@@ -64,12 +64,16 @@ def test_teacher_is_not_modified(family_model):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def mask_router(gate, dropped: list[int], top_k: int, normalize: bool) -> None:
-    """The router never picks a dropped expert: its logits are -inf before the softmax and top-k."""
+def mask_router(gate, dropped: list[int], top_k: int, normalize: bool, softmax_of_top_k: bool = False) -> None:
+    """The router never picks a dropped expert: its logits are -inf before the softmax and top-k (gpt-oss:
+    before the top-k, then a softmax over the top-k logits)."""
 
     def hook(module, args, out):
         logits = out[0].clone()
         logits[:, dropped] = float("-inf")
+        if softmax_of_top_k:
+            values, index = torch.topk(logits, top_k, dim=-1)
+            return out[0], torch.softmax(values, dim=-1).to(out[1].dtype), index
         weights, index = torch.topk(torch.softmax(logits.float(), dim=-1), top_k, dim=-1)
         if normalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -95,28 +99,41 @@ def masked_teacher(teacher, cut, arch):
     normalize = getattr(teacher.config, "norm_topk_prob", True)  # Mixtral always renormalises the top-k
     with torch.no_grad():
         for index, (layer, units) in enumerate(zip(masked.model.layers, layer_units(teacher.config), strict=True)):
-            mlp = block_module(layer, fam, units[-1])
+            attn, mlp = block_module(layer, fam, units[0]), block_module(layer, fam, units[-1])
             outs = {"attention": lambda m: m.o_proj.weight, "linear_attention": lambda m: m.out_proj.weight}
             down = mlp.experts.down_proj if big.num_experts else mlp.down_proj.weight  # [E,] H, F
+            spec = big.family.experts
             if index not in cut.layers:  # no attention and no MLP output: the block is the identity
-                outs[units[0]](block_module(layer, fam, units[0])).zero_()
-                down.zero_()
+                for p in (outs[units[0]](attn), down, *_output_biases(attn, mlp)):
+                    p.zero_()
                 continue
             kept = cut.layers.index(index)
+            # a zeroed head's output is zero whatever its attention sink (gpt-oss): the sink is the head's own
             if units[0] == "attention":
                 heads = set(range(big.num_attention_heads)) - set(cut.heads[kept])
-                _zero_units(layer.self_attn.o_proj.weight, heads, big.head_dim)
+                _zero_units(attn.o_proj.weight, heads, big.head_dim)
             else:
                 values = set(range(big.num_linear_value_heads)) - set(cut.linear_values[kept])
-                _zero_units(layer.linear_attn.out_proj.weight, values, big.linear_value_head_dim)
+                _zero_units(attn.out_proj.weight, values, big.linear_value_head_dim)
             if not big.num_experts:
                 down[:, sorted(set(range(big.ffn_hidden_size)) - set(cut.mlp[kept]))] = 0
                 continue
             for e, channels in zip(cut.experts[kept], cut.mlp[kept], strict=True):
-                down[e][:, sorted(set(range(big.ffn_hidden_size)) - set(channels))] = 0
+                dropped_channels = sorted(set(range(big.ffn_hidden_size)) - set(channels))
+                if spec.transposed:  # [E, F, H] (gpt-oss)
+                    down[e][dropped_channels, :] = 0
+                else:
+                    down[e][:, dropped_channels] = 0
             dropped = sorted(set(range(big.num_experts)) - set(cut.experts[kept]))
-            mask_router(mlp.gate, dropped, arch.num_experts_per_tok, normalize)
+            mask_router(getattr(mlp, spec.router), dropped, arch.num_experts_per_tok, normalize,
+                        softmax_of_top_k=spec.router == "router")  # fmt: skip
     return masked
+
+
+def _output_biases(attn, mlp) -> list:
+    """The biases added after `o_proj` and after the experts (gpt-oss), zeroed with a dropped block."""
+    biases = [getattr(getattr(attn, "o_proj", None), "bias", None), getattr(getattr(mlp, "experts", None), "down_proj_bias", None)]
+    return [b for b in biases if b is not None]
 
 
 UNIT_KNOBS = {
@@ -140,12 +157,13 @@ HYBRID_KNOBS = {  # Gated DeltaNet: value heads within their key head, whole key
     "hybrid-mixed": {"num_linear_attention_layers": 1, "num_linear_key_heads": 1, "num_linear_value_heads": 1,
                      "ffn_hidden_size": 48, "num_attention_heads": 2, "num_query_groups": 1},
 }  # fmt: skip
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss")
 PROJ_NORM = {"olmo2", "olmo3"}  # q/k norm over all heads: head pruning is not a masking
 MASK_CASES = [
     pytest.param(model_type, knobs, id=f"{model_type}-{name}")
     for model_type in ("llama", "qwen2", "qwen3", "gemma3_text", "phi3", "olmo2", "olmo3", "smollm3",
-                       "qwen3_moe", "mixtral", "qwen3_5_text")
-    for name, knobs in {**UNIT_KNOBS, **(MOE_KNOBS if model_type in ("qwen3_moe", "mixtral") else {}),
+                       "qwen3_moe", "mixtral", "ministral3", "gpt_oss", "gemma4_text", "qwen3_5_text")
+    for name, knobs in {**UNIT_KNOBS, **(MOE_KNOBS if model_type in MOE_FAMILIES else {}),
                         **(HYBRID_KNOBS if model_type == "qwen3_5_text" else {})}.items()
     if not (model_type in PROJ_NORM and "num_attention_heads" in knobs)
 ]  # fmt: skip

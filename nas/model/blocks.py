@@ -90,6 +90,7 @@ def attention_params(arch: Arch) -> int:
     n = h * q_rows + 2 * h * kv + q * h
     n += (q_rows + 2 * kv) if arch.qkv_bias else 0
     n += h if arch.o_bias else 0
+    n += arch.num_attention_heads if arch.family.attention_sinks else 0  # one sink logit a head (gpt-oss)
     return n + {"head": 2 * d, "proj": q + kv, None: 0}[arch.family.qk_norm]
 
 
@@ -101,7 +102,8 @@ def mlp_params(arch: Arch) -> int:
 def moe_params(arch: Arch, active: bool = False) -> int:
     """The router and the experts (active: the router and the top-k experts one token uses)."""
     experts = arch.num_experts_per_tok if active else arch.num_experts
-    return arch.num_experts * arch.hidden_size + experts * mlp_params(arch)
+    router = arch.num_experts * (arch.hidden_size + arch.family.experts.bias)  # (+ its bias: gpt-oss)
+    return router + experts * mlp_params(arch)
 
 
 def linear_attention_params(arch: Arch) -> int:

@@ -15,6 +15,7 @@ from nas.settings.base import (
     _NESTED,
     _WHERE,
     DEPTH_STRATEGIES,
+    VISION,
     Settings,
     _described,
 )
@@ -40,6 +41,11 @@ class RunConfig(Settings):
     depth_strategy: Literal[DEPTH_STRATEGIES] = _described(  # type: ignore[valid-type]
         "drop-lowest",
         "which layers a shallower candidate keeps: drop the least important, or the best contiguous block",
+    )
+    vision: Literal[VISION] = _described(  # type: ignore[valid-type]
+        "drop",
+        "a multimodal teacher (gemma4, mistral3, qwen3_5 checkpoints): drop its vision tower (a text-only "
+        "export; nas distills on text only) or keep it around the pruned text model",
     )
     correct_steps: int = _described(0, "teacher correction: LM fine-tune steps before pruning (0: off)", ge=0)
     seed: int = _described(0, "seed of every short run")
@@ -89,6 +95,11 @@ class RunConfig(Settings):
             raise ValueError(
                 f"search.finalists ({self.search.finalists}) must be <= search.screen_top ({self.search.screen_top})"
             )
+        if self.search.sampler == "tpe" and (len(self.budgets) > 1 or self.constraints.min_throughput):
+            raise ValueError(
+                "search.sampler = tpe searches one budget with no constraints.min_throughput; use the "
+                "funnel (sampler = auto)"
+            )
         self.final_distill()  # the overrides are validated now, not after the search
         return self
 
@@ -134,6 +145,10 @@ class RunConfig(Settings):
 def load_run_config(path: str | Path) -> RunConfig:
     """Read and validate a study TOML file; `name` defaults to the file's stem."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(
+            f"study file {path} is a directory; give the study's TOML file (e.g. {path}/NAME.toml)"
+        )
     if not path.is_file():
         raise ConfigError(f"study file {path} does not exist")
     try:
