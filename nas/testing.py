@@ -125,7 +125,7 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **kwargs) -> nn.Module:
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, **kwargs), dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("norm.weight", ".bias", "_bias")):  # gpt-oss's experts: `gate_up_proj_bias`
+            if name.endswith(("norm.weight", ".bias", "proj_bias")):  # gpt-oss's experts: `gate_up_proj_bias`
                 p.uniform_(0.5, 1.5) if name.endswith("norm.weight") else p.normal_(0, 0.1)
             elif name.endswith(("mlp.gate.weight", "mlp.router.weight", "mixer.gate.weight")):  # a router:
                 p.normal_(0, 0.5)  # distinct logits, so routing is not a tie
