@@ -79,7 +79,8 @@ def test_nas_report_loads_no_training_code(tmp_path):
 def test_no_import_cycle_top_level_or_inside_functions():
     import grimp  # import-linter's graph: every import statement, function-level ones too
 
-    graph = grimp.build_graph("nas")
+    # `if TYPE_CHECKING:` imports never run: they are how a module names a type without a cycle (STYLE.md)
+    graph = grimp.build_graph("nas", exclude_type_checking_imports=True)
     cycles = [
         (a, b)
         for a in sorted(graph.modules)
