@@ -20,6 +20,7 @@ from torch import nn
 from nas.errors import ConfigError
 from nas.io import replace_dir, temp_dir
 from nas.model.arch import Arch, check_prunable, count_params
+from nas.model.card import CARD_FILE
 from nas.model.families import Family
 from nas.prune.importance import Importance
 from nas.settings import DEPTH_STRATEGIES
@@ -235,9 +236,11 @@ def prune(
     return model
 
 
-def save_pruned(model: nn.Module, out: str | Path, tokenizer: Any = None, teacher: str | None = None) -> Path:
-    """`save_pretrained` (safetensors + config [+ tokenizer]) and `nas_pruning.json` with the kept units,
-    written into a temp directory that replaces `out` once complete (a failure, e.g. a full disk, leaves
+def save_pruned(
+    model: nn.Module, out: str | Path, tokenizer: Any = None, teacher: str | None = None, card: str | None = None
+) -> Path:
+    """`save_pretrained` (safetensors + config [+ tokenizer]), `nas_pruning.json` with the kept units and
+    the model card `README.md` (`card`, `nas.model.card`), written into a temp directory that replaces `out` once complete (a failure, e.g. a full disk, leaves
     `out` as it was and no partial directory)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -253,5 +256,7 @@ def save_pruned(model: nn.Module, out: str | Path, tokenizer: Any = None, teache
                 "cut": asdict(cut),
             }
             (tmp / CUT_FILE).write_text(json.dumps(record, indent=1))
+        if card is not None:
+            (tmp / CARD_FILE).write_text(card, encoding="utf-8")
         replace_dir(tmp, out)
     return out
