@@ -10,7 +10,7 @@ import importlib.metadata
 import json
 import logging
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,12 @@ import torch
 from nas.data.corpus import source_fingerprint
 from nas.data.tokens import check_seq_len, check_tokenizer, config_dict, prepare
 from nas.device import precision_for, resolve_device
-from nas.errors import ConfigError, InfeasibleError
+from nas.errors import ConfigError, InfeasibleError, NasError
 from nas.evaluate.harness import run_tasks
 from nas.evaluate.loss import lm_loss
 from nas.io import own_output, require_same, save_model_atomic
 from nas.model.arch import Arch, count_params
+from nas.model.card import CardFacts, lineage_of, model_card
 from nas.model.families import load_config, load_model, load_tokenizer
 from nas.plan import STAGES, check_plan
 from nas.prune.cut import plan_cut, prune, save_pruned
@@ -78,6 +79,19 @@ def load_teacher(cfg: RunConfig, data: Any):
         log.info("teacher correction: %d steps of LM loss on the distillation data", cfg.correct_steps)
         distill(None, load_model(cfg.teacher, device=device), data, run, corrected)
     return load_model(corrected / "model", dtype=dtype, device=device)
+
+
+def load_kd_teacher(cfg: RunConfig, teacher):
+    """The students' KD teacher: `distill_teacher` (same device and dtype as the teacher), else the teacher."""
+    if not cfg.distill_teacher:
+        return None
+    kd = load_model(cfg.distill_teacher, dtype=next(teacher.parameters()).dtype, device=next(teacher.parameters()).device)
+    if kd.config.vocab_size != teacher.config.vocab_size:
+        raise ConfigError(
+            f"distill_teacher {cfg.distill_teacher} has a vocabulary of {kd.config.vocab_size}, the teacher "
+            f"{teacher.config.vocab_size}; distill from a model with the teacher's tokenizer"
+        )
+    return kd
 
 
 def load_or_compute_importance(cfg: RunConfig, teacher, data) -> Importance:
@@ -144,6 +158,7 @@ def study_identity(cfg: RunConfig) -> dict[str, Any]:
         "data": {"settings": config_dict(data), "sources": [source_fingerprint(s) for s in data.sources]},
         "depth_strategy": cfg.depth_strategy,
         "correct_steps": cfg.correct_steps,
+        **({"distill_teacher": cfg.distill_teacher} if cfg.distill_teacher else {}),  # older studies: none
         "seed": cfg.seed,
         "distill": {k: v for k, v in cfg.short_distill().to_dict().items() if k not in NOT_IDENTITY},
         "search": {k: getattr(cfg.search, k) for k in search_keys},
@@ -224,6 +239,7 @@ def prepare_context(
     teacher = load_teacher(cfg, data)
     check_tokenizer(tokenizer, teacher.config)
     importance = load_or_compute_importance(cfg, teacher, data)
+    kd_teacher = load_kd_teacher(cfg, teacher)
     spaces = enumerate_budgets(Arch.from_hf_config(teacher.config), cfg.budgets, cfg.space)
     if candidate_keys:
         by_key = {arch_key(a): a for space in spaces.values() for a in space}
@@ -234,15 +250,17 @@ def prepare_context(
     cache = None
     if cfg.search.teacher_cache:  # once per study: the first process writes it, the others wait and read
         topk = cfg.search.teacher_cache_topk
-        cache, _ = ensure_teacher_cache(cfg.root, teacher, tokenizer, data, cfg.short_distill(), topk)
-    return SearchContext(cfg, teacher, tokenizer, data, importance, candidates, cache, screen_by_key)
+        kd = kd_teacher or teacher
+        cache, _ = ensure_teacher_cache(cfg.root, kd, tokenizer, data, cfg.short_distill(), topk)
+    return SearchContext(cfg, teacher, tokenizer, data, importance, candidates, cache, screen_by_key, kd_teacher)
 
 
 def teacher_off_device(ctx: SearchContext, off: bool) -> None:
     """With a teacher cache the trials need no teacher on the GPU: move it to the CPU for them (`off`),
     and back to the run's device for the final distillation."""
     if ctx.teacher_cache is not None:
-        ctx.teacher.to("cpu" if off else resolve_device(ctx.cfg.device))
+        for model in {id(m): m for m in (ctx.teacher, ctx.distill_from)}.values():
+            model.to("cpu" if off else resolve_device(ctx.cfg.device))
 
 
 def record_study_attrs(study: optuna.Study, ctx: SearchContext) -> None:
@@ -426,10 +444,12 @@ def finalize(
         student, result = _distill_in_processes(ctx, student, checkpoint, nproc_per_node, final)
     else:
         run = cfg.final_distill()  # dense KD unless the teacher cache holds exactly its batches
-        teacher = teacher_source(ctx.teacher, ctx.teacher_cache, run, ctx.data)
+        teacher = teacher_source(ctx.distill_from, ctx.teacher_cache, run, ctx.data)
         result = distill(teacher, student, ctx.data, run, final)
     student.nas_cut = plan_cut(ctx.teacher_arch, arch, ctx.importance, cfg.depth_strategy)
-    winner_dir = save_pruned(student, cfg.root / f"winner{suffix}", ctx.tokenizer, teacher=cfg.teacher)
+    tokens = result.tokens + int(trial.tokens or 0)
+    card = winner_card(ctx, study, best.number, arch, student.nas_cut, budget, tokens, result.val_loss)
+    winner_dir = save_pruned(student, cfg.root / f"winner{suffix}", ctx.tokenizer, teacher=cfg.teacher, card=card)
     winner = {
         "budget": budget,
         "trial": best.number,
@@ -439,7 +459,7 @@ def finalize(
         "final_val_loss": result.val_loss,
         "dir": str(winner_dir.resolve()),
         "curve": result.curve,
-        "tokens": result.tokens + int(trial.tokens or 0),
+        "tokens": tokens,
     }
     if budget == final_budgets(cfg)[0]:
         StudyRecord(winner=winner).write(study)
@@ -451,6 +471,41 @@ def finalize(
     return winner
 
 
+def winner_card(
+    ctx: SearchContext, study: optuna.Study, trial: int, arch: Arch, cut, budget: str, tokens: int, loss: float
+) -> str:
+    """The model card (`nas.model.card`) of a winner: base_model is the original teacher of its lineage (a
+    cascade's later stages are cut from earlier winners, each of which records its teacher)."""
+    record = StudyRecord.read(study)
+    lineage = lineage_of(ctx.cfg.teacher)
+    scores = (record.rerank or {}).get(str(trial), {})
+    facts = CardFacts(
+        teacher=lineage[0],
+        teacher_arch=original_arch(lineage[0], ctx.teacher_arch),
+        arch=arch,
+        study=ctx.cfg.name,
+        budget=budget,
+        tokens=tokens,
+        val_loss=loss,
+        teacher_val_loss=record.teacher_val_loss,
+        evals=dict(scores),
+        cut=asdict(cut),
+        lineage=lineage,
+        source_arch=ctx.teacher_arch if len(lineage) > 1 else None,  # a later stage: cut from a winner
+        trial=trial,
+        nas_version=package_versions().get("nas", ""),
+    )
+    return model_card(facts)
+
+
+def original_arch(teacher: str, fallback: Arch) -> Arch:
+    """The Arch of the lineage's original teacher (`fallback` when its config cannot be read here)."""
+    try:
+        return Arch.from_hf_config(load_config(teacher))
+    except NasError:
+        return fallback
+
+
 def _distill_in_processes(ctx: SearchContext, student, checkpoint: Path, nproc: int, final: Path):
     """The final distillation as a torchrun job over model directories; the teacher leaves the GPU
     meanwhile. Returns (the distilled student, its Result)."""
@@ -458,7 +513,7 @@ def _distill_in_processes(ctx: SearchContext, student, checkpoint: Path, nproc: 
     start = checkpoint
     if not (checkpoint / "config.json").is_file():  # a fresh cut: give the workers a directory
         start = save_model_atomic(student, final.with_name(final.name + "-start"))
-    teacher_dir = cfg.root / "corrected" / "model" if cfg.correct_steps else cfg.teacher
+    teacher_dir = cfg.root / "corrected" / "model" if cfg.correct_steps else cfg.distill_teacher or cfg.teacher
     device = next(ctx.teacher.parameters()).device
     student.to("cpu")  # replaced by the workers' result
     ctx.teacher.to("cpu")

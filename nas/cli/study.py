@@ -129,7 +129,14 @@ def study_config(args):
 def cmd_search(args) -> int:
     from nas.pipeline import search
 
+    from nas.errors import ConfigError
+
     cfg = study_config(args)
+    if cfg.chained:  # a later stage is cut from the previous stage's distilled winner
+        raise ConfigError(
+            f"study {cfg.name} is a chain of stages (cascade / iterative_step): each stage's search needs the "
+            "previous stage's distilled winner, so run it with nas run"
+        )
     _, study = search(cfg, restart=args.restart)
     print_trials(study)
     print(f"study {cfg.name} in {cfg.storage_url}")
@@ -140,10 +147,26 @@ def cmd_run(args) -> int:
     from nas.pipeline import run
 
     launch = settings_from_args(args, Launch)
-    result = run(study_config(args), nproc_per_node=launch.nproc_per_node, restart=args.restart)
+    cfg = study_config(args)
+    if cfg.chained:
+        return run_family_command(cfg, launch, args.restart)
+    result = run(cfg, nproc_per_node=launch.nproc_per_node, restart=args.restart)
     print(f"teacher val loss {result.teacher_val_loss:.4f}; winner val loss {result.winner_val_loss:.4f}")
     for budget, path in result.winners.items():
         print(f"winner of {budget}: {path}")
+    print(f"report: {result.report}")
+    return 0
+
+
+def run_family_command(cfg, launch, restart: bool) -> int:
+    from nas.cascade import run_family
+
+    result = run_family(cfg, nproc_per_node=launch.nproc_per_node, restart=restart)
+    for stage in result.stages:
+        kind = "member" if stage["named"] else "intermediate"
+        w = stage["winner"]
+        print(f"stage {stage['index']} ({kind} {stage['label']}): {w['params']:,} params, "
+              f"val loss {w['final_val_loss']:.4f}, {stage['search_tokens'] + stage['final_tokens']:,} tokens -> {w['dir']}")  # fmt: skip
     print(f"report: {result.report}")
     return 0
 

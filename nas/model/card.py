@@ -55,6 +55,7 @@ class CardFacts:
     evals: dict[str, float | None] = field(default_factory=dict)  # task -> accuracy
     cut: dict[str, Any] | None = None  # `nas.prune.cut.Cut` as a dict (teacher indices kept)
     lineage: list[str] = field(default_factory=list)
+    source_arch: Arch | None = None  # the model it was cut from, when not the teacher (a later cascade stage)
     trial: int | None = None
     nas_version: str = ""
 
@@ -81,12 +82,14 @@ def _architecture(facts: CardFacts) -> list[str]:
 
 def _cut(facts: CardFacts) -> list[str]:
     """What was removed, in counts (the kept teacher indices are in `nas_pruning.json`)."""
-    cut, teacher = facts.cut, facts.teacher_arch
+    cut, teacher = facts.cut, facts.source_arch or facts.teacher_arch
     if not cut:
         return ["The kept units are not recorded for this model."]
     layers = cut.get("layers", [])
     dropped = [i for i in range(teacher.num_layers) if i not in layers]
+    source = facts.lineage[-1] if facts.source_arch is not None and facts.lineage else facts.teacher
     lines = [
+        f"Cut from `{source}`:",
         f"- layers: kept {len(layers)} of {teacher.num_layers}"
         + (f", removed {dropped} ({cut.get('depth_strategy')})" if dropped else ""),
         f"- hidden channels: kept {len(cut.get('hidden', []))} of {teacher.hidden_size}",
@@ -105,7 +108,8 @@ def _cut(facts: CardFacts) -> list[str]:
 def _results(facts: CardFacts) -> list[str]:
     lines = [f"- training tokens spent (short search run + full distillation): {facts.tokens:,}"]
     if facts.val_loss is not None:
-        teacher = f" (teacher: {facts.teacher_val_loss:.4f})" if facts.teacher_val_loss is not None else ""
+        which = "the model it was cut from" if facts.source_arch is not None else "teacher"
+        teacher = f" ({which}: {facts.teacher_val_loss:.4f})" if facts.teacher_val_loss is not None else ""
         lines.append(f"- held-out LM loss: {facts.val_loss:.4f} nats/token{teacher}")
     for task, acc in facts.evals.items():
         lines.append(f"- {task}: " + ("n/a" if acc is None else f"accuracy {acc:.4f}"))

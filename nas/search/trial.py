@@ -66,6 +66,12 @@ class SearchContext:
     teacher_cache: TeacherCache | None = None  # the horizon's teacher outputs (teacher then off the GPU)
     candidates: list[Arch]  # in priority order (the funnel: each budget's shortlist, best screen first)
     screen: dict[tuple[int, ...], dict] = field(default_factory=dict)  # key -> its screen (nas.search.funnel)
+    kd_teacher: torch.nn.Module | None = None  # `distill_teacher`: the students' KD teacher (None: `teacher`)
+
+    @property
+    def distill_from(self) -> torch.nn.Module:
+        """The model the students are distilled from: `distill_teacher`, else the teacher they are cut from."""
+        return self.kd_teacher if self.kd_teacher is not None else self.teacher
 
     @property
     def teacher_arch(self) -> Arch:
@@ -159,7 +165,7 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> float:
 
     dist.from_rank_zero(arch.to_dict())  # a trial group: the other processes run this candidate too
     run = trial_config(ctx)
-    teacher = teacher_source(ctx.teacher, ctx.teacher_cache, run, ctx.data)  # the cache when there is one
+    teacher = teacher_source(ctx.distill_from, ctx.teacher_cache, run, ctx.data)  # the cache when there is one
     try:
         result = distill(teacher, student, ctx.data, run, out, on_eval=on_eval, fresh_on_change=True)
     finally:  # a finished or stopped trial needs no resume state; a killed one keeps it for its retry
@@ -187,7 +193,7 @@ def follow_trials(ctx: SearchContext) -> None:
                 raise optuna.TrialPruned()
 
         run = trial_config(ctx)
-        teacher = teacher_source(ctx.teacher, ctx.teacher_cache, run, ctx.data)
+        teacher = teacher_source(ctx.distill_from, ctx.teacher_cache, run, ctx.data)
         with contextlib.suppress(optuna.TrialPruned, NonFiniteLossError):
             distill(
                 teacher, student, ctx.data, run, trial_dir(ctx, arch), on_eval=on_eval, fresh_on_change=True

@@ -40,6 +40,11 @@ class RunConfig(Settings):
         "drop-lowest",
         "which layers a shallower candidate keeps: drop the least important, or the best contiguous block",
     )
+    distill_teacher: str = _described(
+        "",
+        "the model the students are distilled from, with the teacher's tokenizer (default: the teacher they "
+        "are pruned from; a cascade with cascade_teacher = teacher sets it to the original teacher)",
+    )
     correct_steps: int = _described(0, "teacher correction: LM fine-tune steps before pruning (0: off)", ge=0)
     seed: int = _described(0, "seed of every short run")
     device: str = _described("auto", "auto (CUDA if available), cpu, cuda, cuda:1 ...")
