@@ -86,7 +86,12 @@ def read_stage(scfg: RunConfig) -> dict[str, Any] | None:
     done = json.loads(path.read_text())
     if not (Path(done["winner"]["dir"]) / "config.json").is_file():
         return None  # its winner was removed: run the stage again (its study resumes)
-    require_same(done["identity"], _plain(pipeline.study_identity(scfg)), f"stage {scfg.name!r}", pipeline.STUDY_WAYS_OUT)
+    require_same(
+        done["identity"],
+        _plain(pipeline.study_identity(scfg)),
+        f"stage {scfg.name!r}",
+        pipeline.STUDY_WAYS_OUT,
+    )
     return done
 
 
@@ -117,7 +122,9 @@ def record_stage(scfg: RunConfig, stage: FamilyStage, kd_teacher: str) -> dict[s
         "kd_teacher": kd_teacher,
         "kd_teacher_params": count_params(Arch.from_hf_config(load_config(kd_teacher))),
         "importance": record.importance_path,
-        "winner": {k: winner.get(k) for k in ("trial", "arch", "params", "val_loss", "final_val_loss", "dir")},
+        "winner": {
+            k: winner.get(k) for k in ("trial", "arch", "params", "val_loss", "final_val_loss", "dir")
+        },
         "search_tokens": search_tokens,
         "final_tokens": final_tokens,
         "identity": _plain(pipeline.study_identity(scfg)),
@@ -153,7 +160,9 @@ def clear_family(cfg: RunConfig, plan: list[FamilyStage]) -> None:
     (cfg.root / FAMILY_FILE).unlink(missing_ok=True)
 
 
-def run_family(cfg: RunConfig, report: bool = True, nproc_per_node: int = 1, restart: bool = False) -> FamilyResult:
+def run_family(
+    cfg: RunConfig, report: bool = True, nproc_per_node: int = 1, restart: bool = False
+) -> FamilyResult:
     """Run (or resume) every stage of a chained study in order; each stage's winner is fully distilled
     before the next stage's search is cut from it."""
     with own_output(cfg.root):

@@ -127,9 +127,8 @@ def study_config(args):
 
 
 def cmd_search(args) -> int:
-    from nas.pipeline import search
-
     from nas.errors import ConfigError
+    from nas.pipeline import search
 
     cfg = study_config(args)
     if cfg.chained:  # a later stage is cut from the previous stage's distilled winner

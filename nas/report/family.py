@@ -113,7 +113,9 @@ def members_table(frame: pd.DataFrame, record: dict[str, Any]) -> str:
     for row in frame.to_dict("records"):
         study = reports.get(row["stage"])
         link = f'<a href="{html.escape(study)}.html">{html.escape(study)}</a>' if study else ""
-        cells = "".join(f'<td data-v="{html.escape(str(row[c]))}">{html.escape(fmt(row[c]))}</td>' for c in COLUMNS)
+        cells = "".join(
+            f'<td data-v="{html.escape(str(row[c]))}">{html.escape(fmt(row[c]))}</td>' for c in COLUMNS
+        )
         rows.append(f"<tr>{cells}<td>{link}</td></tr>")
     return f'<div class="scroll"><table class="sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
 
@@ -133,7 +135,11 @@ def costs_html(costs: dict[str, Any]) -> str:
         f"tokens and {costs['flops_vs_one_shot']:.3f}x the FLOPs",
         "each member from scratch": scratch,
     }
-    return "<dl>" + "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in items.items()) + "</dl>"
+    return (
+        "<dl>"
+        + "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in items.items())
+        + "</dl>"
+    )
 
 
 def render_family(record: dict[str, Any]) -> str:
@@ -152,7 +158,9 @@ def render_family(record: dict[str, Any]) -> str:
         section("chain", "The chain", chain_figure(frame) if len(frame) > 1 else None, None),
     ]
     title = html.escape(f"nas family: {record['name']}")
-    return PAGE.format(title=title, css=CSS, plotlyjs=plotly.offline.get_plotlyjs(), body="\n".join(body), js=SORT_JS)
+    return PAGE.format(
+        title=title, css=CSS, plotlyjs=plotly.offline.get_plotlyjs(), body="\n".join(body), js=SORT_JS
+    )
 
 
 def write_family_report(record: dict[str, Any], out: str | Path) -> Path:
