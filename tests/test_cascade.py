@@ -109,13 +109,16 @@ def test_a_cascade_of_three_budgets_cuts_each_stage_from_the_previous_winner(tmp
 def test_iterative_step_reaches_25_percent_through_a_50_percent_stage(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = tiny_study_config(tmp_path, name="deep", budget="25%", iterative_step="50%", search=SMALL,
-                               final={"steps": 4})  # fmt: skip
+                               cascade_teacher="teacher", final={"steps": 4})  # fmt: skip
     cfg = run_config_from_dict(config)
     stages = run_family(cfg).stages
     total = count_params(Arch.from_hf_config(load_config(cfg.teacher)))
     assert [(s["label"], s["named"]) for s in stages] == [("50%", False), ("25%", True)]
     assert stages[0]["params"] == round(total * 0.5) and stages[1]["teacher"] == stages[0]["winner"]["dir"]
     assert stages[0]["final_tokens"] * 2 == stages[1]["final_tokens"]  # intermediate_share = 0.5 of final.steps
+    assert stages[1]["kd_teacher"] == cfg.teacher  # cascade_teacher = teacher: cut from 50%, distilled from 100%
+    stage2 = optuna.load_study(study_name=stages[1]["study"], storage=cfg.storage_url)
+    assert stage2.user_attrs["config"]["distill_teacher"] == cfg.teacher
     for s in stages:
         assert s["winner"]["params"] <= s["params"]
         check_card(Path(s["winner"]["dir"]), cfg.teacher)
@@ -160,3 +163,17 @@ def test_a_kill_in_stage_2_resumes_without_redoing_stage_1(tmp_path, monkeypatch
     assert [r["label"] for r in records] == ["75%", "50%"]
     assert records[1]["teacher"] == records[0]["winner"]["dir"]
     assert not math.isnan(records[1]["winner"]["final_val_loss"])
+
+
+@pytest.mark.slow
+def test_family_benchmark_runs_at_its_smoke_size(tmp_path):
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "family.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(bench), "--smoke", "--out", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    for member in ("one-shot 50%", "one-shot 25%", "cascade 50%", "cascade 25%", "scratch 25%"):
+        loss = next(line for line in lines if line.startswith(member)).split()[3]
+        assert math.isfinite(float(loss))
+    assert any(line.startswith("family tokens: cascade") for line in lines)
