@@ -13,7 +13,7 @@ Printed: every member's held-out loss (one protocol, the same validation sequenc
 and the family's cost ratios (tokens and KD FLOPs = tokens x (2 N_teacher + 6 N_student)). Honest in either
 direction: at this scale the chain may not win.
 
-    python benchmarks/family.py [--minutes 10] [--out DIR] [--smoke]
+    python benchmarks/family.py [--minutes 10] [--seq-len 256] [--out DIR] [--smoke]
 """
 
 from __future__ import annotations
@@ -91,12 +91,15 @@ def cascade_members(stages: list[dict], storage: str) -> dict[str, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0, help="the demo plan's size (nas demo --minutes)")
+    parser.add_argument("--seq-len", type=int, help="sequence length (default: the demo's 256); less is cheaper")
     parser.add_argument("--out", help="working directory (default: a temporary one); a trained teacher is reused")
     parser.add_argument("--smoke", action="store_true", help="a tiny size that runs in seconds (for the tests)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     plan = smoke_plan() if args.smoke else demo_plan(args.minutes)
+    if args.seq_len:
+        plan = replace(plan, seq_len=args.seq_len)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp).resolve()
         os.chdir(out)  # the studies' reports go to out/reports

@@ -10,7 +10,8 @@ study. `nas run` distills each winner before the next stage's search starts (the
 Resumable and kill-safe per stage: a stage is done once its winner is exported and `stage.json` is written
 (atomically) in its directory; a rerun skips done stages (after checking that their settings are unchanged)
 and resumes the first unfinished one where its own study stopped. Workers join a stage by its study name
-(`nas worker --study <name>.<k>-<budget>`), as they join any study.
+(`nas worker --study <name>.<k>-<budget>`), or the whole family by its name (`nas worker --study <name>`:
+`family_worker` serves each stage's trials in turn).
 `<out_dir>/family.json` records the chain as it grows; the report (`reports/<name>.html`) draws it.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,14 @@ from nas.model.arch import Arch, count_params
 from nas.model.families import load_config
 from nas.prune.family import FamilyStage, family_stages
 from nas.report.family import write_family_report
-from nas.search.study import StudyRecord, TrialRecord, load_existing_study, make_storage, storage_errors
+from nas.search.study import (
+    StudyRecord,
+    TrialRecord,
+    check_storage_url,
+    load_existing_study,
+    make_storage,
+    storage_errors,
+)
 from nas.settings import RunConfig, run_config_from_dict
 
 log = logging.getLogger(__name__)
@@ -150,14 +159,61 @@ def family_record(cfg: RunConfig, plan: list[FamilyStage], done: list[dict[str, 
 
 
 def clear_family(cfg: RunConfig, plan: list[FamilyStage]) -> None:
-    """`--restart`: delete every stage's study and the family's outputs under out_dir."""
-    storage = make_storage(cfg.storage_url, cfg)
-    with storage_errors(cfg.storage_url):
-        names = set(optuna.study.get_all_study_names(storage))
-        for name in {stage_name(cfg, s) for s in plan} & names:
-            optuna.delete_study(study_name=name, storage=storage)
+    """`--restart`: delete every stage's study, the family's, and the family's outputs under out_dir."""
+    url = cfg.storage_url
+    if not (url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file()):
+        storage = make_storage(url, cfg)
+        with storage_errors(url):
+            names = set(optuna.study.get_all_study_names(storage))
+            for name in ({stage_name(cfg, s) for s in plan} | {cfg.name}) & names:
+                optuna.delete_study(study_name=name, storage=storage)
     shutil.rmtree(cfg.root / "stages", ignore_errors=True)
     (cfg.root / FAMILY_FILE).unlink(missing_ok=True)
+
+
+def record_family_study(cfg: RunConfig, plan: list[FamilyStage]) -> None:
+    """An Optuna study named after the family (no trials) that lists its stages' studies, so a worker given
+    the family's name serves every stage in turn (`family_worker`)."""
+    with storage_errors(cfg.storage_url):
+        study = optuna.create_study(
+            study_name=cfg.name, storage=make_storage(cfg.storage_url, cfg), load_if_exists=True
+        )
+        study.set_user_attr("family_stages", [stage_name(cfg, s) for s in plan])
+
+
+def family_stage_names(storage: str, name: str) -> list[str] | None:
+    """The stage studies of family `name` in `storage`, None when `name` is not a family."""
+    check_storage_url(storage)
+    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
+        return None  # (`nas.pipeline.worker` says so in one line)
+    with storage_errors(storage):
+        if name not in optuna.study.get_all_study_names(storage):
+            return None
+        return optuna.load_study(study_name=name, storage=storage).user_attrs.get("family_stages")
+
+
+def family_worker(storage: str, name: str, poll: float = 2.0) -> int:
+    """Serve the trials of every stage of family `name` in turn, as `nas.pipeline.worker` serves one study:
+    a stage's study appears once the previous stage's winner is distilled. Returns the stages served."""
+    served = 0
+    for stage in family_stage_names(storage, name) or []:
+        while not stage_ready(storage, stage):
+            time.sleep(poll)
+        log.info("family %s: serving stage %s", name, stage)
+        pipeline.worker(storage, stage)
+        served += 1
+    return served
+
+
+def stage_ready(storage: str, stage: str) -> bool:
+    """Whether a stage's study exists and records its config (its creator has planned its candidates)."""
+    with storage_errors(storage):
+        if stage not in optuna.study.get_all_study_names(storage):
+            return False
+        return (
+            StudyRecord.from_attrs(optuna.load_study(study_name=stage, storage=storage).user_attrs).config
+            is not None
+        )
 
 
 def run_family(
@@ -167,8 +223,9 @@ def run_family(
     before the next stage's search is cut from it."""
     with own_output(cfg.root):
         plan = family_stages(cfg, Arch.from_hf_config(load_config(cfg.teacher)))
-        if restart and (cfg.root / FAMILY_FILE).is_file():
+        if restart:
             clear_family(cfg, plan)
+        record_family_study(cfg, plan)
         done: list[dict[str, Any]] = []
         for stage in plan:
             source = cfg.teacher if stage.source == 0 else done[stage.source - 1]["winner"]["dir"]

@@ -15,8 +15,7 @@ import optuna
 import pytest
 import tomli_w
 
-from nas.cascade import run_family
-from nas.cli.main import main
+from nas.cascade import family_worker, run_family
 from nas.errors import ConfigError
 from nas.model.arch import Arch, count_params
 from nas.model.card import CARD_FILE, CardFacts, model_card, read_front_matter
@@ -156,13 +155,19 @@ def test_a_kill_in_stage_2_resumes_without_redoing_stage_1(tmp_path, monkeypatch
     stage1 = cfg.root / "stages" / "1-75pct"
     before, trials = mtimes(stage1), trial_digest(cfg.storage_url, "kill.1-75pct")
     importance2 = (stage2 / "importance.safetensors").stat().st_mtime_ns
-    assert main(["run", str(study_file)]) == 0
+    resumed = subprocess.Popen([sys.executable, "-m", "nas.cli", "run", str(study_file)], env=env, cwd=tmp_path,
+                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)  # fmt: skip
+    assert family_worker(cfg.storage_url, "kill", poll=0.2) == 2  # a worker given the family's name serves both
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]
     assert mtimes(stage1) == before and trial_digest(cfg.storage_url, "kill.1-75pct") == trials
     assert (stage2 / "importance.safetensors").stat().st_mtime_ns == importance2  # resumed, not recomputed
     records = stage_records(cfg.root)
     assert [r["label"] for r in records] == ["75%", "50%"]
     assert records[1]["teacher"] == records[0]["winner"]["dir"]
     assert not math.isnan(records[1]["winner"]["final_val_loss"])
+    stage2_study = optuna.load_study(study_name="kill.2-50pct", storage=cfg.storage_url)
+    finished = [t for t in stage2_study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len({json.dumps(t.params, sort_keys=True) for t in finished}) == len(finished)  # none run twice
 
 
 @pytest.mark.slow

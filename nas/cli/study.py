@@ -178,6 +178,13 @@ def cmd_worker(args) -> int:
     code = relaunch_under_torchrun(args, settings_from_args(args, Launch))
     if code is not None:
         return code
+    from nas.cascade import family_stage_names, family_worker
+
+    if family_stage_names(args.storage, args.study):  # a family: each stage's trials in turn
+        served = family_worker(args.storage, args.study)
+        teardown()
+        print(f"family {args.study}: served {served} stages")
+        return 0
     study = worker(args.storage, args.study, args.max_trials)
     teardown()
     if study is not None:  # rank 0 (or the only process)
