@@ -182,3 +182,23 @@ def test_family_benchmark_runs_at_its_smoke_size(tmp_path):
         loss = next(line for line in lines if line.startswith(member)).split()[3]
         assert math.isfinite(float(loss))
     assert any(line.startswith("family tokens: cascade") for line in lines)
+
+
+def test_the_family_view_counts_tokens_and_flops_each_way():
+    from nas.report.family import family_costs, family_frame, render_family
+
+    def stage(index, label, named, params, kd, search, final):
+        return {"index": index, "label": label, "named": named, "source": index - 1, "study": f"f.{index}",
+                "teacher_val_loss": 2.0, "kd_teacher_params": kd, "search_tokens": search, "final_tokens": final,
+                "winner": {"params": params, "final_val_loss": 2.0 + index / 10}}  # fmt: skip
+
+    stages = [stage(1, "50%", False, 500, 1000, 100, 50), stage(2, "25%", True, 250, 500, 100, 100)]
+    record = {"name": "f", "teacher": "t", "teacher_params": 1000, "teacher_tokens": 10_000,
+              "cascade_teacher": "previous", "iterative_step": "50%", "plan": stages, "stages": stages}  # fmt: skip
+    costs = family_costs(record, family_frame(record))
+    assert costs["family_tokens"] == 350 and costs["one_shot_tokens"] == 200 and costs["intermediate"] == 1
+    family = 150 * (2 * 1000 + 6 * 500) + 200 * (2 * 500 + 6 * 250)
+    assert costs["family_flops"] == family and costs["one_shot_flops"] == 200 * (2 * 1000 + 6 * 250)
+    assert costs["scratch_tokens"] == 10_000 and costs["tokens_vs_scratch"] == 0.035
+    page = render_family(record)
+    assert 'href="f.2.html"' in page and "intermediate cuts" in page
