@@ -65,6 +65,13 @@ def stage_name(cfg: RunConfig, stage: FamilyStage) -> str:
     return f"{cfg.name}.{stage.slug}"
 
 
+def original_teacher(cfg: RunConfig, plan: list[FamilyStage]) -> str:
+    """The family's teacher as its first stage distils from it: corrected there when `correct_steps` > 0."""
+    if not cfg.correct_steps:
+        return cfg.teacher
+    return str(stage_dir(cfg, plan[0]) / "corrected" / "model")
+
+
 def stage_config(cfg: RunConfig, stage: FamilyStage, source: str, kd_teacher: str | None) -> RunConfig:
     """The study of one stage: the family's settings with the stage's teacher (`source`: the teacher or the
     previous winner), its absolute budget, its own name and directory, and the family's storage."""
@@ -120,7 +127,7 @@ def record_stage(scfg: RunConfig, stage: FamilyStage, kd_teacher: str) -> dict[s
     """Write the finished stage's `stage.json` (atomically: it marks the stage done)."""
     study = load_existing_study(scfg.storage_url, scfg.name)
     record = StudyRecord.read(study)
-    winner = record.winner or {}
+    winner = (record.winners or {}).get(scfg.budgets[0]) or getattr(record, "winner", None) or {}
     search_tokens, final_tokens = stage_tokens(study, winner)
     done = {
         **stage.to_dict(),
@@ -229,7 +236,7 @@ def run_family(
         done: list[dict[str, Any]] = []
         for stage in plan:
             source = cfg.teacher if stage.source == 0 else done[stage.source - 1]["winner"]["dir"]
-            kd_teacher = cfg.teacher if cfg.cascade_teacher == "teacher" else source
+            kd_teacher = original_teacher(cfg, plan) if cfg.cascade_teacher == "teacher" else source
             scfg = stage_config(cfg, stage, source, None if kd_teacher == source else kd_teacher)
             finished = read_stage(scfg)
             if finished is None:
