@@ -32,11 +32,10 @@ from nas.io import own_output, require_same, write_text_atomic
 from nas.model.arch import Arch, count_params
 from nas.model.families import load_config
 from nas.prune.family import FamilyStage, family_stages
-from nas.report.family import write_family_report
+from nas.report.family import stored_family, write_family_report
 from nas.search.study import (
     StudyRecord,
     TrialRecord,
-    check_storage_url,
     load_existing_study,
     make_storage,
     storage_errors,
@@ -178,32 +177,22 @@ def clear_family(cfg: RunConfig, plan: list[FamilyStage]) -> None:
     (cfg.root / FAMILY_FILE).unlink(missing_ok=True)
 
 
-def record_family_study(cfg: RunConfig, plan: list[FamilyStage]) -> None:
-    """An Optuna study named after the family (no trials) that lists its stages' studies, so a worker given
-    the family's name serves every stage in turn (`family_worker`)."""
+def record_family_study(cfg: RunConfig, record: dict[str, Any]) -> None:
+    """Keep the family record on an Optuna study named after the family (no trials), so a worker given the
+    family's name serves every stage in turn (`family_worker`) and `nas report --study <name>` draws it."""
     with storage_errors(cfg.storage_url):
-        study = optuna.create_study(
-            study_name=cfg.name, storage=make_storage(cfg.storage_url, cfg), load_if_exists=True
+        storage = make_storage(cfg.storage_url, cfg)
+        optuna.create_study(study_name=cfg.name, storage=storage, load_if_exists=True).set_user_attr(
+            "family", record
         )
-        study.set_user_attr("family_stages", [stage_name(cfg, s) for s in plan])
-
-
-def family_stage_names(storage: str, name: str) -> list[str] | None:
-    """The stage studies of family `name` in `storage`, None when `name` is not a family."""
-    check_storage_url(storage)
-    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
-        return None  # (`nas.pipeline.worker` says so in one line)
-    with storage_errors(storage):
-        if name not in optuna.study.get_all_study_names(storage):
-            return None
-        return optuna.load_study(study_name=name, storage=storage).user_attrs.get("family_stages")
 
 
 def family_worker(storage: str, name: str, poll: float = 2.0) -> int:
     """Serve the trials of every stage of family `name` in turn, as `nas.pipeline.worker` serves one study:
     a stage's study appears once the previous stage's winner is distilled. Returns the stages served."""
     served = 0
-    for stage in family_stage_names(storage, name) or []:
+    record = stored_family(storage, name) or {}
+    for stage in [f"{name}.{s['slug']}" for s in record.get("plan", [])]:
         while not stage_ready(storage, stage):
             time.sleep(poll)
         log.info("family %s: serving stage %s", name, stage)
@@ -232,7 +221,7 @@ def run_family(
         plan = family_stages(cfg, Arch.from_hf_config(load_config(cfg.teacher)))
         if restart:
             clear_family(cfg, plan)
-        record_family_study(cfg, plan)
+        record_family_study(cfg, family_record(cfg, plan, []))
         done: list[dict[str, Any]] = []
         for stage in plan:
             source = cfg.teacher if stage.source == 0 else done[stage.source - 1]["winner"]["dir"]
@@ -246,10 +235,11 @@ def run_family(
             else:
                 log.info("family stage %d (%s) is done: skipped", stage.index, stage.label)
             done.append(finished)
-            write_text_atomic(cfg.root / FAMILY_FILE, json.dumps(family_record(cfg, plan, done), indent=1))
+            record = family_record(cfg, plan, done)
+            write_text_atomic(cfg.root / FAMILY_FILE, json.dumps(record, indent=1))
+            record_family_study(cfg, record)
         path = None
         if report:
-            record = family_record(cfg, plan, done)
             path = write_family_report(record, Path("reports") / f"{cfg.name}.html")
     winners = {s["label"]: Path(s["winner"]["dir"]) for s in done if s["named"]}
     return FamilyResult(cfg.name, cfg.storage_url, done, path, winners)

@@ -16,6 +16,7 @@ import pytest
 import tomli_w
 
 from nas.cascade import family_worker, run_family
+from nas.cli.main import main
 from nas.errors import ConfigError
 from nas.model.arch import Arch, count_params
 from nas.model.card import CARD_FILE, CardFacts, model_card, read_front_matter
@@ -102,6 +103,9 @@ def test_a_cascade_of_three_budgets_cuts_each_stage_from_the_previous_winner(tmp
     page = result.report.read_text()
     assert "The chain" in page and "each member one-shot from the teacher" in page
     assert set(result.winners) == {"75%", "50%", "25%"}
+    out = tmp_path / "again.html"  # `nas report` of the family's name draws the family view again
+    assert main(["report", "--study", "fam", "--storage", cfg.storage_url, "--out", str(out)]) == 0
+    assert "The chain" in out.read_text()
 
 
 @pytest.mark.slow

@@ -178,9 +178,10 @@ def cmd_worker(args) -> int:
     code = relaunch_under_torchrun(args, settings_from_args(args, Launch))
     if code is not None:
         return code
-    from nas.cascade import family_stage_names, family_worker
+    from nas.cascade import family_worker
+    from nas.report.family import stored_family
 
-    if family_stage_names(args.storage, args.study):  # a family: each stage's trials in turn
+    if stored_family(args.storage, args.study):  # a family: each stage's trials in turn
         served = family_worker(args.storage, args.study)
         teardown()
         print(f"family {args.study}: served {served} stages")

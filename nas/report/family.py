@@ -18,12 +18,14 @@ import html
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pandas as pd
 import plotly.graph_objects as go
 import plotly.offline
 
 from nas.io import write_text_atomic
 from nas.report.html import CSS, PAGE, SORT_JS, fmt, section
+from nas.search.study import check_storage_url, storage_errors
 
 COLUMNS = ["stage", "label", "named", "source", "params", "share", "val_loss", "search_tokens", "final_tokens",
            "tokens", "kd_teacher_params", "kd_flops"]  # fmt: skip
@@ -161,6 +163,18 @@ def render_family(record: dict[str, Any]) -> str:
     return PAGE.format(
         title=title, css=CSS, plotlyjs=plotly.offline.get_plotlyjs(), body="\n".join(body), js=SORT_JS
     )
+
+
+def stored_family(storage: str, name: str) -> dict[str, Any] | None:
+    """The family record (`family.json`) that `nas.cascade` keeps on the family's own Optuna study, None
+    when `name` is not a family in `storage` (or the storage does not exist yet)."""
+    check_storage_url(storage)
+    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
+        return None
+    with storage_errors(storage):
+        if name not in optuna.study.get_all_study_names(storage):
+            return None
+        return optuna.load_study(study_name=name, storage=storage).user_attrs.get("family")
 
 
 def write_family_report(record: dict[str, Any], out: str | Path) -> Path:
