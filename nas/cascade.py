@@ -28,6 +28,7 @@ from typing import Any
 import optuna
 
 from nas import pipeline
+from nas.errors import ConfigError
 from nas.io import own_output, require_same, write_text_atomic
 from nas.model.arch import Arch, count_params
 from nas.model.families import load_config
@@ -182,9 +183,13 @@ def record_family_study(cfg: RunConfig, record: dict[str, Any]) -> None:
     family's name serves every stage in turn (`family_worker`) and `nas report --study <name>` draws it."""
     with storage_errors(cfg.storage_url):
         storage = make_storage(cfg.storage_url, cfg)
-        optuna.create_study(study_name=cfg.name, storage=storage, load_if_exists=True).set_user_attr(
-            "family", record
-        )
+        study = optuna.create_study(study_name=cfg.name, storage=storage, load_if_exists=True)
+        if StudyRecord.read(study).config is not None:  # a one-shot study of the same name
+            raise ConfigError(
+                f"study {cfg.name!r} in {cfg.storage_url} is a one-shot study, not a family; "
+                "give the family another name, or pass --restart to delete it"
+            )
+        study.set_user_attr("family", record)
 
 
 def family_worker(storage: str, name: str, poll: float = 2.0) -> int:
