@@ -206,3 +206,15 @@ def test_the_family_view_counts_tokens_and_flops_each_way():
     assert costs["scratch_tokens"] == 10_000 and costs["tokens_vs_scratch"] == 0.035
     page = render_family(record)
     assert 'href="f.2.html"' in page and "intermediate cuts" in page
+
+
+def test_a_family_never_takes_over_a_one_shot_study_of_its_name(tmp_path):
+    from nas.cascade import record_family_study
+
+    base = {"name": "f", "teacher": "t", "data": {"sources": [{"path": "a.txt"}]}, "out_dir": str(tmp_path)}
+    cfg = run_config_from_dict({**base, "cascade": True, "budget": ["50%", "25%"]})
+    study = optuna.create_study(study_name="f", storage=cfg.storage_url)
+    study.set_user_attr("config", {"name": "f"})  # what a one-shot nas study records
+    with pytest.raises(ConfigError, match="one-shot study"):
+        record_family_study(cfg, {"plan": []})
+    assert "family" not in study.user_attrs
