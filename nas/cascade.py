@@ -7,6 +7,12 @@ recomputed on that model, and its screen, trials, winner and report are its own.
 parameter count computed from the ORIGINAL teacher, so "25%" means the same in a cascade and in a one-shot
 study. `nas run` distills each winner before the next stage's search starts (the next stage is cut from it).
 
+The distillation teacher of the later stages (`cascade_teacher`) is by default the previous winner, the
+model the stage is cut from and its importance measured on: the chain as the Minitron paper builds it
+(arXiv 2407.14679: its 4B starts from the distilled 8B, Table 14), one model per stage, and a cheaper
+teacher (KD costs 2 N_teacher + 6 N_student FLOPs a token). `cascade_teacher = "teacher"` distills every
+stage from the original (corrected) teacher instead (`distill_teacher` of the stage's study).
+
 Resumable and kill-safe per stage: a stage is done once its winner is exported and `stage.json` is written
 (atomically) in its directory; a rerun skips done stages (after checking that their settings are unchanged)
 and resumes the first unfinished one where its own study stopped. Workers join a stage by its study name
