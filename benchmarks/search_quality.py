@@ -21,12 +21,14 @@ import argparse
 import logging
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import _smoke as smoke  # noqa: E402  (benchmarks/_smoke.py: --smoke)
 import torch  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
@@ -54,20 +56,20 @@ TEACHER = TeacherSpec(hidden_size=128, num_layers=12, num_attention_heads=4, num
                       ffn_hidden_size=384, vocab_size=1024, steps=500, batch_size=16, warmup_steps=30)  # fmt: skip
 
 
-def teacher_and_data(out: Path, seq_len: int):
+def teacher_and_data(out: Path, seq_len: int, spec: TeacherSpec = TEACHER, max_documents: int | None = None):
     """The cached 12-layer teacher (trained on first use) and the tokenized KJV."""
     from transformers import AutoTokenizer
 
-    corpus = write_corpus(out / "corpus")
-    key = teacher_key(TEACHER, seq_len, corpus)
+    corpus = write_corpus(out / "corpus", max_documents)
+    key = teacher_key(spec, seq_len, corpus)
     data_cfg = {"seq_len": seq_len, "cache_dir": str(out / "cache"), "sources": [{"path": str(corpus)}]}
     probe = run_config_from_dict({"name": "probe", "teacher": "-", "data": data_cfg})
     if load_teacher_info(out / "teacher", key) is not None:
         tokenizer = AutoTokenizer.from_pretrained(out / "teacher")
     else:
-        tokenizer = train_tokenizer(train_texts(corpus, probe.data), TEACHER.vocab_size)
+        tokenizer = train_tokenizer(train_texts(corpus, probe.data), spec.vocab_size)
     data = prepare(probe.data, tokenizer)
-    info = train_teacher(TEACHER, key, tokenizer, data, out, 32)
+    info = train_teacher(spec, key, tokenizer, data, out, 32)
     return info, data_cfg
 
 
@@ -89,7 +91,8 @@ def study_config(out: Path, data_cfg: dict, args) -> dict:
             "screen_sequences": 16,
             "top_k": 5,
         },  # fmt: skip
-        "distill": {"batch_size": 8, "lr": 1e-3, "min_lr": 1e-4, "eval_sequences": 48, "checkpoint_every": 0},
+        "distill": {"batch_size": 8, "lr": 1e-3, "min_lr": 1e-4, "eval_sequences": args.eval_sequences,
+                    "checkpoint_every": 0},
     }
 
 
@@ -127,14 +130,17 @@ def main() -> None:
     p.add_argument("--horizon", type=int, default=12)
     p.add_argument("--screen-top", type=int, default=8)
     p.add_argument("--finalists", type=int, default=3)
-    args = p.parse_args()
+    p.add_argument("--eval-sequences", type=int, default=48, help="validation sequences of every run")
+    args = smoke.parse(p, out=tempfile.mkdtemp(prefix="nas-smoke-"), budget="50%", tolerance=0.1, horizon=4,
+                       eval_sequences=8, screen_top=2, finalists=1)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     log.setLevel(logging.INFO)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     out, start = Path(args.out), time.perf_counter()
-    info, data_cfg = teacher_and_data(out, args.seq_len)
+    spec = smoke.tiny_teacher(TEACHER) if args.smoke else TEACHER
+    info, data_cfg = teacher_and_data(out, args.seq_len, spec, 150 if args.smoke else None)
     print(
-        f"teacher: {info.params:,} params, 12 layers, val loss {info.val_loss:.3f} (unigram {info.unigram_loss:.3f})"
+        f"teacher: {info.params:,} params, {spec.num_layers} layers, val loss {info.val_loss:.3f} (unigram {info.unigram_loss:.3f})"
     )
     shutil.rmtree(out / "study", ignore_errors=True)
     cfg = run_config_from_dict(study_config(out, data_cfg, args))
@@ -191,6 +197,8 @@ def main() -> None:
           f"KD steps (a KD step of the reference, evaluations included: {kd_step * 1e3:.0f} ms)")  # fmt: skip
     print(f"wall time: nas {nas_seconds:.0f} s, reference {ref_seconds:.0f} s, ground truth {truth_seconds:.0f} s, "
           f"total {time.perf_counter() - start:.0f} s")  # fmt: skip
+    if args.smoke:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from nas.search.study import (
     storage_errors,
 )
 from nas.settings import RunConfig, run_config_from_dict
+from nas.settings.paths import default_report
 
 log = logging.getLogger(__name__)
 FAMILY_FILE = "family.json"
@@ -251,6 +252,6 @@ def run_family(
             record_family_study(cfg, record)
         path = None
         if report:
-            path = write_family_report(record, Path("reports") / f"{cfg.name}.html")
+            path = write_family_report(record, default_report(cfg.name))
     winners = {s["label"]: Path(s["winner"]["dir"]) for s in done if s["named"]}
     return FamilyResult(cfg.name, cfg.storage_url, done, path, winners)

@@ -174,20 +174,6 @@ def test_a_kill_in_stage_2_resumes_without_redoing_stage_1(tmp_path, monkeypatch
     assert len({json.dumps(t.params, sort_keys=True) for t in finished}) == len(finished)  # none run twice
 
 
-@pytest.mark.slow
-def test_family_benchmark_runs_at_its_smoke_size(tmp_path):
-    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "family.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(bench), "--smoke", "--out", str(tmp_path)], env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    lines = done.stdout.splitlines()
-    for member in ("one-shot 50%", "one-shot 25%", "cascade 50%", "cascade 25%", "scratch 25%"):
-        loss = next(line for line in lines if line.startswith(member)).split()[3]
-        assert math.isfinite(float(loss))
-    assert any(line.startswith("family tokens: cascade") for line in lines)
-
-
 def test_the_family_view_counts_tokens_and_flops_each_way():
     from nas.report.family import family_costs, family_frame, render_family
 
