@@ -300,7 +300,9 @@ def run_trials(ctx: SearchContext, study: optuna.Study, max_trials: int | None =
                 break  # every candidate evaluated or given up
             time.sleep(ctx.cfg.search.heartbeat_interval)  # others still running: wait for a retry or the end
             # only study.optimize fails stale trials; without this a dead worker's trial stays RUNNING forever
-            optuna.storages.fail_stale_trials(study)
+            with warnings.catch_warnings():  # experimental in Optuna: not the user's concern (as above)
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
             continue
         study.optimize(
             # a diverging candidate fails its trial (and is retried up to max_retry), not the whole search
