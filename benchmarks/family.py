@@ -29,13 +29,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import _smoke as smoke  # noqa: E402  (benchmarks/_smoke.py: --smoke)
 import optuna  # noqa: E402
 import torch  # noqa: E402
 
 from nas.cascade import run_family  # noqa: E402
-from nas.data.tokens import prepare  # noqa: E402
-from nas.demo.run import demo_plan, prepare_tokenizer, run_config, train_scratch  # noqa: E402
-from nas.demo.teacher import TeacherSpec, teacher_key, train_teacher, write_corpus  # noqa: E402
+from nas.demo.run import demo_plan, train_demo_teacher, train_scratch  # noqa: E402
 from nas.evaluate.loss import lm_loss  # noqa: E402
 from nas.model.families import load_model  # noqa: E402
 from nas.pipeline import run  # noqa: E402
@@ -44,20 +43,9 @@ from nas.search.study import StudyRecord, TrialRecord, load_existing_study  # no
 from nas.settings import run_config_from_dict  # noqa: E402
 
 
-def smoke_plan():
-    """Seconds, not minutes: a 4-layer teacher on 60 chapters, 2-step trials."""
-    spec = TeacherSpec(hidden_size=64, num_layers=4, num_attention_heads=4, num_query_groups=2, head_dim=16,
-                       ffn_hidden_size=128, vocab_size=512, steps=20, batch_size=8, warmup_steps=2)  # fmt: skip
-    return replace(
-        demo_plan(10), seq_len=64, max_documents=60, eval_sequences=8, teacher=spec, horizon_steps=2,
-        eval_every=2, final_steps=4, screen_top=2, finalists=1, batch_size=4, teacher_cache=False,
-        space={"tolerance": 0.15, "steps": {"hidden_size": 16, "ffn_hidden_size": 32}},
-        importance={"num_samples": 16, "val_sequences": 4, "batch_size": 8},
-    )  # fmt: skip
-
-
-def study_settings(out: Path, corpus: Path, plan, name: str, teacher_tokens: int, **extra) -> dict:
-    data = run_config(out, corpus, plan, "auto").to_dict()
+def study_settings(base, out: Path, name: str, teacher_tokens: int, **extra) -> dict:
+    """The demo's study settings (`base`) with budgets 50% and 25%, every winner fully distilled."""
+    data = base.to_dict()
     data.update(name=name, out_dir=str(out / name), budget=["50%", "25%"], final_budgets=[],
                 teacher_tokens=teacher_tokens, **extra)  # fmt: skip
     return data
@@ -109,13 +97,10 @@ def main() -> None:
     parser.add_argument(
         "--out", help="working directory (default: a temporary one); a trained teacher is reused"
     )
-    parser.add_argument(
-        "--smoke", action="store_true", help="a tiny size that runs in seconds (for the tests)"
-    )
-    args = parser.parse_args()
+    args = smoke.parse(parser)
     logging.basicConfig(level=logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    plan = smoke_plan() if args.smoke else demo_plan(args.minutes)
+    plan = smoke.tiny_plan(demo_plan(10)) if args.smoke else demo_plan(args.minutes)
     if args.seq_len:
         plan = replace(plan, seq_len=args.seq_len)
     if args.half_width:
@@ -132,14 +117,9 @@ def main() -> None:
 
 def report(out: Path, plan) -> None:
     start = time.perf_counter()
-    corpus = write_corpus(out / "corpus", plan.max_documents)
-    base = run_config(out, corpus, plan, "auto")
-    key = teacher_key(plan.teacher, plan.seq_len, corpus)
-    tokenizer = prepare_tokenizer(out, corpus, plan, base.data, key)
-    data = prepare(base.data, tokenizer)
-    teacher = train_teacher(plan.teacher, key, tokenizer, data, out, plan.eval_sequences, "auto")
-    one_cfg = run_config_from_dict(study_settings(out, corpus, plan, "oneshot", teacher.tokens))
-    cas_cfg = run_config_from_dict(study_settings(out, corpus, plan, "cascade", teacher.tokens, cascade=True))
+    base, data, teacher = train_demo_teacher(out, plan)
+    one_cfg = run_config_from_dict(study_settings(base, out, "oneshot", teacher.tokens))
+    cas_cfg = run_config_from_dict(study_settings(base, out, "cascade", teacher.tokens, cascade=True))
     run(one_cfg, report=False)
     one = one_shot_members(one_cfg)
     stages = run_family(cas_cfg).stages
