@@ -37,6 +37,12 @@ FAMILY_CASES = [
     ("qwen3_moe", True, 4),
     ("mixtral", True, 2),
     ("mixtral", False, 2),
+    ("ministral3", False, 2),
+    ("ministral3", True, 4),
+    ("gpt_oss", False, 2),
+    ("gpt_oss", True, 4),
+    ("gemma4_text", True, 2),
+    ("gemma4_text", False, 4),
 ]
 
 
@@ -51,4 +57,3 @@ def family_model(request):
     """A tiny random model of each family, tied/untied, GQA (kv=2) and MHA (kv=4) (MoE: 4 experts, top-2)."""
     model_type, tied, groups = request.param
     return tiny_model(model_type, tie_word_embeddings=tied, num_query_groups=groups)
-

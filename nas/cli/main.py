@@ -9,7 +9,7 @@ import os
 import sys
 
 from nas.cli import guard
-from nas.cli.flags import add_flags, add_restart, settings_from_args
+from nas.cli.flags import add_flags, add_overwrite, add_restart, settings_from_args
 from nas.cli.study import add_plan, add_search, add_space
 from nas.cli.train import add_correct, add_data_args, add_distill, data_config_from_args
 from nas.errors import ConfigError, NasError
@@ -49,6 +49,7 @@ def add_importance(sub) -> None:
     p.add_argument("--out", required=True, help="importance file to write (.safetensors)")
     add_importance_args(p)
     add_restart(p, "recompute an existing --out file made with other settings")
+    add_overwrite(p)
     p.set_defaults(func=cmd_importance)
 
 
@@ -70,12 +71,15 @@ def importance_from_data(args, teacher, tokenizer, data_cfg, imp: ImportanceConf
 def cmd_importance(args) -> int:
     from nas.data.tokens import prepare
     from nas.device import resolve_device
+    from nas.io import written_by_nas
     from nas.model.arch import Arch
     from nas.model.families import load_config, load_model, load_tokenizer
     from nas.prune.importance import ensure_importance, importance_identity
 
     data_cfg, imp = data_config_from_args(args), settings_from_args(args, ImportanceConfig)
-    out = guard.output(args.out, [args.teacher, *guard.data_paths(args)], is_dir=False)
+    out = guard.output(
+        args.out, [args.teacher, *guard.data_paths(args)], is_dir=False, overwrite=args.overwrite
+    )
     guard.device(device_of(args))
     guard.seq_len_fits(data_cfg.seq_len, args.teacher)
     with guard.owning(out, is_dir=False):
@@ -85,9 +89,10 @@ def cmd_importance(args) -> int:
         identity = importance_identity(
             args.teacher, teacher_arch, data.fingerprint, imp.num_samples, imp.val_sequences
         )
+        replace = args.restart or (out.exists() and not written_by_nas(out))  # past guard: --overwrite
         importance, computed = ensure_importance(
             out, lambda: load_model(args.teacher, device=resolve_device(device_of(args))), data, identity,
-            imp.batch_size, "write to another --out file, or pass --restart to recompute it", args.restart,
+            imp.batch_size, "write to another --out file, or pass --restart to recompute it", replace,
         )  # fmt: skip
         if not computed:  # a finished result, made with these settings
             print(f"{out} is already computed with these settings (base val loss {importance.base_loss:.4f})")
@@ -112,7 +117,7 @@ def add_prune(sub) -> None:
     p.add_argument(
         "--num-experts", type=int, help="experts kept per layer (mixture of experts; default: all)"
     )
-    add_flags(p, RunConfig, ["depth_strategy"])
+    add_flags(p, RunConfig, ["depth_strategy", "vision"])
     add_data_args(p)
     add_importance_args(p)
     p.set_defaults(func=cmd_prune)
@@ -122,12 +127,14 @@ def cmd_prune(args) -> int:
     from nas.device import resolve_device
     from nas.model.arch import Arch, check_prunable, count_params
     from nas.model.families import load_config, load_model, load_tokenizer
+    from nas.model.multimodal import multimodal_note, wrapper_type
     from nas.prune.cut import prune, save_pruned
     from nas.prune.importance import Importance
 
     if bool(args.importance) == bool(args.data):
         raise ConfigError("give exactly one of --importance FILE or --data DATA")
     depth_strategy = getattr(args, "depth_strategy", RunConfig.model_fields["depth_strategy"].default)
+    vision = getattr(args, "vision", RunConfig.model_fields["vision"].default)
     if args.data:  # every setting is validated before a model is loaded
         data_cfg, imp = data_config_from_args(args), settings_from_args(args, ImportanceConfig)
     out = guard.output(args.out, [args.teacher, args.importance, *guard.data_paths(args)])
@@ -150,9 +157,11 @@ def cmd_prune(args) -> int:
         if importance is None:
             importance = importance_from_data(args, teacher, tokenizer, data_cfg, imp)
         model = prune(teacher, arch, importance, depth_strategy)
-        save_pruned(model, out, tokenizer, teacher=args.teacher)
+        save_pruned(model, out, tokenizer, teacher=args.teacher, vision=vision)
     numel = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.out}: {arch.describe()}, {numel:,} params (analytic {count_params(arch):,})")
+    if wrapper := wrapper_type(args.teacher):
+        print(f"{args.teacher} is a {wrapper} checkpoint: pruned its text model; vision tower {multimodal_note(vision)}")
     return 0
 
 
@@ -195,6 +204,7 @@ def add_report(sub) -> None:
     p.add_argument("--study", required=True, help="study name")
     p.add_argument("--storage", help="Optuna storage URL (default sqlite:///studies/<study>/study.db)")
     p.add_argument("--out", help="HTML file to write (default reports/<study>.html)")
+    add_overwrite(p)
     p.set_defaults(func=cmd_report)
 
 
@@ -203,7 +213,7 @@ def cmd_report(args) -> int:
     from nas.report.html import write_report
 
     storage = args.storage or default_storage(args.study)
-    out = guard.output(args.out or default_report(args.study), [], is_dir=False)
+    out = guard.output(args.out or default_report(args.study), [], is_dir=False, overwrite=args.overwrite)
     with guard.owning(out, is_dir=False):
         family = stored_family(storage, args.study)  # a cascade's family: its family view
         out = write_family_report(family, out) if family else write_report(storage, args.study, out)
@@ -223,6 +233,7 @@ def add_eval(sub) -> None:
     add_flags(p, EvalConfig, names=EVAL_NAMES)
     add_flags(p, RunConfig, ["device"])
     p.add_argument("--out", help="JSON to write (default MODEL/eval.json; eval-<hub id>.json for a hub id)")
+    add_overwrite(p)
     p.set_defaults(func=cmd_eval)
 
 
@@ -234,11 +245,13 @@ def cmd_eval(args) -> int:
 
     cfg = settings_from_args(args, EvalConfig, names=EVAL_NAMES)
     default = eval_json_path(args.model)
-    out = guard.output(
-        args.out or default, [args.model, *guard.data_paths(args)], is_dir=False, allow=[default]
-    )
+    inputs = [args.model, *guard.data_paths(args)]
+    out = guard.output(args.out or default, inputs, is_dir=False, allow=[default], overwrite=args.overwrite)
     guard.device(device_of(args))
     if args.data:
+        note = guard.default_seq_len_fits(args, args.model)
+        if note:
+            print(note)
         guard.seq_len_fits(data_config_from_args(args).seq_len, args.model)
     if cfg.val_sequences is not None and cfg.val_sequences < 1:
         raise ConfigError(

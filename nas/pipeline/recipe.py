@@ -174,7 +174,9 @@ def finalize(
     student.nas_cut = plan_cut(ctx.teacher_arch, arch, ctx.importance, cfg.depth_strategy)
     tokens = result.tokens + int(trial.tokens or 0)
     card = winner_card(ctx, study, best.number, arch, student.nas_cut, budget, tokens, result.val_loss)
-    winner_dir = save_pruned(student, cfg.paths.winner(budget), ctx.tokenizer, teacher=cfg.teacher, card=card)
+    winner_dir = save_pruned(
+        student, cfg.paths.winner(budget), ctx.tokenizer, teacher=cfg.teacher, vision=cfg.vision, card=card
+    )
     winner = {
         "budget": budget, "trial": best.number, "arch": arch.to_dict(), "params": count_params(arch),
         "val_loss": best.value, "final_val_loss": result.val_loss, "dir": str(winner_dir.resolve()),

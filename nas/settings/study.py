@@ -15,6 +15,7 @@ from nas.settings.base import (
     _NESTED,
     _WHERE,
     DEPTH_STRATEGIES,
+    VISION,
     Settings,
     _described,
 )
@@ -45,6 +46,11 @@ class RunConfig(Settings):
         "",
         "the model the students are distilled from, with the teacher's tokenizer (default: the teacher they "
         "are pruned from; a cascade with cascade_teacher = teacher sets it to the original teacher)",
+    )
+    vision: Literal[VISION] = _described(  # type: ignore[valid-type]
+        "drop",
+        "a multimodal teacher (gemma4, mistral3, qwen3_5 checkpoints): drop its vision tower (a text-only "
+        "export; nas distills on text only) or keep it around the pruned text model",
     )
     correct_steps: int = _described(0, "teacher correction: LM fine-tune steps before pruning (0: off)", ge=0)
     seed: int = _described(0, "seed of every short run")
@@ -129,9 +135,17 @@ class RunConfig(Settings):
                 f"search.finalists ({self.search.finalists}) must be <= search.screen_top ({self.search.screen_top})"
             )
         if (self.cascade or self.iterative_step) and self.final_budgets:
-            raise ValueError("a cascade distills every stage's winner (the next stage starts from it); drop final_budgets")
+            raise ValueError(
+                "a cascade distills every stage's winner (the next stage starts from it); drop final_budgets"
+            )
         if self.iterative_step and len(self.budgets) > 1 and not self.cascade:
             raise ValueError("iterative_step chains the budgets: set cascade = true, or give one budget")
+        several = len(self.budgets) > 1 and not self.cascade  # a cascade's stages have one budget each
+        if self.search.sampler == "tpe" and (several or self.constraints.min_throughput):
+            raise ValueError(
+                "search.sampler = tpe searches one budget with no constraints.min_throughput; use the "
+                "funnel (sampler = auto)"
+            )
         self.final_distill()  # the overrides are validated now, not after the search
         return self
 
@@ -191,6 +205,10 @@ def step_fraction(value: str) -> float:
 def load_run_config(path: str | Path) -> RunConfig:
     """Read and validate a study TOML file; `name` defaults to the file's stem."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(
+            f"study file {path} is a directory; give the study's TOML file (e.g. {path}/NAME.toml)"
+        )
     if not path.is_file():
         raise ConfigError(f"study file {path} does not exist")
     try:
