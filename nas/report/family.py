@@ -23,7 +23,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.offline
 
-from nas.io import write_text_atomic
+from nas.io import HTML_MARK, write_text_atomic
 from nas.report.html import CSS, PAGE, SORT_JS, fmt, section
 from nas.search.study import check_storage_url, storage_errors
 
@@ -161,8 +161,9 @@ def render_family(record: dict[str, Any]) -> str:
     ]
     title = html.escape(f"nas family: {record['name']}")
     return PAGE.format(
-        title=title, css=CSS, plotlyjs=plotly.offline.get_plotlyjs(), body="\n".join(body), js=SORT_JS
-    )
+        title=title, mark=HTML_MARK, css=CSS, plotlyjs=plotly.offline.get_plotlyjs(), body="\n".join(body),
+        js=SORT_JS,
+    )  # fmt: skip
 
 
 def stored_family(storage: str, name: str) -> dict[str, Any] | None:
