@@ -24,10 +24,21 @@ CONFIG_CLASSES = {
     "smollm3": "SmolLM3Config",
     "qwen3_moe": "Qwen3MoeConfig",
     "mixtral": "MixtralConfig",
+    "qwen3_5_text": "Qwen3_5TextConfig",
+    "nemotron_h": "NemotronHConfig",
     "gpt_oss": "GptOssConfig",
     "gemma4_text": "Gemma4TextConfig",
 }
 SLIDING = ("sliding_attention", "full_attention")
+HYBRID = ("linear_attention", "full_attention")
+# Nemotron-H's layer types as Nemotron Nano 2 has them: Mamba2, attention, MLP (4 layers: M * - M, so that every
+# shorter prefix of 3 keeps each type); Nemotron 3 Nano's MoE layers: pass `layers_block_type` with "moe"
+NEMOTRON_BLOCKS = ("linear_attention", "full_attention", "mlp")
+NEMOTRON_SIZES = {
+    "mamba_num_heads": 8, "mamba_head_dim": 8, "n_groups": 2, "ssm_state_size": 8, "conv_kernel": 4,
+    "chunk_size": 8,  # shorter than the test sequences: the chunked scan carries state across chunks
+    "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_shared_expert_intermediate_size": 32,
+}  # fmt: skip
 
 
 def family_extras(model_type: str, num_layers: int, head_dim: int = 16) -> dict:
@@ -46,6 +57,10 @@ def family_extras(model_type: str, num_layers: int, head_dim: int = 16) -> dict:
                         "global_head_dim": head_dim},
         "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2},
         "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+        # Gated DeltaNet layers with 2 value heads per key head, a full-attention layer every 2nd (3.5: 4th)
+        "qwen3_5_text": {"linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 8,
+                         "linear_value_head_dim": 8, "layer_types": [HYBRID[i % 2] for i in range(num_layers)]},
+        "nemotron_h": {**NEMOTRON_SIZES, "layers_block_type": [NEMOTRON_BLOCKS[i % 3] for i in range(num_layers)]},
         # gpt-oss: sliding layers first (its default pattern), a clamp the random init reaches (limit 0.5)
         "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2, "swiglu_limit": 0.5, "sliding_window": 8,
                     "layer_types": [SLIDING[i % 2] for i in range(num_layers)],
@@ -82,7 +97,9 @@ def tiny_config(
     cls = getattr(transformers, CONFIG_CLASSES[model_type])
     experts = FAMILIES[model_type].experts
     extra = {**family_extras(model_type, num_layers, head_dim), **extra}
-    extra[experts.ffn_attr if experts else "intermediate_size"] = ffn_hidden_size
+    extra.setdefault("intermediate_size", ffn_hidden_size)  # the MLPs' (Nemotron-H: beside its MoE layers)
+    if experts:
+        extra.setdefault(experts.ffn_attr, ffn_hidden_size)
     return cls(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -110,12 +127,17 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **kwargs) -> nn.Module:
         for name, p in model.named_parameters():
             if name.endswith(("norm.weight", ".bias", "_bias")):  # gpt-oss's experts: `gate_up_proj_bias`
                 p.uniform_(0.5, 1.5) if name.endswith("norm.weight") else p.normal_(0, 0.1)
-            elif name.endswith(("mlp.gate.weight", "mlp.router.weight")):  # a router: distinct logits, so
-                p.normal_(0, 0.5)  # routing is not a tie
+            elif name.endswith(("mlp.gate.weight", "mlp.router.weight", "mixer.gate.weight")):  # a router:
+                p.normal_(0, 0.5)  # distinct logits, so routing is not a tie
             elif name.endswith("self_attn.sinks"):  # gpt-oss: sinks that matter
                 p.normal_(0, 1.0)
             elif name.endswith("gate_up_proj") and model_type == "gpt_oss":  # gate and up that reach its clamp
                 p.normal_(0, 0.2)
+            elif name.endswith("mixer.D"):  # Mamba2's skip: one value per head (1.0 in every head at init)
+                p.uniform_(0.5, 1.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # Nemotron-H's router bias (zeros at init)
+                b.normal_(0, 0.1)
     return model.eval()
 
 

@@ -37,6 +37,10 @@ FAMILY_CASES = [
     ("qwen3_moe", True, 4),
     ("mixtral", True, 2),
     ("mixtral", False, 2),
+    ("qwen3_5_text", False, 2),
+    ("qwen3_5_text", True, 4),
+    ("nemotron_h", False, 2),
+    ("nemotron_h", True, 4),  # a tied config: NemotronHForCausalLM keeps its head untied all the same
     ("ministral3", False, 2),
     ("ministral3", True, 4),
     ("gpt_oss", False, 2),

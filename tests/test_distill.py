@@ -10,7 +10,7 @@ from nas.errors import ModelError
 from nas.evaluate.loss import lm_loss
 from nas.model.arch import Arch
 from nas.settings import DistillConfig
-from nas.testing import tiny_model
+from nas.testing import CONFIG_CLASSES, tiny_model
 from nas.train.checkpoint import latest_checkpoint
 from nas.train.kd import kd_loss, kl_to_teacher, model_kd_loss
 from nas.train.loop import NonFiniteLossError, distill, lr_at
@@ -129,6 +129,26 @@ def test_soft_capped_logits_are_distilled_and_scored_as_hf_computes_them(model_t
     torch.testing.assert_close(
         top_logp.double(), log_p.view(*ids.shape, -1).gather(-1, top_ids), rtol=1e-5, atol=1e-6
     )
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIG_CLASSES))
+def test_the_head_nas_applies_gives_the_logits_of_the_familys_own_forward(model_type):
+    """The chunked losses take the decoder's last hidden state and apply the head themselves: for every family
+    they must reproduce what its `forward` does to the logits (a soft-cap, a scale), so the KL and the held-out
+    loss are those of HF's full logits."""
+    from nas.train.teacher_cache import teacher_topk
+
+    teacher, student = (tiny_model(model_type, seed=s, vocab_size=VOCAB) for s in (1, 2))  # fp32: expert kernels
+    ids = random_ids()
+    with torch.no_grad():
+        t, s = teacher(input_ids=ids).logits, student(input_ids=ids).logits
+    log_p, log_q = F.log_softmax(t.flatten(0, 1), -1), F.log_softmax(s.flatten(0, 1), -1)
+    kl = F.kl_div(log_q, log_p, log_target=True, reduction="sum") / len(log_q)
+    assert model_kd_loss(student, teacher, ids, chunk_tokens=7).kl.item() == pytest.approx(kl.item(), rel=1e-4)
+    ce = F.cross_entropy(t[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
+    assert lm_loss(teacher, ids, batch_size=2) == pytest.approx(ce, rel=1e-5)
+    top_ids, top_logp, _ = teacher_topk(teacher, ids, 5, 1.0, chunk=7)
+    torch.testing.assert_close(top_logp, log_p.view(*ids.shape, -1).gather(-1, top_ids), rtol=1e-4, atol=1e-5)
 
 
 def test_no_teacher_is_the_shared_lm_loss():

@@ -22,7 +22,8 @@ G = torch.Generator().manual_seed(5)
 CALIB = torch.randint(0, 96, (8, 16), generator=G)
 VAL = torch.randint(0, 96, (4, 16), generator=G)
 VOCAB = 320
-NEW_FAMILIES = ("gemma3_text", "phi3", "olmo2", "olmo3", "smollm3", "qwen3_moe", "mixtral", "ministral3", "gpt_oss", "gemma4_text")
+NEW_FAMILIES = ("gemma3_text", "phi3", "olmo2", "olmo3", "smollm3", "qwen3_moe", "mixtral", "ministral3", "gpt_oss",
+                "gemma4_text", "qwen3_5_text", "nemotron_h")
 
 
 def numel(model) -> int:
@@ -186,7 +187,10 @@ def test_a_short_distillation_of_a_pruned_student_lowers_its_kl(model_type, toke
         # (Gemma's are sharp already: its embeddings are scaled by sqrt(hidden_size); soft-capping saturates)
         teacher.lm_head.weight.mul_(2.0 if model_type.startswith("gemma") else 8.0)
     importance = compute_importance(teacher, token_data.calib(8), token_data.val(4))
-    arch = Arch.from_hf_config(teacher.config).replace(num_layers=2, ffn_hidden_size=48)
+    big = Arch.from_hf_config(teacher.config)
+    # a hybrid keeps a layer of each type (Nemotron-H's 3 layers: Mamba2, attention, MLP): cut width instead
+    depth = {"hidden_size": 48} if big.layer_types else {"num_layers": 2}
+    arch = big.replace(**depth, ffn_hidden_size=48)
     student = prune(teacher, arch, importance)
     before = kl_to_teacher(student, teacher, token_data.val(8))
     settings = DistillConfig(
@@ -198,10 +202,13 @@ def test_a_short_distillation_of_a_pruned_student_lowers_its_kl(model_type, toke
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", ["gemma3_text", "phi3", "olmo2", "qwen3_moe", "gpt_oss", "gemma4_text"])
+@pytest.mark.parametrize(
+    "model_type", ["gemma3_text", "phi3", "olmo2", "qwen3_moe", "gpt_oss", "gemma4_text", "qwen3_5_text", "nemotron_h"]
+)
 def test_a_study_searches_and_reports_a_teacher_of_each_kind(model_type, tmp_path):
     """The whole search (importance, space, queue, short KD trials) and the HTML report on a tiny teacher
-    of a family with its own extras: soft-capping and 4 norms, fused projections, post-norms, experts."""
+    of a family with its own extras: soft-capping and 4 norms, fused projections, post-norms, experts, a
+    Mamba2 / attention / MLP hybrid stack."""
     from nas.pipeline import search
     from nas.report.html import write_report
     from nas.search.study import TrialRecord
@@ -224,6 +231,37 @@ def test_a_study_searches_and_reports_a_teacher_of_each_kind(model_type, tmp_pat
     assert model_type in html or Arch.from_dict(TrialRecord.read(done[0]).arch).describe() in html
 
 
+def test_qwen3_5_moe_with_its_shared_expert_is_one_clear_error():
+    from transformers import Qwen3_5MoeTextConfig
+
+    config = Qwen3_5MoeTextConfig(hidden_size=64, num_hidden_layers=2, num_experts=4, vocab_size=96)
+    with pytest.raises(ModelError, match="shared expert"):
+        Arch.from_hf_config(config)
+
+
+def test_a_hybrid_space_budgets_layers_per_type_and_counts_the_recurrent_state(tmp_path, capsys):
+    """Every candidate of a Qwen3.5 teacher keeps both layer types, its count is exact, its memory adds the
+    Gated DeltaNet state once per sequence (not per token), and the CLI lists the per-type knobs."""
+    from nas.model.arch import kv_cache_bytes, recurrent_state_bytes
+    from nas.prune.space import memory_bytes
+    from nas.settings import ConstraintsConfig
+
+    teacher = Arch.from_hf_config(tiny_config("qwen3_5_text"))
+    space = enumerate_candidates(teacher, "70%", SpaceConfig(tolerance=0.2))
+    assert {a.num_linear_attention_layers for a in space} > {teacher.num_linear_attention_layers}
+    for arch in space:
+        check_prunable(teacher, arch)
+        assert arch.num_attention_layers >= 1 and arch.num_linear_attention_layers >= 1
+        assert arch.num_linear_value_heads % arch.num_linear_key_heads == 0
+    short, long = ConstraintsConfig(seq_len=16), ConstraintsConfig(seq_len=1024)
+    arch = space[0]
+    grown = memory_bytes(arch, long) - memory_bytes(arch, short)
+    assert grown == kv_cache_bytes(arch, seq_len=1024 - 16)  # only the KV cache grows with the sequence
+    assert memory_bytes(arch, short) == count_params(arch) * 2 + kv_cache_bytes(arch, 16) + recurrent_state_bytes(arch)
+    tiny_model("qwen3_5_text").save_pretrained(tmp_path / "hybrid")
+    assert main(["space", str(tmp_path / "hybrid"), "--budget", "70%", "--tolerance", "0.2"]) == 0
+    out = capsys.readouterr().out
+    assert "num_linear_attention_layers" in out and "state_bytes_per_sequence" in out
 @pytest.mark.parametrize(
     "features,named",
     [

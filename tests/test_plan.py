@@ -191,6 +191,23 @@ def test_a_stage_that_does_not_fit_is_refused_naming_the_settings(tiny_study):
     check_plan(cfg, ("trial",), None)  # a CPU run: nothing to check
 
 
+@pytest.mark.slow  # ~6 s on an idle core: the Gated DeltaNet's chunked scan runs op by op on fake tensors
+def test_a_hybrid_stack_plans_per_layer_type():
+    """Layers of each type grow the plan by their own bytes: the extrapolation from one and two layers of each
+    type matches the dry run at full depth, and the weights are exactly the model's."""
+    config = tiny_config("qwen3_5_text", num_layers=5, **SIZES)
+    config.layer_types = ["linear_attention", "linear_attention", "full_attention", "linear_attention",
+                          "full_attention"]  # fmt: skip
+    axes = dryrun.depth_axes(config)
+    assert axes == [("linear_attention", 3), ("full_attention", 2)]
+
+    def measure(depths):
+        return dryrun.measure_eval(dryrun.at_axes(config, axes, depths), torch.bfloat16, 2, 32, "bf16-mixed")
+
+    planned, full = dryrun.peak_of(dryrun.extrapolate(measure, (3, 2))), dryrun.peak_of(measure((3, 2)))
+    weights = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters()) * 2
+    assert planned["teacher"] == full["teacher"] == weights
+    assert planned["peak_bytes"] == pytest.approx(full["peak_bytes"], rel=0.01)
 @pytest.mark.slow
 def test_a_mixture_of_experts_teacher_plans_in_bf16_down_the_whole_ladder(tmp_path):
     """gpt-oss: the importance pass's expert hooks and the grouped-matmul experts run on fake tensors, the

@@ -5,6 +5,7 @@ import torch
 
 from nas.errors import InfeasibleError
 from nas.model.arch import Arch, count_params
+from nas.model.families import block_module, layer_units
 from nas.prune.cut import plan_cut, prune, save_pruned
 from nas.prune.importance import Importance, compute_importance
 from nas.testing import tiny_model
@@ -57,7 +58,8 @@ def test_pruned_numel_equals_analytic_count(family_model, strategy):
 
 def test_teacher_is_not_modified(family_model):
     before = {k: v.clone() for k, v in family_model.state_dict().items()}
-    arch = Arch.from_hf_config(family_model.config).replace(num_layers=2, hidden_size=32)
+    # 3 of the 4 layers: a hybrid student keeps a layer of every type (Nemotron-H: Mamba2, attention, MLP)
+    arch = Arch.from_hf_config(family_model.config).replace(num_layers=3, hidden_size=32)
     prune(family_model, arch, scores_of(family_model))
     after = family_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -81,27 +83,41 @@ def mask_router(gate, dropped: list[int], top_k: int, normalize: bool, softmax_o
     gate.register_forward_hook(hook)
 
 
+def _zero_units(weight, units: set[int], size: int) -> None:
+    """Zero the input columns of whole units (heads) of `size` channels of an output projection."""
+    for u in units:
+        weight[:, u * size : (u + 1) * size] = 0
+
+
 def masked_teacher(teacher, cut, arch):
-    """The teacher with every unit the cut drops masked out: zeroed `o_proj` columns of heads, zeroed
-    `down_proj` columns of MLP channels (of each expert), zeroed outputs of dropped layers, and dropped
-    experts never routed to. Hidden channels are not masked: RMSNorm over fewer channels is not a masking
-    of the full norm (nor is OLMo2's q/k norm over all heads a masking of heads)."""
+    """The teacher with every unit the cut drops masked out: zeroed `o_proj` columns of heads (`out_proj` columns
+    of Gated DeltaNet value heads), zeroed `down_proj` columns of MLP channels (of each expert), zeroed outputs
+    of dropped layers, and dropped experts never routed to. Hidden channels are not masked: RMSNorm over fewer
+    channels is not a masking of the full norm (nor is OLMo2's q/k norm over all heads a masking of heads)."""
     masked = copy.deepcopy(teacher)
     big = Arch.from_hf_config(teacher.config)
+    fam = big.family
     normalize = getattr(teacher.config, "norm_topk_prob", True)  # Mixtral always renormalises the top-k
     with torch.no_grad():
-        for index, layer in enumerate(masked.model.layers):
-            attn, mlp = layer.self_attn, layer.mlp
+        for index, (layer, units) in enumerate(zip(masked.model.layers, layer_units(teacher.config), strict=True)):
+            mlp = block_module(layer, fam, units[-1])
+            outs = {"attention": lambda m: m.o_proj.weight, "linear_attention": lambda m: m.out_proj.weight}
             down = mlp.experts.down_proj if big.num_experts else mlp.down_proj.weight  # [E,] H, F
             spec = big.family.experts
             if index not in cut.layers:  # no attention and no MLP output: the block is the identity
-                for p in (attn.o_proj.weight, down, *_output_biases(attn, mlp)):
+                outs[units[0]](block_module(layer, fam, units[0])).zero_()
+                mixer = block_module(layer, fam, units[0])
+                for p in (down, *(_output_biases(mixer, mlp) if units[0] == "attention" else ())):
                     p.zero_()
                 continue
             kept = cut.layers.index(index)
             # a zeroed head's output is zero whatever its attention sink (gpt-oss): the sink is the head's own
-            for head in set(range(big.num_attention_heads)) - set(cut.heads[kept]):
-                attn.o_proj.weight[:, head * big.head_dim : (head + 1) * big.head_dim] = 0
+            if units[0] == "attention":
+                heads = set(range(big.num_attention_heads)) - set(cut.heads[kept])
+                _zero_units(layer.self_attn.o_proj.weight, heads, big.head_dim)
+            else:
+                values = set(range(big.num_linear_value_heads)) - set(cut.linear_values[kept])
+                _zero_units(layer.linear_attn.out_proj.weight, values, big.linear_value_head_dim)
             if not big.num_experts:
                 down[:, sorted(set(range(big.ffn_hidden_size)) - set(cut.mlp[kept]))] = 0
                 continue
@@ -136,13 +152,22 @@ MOE_KNOBS = {
     "experts-mixed": {"num_experts": 2, "ffn_hidden_size": 40, "num_layers": 3, "num_query_groups": 1,
                       "num_attention_heads": 2},
 }  # fmt: skip
+HYBRID_KNOBS = {  # Gated DeltaNet: value heads within their key head, whole key heads, layers of one type
+    "linear-values": {"num_linear_value_heads": 2},
+    "linear-keys": {"num_linear_key_heads": 1, "num_linear_value_heads": 2},
+    "linear-layers": {"num_linear_attention_layers": 1},
+    "attention-layers": {"num_attention_layers": 1},
+    "hybrid-mixed": {"num_linear_attention_layers": 1, "num_linear_key_heads": 1, "num_linear_value_heads": 1,
+                     "ffn_hidden_size": 48, "num_attention_heads": 2, "num_query_groups": 1},
+}  # fmt: skip
 MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss")
 PROJ_NORM = {"olmo2", "olmo3"}  # q/k norm over all heads: head pruning is not a masking
 MASK_CASES = [
     pytest.param(model_type, knobs, id=f"{model_type}-{name}")
     for model_type in ("llama", "qwen2", "qwen3", "gemma3_text", "phi3", "olmo2", "olmo3", "smollm3",
-                       "qwen3_moe", "mixtral", "ministral3", "gpt_oss", "gemma4_text")
-    for name, knobs in {**UNIT_KNOBS, **(MOE_KNOBS if model_type in MOE_FAMILIES else {})}.items()
+                       "qwen3_moe", "mixtral", "ministral3", "gpt_oss", "gemma4_text", "qwen3_5_text")
+    for name, knobs in {**UNIT_KNOBS, **(MOE_KNOBS if model_type in MOE_FAMILIES else {}),
+                        **(HYBRID_KNOBS if model_type == "qwen3_5_text" else {})}.items()
     if not (model_type in PROJ_NORM and "num_attention_heads" in knobs)
 ]  # fmt: skip
 

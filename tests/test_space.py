@@ -106,3 +106,34 @@ def test_candidate_table_has_params_and_kv_cache():
     table = candidates_frame(enumerate_candidates(TEACHER, "60%", SpaceConfig(tolerance=0.1)), TEACHER)
     assert {"params", "kv_cache_bytes_per_token", "num_layers", "share_of_teacher"} <= set(table.columns)
     assert (table["share_of_teacher"] <= 0.6).all()
+
+
+def test_no_valid_hybrid_arch_inside_the_budget_is_missed():
+    """A Qwen3.5 teacher (Gated DeltaNet + attention layers): the enumerated space equals every combination of
+    per-type layer counts, widths, heads and linear-attention heads that satisfies the space's definition."""
+    teacher = Arch.from_hf_config(tiny_config("qwen3_5_text"))
+    config = SpaceConfig(tolerance=0.1, max_width_prune=0.6, steps={"hidden_size": 8, "ffn_hidden_size": 8})
+    budget = parse_budget("60%", teacher)
+    knobs = ("num_linear_attention_layers", "num_attention_layers", "hidden_size", "ffn_hidden_size",
+             "num_query_groups", "num_attention_heads", "num_linear_key_heads", "num_linear_value_heads")  # fmt: skip
+    steps = {"hidden_size": 8, "ffn_hidden_size": 8}
+    ratio = {"num_attention_heads": "num_query_groups", "num_linear_value_heads": "num_linear_key_heads"}
+    found = set()
+    ranges = [sorted({*range(steps.get(k, 1), getattr(teacher, k) + 1, steps.get(k, 1)), getattr(teacher, k)})
+              for k in knobs]  # fmt: skip
+    for combo in itertools.product(*ranges):
+        sizes = dict(zip(knobs, combo, strict=True))
+        prune = {k: config.max_depth_prune if k.endswith("_layers") else config.max_width_prune for k in knobs}
+        if any(v < max(1, math.ceil(getattr(teacher, k) * (1 - prune[k]))) for k, v in sizes.items()):
+            continue
+        if any(sizes[k] % sizes[b] or sizes[k] // sizes[b] > getattr(teacher, k) // getattr(teacher, b)
+               for k, b in ratio.items()):  # fmt: skip
+            continue
+        try:
+            arch = teacher.replace(**sizes)
+        except InfeasibleError:
+            continue
+        if budget * 0.9 <= count_params(arch) <= budget:
+            found.add(combo)
+    enumerated = {tuple(getattr(a, k) for k in knobs) for a in enumerate_candidates(teacher, "60%", config)}
+    assert found and enumerated == found

@@ -14,6 +14,7 @@ from nas.cli.study import add_plan, add_search, add_space
 from nas.cli.train import add_correct, add_data_args, add_distill, data_config_from_args
 from nas.errors import ConfigError, NasError
 from nas.io import is_full_disk
+from nas.model.blocks import BLOCK_TYPES
 from nas.settings import (
     EvalConfig,
     ImportanceConfig,
@@ -103,6 +104,10 @@ def cmd_importance(args) -> int:
     return 0
 
 
+HYBRID_FLAGS = (*(f"num_{t}_layers" for t in BLOCK_TYPES), "num_linear_key_heads", "num_linear_value_heads",
+                "num_mamba_heads", "mamba_head_dim")  # fmt: skip
+
+
 def device_of(args) -> str:
     return getattr(args, "device", RunConfig.model_fields["device"].default)
 
@@ -117,6 +122,11 @@ def add_prune(sub) -> None:
     p.add_argument(
         "--num-experts", type=int, help="experts kept per layer (mixture of experts; default: all)"
     )
+    hybrid = "(hybrid stacks; default: the teacher's)"
+    for layer_type in BLOCK_TYPES:
+        p.add_argument(f"--num-{layer_type.replace('_', '-')}-layers", type=int, help=f"layers of type {layer_type} {hybrid}")
+    for knob in ("num-linear-key-heads", "num-linear-value-heads", "num-mamba-heads", "mamba-head-dim"):
+        p.add_argument(f"--{knob}", type=int, help=hybrid)
     add_flags(p, RunConfig, ["depth_strategy", "vision"])
     add_data_args(p)
     add_importance_args(p)
@@ -143,7 +153,13 @@ def cmd_prune(args) -> int:
     if args.data:
         guard.seq_len_fits(data_cfg.seq_len, args.teacher)
     teacher_arch = Arch.from_hf_config(load_config(args.teacher))
-    knobs = {k: getattr(args, k) for k in teacher_arch.knobs if getattr(args, k) is not None}
+    knobs = {k: getattr(args, k) for k in teacher_arch.knobs if getattr(args, k, None) is not None}
+    stray = [k for k in HYBRID_FLAGS if getattr(args, k, None) is not None and k not in teacher_arch.knobs]
+    if stray:  # e.g. --num-mamba-heads for a teacher without Mamba2 layers: say so rather than ignore it
+        flag = stray[0].replace("_", "-")
+        raise ConfigError(f"--{flag} is not a knob of {args.teacher}; its knobs: {', '.join(teacher_arch.knobs)}")
+    if args.num_layers is not None and teacher_arch.layer_types:  # the first num_layers layers' types
+        knobs["num_layers"] = args.num_layers
     if args.num_experts is not None and not teacher_arch.num_experts:
         raise ConfigError(f"--num-experts needs a mixture-of-experts teacher; {args.teacher} is dense")
     arch = teacher_arch.replace(**knobs)

@@ -16,6 +16,7 @@ def add_space(sub) -> None:
     p.add_argument("teacher", help="local model directory or hub id (only its config is read)")
     p.add_argument("--budget", help="4B, 350M, 1.5e9 or 50%% of the teacher; several: 25%%,50%%,75%%")
     add_flags(p, SpaceConfig, SPACE_FLAGS)
+    p.add_argument("--steps", help="knob steps (the [space.steps] table), e.g. hidden_size=256,ffn_hidden_size=512")
     add_flags(p, ConstraintsConfig, ["max_memory", "seq_len", "batch", "dtype"])
     p.add_argument("--study", help="a study: its space, budgets and constraints, with the screen it stored")
     p.add_argument("--storage", help="the study's storage URL (default sqlite:///studies/<study>/study.db)")
@@ -28,6 +29,8 @@ def cmd_space(args) -> int:
     from nas.prune.space import candidates_frame, enumerate_budgets, memory_violation
 
     config = settings_from_args(args, SpaceConfig, SPACE_FLAGS)
+    if args.steps:
+        config = SpaceConfig(**(config.model_dump() | {"steps": parse_steps(args.steps)}))
     teacher = Arch.from_hf_config(load_config(args.teacher))
     if args.study:  # the study's own space, budgets and constraints, with the screen it stored
         cfg = stored_config(args)
@@ -54,6 +57,17 @@ def cmd_space(args) -> int:
         )
     print(frame.drop(columns=[] if constraints.max_memory else ["over_memory"]).to_string(index=False))
     return 0
+
+
+def parse_steps(text: str) -> dict[str, int]:
+    """`hidden_size=256,ffn_hidden_size=512` -> {"hidden_size": 256, "ffn_hidden_size": 512}."""
+    steps = {}
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        knob, _, value = item.partition("=")
+        if not value.strip().isdigit():
+            raise ConfigError(f"--steps {item!r}: write KNOB=N, e.g. hidden_size=256")
+        steps[knob.strip()] = int(value)
+    return steps
 
 
 def stored_config(args):

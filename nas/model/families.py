@@ -41,10 +41,44 @@ class Experts:
 
     num_experts_attr: str  # config attribute of the number of experts
     ffn_attr: str  # config attribute of each expert's FFN width
+    shared_attr: str | None = None  # config attribute of an always-on shared expert's FFN width (Nemotron-H)
+
     router: str = "gate"  # the router's name in `layer.mlp`
     transposed: bool = False  # expert weights stored [in, out] (gpt-oss)
     interleaved: bool = False  # gate_up_proj holds gate and up channels alternately (gpt-oss)
     bias: bool = False  # biased router and expert projections (`gate_up_proj_bias`, `down_proj_bias`; gpt-oss)
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """A hybrid stack (see `nas.model.blocks` for the design): `attr` is the config list naming each layer's
+    type; `layers` maps each of its values to the nas block types that layer holds (its own type first);
+    `modules` maps a nas block type to the attribute of the decoder layer that holds it."""
+
+    attr: str
+    layers: tuple[tuple[str, tuple[str, ...]], ...]  # (HF layer type, nas block types of that layer)
+    modules: tuple[tuple[str, str], ...]  # (nas block type, attribute of the decoder layer)
+
+    def layer_type(self, hf_type: str) -> str:
+        """The nas type of a layer whose config entry is `hf_type`."""
+        return self.units_of_hf(hf_type)[0]
+
+    def units_of_hf(self, hf_type: str) -> tuple[str, ...]:
+        for name, units in self.layers:
+            if name == hf_type:
+                return units
+        raise ModelError(f"layer type {hf_type!r} is not one of {', '.join(n for n, _ in self.layers)}")
+
+    def units(self, layer_type: str) -> tuple[str, ...]:
+        """The nas block types a layer of nas type `layer_type` holds."""
+        return next(units for _, units in self.layers if units[0] == layer_type)
+
+    def hf_type(self, layer_type: str) -> str:
+        return next(name for name, units in self.layers if units[0] == layer_type)
+
+    def module(self, layer: nn.Module, block: str) -> nn.Module:
+        """The module of block type `block` in a decoder layer."""
+        return getattr(layer, dict(self.modules)[block])
 
 
 @dataclass(frozen=True)
@@ -66,6 +100,12 @@ class Family:
     layer_lists: tuple[str, ...] = ("layer_types",)  # config lists with one entry per layer
     experts: Experts | None = None  # the sparse MoE block, where every layer has one
     rope_factors_follow_hidden: bool = False  # longrope factors are sized by hidden_size // heads (Phi-3)
+    blocks: Blocks | None = None  # a hybrid stack: layers of several types (None: every layer the same block)
+    attn_output_gate: bool = False  # q_proj also gives a per-head sigmoid output gate (Qwen3.5)
+    final_norm: str = "norm"  # the final norm's name under `model.model` (Nemotron-H: `norm_f`)
+    gated_mlp: bool = True  # MLPs and experts have a gate projection (Nemotron-H's squared-ReLU MLPs do not)
+    ties_embeddings: bool = True  # the HF class can tie its head to the embeddings (Nemotron-H's never does)
+    min_experts: int = 1  # fewest experts a MoE layer can keep (Nemotron-H's router takes the top 2 per group)
     attention_sinks: bool = False  # one learned sink logit per query head (`self_attn.sinks`; gpt-oss)
     keep_last_layer: bool = False  # depth pruning never drops the last layer (its type is fixed; Gemma 4)
 
@@ -81,6 +121,18 @@ GEMMA_NORMS = (
     "post_feedforward_layernorm",
 )
 OLMO_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")  # norms after attention and MLP
+NEMOTRON_H_EXPERTS = Experts("n_routed_experts", "moe_intermediate_size", "moe_shared_expert_intermediate_size")
+# Nemotron-H: each layer is one `mixer` of its `layers_block_type` (transformers names Mamba2 "linear_attention")
+NEMOTRON_H_BLOCKS = Blocks(
+    "layers_block_type",
+    (("linear_attention", ("mamba",)), ("full_attention", ("attention",)), ("mlp", ("mlp",)), ("moe", ("moe",))),
+    (("mamba", "mixer"), ("attention", "mixer"), ("mlp", "mixer"), ("moe", "mixer")),
+)
+QWEN3_5_BLOCKS = Blocks(
+    "layer_types",
+    (("linear_attention", ("linear_attention", "mlp")), ("full_attention", ("attention", "mlp"))),
+    (("attention", "self_attn"), ("linear_attention", "linear_attn"), ("mlp", "mlp")),
+)
 
 FAMILIES: dict[str, Family] = {
     f.model_type: f
@@ -100,6 +152,11 @@ FAMILIES: dict[str, Family] = {
                layer_lists=("layer_types", "no_rope_layers")),
         Family("qwen3_moe", "attention_bias", False, True, qk_norm="head", experts=QWEN3_MOE),
         Family("mixtral", None, False, False, experts=MIXTRAL),
+        Family("qwen3_5_text", "attention_bias", False, True, qk_norm="head", norm_offset=1.0,
+               blocks=QWEN3_5_BLOCKS, attn_output_gate=True),
+        Family("nemotron_h", None, False, False, mlp_bias_attr="mlp_bias", norms=("norm",), layer_lists=(),
+               experts=NEMOTRON_H_EXPERTS, blocks=NEMOTRON_H_BLOCKS, final_norm="norm_f", gated_mlp=False,
+               ties_embeddings=False, min_experts=2),
         Family("gpt_oss", "attention_bias", True, True, experts=GPT_OSS, attention_sinks=True),
         # Gemma 4 text: Gemma 3's block (v_norm has no weight; `layer_scalar` is a buffer, kept per layer);
         # transformers makes the last layer full attention, so depth pruning keeps the teacher's last layer
@@ -109,9 +166,17 @@ FAMILIES: dict[str, Family] = {
 }  # fmt: skip
 
 
+NOT_YET = {  # model types transformers has that nas knows it cannot prune yet: why, in one line
+    "qwen3_5_moe_text": "Qwen3.5-MoE is not supported yet: its sparse layers add a gated shared expert "
+    "(shared_expert, shared_expert_gate) that nas's expert cut does not handle; dense Qwen3.5 (qwen3_5_text) is",
+}
+
+
 def family_of(config: Any) -> Family:
     """The `Family` of an HF config; a clear error names the supported ones otherwise."""
     model_type = getattr(config, "model_type", None)
+    if model_type in NOT_YET:
+        raise ModelError(NOT_YET[model_type])
     if model_type not in FAMILIES:
         raise ModelError(f"unsupported model_type {model_type!r}; nas supports {', '.join(sorted(FAMILIES))}")
     fam = FAMILIES[model_type]
@@ -124,6 +189,14 @@ def family_of(config: Any) -> Family:
             "qwen3_moe with dense layers (mlp_only_layers or decoder_sparse_step > 1) is not supported: "
             "nas prunes Qwen3-MoE models whose every layer is sparse"
         )
+    if model_type == "nemotron_h" and "moe" in getattr(config, "layers_block_type", ()):
+        if getattr(config, "moe_latent_size", None) is not None:
+            raise ModelError("nemotron_h with latent MoE projections (moe_latent_size) is not supported yet")
+        if getattr(config, "n_group", 1) != 1:
+            raise ModelError(
+                f"nemotron_h with a grouped router (n_group = {config.n_group}) is not supported: nas prunes "
+                "Nemotron-H routers of one expert group (n_group = 1, as Nemotron 3 Nano)"
+            )
     return fam
 
 
@@ -187,13 +260,32 @@ def expert_ffn(experts: nn.Module, spec: Experts, e: int, x: torch.Tensor) -> tu
     return h, F.linear(h, down, experts.down_proj_bias[e].float() if bias else None)
 
 
+HOMOGENEOUS_MODULES = {"attention": "self_attn", "mlp": "mlp", "moe": "mlp"}
+
+
+def layer_units(config: Any) -> list[tuple[str, ...]]:
+    """The nas block types of each decoder layer (`nas.model.blocks`), in order."""
+    fam = family_of(config)
+    if fam.blocks is None:
+        return [("attention", "moe" if fam.experts else "mlp")] * config.num_hidden_layers
+    return [fam.blocks.units_of_hf(t) for t in getattr(config, fam.blocks.attr)]
+
+
+def block_module(layer: nn.Module, family: Family, block: str) -> nn.Module:
+    """The module of block type `block` in a decoder layer (attention at `self_attn`, MLP/MoE at `mlp` unless
+    the family's `blocks` says otherwise)."""
+    if family.blocks is not None:
+        return family.blocks.module(layer, block)
+    return getattr(layer, HOMOGENEOUS_MODULES[block])
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks of a causal LM."""
     return model.model.layers
 
 
 def final_norm(model: nn.Module) -> nn.Module:
-    return model.model.norm
+    return getattr(model.model, family_of(model.config).final_norm)
 
 
 def layer_norms(layer: nn.Module, family: Family) -> list[nn.Module]:

@@ -24,9 +24,12 @@ def check_config_fields(name: str, raw: dict[str, Any], family: Any) -> None:
     """ModelError naming the first field the family needs that `config.json` (`raw`, as read from the file)
     lacks or gives a non-positive value."""
     needed = list(REQUIRED_FIELDS)
-    if family.experts is not None:
+    units = _hybrid_units(name, raw, family)
+    if units is not None:  # a hybrid stack: its layer list counts the layers; FFN fields where it has such layers
+        needed.remove("num_hidden_layers")
+    if family.experts is not None and (units is None or "moe" in units):
         needed += [family.experts.ffn_attr, family.experts.num_experts_attr, "num_experts_per_tok"]
-    else:
+    if family.experts is None or (units is not None and "mlp" in units):
         needed.append("intermediate_size")
     for field in needed:
         value = raw.get(field)
@@ -37,6 +40,25 @@ def check_config_fields(name: str, raw: dict[str, Any], family: Any) -> None:
             )
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ModelError(f"config.json of {name}: {field} must be a positive integer, got {value!r}")
+
+
+# Nemotron-H's older `hybrid_override_pattern` letters (transformers' `NemotronHConfig._pattern_to_list`)
+PATTERN_LETTERS = {"M": "linear_attention", "E": "moe", "*": "full_attention", "-": "mlp"}
+
+
+def _hybrid_units(name: str, raw: dict[str, Any], family: Any) -> set[str] | None:
+    """The nas block types of a hybrid stack's layers as `config.json` lists them (None: not a hybrid family)."""
+    if family.blocks is None:
+        return None
+    types = raw.get(family.blocks.attr)
+    if types is None and isinstance(raw.get("hybrid_override_pattern"), str):
+        types = [PATTERN_LETTERS.get(c, c) for c in raw["hybrid_override_pattern"]]
+    if not types:
+        raise ModelError(
+            f"config.json of {name} lacks {family.blocks.attr}, the type of each layer a {family.model_type} "
+            "model needs; add it (the model's own list) to config.json"
+        )
+    return {u for t in dict.fromkeys(types) for u in family.blocks.units_of_hf(t)}
 
 
 def check_weight_dtypes(file: Path, dtypes: dict[str, str]) -> None:

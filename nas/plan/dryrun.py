@@ -15,7 +15,8 @@ left out; `offload_optimizer` (torchao's CPUOffloadOptimizer needs CUDA) is plan
 AdamW whose states and update are left out of the GPU's memory, where the offload puts them.
 
 Depth: a full 8B step takes minutes on fake tensors, so each measurement runs at 1 and 2 layers per
-model and is extrapolated linearly in each model's number of layers, per phase of the step (teacher
+model (a hybrid stack: per layer type, `depth_axes`) and is extrapolated linearly in each model's number of
+layers (of each type), per phase of the step (teacher
 forward, student forward, loss, backward, optimizer update, validation) and per memory category:
 within a phase every layer adds the same bytes (its weights, gradients, states, saved inputs), so the
 extrapolation is exact; `tests/test_plan.py` checks it against the full depth. The peak is the
@@ -28,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,6 +41,7 @@ from torch.distributed._tools.mem_tracker import MemTracker, _RefType
 from nas.device import precision_for, use_precision
 from nas.errors import ConfigError
 from nas.evaluate.loss import lm_loss
+from nas.model.families import family_of
 from nas.prune.importance import activation_scores
 from nas.settings import DistillConfig
 from nas.train import dist as parallel
@@ -186,15 +189,38 @@ class _FakeData:
         return torch.zeros(n, self.seq_len, dtype=torch.long)
 
 
-def at_depth(config: Any, num_layers: int) -> Any:
-    """A copy of an HF config with `num_layers` decoder layers (per-layer lists cut to match, or
-    repeated when the model has fewer layers: the plan measures a 1-layer student at 2 layers too)."""
+def depth_axes(config: Any) -> list[tuple[str | None, int]]:
+    """The axes along which a model's memory grows layer by layer: (None, num_layers) for identical blocks; for
+    a hybrid stack (`Family.blocks`) one axis per layer type (its config value, its count), since a layer's
+    bytes depend on its type."""
+    blocks = family_of(config).blocks
+    if blocks is None:
+        return [(None, config.num_hidden_layers)]
+    types = list(getattr(config, blocks.attr))
+    return [(t, types.count(t)) for t in dict.fromkeys(types)]
+
+
+def at_depth(config: Any, num_layers: int | dict[str, int]) -> Any:
+    """A copy of an HF config with `num_layers` decoder layers (per-layer lists cut to match); a hybrid's
+    `{layer type: count}` gives it that many layers of each type."""
     config = config.__class__.from_dict(config.to_dict())
+    if isinstance(num_layers, dict):
+        types = [t for t, n in num_layers.items() for _ in range(n)]
+        setattr(config, family_of(config).blocks.attr, types)
+        config.num_hidden_layers = len(types)
+        return config
     config.num_hidden_layers = num_layers
     if getattr(config, "layer_types", None):
         types = list(config.layer_types)
         config.layer_types = [types[i % len(types)] for i in range(num_layers)]
     return config
+
+
+def at_axes(config: Any, axes: list[tuple[str | None, int]], depths: tuple[int, ...]) -> Any:
+    """`config` at `depths`, one count per axis of `depth_axes(config)`."""
+    if axes[0][0] is None:
+        return at_depth(config, depths[0])
+    return at_depth(config, {t: n for (t, _), n in zip(axes, depths, strict=True)})
 
 
 def fake_model(config: Any, dtype: torch.dtype) -> nn.Module:
@@ -244,7 +270,10 @@ def measure_train(
         tracker.track_external(model, optimizer)
         if teacher is not None:
             tracker.track_teacher(teacher)
-        with _regions(tracker, model), tracker:
+        with _regions(tracker, model), tracker, warnings.catch_warnings():
+            # transformers' Mamba2 conv builds its activation module per call (`ACT2FN[...]`), gone by the
+            # backward, whose hooks MemTracker then skips with a warning (nothing is missed: it holds no tensors)
+            warnings.filterwarnings("ignore", "Module is None", UserWarning)
             loop.train_step(model, data, dry, optimizer, 1)
         return tracker.phases() | {"validation": _validation(model, optimizer, dry, data, cfg)}
 

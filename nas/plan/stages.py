@@ -80,8 +80,10 @@ def plan_study(
         raise ConfigError("the GPU memory must be positive and gpus_per_trial >= 1")
     teacher = load_config(cfg.teacher)
     teacher_arch = Arch.from_hf_config(teacher)
-    spaces = enumerate_budgets(teacher_arch, cfg.budgets, cfg.space)  # every budget of the study
-    largest = student or max((a for space in spaces.values() for a in space), key=count_params)
+    if student is None:  # the largest candidate of every budget of the study (a given student needs no space)
+        spaces = enumerate_budgets(teacher_arch, cfg.budgets, cfg.space)
+        student = max((a for space in spaces.values() for a in space), key=count_params)
+    largest = student
     student = largest.to_hf_config(teacher)  # the first layers' per-layer types: memory is the same
     seq_len = int(cfg.data.seq_len)
     cache: dict = {}
@@ -132,22 +134,26 @@ def _phases(job: _Job, s: dict[str, Any]) -> dict[str, dict[str, int]]:
     if job.student is None:
         fn = dryrun.measure_importance if job.stage == "importance" else dryrun.measure_eval
 
-        def one(depths):
-            return fn(
-                dryrun.at_depth(job.teacher, depths[0]), dtype, s["batch_size"], job.seq_len, s["precision"]
-            )
+        axes = dryrun.depth_axes(job.teacher)
 
-        return dryrun.extrapolate(one, (job.teacher.num_hidden_layers,))
+        def one(depths):
+            config = dryrun.at_axes(job.teacher, axes, depths)
+            return fn(config, dtype, s["batch_size"], job.seq_len, s["precision"])
+
+        return dryrun.extrapolate(one, tuple(n for _, n in axes))
     dcfg = DistillConfig(
         **{k: s[k] for k in KNOBS}, eval_batch_size=s["eval_batch_size"], fsdp=s["gpus"] > 1, device="cuda"
     )
 
+    t_axes, s_axes = dryrun.depth_axes(job.teacher), dryrun.depth_axes(job.student)
+
     def pair(depths):
-        t, st = dryrun.at_depth(job.teacher, depths[0]), dryrun.at_depth(job.student, depths[1])
+        t = dryrun.at_axes(job.teacher, t_axes, depths[: len(t_axes)])
+        st = dryrun.at_axes(job.student, s_axes, depths[len(t_axes) :])
         with dryrun.fake_world(s["gpus"]):
             return dryrun.measure_train(t, st, dcfg, job.seq_len)
 
-    return dryrun.extrapolate(pair, (job.teacher.num_hidden_layers, job.student.num_hidden_layers))
+    return dryrun.extrapolate(pair, tuple(n for _, n in t_axes + s_axes))
 
 
 def _as_recommended(plan: StagePlan) -> StagePlan:

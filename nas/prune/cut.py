@@ -23,6 +23,7 @@ from nas.model.arch import Arch, check_prunable, count_params
 from nas.model.card import CARD_FILE
 from nas.model.families import Family, gate_up_index
 from nas.model.multimodal import multimodal_note, with_vision, wrapper_type
+from nas.prune import nemotron
 from nas.prune.importance import Importance
 from nas.settings import DEPTH_STRATEGIES, VISION
 
@@ -42,6 +43,12 @@ class Cut:
     mlp: list  # per kept layer: kept MLP channels (MoE: per kept expert, that expert's kept channels)
     depth_strategy: str
     experts: list[list[int]] = field(default_factory=list)  # per kept layer: kept experts (MoE only)
+    # hybrid stacks, per kept layer ([] where the layer has no such block): Gated DeltaNet key heads and
+    # value heads (grouped by kept key head); Mamba2 heads (grouped by group) and head_dim channels
+    linear_keys: list[list[int]] = field(default_factory=list)
+    linear_values: list[list[int]] = field(default_factory=list)
+    mamba_heads: list[list[int]] = field(default_factory=list)
+    mamba_dims: list[list[int]] = field(default_factory=list)
 
 
 def top_k(scores: torch.Tensor, k: int) -> list[int]:
@@ -52,50 +59,90 @@ def top_k(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(order.tolist())
 
 
-def keep_layers(
-    importance: Importance, num_layers: int, depth_strategy: str, keep_last: bool = False
-) -> list[int]:
-    """The teacher layers to keep: all but the least important, or all but the best contiguous block;
-    `keep_last`: never the last layer (a family whose last layer must stay what it is)."""
-    total = importance.layer_loss.numel()
+def keep_layers(importance: Importance, teacher: Arch, arch: Arch, depth_strategy: str) -> list[int]:
+    """The teacher layers to keep: all but the least important, or all but the best contiguous block. A hybrid
+    stack keeps `arch`'s count of each layer type, comparing layers only within their type (drop-lowest: the
+    held-out loss with the layer removed; contiguous: the run of consecutive layers of that type, in the type's
+    order, with the lowest summed Block Importance)."""
     if depth_strategy not in DEPTH_STRATEGIES:
         raise ConfigError(f"depth strategy {depth_strategy!r} is not one of {', '.join(DEPTH_STRATEGIES)}")
-    drop = total - num_layers
+    total = importance.layer_loss.numel()
+    if not teacher.layer_types:
+        if teacher.family.keep_last_layer and arch.num_layers < total:  # the last layer stays what it is (Gemma 4)
+            return [*_keep_of(list(range(total - 1)), arch.num_layers - 1, importance, depth_strategy, True), total - 1]
+        return _keep_of(list(range(total)), arch.num_layers, importance, depth_strategy, block=True)
+    kept: list[int] = []
+    for t in dict.fromkeys(teacher.layer_types):
+        of_type = [i for i, lt in enumerate(teacher.layer_types) if lt == t]
+        kept += _keep_of(of_type, arch.layer_count(t), importance, depth_strategy, block=False)
+    return sorted(kept)
+
+
+def _keep_of(layers: list[int], keep: int, importance: Importance, depth_strategy: str, block: bool) -> list[int]:
+    """`keep` of the teacher `layers` (block: the layers are the whole stack, so a block's BI is measured)."""
+    drop = len(layers) - keep
     if drop == 0:
-        return list(range(total))
+        return layers
     if depth_strategy == "drop-lowest":
-        if keep_last:
-            return [*top_k(importance.layer_loss[:-1], num_layers - 1), total - 1]
-        return top_k(importance.layer_loss, num_layers)
-    # contiguous: the block whose removal changes the residual stream least (lowest block BI)
-    starts = range(0, total - drop + 1 - keep_last)
-    best = min(starts, key=lambda s: (float(importance.block_bi[s, s + drop]), s))
-    return [i for i in range(total) if not best <= i < best + drop]
+        return [layers[j] for j in top_k(importance.layer_loss[layers], keep)]
+    # contiguous: the run whose removal changes the residual stream least (lowest block BI)
+    bi = importance.layer_bi[layers]
+
+    def cost(s: int) -> float:
+        return float(importance.block_bi[layers[s], layers[s] + drop]) if block else float(bi[s : s + drop].sum())
+
+    best = min(range(0, len(layers) - drop + 1), key=lambda s: (cost(s), s))
+    return [layer for j, layer in enumerate(layers) if not best <= j < best + drop]
+
+
+def _grouped(scores: torch.Tensor, groups: list[int], per_group: int, keep: int) -> list[int]:
+    """The top `keep` units within each kept group of `per_group` consecutive units (teacher indices)."""
+    kept = []
+    for g in groups:
+        kept += [g * per_group + u for u in top_k(scores[g * per_group : (g + 1) * per_group], keep)]
+    return kept
 
 
 def plan_cut(teacher: Arch, arch: Arch, importance: Importance, depth_strategy: str = "drop-lowest") -> Cut:
     """Decide every kept unit of `arch` from the teacher's importance (pure: no weights touched)."""
     check_prunable(teacher, arch)
     importance.check_matches(teacher)
-    layers = keep_layers(importance, arch.num_layers, depth_strategy, arch.family.keep_last_layer)
-    per_group = teacher.heads_per_group
-    heads, groups, mlp, experts = [], [], [], []
-    for layer in layers:
-        kept_groups = top_k(importance.groups[layer], arch.num_query_groups)
-        kept_heads = []
-        for g in kept_groups:
-            in_group = importance.heads[layer, g * per_group : (g + 1) * per_group]
-            kept_heads += [g * per_group + h for h in top_k(in_group, arch.heads_per_group)]
-        heads.append(kept_heads)
-        groups.append(kept_groups)
-        if arch.num_experts:
-            kept_experts = top_k(importance.experts[layer], arch.num_experts)
-            experts.append(kept_experts)
-            mlp.append([top_k(importance.mlp[layer, e], arch.ffn_hidden_size) for e in kept_experts])
-        else:
-            mlp.append(top_k(importance.mlp[layer], arch.ffn_hidden_size))
-    hidden = top_k(importance.hidden, arch.hidden_size)
-    return Cut(layers, hidden, heads, groups, mlp, depth_strategy, experts)
+    layers = keep_layers(importance, teacher, arch, depth_strategy)
+    units = [teacher.family.blocks.units(teacher.layer_types[i]) for i in layers] if teacher.layer_types else None
+    cut = Cut(layers, top_k(importance.hidden, arch.hidden_size), [], [], [], depth_strategy)
+    for n, layer in enumerate(layers):
+        blocks = units[n] if units else teacher.blocks
+        _plan_layer(cut, blocks, layer, teacher, arch, importance)
+    return cut
+
+
+def _plan_layer(cut: Cut, blocks, layer: int, teacher: Arch, arch: Arch, importance: Importance) -> None:
+    """Append one kept layer's units to the per-layer lists of `cut` ([] for a block the layer lacks; the lists
+    of unit kinds the teacher has none of stay empty)."""
+    groups = top_k(importance.groups[layer], arch.num_query_groups) if "attention" in blocks else []
+    cut.groups.append(groups)
+    cut.heads.append(_grouped(importance.heads[layer], groups, teacher.heads_per_group, arch.heads_per_group))
+    if "linear_attention" in teacher.blocks:
+        keys = top_k(importance.linear_key_heads[layer], arch.num_linear_key_heads) if "linear_attention" in blocks else []
+        cut.linear_keys.append(keys)
+        per_key, keep = teacher.linear_values_per_key, arch.linear_values_per_key
+        cut.linear_values.append(_grouped(importance.linear_heads[layer], keys, per_key, keep))
+    if "mamba" in teacher.blocks:  # heads evenly inside each of the groups, in group order (Minitron-SSM)
+        mamba = "mamba" in blocks
+        groups = list(range(teacher.mamba_groups)) if mamba else []
+        per, keep = teacher.num_mamba_heads // teacher.mamba_groups, arch.num_mamba_heads // teacher.mamba_groups
+        cut.mamba_heads.append(_grouped(importance.mamba_heads[layer], groups, per, keep))
+        cut.mamba_dims.append(top_k(importance.mamba_head_dims[layer], arch.mamba_head_dim) if mamba else [])
+    if "moe" in blocks:
+        experts = top_k(importance.experts[layer], arch.num_experts)
+        cut.experts.append(experts)
+        cut.mlp.append([top_k(importance.mlp[layer, e], arch.ffn_hidden_size) for e in experts])
+    else:
+        if "moe" in teacher.blocks:
+            cut.experts.append([])
+        scores = importance.mlp[layer]
+        scores = scores[0] if scores.dim() > 1 else scores  # beside MoE layers: every expert row the same
+        cut.mlp.append(top_k(scores, arch.ffn_hidden_size) if "mlp" in blocks else [])
 
 
 def _unit_rows(units: list[int], size: int) -> torch.Tensor:
@@ -127,13 +174,15 @@ def _fused_rows(parts: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
 
 
 def _layer_rules(teacher: Arch, arch: Arch, cut: Cut, new: int) -> dict[str, tuple]:
-    """(rows, cols) kept of each 2-D module of kept layer `new`; "hid" stands for the kept hidden channels."""
+    """(rows, cols) kept of each module (or of each parameter held directly by a block, e.g. `A_log`) of kept
+    layer `new`; "hid" stands for the kept hidden channels, None for all."""
     q = _unit_rows(cut.heads[new], arch.head_dim)
     kv = _unit_rows(cut.groups[new], arch.head_dim)
     big_q = teacher.num_attention_heads * teacher.head_dim
     big_kv = teacher.num_query_groups * teacher.head_dim
+    gated = _unit_rows(cut.heads[new], 2 * arch.head_dim)  # q_proj with an output gate: [query, gate] a head
     rules = {
-        "q_proj": (q, "hid"),
+        "q_proj": (gated if arch.attn_output_gate else q, "hid"),
         "k_proj": (kv, "hid"),
         "v_proj": (kv, "hid"),
         "qkv_proj": (_fused_rows([(q, big_q), (kv, big_kv), (kv, big_kv)]), "hid"),
@@ -150,7 +199,30 @@ def _layer_rules(teacher: Arch, arch: Arch, cut: Cut, new: int) -> dict[str, tup
         f = teacher.ffn_hidden_size
         rules.update(gate_proj=(ffn, "hid"), up_proj=(ffn, "hid"), down_proj=("hid", ffn))
         rules["gate_up_proj"] = (_fused_rows([(ffn, f), (ffn, f)]), "hid")
+    if cut.linear_keys and cut.linear_keys[new]:
+        rules |= _linear_attention_rules(teacher, cut, new)
     return rules
+
+
+def _linear_attention_rules(teacher: Arch, cut: Cut, new: int) -> dict[str, tuple]:
+    """Gated DeltaNet: the kept key heads' q and k rows and the kept value heads' v rows of `in_proj_qkv` (and of
+    the depthwise `conv1d` over them), the kept value heads of `in_proj_z`, `in_proj_b`, `in_proj_a`, `dt_bias`,
+    `A_log` and of the `out_proj` input; the gated norm over one value head is kept whole."""
+    dk, dv = teacher.linear_key_head_dim, teacher.linear_value_head_dim
+    keys, values = _unit_rows(cut.linear_keys[new], dk), _unit_rows(cut.linear_values[new], dv)
+    key_dim = teacher.num_linear_key_heads * dk
+    qkv = _fused_rows([(keys, key_dim), (keys, key_dim), (values, teacher.num_linear_value_heads * dv)])
+    heads = _long(cut.linear_values[new])
+    return {
+        "in_proj_qkv": (qkv, "hid"),
+        "conv1d": (qkv, None),
+        "in_proj_z": (values, "hid"),
+        "in_proj_b": (heads, "hid"),
+        "in_proj_a": (heads, "hid"),
+        "dt_bias": (heads, None),
+        "A_log": (heads, None),
+        "out_proj": ("hid", values),
+    }
 
 
 def _cut_experts(tensor: torch.Tensor, kind: str, teacher: Arch, cut: Cut, new: int, hid: torch.Tensor):
@@ -176,9 +248,11 @@ def _cut_tensor(
     if "." not in local:  # a tensor of the block itself (Gemma 4's `layer_scalar`)
         return tensor.clone()
     module, kind = local.rsplit(".", 1)[0].split(".")[-1], local.rsplit(".", 1)[1]
-    if module in fam.norms:
+    if module in fam.norms and local.count(".") == 1:  # the layer's own hidden-size norms
         return _select(tensor, rows=hid)
-    if module not in rules:  # per-head q_norm / k_norm: head_dim is kept
+    if module not in rules and kind in rules:  # a parameter held by the block itself (A_log, dt_bias)
+        module, kind = kind, "weight"
+    if module not in rules:  # per-head q_norm / k_norm, a gated norm over one head: head_dim is kept
         return tensor.clone()
     rows, cols = (hid if r == "hid" else r for r in rules[module])
     return _select(tensor, rows=rows, cols=cols if kind == "weight" else None)
@@ -192,6 +266,8 @@ def _embedding_scale(teacher: Arch, arch: Arch) -> float:
 
 def cut_state_dict(teacher: nn.Module, arch: Arch, cut: Cut) -> dict[str, torch.Tensor]:
     """The candidate's weights: the teacher's tensors with only the kept rows and columns."""
+    if arch.model_type == "nemotron_h":  # one mixer a layer, names of its own (`nas.prune.nemotron`)
+        return nemotron.cut_state_dict(teacher, cut.layers, nemotron_keeps(teacher.config, cut), cut.hidden)
     sd = teacher.state_dict()
     teacher_arch, fam = Arch.from_hf_config(teacher.config), arch.family
     hid = _long(cut.hidden)
@@ -221,6 +297,22 @@ def cut_state_dict(teacher: nn.Module, arch: Arch, cut: Cut) -> dict[str, torch.
             else:
                 out[dst + local] = _cut_tensor(tensor, local, rules, fam, hid)
     return out
+
+
+def nemotron_keeps(config: Any, cut: Cut) -> list[nemotron.BlockKeep]:
+    """The units of each kept Nemotron-H layer, from the per-layer lists of `cut` (a shared expert kept whole)."""
+    keeps = []
+    for new, old in enumerate(cut.layers):
+        kind = config.layers_block_type[old]
+        moe = kind == nemotron.MOE
+        keeps.append(nemotron.BlockKeep(
+            kind, heads=cut.heads[new], groups=cut.groups[new], mlp=cut.mlp[new],
+            experts=cut.experts[new] if moe else [],
+            shared=list(range(config.moe_shared_expert_intermediate_size)) if moe else [],
+            mamba_heads=cut.mamba_heads[new] if cut.mamba_heads else [],
+            mamba_channels=cut.mamba_dims[new] if cut.mamba_dims else [],
+        ))  # fmt: skip
+    return keeps
 
 
 def build_model(teacher: nn.Module, arch: Arch, cut: Cut) -> nn.Module:

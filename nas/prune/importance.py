@@ -10,9 +10,14 @@ Each activation score is aggregated as the mean over the sequence, then the L2 n
 - experts (mixture of experts): per token, the router weight times the norm of the expert's output, summed
   over the tokens routed to it and divided by all tokens (`experts`); the routing mass alone is
   `expert_mass`; each expert's FFN channels score the L2 norm over its tokens of router weight * |act(gate) * up|;
+- linear-attention (Gated DeltaNet) value heads: L2 norm of each head's slice of the `out_proj` input
+  (`linear_heads`; a key head scores the sum of its value heads, `linear_key_heads`);
+- Mamba2 heads: L2 norm of each head's slice of the `out_proj` input (`mamba_heads`), and each of the
+  `mamba_head_dim` channels the norm over the heads of that channel (`mamba_head_dims`);
 - layers: Block Importance 1 - cos(x_in, x_out), kept for every contiguous block (`block_bi[i, j]` is
   1 - cos between the input of layer i and the input of layer j), and the held-out LM loss with each
-  layer removed (`layer_loss`).
+  layer removed (`layer_loss`). A hybrid stack compares layers within each type (`nas.prune.cut`).
+Rows of layers without a unit kind (an attention score of a linear-attention layer) stay 0.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -37,13 +43,23 @@ from nas.errors import ModelError
 from nas.evaluate.loss import lm_loss
 from nas.io import atomic_path, require_same
 from nas.model.arch import Arch
-from nas.model.families import decoder_layers, expert_ffn, family_of, final_norm, layer_norms
+from nas.model.families import (
+    block_module,
+    decoder_layers,
+    expert_ffn,
+    family_of,
+    final_norm,
+    layer_norms,
+    layer_units,
+)
 
 log = logging.getLogger(__name__)
 
 BI_TOKENS_PER_BATCH = 512  # token positions sampled per batch for block BI (bounds memory on long sequences)
 TENSORS = ("heads", "mlp", "hidden", "block_bi", "layer_loss")
 MOE_TENSORS = ("experts", "expert_mass")
+HYBRID_TENSORS = ("linear_heads", "mamba_heads", "mamba_head_dims")
+OPTIONAL_TENSORS = (*MOE_TENSORS, *HYBRID_TENSORS)
 
 
 @dataclass
@@ -60,6 +76,9 @@ class Importance:
     teacher_arch: dict = field(default_factory=dict)
     experts: torch.Tensor | None = None  # [num_layers, num_experts] (MoE only)
     expert_mass: torch.Tensor | None = None  # [num_layers, num_experts]: mean router weight per token
+    linear_heads: torch.Tensor | None = None  # [num_layers, num_linear_value_heads] (Gated DeltaNet only)
+    mamba_heads: torch.Tensor | None = None  # [num_layers, num_mamba_heads] (Mamba2 only)
+    mamba_head_dims: torch.Tensor | None = None  # [num_layers, mamba_head_dim] (Mamba2 only)
     identity: dict = field(
         default_factory=dict
     )  # the settings that decided the scores (`importance_identity`)
@@ -71,6 +90,12 @@ class Importance:
         return self.heads.reshape(self.heads.shape[0], num_groups, -1).sum(-1)
 
     @property
+    def linear_key_heads(self) -> torch.Tensor:
+        """[num_layers, num_linear_key_heads]: the sum of the scores of the value heads each key head serves."""
+        keys = self.teacher_arch["num_linear_key_heads"]
+        return self.linear_heads.reshape(self.linear_heads.shape[0], keys, -1).sum(-1)
+
+    @property
     def layer_bi(self) -> torch.Tensor:
         """[num_layers]: 1 - cos(input, output) of each layer."""
         return torch.diagonal(self.block_bi, offset=1).clone()
@@ -79,7 +104,7 @@ class Importance:
         """Write one safetensors file (scores as tensors, the rest as metadata), atomically."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        names = [n for n in (*TENSORS, *MOE_TENSORS) if getattr(self, n) is not None]
+        names = [n for n in (*TENSORS, *OPTIONAL_TENSORS) if getattr(self, n) is not None]
         tensors = {name: getattr(self, name).float().contiguous() for name in names}
         meta = {
             "base_loss": json.dumps(self.base_loss),
@@ -102,7 +127,7 @@ class Importance:
                 meta = f.metadata() or {}
             return cls(
                 **{name: tensors[name] for name in TENSORS},
-                **{name: tensors.get(name) for name in MOE_TENSORS},
+                **{name: tensors.get(name) for name in OPTIONAL_TENSORS},
                 base_loss=json.loads(meta["base_loss"]),
                 num_samples=int(meta["num_samples"]),
                 teacher_arch=json.loads(meta["teacher_arch"]),
@@ -180,6 +205,9 @@ class _Accumulator:
         self.experts = torch.zeros(n_layers, arch.num_experts, device=dev, dtype=torch.float64)
         self.expert_mass = torch.zeros_like(self.experts)
         self.tokens = torch.zeros(n_layers, device=dev, dtype=torch.float64)
+        self.linear_heads = torch.zeros(n_layers, arch.num_linear_value_heads, device=dev, dtype=torch.float64)
+        self.mamba_heads = torch.zeros(n_layers, arch.num_mamba_heads, device=dev, dtype=torch.float64)
+        self.mamba_head_dims = torch.zeros(n_layers, arch.mamba_head_dim, device=dev, dtype=torch.float64)
         self.norms: dict[str, torch.Tensor] = {}
         self.bi_sum = torch.zeros(n_layers + 1, n_layers + 1, device=dev, dtype=torch.float64)
         self.bi_count = 0
@@ -189,14 +217,24 @@ class _Accumulator:
         per_head = x.float().unflatten(-1, (self.arch.num_attention_heads, self.arch.head_dim))
         self.heads[layer] += per_head.norm(dim=-1).mean(dim=1).pow(2).sum(0).double()
 
+    def add_linear_heads(self, layer: int, x: torch.Tensor) -> None:
+        per_head = x.float().unflatten(-1, (self.arch.num_linear_value_heads, self.arch.linear_value_head_dim))
+        self.linear_heads[layer] += per_head.norm(dim=-1).mean(dim=1).pow(2).sum(0).double()
+
+    def add_mamba_heads(self, layer: int, x: torch.Tensor) -> None:
+        per_head = x.float().unflatten(-1, (self.arch.num_mamba_heads, self.arch.mamba_head_dim))
+        self.mamba_heads[layer] += per_head.norm(dim=-1).mean(dim=1).pow(2).sum(0).double()
+        self.mamba_head_dims[layer] += per_head.norm(dim=-2).mean(dim=1).pow(2).sum(0).double()
+
     def add_mlp(self, layer: int, x: torch.Tensor) -> None:
+        # in a stack with MoE layers too (Nemotron-H) an MLP layer's row is [num_experts, ffn]: every row the same
         self.mlp[layer] += x.float().abs().mean(dim=1).pow(2).sum(0).double()
 
     def add_experts(
         self, layer: int, module: nn.Module, x: torch.Tensor, index: torch.Tensor, weights
     ) -> None:
         """One MoE block's routing ([tokens, top_k] expert indices and weights) and its experts' outputs,
-        recomputed per expert from the fused parameters (gate rows, then up rows)."""
+        recomputed per expert from the fused parameters (gate rows, then up rows; or a gateless `up_proj`)."""
         if is_fake(index):  # the memory plan's dry run: which tokens go where is data (no shapes to trace); the
             return  # recompute, one expert's tokens at a time, stays below what the experts' own forward holds
         x = x.float()
@@ -206,7 +244,11 @@ class _Accumulator:
                 continue
             token, slot = torch.where(index == e)
             w = weights[token, slot].float()
-            h, y = expert_ffn(module, self.arch.family.experts, e, x[token])
+            if hasattr(module, "gate_up_proj"):
+                h, y = expert_ffn(module, self.arch.family.experts, e, x[token])
+            else:  # experts without a gate (Nemotron-H): act(up)
+                h = module.act_fn(F.linear(x[token], module.up_proj[e].float()))
+                y = F.linear(h, module.down_proj[e].float())
             self.expert_mass[layer, e] += w.sum().double()
             self.experts[layer, e] += (w * y.norm(dim=-1)).sum().double()
             self.mlp[layer, e] += (w[:, None] * h.abs()).pow(2).sum(0).double()
@@ -234,6 +276,12 @@ class _Accumulator:
             "hidden": hidden.float().cpu(),
             "block_bi": (1 - self.bi_sum / max(self.bi_count, 1)).float().cpu(),
         }
+        blocks = self.arch.blocks
+        if "linear_attention" in blocks:
+            scores["linear_heads"] = self.linear_heads.sqrt().float().cpu()
+        if "mamba" in blocks:
+            scores["mamba_heads"] = self.mamba_heads.sqrt().float().cpu()
+            scores["mamba_head_dims"] = self.mamba_head_dims.sqrt().float().cpu()
         if self.arch.num_experts:
             tokens = self.tokens.clamp(min=1)[:, None]
             scores["experts"] = (self.experts / tokens).float().cpu()
@@ -245,10 +293,10 @@ def _hidden_states_arg(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def _mlp_hook(layer: nn.Module, acc: _Accumulator, i: int):
+def _mlp_hook(mlp: nn.Module, acc: _Accumulator, i: int):
     """MLP channels: the input of `down_proj`; MoE: the experts' routing and outputs."""
-    if acc.arch.num_experts:
-        experts = layer.mlp.experts
+    if hasattr(mlp, "experts"):
+        experts = mlp.experts
 
         def on_experts(m, args, kwargs):
             # (tokens, expert indices, routing weights), by position or by name (gpt-oss names them apart)
@@ -257,7 +305,29 @@ def _mlp_hook(layer: nn.Module, acc: _Accumulator, i: int):
             acc.add_experts(i, m, *args, *rest)
 
         return experts.register_forward_pre_hook(on_experts, with_kwargs=True)
-    return layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: acc.add_mlp(i, a[0]))
+    return mlp.down_proj.register_forward_pre_hook(lambda m, a: acc.add_mlp(i, a[0]))
+
+
+def _out_proj_hook(module: nn.Module, add) -> Any:
+    """A per-head score from the input of the block's output projection (`o_proj` or `out_proj`)."""
+    proj = module.o_proj if hasattr(module, "o_proj") else module.out_proj
+    return proj.register_forward_pre_hook(lambda m, a: add(a[0]))
+
+
+def _block_hooks(layer: nn.Module, units: tuple[str, ...], family, acc: _Accumulator, i: int) -> list:
+    adds = {
+        "attention": acc.add_heads,
+        "linear_attention": acc.add_linear_heads,
+        "mamba": acc.add_mamba_heads,
+    }
+    handles = []
+    for block in units:
+        module = block_module(layer, family, block)
+        if block in adds:
+            handles.append(_out_proj_hook(module, lambda x, add=adds[block]: add(i, x)))
+        else:  # mlp, moe
+            handles.append(_mlp_hook(module, acc, i))
+    return handles
 
 
 @contextmanager
@@ -265,11 +335,8 @@ def _hooks(model: nn.Module, acc: _Accumulator) -> Iterator[None]:
     handles = []
     layers = decoder_layers(model)
     family = family_of(model.config)
-    for i, layer in enumerate(layers):
-        handles.append(
-            layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, i=i: acc.add_heads(i, a[0]))
-        )
-        handles.append(_mlp_hook(layer, acc, i))
+    for i, (layer, units) in enumerate(zip(layers, layer_units(model.config), strict=True)):
+        handles += _block_hooks(layer, units, family, acc, i)
         for j, norm in enumerate(layer_norms(layer, family)):
             handles.append(norm.register_forward_hook(lambda m, a, y, key=f"{i}.{j}": acc.add_norm(key, y)))
         handles.append(

@@ -4,6 +4,7 @@ constraints (memory of weights + KV cache) a candidate must also meet."""
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from collections.abc import Iterator
@@ -18,13 +19,18 @@ from nas.model.arch import (
     count_params,
     kv_cache_bytes,
     parse_count,
+    recurrent_state_bytes,
 )
+from nas.model.blocks import LAYER_KNOBS
 from nas.settings import DTYPE_BYTES, SIZE_KNOBS, ConstraintsConfig, SpaceConfig
 
 
 def default_steps(teacher: Arch) -> dict[str, int]:
     """Hardware-friendly steps: 64 (hidden) / 256 (ffn) on real models, finer on tiny ones (never below the
-    alignment that expert kernels need, for a mixture of experts)."""
+    alignment that expert kernels need, for a mixture of experts). Hybrids: layers of each type in steps of 2
+    when there are 24 or more of them (as `num_layers`), whole Gated DeltaNet key heads, Mamba2 heads one per
+    group at a time (kept evenly in each group), Mamba head_dim in 16s on real models (bf16 tensor-core tiles
+    are 16 elements wide)."""
     floor = MOE_ALIGN if teacher.num_experts else 1
 
     def step(size: int, real: int) -> int:
@@ -36,37 +42,57 @@ def default_steps(teacher: Arch) -> dict[str, int]:
         "ffn_hidden_size": step(teacher.ffn_hidden_size, 256),
         "num_query_groups": 1,
     }
+    for layer_type, knob in LAYER_KNOBS.items():
+        steps[knob] = 2 if teacher.layer_count(layer_type) >= 24 else 1
+    steps |= {"num_linear_key_heads": 1, "num_mamba_heads": max(teacher.mamba_groups, 1)}
+    steps["mamba_head_dim"] = 16 if teacher.mamba_head_dim >= 64 else max(1, teacher.mamba_head_dim // 4)
     return steps | ({"num_experts": 1} if teacher.num_experts else {})
 
 
+# (knob, the knob it is a multiple of, the ratio): searched as the ratio times the other knob, never above
+# the teacher's ratio (query heads within KV groups, Gated DeltaNet value heads within key heads)
+RATIO_KNOBS = (
+    ("num_attention_heads", "num_query_groups", "heads_per_group"),
+    ("num_linear_value_heads", "num_linear_key_heads", "linear_values_per_key"),
+)
+
+
 def knob_values(teacher: Arch, config: SpaceConfig) -> dict[str, list[int]]:
-    """The allowed values of each size knob: multiples of its step, down to the max pruning ratio."""
+    """The allowed values of each size knob: multiples of its step, down to the max pruning ratio (a layer
+    count of a hybrid never below 1)."""
     steps = {**default_steps(teacher), **config.steps}
+    depth = {"num_layers", *LAYER_KNOBS.values()}
     values = {}
     for knob in (k for k in SIZE_KNOBS if k in teacher.knobs):
         top = getattr(teacher, knob)
-        ratio = config.max_depth_prune if knob == "num_layers" else config.max_width_prune
-        low = math.ceil(top * (1 - ratio))
+        ratio = config.max_depth_prune if knob in depth else config.max_width_prune
+        low = max(1, math.ceil(top * (1 - ratio)))
         options = [v for v in range(steps[knob], top + 1, steps[knob]) if v >= low]
         values[knob] = sorted(set(options) | {top}, reverse=True)
     return values
+
+
+def _ratio_choices(teacher: Arch, sizes: dict[str, int], max_width_prune: float) -> Iterator[dict[str, int]]:
+    """Every choice of the knobs that are multiples of others (`RATIO_KNOBS`) for the given `sizes`."""
+    options = []
+    for knob, base, ratio in (r for r in RATIO_KNOBS if r[0] in teacher.knobs):
+        low = math.ceil(getattr(teacher, knob) * (1 - max_width_prune))
+        per = [p for p in range(getattr(teacher, ratio), 0, -1) if sizes[base] * p >= low]
+        options.append([(knob, sizes[base] * p) for p in per])
+    for combo in itertools.product(*options):
+        yield dict(combo)
 
 
 def all_valid(teacher: Arch, config: SpaceConfig) -> Iterator[Arch]:
     """Every valid arch of the space (by `Arch`'s own validity rules, which are family-aware), ignoring
     the budget."""
     values = knob_values(teacher, config)
-    min_heads = math.ceil(teacher.num_attention_heads * (1 - config.max_width_prune))
     for combo in itertools.product(*values.values()):
         sizes = dict(zip(values, combo, strict=True))
-        for per_group in range(teacher.heads_per_group, 0, -1):
-            if sizes["num_query_groups"] * per_group < min_heads:
-                break
+        for derived in _ratio_choices(teacher, sizes, config.max_width_prune):
             try:
-                yield teacher.replace(**sizes, num_attention_heads=sizes["num_query_groups"] * per_group)
-            except (
-                InfeasibleError
-            ):  # e.g. hidden_size not divisible by the heads: transformers cannot load it
+                yield teacher.replace(**sizes, **derived)
+            except InfeasibleError:  # e.g. hidden_size not divisible by the heads: transformers cannot load it
                 continue
 
 
@@ -94,17 +120,40 @@ def enumerate_candidates(
     config = config or SpaceConfig()
     high = parse_budget(budget, teacher, config.budget_kind)
     low = high * (1 - config.tolerance)
-    every = list(all_valid(teacher, config))
 
     def size(a: Arch) -> int:
         return count_budget_params(a, config.budget_kind)
 
-    inside = [a for a in every if low <= size(a) <= high]
+    inside = list(_in_window(teacher, config, low, high))
     if not inside:
-        raise InfeasibleError(_empty_space_message([size(a) for a in every], low, high))
+        raise InfeasibleError(_empty_space_message([size(a) for a in all_valid(teacher, config)], low, high))
     return sorted(
         inside, key=lambda a: (-size(a), -count_params(a), *(-getattr(a, k) for k in teacher.knobs))
     )
+
+
+def _in_window(teacher: Arch, config: SpaceConfig, low: float, high: int) -> Iterator[Arch]:
+    """The archs of `all_valid` with low <= params <= high, without building the others: the count grows with
+    hidden_size, so for each choice of the other knobs a bisection over the hidden sizes (on unchecked shapes,
+    `Arch.sized`) finds the window, and only the sizes inside it are built and validated. (A 9B hybrid's space
+    has ~2M shapes; building each took minutes.)"""
+    values = knob_values(teacher, config)
+    hidden = sorted(values.pop("hidden_size"))
+
+    def size(fixed: dict[str, int], h: int) -> int:
+        return count_budget_params(teacher.sized(**fixed, hidden_size=h), config.budget_kind)
+
+    for combo in itertools.product(*values.values()):
+        sizes = dict(zip(values, combo, strict=True))
+        for derived in _ratio_choices(teacher, sizes, config.max_width_prune):
+            fixed = sizes | derived
+            start = bisect.bisect_left(hidden, low, key=lambda h, f=fixed: size(f, h))
+            stop = bisect.bisect_right(hidden, high, key=lambda h, f=fixed: size(f, h))
+            for h in reversed(hidden[start:stop]):
+                try:
+                    yield teacher.replace(**fixed, hidden_size=h)
+                except InfeasibleError:  # e.g. hidden_size not divisible by the heads
+                    continue
 
 
 def _empty_space_message(counts: list[int], low: float, high: int) -> str:
@@ -134,6 +183,8 @@ def candidates_frame(
         if arch.num_experts:
             row["active_params"] = count_params(arch, active=True)
         row["kv_cache_bytes_per_token"] = kv_cache_bytes(arch)
+        if arch.layer_types:
+            row["state_bytes_per_sequence"] = recurrent_state_bytes(arch)  # bf16, whatever the length
         row["memory_bytes"] = memory_bytes(arch, constraints)
         row.update({k: getattr(arch, k) for k in arch.knobs})
         if arch.num_experts:
@@ -189,11 +240,13 @@ def parse_bytes(text: str | int | float, teacher_bytes: int | None = None) -> in
 
 
 def memory_bytes(arch: Arch, constraints: ConstraintsConfig | None = None) -> int:
-    """Serving memory of `arch`: its weights plus the KV cache of `batch` x `seq_len` tokens, in `dtype`."""
+    """Serving memory of `arch`: its weights plus the KV cache of `batch` x `seq_len` tokens, plus (hybrid stacks)
+    the recurrent state of `batch` sequences, constant in `seq_len`, all in `dtype`."""
     c = constraints or ConstraintsConfig()
     itemsize = DTYPE_BYTES[c.dtype]
     kv_per_token = kv_cache_bytes(arch) // 2  # kv_cache_bytes counts 2-byte elements
-    return count_params(arch) * itemsize + kv_per_token * itemsize * c.seq_len * c.batch
+    state = recurrent_state_bytes(arch) // 2  # so does recurrent_state_bytes
+    return count_params(arch) * itemsize + (kv_per_token * c.seq_len + state) * itemsize * c.batch
 
 
 def memory_violation(arch: Arch, constraints: ConstraintsConfig, teacher: Arch) -> float:

@@ -18,7 +18,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial
 
 from nas.errors import NasError
-from nas.model.arch import KNOBS, MOE_KNOBS
+from nas.model.arch import KNOBS, Arch
 from nas.search.study import StudyRecord, TrialRecord, kendall_tau, load_existing_study, ranking_stability
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,8 @@ def trial_row(t: FrozenTrial, tokens_per_step: int | None) -> dict[str, Any]:
     # a pruned trial's value is its last reported loss; a running one's is its latest so far
     row["value"] = t.value if t.value is not None else (t.intermediate_values[steps[-1]] if steps else None)
     arch = TrialRecord.read(t).arch or {}
-    for knob in MOE_KNOBS if arch.get("num_experts") else KNOBS:  # experts: a knob of MoE students
+    knobs = Arch.from_dict(arch).knobs if arch else KNOBS  # experts, per-type layer counts: knobs of some students
+    for knob in knobs:
         row[knob] = t.params.get(knob, arch.get(knob))
     if t.datetime_start and t.datetime_complete:
         row["duration_s"] = (t.datetime_complete - t.datetime_start).total_seconds()

@@ -19,7 +19,7 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from nas.errors import ConfigError
-from nas.model.arch import KNOBS, MOE_KNOBS, Arch
+from nas.model.arch import Arch
 
 RECORD_VERSION = 2  # 2: keyed by budget only, no search.max_exhaustive; 1: before versions were recorded
 V1_ONLY = ("budget", "stability_by_budget", "winner")  # version 1's duplicates, dropped by `upgrade`
@@ -58,7 +58,7 @@ class StudyRecord(_Record):
     seed: int | None = None
     horizon_steps: int | None = None
     tokens_per_step: int | None = None
-    candidates: list[list[int]] | None = None  # arch keys (KNOBS order) in priority order
+    candidates: list[list[int]] | None = None  # arch keys (`Arch.knobs` order) in priority order
     sampler: str | None = None  # the search strategy in words (`nas.search.strategy`)
     strategy: dict[str, Any] | None = None  # what the strategy records (`Strategy.record`)
     pruner: str | None = None
@@ -166,5 +166,6 @@ class TrialRecord(_Record):
 
 
 def arch_key(arch: Arch | dict) -> tuple[int, ...]:
-    values = arch.to_dict() if isinstance(arch, Arch) else arch
-    return tuple(int(values[k]) for k in (MOE_KNOBS if values.get("num_experts") else KNOBS))
+    """The candidate's knob values (`Arch.knobs` order): its identity in a study."""
+    arch = arch if isinstance(arch, Arch) else Arch.from_dict(arch)
+    return tuple(int(getattr(arch, k)) for k in arch.knobs)

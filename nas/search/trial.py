@@ -42,6 +42,7 @@ from nas.errors import InfeasibleError
 from nas.model.arch import Arch, count_budget_params, count_params, kv_cache_bytes
 from nas.prune.cut import prune
 from nas.prune.importance import Importance
+from nas.prune.space import RATIO_KNOBS
 from nas.search.funnel import measure_throughput
 from nas.search.strategy import Strategy
 from nas.search.study import TrialRecord, arch_key, done_trials, make_storage
@@ -113,14 +114,12 @@ def suggest_arch(trial: optuna.Trial, ctx: SearchContext) -> Arch:
     if ctx.queued:
         knobs = {k: trial.suggest_int(k, 1, getattr(teacher, k)) for k in teacher.knobs}
     else:
-        values = {
-            k: sorted({getattr(a, k) for a in ctx.candidates})
-            for k in teacher.knobs
-            if k != "num_attention_heads"
-        }
+        ratios = [r for r in RATIO_KNOBS if r[0] in teacher.knobs]  # heads per group, values per key head
+        derived = {knob for knob, _, _ in ratios}
+        values = {k: sorted({getattr(a, k) for a in ctx.candidates}) for k in teacher.knobs if k not in derived}
         knobs = {k: trial.suggest_categorical(k, v) for k, v in values.items()}
-        per_group = trial.suggest_int("heads_per_group", 1, teacher.heads_per_group)
-        knobs["num_attention_heads"] = knobs["num_query_groups"] * per_group
+        for knob, base, ratio in ratios:
+            knobs[knob] = knobs[base] * trial.suggest_int(ratio, 1, getattr(teacher, ratio))
     return teacher.replace(**knobs)
 
 

@@ -28,7 +28,8 @@ class SpaceConfig(Settings):
     steps: dict[Literal[SIZE_KNOBS], Annotated[int, Field(ge=1)]] = _described(  # type: ignore[valid-type]
         {},
         "per-knob step of the sizes (num_layers, hidden_size, ffn_hidden_size, num_query_groups, "
-        "num_experts); missing knobs get hardware-friendly defaults",
+        "num_experts; hybrids: num_<type>_layers, num_linear_key_heads, num_mamba_heads, mamba_head_dim); "
+        "missing knobs get hardware-friendly defaults",
     )
     budget_kind: Literal[BUDGET_KINDS] = _described(  # type: ignore[valid-type]
         "total", "what the budget counts: all parameters, or those active per token (mixture of experts)"
