@@ -19,9 +19,7 @@ from pathlib import Path
 import _smoke as smoke  # noqa: E402  (benchmarks/_smoke.py: --smoke)
 import torch
 
-from nas.data.tokens import prepare
-from nas.demo.run import DemoPlan, prepare_tokenizer, run_config
-from nas.demo.teacher import teacher_key, train_teacher, write_corpus
+from nas.demo.run import DemoPlan, train_demo_teacher
 from nas.model.arch import Arch, count_params
 from nas.model.families import load_model, load_teacher_and_student
 from nas.prune.cut import prune, save_pruned
@@ -44,12 +42,7 @@ def setup(out: Path, teacher_steps: int | None, tiny: bool = False):
     plan = smoke.tiny_plan(DemoPlan()) if tiny else DemoPlan()
     if teacher_steps:  # a shorter teacher training on a busy machine (the trial settings stay the demo's)
         plan = dataclasses.replace(plan, teacher=dataclasses.replace(plan.teacher, steps=teacher_steps))
-    corpus = write_corpus(out / "corpus", plan.max_documents)
-    cfg = run_config(out, corpus, plan, "cpu")
-    key = teacher_key(plan.teacher, plan.seq_len, corpus)
-    tokenizer = prepare_tokenizer(out, corpus, plan, cfg.data, key)
-    data = prepare(cfg.data, tokenizer)
-    info = train_teacher(plan.teacher, key, tokenizer, data, out, plan.eval_sequences, "cpu")
+    cfg, data, info = train_demo_teacher(out, plan, "cpu")
     teacher = load_model(info.path)
     imp = cfg.importance
     importance = compute_importance(

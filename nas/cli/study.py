@@ -173,9 +173,15 @@ def check_against_teacher(cfg) -> None:
 
 
 def cmd_search(args) -> int:
+    from nas.errors import ConfigError
     from nas.pipeline import search
 
     cfg = study_config(args)
+    if cfg.chained:  # a later stage is cut from the previous stage's distilled winner
+        raise ConfigError(
+            f"study {cfg.name} is a chain of stages (cascade / iterative_step): each stage's search needs the "
+            "previous stage's distilled winner, so run it with nas run"
+        )
     _, study = search(cfg, restart=args.restart)
     print_trials(study)
     print(f"study {cfg.name} in {cfg.storage_url}")
@@ -191,12 +197,27 @@ def cmd_run(args) -> int:
     guard.batch_splits(
         cfg.final_distill().batch_size, launch.nproc_per_node, "the final distillation's batch_size"
     )
+    if cfg.chained:
+        return run_family_command(cfg, launch, args.restart)
     result = run(cfg, nproc_per_node=launch.nproc_per_node, restart=args.restart)
     print(f"teacher val loss {result.teacher_val_loss:.4f}; winner val loss {result.winner_val_loss:.4f}")
     for budget, path in result.winners.items():
         print(f"winner of {budget}: {path}")
     if wrapper := wrapper_type(cfg.teacher):
         print(f"{cfg.teacher} is a {wrapper} checkpoint: pruned its text model; vision tower {multimodal_note(cfg.vision)}")
+    print(f"report: {result.report}")
+    return 0
+
+
+def run_family_command(cfg, launch, restart: bool) -> int:
+    from nas.cascade import run_family
+
+    result = run_family(cfg, nproc_per_node=launch.nproc_per_node, restart=restart)
+    for stage in result.stages:
+        kind = "member" if stage["named"] else "intermediate"
+        w = stage["winner"]
+        print(f"stage {stage['index']} ({kind} {stage['label']}): {w['params']:,} params, "
+              f"val loss {w['final_val_loss']:.4f}, {stage['search_tokens'] + stage['final_tokens']:,} tokens -> {w['dir']}")  # fmt: skip
     print(f"report: {result.report}")
     return 0
 
@@ -218,6 +239,14 @@ def cmd_worker(args) -> int:
     code = relaunch_under_torchrun(args, launch)
     if code is not None:
         return code
+    from nas.cascade import family_worker
+    from nas.report.family import stored_family
+
+    if stored_family(args.storage, args.study):  # a family: each stage's trials in turn
+        served = family_worker(args.storage, args.study)
+        teardown()
+        print(f"family {args.study}: served {served} stages")
+        return 0
     study = worker(args.storage, args.study, args.max_trials)
     teardown()
     if study is not None:  # rank 0 (or the only process)

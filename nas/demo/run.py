@@ -125,6 +125,17 @@ def prepare_tokenizer(out: Path, corpus: Path, plan: DemoPlan, data_cfg: Any, ke
     return train_tokenizer(texts, plan.teacher.vocab_size)
 
 
+def train_demo_teacher(out: Path, plan: DemoPlan, device: str = "auto") -> tuple[Any, Any, TeacherInfo]:
+    """The demo's study config, token data and trained teacher under `out` (the teacher cached: a second
+    call reuses it), for benchmarks that start where the demo's search does."""
+    corpus = write_corpus(out / "corpus", plan.max_documents)
+    cfg = run_config(out, corpus, plan, device)
+    key = teacher_key(plan.teacher, plan.seq_len, corpus)
+    tokenizer = prepare_tokenizer(out, corpus, plan, cfg.data, key)
+    data = prepare(cfg.data, tokenizer)
+    return cfg, data, train_teacher(plan.teacher, key, tokenizer, data, out, plan.eval_sequences, device)
+
+
 def run_demo(
     out_dir: str | os.PathLike = "studies/demo",
     minutes: float = 10.0,

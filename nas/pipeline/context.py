@@ -14,6 +14,7 @@ import torch
 
 from nas.data.tokens import check_seq_len, check_tokenizer, prepare
 from nas.device import precision_for, resolve_device
+from nas.errors import ConfigError
 from nas.evaluate.loss import lm_loss
 from nas.model.arch import Arch, count_params
 from nas.model.families import load_config, load_model, load_tokenizer
@@ -51,6 +52,7 @@ def prepare_context(
     teacher = load_teacher(cfg, data)
     check_tokenizer(tokenizer, teacher.config)
     importance = study_importance(cfg, teacher, data)
+    kd_teacher = load_kd_teacher(cfg, teacher)
     spaces = enumerate_budgets(Arch.from_hf_config(teacher.config), cfg.budgets, cfg.space)
     if candidate_keys:
         by_key = {arch_key(a): a for space in spaces.values() for a in space}
@@ -62,9 +64,10 @@ def prepare_context(
     cache = None
     if cfg.search.teacher_cache:  # once per study: the first process writes it, the others wait and read
         topk = cfg.search.teacher_cache_topk
-        cache, _ = ensure_teacher_cache(cfg.root, teacher, tokenizer, data, cfg.short_distill(), topk)
+        kd = kd_teacher or teacher
+        cache, _ = ensure_teacher_cache(cfg.root, kd, tokenizer, data, cfg.short_distill(), topk)
     return SearchContext(
-        cfg, strategy, teacher, tokenizer, data, importance, candidates, cache, screen_by_key
+        cfg, strategy, teacher, tokenizer, data, importance, candidates, cache, screen_by_key, kd_teacher
     )
 
 
@@ -80,6 +83,21 @@ def load_teacher(cfg: RunConfig, data: Any):
         log.info("teacher correction: %d steps of LM loss on the distillation data", cfg.correct_steps)
         distill(None, load_model(cfg.teacher, device=device), data, run, corrected)
     return load_model(corrected / "model", dtype=dtype, device=device)
+
+
+def load_kd_teacher(cfg: RunConfig, teacher):
+    """The students' KD teacher when `distill_teacher` names one (on the teacher's device, in its dtype),
+    else None (they are distilled from the teacher they are cut from)."""
+    if not cfg.distill_teacher:
+        return None
+    param = next(teacher.parameters())
+    kd = load_model(cfg.distill_teacher, dtype=param.dtype, device=param.device)
+    if kd.config.vocab_size != teacher.config.vocab_size:
+        raise ConfigError(
+            f"distill_teacher {cfg.distill_teacher} has a vocabulary of {kd.config.vocab_size}, the teacher "
+            f"{teacher.config.vocab_size}; distill from a model with the teacher's tokenizer"
+        )
+    return kd
 
 
 def study_importance(cfg: RunConfig, teacher, data) -> Importance:
@@ -100,7 +118,8 @@ def teacher_off_device(ctx: SearchContext, off: bool) -> None:
     """With a teacher cache the trials need no teacher on the GPU: move it to the CPU for them (`off`),
     and back to the run's device for the final distillation."""
     if ctx.teacher_cache is not None:
-        ctx.teacher.to("cpu" if off else resolve_device(ctx.cfg.device))
+        for model in {id(m): m for m in (ctx.teacher, ctx.distill_from)}.values():
+            model.to("cpu" if off else resolve_device(ctx.cfg.device))
 
 
 def record_study_attrs(study: optuna.Study, ctx: SearchContext) -> None:

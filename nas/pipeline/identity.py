@@ -53,6 +53,7 @@ def study_identity(cfg: RunConfig, teacher_config: Any = None) -> dict[str, Any]
         },
         "depth_strategy": cfg.depth_strategy,
         "correct_steps": cfg.correct_steps,
+        **({"distill_teacher": cfg.distill_teacher} if cfg.distill_teacher else {}),  # older studies: none
         "seed": cfg.seed,
         "distill": {k: v for k, v in cfg.short_distill().to_dict().items() if k not in NOT_IDENTITY},
         "search": {k: getattr(cfg.search, k) for k in SEARCH_IDENTITY},

@@ -4,19 +4,26 @@ follow in the order they run; `worker` joins a search from another process."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
 
 from nas.device import resolve_device
-from nas.errors import ConfigError
+from nas.errors import ConfigError, NasError
 from nas.evaluate.harness import run_tasks
 from nas.io import own_output, save_model_atomic
 from nas.model.arch import Arch, count_params
+from nas.model.card import CardFacts, lineage_of, model_card
 from nas.model.families import load_config, load_model
-from nas.pipeline.context import gpu_memory_of, prepare_context, record_study_attrs, teacher_off_device
+from nas.pipeline.context import (
+    gpu_memory_of,
+    package_versions,
+    prepare_context,
+    record_study_attrs,
+    teacher_off_device,
+)
 from nas.pipeline.identity import check_study
 from nas.plan import STAGES, check_plan
 from nas.prune.cut import plan_cut, prune, save_pruned
@@ -162,22 +169,58 @@ def finalize(
         student, result = _distill_in_processes(ctx, student, checkpoint, nproc_per_node, final)
     else:
         run = cfg.final_distill()  # dense KD unless the teacher cache holds exactly its batches
-        teacher = teacher_source(ctx.teacher, ctx.teacher_cache, run, ctx.data)
+        teacher = teacher_source(ctx.distill_from, ctx.teacher_cache, run, ctx.data)
         result = distill(teacher, student, ctx.data, run, final)
     student.nas_cut = plan_cut(ctx.teacher_arch, arch, ctx.importance, cfg.depth_strategy)
+    tokens = result.tokens + int(trial.tokens or 0)
+    card = winner_card(ctx, study, best.number, arch, student.nas_cut, budget, tokens, result.val_loss)
     winner_dir = save_pruned(
-        student, cfg.paths.winner(budget), ctx.tokenizer, teacher=cfg.teacher, vision=cfg.vision
+        student, cfg.paths.winner(budget), ctx.tokenizer, teacher=cfg.teacher, vision=cfg.vision, card=card
     )
     winner = {
         "budget": budget, "trial": best.number, "arch": arch.to_dict(), "params": count_params(arch),
         "val_loss": best.value, "final_val_loss": result.val_loss, "dir": str(winner_dir.resolve()),
-        "curve": result.curve, "tokens": result.tokens + int(trial.tokens or 0),
+        "curve": result.curve, "tokens": tokens,
     }  # fmt: skip
     StudyRecord(winners={**(StudyRecord.read(study).winners or {}), budget: winner}).write(study)
     log.info(
         "winner %s: val loss %.4f after full distillation -> %s", arch.describe(), result.val_loss, winner_dir
     )
     return winner
+
+
+def winner_card(
+    ctx: SearchContext, study: optuna.Study, trial: int, arch: Arch, cut, budget: str, tokens: int, loss: float
+) -> str:
+    """The model card (`nas.model.card`) of a winner: base_model is the original teacher of its lineage (a
+    cascade's later stages are cut from earlier winners, each of which records its teacher)."""
+    record = StudyRecord.read(study)
+    lineage = lineage_of(ctx.cfg.teacher)
+    facts = CardFacts(
+        teacher=lineage[0],
+        teacher_arch=original_arch(lineage[0], ctx.teacher_arch),
+        arch=arch,
+        study=ctx.cfg.name,
+        budget=budget,
+        tokens=tokens,
+        val_loss=loss,
+        teacher_val_loss=record.teacher_val_loss,
+        evals=dict((record.rerank or {}).get(str(trial), {})),
+        cut=asdict(cut),
+        lineage=lineage,
+        source_arch=ctx.teacher_arch if len(lineage) > 1 else None,  # a later stage: cut from a winner
+        trial=trial,
+        nas_version=package_versions().get("nas", ""),
+    )
+    return model_card(facts)
+
+
+def original_arch(teacher: str, fallback: Arch) -> Arch:
+    """The Arch of the lineage's original teacher (`fallback` when its config cannot be read here)."""
+    try:
+        return Arch.from_hf_config(load_config(teacher))
+    except NasError:
+        return fallback
 
 
 def _distill_in_processes(ctx: SearchContext, student, checkpoint: Path, nproc: int, final: Path):
@@ -187,7 +230,7 @@ def _distill_in_processes(ctx: SearchContext, student, checkpoint: Path, nproc: 
     start = checkpoint
     if not (checkpoint / "config.json").is_file():  # a fresh cut: give the workers a directory
         start = save_model_atomic(student, final.with_name(final.name + "-start"))
-    teacher_dir = cfg.paths.corrected / "model" if cfg.correct_steps else cfg.teacher
+    teacher_dir = cfg.paths.corrected / "model" if cfg.correct_steps else cfg.distill_teacher or cfg.teacher
     device = next(ctx.teacher.parameters()).device
     student.to("cpu")  # replaced by the workers' result
     ctx.teacher.to("cpu")

@@ -20,6 +20,7 @@ from torch import nn
 from nas.errors import ConfigError
 from nas.io import replace_dir, temp_dir
 from nas.model.arch import Arch, check_prunable, count_params
+from nas.model.card import CARD_FILE
 from nas.model.families import Family, gate_up_index
 from nas.model.multimodal import multimodal_note, with_vision, wrapper_type
 from nas.prune import nemotron
@@ -343,13 +344,18 @@ def prune(
 
 
 def save_pruned(
-    model: nn.Module, out: str | Path, tokenizer: Any = None, teacher: str | None = None, vision: str = "drop"
+    model: nn.Module,
+    out: str | Path,
+    tokenizer: Any = None,
+    teacher: str | None = None,
+    vision: str = "drop",
+    card: str | None = None,
 ) -> Path:
-    """`save_pretrained` (safetensors + config [+ tokenizer]) and `nas_pruning.json` with the kept units,
-    written into a temp directory that replaces `out` once complete (a failure, e.g. a full disk, leaves
-    `out` as it was and no partial directory). A `teacher` that is a multimodal checkpoint
-    (`nas.model.multimodal`): `vision` "drop" writes the text model alone, "keep" the teacher's wrapper
-    model around it; `nas_pruning.json` says which."""
+    """`save_pretrained` (safetensors + config [+ tokenizer]), `nas_pruning.json` with the kept units and
+    the model card `README.md` (`card`, `nas.model.card`), written into a temp directory that replaces
+    `out` once complete (a failure, e.g. a full disk, leaves `out` as it was and no partial directory). A
+    `teacher` that is a multimodal checkpoint (`nas.model.multimodal`): `vision` "drop" writes the text
+    model alone, "keep" the teacher's wrapper model around it; `nas_pruning.json` says which."""
     if vision not in VISION:
         raise ConfigError(f"vision {vision!r} is not one of {', '.join(VISION)}")
     out = Path(out)
@@ -372,5 +378,7 @@ def save_pruned(
             if wrapper:
                 record["multimodal"] = {"wrapper": wrapper, "vision": multimodal_note(vision)}
             (tmp / CUT_FILE).write_text(json.dumps(record, indent=1))
+        if card is not None:
+            (tmp / CARD_FILE).write_text(card, encoding="utf-8")
         replace_dir(tmp, out)
     return out

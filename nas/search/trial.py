@@ -69,6 +69,12 @@ class SearchContext:
     candidates: list[Arch]  # in priority order (the funnel: each budget's shortlist, best screen first)
     teacher_cache: TeacherCache | None = None  # the horizon's teacher outputs (teacher then off the GPU)
     screen: dict[tuple[int, ...], dict] = field(default_factory=dict)  # key -> its screen (nas.search.funnel)
+    kd_teacher: torch.nn.Module | None = None  # `distill_teacher`: the students' KD teacher (None: `teacher`)
+
+    @property
+    def distill_from(self) -> torch.nn.Module:
+        """The model the students are distilled from: `distill_teacher`, else the teacher they are cut from."""
+        return self.kd_teacher if self.kd_teacher is not None else self.teacher
 
     @property
     def teacher_arch(self) -> Arch:
@@ -162,7 +168,7 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> float:
 
     dist.from_rank_zero(arch.to_dict())  # a trial group: the other processes run this candidate too
     run = trial_config(ctx)
-    teacher = teacher_source(ctx.teacher, ctx.teacher_cache, run, ctx.data)  # the cache when there is one
+    teacher = teacher_source(ctx.distill_from, ctx.teacher_cache, run, ctx.data)  # the cache when there is one
     try:
         result = distill(teacher, student, ctx.data, run, out, on_eval=on_eval, fresh_on_change=True)
     finally:  # a finished or stopped trial needs no resume state; a killed one keeps it for its retry
@@ -190,7 +196,7 @@ def follow_trials(ctx: SearchContext) -> None:
                 raise optuna.TrialPruned()
 
         run = trial_config(ctx)
-        teacher = teacher_source(ctx.teacher, ctx.teacher_cache, run, ctx.data)
+        teacher = teacher_source(ctx.distill_from, ctx.teacher_cache, run, ctx.data)
         with contextlib.suppress(optuna.TrialPruned, NonFiniteLossError):
             distill(
                 teacher, student, ctx.data, run, trial_dir(ctx, arch), on_eval=on_eval, fresh_on_change=True
@@ -295,7 +301,9 @@ def run_trials(ctx: SearchContext, study: optuna.Study, max_trials: int | None =
                 break  # every candidate evaluated or given up
             time.sleep(ctx.cfg.search.heartbeat_interval)  # others still running: wait for a retry or the end
             # only study.optimize fails stale trials; without this a dead worker's trial stays RUNNING forever
-            optuna.storages.fail_stale_trials(study)
+            with warnings.catch_warnings():  # experimental in Optuna: not the user's concern (as above)
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
             continue
         study.optimize(
             # a diverging candidate fails its trial (and is retried up to max_retry), not the whole search

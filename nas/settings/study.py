@@ -42,6 +42,11 @@ class RunConfig(Settings):
         "drop-lowest",
         "which layers a shallower candidate keeps: drop the least important, or the best contiguous block",
     )
+    distill_teacher: str = _described(
+        "",
+        "the model the students are distilled from, with the teacher's tokenizer (default: the teacher they "
+        "are pruned from; a cascade with cascade_teacher = teacher sets it to the original teacher)",
+    )
     vision: Literal[VISION] = _described(  # type: ignore[valid-type]
         "drop",
         "a multimodal teacher (gemma4, mistral3, qwen3_5 checkpoints): drop its vision tower (a text-only "
@@ -62,12 +67,46 @@ class RunConfig(Settings):
     final: dict[str, Any] = _described(
         {"steps": 2000}, "DistillConfig overrides for the winner's full distillation"
     )
+    cascade: bool = _described(
+        False,
+        "a model family as Minitron builds it: budgets largest first, each later budget searched on the "
+        "previous budget's distilled winner (budgets stay shares of the original teacher)",
+    )
+    # previous: the chain as the Minitron paper builds it (its 4B is pruned from the distilled 8B, arXiv
+    # 2407.14679 Table 14), one model per stage: the stage's teacher is the model its importance is measured
+    # on, and a smaller teacher costs less (KD FLOPs per token: 2 N_teacher + 6 N_student)
+    cascade_teacher: Literal["previous", "teacher"] = _described(
+        "previous",
+        "the distillation teacher of a cascade's later stages: the previous winner, or the original teacher",
+    )
+    # NVIDIA's pruning guidance: beyond ~50% reduction prune iteratively, ~30% a cut (DESIGN.md, Minitron facts)
+    iterative_step: str = _described(
+        "",
+        "iterative pruning: no stage cuts more than this share of the model it starts from (e.g. 30%); a deeper "
+        "cut goes through unnamed intermediate stages, as even in size as possible (empty: off)",
+    )
+    # no published value: half of a named member's full distillation per intermediate cut (benchmarks/family.py)
+    intermediate_share: float = _described(
+        0.5, "an intermediate stage's full-distillation steps, as a share of final.steps", gt=0, le=1
+    )
+    teacher_tokens: int = _described(
+        0,
+        "tokens the teacher was trained on: the family view's cost of each member from scratch (0: unknown)",
+        ge=0,
+    )
 
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
         if not value or "/" in value or value.strip() != value:
             raise ValueError(f"must be a plain non-empty study name (no '/'), got {value!r}")
+        return value
+
+    @field_validator("iterative_step")
+    @classmethod
+    def _step(cls, value: str) -> str:
+        if value and not 0 < step_fraction(value) < 1:
+            raise ValueError(f"must be a share strictly between 0% and 100% such as 30%, got {value!r}")
         return value
 
     @field_validator("budget")
@@ -95,13 +134,25 @@ class RunConfig(Settings):
             raise ValueError(
                 f"search.finalists ({self.search.finalists}) must be <= search.screen_top ({self.search.screen_top})"
             )
-        if self.search.sampler == "tpe" and (len(self.budgets) > 1 or self.constraints.min_throughput):
+        if (self.cascade or self.iterative_step) and self.final_budgets:
+            raise ValueError(
+                "a cascade distills every stage's winner (the next stage starts from it); drop final_budgets"
+            )
+        if self.iterative_step and len(self.budgets) > 1 and not self.cascade:
+            raise ValueError("iterative_step chains the budgets: set cascade = true, or give one budget")
+        several = len(self.budgets) > 1 and not self.cascade  # a cascade's stages have one budget each
+        if self.search.sampler == "tpe" and (several or self.constraints.min_throughput):
             raise ValueError(
                 "search.sampler = tpe searches one budget with no constraints.min_throughput; use the "
                 "funnel (sampler = auto)"
             )
         self.final_distill()  # the overrides are validated now, not after the search
         return self
+
+    @property
+    def chained(self) -> bool:
+        """Whether `nas run` runs the study as a chain of stages (`nas.cascade`)."""
+        return self.cascade or bool(self.iterative_step)
 
     @property
     def budgets(self) -> list[str]:
@@ -140,6 +191,15 @@ class RunConfig(Settings):
         finally:
             _WHERE.reset(where)
             _NESTED.reset(nested)
+
+
+def step_fraction(value: str) -> float:
+    """`iterative_step` as a fraction: "30%" -> 0.3, "0.3" -> 0.3 (NaN when unreadable)."""
+    text = str(value).strip()
+    try:
+        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        return math.nan
 
 
 def load_run_config(path: str | Path) -> RunConfig:
