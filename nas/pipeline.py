@@ -29,7 +29,7 @@ from nas.model.families import load_config, load_model, load_tokenizer
 from nas.plan import STAGES, check_plan
 from nas.prune.cut import plan_cut, prune, save_pruned
 from nas.prune.importance import Importance, compute_importance, importance_identity
-from nas.prune.space import enumerate_budgets, parse_budget, within_memory
+from nas.prune.space import enumerate_budgets, parse_budget, with_horizon, within_memory
 from nas.report.html import write_report
 from nas.search.funnel import screen, search_order
 from nas.search.study import (
@@ -119,8 +119,18 @@ def study_identity(cfg: RunConfig) -> dict[str, Any]:
     teacher = Path(cfg.teacher).expanduser()
     teacher_arch = Arch.from_hf_config(load_config(cfg.teacher))
     search_keys = (
+        "horizon_tokens",
+        "horizon_tokens_per_param",
+        "rung_tokens",
         "horizon_steps",
         "eval_every",
+        "adaptive",
+        "max_horizon_factor",
+        "stable_top",
+        "stable_tau",
+        "extrapolate",
+        "bootstrap_samples",
+        "per_class",
         "pruner",
         "reduction_factor",
         "sampler",
@@ -265,8 +275,10 @@ def record_study_attrs(study: optuna.Study, ctx: SearchContext) -> None:
         data=", ".join(s.path for p in cfg.data.phases for s in p.sources),
         versions=package_versions(),
         seed=cfg.seed,
-        horizon_steps=cfg.search.horizon_steps,
-        tokens_per_step=cfg.distill.batch_size * cfg.distill.grad_accum * ctx.data.seq_len,
+        horizon_steps=cfg.horizon_steps,
+        horizon_tokens=cfg.horizon_tokens,
+        final_tokens=cfg.final_tokens,
+        tokens_per_step=cfg.tokens_per_step,
         candidates=[list(arch_key(a)) for a in ctx.candidates],
         sampler={
             "tpe": "TPE with a budget constraint",
@@ -305,6 +317,7 @@ def search(
     stability. The study's out_dir is held (`nas.io.own_output`) meanwhile: workers join through the
     storage, a second search is refused. A stored study made with other settings is refused
     (`restart`: deleted first)."""
+    cfg = with_horizon(cfg, Arch.from_hf_config(load_config(cfg.teacher)))  # a horizon in tokens, fixed
     with own_output(cfg.root):
         identity = check_study(cfg, restart)
         check_plan(cfg, stages, gpu_memory_of(cfg))
@@ -326,7 +339,7 @@ def _search(ctx: SearchContext, study: optuna.Study) -> tuple[SearchContext, opt
     s = cfg.search
     # a search without a screen (TPE) has one budget and no budget labels on its trials
     labels = {b: b or cfg.budgets[0] for b in ctx.budget_sizes()}
-    by_budget = {label: ranking_stability(study, s.top_k, s.horizon_steps, b) for b, label in labels.items()}
+    by_budget = {label: ranking_stability(study, s.top_k, cfg.horizon_steps, b) for b, label in labels.items()}
     StudyRecord(stability_by_budget=by_budget, stability=next(iter(by_budget.values()))).write(study)
     for budget in labels:
         keep_top_models(study, s.top_k, budget)

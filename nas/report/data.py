@@ -303,6 +303,10 @@ def reproducibility(study: optuna.Study, record: StudyRecord) -> dict[str, Any]:
         "data_fingerprint": record.data_fingerprint,
         "importance_path": record.importance_path,
         "horizon_steps": record.horizon_steps,
+        "horizon_tokens": record.horizon_tokens
+        or (record.horizon_steps or 0) * (record.tokens_per_step or 0)
+        or None,
+        "final_tokens": record.final_tokens,
         "tokens_per_step": record.tokens_per_step,
         "sampler": record.sampler or type(study.sampler).__name__,
         "versions": record.versions or {},

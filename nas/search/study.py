@@ -66,6 +66,8 @@ class StudyRecord(_Record):
     versions: dict[str, str] | None = None  # package -> version
     seed: int | None = None
     horizon_steps: int | None = None
+    horizon_tokens: int | None = None  # KD tokens of one candidate's short run (the first rung)
+    final_tokens: int | None = None  # KD tokens of the winner's full distillation
     tokens_per_step: int | None = None
     candidates: list[list[int]] | None = None  # arch keys (KNOBS order) in priority order
     sampler: str | None = None  # in words

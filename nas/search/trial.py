@@ -235,18 +235,14 @@ measure_latency = measure_throughput  # the name trials and the report use
 
 
 def make_pruner(ctx: SearchContext) -> optuna.pruners.BasePruner:
-    s = ctx.cfg.search
+    s, rung, horizon = ctx.cfg.search, ctx.cfg.rung_steps, ctx.cfg.horizon_steps
     if s.pruner == "successive-halving" and ctx.exhaustive:  # halving within each budget, finalists kept
-        return FunnelPruner(
-            s.eval_every, s.horizon_steps, s.reduction_factor, s.finalists, ctx.budget_sizes()
-        )
+        return FunnelPruner(rung, horizon, s.reduction_factor, s.finalists, ctx.budget_sizes())
     if s.pruner == "successive-halving":
-        return optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=s.eval_every, reduction_factor=s.reduction_factor
-        )
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=rung, reduction_factor=s.reduction_factor)
     if s.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(
-            min_resource=s.eval_every, max_resource=s.horizon_steps, reduction_factor=s.reduction_factor
+            min_resource=rung, max_resource=horizon, reduction_factor=s.reduction_factor
         )
     return optuna.pruners.NopPruner()
 
