@@ -32,6 +32,7 @@ from nas.prune.importance import Importance, compute_importance, importance_iden
 from nas.prune.space import enumerate_budgets, parse_budget, with_horizon, within_memory
 from nas.report.html import write_report
 from nas.search.funnel import screen, search_order
+from nas.search.horizon import extend_horizon
 from nas.search.study import (
     StudyRecord,
     TrialRecord,
@@ -220,7 +221,8 @@ def plan_candidates(
                 f"every candidate of budget {budget} breaks a constraint ({', '.join(sorted(reasons))}); "
                 "relax [constraints] or raise the budget"
             )
-    chosen = search_order(screened, s.sampler, s.screen_top, s.order)
+    teacher_arch = Arch.from_hf_config(teacher.config).to_dict()
+    chosen = search_order(screened, s.sampler, s.screen_top, s.order, s.per_class, teacher_arch)
     return [by_key[x.key] for x in chosen], [x.to_dict() for x in screened]
 
 
@@ -341,6 +343,10 @@ def _search(ctx: SearchContext, study: optuna.Study) -> tuple[SearchContext, opt
     labels = {b: b or cfg.budgets[0] for b in ctx.budget_sizes()}
     by_budget = {label: ranking_stability(study, s.top_k, cfg.horizon_steps, b) for b, label in labels.items()}
     StudyRecord(stability_by_budget=by_budget, stability=next(iter(by_budget.values()))).write(study)
+    if s.adaptive and ctx.exhaustive:  # the finalists distill on until their order holds
+        teacher_off_device(ctx, False)  # later batches than the teacher cache holds: the teacher itself
+        for budget in labels:
+            extend_horizon(ctx, study, budget)
     for budget in labels:
         keep_top_models(study, s.top_k, budget)
     if s.rerank_tasks:
@@ -422,9 +428,12 @@ def finalize(
     budget = budget or final_budgets(cfg)[0]
     suffix = output_suffix(cfg, budget)
     best = best_trial(study, budget if ctx.screen else None)
+    horizon = (StudyRecord.read(study).horizon or {}).get(budget, {})
+    if "pick" in horizon:  # the adaptive horizon's pick, from its longest-distilled model
+        best = study.trials[horizon["pick"]]
     trial = TrialRecord.read(best)
     arch = Arch.from_dict(trial.arch)
-    checkpoint = Path(trial.checkpoint or "")
+    checkpoint = Path(horizon.get("checkpoint") or trial.checkpoint or "")
     if (checkpoint / "config.json").is_file():
         student = load_model(checkpoint, device=next(ctx.teacher.parameters()).device)
     else:
@@ -452,7 +461,8 @@ def finalize(
         "final_val_loss": result.val_loss,
         "dir": str(winner_dir.resolve()),
         "curve": result.curve,
-        "tokens": result.tokens + int(trial.tokens or 0),
+        "tokens": result.tokens + int(trial.tokens or 0) + extension_tokens(horizon, best.number),
+        "horizon_stop": horizon.get("stop"),
     }
     if budget == final_budgets(cfg)[0]:
         StudyRecord(winner=winner).write(study)
@@ -462,6 +472,12 @@ def finalize(
         "winner %s: val loss %.4f after full distillation -> %s", arch.describe(), result.val_loss, winner_dir
     )
     return winner
+
+
+def extension_tokens(horizon: dict, number: int) -> int:
+    """KD tokens trial `number` got in the adaptive horizon's rungs after its own horizon."""
+    rungs = horizon.get("rungs", [])
+    return sum(r["tokens"] - p["tokens"] for p, r in zip(rungs, rungs[1:], strict=False) if str(number) in r["losses"])
 
 
 def _distill_in_processes(ctx: SearchContext, student, checkpoint: Path, nproc: int, final: Path):

@@ -85,6 +85,7 @@ class StudyRecord(_Record):
     stability_by_budget: dict[str, dict[str, Any]] | None = None  # budget -> `ranking_stability`
     winners: dict[str, dict[str, Any]] | None = None  # budget -> winner (studies of several budgets)
     rerank: dict[str, dict[str, float]] | None = None  # trial number -> {task: accuracy}
+    horizon: dict[str, dict[str, Any]] | None = None  # budget -> the adaptive horizon (`nas.search.horizon`)
 
     @classmethod
     def read(cls, study: optuna.Study) -> StudyRecord:
