@@ -90,12 +90,17 @@ def judge(ctx: SearchContext, losses: dict[int, float], previous: dict, tokens: 
             "stop": stop}  # fmt: skip
 
 
+def continued(cfg, done_steps: int):
+    """The KD settings of the rung after `done_steps`: as many steps again, on the batches after them, a
+    fresh schedule without warmup (the student is already trained)."""
+    return cfg.short_distill().replace(steps=done_steps, data_offset=done_steps, warmup_steps=0,
+                                       eval_every=0, checkpoint_every=0)  # fmt: skip
+
+
 def next_rung(ctx: SearchContext, record: dict, budget_label: str) -> dict:
     """Distill the best `stable_top` of the last rung for as many tokens again, and judge the new rung."""
     cfg, last = ctx.cfg, record["rungs"][-1]
-    done_steps = last["tokens"] // cfg.tokens_per_step
-    run = cfg.short_distill().replace(steps=done_steps, data_offset=done_steps, warmup_steps=0,
-                                      eval_every=0, checkpoint_every=0)  # fmt: skip
+    run = continued(cfg, last["tokens"] // cfg.tokens_per_step)
     losses = {}
     for n in last["order"][: cfg.search.stable_top]:
         start = Path(record["dirs"][str(n)])

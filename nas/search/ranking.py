@@ -76,7 +76,7 @@ def stop_reason(left: int, tau: float | None, stable_tau: float, spent: int, nex
     spend more than `cap` tokens per candidate."""
     if left <= 1:
         return ONE_LEFT
-    if tau is None or tau >= stable_tau:
+    if tau is None or tau >= stable_tau - 1e-9:  # scipy's tau of an identical order is 1 - 1e-16
         return STABLE
     if spent + next_rung > cap:
         return CAP
