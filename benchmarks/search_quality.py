@@ -59,7 +59,7 @@ from nas.train.loop import distill  # noqa: E402
 log = logging.getLogger("search_quality")
 TEACHER = TeacherSpec(hidden_size=128, num_layers=12, num_attention_heads=4, num_query_groups=2, head_dim=32,
                       ffn_hidden_size=384, vocab_size=1024, steps=500, batch_size=16, warmup_steps=30)  # fmt: skip
-SMOKE_TEACHER = replace(TEACHER, num_layers=4, hidden_size=64, ffn_hidden_size=128, steps=40, vocab_size=512)
+SMOKE_TEACHER = replace(TEACHER, num_layers=4, hidden_size=64, ffn_hidden_size=128, steps=20, vocab_size=512)
 MODELOPT_TOP_K = 10  # ModelOpt's Minitron NAS scores the top_k=10 candidates nearest the budget
 
 
@@ -90,7 +90,8 @@ def study_config(out: Path, data_cfg: dict, args, name: str, sampler: str) -> di
         "data": data_cfg,
         "space": {"tolerance": args.tolerance, "steps": {"hidden_size": args.step, "ffn_hidden_size": 2 * args.step}},
         "importance": {"num_samples": 64, "val_sequences": 16, "batch_size": 16},
-        "search": {"horizon_tokens": args.horizon * tokens_per_step, "sampler": sampler, "screen_sequences": 16},
+        "search": {"horizon_tokens": args.horizon * tokens_per_step, "sampler": sampler, "screen_sequences": 16}
+        | ({"max_horizon_factor": 2, "screen_top": 3, "finalists": 2, "stable_top": 2} if args.smoke else {}),
         "distill": {"batch_size": args.batch_size, "lr": 1e-3, "min_lr": 1e-4, "eval_sequences": args.eval_sequences,
                     "checkpoint_every": 0},
         "final": {"tokens": args.truth_factor * args.horizon * tokens_per_step},  # what the extrapolation predicts
@@ -215,7 +216,7 @@ def parse_args():
     args = p.parse_args()
     if args.smoke:
         args.budgets, args.horizon, args.truth_factor, args.eval_sequences, args.step = "50%", 4, 3, 16, 16
-        args.tolerance = 0.1
+        args.tolerance, args.seq_len = 0.06, 16
     return args
 
 
@@ -231,7 +232,8 @@ def main() -> None:
     print(f"teacher: {info.params:,} params, {spec.num_layers} layers, val loss {info.val_loss:.3f} "
           f"(unigram {info.unigram_loss:.3f})")  # fmt: skip
     studies, seconds = {}, {}
-    for name, sampler in (("nas", "auto"), ("nas, halving over all (exhaustive)", "exhaustive")):
+    variants = [("nas", "auto")] + [("nas, halving over all (exhaustive)", "exhaustive")] * (not args.smoke)
+    for name, sampler in variants:
         slug = "study-" + sampler
         shutil.rmtree(out / slug, ignore_errors=True)
         t0 = time.perf_counter()
