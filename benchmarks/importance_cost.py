@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import _smoke as smoke  # noqa: E402  (benchmarks/_smoke.py: --smoke)
 import torch
 
 from nas.evaluate.loss import lm_loss
@@ -42,7 +43,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--val", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
-    args = parser.parse_args()
+    args = smoke.parse(parser, samples=8, seq_len=16, val=4, batch_size=4)
     model = tiny_model(
         "llama",
         vocab_size=4096,

@@ -39,6 +39,7 @@ import subprocess
 import sys
 import time
 
+import _smoke as smoke  # noqa: E402  (benchmarks/_smoke.py: --smoke)
 import torch
 import torch.nn.functional as F
 
@@ -57,7 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=6, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
     p.add_argument("--variant", choices=["fused", "plain"], help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return smoke.parse(p, argv, vocab_size=512, hidden_size=32, num_layers=2, batch_size=1, seq_len=32,
+                       chunk_tokens=32, steps=1, warmup=1)
 
 
 def build(args, device):

@@ -16,6 +16,7 @@ import dataclasses
 import time
 from pathlib import Path
 
+import _smoke as smoke  # noqa: E402  (benchmarks/_smoke.py: --smoke)
 import torch
 
 from nas.data.tokens import prepare
@@ -38,16 +39,16 @@ SETTINGS = [  # (precision, optimizer); the first is the reference
 ]
 
 
-def setup(out: Path, teacher_steps: int | None):
+def setup(out: Path, teacher_steps: int | None, tiny: bool = False):
     """The demo's data, trained teacher and the largest candidate's pruned start (saved)."""
-    plan = DemoPlan()
+    plan = smoke.tiny_plan(DemoPlan()) if tiny else DemoPlan()
     if teacher_steps:  # a shorter teacher training on a busy machine (the trial settings stay the demo's)
         plan = dataclasses.replace(plan, teacher=dataclasses.replace(plan.teacher, steps=teacher_steps))
     corpus = write_corpus(out / "corpus", plan.max_documents)
     cfg = run_config(out, corpus, plan, "cpu")
     key = teacher_key(plan.teacher, plan.seq_len, corpus)
-    tokenizer = prepare_tokenizer(out, corpus, plan, cfg.data_config(), key)
-    data = prepare(cfg.data_config(), tokenizer)
+    tokenizer = prepare_tokenizer(out, corpus, plan, cfg.data, key)
+    data = prepare(cfg.data, tokenizer)
     info = train_teacher(plan.teacher, key, tokenizer, data, out, plan.eval_sequences, "cpu")
     teacher = load_model(info.path)
     imp = cfg.importance
@@ -55,7 +56,7 @@ def setup(out: Path, teacher_steps: int | None):
         teacher, data.calib(imp.num_samples), data.val(imp.val_sequences), imp.batch_size
     )
     arch = max(
-        enumerate_candidates(Arch.from_hf_config(teacher.config), cfg.budget, cfg.space), key=count_params
+        enumerate_candidates(Arch.from_hf_config(teacher.config), plan.final_budget, cfg.space), key=count_params
     )
     save_pruned(prune(teacher, arch, importance), out / "lean-start")
     return cfg, data, info.path, arch
@@ -67,9 +68,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="override the trial's steps (default: the demo's horizon)")
     parser.add_argument("--teacher-steps", type=int, help="override the demo teacher's training steps (210)")
     parser.add_argument("--batch-size", type=int, help="override the trial's micro-batch (the demo's: 8)")
-    args = parser.parse_args()
+    args = smoke.parse(parser, steps=2, batch_size=2)
     out = Path(args.out)
-    cfg, data, teacher_dir, arch = setup(out, args.teacher_steps)
+    cfg, data, teacher_dir, arch = setup(out, args.teacher_steps, args.smoke)
     trial = cfg.short_distill()
     steps = args.steps or trial.steps
     batch = args.batch_size or trial.batch_size

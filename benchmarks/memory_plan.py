@@ -7,14 +7,18 @@ meta-llama/Llama-3.1-8B, Qwen/Qwen3-8B and mistralai/Mistral-Nemo-Base-2407); no
 4 x 1024 tokens and gradient checkpointing on. The recommendation is `nas.plan.recommend`'s.
 
     .venv/bin/python benchmarks/memory_plan.py            # ~2-4 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/memory_plan.py --smoke    # one tiny teacher, seconds
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
+
+import _smoke as smoke  # benchmarks/_smoke.py: --smoke
 
 from nas.model.arch import Arch
 from nas.model.families import load_config
@@ -43,8 +47,8 @@ CASES = {  # name -> (teacher, budget, fixed student knobs or None for the space
 def study(teacher: str, budget: str) -> dict:
     """Today's defaults, with the issue's micro-batch and checkpointing."""
     return {
-        "name": teacher,
-        "teacher": str(CONFIGS / teacher),
+        "name": Path(teacher).name,
+        "teacher": teacher,
         "budget": budget,
         "data": {"seq_len": 1024, "sources": [{"path": "unused.txt"}]},
         "distill": {"batch_size": 4, "gradient_checkpointing": True, "precision": "fp32"},
@@ -54,17 +58,32 @@ def study(teacher: str, budget: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write every plan to this JSON file")
-    args = parser.parse_args()
+    args = smoke.parse(parser)
     everything = {}
-    for name, (teacher, budget, knobs) in CASES.items():
-        start = time.perf_counter()
-        student = Arch.from_hf_config(load_config(CONFIGS / teacher)).replace(**knobs) if knobs else None
-        plans = plan_study(run_config_from_dict(study(teacher, budget)), GPU, student=student)
-        print(f"\n## {name} (planned in {time.perf_counter() - start:.0f} s)")
-        print(format_plan(plans, GPU))
-        everything[name] = to_json(plans)
+    with tempfile.TemporaryDirectory() as tmp:
+        shipped = {name: (str(CONFIGS / teacher), b, k) for name, (teacher, b, k) in CASES.items()}
+        cases = smoke_cases(Path(tmp)) if args.smoke else shipped
+        for name, (teacher, budget, knobs) in cases.items():
+            everything[name] = plan_case(name, teacher, budget, knobs)
     if args.json:
         Path(args.json).write_text(json.dumps(everything, indent=1))
+
+
+def smoke_cases(tmp: Path) -> dict:
+    """--smoke: one tiny Llama teacher at 50%."""
+    from nas.testing import tiny_config
+
+    tiny_config("llama").save_pretrained(tmp / "tiny")
+    return {"tiny llama -> 50%": (str(tmp / "tiny"), "50%", None)}
+
+
+def plan_case(name: str, teacher: str, budget: str, knobs: dict | None) -> list:
+    start = time.perf_counter()
+    student = Arch.from_hf_config(load_config(teacher)).replace(**knobs) if knobs else None
+    plans = plan_study(run_config_from_dict(study(teacher, budget)), GPU, student=student)
+    print(f"\n## {name} (planned in {time.perf_counter() - start:.0f} s)")
+    print(format_plan(plans, GPU))
+    return to_json(plans)
 
 
 if __name__ == "__main__":

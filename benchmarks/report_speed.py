@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _smoke as smoke  # noqa: E402  (benchmarks/_smoke.py: --smoke)
 import optuna
 import torch
 import torch.nn.functional as F
@@ -106,7 +107,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--trials", type=int, default=50)
     parser.add_argument("--out", default=None, help="keep the HTML here (default: a temp dir)")
-    args = parser.parse_args()
+    args = smoke.parse(parser, trials=3)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     torch.set_num_threads(1)  # tiny models
     with tempfile.TemporaryDirectory() as tmp:

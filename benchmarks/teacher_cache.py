@@ -38,6 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import _smoke as smoke  # noqa: E402  (benchmarks/_smoke.py: --smoke)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
@@ -66,7 +67,9 @@ def parse_args():
     p.add_argument("--max-documents", type=int, default=400, help="KJV chapters of the corpus")
     p.add_argument("--threads", type=int, default=1, help="torch threads (more oversubscribe a busy machine)")
     p.add_argument("--out", default="", help="work directory (default: a temp directory)")
-    return p.parse_args()
+    p.add_argument("--max-candidates", type=int, default=0, help="distill only the first n candidates (0: all)")
+    return smoke.parse(p, horizon=2, teacher_steps=4, seq_len=32, batch_size=2, topk=8, eval_sequences=4,
+                       max_documents=60, max_candidates=2)
 
 
 def setup(out: Path, args, plan: DemoPlan):
@@ -100,7 +103,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    plan = DemoPlan()
+    plan = smoke.tiny_plan(DemoPlan()) if args.smoke else DemoPlan()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
@@ -110,7 +113,8 @@ def main() -> None:
             teacher, data.calib(64), data.val(imp["val_sequences"]), imp["batch_size"]
         )
         teacher_arch = Arch.from_hf_config(teacher.config)
-        candidates = enumerate_candidates(teacher_arch, plan.budget, SpaceConfig(**plan.space))
+        candidates = enumerate_candidates(teacher_arch, plan.final_budget, SpaceConfig(**plan.space))
+        candidates = candidates[: args.max_candidates or None]
         cfg = DistillConfig(steps=args.horizon, batch_size=args.batch_size, lr=plan.kd_lr, min_lr=plan.kd_lr / 10,
                             eval_every=0, eval_sequences=args.eval_sequences, checkpoint_every=0,
                             log_every=args.horizon, device="cpu")  # fmt: skip

@@ -52,11 +52,3 @@ def family_model(request):
     model_type, tied, groups = request.param
     return tiny_model(model_type, tie_word_embeddings=tied, num_query_groups=groups)
 
-
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs CUDA")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)

@@ -22,6 +22,7 @@ from nas.demo.teacher import (
     train_texts,
     unigram_loss,
 )
+from nas.search.record import RECORD_VERSION, StudyRecord
 
 TINY = DemoPlan(
     minutes=0.05,
@@ -94,8 +95,9 @@ def test_tiny_demo_writes_every_artifact(tmp_path, monkeypatch):
     assert seen == set(np.load(next((out / "cache").glob("*/train.hashes.npy"))).tolist())
     assert (out / "importance.safetensors").is_file()
     study = optuna.load_study(study_name="demo", storage=f"sqlite:///{out / 'study.db'}")
-    assert study.user_attrs["winner"]["dir"] == str(result.winner_dir.resolve())
-    assert study.user_attrs["winner"]["budget"] == "60%" and list(study.user_attrs["winners"]) == ["60%"]
+    record = StudyRecord.read(study)
+    assert record.record_version == RECORD_VERSION and record.winner["dir"] == str(result.winner_dir.resolve())
+    assert record.winner["budget"] == "60%" and list(study.user_attrs["winners"]) == ["60%"]
     assert [line.split(":")[0] for line in result.search] == ["budget 40%", "budget 60%"]
     assert all("2 to the horizon" in line or "3 to the horizon" in line for line in result.search)
     winner = AutoModelForCausalLM.from_pretrained(result.winner_dir)
@@ -115,3 +117,32 @@ def test_tiny_demo_writes_every_artifact(tmp_path, monkeypatch):
     assert load_teacher_info(teacher, other) is None
     (teacher / MARKER).unlink()
     assert load_teacher_info(teacher, key) is None
+
+
+@pytest.mark.slow
+def test_a_second_demo_into_the_same_out_searches_afresh(tmp_path, monkeypatch):
+    """`nas demo --minutes 3` then `--minutes 4` (at a reduced size): the longer demo trains another
+    teacher, and its search starts over (new study, importance and teacher cache) instead of refusing
+    the first run's outputs."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "demo"
+    plan = TINY
+    run_demo(out, plan=plan, device="cpu")
+    first = optuna.load_study(study_name="demo", storage=f"sqlite:///{out / 'study.db'}").trials
+    cfg = run_config(out, out / "corpus" / "kjv.jsonl", plan, "cpu")
+    # every output of the study is one StudyPaths owns (what the next run clears), or the demo's own
+    demo_own = {"teacher", "corpus", "cache", "scratch", "study.db"}
+    written = {p.name for p in out.iterdir() if not p.name.startswith(".")}
+    assert written - demo_own == {p.name for p in cfg.paths.outputs()}
+    assert {"teacher_cache", "winner-60pct", "final-60pct", "importance.safetensors"} <= written
+    first_importance = (out / "importance.safetensors").stat().st_mtime_ns
+    first_teacher = json.loads((out / "teacher" / MARKER).read_text())
+
+    longer = dataclasses.replace(plan, teacher=dataclasses.replace(plan.teacher, steps=plan.teacher.steps + 2))
+    result = run_demo(out, plan=longer, device="cpu")
+    assert json.loads((out / "teacher" / MARKER).read_text()) != first_teacher  # another teacher
+    assert (out / "importance.safetensors").stat().st_mtime_ns != first_importance
+    study = optuna.load_study(study_name="demo", storage=f"sqlite:///{out / 'study.db'}")
+    assert first and len(study.trials) == len(first)  # this run's trials only, every one finished
+    assert all(t.state.is_finished() for t in study.trials)
+    assert StudyRecord.read(study).winner["dir"] == str(result.winner_dir.resolve())

@@ -178,7 +178,7 @@ def test_multi_budget_study_end_to_end(tmp_path, monkeypatch, capsys):
         assert ranks[:3] == [0, 1, 2] and ranks == sorted(ranks)
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         assert len(complete) >= 2 and all(max(t.intermediate_values) == 4 for t in complete)
-        assert study.user_attrs["stability_by_budget"][budget]["kendall_tau"] is not None
+        assert study.user_attrs["stability"][budget]["kendall_tau"] is not None
         winner = study.user_attrs["winners"][budget]
         assert winner["trial"] in {t.number for t in complete}
         model = AutoModelForCausalLM.from_pretrained(result.winners[budget])

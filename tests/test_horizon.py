@@ -126,17 +126,3 @@ def test_top_two_within_noise_say_so(ctx, caplog):
     assert only["within_noise"] and record["stop"] == ranking.STABLE  # no order the data can resolve
     assert any("within the validation noise" in r.message for r in caplog.records)
 
-
-@pytest.mark.slow
-def test_search_quality_benchmark_runs_at_its_smoke_size(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).parents[1] / "benchmarks" / "search_quality.py"
-    run = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=900)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-2000:]
-    for line in ("zero-shot pick (ModelOpt)", "ModelOpt's rule", "largest candidate", "brute force",
-                 "Kendall tau vs ground truth", "extrapolated", "worse than nas in"):  # fmt: skip
-        assert line in run.stdout

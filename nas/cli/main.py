@@ -18,6 +18,8 @@ from nas.settings import (
     EvalConfig,
     ImportanceConfig,
     RunConfig,
+    default_report,
+    default_storage,
 )
 
 
@@ -68,10 +70,9 @@ def importance_from_data(args, teacher, tokenizer, data_cfg, imp: ImportanceConf
 def cmd_importance(args) -> int:
     from nas.data.tokens import prepare
     from nas.device import resolve_device
-    from nas.io import require_same
     from nas.model.arch import Arch
     from nas.model.families import load_config, load_model, load_tokenizer
-    from nas.prune.importance import Importance, compute_importance, importance_identity
+    from nas.prune.importance import ensure_importance, importance_identity
 
     data_cfg, imp = data_config_from_args(args), settings_from_args(args, ImportanceConfig)
     out = guard.output(args.out, [args.teacher, *guard.data_paths(args)], is_dir=False)
@@ -84,19 +85,15 @@ def cmd_importance(args) -> int:
         identity = importance_identity(
             args.teacher, teacher_arch, data.fingerprint, imp.num_samples, imp.val_sequences
         )
-        if out.exists() and not args.restart:  # a finished result: returned if made with these settings
-            existing = Importance.load(out)
-            ways_out = "write to another --out file, or pass --restart to recompute it"
-            require_same(existing.identity, identity, f"importance file {out}", ways_out)
-            print(f"{out} is already computed with these settings (base val loss {existing.base_loss:.4f})")
+        importance, computed = ensure_importance(
+            out, lambda: load_model(args.teacher, device=resolve_device(device_of(args))), data, identity,
+            imp.batch_size, "write to another --out file, or pass --restart to recompute it", args.restart,
+        )  # fmt: skip
+        if not computed:  # a finished result, made with these settings
+            print(f"{out} is already computed with these settings (base val loss {importance.base_loss:.4f})")
             return 0
-        teacher = load_model(args.teacher, device=resolve_device(device_of(args)))
-        calib, val = data.calib(imp.num_samples), data.val(imp.val_sequences)
-        importance = compute_importance(teacher, calib, val, imp.batch_size)
-        importance.identity = identity
-        path = importance.save(out)
     print(
-        f"wrote {path}: {importance.num_samples} calibration sequences, base val loss {importance.base_loss:.4f}"
+        f"wrote {out}: {importance.num_samples} calibration sequences, base val loss {importance.base_loss:.4f}"
     )
     return 0
 
@@ -204,8 +201,8 @@ def add_report(sub) -> None:
 def cmd_report(args) -> int:
     from nas.report.html import write_report
 
-    storage = args.storage or f"sqlite:///studies/{args.study}/study.db"
-    out = guard.output(args.out or f"reports/{args.study}.html", [], is_dir=False)
+    storage = args.storage or default_storage(args.study)
+    out = guard.output(args.out or default_report(args.study), [], is_dir=False)
     with guard.owning(out, is_dir=False):
         out = write_report(storage, args.study, out)
     print(f"report: {out} ({out.stat().st_size / 1e6:.1f} MB)")

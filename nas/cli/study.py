@@ -6,7 +6,7 @@ from __future__ import annotations
 from nas.cli import guard
 from nas.cli.flags import add_flags, add_restart, settings_from_args
 from nas.errors import ConfigError
-from nas.settings import ConstraintsConfig, Launch, PlanConfig, SearchConfig, SpaceConfig
+from nas.settings import ConstraintsConfig, Launch, PlanConfig, SearchConfig, SpaceConfig, default_storage
 
 SPACE_FLAGS = ("tolerance", "max_width_prune", "max_depth_prune", "budget_kind")
 
@@ -79,7 +79,7 @@ def stored_config(args):
     from nas.search.study import load_existing_study
     from nas.settings import run_config_from_dict
 
-    args.storage = args.storage or f"sqlite:///studies/{args.study}/study.db"
+    args.storage = args.storage or default_storage(args.study)
     study = load_existing_study(args.storage, args.study)
     if "config" not in study.user_attrs:
         raise ConfigError(f"study {args.study!r} was not created by nas (no config attribute)")

@@ -146,7 +146,7 @@ def owned_run(args, out):
     from contextlib import ExitStack
 
     from nas.cli import guard
-    from nas.train.loop import clear_run
+    from nas.train.run_files import clear_run
 
     stack = ExitStack()
     stack.enter_context(guard.owning(out))

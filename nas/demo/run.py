@@ -22,16 +22,16 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from nas.data.tokens import prepare
+from nas.demo.plan import RATES, DemoPlan, demo_plan, run_config  # noqa: F401 (RATES: its old home)
 from nas.demo.teacher import (
     TeacherInfo,
-    TeacherSpec,
     load_teacher_info,
     teacher_key,
     train_teacher,
@@ -40,151 +40,15 @@ from nas.demo.teacher import (
     write_corpus,
 )
 from nas.device import resolve_device
-from nas.errors import ConfigError
 from nas.evaluate.loss import lm_loss
 from nas.model.arch import Arch
 from nas.pipeline import finalize, search
 from nas.report.html import write_report
 from nas.search.study import StudyRecord, TrialRecord
-from nas.settings import DistillConfig, run_config_from_dict
+from nas.settings import DistillConfig
 from nas.train.loop import distill
 
 log = logging.getLogger(__name__)
-# tokens/s of each kind of training on 2 CPU cores (fp32), for the time estimates, evaluations and
-# checkpoints included: plain LM training of the teacher, dense KD of a half-size student (student
-# train + teacher forward: the winner's final run), the same from the teacher cache (no teacher forward:
-# the trials), plain LM training of a student. Measured in one demo run on a shared 2-core host whose
-# speed drifted by up to 1.7x within an hour (teacher 1,250-2,110 tok/s); these are from a slow phase.
-RATES = {"teacher": 1730.0, "kd": 1800.0, "kd_cached": 3300.0, "scratch": 3500.0}
-STUDY_ARTIFACTS = ("importance.safetensors", "study.db", "trials", "final", "winner", "scratch", "corrected")
-
-
-# ---- plan -----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DemoPlan:
-    """Every size and step count of one demo run; `demo_plan(minutes)` scales the step counts."""
-
-    minutes: float = 10.0
-    seq_len: int = 256
-    max_documents: int | None = None  # of the corpus (None: every chapter)
-    eval_sequences: int = 32  # validation sequences of every evaluation (the first n of data.val)
-    teacher: TeacherSpec = field(default_factory=TeacherSpec)
-    budgets: tuple[str, ...] = ("35%", "50%")  # each gets its funnel; the report's fronts span them
-    final_budget: str = "50%"  # the budget whose winner is fully distilled and compared with scratch
-    space: dict[str, Any] = field(
-        default_factory=lambda: {
-            "tolerance": 0.1,
-            "steps": {"hidden_size": 64, "ffn_hidden_size": 256, "num_query_groups": 2},
-        }
-    )
-    importance: dict[str, Any] = field(
-        default_factory=lambda: {"num_samples": 128, "val_sequences": 16, "batch_size": 16}
-    )
-    n_trials: int = 0  # 0: every shortlisted candidate
-    screen_top: int = 4  # candidates per budget distilled after the screen
-    finalists: int = 3  # of them, per budget, carried to the horizon
-    teacher_cache: bool = True  # trials train from the teacher's top-k outputs, written once (1.5x faster)
-    horizon_steps: int = 30  # short KD of every trial
-    eval_every: int = 10  # successive halving's rung size
-    batch_size: int = 8  # of every KD / scratch step
-    kd_lr: float = 1e-3
-    final_steps: int = 70  # full KD of the winner, after its short run (the funnel costs more search)
-    scratch_lr: float = 3e-3  # from-scratch training gets the teacher's recipe, not the KD one
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.seq_len
-
-    def estimates(self) -> dict[str, float]:
-        """Seconds per stage on 2 CPU cores (RATES); search: per budget, the shortlist to the first rung
-        and the finalists on to the horizon (at the cost of a half-size student: the smaller budgets
-        are cheaper, the larger dearer)."""
-        t = self.tokens_per_step
-        teacher = self.teacher.steps * self.teacher.batch_size * self.seq_len / RATES["teacher"]
-        per_budget = self.screen_top * self.eval_every + self.finalists * (
-            self.horizon_steps - self.eval_every
-        )
-        search_steps = len(self.budgets) * per_budget
-        trial_rate = RATES["kd_cached"] if self.teacher_cache else RATES["kd"]
-        winner_steps = self.horizon_steps + self.final_steps
-        return {
-            "corpus": 2.0,
-            "tokenizer": 3.0,
-            "data": 5.0,
-            "teacher": teacher,
-            "search": 45.0 + search_steps * t / trial_rate,  # + importance, screen, teacher cache
-            "final": self.final_steps * t / RATES["kd"],
-            "report": 5.0,
-            "scratch": winner_steps * t / RATES["scratch"],
-            "compare": 5.0,
-        }
-
-
-def demo_plan(minutes: float = 10.0) -> DemoPlan:
-    """The default plan with every step count scaled by `minutes / 10` (at least 2 steps each)."""
-    if not minutes > 0:
-        raise ConfigError(f"--minutes must be positive, got {minutes}")
-    base = DemoPlan()
-    scale = minutes / base.minutes
-
-    def steps(n: int) -> int:
-        return max(2, round(n * scale))
-
-    eval_every = steps(base.eval_every)
-    return replace(
-        base,
-        minutes=minutes,
-        teacher=replace(base.teacher, steps=steps(base.teacher.steps)),
-        horizon_steps=max(steps(base.horizon_steps), 2 * eval_every),
-        eval_every=eval_every,
-        final_steps=steps(base.final_steps),
-    )
-
-
-def run_config(out: Path, corpus: Path, plan: DemoPlan, device: str):
-    """The demo's `nas.settings.RunConfig`: the teacher under `out/teacher`, every output under `out`."""
-    distill_cfg = {
-        "batch_size": plan.batch_size,
-        "lr": plan.kd_lr,
-        "min_lr": plan.kd_lr / 10,
-        "eval_sequences": plan.eval_sequences,
-        "checkpoint_every": plan.eval_every,
-        "keep_checkpoints": 1,
-        "device": device,
-    }
-    return run_config_from_dict(
-        {
-            "name": "demo",
-            "teacher": str(out / "teacher"),
-            "out_dir": str(out),
-            "budget": list(plan.budgets),
-            "final_budgets": [plan.final_budget],
-            "device": device,
-            "data": {
-                "seq_len": plan.seq_len,
-                "cache_dir": str(out / "cache"),
-                "sources": [{"path": str(corpus)}],
-            },
-            "space": plan.space,
-            "importance": plan.importance,
-            "search": {
-                "horizon_steps": plan.horizon_steps,
-                "eval_every": plan.eval_every,
-                "n_trials": plan.n_trials,
-                "top_k": 3,
-                "screen_top": plan.screen_top,
-                "finalists": plan.finalists,
-                "reduction_factor": 2,  # keep half at each rung (never fewer than the finalists)
-                "teacher_cache": plan.teacher_cache,
-            },
-            "distill": distill_cfg,
-            "final": {"steps": plan.final_steps, "checkpoint_every": max(plan.final_steps // 2, 1)},
-        }
-    )
-
-
 # ---- orchestration --------------------------------------------------------------------------------
 
 
@@ -261,16 +125,6 @@ def prepare_tokenizer(out: Path, corpus: Path, plan: DemoPlan, data_cfg: Any, ke
     return train_tokenizer(texts, plan.teacher.vocab_size)
 
 
-def clear_study(out: Path) -> None:
-    """Remove the previous run's study outputs, so each demo run searches afresh (the teacher stays)."""
-    for name in STUDY_ARTIFACTS:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-
-
 def run_demo(
     out_dir: str | os.PathLike = "studies/demo",
     minutes: float = 10.0,
@@ -299,7 +153,8 @@ def run_demo(
         teacher = train_teacher(plan.teacher, key, tokenizer, data, out, plan.eval_sequences, device)
     if teacher.reused:  # a cached teacher says nothing about this machine's speed
         clock.estimates["teacher"] = clock.seconds["teacher"]
-    clear_study(out)
+    cfg.paths.clear(database=True)  # each demo run searches afresh (the teacher and token cache stay)
+    shutil.rmtree(out / "scratch", ignore_errors=True)
     with clock.stage("search"):
         ctx, study = search(cfg)
     with clock.stage("final"):
@@ -321,7 +176,7 @@ def run_demo(
 
 def write_demo_report(cfg) -> Path:
     """The study's HTML report, where `nas run` writes it."""
-    return write_report(cfg.storage_url, cfg.name, Path("reports") / f"{cfg.name}.html")
+    return write_report(cfg.storage_url, cfg.name, cfg.paths.report)
 
 
 def train_scratch(winner_dir: Path, data: Any, tokens: int, plan: DemoPlan, out: Path, device: str):
@@ -388,7 +243,7 @@ def search_summary(study) -> list[str]:
 
     lines = []
     record = StudyRecord.read(study)
-    stability, screened = record.stability_by_budget or {}, record.screen or []
+    stability, screened = record.stability or {}, record.screen or []
     for budget, stab in stability.items():
         trials = [t for t in study.trials if TrialRecord.read(t).budget == budget]
         done = [t for t in trials if t.state == TrialState.COMPLETE]

@@ -11,6 +11,8 @@ Adding a family is one entry in `FAMILIES` (and its tiny model in `nas.testing`)
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,13 +132,21 @@ def layer_norms(layer: nn.Module, family: Family) -> list[nn.Module]:
 
 
 def load_config(name_or_path: str | Path) -> Any:
-    """The config of a supported causal LM (local directory or hub id), without loading weights."""
-    from transformers import AutoConfig
-
+    """The config of a supported causal LM (local directory or hub id), without loading weights; parsed
+    once per process while its config.json is unchanged (a command asks for it several times)."""
     name = str(name_or_path)
     looks_local = name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
     if looks_local and not Path(name).expanduser().is_dir():
         raise ModelError(f"model directory {name} does not exist; pass a local model directory or a hub id")
+    file = Path(name).expanduser() / "config.json"
+    stamp = (file.stat().st_mtime_ns, file.stat().st_size) if file.is_file() else None
+    return copy.deepcopy(_parsed_config(name, stamp))  # a copy: callers may change theirs
+
+
+@functools.lru_cache(maxsize=16)
+def _parsed_config(name: str, stamp: tuple[int, int] | None) -> Any:
+    from transformers import AutoConfig
+
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:
@@ -153,13 +163,13 @@ def load_model(
     ModelError naming the file (`from_pretrained` alone initialises missing tensors at random)."""
     from transformers import AutoModelForCausalLM
 
-    load_config(name_or_path)
+    config = load_config(name_or_path)
     local = Path(name_or_path).expanduser()
     if local.is_dir():
         check_readable(local)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
-            str(name_or_path), dtype=dtype, output_loading_info=True
+            str(name_or_path), config=config, dtype=dtype, output_loading_info=True
         )
     except Exception as e:  # safetensors, torch and transformers each raise their own types
         raise ModelError(

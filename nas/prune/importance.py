@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from nas.device import autocast_for, model_device
 from nas.errors import ModelError
 from nas.evaluate.loss import lm_loss
-from nas.io import atomic_path
+from nas.io import atomic_path, require_same
 from nas.model.arch import Arch
 from nas.model.families import decoder_layers, family_of, final_norm, layer_norms
 
@@ -136,6 +136,35 @@ def importance_identity(teacher: str, teacher_arch: Arch, data_fingerprint: str,
         "val_sequences": val_sequences,
         **extra,
     }
+
+
+def ensure_importance(
+    path: str | Path,
+    teacher: nn.Module | Callable[[], nn.Module],
+    data: Any,
+    identity: dict[str, Any],
+    batch_size: int,
+    ways_out: str,
+    recompute: bool = False,
+) -> tuple[Importance, bool]:
+    """The importance at `path` when it was computed with `identity` (`importance_identity`; other
+    settings: ConfigError ending in `ways_out`), else computed on `data` (a `nas.data.tokens.TokenData`:
+    identity's num_samples calibration and val_sequences validation sequences) and saved there.
+    `teacher`: the model, or a function that loads it (called only to compute). Returns (importance,
+    whether it was computed now). `recompute`: compute it even when the file is there (and replace it)."""
+    path = Path(path)
+    if path.is_file() and not recompute:
+        importance = Importance.load(path)
+        if importance.identity:  # files written before identities were recorded have none
+            require_same(importance.identity, identity, f"importance file {path}", ways_out)
+        importance.check_matches(Arch.from_dict(identity["teacher_arch"]))
+        return importance, False
+    model = teacher if isinstance(teacher, nn.Module) else teacher()
+    calib, val = data.calib(identity["num_samples"]), data.val(identity["val_sequences"])
+    importance = compute_importance(model, calib, val, batch_size)
+    importance.identity = identity
+    importance.save(path)
+    return importance, True
 
 
 class _Accumulator:

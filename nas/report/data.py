@@ -127,7 +127,7 @@ def report_frames(study: optuna.Study, importance: Any = None) -> ReportData:
     if data.horizon.empty:
         notes["horizon"] = "This study has no adaptive horizon (search.adaptive off, TPE, or not searched yet)."
     add_importance(data, importance, record.importance_path)
-    if record.winner is None and not record.winners:
+    if not record.winners:
         notes["winner"] = "The winner has not been fully distilled yet (no 'winner' attribute in the study)."
     return data
 
@@ -244,12 +244,9 @@ def curves_frame(trials: list[FrozenTrial]) -> pd.DataFrame:
 def stability_frames(
     study: optuna.Study, record: StudyRecord, trials: pd.DataFrame
 ) -> tuple[pd.DataFrame, dict]:
-    """Half- vs full-horizon ranks (within each budget): from the "stability_by_budget" (or "stability")
-    attribute written after the search, else computed now from the completed trials (a partial study),
-    marked as provisional."""
-    recorded = record.stability_by_budget or (
-        {"": record.stability} if (record.stability or {}).get("trials") else {}
-    )
+    """Half- vs full-horizon ranks (within each budget): from the "stability" attribute written after
+    the search, else computed now from the completed trials (a partial study), marked as provisional."""
+    recorded = {b: stab for b, stab in (record.stability or {}).items() if stab.get("trials")}
     source = "recorded after the search"
     if not recorded:
         top_k = int((record.config or {}).get("search", {}).get("top_k", 10))
@@ -285,10 +282,10 @@ def stability_frames(
 
 def header_facts(study_name: str, record: StudyRecord, trials: pd.DataFrame) -> dict[str, Any]:
     """Teacher, budget, data, tokens spent, trial counts, and the winner's loss vs the teacher's."""
-    winner = record.winner or {}
+    winner = record.winner or {}  # the first distilled
     tokens_by_trial = pd.to_numeric(trials.set_index("number")["tokens"], errors="coerce").fillna(0)
     # the pipeline's winner "tokens" counts its short run too (already in its trial's tokens)
-    finals = {w.get("trial"): w for w in [winner, *(record.winners or {}).values()] if w}
+    finals = {w.get("trial"): w for w in (record.winners or {}).values()}
     final_tokens = sum(
         max(0, int(w.get("tokens", 0)) - int(tokens_by_trial.get(n, 0))) for n, w in finals.items()
     )
@@ -303,7 +300,10 @@ def header_facts(study_name: str, record: StudyRecord, trials: pd.DataFrame) -> 
         "trial_counts": trials["state"].value_counts().to_dict(),
         "tokens_spent": int(tokens_by_trial.sum()) + final_tokens,
         "winner": winner_facts(winner, trials),
-        "winners": {b: winner_facts(w, trials) for b, w in (record.winners or {}).items()},
+        # a study of several budgets names each budget's winner; a one-budget study has the one
+        "winners": {b: winner_facts(w, trials) for b, w in (record.winners or {}).items()}
+        if len(record.budgets or {}) > 1
+        else {},
     }
     teacher_loss, loss = facts["teacher_val_loss"], facts["winner"].get("loss")
     if teacher_loss is not None and loss is not None:

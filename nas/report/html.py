@@ -25,6 +25,7 @@ from nas.report.figures import (
     stability_figure,
     winner_figure,
 )
+from nas.settings.paths import default_report
 
 log = logging.getLogger(__name__)
 __all__ = ["ReportData", "pareto_mask", "render_html", "report_frames", "write_report"]
@@ -56,7 +57,7 @@ def write_report(
         study = load_study(study_or_storage, study_name)
     else:
         study = study_or_storage
-    out = Path(out or Path("reports") / f"{study.study_name}.html")
+    out = Path(out or default_report(study.study_name))
     out.parent.mkdir(parents=True, exist_ok=True)
     text = render_html(report_frames(study))
     write_text_atomic(out, text)

@@ -172,20 +172,6 @@ def shortlist(
     return lists
 
 
-def search_order(
-    screened: list[Screened], sampler: str, top: int, order: str = "pruned-loss", per_class: int = 0,
-    teacher: dict | None = None,
-) -> list[Screened]:  # fmt: skip
-    """The candidates the search distills, in order: each budget's shortlist by screen (the funnel), or
-    every eligible one (exhaustive; by screen loss, or largest first for order "params")."""
-    if sampler in ("auto", "funnel"):
-        return [s for picked in shortlist(screened, top, per_class, teacher).values() for s in picked]
-    eligible = [s for s in screened if not s.rejected]
-    if order == "params":
-        eligible.sort(key=lambda s: -s.params)  # stable: budgets stay apart only by size, which is fine
-    return eligible
-
-
 def rungs(eval_every: int, horizon: int, reduction_factor: int) -> list[int]:
     """The steps at which successive halving decides: eval_every * rf^k below the horizon."""
     steps, step = [], eval_every
@@ -230,12 +216,3 @@ class FunnelPruner(optuna.pruners.BasePruner):
         # ties go to the earlier trial (the better screen rank)
         rank = sum(v < value or (v == value and n < trial.number) for v, n in rivals if math.isfinite(v))
         return not math.isfinite(value) or rank >= self.quota(budget, self.rungs.index(step))
-
-
-def screen_ranking(screened: list[dict], budget: str) -> dict[tuple[int, ...], int]:
-    """candidate key -> screen rank within `budget`, from the study's stored screen (eligible only)."""
-    return {
-        arch_key(s["arch"]): s["rank"]
-        for s in screened
-        if s["budget"] == budget and s.get("rank") is not None
-    }

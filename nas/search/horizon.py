@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import TrialState
@@ -28,12 +28,27 @@ from optuna.trial import TrialState
 from nas.evaluate.loss import sequence_losses
 from nas.model.families import load_model
 from nas.search import ranking
-from nas.search.study import StudyRecord, TrialRecord, _nearest_step
-from nas.search.trial import SearchContext
+from nas.search.record import StudyRecord, TrialRecord
+from nas.search.study import _nearest_step
 from nas.train.loop import distill
 from nas.train.teacher_cache import teacher_source
 
+if TYPE_CHECKING:
+    from nas.search.trial import SearchContext
+    from nas.settings import RunConfig
+
 log = logging.getLogger(__name__)
+
+
+class AdaptiveHorizon:
+    """A strategy's after-the-trials step (`nas.search.strategy.Strategy.horizon`): `extend` runs (or
+    resumes) the rungs of one budget and returns its record."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+
+    def extend(self, ctx: SearchContext, study: optuna.Study, budget: str | None) -> dict[str, Any]:
+        return extend_horizon(ctx, study, budget)
 
 
 def finalists(study: optuna.Study, budget: str | None, count: int) -> list[optuna.trial.FrozenTrial]:

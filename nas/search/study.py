@@ -1,5 +1,5 @@
 """The Optuna study of a search, and nothing else: storage, opening studies, what a study and each of its
-trials record (`StudyRecord`, `TrialRecord`), and the rankings read back from it (no torch, no training
+trials record (`StudyRecord`, `TrialRecord`, in `nas.search.record`), and the rankings read back from it (no torch, no training
 code: `nas report` uses this alone).
 
 SQLite and the trial queue: Optuna's `Study._pop_waiting_trial_id` hands a WAITING trial to one worker by
@@ -13,13 +13,11 @@ pop and the stale-trial check atomic on SQLite too.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,109 +26,11 @@ import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
 from nas.errors import ConfigError, NasError, first_line
-from nas.model.arch import KNOBS, MOE_KNOBS, Arch
+from nas.search.record import StudyRecord, TrialRecord, arch_key  # noqa: F401 (the records' old home)
 from nas.settings import RunConfig
 
 log = logging.getLogger(__name__)
 SQLITE_LOCK_TIMEOUT = 60  # seconds a SQLite transaction waits for another worker's (short) one
-
-
-class _Record:
-    """Read and write a dataclass as Optuna user attributes, one attribute per field (None: not written)."""
-
-    @classmethod
-    def from_attrs(cls, attrs: dict[str, Any]):
-        return cls(**{f.name: attrs[f.name] for f in dataclasses.fields(cls) if f.name in attrs})
-
-    def attrs(self) -> dict[str, Any]:
-        """The fields that are not None, as user attributes."""
-        return {f.name: v for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None}
-
-
-@dataclass
-class StudyRecord(_Record):
-    """What a study records (its user attributes): written once by `nas search`/`nas run` so that workers and
-    the report need only the storage and the study name; `stability` after the search, `winner` after
-    the full distillation. A field is None when the study has not recorded it (yet)."""
-
-    config: dict[str, Any] | None = None  # the RunConfig as a dict (what every worker runs)
-    teacher: str | None = None
-    teacher_arch: dict[str, int] | None = None
-    teacher_params: int | None = None
-    teacher_val_loss: float | None = None
-    budget: int | None = None
-    budget_kind: str | None = None  # total or active (mixture of experts: parameters one token uses)
-    importance_path: str | None = None  # absolute; shared by every worker
-    data_fingerprint: str | None = None
-    data: str | None = None  # the data sources, comma-separated
-    versions: dict[str, str] | None = None  # package -> version
-    seed: int | None = None
-    horizon_steps: int | None = None
-    horizon_tokens: int | None = None  # KD tokens of one candidate's short run (the first rung)
-    final_tokens: int | None = None  # KD tokens of the winner's full distillation
-    tokens_per_step: int | None = None
-    candidates: list[list[int]] | None = None  # arch keys (KNOBS order) in priority order
-    sampler: str | None = None  # in words
-    pruner: str | None = None
-    identity: dict[str, Any] | None = (
-        None  # the settings that decide its trials (`nas.pipeline.study_identity`)
-    )
-    plan: list[dict[str, Any]] | dict[str, Any] | None = (
-        None  # the memory plan (`nas plan`) checked before it
-    )
-    stability: dict[str, Any] | None = None  # `ranking_stability` of the finished search (the first budget)
-    winner: dict[str, Any] | None = None  # trial, arch, params, val_loss, final_val_loss, dir, curve, tokens
-    budgets: dict[str, int] | None = None  # budget as written -> parameters (a funnel each)
-    screen: list[dict[str, Any]] | None = None  # every candidate's screen (`nas.search.funnel.Screened`)
-    stability_by_budget: dict[str, dict[str, Any]] | None = None  # budget -> `ranking_stability`
-    winners: dict[str, dict[str, Any]] | None = None  # budget -> winner (studies of several budgets)
-    rerank: dict[str, dict[str, float]] | None = None  # trial number -> {task: accuracy}
-    horizon: dict[str, dict[str, Any]] | None = None  # budget -> the adaptive horizon (`nas.search.horizon`)
-
-    @classmethod
-    def read(cls, study: optuna.Study) -> StudyRecord:
-        return cls.from_attrs(study.user_attrs)
-
-    def write(self, study: optuna.Study) -> None:
-        """Set the fields that are not None (others stay as they are)."""
-        for key, value in self.attrs().items():
-            study.set_user_attr(key, value)
-
-
-@dataclass
-class TrialRecord(_Record):
-    """What each trial records (its user attributes). Enqueued candidates start with `arch`, `label` and
-    `candidate`; the rest is written as the trial runs. None: not recorded (yet)."""
-
-    arch: dict[str, int] | None = None  # the candidate (`Arch.to_dict`)
-    label: str | None = None  # `Arch.describe`
-    candidate: int | None = None  # index in the study's priority order
-    params: int | None = None
-    active_params: int | None = None  # mixture of experts: parameters one token uses
-    kv_cache_bytes_per_token: int | None = None
-    latency_tokens_per_s: float | None = None
-    curve: list[dict[str, float]] | None = None  # [{step, val_loss, val_kl?}]
-    tokens: int | None = None  # training tokens spent
-    checkpoint: str | None = None  # the short run's model directory
-    infeasible: bool | None = None  # a sampled shape outside the space: no training, not counted
-    duplicate_of: int | None = None  # a sampled candidate another trial already evaluates (TPE only)
-    budget: str | None = None  # the budget (as written) whose funnel the candidate is in
-    screen_rank: int | None = None  # 0 = the best screen loss of its budget
-    screen_loss: float | None = None  # LM loss right after pruning, no training
-
-    @classmethod
-    def read(cls, trial: FrozenTrial | optuna.Trial) -> TrialRecord:
-        return cls.from_attrs(trial.user_attrs)
-
-    def write(self, trial: optuna.Trial) -> None:
-        """Set the fields that are not None (others stay as they are)."""
-        for key, value in self.attrs().items():
-            trial.set_user_attr(key, value)
-
-
-def arch_key(arch: Arch | dict) -> tuple[int, ...]:
-    values = arch.to_dict() if isinstance(arch, Arch) else arch
-    return tuple(int(values[k]) for k in (MOE_KNOBS if values.get("num_experts") else KNOBS))
 
 
 STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")

@@ -1,11 +1,12 @@
 """The Optuna study: one trial = one candidate, pruned from the teacher and distilled for a short horizon.
 
-The candidates to distill are the funnel's shortlist of every budget, best screen first
-(`nas.search.funnel`), or every candidate (sampler "exhaustive"): `enqueue_candidates` puts each in Optuna's
+The study's strategy (`nas.search.strategy`) chooses the candidates, their order, the sampler and the
+pruner. A queued strategy's candidates (the funnel's shortlist of every budget, best screen first, or
+every candidate): `enqueue_candidates` puts each in Optuna's
 own trial queue once, in that priority order, with its budget (`Study.enqueue_trial(..., skip_if_exists=True)`: a continued study adds nothing
 twice), and the storage hands each WAITING trial to exactly one worker (PostgreSQL: `SELECT ... FOR
-UPDATE`; SQLite: see `nas.search.study`). Sampler "tpe" samples one budget's space under a budget
-constraint. Intermediate validation losses go to `trial.report`, so successive halving (within each
+UPDATE`; SQLite: see `nas.search.study`). A sampled strategy (TPE) proposes candidates of one budget's
+space under a budget constraint. Intermediate validation losses go to `trial.report`, so successive halving (within each
 budget, its first `finalists` never stopped) or Hyperband stops losing candidates early. A trial whose worker died goes stale (heartbeats) and is failed and re-enqueued
 by `RetryHeartbeatStaleTrialCallback`; a trial that fails (a non-finite loss) is re-enqueued by
 `retry_failed` through the same callback; both stop after `max_retry` retries (counted in the trial's
@@ -41,7 +42,8 @@ from nas.errors import InfeasibleError
 from nas.model.arch import Arch, count_budget_params, count_params, kv_cache_bytes
 from nas.prune.cut import prune
 from nas.prune.importance import Importance
-from nas.search.funnel import FunnelPruner, measure_throughput
+from nas.search.funnel import measure_throughput
+from nas.search.strategy import Strategy
 from nas.search.study import TrialRecord, arch_key, done_trials, make_storage
 from nas.settings import DistillConfig, RunConfig
 from nas.train import dist
@@ -58,13 +60,13 @@ class SearchContext:
     """Everything a trial needs, loaded once per process (creator or worker)."""
 
     cfg: RunConfig
+    strategy: Strategy  # which candidates, in what order, with which sampler and pruner
     teacher: torch.nn.Module
     tokenizer: Any
     data: Any  # nas.data.tokens.TokenData
     importance: Importance
-    candidates: list[Arch]  # in priority order
-    teacher_cache: TeacherCache | None = None  # the horizon's teacher outputs (teacher then off the GPU)
     candidates: list[Arch]  # in priority order (the funnel: each budget's shortlist, best screen first)
+    teacher_cache: TeacherCache | None = None  # the horizon's teacher outputs (teacher then off the GPU)
     screen: dict[tuple[int, ...], dict] = field(default_factory=dict)  # key -> its screen (nas.search.funnel)
 
     @property
@@ -72,13 +74,15 @@ class SearchContext:
         return Arch.from_hf_config(self.teacher.config)
 
     @property
-    def exhaustive(self) -> bool:
-        """Each candidate of the list in order (the funnel's shortlist, or every candidate), not sampled."""
-        return self.cfg.search.sampler != "tpe"
+    def queued(self) -> bool:
+        """Each candidate of the list in order from Optuna's queue (else the strategy's sampler proposes)."""
+        return self.strategy.queued
+
+    exhaustive = queued  # the older name
 
     def budget_sizes(self) -> dict[str | None, int]:
         """Budget label -> how many of its candidates the search distills (None: a search without a
-        screen, i.e. TPE over one budget)."""
+        screen, e.g. TPE over one budget)."""
         sizes: dict[str | None, int] = {}
         for arch in self.candidates:
             budget = self.screen.get(arch_key(arch), {}).get("budget")
@@ -87,7 +91,7 @@ class SearchContext:
 
 
 def enqueue_candidates(study: optuna.Study, ctx: SearchContext) -> None:
-    """Queue every candidate of an exhaustive search once, in priority order (a continued study skips the
+    """Queue every candidate of a queued search once, in priority order (a continued study skips the
     candidates that already have a trial, in any state)."""
     for index, arch in enumerate(ctx.candidates):
         screened = ctx.screen.get(arch_key(arch), {})  # its budget groups it for the halving pruner
@@ -100,7 +104,7 @@ def enqueue_candidates(study: optuna.Study, ctx: SearchContext) -> None:
 def suggest_arch(trial: optuna.Trial, ctx: SearchContext) -> Arch:
     """The trial's candidate: the knobs as integer params over the teacher's ranges."""
     teacher = ctx.teacher_arch
-    if ctx.exhaustive:
+    if ctx.queued:
         knobs = {k: trial.suggest_int(k, 1, getattr(teacher, k)) for k in teacher.knobs}
     else:
         values = {
@@ -120,11 +124,11 @@ def trial_dir(ctx: SearchContext, arch: Arch) -> Path:
 
 
 class QueueEmpty(Exception):
-    """An exhaustive search's worker started a trial after another worker took the last queued one."""
+    """A queued search's worker started a trial after another worker took the last queued one."""
 
 
 def objective(trial: optuna.Trial, ctx: SearchContext) -> float:
-    if ctx.exhaustive and TrialRecord.read(trial).candidate is None:
+    if ctx.queued and TrialRecord.read(trial).candidate is None:
         raise QueueEmpty(f"trial {trial.number}: no queued candidate left")
     try:
         arch = suggest_arch(trial, ctx)
@@ -135,7 +139,7 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> float:
         trial.set_constraint("budget", budget_violation(arch, ctx) if arch else 1.0)
         TrialRecord(infeasible=True).write(trial)
         return INFEASIBLE_VALUE
-    if not ctx.exhaustive:
+    if not ctx.queued:
         trial.set_constraint("budget", 0.0)
         TrialRecord(arch=arch.to_dict()).write(trial)  # the claim, written before looking for rivals
         duplicate = _twin(trial, arch)
@@ -234,25 +238,6 @@ def _describe_trial(trial, arch: Arch, index: int, student, ctx: SearchContext) 
 measure_latency = measure_throughput  # the name trials and the report use
 
 
-def make_pruner(ctx: SearchContext) -> optuna.pruners.BasePruner:
-    s, rung, horizon = ctx.cfg.search, ctx.cfg.rung_steps, ctx.cfg.horizon_steps
-    if s.pruner == "successive-halving" and ctx.exhaustive:  # halving within each budget, finalists kept
-        return FunnelPruner(rung, horizon, s.reduction_factor, s.finalists, ctx.budget_sizes())
-    if s.pruner == "successive-halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=rung, reduction_factor=s.reduction_factor)
-    if s.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(
-            min_resource=rung, max_resource=horizon, reduction_factor=s.reduction_factor
-        )
-    return optuna.pruners.NopPruner()
-
-
-def make_sampler(ctx: SearchContext) -> optuna.samplers.BaseSampler:
-    if ctx.exhaustive:  # queued trials carry their parameters; the sampler is never asked
-        return optuna.samplers.RandomSampler(seed=ctx.cfg.seed)
-    return optuna.samplers.TPESampler(seed=ctx.cfg.seed, multivariate=True)
-
-
 def open_study(ctx: SearchContext, create: bool = True) -> optuna.Study:
     """Create or continue the study named `cfg.name` in the configured storage."""
     storage = make_storage(ctx.cfg.storage_url, ctx.cfg)
@@ -262,20 +247,19 @@ def open_study(ctx: SearchContext, create: bool = True) -> optuna.Study:
             storage=storage,
             load_if_exists=True,
             direction="minimize",
-            sampler=make_sampler(ctx),
-            pruner=make_pruner(ctx),
+            sampler=ctx.strategy.sampler(),
+            pruner=ctx.strategy.pruner(ctx.budget_sizes()),
         )
         if create
         else optuna.load_study(
-            study_name=ctx.cfg.name, storage=storage, sampler=make_sampler(ctx), pruner=make_pruner(ctx)
+            study_name=ctx.cfg.name, storage=storage, sampler=ctx.strategy.sampler(),
+            pruner=ctx.strategy.pruner(ctx.budget_sizes()),
         )
     )
 
 
 def target_trials(ctx: SearchContext) -> int:
-    if ctx.exhaustive:
-        return min(ctx.cfg.search.n_trials or len(ctx.candidates), len(ctx.candidates))
-    return ctx.cfg.search.n_trials or 20
+    return ctx.strategy.target_trials(len(ctx.candidates))
 
 
 def retry_failed(ctx: SearchContext):
@@ -296,16 +280,16 @@ def retry_failed(ctx: SearchContext):
 def run_trials(ctx: SearchContext, study: optuna.Study, max_trials: int | None = None) -> None:
     """Pull trials until the study has its target count of finished trials (or this worker's max)."""
     target = target_trials(ctx)
-    callbacks = [retry_failed(ctx)] if ctx.exhaustive else None  # TPE samples anew instead
+    callbacks = [retry_failed(ctx)] if ctx.queued else None  # TPE samples anew instead
     ran = 0
     while done_trials(study) < target and (max_trials is None or ran < max_trials):
-        stuck = not ctx.exhaustive and len(study.trials) >= MAX_TRIALS_PER_TARGET * target
+        stuck = not ctx.queued and len(study.trials) >= MAX_TRIALS_PER_TARGET * target
         if stuck:  # a sampler stuck outside the space (a queue holds each candidate once: it cannot be)
             log.warning(
                 "stopping after %d trials for %d evaluations; check the space", len(study.trials), target
             )
             break
-        if ctx.exhaustive and not _has(study, TrialState.WAITING):
+        if ctx.queued and not _has(study, TrialState.WAITING):
             if not _has(study, TrialState.RUNNING):
                 break  # every candidate evaluated or given up
             time.sleep(ctx.cfg.search.heartbeat_interval)  # others still running: wait for a retry or the end

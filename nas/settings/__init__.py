@@ -10,7 +10,7 @@ budget = "50%"                   # 4B, 350M, 1.5e9 or a share of the teacher
 [space]      # SpaceConfig
 [importance] # ImportanceConfig
 [search]     # SearchConfig
-[distill]    # DistillConfig of every short run (steps come from search.horizon_steps)
+[distill]    # DistillConfig of every short run (steps come from search.horizon_tokens)
 [final]      # DistillConfig overrides for the winner's full distillation (e.g. steps = 20000)
 ```
 
@@ -33,6 +33,7 @@ from nas.settings.base import (
     one_line,
 )
 from nas.settings.data import DataConfig, Phase, Source, data_config_from_dict
+from nas.settings.paths import StudyPaths, default_report, default_storage
 from nas.settings.search import ConstraintsConfig, ImportanceConfig, SearchConfig, SpaceConfig
 from nas.settings.study import BUDGET, RunConfig, load_run_config, run_config_from_dict
 from nas.settings.train import DistillConfig, EvalConfig, Launch, PlanConfig
@@ -59,9 +60,12 @@ __all__ = [
     "SearchConfig",
     "Settings",
     "Source",
+    "StudyPaths",
     "SpaceConfig",
     "annotation_choices",
     "data_config_from_dict",
+    "default_report",
+    "default_storage",
     "load_run_config",
     "one_line",
     "run_config_from_dict",

@@ -15,7 +15,8 @@ SCHEDULES = ("cosine", "wsd", "constant")
 OPTIMIZERS = ("adamw", "adamw-8bit")  # torch AdamW | torchao AdamW8bit (https://arxiv.org/abs/2110.02861)
 DEPTH_STRATEGIES = ("drop-lowest", "contiguous")
 PRUNERS = ("successive-halving", "hyperband", "none")
-SAMPLERS = ("auto", "funnel", "exhaustive", "tpe")
+# the search strategies; `nas.search.strategy.register` adds a new one's name
+SAMPLERS = ["auto", "funnel", "exhaustive", "tpe"]
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1}
 SIZE_KNOBS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_query_groups", "num_experts")  # with steps
 BUDGET_KINDS = ("total", "active")  # a budget on all parameters, or on those one token uses (MoE)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from nas.settings.base import (
     BUDGET_KINDS,
@@ -103,10 +103,11 @@ class SearchConfig(Settings):
     )
     pruner: Literal[PRUNERS] = _described("successive-halving", "how losing trials are stopped early")  # type: ignore[valid-type]
     reduction_factor: int = _described(3, "keep the best 1/reduction_factor of the trials at each rung", ge=2)
-    sampler: Literal[SAMPLERS] = _described(  # type: ignore[valid-type]
+    sampler: str = _described(
         "auto",
-        "auto/funnel: screen every candidate, short-KD each budget's best screen_top; exhaustive: every "
-        "candidate, best screen first; tpe: sample one budget's space",
+        "the search strategy (nas.search.strategy): auto/funnel: screen every candidate, short-KD each "
+        "budget's best screen_top; exhaustive: every candidate, best screen first; tpe: sample one "
+        "budget's space",
     )
     screen_sequences: int = _described(
         8, "validation sequences of the screen (every candidate's loss right after pruning)", ge=1
@@ -121,9 +122,6 @@ class SearchConfig(Settings):
         [], "lm-eval tasks (e.g. kjv_lastword) scored on the completed trials, shown beside the loss"
     )
     rerank_limit: int = _described(0, "items per re-rank task (0: all)", ge=0)
-    max_exhaustive: int = _described(
-        64, "unused since the funnel screens spaces of any size (kept so older study files load)", ge=1
-    )
     n_trials: int = _described(
         0, "finished trials wanted; 0: every candidate (exhaustive) or 20 (sampled)", ge=0
     )
@@ -148,6 +146,13 @@ class SearchConfig(Settings):
         "teacher tokens kept per position in the teacher cache (the rest as one bucket; >= vocab: exact)",
         ge=1,
     )
+
+    @field_validator("sampler")
+    @classmethod
+    def _sampler(cls, value: str) -> str:
+        if value not in SAMPLERS:  # a list, not a Literal: a registered strategy adds its name
+            raise ValueError(f"must be one of {', '.join(map(repr, SAMPLERS))}, got {value!r}")
+        return value
 
 
 class ConstraintsConfig(Settings):

@@ -19,6 +19,7 @@ from nas.settings.base import (
     _described,
 )
 from nas.settings.data import DataConfig
+from nas.settings.paths import StudyPaths, default_root
 from nas.settings.search import ConstraintsConfig, ImportanceConfig, SearchConfig, SpaceConfig
 from nas.settings.train import DistillConfig
 
@@ -102,7 +103,12 @@ class RunConfig(Settings):
 
     @property
     def root(self) -> Path:
-        return Path(self.out_dir or Path("studies") / self.name)
+        return Path(self.out_dir or default_root(self.name))
+
+    @property
+    def paths(self) -> StudyPaths:
+        """Every file the study writes (`nas.settings.paths`)."""
+        return StudyPaths(self.root, self.name, tuple(self.budgets))
 
     @property
     def teacher_resident_in_trials(self) -> bool:
@@ -111,7 +117,7 @@ class RunConfig(Settings):
 
     @property
     def storage_url(self) -> str:
-        return self.search.storage or f"sqlite:///{self.root / 'study.db'}"
+        return self.search.storage or f"sqlite:///{self.paths.database}"
 
     @property
     def tokens_per_step(self) -> int:

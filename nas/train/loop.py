@@ -42,6 +42,15 @@ from nas.train.checkpoint import (
     tied_names,
 )
 from nas.train.kd import kl_to_teacher
+from nas.train.optim import build_optimizer, lr_at, set_lr
+from nas.train.run_files import (  # noqa: F401 (NOT_IDENTITY, RUN_FILES, clear_run: their old home)
+    IDENTITY_FILE,
+    NOT_IDENTITY,
+    RUN_FILES,
+    clear_run,
+    restart_hint,
+    run_identity,
+)
 from nas.train.teacher_cache import TeacherCache
 
 log = logging.getLogger(__name__)
@@ -63,71 +72,6 @@ class Result:
 
 class NonFiniteLossError(NasError):
     """The training loss (or gradient norm) became NaN or infinite."""
-
-
-def lr_at(step: int, cfg: DistillConfig) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine / WSD / constant."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return cfg.lr
-    if cfg.schedule == "cosine":
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps - 1)
-        return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    decay_start = max(cfg.warmup_steps, round(cfg.steps * (1 - cfg.decay_fraction)))
-    if step < decay_start:
-        return cfg.lr
-    progress = (step - decay_start + 1) / max(1, cfg.steps - decay_start)
-    return cfg.lr + (cfg.min_lr - cfg.lr) * min(progress, 1.0)
-
-
-def build_optimizer(student: nn.Module, cfg: DistillConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only, as `cfg.optimizer` / `precision` / `offload_optimizer`
-    ask: torch's (fused on CUDA, foreach elsewhere) for fp32 states on fp32 weights; torchao's for
-    8-bit states and for bf16 weights (stochastic rounding); torchao's CPU offload around torch's."""
-    params = [p for p in student.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    bf16 = precision_for(cfg.precision, device).student_dtype == torch.bfloat16
-    if cfg.offload_optimizer:
-        return _offloaded(groups, cfg, device, bf16)
-    if cfg.optimizer == "adamw" and not bf16:
-        fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **fast)
-    from torchao.optim import AdamW8bit, _AdamW
-
-    _allow_torchao_states()
-    cls = AdamW8bit if cfg.optimizer == "adamw-8bit" else _AdamW
-    return cls(groups, lr=cfg.lr, betas=cfg.betas, bf16_stochastic_round=bf16)
-
-
-def _offloaded(groups: list[dict], cfg: DistillConfig, device: torch.device, bf16: bool):
-    """torchao's CPUOffloadOptimizer: states, master copies and the step on the CPU (CUDA only)."""
-    if device.type != "cuda":
-        raise ConfigError("offload_optimizer moves optimizer states from a GPU to the CPU; it needs CUDA")
-    from torchao.optim import CPUOffloadOptimizer, _AdamW
-
-    if bf16:  # bf16 weights: torchao's AdamW with stochastic rounding, on the CPU copies
-        return CPUOffloadOptimizer(groups, _AdamW, lr=cfg.lr, betas=cfg.betas, bf16_stochastic_round=True)
-    return CPUOffloadOptimizer(groups, torch.optim.AdamW, lr=cfg.lr, betas=cfg.betas)
-
-
-def _allow_torchao_states() -> None:
-    """Let checkpoints (torch.load with weights_only) restore torchao's quantized optimizer states."""
-    from torchao.optim.subclass_8bit import OptimState8bit
-
-    torch.serialization.add_safe_globals([OptimState8bit])
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Every group's learning rate (torchao keeps it as a tensor, updated in place)."""
-    for group in optimizer.param_groups:
-        if isinstance(group["lr"], torch.Tensor):
-            group["lr"].fill_(lr)
-        else:
-            group["lr"] = lr
 
 
 def train_step(model, data, cfg: DistillConfig, optimizer, step: int, out: Path | None = None):
@@ -233,62 +177,6 @@ def _distill(teacher, student, data, cfg: DistillConfig, out: Path, on_eval, fre
         seconds=seconds,
         tokens_per_s=(run.tokens - start_tokens) / max(seconds, 1e-9),
     )
-
-
-IDENTITY_FILE = "run.json"  # the settings that decide the run's result (see `run_identity`)
-# settings that change how a run is executed or logged, never its weights
-NOT_IDENTITY = (
-    "device", "log_every", "eval_every", "eval_batch_size", "checkpoint_every", "keep_checkpoints",
-    "gradient_checkpointing", "fsdp", "chunk_tokens", "offload_optimizer",
-)  # fmt: skip
-RUN_FILES = (IDENTITY_FILE, "metrics.jsonl", "checkpoints", "model")  # what --restart deletes
-
-
-def run_identity(
-    teacher: nn.Module | TeacherCache | None, student: nn.Module, data: Any, cfg: DistillConfig
-) -> dict:
-    """The settings that decide a run's result: the training settings, the data (its fingerprint covers
-    the sources, their files, the tokenizer and the split settings), and the teacher (or the key of the
-    teacher cache) and student models. A re-run with the same ones resumes; with others it is refused
-    (`nas.io.check_identity`)."""
-    cached = isinstance(teacher, TeacherCache)
-    return {
-        "training": {k: v for k, v in cfg.to_dict().items() if k not in NOT_IDENTITY},
-        "data": getattr(data, "fingerprint", None),
-        "teacher": {"teacher_cache": teacher.key} if cached else _model_identity(teacher),
-        "student": _model_identity(student),
-    }
-
-
-def _model_identity(model: nn.Module | None) -> dict | None:
-    if model is None:
-        return None
-    config = model.config
-    source = str(getattr(config, "_name_or_path", "") or "")
-    if source and Path(source).exists():
-        source = str(Path(source).resolve())
-    keys = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")  # fmt: skip
-    return {"from": source, **{k: getattr(config, k, None) for k in keys}}
-
-
-def restart_hint(out: Path) -> str:
-    """The two ways out of a settings mismatch."""
-    return (
-        f"rerun with the settings it was made with, write to a new output directory, or pass --restart to "
-        f"delete {out}'s run ({', '.join(RUN_FILES)}) and start over"
-    )
-
-
-def clear_run(out: str | os.PathLike) -> None:
-    """Delete a run's files (`--restart`): the recorded settings, metrics, checkpoints and model; nothing
-    else in `out`."""
-    for name in RUN_FILES:
-        path = Path(out) / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
 
 
 def _save_model(model: nn.Module, student: nn.Module, dst: Path) -> None:

@@ -61,10 +61,10 @@ from nas.errors import TeacherCacheError
 from nas.io import replace_dir, temp_dir, write_text_atomic
 from nas.model.head import head_weight, logit_softcap, softcap_
 from nas.settings import DistillConfig
+from nas.settings.paths import TEACHER_CACHE as DIRNAME  # its name under a study's out_dir
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 2  # bump when the files or the estimator change (2: final-logit soft-capping)
-DIRNAME = "teacher_cache"
 FILES = ("ids.bin", "logp.bin", "rest.bin")
 DIGEST_BLOCK = 1 << 24  # bytes read at a time when hashing
 
