@@ -206,12 +206,12 @@ def parse_args():
     p.add_argument("--out", default=".nas_cache/search_quality")
     p.add_argument("--smoke", action="store_true", help="a tiny teacher and horizon (seconds, for the test)")
     p.add_argument("--seq-len", type=int, default=32)
-    p.add_argument("--budgets", default="35%,45%")
-    p.add_argument("--tolerance", type=float, default=0.08)
+    p.add_argument("--budgets", default="40%")
+    p.add_argument("--tolerance", type=float, default=0.03)
     p.add_argument("--step", type=int, default=32, help="step of hidden_size (ffn_hidden_size: twice it)")
     p.add_argument("--horizon", type=int, default=30, help="search horizon in steps of batch x seq_len tokens")
     p.add_argument("--truth-factor", type=int, default=10, help="ground truth = this many horizons")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--eval-sequences", type=int, default=128)
     args = p.parse_args()
     if args.smoke:
@@ -228,6 +228,7 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     out, start = Path(args.out) / ("smoke" if args.smoke else "full"), time.perf_counter()
     spec = SMOKE_TEACHER if args.smoke else TEACHER
+    print("run at: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()))
     info, data_cfg = teacher_and_data(out, args.seq_len, spec)
     print(f"teacher: {info.params:,} params, {spec.num_layers} layers, val loss {info.val_loss:.3f} "
           f"(unigram {info.unigram_loss:.3f})")  # fmt: skip
