@@ -211,7 +211,7 @@ def parse_args():
     p.add_argument("--step", type=int, default=32, help="step of hidden_size (ffn_hidden_size: twice it)")
     p.add_argument("--horizon", type=int, default=30, help="search horizon in steps of batch x seq_len tokens")
     p.add_argument("--truth-factor", type=int, default=10, help="ground truth = this many horizons")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--eval-sequences", type=int, default=128)
     args = p.parse_args()
     if args.smoke:
