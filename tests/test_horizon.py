@@ -126,3 +126,25 @@ def test_top_two_within_noise_say_so(ctx, caplog):
     assert only["within_noise"] and record["stop"] == ranking.STABLE  # no order the data can resolve
     assert any("within the validation noise" in r.message for r in caplog.records)
 
+
+
+@pytest.mark.slow
+def test_a_run_with_the_adaptive_horizon_distills_its_pick(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from nas.pipeline import run
+
+    monkeypatch.chdir(tmp_path)  # the report goes to ./reports
+    search = {"adaptive": True, "max_horizon_factor": 2, "stable_top": 2, "screen_top": 3, "finalists": 2,
+              "per_class": 0, "bootstrap_samples": 100}  # fmt: skip
+    cfg = run_config_from_dict(tiny_study_config(tmp_path, search=search))
+    result = run(cfg)
+    study = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)
+    horizon = study.user_attrs["horizon"][cfg.budgets[0]]
+    winner = study.user_attrs["winners"][cfg.budgets[0]]
+    assert horizon["stop"] in (ranking.STABLE, ranking.CAP, ranking.ONE_LEFT)
+    assert winner["trial"] == horizon["pick"] and winner["horizon_stop"] == horizon["stop"]
+    extra = horizon["rungs"][-1]["tokens"] - horizon["rungs"][0]["tokens"]
+    assert winner["tokens"] >= extra + cfg.final_distill().steps * cfg.tokens_per_step
+    assert AutoModelForCausalLM.from_pretrained(result.winner_dir) is not None
+    assert "Adaptive horizon" in result.report.read_text()
