@@ -8,6 +8,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from nas.errors import ConfigError, OutputError
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -95,6 +98,44 @@ def replace_dir(tmp: Path, dst: Path) -> None:
 def write_atomic(path: Path, payload: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(payload)
+
+
+def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of an append-only JSON-lines log (one object a line). A torn last line, which a writer
+    killed mid-line leaves, is dropped with a warning (the resume redoes that step); an unreadable line
+    before the last is an `OutputError` naming it (the file was changed by something else)."""
+    path = Path(path)
+    lines = path.read_bytes().split(b"\n")
+    records = []
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif any(rest.strip() for rest in lines[number:]):
+            raise OutputError(
+                f"{path}:{number} is not a JSON object (not a torn last line: the log was changed by "
+                "something else); repair or delete that line to resume, or pass --restart to start over"
+            )
+        else:
+            log.warning("%s:%d: dropped a torn last line (a run killed while writing it)", path, number)
+    return records
+
+
+def append_log(path: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Append one record to a JSON-lines log with a single write (after a torn line, a newline first, so a
+    record never joins the partial one)."""
+    line = (json.dumps(record) + "\n").encode()
+    with open(path, "ab+") as f:
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                line = b"\n" + line
+        f.write(line)
 
 
 # ---- a full disk ------------------------------------------------------------------------------------
@@ -176,6 +217,58 @@ def check_not_input(
         if target == source or source in target.parents or target in source.parents:
             relation = "is" if target == source else "is inside" if source in target.parents else "contains"
             raise OutputError(f"output {out} {relation} the input {given}; write the output somewhere else")
+
+
+GENERATOR = "nas"  # the mark of the files nas writes: a JSON "generator" key, an HTML generator meta tag
+HTML_MARK = f'<meta name="generator" content="{GENERATOR}">'
+NOT_OURS_HINT = "pass --overwrite to replace it, or choose another --out"
+
+
+def check_ours(path: str | os.PathLike, overwrite: bool = False) -> None:
+    """The one rule of every file output: `OutputError` when `path` is an existing file that nas did not
+    write (see `written_by_nas`), unless `overwrite`."""
+    path = Path(path).expanduser()
+    if path.is_file() and not overwrite and not written_by_nas(path):
+        raise OutputError(f"output {path} is an existing file that nas did not write; {NOT_OURS_HINT}")
+
+
+def written_by_nas(path: Path) -> bool:
+    """Whether the file at `path` is one nas wrote, by its content: a safetensors file with nas's
+    metadata (an importance file), a JSON object with nas's `generator` key (or the keys of an eval
+    record written before the key existed), an HTML document with nas's generator tag."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return False
+    if path.suffix == ".safetensors":
+        return _safetensors_metadata(path).keys() >= {"identity", "teacher_arch"}
+    if path.suffix == ".html":
+        return HTML_MARK.encode() in head
+    try:
+        record = json.loads(path.read_bytes())
+    except (ValueError, OSError):
+        return False
+    if not isinstance(record, dict):
+        return False
+    return (
+        record.get("generator") == GENERATOR
+        or {"model", "params"} <= record.keys()
+        and ("perplexity" in record or "tasks" in record)
+    )
+
+
+def _safetensors_metadata(path: Path) -> dict[str, Any]:
+    """The `__metadata__` of a safetensors file's header (its first 8 bytes give the header's length);
+    read by hand so that this leaf module needs no safetensors import."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size)) if 0 < size <= path.stat().st_size - 8 else {}
+    except (ValueError, OSError):
+        return {}
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else {}
 
 
 LOCK_NAME = ".nas.lock"

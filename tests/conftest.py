@@ -51,4 +51,3 @@ def family_model(request):
     """A tiny random model of each family, tied/untied, GQA (kv=2) and MHA (kv=4) (MoE: 4 experts, top-2)."""
     model_type, tied, groups = request.param
     return tiny_model(model_type, tie_word_embeddings=tied, num_query_groups=groups)
-

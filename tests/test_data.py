@@ -178,7 +178,7 @@ def test_second_prepare_is_served_from_the_cache(corpora, tokenizer, tmp_path, v
 # ---- reading
 
 
-def test_documents_of_each_format_and_of_a_directory(corpora, verses, tmp_path):
+def test_documents_of_each_format_and_of_a_directory(corpora, verses, tmp_path, caplog):
     assert list(load_documents(Source(str(corpora.txt)))) == verses[:1500]  # one per blank-line block
     assert list(load_documents(Source(str(corpora.jsonl), max_documents=3))) == verses[1500:1503]
     assert list(load_documents(Source(str(corpora.parquet), text_field="body"))) == verses[2500:3000]
@@ -187,7 +187,8 @@ def test_documents_of_each_format_and_of_a_directory(corpora, verses, tmp_path):
     (tmp_path / "books" / "a.txt").write_text(verses[0])
     (nested / "c.jsonl").write_text(json.dumps({"text": verses[1]}) + "\n" + json.dumps({"other": 1}) + "\n")
     (nested / "notes.md").write_text("skipped")
-    assert list(load_documents(Source(str(tmp_path / "books")))) == verses[:2]
+    assert list(load_documents(Source(str(tmp_path / "books"), max_skipped_share=0.5))) == verses[:2]
+    assert f"1 of 3 records of {tmp_path / 'books'}" in caplog.text and "c.jsonl:2 (missing)" in caplog.text
 
 
 # ---- errors

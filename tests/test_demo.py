@@ -96,7 +96,9 @@ def test_tiny_demo_writes_every_artifact(tmp_path, monkeypatch):
     assert (out / "importance.safetensors").is_file()
     study = optuna.load_study(study_name="demo", storage=f"sqlite:///{out / 'study.db'}")
     record = StudyRecord.read(study)
-    assert record.record_version == RECORD_VERSION and record.winner["dir"] == str(result.winner_dir.resolve())
+    assert record.record_version == RECORD_VERSION and record.winner["dir"] == str(
+        result.winner_dir.resolve()
+    )
     assert record.winner["budget"] == "60%" and list(study.user_attrs["winners"]) == ["60%"]
     assert [line.split(":")[0] for line in result.search] == ["budget 40%", "budget 60%"]
     assert all("2 to the horizon" in line or "3 to the horizon" in line for line in result.search)
@@ -138,7 +140,9 @@ def test_a_second_demo_into_the_same_out_searches_afresh(tmp_path, monkeypatch):
     first_importance = (out / "importance.safetensors").stat().st_mtime_ns
     first_teacher = json.loads((out / "teacher" / MARKER).read_text())
 
-    longer = dataclasses.replace(plan, teacher=dataclasses.replace(plan.teacher, steps=plan.teacher.steps + 2))
+    longer = dataclasses.replace(
+        plan, teacher=dataclasses.replace(plan.teacher, steps=plan.teacher.steps + 2)
+    )
     result = run_demo(out, plan=longer, device="cpu")
     assert json.loads((out / "teacher" / MARKER).read_text()) != first_teacher  # another teacher
     assert (out / "importance.safetensors").stat().st_mtime_ns != first_importance

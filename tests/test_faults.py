@@ -181,6 +181,86 @@ class Workspace:
         study.set_user_attr("importance_path", str(path))
         return url
 
+    # -- the faults of issue 25: a broken teacher, mismatched parts, files that are not nas's, lost data
+
+    def broken(self, fault: str, name: str = "") -> str:
+        """A copy of the teacher with `fault` in tensor or field `name`: nan | inf (one value of the
+        tensor) | huge (every value 3e38, finite) | dtype (the tensor cast to `name`'s dtype, e.g. "model.norm.weight:int16") | no-field
+        (config.json without the field) | big-tokenizer (5 more tokens than vocab_size)."""
+        out = self.root / f"broken-{fault}"
+        shutil.copytree(self.base / "teacher", out)
+        weights, config = out / "model.safetensors", out / "config.json"
+        if fault in ("nan", "inf", "dtype", "huge"):
+            tensors = safetensors.torch.load_file(str(weights))
+            tensor, _, dtype = name.partition(":")
+            if fault == "dtype":
+                tensors[tensor] = tensors[tensor].to(getattr(torch, dtype))
+            elif fault == "huge":  # finite weights whose activations overflow float32
+                tensors[tensor] = torch.full_like(tensors[tensor], 3e38)
+            else:
+                tensors[tensor].view(-1)[7] = float(fault)
+            safetensors.torch.save_file(tensors, str(weights), metadata={"format": "pt"})
+        elif fault == "no-field":
+            raw = json.loads(config.read_text())
+            del raw[name]
+            config.write_text(json.dumps(raw))
+        elif fault == "big-tokenizer":
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(out))
+            tok.add_tokens(
+                [f"<extra{i}>" for i in range(len(tok), json.loads(config.read_text())["vocab_size"] + 5)]
+            )
+            tok.save_pretrained(str(out))
+        return str(out)
+
+    def foreign_db(self) -> str:
+        """sqlite URL of a user's SQLite database of other tables (no Optuna study)."""
+        import sqlite3
+
+        path = self.root / "notes.db"
+        with contextlib.closing(sqlite3.connect(path)) as db, db:
+            db.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+            db.executemany("INSERT INTO notes (body) VALUES (?)", [("keep me",), ("and me",)])
+        return f"sqlite:///{path}"
+
+    def old_optuna_db(self) -> str:
+        """sqlite URL of a copy of the base study whose schema is an older Optuna's (alembic revision)."""
+        import sqlite3
+
+        import optuna.storages._rdb as rdb
+        from alembic.script import ScriptDirectory
+
+        revisions = [
+            r.revision for r in ScriptDirectory(str(Path(rdb.__file__).parent / "alembic")).walk_revisions()
+        ]
+        path = self.root / "old.db"
+        shutil.copy(self.base / "study.db", path)
+        with contextlib.closing(sqlite3.connect(path)) as db, db:
+            db.execute("UPDATE alembic_version SET version_num = ?", (revisions[1],))
+        return f"sqlite:///{path}"
+
+    def users_file(self, name: str, text: str = "the user's own file\n") -> str:
+        path = self.root / name
+        path.write_text(text)
+        return str(path)
+
+    def lossy_jsonl(self, bad, every: int = 3, suffix: str = ".jsonl") -> str:
+        """The base corpus's records (125 documents of 12 verses) with every `every`-th broken by `bad(record)` (a record of
+        other fields, or a non-string text); .parquet: the same rows as a table."""
+        lines = (self.base / "corpus.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        records = [bad(r) if i % every == 1 % every else r for i, r in enumerate(records)]
+        path = self.root / f"lossy{suffix}"
+        if suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.table({"text": [r.get("text") for r in records]}), path)
+        else:
+            path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        return str(path)
+
 
 def study_file(w, **kw) -> str:
     return w.study(**kw)
@@ -310,6 +390,56 @@ CASES = [
     ("demo-bad-device", "demo", lambda w: ["demo", "--out", str(w.root / "demo"), "--device", "cuda:2"], "--device cuda:2"),
     ("demo-minutes-nan", "demo", lambda w: ["demo", "--out", str(w.root / "demo"), "--minutes", "nan"], "--minutes"),
     ("demo-minutes-inf", "demo", lambda w: ["demo", "--out", str(w.root / "demo"), "--minutes", "inf"], "--minutes"),
+    # -- issue 25: a numerically broken teacher (non-finite or non-floating weights)
+    ("importance-inf-weight", "importance", lambda w: ["importance", w.broken("inf", "model.layers.3.mlp.down_proj.weight"), *w.data(), "--out", str(w.root / "i.st")], "tensor model.layers.3.mlp.down_proj.weight holds 1 NaN/inf"),
+    ("search-nan-embedding", "search", lambda w: ["search", w.study(teacher=w.broken("nan", "model.embed_tokens.weight"))], "tensor model.embed_tokens.weight holds 1 NaN/inf"),
+    ("distill-nan-student", D, lambda w: [D, w.teacher, w.broken("nan", "lm_head.weight"), str(w.root / "o"), *w.data(), "--steps", "2"], "tensor lm_head.weight holds"),
+    ("prune-int16-weight", "prune", lambda w: ["prune", w.broken("dtype", "model.layers.0.input_layernorm.weight:int16"), str(w.root / "p"), "--importance", str(w.base / "imp.safetensors")], "tensor model.layers.0.input_layernorm.weight is I16, not floating point"),
+    ("eval-uint8-weight", "eval", lambda w: ["eval", w.broken("dtype", "model.layers.2.self_attn.v_proj.weight:uint8"), *w.data(), "--out", str(w.root / "e.json")], "is U8, not floating point"),
+    ("importance-overflowing-teacher", "importance", lambda w: ["importance", w.broken("huge", "model.layers.1.self_attn.k_proj.weight"), *w.data(), "--num-samples", "4", "--val-sequences", "2", "--out", str(w.root / "i.st")], "the teacher's outputs are not finite"),
+    # -- a tokenizer with more tokens than the embedding
+    ("importance-big-tokenizer", "importance", lambda w: ["importance", w.broken("big-tokenizer"), *w.data(), "--out", str(w.root / "i.st")], "but its vocab_size (the embedding) is 320"),
+    ("correct-big-tokenizer", "correct", lambda w: ["correct", w.broken("big-tokenizer"), str(w.root / "o"), *w.data(), "--steps", "2"], "has 325 tokens"),
+    ("eval-big-tokenizer", "eval", lambda w: ["eval", w.broken("big-tokenizer"), *w.data(), "--out", str(w.root / "e.json")], "has 325 tokens"),
+    # -- files and databases that are not nas's: refused, read-only
+    ("report-foreign-sqlite", "report", lambda w: ["report", "--storage", w.foreign_db(), "--study", "s", "--out", str(w.root / "r.html")], "not an Optuna study storage"),
+    ("worker-foreign-sqlite", "worker", lambda w: ["worker", "--storage", w.foreign_db(), "--study", "s"], "database of other tables (notes)"),
+    ("report-empty-sqlite-file", "report", lambda w: ["report", "--storage", f"sqlite:///{w.users_file('empty.db', '')}", "--study", "s", "--out", str(w.root / "r.html")], "is an empty file"),
+    ("search-foreign-sqlite", "search", lambda w: ["search", w.study(), "--storage", w.foreign_db()], "nas never writes into it"),
+    ("report-out-users-html", "report", lambda w: ["report", "--storage", f"sqlite:///{w.base / 'study.db'}", "--study", "s", "--out", w.users_file("mine.html", "<html>mine</html>")], "nas did not write; pass --overwrite"),
+    ("eval-out-users-json", "eval", lambda w: ["eval", w.teacher, *w.data(), "--out", w.users_file("results.json", '{"mine": 1}')], "nas did not write; pass --overwrite"),
+    ("importance-out-users-safetensors", "importance", lambda w: ["importance", w.teacher, *w.data(), "--out", str(shutil.copy(w.base / "teacher" / "model.safetensors", w.root / "w.safetensors"))], "nas did not write"),
+    ("distill-out-holds-users-model", D, lambda w: [D, w.teacher, w.teacher, str(Path(w.file("runs/model/notes.txt")).parent.parent), *w.data(), "--steps", "2"], "holds model that nas did not write"),
+    ("correct-out-holds-users-metrics", "correct", lambda w: ["correct", w.teacher, str(Path(w.file("mine/metrics.jsonl")).parent), *w.data(), "--steps", "2", "--restart"], "holds metrics.jsonl that nas did not write"),
+    # -- records without usable text: counted, refused past max_skipped_share
+    ("importance-records-other-field", "importance", lambda w: ["importance", w.teacher, *w.data(w.lossy_jsonl(lambda r: {"body": r["text"]})), "--out", str(w.root / "i.st")], "42 of 125 records"),
+    ("distill-records-text-list", D, lambda w: [D, w.teacher, w.teacher, str(w.root / "o"), *w.data(w.lossy_jsonl(lambda r: {"text": [r["text"]]}, every=10)), "--steps", "2"], "lossy.jsonl:2 (list)"),
+    ("eval-parquet-nulls", "eval", lambda w: ["eval", w.teacher, *w.data(w.lossy_jsonl(lambda r: {"text": None}, suffix=".parquet")), "--out", str(w.root / "e.json")], "lossy.parquet row 1 (NoneType)"),
+    ("search-records-all-numbers", "search", lambda w: ["search", w.study(data={"sources": [{"path": w.lossy_jsonl(lambda r: {"text": 3.5}, every=1)}]})], "125 records skipped"),
+    ("correct-share-too-small", "correct", lambda w: ["correct", w.teacher, str(w.root / "o"), *w.data(w.lossy_jsonl(lambda r: {"text": True}, every=50)), "--max-skipped-share", "0.001", "--steps", "2"], "more than max_skipped_share"),
+    # -- library errors turned into one line where nas calls the library
+    ("distill-negative-beta", D, lambda w: [D, w.teacher, w.teacher, str(w.root / "o"), *w.data(), "--betas", "-0.1", "0.9", "--steps", "2"], "--betas must each be in [0, 1)"),
+    ("correct-beta-one", "correct", lambda w: [ "correct", w.teacher, str(w.root / "o"), *w.data(), "--betas", "0.9", "1.0", "--steps", "2"], "--betas must each be in [0, 1)"),
+    ("distill-batch-not-multiple", D, lambda w: [D, w.teacher, w.teacher, str(w.root / "o"), *w.data(), "--batch-size", "3", "--nproc-per-node", "2"], "--batch-size 3 must be a multiple of --nproc-per-node 2"),
+    ("correct-batch-not-multiple", "correct", lambda w: ["correct", w.teacher, str(w.root / "o"), *w.data(), "--batch-size", "6", "--nproc-per-node", "4"], "use 4 or 8"),
+    ("run-final-batch-not-multiple", "run", lambda w: ["run", w.study(final={"batch_size": 5}), "--nproc-per-node", "2"], "final distillation's batch_size 5"),
+    ("worker-old-optuna-schema", "worker", lambda w: ["worker", "--storage", w.old_optuna_db(), "--study", "s"], "schema of another Optuna version"),
+    ("report-old-optuna-schema", "report", lambda w: ["report", "--storage", w.old_optuna_db(), "--study", "s", "--out", str(w.root / "r.html")], "optuna storage upgrade"),
+    # -- every study setting checked before anything is computed, naming the TOML field
+    ("search-max-memory-unreadable", "search", lambda w: ["search", w.study(constraints={"max_memory": "12 parsecs"})], "constraints.max_memory"),
+    ("run-max-memory-too-small", "run", lambda w: ["run", w.study(constraints={"max_memory": "2KB"})], "constraints.max_memory = '2KB'"),
+    ("search-budget-above-teacher", "search", lambda w: ["search", w.study(budget="3B")], "budget = '3B'"),
+    ("run-budget-too-small", "run", lambda w: ["run", w.study(budget=["75%", "40"])], "budget = ['75%', '40']"),
+    ("search-tpe-two-budgets", "search", lambda w: ["search", w.study(budget=["50%", "75%"], search={"sampler": "tpe"})], "search.sampler = tpe"),
+    # -- messages that name the real cause
+    ("importance-config-no-heads", "importance", lambda w: ["importance", w.broken("no-field", "num_attention_heads"), *w.data(), "--out", str(w.root / "i.st")], "lacks num_attention_heads"),
+    ("distill-student-config-no-ffn", D, lambda w: [D, w.teacher, w.broken("no-field", "intermediate_size"), str(w.root / "o"), *w.data(), "--steps", "2"], "lacks intermediate_size"),
+    ("space-config-no-vocab", "space", lambda w: ["space", w.broken("no-field", "vocab_size"), "--budget", "50%"], "lacks vocab_size"),
+    ("search-study-is-dir", "search", lambda w: ["search", str(w.root)], "is a directory"),
+    ("run-study-is-dir", "run", lambda w: ["run", str(w.base)], "is a directory; give the study's TOML file"),
+    # -- noticed in passing
+    ("worker-max-trials-negative", "worker", lambda w: ["worker", "--storage", f"sqlite:///{w.base / 'study.db'}", "--study", "s", "--max-trials", "-2"], "--max-trials must be at least 1"),
+    ("worker-max-trials-zero", "worker", lambda w: ["worker", "--storage", f"sqlite:///{w.base / 'study.db'}", "--study", "s", "--max-trials", "0"], "--max-trials must be at least 1"),
 ]  # fmt: skip
 
 
@@ -321,6 +451,21 @@ def tree_digest(*roots: Path) -> dict[str, str]:
             if path.is_file() and not path.is_symlink():
                 digest[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
     return digest
+
+
+def sqlite_schemas(*roots: Path) -> dict[str, list]:
+    """path -> the schema (sqlite_master rows) of every SQLite file under `roots`, read-only."""
+    import sqlite3
+
+    schemas = {}
+    for root in roots:
+        for path in sorted(root.rglob("*.db")):
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+                try:
+                    schemas[str(path)] = db.execute("SELECT type, name, sql FROM sqlite_master").fetchall()
+                except sqlite3.DatabaseError:  # the corrupt ones of the cases: their hash is compared
+                    schemas[str(path)] = None
+    return schemas
 
 
 @pytest.fixture
@@ -342,6 +487,7 @@ def test_fault_is_one_line_exit_2_and_changes_nothing(case, workspace, capsys, m
     monkeypatch.chdir(workspace.root)
     argv = build(workspace)
     before = tree_digest(workspace.root, workspace.base)
+    schemas = sqlite_schemas(workspace.root, workspace.base)
     capsys.readouterr()
     code = main(argv)
     err = capsys.readouterr().err
@@ -355,6 +501,7 @@ def test_fault_is_one_line_exit_2_and_changes_nothing(case, workspace, capsys, m
     changed = sorted(k for k in before if before[k] != after.get(k))
     added = sorted(set(after) - set(before))
     assert not changed and not added, (changed, added)
+    assert sqlite_schemas(workspace.root, workspace.base) == schemas
 
 
 def test_the_table_covers_every_sub_command():
@@ -455,3 +602,122 @@ def test_a_second_command_is_refused_and_kill_9_leaves_no_stale_lock(workspace, 
     with own_output(out):  # the kernel dropped the dead process's lock
         pass
     assert main([*argv[:-4], "--steps", "2", "--batch-size", "2", "--restart"]) == 0
+
+
+# A writer of metrics.jsonl killed by SIGKILL halfway through a line: the real loop, with the one append
+# of (step, kind) written half (flushed to disk) before the process kills itself.
+KILL_MID_LINE = """
+import json, os, signal, sys
+import nas.train.loop as loop
+real, step, kind = loop.append_log, int(sys.argv[1]), sys.argv[2]
+def torn(path, record):
+    if record["step"] == step and (record["loss"] is None) == (kind == "val"):
+        line = json.dumps(record).encode()
+        with open(path, "ab") as f:
+            f.write(line[: len(line) // 2]); f.flush(); os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(path, record)
+loop.append_log = torn
+from nas.cli.main import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def losses(out: Path) -> list[tuple]:
+    """(step, train loss, val loss) of every line of a run's metrics.jsonl."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["val_loss"]) for r in records]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("command", "kind", "step"), [("distill", "train", 3), ("correct", "val", 4)])
+def test_a_writer_killed_mid_line_resumes_to_the_same_loss(workspace, caplog, command, kind, step):
+    w = workspace
+    models = [w.teacher, w.teacher] if command == D else [w.teacher]
+    run = ["--steps", "6", "--batch-size", "2", "--eval-every", "2", "--eval-sequences", "2"]
+    run += ["--checkpoint-every", "2", "--log-every", "1"]
+    assert main([command, *models, str(w.root / "whole"), *w.data(), *run]) == 0
+    cut = w.root / "cut"
+    argv = [command, *models, str(cut), *w.data(), *run]
+    child = subprocess.run([sys.executable, "-c", KILL_MID_LINE, str(step), kind, *argv], capture_output=True)
+    assert child.returncode == -9, child.stderr.decode()[-2000:]
+    assert not (cut / "metrics.jsonl").read_bytes().endswith(b"\n")  # torn mid-line
+    assert main(argv) == 0  # resumes from the last checkpoint (before `step`)
+    assert "dropped a torn last line" in caplog.text
+    assert losses(cut) == losses(w.root / "whole")
+    whole = safetensors.torch.load_file(str(w.root / "whole" / "model" / "model.safetensors"))
+    resumed = safetensors.torch.load_file(str(cut / "model" / "model.safetensors"))
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole) and whole.keys() == resumed.keys()
+
+
+def test_eval_takes_the_models_length_when_it_has_fewer_positions_than_the_default(base, tmp_path, capsys):
+    short = tmp_path / "short"
+    write_tiny_teacher(short, max_position_embeddings=48)
+    argv = ["eval", str(short), "--data", str(base / "corpus.jsonl"), "--cache-dir", str(tmp_path / "cache")]
+    assert main([*argv, "--val-sequences", "2"]) == 0
+    assert "fewer than the default --seq-len 512: using --seq-len 48" in capsys.readouterr().out
+    record = json.loads((short / "eval.json").read_text())
+    assert [p["seq_len"] for p in record["perplexity"].values()] == [48]
+    assert (
+        main([*argv, "--seq-len", "64"]) == 2
+    )  # a length given explicitly is still refused past the model's
+
+
+def test_overwrite_replaces_a_file_nas_did_not_write_and_then_owns_it(base, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    out.write_text("user notes, not JSON\n")
+    argv = ["eval", str(base / "teacher"), "--data", str(base / "corpus.jsonl"), *SEQ, "--val-sequences", "2"]
+    argv += ["--cache-dir", str(base / "cache"), "--out", str(out)]
+    assert main(argv) == 2 and out.read_text() == "user notes, not JSON\n"
+    assert main([*argv, "--overwrite"]) == 0
+    assert json.loads(out.read_text())["generator"] == "nas"
+    assert main(argv) == 0  # nas's file now: updated without --overwrite
+
+
+def test_a_few_skipped_records_are_a_warning_with_their_count_and_first_place(workspace, caplog, tmp_path):
+    lossy = workspace.lossy_jsonl(lambda r: {"title": "Genesis"}, every=100)  # 2 of 125 records
+    argv = [
+        "importance",
+        workspace.teacher,
+        *workspace.data(lossy),
+        "--num-samples",
+        "4",
+        "--val-sequences",
+        "2",
+    ]
+    assert (
+        main(
+            [
+                *argv,
+                "--max-skipped-share",
+                "0.05",
+                "--cache-dir",
+                str(tmp_path / "c"),
+                "--out",
+                str(tmp_path / "i.st"),
+            ]
+        )
+        == 0
+    )
+    assert f"2 of 125 records of {lossy} have no usable text field 'text'" in caplog.text
+    assert f"the first at {lossy}:2 (missing)" in caplog.text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("command", "line"), [("distill", 1), ("correct", 3)])
+def test_a_log_changed_before_its_last_line_is_refused_on_resume(workspace, capsys, command, line):
+    """Only a torn last line is a crash's; a bad line before it was written by something else: the resume
+    is refused (one line naming the file and line), and nothing changes."""
+    w = workspace
+    models = [w.teacher, w.teacher] if command == D else [w.teacher]
+    argv = [command, *models, str(w.root / "run"), *w.data(), "--steps", "4", "--batch-size", "2"]
+    argv += ["--eval-every", "2", "--eval-sequences", "2", "--checkpoint-every", "2", "--log-every", "1"]
+    assert main(argv) == 0
+    metrics = w.root / "run" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    lines[line - 1] = lines[line - 1][:10] + "\n"
+    metrics.write_text("".join(lines))
+    before = tree_digest(w.root)
+    message = one_line_error(capsys, argv)
+    assert f"metrics.jsonl:{line} is not a JSON object" in message and "repair or delete that line" in message
+    assert tree_digest(w.root) == before

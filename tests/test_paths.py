@@ -34,7 +34,9 @@ def test_the_teacher_config_is_parsed_once_until_it_changes(tmp_path, monkeypatc
     tiny_config("llama").save_pretrained(tmp_path)
     parsed = []
     real = transformers.AutoConfig.from_pretrained
-    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda *a, **k: parsed.append(a) or real(*a, **k))
+    monkeypatch.setattr(
+        transformers.AutoConfig, "from_pretrained", lambda *a, **k: parsed.append(a) or real(*a, **k)
+    )
     first, second = load_config(tmp_path), load_config(tmp_path)
     assert len(parsed) == 1 and first is not second and first.to_dict() == second.to_dict()
     first.num_hidden_layers = 99  # a caller's change stays its own

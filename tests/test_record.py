@@ -39,7 +39,10 @@ def test_a_study_of_the_previous_format_reads_as_the_current_one():
     cfg = run_config_from_dict(record.config)  # what a worker of the old study loads
     assert cfg.budgets == list(V1["budgets"])
     data = report_frames(study)
-    assert set(data.header["winners"]) == {"50%", "75%"} and set(data.stability_facts["budgets"]) == {"50%", "75%"}
+    assert set(data.header["winners"]) == {"50%", "75%"} and set(data.stability_facts["budgets"]) == {
+        "50%",
+        "75%",
+    }
     assert data.header["budgets"] == V1["budgets"]
 
     StudyRecord(rerank={}).write(study)  # the first write stores the whole record in the current format
@@ -51,7 +54,12 @@ def test_a_study_of_the_previous_format_reads_as_the_current_one():
 
 def test_a_one_budget_study_of_the_previous_format_gets_its_budget_label():
     winner = {"trial": 0, "final_val_loss": 3.0, "dir": "/w"}  # written before winners carried a budget
-    attrs = {"config": {"budget": "60%"}, "budget": 100, "stability": {"k": 2, "trials": [0, 1]}, "winner": winner}
+    attrs = {
+        "config": {"budget": "60%"},
+        "budget": 100,
+        "stability": {"k": 2, "trials": [0, 1]},
+        "winner": winner,
+    }
     record = StudyRecord.from_attrs(attrs)
     assert record.budgets == {"60%": 100} and record.stability == {"60%": attrs["stability"]}
     assert record.winners == {"60%": winner} and record.winner == winner

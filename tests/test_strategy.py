@@ -44,7 +44,9 @@ def test_settings_offer_exactly_the_registered_strategies(largest_first):
     assert STRATEGIES["auto"] is STRATEGIES["funnel"]
     cfg = run_config_from_dict({**tiny_config_stub(), "search": {"sampler": "largest-first"}})
     assert isinstance(strategy_for(cfg), LargestFirst)
-    with pytest.raises(ConfigError, match=r"search.sampler: must be one of 'auto', .*'largest-first', got 'x'"):
+    with pytest.raises(
+        ConfigError, match=r"search.sampler: must be one of 'auto', .*'largest-first', got 'x'"
+    ):
         run_config_from_dict({**tiny_config_stub(), "search": {"sampler": "x"}})
 
 

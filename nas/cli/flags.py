@@ -103,3 +103,9 @@ def split_weight(spec: str) -> tuple[str, float]:
 
 def add_restart(p, text: str) -> None:
     p.add_argument("--restart", action="store_true", help=text)
+
+
+def add_overwrite(p) -> None:
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out file that nas did not write"
+    )

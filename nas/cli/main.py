@@ -9,7 +9,7 @@ import os
 import sys
 
 from nas.cli import guard
-from nas.cli.flags import add_flags, add_restart, settings_from_args
+from nas.cli.flags import add_flags, add_overwrite, add_restart, settings_from_args
 from nas.cli.study import add_plan, add_search, add_space
 from nas.cli.train import add_correct, add_data_args, add_distill, data_config_from_args
 from nas.errors import ConfigError, NasError
@@ -49,6 +49,7 @@ def add_importance(sub) -> None:
     p.add_argument("--out", required=True, help="importance file to write (.safetensors)")
     add_importance_args(p)
     add_restart(p, "recompute an existing --out file made with other settings")
+    add_overwrite(p)
     p.set_defaults(func=cmd_importance)
 
 
@@ -70,12 +71,15 @@ def importance_from_data(args, teacher, tokenizer, data_cfg, imp: ImportanceConf
 def cmd_importance(args) -> int:
     from nas.data.tokens import prepare
     from nas.device import resolve_device
+    from nas.io import written_by_nas
     from nas.model.arch import Arch
     from nas.model.families import load_config, load_model, load_tokenizer
     from nas.prune.importance import ensure_importance, importance_identity
 
     data_cfg, imp = data_config_from_args(args), settings_from_args(args, ImportanceConfig)
-    out = guard.output(args.out, [args.teacher, *guard.data_paths(args)], is_dir=False)
+    out = guard.output(
+        args.out, [args.teacher, *guard.data_paths(args)], is_dir=False, overwrite=args.overwrite
+    )
     guard.device(device_of(args))
     guard.seq_len_fits(data_cfg.seq_len, args.teacher)
     with guard.owning(out, is_dir=False):
@@ -85,9 +89,10 @@ def cmd_importance(args) -> int:
         identity = importance_identity(
             args.teacher, teacher_arch, data.fingerprint, imp.num_samples, imp.val_sequences
         )
+        replace = args.restart or (out.exists() and not written_by_nas(out))  # past guard: --overwrite
         importance, computed = ensure_importance(
             out, lambda: load_model(args.teacher, device=resolve_device(device_of(args))), data, identity,
-            imp.batch_size, "write to another --out file, or pass --restart to recompute it", args.restart,
+            imp.batch_size, "write to another --out file, or pass --restart to recompute it", replace,
         )  # fmt: skip
         if not computed:  # a finished result, made with these settings
             print(f"{out} is already computed with these settings (base val loss {importance.base_loss:.4f})")
@@ -195,6 +200,7 @@ def add_report(sub) -> None:
     p.add_argument("--study", required=True, help="study name")
     p.add_argument("--storage", help="Optuna storage URL (default sqlite:///studies/<study>/study.db)")
     p.add_argument("--out", help="HTML file to write (default reports/<study>.html)")
+    add_overwrite(p)
     p.set_defaults(func=cmd_report)
 
 
@@ -202,7 +208,7 @@ def cmd_report(args) -> int:
     from nas.report.html import write_report
 
     storage = args.storage or default_storage(args.study)
-    out = guard.output(args.out or default_report(args.study), [], is_dir=False)
+    out = guard.output(args.out or default_report(args.study), [], is_dir=False, overwrite=args.overwrite)
     with guard.owning(out, is_dir=False):
         out = write_report(storage, args.study, out)
     print(f"report: {out} ({out.stat().st_size / 1e6:.1f} MB)")
@@ -221,6 +227,7 @@ def add_eval(sub) -> None:
     add_flags(p, EvalConfig, names=EVAL_NAMES)
     add_flags(p, RunConfig, ["device"])
     p.add_argument("--out", help="JSON to write (default MODEL/eval.json; eval-<hub id>.json for a hub id)")
+    add_overwrite(p)
     p.set_defaults(func=cmd_eval)
 
 
@@ -232,11 +239,13 @@ def cmd_eval(args) -> int:
 
     cfg = settings_from_args(args, EvalConfig, names=EVAL_NAMES)
     default = eval_json_path(args.model)
-    out = guard.output(
-        args.out or default, [args.model, *guard.data_paths(args)], is_dir=False, allow=[default]
-    )
+    inputs = [args.model, *guard.data_paths(args)]
+    out = guard.output(args.out or default, inputs, is_dir=False, allow=[default], overwrite=args.overwrite)
     guard.device(device_of(args))
     if args.data:
+        note = guard.default_seq_len_fits(args, args.model)
+        if note:
+            print(note)
         guard.seq_len_fits(data_config_from_args(args).seq_len, args.model)
     if cfg.val_sequences is not None and cfg.val_sequences < 1:
         raise ConfigError(

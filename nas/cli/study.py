@@ -122,7 +122,7 @@ def add_search(sub) -> None:
     p = sub.add_parser("worker", help="join a study in shared storage and run its trials until it is done")
     p.add_argument("--storage", required=True, help="e.g. postgresql+psycopg://user:pw@host/db")
     p.add_argument("--study", required=True, help="study name")
-    p.add_argument("--max-trials", type=int, help="stop after this many trials of this worker")
+    p.add_argument("--max-trials", type=int, help="stop after this many trials of this worker (at least 1)")
     add_flags(p, Launch)  # processes (GPUs) per trial: each trial one FSDP2 job over them
     p.set_defaults(func=cmd_worker)
 
@@ -130,7 +130,7 @@ def add_search(sub) -> None:
 def study_config(args):
     """The study TOML's settings (with --storage), its out_dir checked: writable, no input, and the
     storage URL, device and sequence length valid, before anything is loaded."""
-    from nas.search.study import check_storage_url
+    from nas.search.study import check_optuna_schema, check_storage_url
     from nas.settings import load_run_config
 
     cfg = load_run_config(args.study)
@@ -139,9 +139,41 @@ def study_config(args):
     sources = [s.path for s in cfg.data.sources]
     guard.output(cfg.root, [cfg.teacher, *sources, args.study])
     check_storage_url(cfg.storage_url)
+    check_optuna_schema(cfg.storage_url)
     guard.device(cfg.device)
     guard.seq_len_fits(cfg.data.seq_len, cfg.teacher)
+    check_against_teacher(cfg)
     return cfg
+
+
+def check_against_teacher(cfg) -> None:
+    """The settings that need the teacher's size, checked from its config alone before anything is
+    computed: every budget gives a space, and the memory limit reads and leaves a candidate of each
+    budget; the error names the TOML field."""
+    from nas.errors import InfeasibleError
+    from nas.model.arch import Arch
+    from nas.model.families import load_config
+    from nas.prune.space import enumerate_budgets, memory_bytes, parse_bytes, within_memory
+
+    teacher = Arch.from_hf_config(load_config(cfg.teacher))
+    try:
+        spaces = enumerate_budgets(teacher, cfg.budgets, cfg.space)
+    except (InfeasibleError, ConfigError) as e:
+        raise ConfigError(f"budget = {cfg.budget!r}: {e}") from None
+    limit = cfg.constraints.max_memory
+    if not limit:
+        return
+    try:
+        limit_bytes = parse_bytes(limit, memory_bytes(teacher, cfg.constraints))
+    except ConfigError as e:
+        raise ConfigError(f"constraints.max_memory: {e}") from None
+    for budget, candidates in spaces.items():
+        if not within_memory(candidates, cfg.constraints, teacher)[0]:
+            least = min(memory_bytes(a, cfg.constraints) for a in candidates)
+            raise ConfigError(
+                f"constraints.max_memory = {limit!r} ({limit_bytes:,} B) leaves no candidate of budget "
+                f"{budget} (the smallest needs {least:,} B); raise it or lower the budget"
+            )
 
 
 def cmd_search(args) -> int:
@@ -158,7 +190,11 @@ def cmd_run(args) -> int:
     from nas.pipeline import run
 
     launch = settings_from_args(args, Launch)
-    result = run(study_config(args), nproc_per_node=launch.nproc_per_node, restart=args.restart)
+    cfg = study_config(args)
+    guard.batch_splits(
+        cfg.final_distill().batch_size, launch.nproc_per_node, "the final distillation's batch_size"
+    )
+    result = run(cfg, nproc_per_node=launch.nproc_per_node, restart=args.restart)
     print(f"teacher val loss {result.teacher_val_loss:.4f}; winner val loss {result.winner_val_loss:.4f}")
     for budget, path in result.winners.items():
         print(f"winner of {budget}: {path}")
@@ -171,7 +207,16 @@ def cmd_worker(args) -> int:
     from nas.pipeline import worker
     from nas.train.dist import teardown
 
-    code = relaunch_under_torchrun(args, settings_from_args(args, Launch))
+    if args.max_trials is not None and args.max_trials < 1:
+        raise ConfigError(
+            f"--max-trials must be at least 1 (or left out: until the study is done), got {args.max_trials}"
+        )
+    launch = settings_from_args(args, Launch)
+    if launch.nproc_per_node > 1:  # before any torchrun child starts
+        guard.batch_splits(
+            stored_config(args).short_distill().batch_size, launch.nproc_per_node, "distill.batch_size"
+        )
+    code = relaunch_under_torchrun(args, launch)
     if code is not None:
         return code
     study = worker(args.storage, args.study, args.max_trials)

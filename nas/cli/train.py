@@ -13,7 +13,7 @@ DATA_NAMES = {
     "streaming": "data-streaming",
     "seed": "data-seed",
 }
-SOURCE_FLAGS = ("text_field", "config", "split", "streaming", "max_documents")
+SOURCE_FLAGS = ("text_field", "config", "split", "streaming", "max_documents", "max_skipped_share")
 DATA_FLAGS = ("seq_len", "cache_dir", "seed")
 
 
@@ -71,6 +71,11 @@ def add_train_args(p) -> None:
     p.add_argument(
         "--restart", action="store_true", help="delete OUT's run made with other settings and start over"
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace metrics.jsonl, checkpoints/, model/ in OUT that nas did not write",
+    )
 
 
 def relaunch_under_torchrun(args, launch: Launch) -> int | None:
@@ -116,9 +121,12 @@ def launch(args):
     """Validate every setting first (before any model is loaded), then: (exit code of the torchrun
     re-launch, ...) when this process only re-launched itself, else (None, device, data config,
     distill config) with the process group set up."""
+    from nas.cli import guard
     from nas.train.dist import local_device, setup
 
     data_cfg, cfg = data_config_from_args(args), settings_from_args(args, DistillConfig)
+    nproc = settings_from_args(args, Launch).nproc_per_node
+    guard.batch_splits(cfg.batch_size, nproc)
     code = relaunch_under_torchrun(args, settings_from_args(args, Launch))
     if code is not None:
         return code, None, data_cfg, cfg
@@ -133,8 +141,9 @@ def checked_output(args, *models: str):
     from nas.cli import guard
 
     data_cfg, cfg = data_config_from_args(args), settings_from_args(args, DistillConfig)
-    settings_from_args(args, Launch)  # every setting is validated first
+    guard.batch_splits(cfg.batch_size, settings_from_args(args, Launch).nproc_per_node)  # validated first
     out = guard.output(args.out, [*models, *guard.data_paths(args)])
+    guard.run_dir_is_ours(out, args.overwrite)
     guard.device(cfg.device)
     guard.seq_len_fits(data_cfg.seq_len, *models)
     return out

@@ -61,27 +61,67 @@ def source_fingerprint(source: Source) -> dict[str, Any]:
 
 
 def load_documents(source: Source) -> Iterator[str]:
-    """Yield the non-empty texts of `source` (at most `max_documents`); DataError if there are none."""
+    """Yield the non-empty texts of `source` (at most `max_documents`). A record of a .jsonl, .parquet or
+    hub source without usable text (the field missing, null, not a string, or blank) is skipped and
+    counted: a warning gives the count and the first one's location; a DataError when nothing is left,
+    or when more than `max_skipped_share` of the records read were skipped."""
     records = _local_texts(source) if is_local(source) else _hub_texts(source)
-    count = 0
-    for text in records:
+    count, skipped = 0, Skipped()
+    for where, text in records:
         if not isinstance(text, str) or not text.strip():
+            if where is not None:  # a record (a blank paragraph of a .txt file is no record)
+                skipped.add(where, text)
             continue
         yield text
         count += 1
         if source.max_documents is not None and count >= source.max_documents:
+            break
+    skipped.report(source, count)
+
+
+class Skipped:
+    """The records a source skipped: how many, and the first one's location and reason."""
+
+    def __init__(self) -> None:
+        self.count, self.first = 0, ""
+
+    def add(self, where: str, value: Any) -> None:
+        if not self.count:
+            reason = (
+                "missing" if value is MISSING else "blank" if isinstance(value, str) else type(value).__name__
+            )
+            self.first = f"{where} ({reason})"
+        self.count += 1
+
+    def report(self, source: Source, kept: int) -> None:
+        """Warn about the skipped records; DataError when none is kept or too many were skipped."""
+        field, total = source.text_field, kept + self.count
+        if kept == 0:
+            first = f" ({self.count} records skipped, the first at {self.first})" if self.count else ""
+            raise DataError(
+                f"no text in {source.path}: the text field {field!r} is missing or empty in every record"
+                f"{first}; pass the right field with --text-field (text_field in the study TOML)"
+            )
+        if not self.count:
             return
-    if count == 0:
-        raise DataError(
-            f"no text in {source.path}: the text field {source.text_field!r} is missing or empty in every "
-            "record; pass the right field with --text-field (text_field in the study TOML)"
-        )
+        what = f"{self.count} of {total} records of {source.path} have no usable text field {field!r}"
+        if self.count > source.max_skipped_share * total:
+            raise DataError(
+                f"{what} (first at {self.first}): more than max_skipped_share "
+                f"({source.max_skipped_share:.0%}); fix the data or --text-field, or raise --max-skipped-share"
+            )
+        log.warning("%s; skipped them (the first at %s)", what, self.first)
 
 
-def _local_texts(source: Source) -> Iterator[Any]:
+MISSING = object()  # a record without the text field
+
+
+def _local_texts(source: Source) -> Iterator[tuple[str | None, Any]]:
+    """(location, value) of every record of a local source; a .txt paragraph has no location."""
     for path in local_files(source):
         if path.suffix == ".txt":
-            yield from BLANK_LINES.split(read_text(path))
+            for text in BLANK_LINES.split(read_text(path)):
+                yield None, text
         elif path.suffix == ".jsonl":
             yield from _jsonl_texts(path, source.text_field)
         else:
@@ -105,7 +145,7 @@ def read_text(path: Path) -> str:
     return text
 
 
-def _jsonl_texts(path: Path, field: str) -> Iterator[Any]:
+def _jsonl_texts(path: Path, field: str) -> Iterator[tuple[str, Any]]:
     with path.open("rb") as f:  # streamed: a .jsonl corpus can be far larger than memory
         for number, raw in enumerate(f, 1):
             if not raw.strip():
@@ -120,11 +160,10 @@ def _jsonl_texts(path: Path, field: str) -> Iterator[Any]:
                 raise DataError(
                     f"{path}:{number} is not valid JSON ({e}); each line must be one JSON object"
                 ) from e
-            if isinstance(record, dict):
-                yield record.get(field)
+            yield f"{path}:{number}", record.get(field, MISSING) if isinstance(record, dict) else record
 
 
-def _parquet_texts(path: Path, field: str) -> Iterator[Any]:
+def _parquet_texts(path: Path, field: str) -> Iterator[tuple[str, Any]]:
     import pyarrow.parquet as pq
 
     try:
@@ -134,11 +173,14 @@ def _parquet_texts(path: Path, field: str) -> Iterator[Any]:
     columns = parquet.schema_arrow.names
     if field not in columns:
         raise DataError(f"{path} has no column {field!r} (columns: {', '.join(columns)}); pass --text-field")
+    row = 0
     for batch in parquet.iter_batches(columns=[field]):
-        yield from batch.column(0).to_pylist()
+        for value in batch.column(0).to_pylist():
+            yield f"{path} row {row}", value
+            row += 1
 
 
-def _hub_texts(source: Source) -> Iterator[Any]:
+def _hub_texts(source: Source) -> Iterator[tuple[str, Any]]:
     import datasets
 
     if source.streaming and source.max_documents is None:
@@ -164,9 +206,9 @@ def _hub_texts(source: Source) -> Iterator[Any]:
         return
     if source.text_field not in first:
         raise DataError(f"hub dataset {name} has no field {source.text_field!r} (fields: {', '.join(first)})")
-    yield first[source.text_field]
-    for row in rows:
-        yield row.get(source.text_field)
+    yield f"{name} row 0", first[source.text_field]
+    for number, row in enumerate(rows, 1):
+        yield f"{name} row {number}", row.get(source.text_field, MISSING)
 
 
 def document_hash(text: str) -> int:

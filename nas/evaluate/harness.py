@@ -34,7 +34,7 @@ from nas.data.tokens import prepare
 from nas.device import resolve_device
 from nas.errors import ConfigError, DataError, first_line
 from nas.evaluate.loss import lm_loss
-from nas.io import write_text_atomic
+from nas.io import GENERATOR, write_text_atomic, written_by_nas
 from nas.model.families import load_model, load_tokenizer
 from nas.settings import Phase
 
@@ -230,13 +230,15 @@ def eval_json_path(name_or_path: str | os.PathLike) -> Path:
 
 
 def save_results(record: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Merge `record` into the JSON at `path` (new perplexity sources and tasks replace old entries of the
-    same name, others are kept) and write it atomically."""
+    """Merge `record` into the JSON at `path` when nas wrote it (new perplexity sources and tasks replace
+    old entries of the same name, others are kept; a file of someone else's, replaced with --overwrite,
+    is not merged) and write it atomically, marked as nas's."""
     path = Path(path)
-    merged = json.loads(path.read_text()) if path.exists() else {}
+    merged = json.loads(path.read_text()) if path.exists() and written_by_nas(path) else {}
     for key in ("perplexity", "tasks"):
         merged[key] = merged.get(key, {}) | record.get(key, {})
     identity = {k: v for k, v in record.items() if k not in ("perplexity", "tasks")}
+    identity = {"generator": GENERATOR} | identity
     merged = identity | merged | identity  # the model's identity first, so the file reads top-down
     return write_text_atomic(path, json.dumps(merged, indent=2) + "\n")
 

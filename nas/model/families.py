@@ -23,6 +23,7 @@ from torch import nn
 
 from nas.device import precision_for
 from nas.errors import ModelError, first_line
+from nas.model.validate import check_config_fields, check_finite, check_tokenizer_fits, check_weight_dtypes
 
 log = logging.getLogger(__name__)
 
@@ -145,13 +146,14 @@ def load_config(name_or_path: str | Path) -> Any:
 
 @functools.lru_cache(maxsize=16)
 def _parsed_config(name: str, stamp: tuple[int, int] | None) -> Any:
-    from transformers import AutoConfig
+    from transformers import AutoConfig, PretrainedConfig
 
     try:
         config = AutoConfig.from_pretrained(name)
+        raw, _ = PretrainedConfig.get_config_dict(name)  # the file itself, without transformers' defaults
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load a model config from {name!r}: {first_line(e)}") from e
-    family_of(config)
+    check_config_fields(name, raw, family_of(config))
     return config
 
 
@@ -175,7 +177,9 @@ def load_model(
         raise ModelError(
             f"cannot load model weights from {str(name_or_path)!r} (corrupt or incomplete?): {first_line(e)}"
         ) from e
-    check_complete(info, _weights_name(local) if local.is_dir() else str(name_or_path))
+    where = _weights_name(local) if local.is_dir() else str(name_or_path)
+    check_complete(info, where)
+    check_finite(model, where)
     return model.to(device).eval()
 
 
@@ -212,9 +216,13 @@ def _tensor_shapes(file: Path) -> dict[str, tuple[int, ...]]:
 
     try:
         with safe_open(str(file), framework="pt") as f:
-            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+            slices = {name: f.get_slice(name) for name in f.keys()}  # noqa: SIM118
+            dtypes = {name: s.get_dtype() for name, s in slices.items()}
+            shapes = {name: tuple(s.get_shape()) for name, s in slices.items()}
     except Exception as e:  # SafetensorError (no public base), OSError
         raise ModelError(f"weights {file} are unreadable (corrupt or truncated): {first_line(e)}") from e
+    check_weight_dtypes(file, dtypes)
+    return shapes
 
 
 def load_teacher_and_student(
@@ -234,9 +242,11 @@ def load_tokenizer(name_or_path: str | Path) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(name_or_path))
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
     except Exception as e:  # tokenizers, json and transformers each raise their own types
         raise ModelError(
             f"cannot load a tokenizer from {str(name_or_path)!r} (tokenizer files corrupt or missing?): "
             f"{type(e).__name__}: {first_line(e)}"
         ) from e
+    check_tokenizer_fits(tokenizer, load_config(name_or_path), str(name_or_path))
+    return tokenizer

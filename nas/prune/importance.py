@@ -321,6 +321,18 @@ def layer_removal_losses(model: nn.Module, val: torch.Tensor, batch_size: int = 
     return torch.tensor(losses)
 
 
+def _check_finite_scores(scores: dict[str, Any], layer_loss: torch.Tensor, base: float) -> None:
+    """ModelError when the teacher's outputs overflow (finite weights can still give inf activations):
+    NaN scores would rank every unit arbitrarily."""
+    bad = [name for name, t in scores.items() if t is not None and not bool(torch.isfinite(t).all())]
+    bad += ["layer_loss"] * (not bool(torch.isfinite(layer_loss).all()))
+    if bad or not torch.isfinite(torch.tensor(base)):
+        raise ModelError(
+            f"the teacher's outputs are not finite (base val loss {base:.4g}; non-finite scores: "
+            f"{', '.join(bad) or 'none'}): its weights overflow the activations; check the model"
+        )
+
+
 def compute_importance(
     model: nn.Module, calib: torch.Tensor, val: torch.Tensor, batch_size: int = 8
 ) -> Importance:
@@ -333,6 +345,7 @@ def compute_importance(
     layer_loss = layer_removal_losses(model, val, batch_size)
     base = lm_loss(model, val, batch_size)
     model.train(was_training)
+    _check_finite_scores(scores, layer_loss, base)
     log.info("importance: %d calibration sequences, base val loss %.4f", len(calib), base)
     return Importance(
         **scores,

@@ -14,7 +14,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.offline
 
-from nas.io import write_text_atomic
+from nas.io import HTML_MARK, write_text_atomic
 from nas.report.data import ReportData, load_study, pareto_mask, report_frames
 from nas.report.figures import (
     curves_figure,
@@ -98,7 +98,12 @@ def render_html(data: ReportData) -> str:
     ]
     title = html.escape(f"nas report: {data.study_name}")
     return PAGE.format(
-        title=title, css=CSS, plotlyjs=plotly.offline.get_plotlyjs(), body="\n".join(body), js=SORT_JS
+        mark=HTML_MARK,
+        title=title,
+        css=CSS,
+        plotlyjs=plotly.offline.get_plotlyjs(),
+        body="\n".join(body),
+        js=SORT_JS,
     )
 
 
@@ -316,7 +321,7 @@ document.querySelectorAll("table.sortable th").forEach(function (th, col) {
 """
 
 PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<html lang="en"><head><meta charset="utf-8">{mark}<meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{title}</title><style>{css}</style>
 <script type="text/javascript">{plotlyjs}</script>
 </head><body>

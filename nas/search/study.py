@@ -62,10 +62,77 @@ def storage_errors(url: str) -> Iterator[None]:
                 f"study storage {path} is not a readable SQLite database ({reason}): corrupt or truncated"
             ) from e
         raise ConfigError(f"cannot open the study storage {_redacted(url)}: {reason}") from e
+    except RuntimeError as e:  # RDBStorage: a schema of another Optuna version (mostly caught before)
+        if "table schema" not in str(e):
+            raise
+        raise ConfigError(f"study storage {_redacted(url)}: {first_line(e)}") from e
     except ImportError as e:  # optuna: "Failed to import DB access module"
         raise ConfigError(
             f"cannot open the study storage {_redacted(url)}: its database driver is not installed"
         ) from e
+
+
+OPTUNA_TABLES = {"studies", "trials", "version_info"}  # tables every Optuna RDB schema since v1 has
+
+
+def check_optuna_schema(url: str, existing: bool = False) -> None:
+    """Before Optuna touches a storage (it creates its tables in any database it opens): ConfigError when
+    the database holds tables but is not an Optuna storage (nas never writes into it), when its schema
+    is of another Optuna version, or, with `existing` (a study to read), when it holds no tables at all.
+    Read-only: an SQLite file is opened with mode=ro."""
+    import sqlalchemy
+
+    where = _redacted(url)
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///")).expanduser()
+        if not path.is_file() or path.stat().st_size == 0:
+            if existing:
+                raise ConfigError(f"study storage {where} is an empty file, not an Optuna study storage")
+            return  # a new storage
+        url_ro = f"sqlite:///file:{path.resolve()}?mode=ro&uri=true"
+    else:
+        url_ro = url
+    with storage_errors(url):
+        engine = sqlalchemy.create_engine(url_ro)
+        try:
+            with engine.connect() as connection:
+                tables = set(sqlalchemy.inspect(connection).get_table_names())
+                revision = None
+                if "alembic_version" in tables:
+                    revision = connection.execute(
+                        sqlalchemy.text("SELECT version_num FROM alembic_version")
+                    ).scalar()
+        finally:
+            engine.dispose()
+    if existing and not tables:
+        raise ConfigError(f"study storage {where} is an empty database: no Optuna study there")
+    if tables and not OPTUNA_TABLES <= tables:
+        shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+        raise ConfigError(
+            f"study storage {where} is a database of other tables ({shown}), not an Optuna study storage; "
+            "nas never writes into it: give another --storage (a new SQLite file or an Optuna database)"
+        )
+    head, known = _optuna_schema_revisions()
+    if tables and revision != head:
+        way = (
+            f"upgrade it with `optuna storage upgrade --storage {where}` (back it up first)"
+            if revision in known
+            else "open it with the Optuna version that wrote it, or a newer one"
+        )
+        raise ConfigError(
+            f"study storage {where} has the schema of another Optuna version ({revision or 'unversioned'}; "
+            f"Optuna {optuna.__version__} needs {head}): {way}"
+        )
+
+
+def _optuna_schema_revisions() -> tuple[str, list[str]]:
+    """(the head revision, every revision) of this Optuna's storage schema, from its alembic scripts (the
+    revisions `RDBStorage` compares; read here so nothing is opened for writing)."""
+    import optuna.storages._rdb as rdb
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory(str(Path(rdb.__file__).parent / "alembic"))
+    return script.get_current_head(), [r.revision for r in script.walk_revisions()]
 
 
 def _redacted(url: str) -> str:
@@ -83,6 +150,7 @@ def make_storage(url: str, cfg: RunConfig | None = None) -> optuna.storages.Base
     check_storage_url(url)
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    check_optuna_schema(url)
     s = cfg.search if cfg else None
     sqlite = url.startswith("sqlite")
     with storage_errors(url), warnings.catch_warnings():
@@ -123,6 +191,7 @@ def load_existing_study(storage: str, study_name: str) -> optuna.Study:
         raise ConfigError(
             f"no SQLite file at {storage.removeprefix('sqlite:///')}; pass --storage with the URL the search used"
         )
+    check_optuna_schema(storage, existing=True)
     with storage_errors(storage):
         names = optuna.study.get_all_study_names(storage)
         if study_name not in names:

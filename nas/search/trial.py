@@ -252,7 +252,9 @@ def open_study(ctx: SearchContext, create: bool = True) -> optuna.Study:
         )
         if create
         else optuna.load_study(
-            study_name=ctx.cfg.name, storage=storage, sampler=ctx.strategy.sampler(),
+            study_name=ctx.cfg.name,
+            storage=storage,
+            sampler=ctx.strategy.sampler(),
             pruner=ctx.strategy.pruner(ctx.budget_sizes()),
         )
     )

@@ -93,6 +93,11 @@ class RunConfig(Settings):
             raise ValueError("give search.horizon_tokens or (older studies) search.horizon_steps, not both")
         if self.search.rung_tokens and self.search.eval_every:
             raise ValueError("give search.rung_tokens or (older studies) search.eval_every, not both")
+        if self.search.sampler == "tpe" and (len(self.budgets) > 1 or self.constraints.min_throughput):
+            raise ValueError(
+                "search.sampler = tpe searches one budget with no constraints.min_throughput; use the "
+                "funnel (sampler = auto)"
+            )
         self.final_distill()  # the overrides are validated now, not after the search
         return self
 
@@ -194,6 +199,10 @@ class RunConfig(Settings):
 def load_run_config(path: str | Path) -> RunConfig:
     """Read and validate a study TOML file; `name` defaults to the file's stem."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(
+            f"study file {path} is a directory; give the study's TOML file (e.g. {path}/NAME.toml)"
+        )
     if not path.is_file():
         raise ConfigError(f"study file {path} does not exist")
     try:

@@ -69,6 +69,8 @@ class DistillConfig(Settings):
     def _check(self) -> DistillConfig:
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
+        if not all(0 <= b < 1 for b in self.betas):  # AdamW's own rule (torch raises a bare ValueError)
+            raise ValueError(f"betas must each be in [0, 1), got {list(self.betas)}")
         if self.offload_optimizer and self.optimizer != "adamw":
             raise ValueError("offload_optimizer keeps fp32 AdamW states on the CPU; set optimizer = 'adamw'")
         return self

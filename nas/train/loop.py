@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from nas.device import precision_for, use_precision
 from nas.errors import ConfigError, ModelError, NasError
 from nas.evaluate.loss import lm_loss
-from nas.io import check_identity, record_identity, save_model_atomic, write_text_atomic
+from nas.io import append_log, check_identity, read_log, record_identity, save_model_atomic, write_text_atomic
 from nas.model.head import head_weight
 from nas.settings import DistillConfig
 from nas.train import dist
@@ -232,8 +232,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop the lines of steps after `step` (they are about to be redone), atomically."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    write_text_atomic(path, "".join(line + "\n" for line in keep))
+    keep = [record for record in read_log(path) if record.get("step", step + 1) <= step]
+    write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in keep))
 
 
 def _train(model, data, cfg: DistillConfig, out: Path, optimizer, run: _Run, val, on_eval) -> None:
@@ -359,5 +359,4 @@ def _evaluate(model, val, cfg: DistillConfig, out: Path, run: _Run, on_eval) -> 
 
 def _append_metrics(out: Path, record: dict) -> None:
     if dist.world().main:
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_log(out / "metrics.jsonl", record)

@@ -32,7 +32,15 @@ def lr_at(step: int, cfg: DistillConfig) -> float:
 def build_optimizer(student: nn.Module, cfg: DistillConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only, as `cfg.optimizer` / `precision` / `offload_optimizer`
     ask: torch's (fused on CUDA, foreach elsewhere) for fp32 states on fp32 weights; torchao's for
-    8-bit states and for bf16 weights (stochastic rounding); torchao's CPU offload around torch's."""
+    8-bit states and for bf16 weights (stochastic rounding); torchao's CPU offload around torch's. A
+    setting the optimizer refuses is one ConfigError."""
+    try:
+        return _build_optimizer(student, cfg, device)
+    except ValueError as e:  # torch and torchao check lr, betas, eps, weight_decay with bare ValueErrors
+        raise ConfigError(f"the optimizer ({cfg.optimizer}) refuses the settings: {e}") from None
+
+
+def _build_optimizer(student: nn.Module, cfg: DistillConfig, device: torch.device) -> torch.optim.Optimizer:
     params = [p for p in student.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
