@@ -206,13 +206,14 @@ def parse_args():
     p.add_argument("--out", default=".nas_cache/search_quality")
     p.add_argument("--smoke", action="store_true", help="a tiny teacher and horizon (seconds, for the test)")
     p.add_argument("--seq-len", type=int, default=32)
-    p.add_argument("--budgets", default="40%")
-    p.add_argument("--tolerance", type=float, default=0.03)
+    p.add_argument("--budgets", default="30%")
+    p.add_argument("--tolerance", type=float, default=0.025)
     p.add_argument("--step", type=int, default=32, help="step of hidden_size (ffn_hidden_size: twice it)")
     p.add_argument("--horizon", type=int, default=30, help="search horizon in steps of batch x seq_len tokens")
     p.add_argument("--truth-factor", type=int, default=10, help="ground truth = this many horizons")
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--eval-sequences", type=int, default=128)
+    p.add_argument("--eval-sequences", type=int, default=32)
+    p.add_argument("--exhaustive", action="store_true", help="also nas with the halving over every candidate")
     args = p.parse_args()
     if args.smoke:
         args.budgets, args.horizon, args.truth_factor, args.eval_sequences, args.step = "50%", 4, 3, 16, 16
@@ -233,7 +234,7 @@ def main() -> None:
     print(f"teacher: {info.params:,} params, {spec.num_layers} layers, val loss {info.val_loss:.3f} "
           f"(unigram {info.unigram_loss:.3f})")  # fmt: skip
     studies, seconds = {}, {}
-    variants = [("nas", "auto")] + [("nas, halving over all (exhaustive)", "exhaustive")] * (not args.smoke)
+    variants = [("nas", "auto")] + [("nas, halving over all (exhaustive)", "exhaustive")] * args.exhaustive
     for name, sampler in variants:
         slug = "study-" + sampler
         shutil.rmtree(out / slug, ignore_errors=True)
