@@ -1,7 +1,12 @@
-"""Memory plan of three real teachers on 80 GB GPUs: today's default policy vs the plan's recommendation.
+"""Memory plan of real teachers on 80 GB GPUs: today's default policy vs the plan's recommendation.
 
 Reads only the shipped `config.json` files (benchmarks/configs/, the published values of
-meta-llama/Llama-3.1-8B, Qwen/Qwen3-8B and mistralai/Mistral-Nemo-Base-2407); no weights, no GPU.
+meta-llama/Llama-3.1-8B, Qwen/Qwen3-8B, mistralai/Mistral-Nemo-Base-2407 and openai/gpt-oss-20b); no weights,
+no GPU. gpt-oss-20b's is the hub config.json of openai/gpt-oss-20b without its `quantization_config` (the
+published weights are MXFP4; nas trains bf16 weights), its shape cross-checked with NVIDIA Megatron-Bridge's
+GPT-OSS page (https://docs.nvidia.com/nemo/megatron-bridge/nightly/models/llm/gpt-oss.html: 24 layers, hidden
+2880, 32 experts top-4 of FFN 2880, 64 query heads, 8 KV groups, head dim 64, vocab 201,088, window 128);
+`count_params` gives 20,914,757,184, OpenAI's model card 20.9B.
 "Today's default" is how nas trained before the precision policy: fp32 teacher and student (as
 `nas.pipeline.load_teacher` loaded them on CUDA) and torch's AdamW, with the issue's micro-batch of
 4 x 1024 tokens and gradient checkpointing on. The recommendation is `nas.plan.recommend`'s.
@@ -41,7 +46,13 @@ CASES = {  # name -> (teacher, budget, fixed student knobs or None for the space
     ),
     "Qwen3-8B -> 50%": ("Qwen3-8B", "50%", None),
     "Mistral-NeMo-12B -> 50%": ("Mistral-Nemo-Base-2407", "50%", None),
+    "gpt-oss-20b -> 50%": ("gpt-oss-20b", "50%", None),
 }
+
+
+# transformers' grouped-matmul expert kernels take bf16 inputs only (torch's _grouped_mm checks it), so a
+# mixture-of-experts teacher cannot run today's fp32 default: its plan starts from bf16 weights
+PRECISION = {"gpt-oss-20b": "bf16"}
 
 
 def study(teacher: str, budget: str) -> dict:
@@ -51,19 +62,22 @@ def study(teacher: str, budget: str) -> dict:
         "teacher": teacher,
         "budget": budget,
         "data": {"seq_len": 1024, "sources": [{"path": "unused.txt"}]},
-        "distill": {"batch_size": 4, "gradient_checkpointing": True, "precision": "fp32"},
+        "distill": {"batch_size": 4, "gradient_checkpointing": True, "precision": PRECISION.get(Path(teacher).name, "fp32")},
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write every plan to this JSON file")
+    parser.add_argument("--only", choices=sorted(CASES), help="plan only this case")
     args = smoke.parse(parser)
     everything = {}
     with tempfile.TemporaryDirectory() as tmp:
         shipped = {name: (str(CONFIGS / teacher), b, k) for name, (teacher, b, k) in CASES.items()}
         cases = smoke_cases(Path(tmp)) if args.smoke else shipped
         for name, (teacher, budget, knobs) in cases.items():
+            if args.only and name != args.only:
+                continue
             everything[name] = plan_case(name, teacher, budget, knobs)
     if args.json:
         Path(args.json).write_text(json.dumps(everything, indent=1))

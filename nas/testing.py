@@ -14,6 +14,7 @@ from nas.train.loop import distill
 CONFIG_CLASSES = {
     "llama": "LlamaConfig",
     "mistral": "MistralConfig",
+    "ministral3": "Ministral3Config",
     "qwen2": "Qwen2Config",
     "qwen3": "Qwen3Config",
     "gemma3_text": "Gemma3TextConfig",
@@ -23,11 +24,13 @@ CONFIG_CLASSES = {
     "smollm3": "SmolLM3Config",
     "qwen3_moe": "Qwen3MoeConfig",
     "mixtral": "MixtralConfig",
+    "gpt_oss": "GptOssConfig",
+    "gemma4_text": "Gemma4TextConfig",
 }
 SLIDING = ("sliding_attention", "full_attention")
 
 
-def family_extras(model_type: str, num_layers: int) -> dict:
+def family_extras(model_type: str, num_layers: int, head_dim: int = 16) -> dict:
     """Settings that make a tiny model exercise its family's extras: alternating sliding-window layers with a
     window shorter than the test sequences, soft-capping, NoPE layers (SmolLM3's default), experts."""
     sliding = {"sliding_window": 8, "layer_types": [SLIDING[i % 2] for i in range(num_layers)]}
@@ -35,8 +38,24 @@ def family_extras(model_type: str, num_layers: int) -> dict:
         "gemma3_text": {**sliding, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0,
                         "query_pre_attn_scalar": 24},
         "olmo3": sliding,
+        # Gemma 4 text without the features nas refuses (per-layer embeddings; one head_dim in every layer);
+        # the last layer is full attention, as transformers makes it
+        "gemma4_text": {"sliding_window": 8, "layer_types": [SLIDING[1 - (num_layers - 1 - i) % 2]
+                                                                    for i in range(num_layers)],
+                        "final_logit_softcapping": 30.0, "hidden_size_per_layer_input": 0,
+                        "global_head_dim": head_dim},
         "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2},
         "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+        # gpt-oss: sliding layers first (its default pattern), a clamp the random init reaches (limit 0.5)
+        "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2, "swiglu_limit": 0.5, "sliding_window": 8,
+                    "layer_types": [SLIDING[i % 2] for i in range(num_layers)],
+                    "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0,
+                                        "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                        "original_max_position_embeddings": 16}},
+        # Ministral 3: Llama 4 query scaling that changes every 8 positions, inside the test sequences
+        "ministral3": {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 64.0,
+                       "original_max_position_embeddings": 8, "beta_fast": 32.0, "beta_slow": 1.0,
+                       "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1}},
     }.get(model_type, {})  # fmt: skip
 
 
@@ -62,7 +81,7 @@ def tiny_config(
 
     cls = getattr(transformers, CONFIG_CLASSES[model_type])
     experts = FAMILIES[model_type].experts
-    extra = {**family_extras(model_type, num_layers), **extra}
+    extra = {**family_extras(model_type, num_layers, head_dim), **extra}
     extra[experts.ffn_attr if experts else "intermediate_size"] = ffn_hidden_size
     return cls(
         vocab_size=vocab_size,
@@ -89,10 +108,14 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **kwargs) -> nn.Module:
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, **kwargs), dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith(".bias"):
+            if name.endswith(("norm.weight", ".bias", "_bias")):  # gpt-oss's experts: `gate_up_proj_bias`
                 p.uniform_(0.5, 1.5) if name.endswith("norm.weight") else p.normal_(0, 0.1)
-            elif name.endswith("mlp.gate.weight"):  # a router: distinct logits, so routing is not a tie
-                p.normal_(0, 0.5)
+            elif name.endswith(("mlp.gate.weight", "mlp.router.weight")):  # a router: distinct logits, so
+                p.normal_(0, 0.5)  # routing is not a tie
+            elif name.endswith("self_attn.sinks"):  # gpt-oss: sinks that matter
+                p.normal_(0, 1.0)
+            elif name.endswith("gate_up_proj") and model_type == "gpt_oss":  # gate and up that reach its clamp
+                p.normal_(0, 0.2)
     return model.eval()
 
 
@@ -195,3 +218,54 @@ def train_tiny_teacher(root, steps: int = 300, seq_len: int = 64):
     distill(None, model, data, settings, root / "teacher-training")
     model.save_pretrained(teacher)
     return teacher
+
+
+WRAPPERS = {"gemma4": "gemma4_text", "mistral3": "ministral3", "qwen3_5": "qwen3_5_text"}  # wrapper -> text
+
+
+def tiny_wrapper_config(wrapper: str = "gemma4", tie_word_embeddings: bool = False, **sizes):
+    """A multimodal wrapper config as released checkpoints carry it (`gemma4`, `mistral3`, `qwen3_5`): a tiny
+    text model of the wrapper's text family in `text_config` and a one-layer vision tower."""
+    import transformers
+
+    text_type = WRAPPERS[wrapper]
+    if text_type in CONFIG_CLASSES:
+        text = tiny_config(text_type, tie_word_embeddings=tie_word_embeddings, **sizes)
+    else:  # a text family of another branch: its transformers defaults at tiny sizes
+        text = transformers.AutoConfig.for_model(
+            text_type, vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=tie_word_embeddings,
+        )  # fmt: skip
+    text.pad_token_id = 2  # Gemma 4 puts it where image tokens were
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    if wrapper == "gemma4":
+        vision = transformers.Gemma4VisionConfig(**tower, num_key_value_heads=2, head_dim=16, global_head_dim=16)
+        return transformers.Gemma4Config(text_config=text, vision_config=vision, audio_config=None,
+                                         tie_word_embeddings=tie_word_embeddings)  # fmt: skip
+    if wrapper == "mistral3":
+        vision = transformers.PixtralVisionConfig(**tower, image_size=32, patch_size=8, head_dim=16)
+        return transformers.Mistral3Config(text_config=text, vision_config=vision, spatial_merge_size=2,
+                                           tie_word_embeddings=tie_word_embeddings)  # fmt: skip
+    vision = {**tower, "depth": 1, "num_heads": 2, "out_hidden_size": text.hidden_size, "patch_size": 8}
+    return transformers.Qwen3_5Config(text_config=text.to_dict(), vision_config=vision,
+                                      tie_word_embeddings=tie_word_embeddings)  # fmt: skip
+
+
+def write_tiny_wrapper(out, wrapper: str = "gemma4", tie_word_embeddings: bool = False, seed: int = 0):
+    """Save a tiny random multimodal checkpoint (the whole wrapper model) with a real-text tokenizer to `out`."""
+    from pathlib import Path
+
+    from transformers import AutoModelForImageTextToText
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = tiny_wrapper_config(wrapper, tie_word_embeddings, vocab_size=len(tokenizer))
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):  # non-trivial norms, as `tiny_model`
+                p.uniform_(0.5, 1.5)
+    out = Path(out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

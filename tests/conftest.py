@@ -37,6 +37,12 @@ FAMILY_CASES = [
     ("qwen3_moe", True, 4),
     ("mixtral", True, 2),
     ("mixtral", False, 2),
+    ("ministral3", False, 2),
+    ("ministral3", True, 4),
+    ("gpt_oss", False, 2),
+    ("gpt_oss", True, 4),
+    ("gemma4_text", True, 2),
+    ("gemma4_text", False, 4),
 ]
 
 

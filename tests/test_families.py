@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from nas.cli import main
 from nas.errors import InfeasibleError, ModelError
 from nas.model.arch import Arch, check_prunable, count_params
+from nas.model.families import expert_ffn, family_of
 from nas.prune.cut import plan_cut, prune
 from nas.prune.importance import Importance, compute_importance
 from nas.prune.space import enumerate_candidates, parse_budget
@@ -21,18 +22,21 @@ G = torch.Generator().manual_seed(5)
 CALIB = torch.randint(0, 96, (8, 16), generator=G)
 VAL = torch.randint(0, 96, (4, 16), generator=G)
 VOCAB = 320
-NEW_FAMILIES = ("gemma3_text", "phi3", "olmo2", "olmo3", "smollm3", "qwen3_moe", "mixtral")
+NEW_FAMILIES = ("gemma3_text", "phi3", "olmo2", "olmo3", "smollm3", "qwen3_moe", "mixtral", "ministral3", "gpt_oss", "gemma4_text")
 
 
 def numel(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "gpt_oss"])
 def test_an_expert_with_zero_output_scores_lowest_and_routing_mass_is_the_router_weights(model_type):
     model = tiny_model(model_type, num_layers=2)
     with torch.no_grad():
-        model.model.layers[1].mlp.experts.down_proj[2].zero_()  # expert 2 of layer 1 outputs zeros
+        experts = model.model.layers[1].mlp.experts
+        experts.down_proj[2].zero_()  # expert 2 of layer 1 outputs zeros
+        if hasattr(experts, "down_proj_bias"):  # gpt-oss: and its output bias
+            experts.down_proj_bias[2].zero_()
     scores = compute_importance(model, CALIB, VAL)
     assert scores.experts.shape == scores.expert_mass.shape == (2, 4)
     assert scores.mlp.shape == (2, 4, 96)  # per expert, its FFN channels
@@ -40,6 +44,23 @@ def test_an_expert_with_zero_output_scores_lowest_and_routing_mass_is_the_router
     assert scores.expert_mass[1, 2] > 0  # still routed to: the mass alone would keep it
     if getattr(model.config, "norm_topk_prob", True):  # the top-k weights of a token sum to 1
         assert torch.allclose(scores.expert_mass.sum(-1), torch.ones(2))
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_expert_outputs_as_importance_recomputes_them_are_the_experts_outputs(model_type):
+    """The per-expert FFN that importance scores (`expert_ffn`: gpt-oss's transposed, interleaved, biased
+    experts and clamped SwiGLU included), weighted by the routing, sums to what the experts module returns."""
+    model = tiny_model(model_type, num_layers=1)
+    spec, experts, seen = family_of(model.config).experts, model.model.layers[0].mlp.experts, {}
+    experts.register_forward_hook(lambda m, args, out: seen.update(args=args, out=out))
+    with torch.no_grad():
+        model(input_ids=CALIB[:2])
+        x, index, weights = seen["args"]
+        total = torch.zeros_like(seen["out"])
+        for e in range(4):
+            token, slot = torch.where(index == e)
+            total.index_add_(0, token, expert_ffn(experts, spec, e, x[token])[1] * weights[token, slot, None])
+    assert (total - seen["out"]).abs().max() < 1e-5
 
 
 def test_moe_importance_round_trips_and_prunes_the_dead_expert(tmp_path):
@@ -163,7 +184,7 @@ def test_a_short_distillation_of_a_pruned_student_lowers_its_kl(model_type, toke
     teacher = tiny_model(model_type, num_layers=3, vocab_size=VOCAB)
     with torch.no_grad():  # a sharp teacher: a random init gives near-uniform next-token distributions
         # (Gemma's are sharp already: its embeddings are scaled by sqrt(hidden_size); soft-capping saturates)
-        teacher.lm_head.weight.mul_(2.0 if model_type == "gemma3_text" else 8.0)
+        teacher.lm_head.weight.mul_(2.0 if model_type.startswith("gemma") else 8.0)
     importance = compute_importance(teacher, token_data.calib(8), token_data.val(4))
     arch = Arch.from_hf_config(teacher.config).replace(num_layers=2, ffn_hidden_size=48)
     student = prune(teacher, arch, importance)
@@ -177,7 +198,7 @@ def test_a_short_distillation_of_a_pruned_student_lowers_its_kl(model_type, toke
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", ["gemma3_text", "phi3", "olmo2", "qwen3_moe"])
+@pytest.mark.parametrize("model_type", ["gemma3_text", "phi3", "olmo2", "qwen3_moe", "gpt_oss", "gemma4_text"])
 def test_a_study_searches_and_reports_a_teacher_of_each_kind(model_type, tmp_path):
     """The whole search (importance, space, queue, short KD trials) and the HTML report on a tiny teacher
     of a family with its own extras: soft-capping and 4 norms, fused projections, post-norms, experts."""
@@ -201,3 +222,36 @@ def test_a_study_searches_and_reports_a_teacher_of_each_kind(model_type, tmp_pat
         assert numel(student) == count_params(arch)
     html = write_report(cfg.storage_url, cfg.name, tmp_path / "report.html").read_text()
     assert model_type in html or Arch.from_dict(TrialRecord.read(done[0]).arch).describe() in html
+
+
+@pytest.mark.parametrize(
+    "features,named",
+    [
+        ({"hidden_size_per_layer_input": 8}, ["per-layer embeddings"]),
+        ({"num_kv_shared_layers": 2}, ["KV-sharing layers"]),
+        ({"global_head_dim": 32}, ["own head_dim"]),
+        ({"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 32,
+          "attention_k_eq_v": True, "num_global_key_value_heads": 1}, ["expert block", "keys reused as values"]),
+    ],
+)  # fmt: skip
+def test_gemma4_features_nas_cannot_prune_are_one_error_naming_each(features, named, tmp_path):
+    config = tiny_config("gemma4_text", **features)
+    with pytest.raises(ModelError, match="gemma4_text with") as error:
+        Arch.from_hf_config(config)
+    assert all(what in str(error.value) for what in named)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "g4")  # the CLI: one line, exit 2
+    assert main(["space", str(tmp_path / "g4"), "--budget", "50%"]) == 2
+
+
+@pytest.mark.parametrize("strategy", ["drop-lowest", "contiguous"])
+def test_gemma4_depth_pruning_keeps_the_last_layer_whose_type_transformers_fixes(strategy):
+    teacher = tiny_model("gemma4_text", num_layers=4)
+    importance = compute_importance(teacher, CALIB, VAL)
+    importance.layer_loss = torch.tensor([5.0, 4.0, 3.0, 0.0])  # the last layer matters least
+    importance.block_bi = torch.ones(5, 5)
+    importance.block_bi[2, 4] = 0.0  # and so does the block of the last two
+    arch = Arch.from_hf_config(teacher.config)
+    cut = plan_cut(arch, arch.replace(num_layers=2), importance, strategy)
+    assert cut.layers[-1] == 3
+    student = prune(teacher, arch.replace(num_layers=2), importance, strategy)
+    assert student.config.layer_types == [teacher.config.layer_types[i] for i in cut.layers]

@@ -97,6 +97,14 @@ def test_extrapolated_depth_equals_the_full_depth_dry_run():
         assert sum(planned[phase].values()) == pytest.approx(sum(cats.values()), rel=0.1), phase
 
 
+def test_a_one_layer_student_is_measured_at_two_layers_too():
+    """The plan extrapolates from 1 and 2 layers, also for a model that has 1 (its layer_types repeat)."""
+    one = tiny_config("qwen3", num_layers=1, **SIZES)
+    two = dryrun.at_depth(one, 2)
+    assert two.layer_types == [one.layer_types[0]] * 2
+    assert len(AutoModelForCausalLM.from_config(two).model.layers) == 2
+
+
 def test_teacher_only_stages_plan_on_fake_tensors():
     config = tiny_config("mistral", num_layers=3, **SIZES)
     for fn in (dryrun.measure_eval, dryrun.measure_importance):
@@ -181,3 +189,19 @@ def test_a_stage_that_does_not_fit_is_refused_naming_the_settings(tiny_study):
         check_plan(cfg, ("trial",), int(trial * 0.8 / HEADROOM))
     assert "\n" not in str(e.value)
     check_plan(cfg, ("trial",), None)  # a CPU run: nothing to check
+
+
+@pytest.mark.slow
+def test_a_mixture_of_experts_teacher_plans_in_bf16_down_the_whole_ladder(tmp_path):
+    """gpt-oss: the importance pass's expert hooks and the grouped-matmul experts run on fake tensors, the
+    ladder never tries bf16-mixed for a MoE student, and halving the micro-batch (grad_accum > 1) is measured."""
+    from nas.testing import write_tiny_teacher
+
+    write_tiny_teacher(tmp_path / "teacher", "gpt_oss")
+    lean = {"batch_size": 2, "eval_batch_size": 1, "precision": "bf16", "optimizer": "adamw-8bit",
+            "gradient_checkpointing": True}  # few rungs left to measure  # fmt: skip
+    cfg = run_config_from_dict(tiny_study_config(tmp_path, distill=lean, importance={"batch_size": 1}))
+    plans = plan_study(cfg, 10**6)  # nothing fits: every rung left is measured
+    trial = [p for p in plans if p.stage == "trial"]
+    assert all(p.peak_bytes > 0 for p in plans) and all(p.settings["precision"] == "bf16" for p in trial)
+    assert any(p.settings.get("grad_accum", 1) > 1 for p in trial)

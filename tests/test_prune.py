@@ -63,12 +63,16 @@ def test_teacher_is_not_modified(family_model):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def mask_router(gate, dropped: list[int], top_k: int, normalize: bool) -> None:
-    """The router never picks a dropped expert: its logits are -inf before the softmax and top-k."""
+def mask_router(gate, dropped: list[int], top_k: int, normalize: bool, softmax_of_top_k: bool = False) -> None:
+    """The router never picks a dropped expert: its logits are -inf before the softmax and top-k (gpt-oss:
+    before the top-k, then a softmax over the top-k logits)."""
 
     def hook(module, args, out):
         logits = out[0].clone()
         logits[:, dropped] = float("-inf")
+        if softmax_of_top_k:
+            values, index = torch.topk(logits, top_k, dim=-1)
+            return out[0], torch.softmax(values, dim=-1).to(out[1].dtype), index
         weights, index = torch.topk(torch.softmax(logits.float(), dim=-1), top_k, dim=-1)
         if normalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -89,21 +93,34 @@ def masked_teacher(teacher, cut, arch):
         for index, layer in enumerate(masked.model.layers):
             attn, mlp = layer.self_attn, layer.mlp
             down = mlp.experts.down_proj if big.num_experts else mlp.down_proj.weight  # [E,] H, F
+            spec = big.family.experts
             if index not in cut.layers:  # no attention and no MLP output: the block is the identity
-                attn.o_proj.weight.zero_()
-                down.zero_()
+                for p in (attn.o_proj.weight, down, *_output_biases(attn, mlp)):
+                    p.zero_()
                 continue
             kept = cut.layers.index(index)
+            # a zeroed head's output is zero whatever its attention sink (gpt-oss): the sink is the head's own
             for head in set(range(big.num_attention_heads)) - set(cut.heads[kept]):
                 attn.o_proj.weight[:, head * big.head_dim : (head + 1) * big.head_dim] = 0
             if not big.num_experts:
                 down[:, sorted(set(range(big.ffn_hidden_size)) - set(cut.mlp[kept]))] = 0
                 continue
             for e, channels in zip(cut.experts[kept], cut.mlp[kept], strict=True):
-                down[e][:, sorted(set(range(big.ffn_hidden_size)) - set(channels))] = 0
+                dropped_channels = sorted(set(range(big.ffn_hidden_size)) - set(channels))
+                if spec.transposed:  # [E, F, H] (gpt-oss)
+                    down[e][dropped_channels, :] = 0
+                else:
+                    down[e][:, dropped_channels] = 0
             dropped = sorted(set(range(big.num_experts)) - set(cut.experts[kept]))
-            mask_router(mlp.gate, dropped, arch.num_experts_per_tok, normalize)
+            mask_router(getattr(mlp, spec.router), dropped, arch.num_experts_per_tok, normalize,
+                        softmax_of_top_k=spec.router == "router")  # fmt: skip
     return masked
+
+
+def _output_biases(attn, mlp) -> list:
+    """The biases added after `o_proj` and after the experts (gpt-oss), zeroed with a dropped block."""
+    biases = [getattr(attn.o_proj, "bias", None), getattr(getattr(mlp, "experts", None), "down_proj_bias", None)]
+    return [b for b in biases if b is not None]
 
 
 UNIT_KNOBS = {
@@ -119,12 +136,13 @@ MOE_KNOBS = {
     "experts-mixed": {"num_experts": 2, "ffn_hidden_size": 40, "num_layers": 3, "num_query_groups": 1,
                       "num_attention_heads": 2},
 }  # fmt: skip
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss")
 PROJ_NORM = {"olmo2", "olmo3"}  # q/k norm over all heads: head pruning is not a masking
 MASK_CASES = [
     pytest.param(model_type, knobs, id=f"{model_type}-{name}")
     for model_type in ("llama", "qwen2", "qwen3", "gemma3_text", "phi3", "olmo2", "olmo3", "smollm3",
-                       "qwen3_moe", "mixtral")
-    for name, knobs in {**UNIT_KNOBS, **(MOE_KNOBS if model_type in ("qwen3_moe", "mixtral") else {})}.items()
+                       "qwen3_moe", "mixtral", "ministral3", "gpt_oss", "gemma4_text")
+    for name, knobs in {**UNIT_KNOBS, **(MOE_KNOBS if model_type in MOE_FAMILIES else {})}.items()
     if not (model_type in PROJ_NORM and "num_attention_heads" in knobs)
 ]  # fmt: skip
 

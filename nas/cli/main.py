@@ -117,7 +117,7 @@ def add_prune(sub) -> None:
     p.add_argument(
         "--num-experts", type=int, help="experts kept per layer (mixture of experts; default: all)"
     )
-    add_flags(p, RunConfig, ["depth_strategy"])
+    add_flags(p, RunConfig, ["depth_strategy", "vision"])
     add_data_args(p)
     add_importance_args(p)
     p.set_defaults(func=cmd_prune)
@@ -127,12 +127,14 @@ def cmd_prune(args) -> int:
     from nas.device import resolve_device
     from nas.model.arch import Arch, check_prunable, count_params
     from nas.model.families import load_config, load_model, load_tokenizer
+    from nas.model.multimodal import multimodal_note, wrapper_type
     from nas.prune.cut import prune, save_pruned
     from nas.prune.importance import Importance
 
     if bool(args.importance) == bool(args.data):
         raise ConfigError("give exactly one of --importance FILE or --data DATA")
     depth_strategy = getattr(args, "depth_strategy", RunConfig.model_fields["depth_strategy"].default)
+    vision = getattr(args, "vision", RunConfig.model_fields["vision"].default)
     if args.data:  # every setting is validated before a model is loaded
         data_cfg, imp = data_config_from_args(args), settings_from_args(args, ImportanceConfig)
     out = guard.output(args.out, [args.teacher, args.importance, *guard.data_paths(args)])
@@ -155,9 +157,11 @@ def cmd_prune(args) -> int:
         if importance is None:
             importance = importance_from_data(args, teacher, tokenizer, data_cfg, imp)
         model = prune(teacher, arch, importance, depth_strategy)
-        save_pruned(model, out, tokenizer, teacher=args.teacher)
+        save_pruned(model, out, tokenizer, teacher=args.teacher, vision=vision)
     numel = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.out}: {arch.describe()}, {numel:,} params (analytic {count_params(arch):,})")
+    if wrapper := wrapper_type(args.teacher):
+        print(f"{args.teacher} is a {wrapper} checkpoint: pruned its text model; vision tower {multimodal_note(vision)}")
     return 0
 
 

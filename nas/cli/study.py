@@ -187,6 +187,7 @@ def cmd_search(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from nas.model.multimodal import multimodal_note, wrapper_type
     from nas.pipeline import run
 
     launch = settings_from_args(args, Launch)
@@ -198,6 +199,8 @@ def cmd_run(args) -> int:
     print(f"teacher val loss {result.teacher_val_loss:.4f}; winner val loss {result.winner_val_loss:.4f}")
     for budget, path in result.winners.items():
         print(f"winner of {budget}: {path}")
+    if wrapper := wrapper_type(cfg.teacher):
+        print(f"{cfg.teacher} is a {wrapper} checkpoint: pruned its text model; vision tower {multimodal_note(cfg.vision)}")
     print(f"report: {result.report}")
     return 0
 

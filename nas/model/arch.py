@@ -211,9 +211,11 @@ def count_params(arch: Arch, active: bool = False) -> int:
     attn += (q + 2 * kv) if arch.qkv_bias else 0
     attn += h if arch.o_bias else 0
     attn += {"head": 2 * d, "proj": q + kv, None: 0}[fam.qk_norm]
+    attn += arch.num_attention_heads if fam.attention_sinks else 0
     mlp = 3 * h * f + ((2 * f + h) if arch.mlp_bias else 0)
-    if arch.num_experts:  # router + experts
-        mlp = arch.num_experts * h + (arch.num_experts_per_tok if active else arch.num_experts) * mlp
+    if arch.num_experts:  # router (+ its bias) + experts
+        router = arch.num_experts * (h + fam.experts.bias)
+        mlp = router + (arch.num_experts_per_tok if active else arch.num_experts) * mlp
     per_layer = attn + mlp + len(fam.norms) * h
     embed = arch.vocab_size * h
     lm_head = 0 if arch.tie_word_embeddings else arch.vocab_size * h

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from nas.device import precision_for
 from nas.errors import ModelError, first_line
@@ -32,12 +33,18 @@ PRE_NORMS = ("input_layernorm", "post_attention_layernorm")  # Llama: norms befo
 
 @dataclass(frozen=True)
 class Experts:
-    """A sparse MoE block at `layer.mlp`: a router `gate` (weight [num_experts, hidden]) and `experts` holding
-    fused 3-D parameters `gate_up_proj` [num_experts, 2 * ffn, hidden] and `down_proj` [num_experts, hidden, ffn]
-    (the transformers 5 layout; gate rows first, then up rows)."""
+    """A sparse MoE block at `layer.mlp`: a router (weight [num_experts, hidden]) and `experts` holding fused 3-D
+    parameters `gate_up_proj` [num_experts, 2 * ffn, hidden] and `down_proj` [num_experts, hidden, ffn] (the
+    transformers 5 layout; gate rows first, then up rows). gpt-oss stores them transposed
+    (`gate_up_proj` [num_experts, hidden, 2 * ffn], `down_proj` [num_experts, ffn, hidden]) with gate and up
+    interleaved (gate at even, up at odd positions), and biases on the router and on both expert projections."""
 
     num_experts_attr: str  # config attribute of the number of experts
     ffn_attr: str  # config attribute of each expert's FFN width
+    router: str = "gate"  # the router's name in `layer.mlp`
+    transposed: bool = False  # expert weights stored [in, out] (gpt-oss)
+    interleaved: bool = False  # gate_up_proj holds gate and up channels alternately (gpt-oss)
+    bias: bool = False  # biased router and expert projections (`gate_up_proj_bias`, `down_proj_bias`; gpt-oss)
 
 
 @dataclass(frozen=True)
@@ -59,10 +66,14 @@ class Family:
     layer_lists: tuple[str, ...] = ("layer_types",)  # config lists with one entry per layer
     experts: Experts | None = None  # the sparse MoE block, where every layer has one
     rope_factors_follow_hidden: bool = False  # longrope factors are sized by hidden_size // heads (Phi-3)
+    attention_sinks: bool = False  # one learned sink logit per query head (`self_attn.sinks`; gpt-oss)
+    keep_last_layer: bool = False  # depth pruning never drops the last layer (its type is fixed; Gemma 4)
 
 
 QWEN3_MOE = Experts("num_experts", "moe_intermediate_size")
 MIXTRAL = Experts("num_local_experts", "intermediate_size")
+GPT_OSS = Experts("num_local_experts", "intermediate_size", router="router", transposed=True, interleaved=True,
+                  bias=True)  # fmt: skip
 GEMMA_NORMS = (
     "input_layernorm",
     "post_attention_layernorm",
@@ -76,6 +87,8 @@ FAMILIES: dict[str, Family] = {
     for f in (
         Family("llama", "attention_bias", False, True, mlp_bias_attr="mlp_bias"),
         Family("mistral", None, False, False),
+        Family("ministral3", None, False, False),  # Mistral's blocks; its position-dependent query scale
+        # (Llama 4 scaling, from `rope_parameters`) has no weights and follows the config unchanged
         Family("qwen2", None, True, False),
         Family("qwen3", "attention_bias", False, True, qk_norm="head"),
         Family("gemma3_text", "attention_bias", False, True, qk_norm="head", norms=GEMMA_NORMS,
@@ -87,6 +100,11 @@ FAMILIES: dict[str, Family] = {
                layer_lists=("layer_types", "no_rope_layers")),
         Family("qwen3_moe", "attention_bias", False, True, qk_norm="head", experts=QWEN3_MOE),
         Family("mixtral", None, False, False, experts=MIXTRAL),
+        Family("gpt_oss", "attention_bias", True, True, experts=GPT_OSS, attention_sinks=True),
+        # Gemma 4 text: Gemma 3's block (v_norm has no weight; `layer_scalar` is a buffer, kept per layer);
+        # transformers makes the last layer full attention, so depth pruning keeps the teacher's last layer
+        Family("gemma4_text", "attention_bias", False, True, qk_norm="head", norms=GEMMA_NORMS, embed_scale=True,
+               keep_last_layer=True),
     )
 }  # fmt: skip
 
@@ -97,6 +115,8 @@ def family_of(config: Any) -> Family:
     if model_type not in FAMILIES:
         raise ModelError(f"unsupported model_type {model_type!r}; nas supports {', '.join(sorted(FAMILIES))}")
     fam = FAMILIES[model_type]
+    if model_type == "gemma4_text":
+        _check_gemma4(config)
     if model_type == "qwen3_moe" and (
         list(getattr(config, "mlp_only_layers", None) or []) or getattr(config, "decoder_sparse_step", 1) != 1
     ):
@@ -107,6 +127,31 @@ def family_of(config: Any) -> Family:
     return fam
 
 
+GEMMA4_UNSUPPORTED = {  # config attribute -> the Gemma 4 feature it turns on that nas does not prune yet
+    "hidden_size_per_layer_input": "per-layer embeddings (hidden_size_per_layer_input)",
+    "num_kv_shared_layers": "KV-sharing layers (num_kv_shared_layers)",
+    "enable_moe_block": "the expert block beside the MLP (enable_moe_block)",
+    "attention_k_eq_v": "keys reused as values (attention_k_eq_v)",
+}
+
+
+def _check_gemma4(config: Any) -> None:
+    """One ModelError naming every Gemma 4 feature a config turns on that nas cannot prune: per-layer
+    embeddings, KV-sharing layers, the MoE block, keys as values, and full-attention layers with their own
+    head_dim or KV heads (`global_head_dim`; nas's `Arch` has one head_dim and one KV-group count)."""
+    used = [what for attr, what in GEMMA4_UNSUPPORTED.items() if getattr(config, attr, None)]
+    layers = getattr(config, "per_layer_config", None) or []
+    shapes = {(c.head_dim, c.num_key_value_heads) for c in layers}
+    if len(shapes) > 1:
+        used.append("full-attention layers with their own head_dim or KV heads (global_head_dim, "
+                    "num_global_key_value_heads)")  # fmt: skip
+    if used:
+        raise ModelError(
+            f"gemma4_text with {'; '.join(used)} is not supported: nas prunes Gemma 4 text models with one "
+            "head_dim and one KV-head count in every layer and none of these features"
+        )
+
+
 def bias_flags(config: Any) -> tuple[bool, bool, bool]:
     """(qkv_bias, o_bias, mlp_bias) of a config, as its family builds the modules."""
     fam = family_of(config)
@@ -115,7 +160,31 @@ def bias_flags(config: Any) -> tuple[bool, bool, bool]:
         qkv = bool(getattr(config, fam.qkv_bias_attr, fam.qkv_bias_default))
     o_bias = qkv if fam.o_bias_follows_qkv else False
     mlp = bool(getattr(config, fam.mlp_bias_attr, False)) if fam.mlp_bias_attr else False
-    return qkv, o_bias, mlp
+    return qkv, o_bias, mlp or bool(fam.experts and fam.experts.bias)
+
+
+def gate_up_index(channels: torch.Tensor, ffn: int, spec: Experts | None) -> torch.Tensor:
+    """Positions in a fused gate/up projection of the gate and up parts of FFN `channels`: gate rows, then up
+    rows (offset by the teacher's `ffn`), or each channel's gate and up side by side (gpt-oss)."""
+    if spec is not None and spec.interleaved:
+        return torch.stack([2 * channels, 2 * channels + 1], dim=-1).flatten()
+    return torch.cat([channels, channels + ffn])
+
+
+def expert_ffn(experts: nn.Module, spec: Experts, e: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input of `down_proj`, output) of expert `e` on tokens `x`, in float32, recomputed from the fused
+    parameters as the family's forward computes them (gpt-oss: biases and its clamped SwiGLU)."""
+    gate_up, down = experts.gate_up_proj[e].float(), experts.down_proj[e].float()
+    if spec.transposed:
+        gate_up, down = gate_up.T, down.T
+    bias = spec.bias
+    fused = F.linear(x, gate_up, experts.gate_up_proj_bias[e].float() if bias else None)
+    if spec.interleaved:  # gpt-oss: the module's own clamped SwiGLU (alpha, limit) on the interleaved halves
+        h = experts._apply_gate(fused)
+    else:
+        gate, up = fused.chunk(2, dim=-1)
+        h = experts.act_fn(gate) * up
+    return h, F.linear(h, down, experts.down_proj_bias[e].float() if bias else None)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -133,8 +202,9 @@ def layer_norms(layer: nn.Module, family: Family) -> list[nn.Module]:
 
 
 def load_config(name_or_path: str | Path) -> Any:
-    """The config of a supported causal LM (local directory or hub id), without loading weights; parsed
-    once per process while its config.json is unchanged (a command asks for it several times)."""
+    """The config of a supported causal LM (local directory or hub id), without loading weights; of a
+    multimodal checkpoint (`nas.model.multimodal`), its text model's config. Parsed once per process while
+    its config.json is unchanged (a command asks for it several times)."""
     name = str(name_or_path)
     looks_local = name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
     if looks_local and not Path(name).expanduser().is_dir():
@@ -148,13 +218,21 @@ def load_config(name_or_path: str | Path) -> Any:
 def _parsed_config(name: str, stamp: tuple[int, int] | None) -> Any:
     from transformers import AutoConfig, PretrainedConfig
 
+    from nas.model.multimodal import text_config
+
     try:
         config = AutoConfig.from_pretrained(name)
         raw, _ = PretrainedConfig.get_config_dict(name)  # the file itself, without transformers' defaults
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load a model config from {name!r}: {first_line(e)}") from e
-    check_config_fields(name, raw, family_of(config))
-    return config
+    text = text_config(config)
+    if text is not config and text.model_type not in FAMILIES:
+        raise ModelError(
+            f"unsupported model_type {text.model_type!r} (the text model of a {config.model_type!r} checkpoint); "
+            f"nas supports {', '.join(sorted(FAMILIES))}"
+        )
+    check_config_fields(name, raw.get("text_config", raw) if text is not config else raw, family_of(text))
+    return text
 
 
 def load_model(
@@ -165,18 +243,23 @@ def load_model(
     ModelError naming the file (`from_pretrained` alone initialises missing tensors at random)."""
     from transformers import AutoModelForCausalLM
 
+    from nas.model.multimodal import load_text_model, wrapper_type
+
     config = load_config(name_or_path)
     local = Path(name_or_path).expanduser()
     if local.is_dir():
         check_readable(local)
-    try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            str(name_or_path), config=config, dtype=dtype, output_loading_info=True
-        )
-    except Exception as e:  # safetensors, torch and transformers each raise their own types
-        raise ModelError(
-            f"cannot load model weights from {str(name_or_path)!r} (corrupt or incomplete?): {first_line(e)}"
-        ) from e
+    if wrapper_type(name_or_path):  # a multimodal checkpoint: its text model
+        model, info = load_text_model(str(name_or_path), dtype)
+    else:
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(name_or_path), config=config, dtype=dtype, output_loading_info=True
+            )
+        except Exception as e:  # safetensors, torch and transformers each raise their own types
+            raise ModelError(
+                f"cannot load model weights from {str(name_or_path)!r} (corrupt or incomplete?): {first_line(e)}"
+            ) from e
     where = _weights_name(local) if local.is_dir() else str(name_or_path)
     check_complete(info, where)
     check_finite(model, where)

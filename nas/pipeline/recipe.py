@@ -182,7 +182,9 @@ def finalize(
         teacher = teacher_source(ctx.teacher, ctx.teacher_cache, run, ctx.data)
         result = distill(teacher, student, ctx.data, run, final)
     student.nas_cut = plan_cut(ctx.teacher_arch, arch, ctx.importance, cfg.depth_strategy)
-    winner_dir = save_pruned(student, cfg.paths.winner(budget), ctx.tokenizer, teacher=cfg.teacher)
+    winner_dir = save_pruned(
+        student, cfg.paths.winner(budget), ctx.tokenizer, teacher=cfg.teacher, vision=cfg.vision
+    )
     winner = {
         "budget": budget, "trial": best.number, "arch": arch.to_dict(), "params": count_params(arch),
         "val_loss": best.value, "final_val_loss": result.val_loss, "dir": str(winner_dir.resolve()),

@@ -187,11 +187,13 @@ class _FakeData:
 
 
 def at_depth(config: Any, num_layers: int) -> Any:
-    """A copy of an HF config with `num_layers` decoder layers (per-layer lists cut to match)."""
+    """A copy of an HF config with `num_layers` decoder layers (per-layer lists cut to match, or
+    repeated when the model has fewer layers: the plan measures a 1-layer student at 2 layers too)."""
     config = config.__class__.from_dict(config.to_dict())
     config.num_hidden_layers = num_layers
     if getattr(config, "layer_types", None):
-        config.layer_types = list(config.layer_types)[:num_layers]
+        types = list(config.layer_types)
+        config.layer_types = [types[i % len(types)] for i in range(num_layers)]
     return config
 
 
@@ -225,7 +227,9 @@ def measure_train(
 ) -> dict[str, int]:
     """Peak bytes per category of one `train_step` (the second one) of `cfg` on fake models."""
     precision = precision_for(cfg.precision, torch.device("cuda"))
-    dry = cfg.replace(offload_optimizer=False, precision=precision.name)  # CPU offload is planned below
+    # CPU offload is planned below; one micro-batch a step: more accumulate into the same gradient buffers, so
+    # the peak is the same, and MemTracker cannot follow a module called twice in one step
+    dry = cfg.replace(offload_optimizer=False, precision=precision.name, grad_accum=1)
     with fake_mode(), use_precision(precision.name):
         teacher = fake_model(teacher_config, precision.teacher_dtype) if teacher_config else None
         student = fake_model(student_config, precision.student_dtype)

@@ -199,9 +199,12 @@ def _ladder(job: _Job) -> list:
 
     if job.student is None:
         return [setting("precision", "bf16-mixed")] + [halve_batch] * 8
+    # a mixture of experts skips bf16-mixed: transformers' grouped-matmul experts are not autocast-enabled, so
+    # fp32 master weights reach torch's grouped_mm, whose fake-tensor (meta) kernel takes bf16 only
+    mixed = [] if Arch.from_hf_config(job.student).num_experts else [setting("precision", "bf16-mixed")]
     train = [
         setting("gradient_checkpointing", True),
-        setting("precision", "bf16-mixed"),
+        *mixed,
         setting("optimizer", "adamw-8bit"),
         setting("precision", "bf16"),
     ]

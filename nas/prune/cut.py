@@ -20,9 +20,10 @@ from torch import nn
 from nas.errors import ConfigError
 from nas.io import replace_dir, temp_dir
 from nas.model.arch import Arch, check_prunable, count_params
-from nas.model.families import Family
+from nas.model.families import Family, gate_up_index
+from nas.model.multimodal import multimodal_note, with_vision, wrapper_type
 from nas.prune.importance import Importance
-from nas.settings import DEPTH_STRATEGIES
+from nas.settings import DEPTH_STRATEGIES, VISION
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,9 @@ def top_k(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(order.tolist())
 
 
-def keep_layers(importance: Importance, num_layers: int, depth_strategy: str) -> list[int]:
-    """The teacher layers to keep: all but the least important, or all but the best contiguous block."""
+def keep_layers(importance: Importance, num_layers: int, depth_strategy: str, keep_last: bool = False) -> list[int]:
+    """The teacher layers to keep: all but the least important, or all but the best contiguous block;
+    `keep_last`: never the last layer (a family whose last layer must stay what it is)."""
     total = importance.layer_loss.numel()
     if depth_strategy not in DEPTH_STRATEGIES:
         raise ConfigError(f"depth strategy {depth_strategy!r} is not one of {', '.join(DEPTH_STRATEGIES)}")
@@ -59,9 +61,11 @@ def keep_layers(importance: Importance, num_layers: int, depth_strategy: str) ->
     if drop == 0:
         return list(range(total))
     if depth_strategy == "drop-lowest":
+        if keep_last:
+            return [*top_k(importance.layer_loss[:-1], num_layers - 1), total - 1]
         return top_k(importance.layer_loss, num_layers)
     # contiguous: the block whose removal changes the residual stream least (lowest block BI)
-    starts = range(0, total - drop + 1)
+    starts = range(0, total - drop + 1 - keep_last)
     best = min(starts, key=lambda s: (float(importance.block_bi[s, s + drop]), s))
     return [i for i in range(total) if not best <= i < best + drop]
 
@@ -70,7 +74,7 @@ def plan_cut(teacher: Arch, arch: Arch, importance: Importance, depth_strategy: 
     """Decide every kept unit of `arch` from the teacher's importance (pure: no weights touched)."""
     check_prunable(teacher, arch)
     importance.check_matches(teacher)
-    layers = keep_layers(importance, arch.num_layers, depth_strategy)
+    layers = keep_layers(importance, arch.num_layers, depth_strategy, arch.family.keep_last_layer)
     per_group = teacher.heads_per_group
     heads, groups, mlp, experts = [], [], [], []
     for layer in layers:
@@ -134,8 +138,10 @@ def _layer_rules(teacher: Arch, arch: Arch, cut: Cut, new: int) -> dict[str, tup
     }
     if arch.family.qk_norm == "proj":  # one norm over all heads' channels (OLMo2)
         rules.update(q_norm=(q, None), k_norm=(kv, None))
+    if arch.family.attention_sinks:  # `self_attn.sinks`: one logit per query head (gpt-oss)
+        rules["self_attn"] = (_long(cut.heads[new]), None)
     if arch.num_experts:
-        rules["gate"] = (_long(cut.experts[new]), "hid")  # the router: one row per expert
+        rules[arch.family.experts.router] = (_long(cut.experts[new]), "hid")  # one row (and bias) per expert
     else:
         ffn = _long(cut.mlp[new])
         f = teacher.ffn_hidden_size
@@ -145,20 +151,27 @@ def _layer_rules(teacher: Arch, arch: Arch, cut: Cut, new: int) -> dict[str, tup
 
 
 def _cut_experts(tensor: torch.Tensor, kind: str, teacher: Arch, cut: Cut, new: int, hid: torch.Tensor):
-    """The kept experts of a fused 3-D expert parameter, each with its own kept FFN channels."""
-    f, kept = teacher.ffn_hidden_size, []
+    """The kept experts of a fused 3-D expert parameter (or of its bias), each with its own kept FFN channels."""
+    spec, kept = teacher.family.experts, []
     for e, channels in zip(cut.experts[new], cut.mlp[new], strict=True):
         ch = _long(channels)
-        if kind == "gate_up_proj":  # [2 * ffn, hidden]: gate rows, then up rows
-            kept.append(_select(tensor[e], rows=torch.cat([ch, ch + f]), cols=hid))
-        else:  # down_proj [hidden, ffn]
-            kept.append(_select(tensor[e], rows=hid, cols=ch))
+        fused = gate_up_index(ch, teacher.ffn_hidden_size, spec)
+        if kind == "gate_up_proj_bias":
+            kept.append(_select(tensor[e], rows=fused))
+        elif kind == "down_proj_bias":
+            kept.append(_select(tensor[e], rows=hid))
+        else:  # [out, in], or [in, out] transposed (gpt-oss)
+            out_in = (fused, hid) if kind == "gate_up_proj" else (hid, ch)
+            rows, cols = out_in[::-1] if spec.transposed else out_in
+            kept.append(_select(tensor[e], rows=rows, cols=cols))
     return torch.stack(kept)
 
 
 def _cut_tensor(
     tensor: torch.Tensor, local: str, rules: dict, fam: Family, hid: torch.Tensor
 ) -> torch.Tensor:
+    if "." not in local:  # a tensor of the block itself (Gemma 4's `layer_scalar`)
+        return tensor.clone()
     module, kind = local.rsplit(".", 1)[0].split(".")[-1], local.rsplit(".", 1)[1]
     if module in fam.norms:
         return _select(tensor, rows=hid)
@@ -235,23 +248,35 @@ def prune(
     return model
 
 
-def save_pruned(model: nn.Module, out: str | Path, tokenizer: Any = None, teacher: str | None = None) -> Path:
+def save_pruned(
+    model: nn.Module, out: str | Path, tokenizer: Any = None, teacher: str | None = None, vision: str = "drop"
+) -> Path:
     """`save_pretrained` (safetensors + config [+ tokenizer]) and `nas_pruning.json` with the kept units,
     written into a temp directory that replaces `out` once complete (a failure, e.g. a full disk, leaves
-    `out` as it was and no partial directory)."""
+    `out` as it was and no partial directory). A `teacher` that is a multimodal checkpoint
+    (`nas.model.multimodal`): `vision` "drop" writes the text model alone, "keep" the teacher's wrapper
+    model around it; `nas_pruning.json` says which."""
+    if vision not in VISION:
+        raise ConfigError(f"vision {vision!r} is not one of {', '.join(VISION)}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    cut, wrapper = getattr(model, "nas_cut", None), wrapper_type(teacher)
+    export = model
+    if wrapper and vision == "keep":
+        hidden = cut.hidden if cut is not None else list(range(model.config.hidden_size))
+        export = with_vision(model, str(teacher), hidden)
     with temp_dir(out) as tmp:
-        model.save_pretrained(tmp)
+        export.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        cut = getattr(model, "nas_cut", None)
         if cut is not None:
             record = {
                 "teacher": teacher,
                 "arch": Arch.from_hf_config(model.config).to_dict(),
                 "cut": asdict(cut),
             }
+            if wrapper:
+                record["multimodal"] = {"wrapper": wrapper, "vision": multimodal_note(vision)}
             (tmp / CUT_FILE).write_text(json.dumps(record, indent=1))
         replace_dir(tmp, out)
     return out

@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from tqdm.auto import tqdm
 
 from nas.device import autocast_for, model_device
@@ -37,7 +37,7 @@ from nas.errors import ModelError
 from nas.evaluate.loss import lm_loss
 from nas.io import atomic_path, require_same
 from nas.model.arch import Arch
-from nas.model.families import decoder_layers, family_of, final_norm, layer_norms
+from nas.model.families import decoder_layers, expert_ffn, family_of, final_norm, layer_norms
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +197,8 @@ class _Accumulator:
     ) -> None:
         """One MoE block's routing ([tokens, top_k] expert indices and weights) and its experts' outputs,
         recomputed per expert from the fused parameters (gate rows, then up rows)."""
+        if is_fake(index):  # the memory plan's dry run: which tokens go where is data (no shapes to trace); the
+            return  # recompute, one expert's tokens at a time, stays below what the experts' own forward holds
         x = x.float()
         self.tokens[layer] += x.shape[0]
         for e in index.unique().tolist():
@@ -204,9 +206,7 @@ class _Accumulator:
                 continue
             token, slot = torch.where(index == e)
             w = weights[token, slot].float()
-            gate, up = F.linear(x[token], module.gate_up_proj[e].float()).chunk(2, dim=-1)
-            h = module.act_fn(gate) * up
-            y = F.linear(h, module.down_proj[e].float())
+            h, y = expert_ffn(module, self.arch.family.experts, e, x[token])
             self.expert_mass[layer, e] += w.sum().double()
             self.experts[layer, e] += (w * y.norm(dim=-1)).sum().double()
             self.mlp[layer, e] += (w[:, None] * h.abs()).pow(2).sum(0).double()
@@ -251,8 +251,10 @@ def _mlp_hook(layer: nn.Module, acc: _Accumulator, i: int):
         experts = layer.mlp.experts
 
         def on_experts(m, args, kwargs):
-            names = ("hidden_states", "top_k_index", "top_k_weights")
-            acc.add_experts(i, m, *args, *(kwargs[n] for n in names[len(args) :]))
+            # (tokens, expert indices, routing weights), by position or by name (gpt-oss names them apart)
+            names = (("hidden_states",), ("top_k_index", "router_indices"), ("top_k_weights", "routing_weights"))
+            rest = (next(kwargs[n] for n in aliases if n in kwargs) for aliases in names[len(args) :])
+            acc.add_experts(i, m, *args, *rest)
 
         return experts.register_forward_pre_hook(on_experts, with_kwargs=True)
     return layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: acc.add_mlp(i, a[0]))

@@ -19,6 +19,7 @@ PRUNERS = ("successive-halving", "hyperband", "none")
 SAMPLERS = ["auto", "funnel", "exhaustive", "tpe"]
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1}
 SIZE_KNOBS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_query_groups", "num_experts")  # with steps
+VISION = ("drop", "keep")  # a multimodal teacher's vision tower in the export (nas.model.multimodal says why drop)
 BUDGET_KINDS = ("total", "active")  # a budget on all parameters, or on those one token uses (MoE)
 _WHERE: ContextVar[str] = ContextVar("settings_where", default="")  # the TOML table being loaded
 _NESTED: ContextVar[bool] = ContextVar("settings_nested", default=False)

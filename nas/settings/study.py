@@ -15,6 +15,7 @@ from nas.settings.base import (
     _NESTED,
     _WHERE,
     DEPTH_STRATEGIES,
+    VISION,
     Settings,
     _described,
 )
@@ -40,6 +41,11 @@ class RunConfig(Settings):
     depth_strategy: Literal[DEPTH_STRATEGIES] = _described(  # type: ignore[valid-type]
         "drop-lowest",
         "which layers a shallower candidate keeps: drop the least important, or the best contiguous block",
+    )
+    vision: Literal[VISION] = _described(  # type: ignore[valid-type]
+        "drop",
+        "a multimodal teacher (gemma4, mistral3, qwen3_5 checkpoints): drop its vision tower (a text-only "
+        "export; nas distills on text only) or keep it around the pruned text model",
     )
     correct_steps: int = _described(0, "teacher correction: LM fine-tune steps before pruning (0: off)", ge=0)
     seed: int = _described(0, "seed of every short run")
