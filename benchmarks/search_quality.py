@@ -1,18 +1,20 @@
-"""How good is nas's funnel? Its pick against the ground truth, on a deep teacher trained on real text.
+"""Can nas's search tell candidates apart? Its pick and ranking against a ground truth of 10x the horizon.
 
 Teacher: the demo's recipe (KJV chapters, a byte-level BPE tokenizer trained on them, a Llama with GQA
-trained from scratch), made deeper (12 layers) so depth vs width is a real choice; cached on disk.
-Space: every candidate of one budget (>= 40). Measured, side by side, with the same KD settings:
-- nas: the funnel as `nas search` runs it (screen all, short-KD the best `screen_top` with successive
-  halving, `finalists` to the horizon); its pick = the best completed trial;
-- reference: every candidate distilled to the search horizon (the cost nas is compared with; gives
-  each candidate's loss at the first rung and at the horizon);
-- ground truth: every candidate distilled for 4x the horizon.
-Printed: Kendall tau vs the ground truth of the screen, of the first rung and of the horizon; the regret
-(ground-truth loss of the pick minus the best) of nas's pick and of the screen's pick; nas's KD tokens as
-a share of "every candidate to the horizon". Goal: regret <= 0.01 nats at <= 1/3 of the tokens.
+trained from scratch), 12 layers deep so depth vs width is a real choice; cached on disk. For each budget,
+every candidate of the space is measured, with the same KD settings, in one run:
+- nas: `nas search` as a user runs it (screen, funnel with the best of each depth and class, halving,
+  the adaptive horizon); and nas with the halving over every candidate (sampler "exhaustive": the
+  screen becomes a short first KD rung);
+- brute force: every candidate distilled to the horizon and on through the same rungs as far as nas went
+  (what nas is compared with, at the same fidelity; it also gives Kendall tau at every rung);
+- ground truth: every candidate distilled in one run for `--truth-factor` (10) x the horizon (>= 300 steps).
+Printed side by side per budget: the regret (ground-truth loss of a pick minus the best) and the KD
+tokens of nas, the zero-shot pick (what ModelOpt does), ModelOpt's rule (the 10 candidates nearest the
+budget, best zero-shot first), the largest candidate, and brute force; Kendall tau vs the ground truth at
+each rung and for the extrapolated ranking; the ground truth's spread against its validation noise.
 
-    OMP_NUM_THREADS=1 python benchmarks/search_quality.py [--horizon 12] [--out .nas_cache/search_quality]
+    OMP_NUM_THREADS=1 python benchmarks/search_quality.py [--smoke] [--out .nas_cache/search_quality]
 """
 
 from __future__ import annotations
@@ -21,16 +23,17 @@ import argparse
 import logging
 import os
 import shutil
-import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import _smoke as smoke  # noqa: E402  (benchmarks/_smoke.py: --smoke)
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
+from scipy import stats  # noqa: E402
 
 from nas.data.tokens import prepare  # noqa: E402
 from nas.demo.teacher import (  # noqa: E402
@@ -42,25 +45,29 @@ from nas.demo.teacher import (  # noqa: E402
     train_tokenizer,
     write_corpus,
 )
-from nas.model.arch import Arch  # noqa: E402
+from nas.evaluate.loss import sequence_losses  # noqa: E402
+from nas.model.arch import count_params  # noqa: E402
 from nas.pipeline import search  # noqa: E402
 from nas.prune.cut import prune  # noqa: E402
 from nas.prune.space import enumerate_candidates  # noqa: E402
-from nas.search.funnel import screen  # noqa: E402
-from nas.search.study import arch_key, best_trial, kendall_tau  # noqa: E402
+from nas.search import ranking  # noqa: E402
+from nas.search.horizon import continued  # noqa: E402
+from nas.search.study import StudyRecord, TrialRecord, arch_key  # noqa: E402
 from nas.settings import run_config_from_dict  # noqa: E402
 from nas.train.loop import distill  # noqa: E402
 
 log = logging.getLogger("search_quality")
 TEACHER = TeacherSpec(hidden_size=128, num_layers=12, num_attention_heads=4, num_query_groups=2, head_dim=32,
                       ffn_hidden_size=384, vocab_size=1024, steps=500, batch_size=16, warmup_steps=30)  # fmt: skip
+SMOKE_TEACHER = replace(TEACHER, num_layers=4, hidden_size=64, ffn_hidden_size=128, steps=20, vocab_size=512)
+MODELOPT_TOP_K = 10  # ModelOpt's Minitron NAS scores the top_k=10 candidates nearest the budget
 
 
-def teacher_and_data(out: Path, seq_len: int, spec: TeacherSpec = TEACHER, max_documents: int | None = None):
-    """The cached 12-layer teacher (trained on first use) and the tokenized KJV."""
+def teacher_and_data(out: Path, seq_len: int, spec: TeacherSpec):
+    """The cached teacher (trained on first use) and the tokenized KJV."""
     from transformers import AutoTokenizer
 
-    corpus = write_corpus(out / "corpus", max_documents)
+    corpus = write_corpus(out / "corpus")
     key = teacher_key(spec, seq_len, corpus)
     data_cfg = {"seq_len": seq_len, "cache_dir": str(out / "cache"), "sources": [{"path": str(corpus)}]}
     probe = run_config_from_dict({"name": "probe", "teacher": "-", "data": data_cfg})
@@ -73,132 +80,192 @@ def teacher_and_data(out: Path, seq_len: int, spec: TeacherSpec = TEACHER, max_d
     return info, data_cfg
 
 
-def study_config(out: Path, data_cfg: dict, args) -> dict:
+def study_config(out: Path, data_cfg: dict, args, name: str, sampler: str) -> dict:
+    tokens_per_step = args.batch_size * args.seq_len
     return {
-        "name": "search_quality",
+        "name": name,
         "teacher": str(out / "teacher"),
-        "out_dir": str(out / "study"),
-        "budget": args.budget,
+        "out_dir": str(out / name),
+        "budget": args.budgets.split(","),
         "data": data_cfg,
-        "space": {"tolerance": args.tolerance, "steps": {"hidden_size": 16, "ffn_hidden_size": 32}},
+        "space": {"tolerance": args.tolerance, "steps": {"hidden_size": args.step, "ffn_hidden_size": 2 * args.step}},
         "importance": {"num_samples": 64, "val_sequences": 16, "batch_size": 16},
-        "search": {
-            "horizon_steps": args.horizon,
-            "eval_every": args.horizon // 4,
-            "reduction_factor": 2,
-            "screen_top": args.screen_top,
-            "finalists": args.finalists,
-            "screen_sequences": 16,
-            "top_k": 5,
-        },  # fmt: skip
-        "distill": {"batch_size": 8, "lr": 1e-3, "min_lr": 1e-4, "eval_sequences": args.eval_sequences,
+        "search": {"horizon_tokens": args.horizon * tokens_per_step, "sampler": sampler, "screen_sequences": 16}
+        | ({"max_horizon_factor": 2, "screen_top": 3, "finalists": 2, "stable_top": 2} if args.smoke else {}),
+        "distill": {"batch_size": args.batch_size, "lr": 1e-3, "min_lr": 1e-4, "eval_sequences": args.eval_sequences,
                     "checkpoint_every": 0},
-    }
+        "final": {"tokens": args.truth_factor * args.horizon * tokens_per_step},  # what the extrapolation predicts
+    }  # fmt: skip
 
 
-def distill_all(ctx, candidates, steps: int, eval_every: int, work: Path) -> dict[tuple, list[dict]]:
-    """Every candidate pruned and distilled for `steps` with the search's settings: key -> val curve."""
-    settings = ctx.cfg.short_distill().replace(steps=steps, eval_every=eval_every)
-    curves = {}
-    for i, arch in enumerate(candidates):
-        student = prune(ctx.teacher, arch, ctx.importance, ctx.cfg.depth_strategy)
-        result = distill(ctx.teacher, student, ctx.data, settings, work / str(i))
-        shutil.rmtree(work / str(i), ignore_errors=True)
-        curves[arch_key(arch)] = result.curve
-        log.info(
-            "%d/%d %s: val loss %.4f after %d steps",
-            i + 1,
-            len(candidates),
-            arch.describe(),
-            result.val_loss,
-            steps,
-        )
+def study_tokens(study, budget: str) -> int:
+    """KD tokens a study spent on `budget`: its trials' and its adaptive horizon's."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    own = sum(int(t.user_attrs.get("tokens", 0)) for t in trials if t.user_attrs.get("budget") == budget)
+    return own + int((StudyRecord.read(study).horizon or {}).get(budget, {}).get("tokens", 0))
+
+
+def brute_force(ctx, space, stop_tokens: int, work: Path) -> dict[tuple, list[tuple[int, float]]]:
+    """Every candidate to the horizon (validated at the rungs) and on through the adaptive horizon's rungs
+    (`nas.search.horizon.continued`) up to `stop_tokens`: key -> [(tokens, val loss)]."""
+    cfg, curves = ctx.cfg, {}
+    for i, arch in enumerate(space):
+        student = prune(ctx.teacher, arch, ctx.importance, cfg.depth_strategy)
+        result = distill(ctx.teacher, student, ctx.data, cfg.short_distill(), work / str(i))
+        curve = [(p["step"] * cfg.tokens_per_step, p["val_loss"]) for p in result.curve]
+        steps = cfg.horizon_steps
+        while steps * cfg.tokens_per_step < stop_tokens:
+            result = distill(ctx.teacher, student, ctx.data, continued(cfg, steps), work / f"{i}-{2 * steps}")
+            steps *= 2
+            curve.append((steps * cfg.tokens_per_step, result.val_loss))
+        shutil.rmtree(work, ignore_errors=True)
+        curves[arch_key(arch)] = curve
+        log.info("brute force %d/%d %s: %s", i + 1, len(space), arch.describe(), [round(v, 4) for _, v in curve])
     return curves
 
 
+def ground_truth(ctx, space, steps: int, work: Path) -> tuple[dict, dict]:
+    """Every candidate distilled in one run of `steps`: (key -> val loss, key -> per-sequence losses)."""
+    cfg, truth, per_seq = ctx.cfg, {}, {}
+    run = cfg.short_distill().replace(steps=steps, eval_every=0)
+    val = ctx.data.val(cfg.distill.eval_sequences)
+    for i, arch in enumerate(space):
+        student = prune(ctx.teacher, arch, ctx.importance, cfg.depth_strategy)
+        result = distill(ctx.teacher, student, ctx.data, run, work / str(i))
+        shutil.rmtree(work, ignore_errors=True)
+        truth[arch_key(arch)] = result.val_loss
+        per_seq[arch_key(arch)] = sequence_losses(student, val, cfg.distill.eval_batch_size)
+        log.info("ground truth %d/%d %s: %.4f", i + 1, len(space), arch.describe(), result.val_loss)
+    return truth, per_seq
+
+
 def tau(scores: dict, truth: dict) -> float:
-    keys = sorted(truth)
-    return kendall_tau([scores[k] for k in keys], [truth[k] for k in keys])
+    keys = [k for k in truth if k in scores]
+    if len(keys) < 2:
+        return float("nan")
+    return float(stats.kendalltau([scores[k] for k in keys], [truth[k] for k in keys]).statistic)
+
+
+def nas_pick(study, budget: str) -> tuple[tuple, dict]:
+    """(the key of nas's pick, its horizon record) for `budget`."""
+    horizon = (StudyRecord.read(study).horizon or {}).get(budget, {})
+    trial = study.trials[horizon["pick"]]
+    return arch_key(TrialRecord.read(trial).arch), horizon
+
+
+def finalist_tau(study, horizon: dict, truth: dict) -> float:
+    """Kendall tau vs the ground truth of nas's ranking of its finalists (the last rung)."""
+    last = horizon["rungs"][-1]
+    key = {n: arch_key(TrialRecord.read(study.trials[int(n)]).arch) for n in last["losses"]}
+    scores = last["predicted"] if study.user_attrs["config"]["search"]["extrapolate"] else last["losses"]
+    return tau({key[n]: v for n, v in scores.items()}, truth)
+
+
+def report_budget(budget, space, studies, screen_loss, curves, truth, per_seq, horizon_tokens) -> dict:
+    """Print one budget's table; returns its regrets (for the summary over budgets)."""
+    best_key = min(truth, key=truth.get)
+    best, ordered = truth[best_key], sorted(truth.values())
+    noise = ranking.margin_noise(per_seq[best_key], per_seq[min((k for k in truth if k != best_key), key=truth.get)])
+    print(f"\n== budget {budget}: {len(space)} candidates, depths {sorted({a.num_layers for a in space})}")
+    print(f"ground truth: best {best:.4f}, spread {ordered[-1] - best:.4f} nats, top-1 margin {ordered[1] - best:.4f} "
+          f"(bootstrap noise of that margin {noise:.4f}); {sum(v - best > 2 * noise for v in ordered)} of "
+          f"{len(ordered)} candidates worse than the best beyond 2x noise")  # fmt: skip
+    nearest = sorted(space, key=lambda a: -count_params(a))[:MODELOPT_TOP_K]
+    rows, regrets = [], {}
+    zero_shot = min(screen_loss, key=screen_loss.get)
+    modelopt = min((arch_key(a) for a in nearest), key=screen_loss.get)
+    largest = arch_key(max(space, key=count_params))
+    for name, study in studies.items():
+        pick, horizon = nas_pick(study, budget)
+        rows.append((name, pick, study_tokens(study, budget),
+                     f"stopped at {horizon['rungs'][-1]['tokens'] / horizon_tokens:.0f}x horizon ({horizon['stop']}), "
+                     f"finalists' tau {finalist_tau(study, horizon, truth):.2f}"))  # fmt: skip
+    stop = max(nas_pick(s, budget)[1]["rungs"][-1]["tokens"] for s in studies.values())
+    at_stop = {k: next(v for t, v in c if t >= stop) for k, c in curves.items()}
+    rows += [("zero-shot pick (ModelOpt)", zero_shot, 0, "screen only"),
+             (f"ModelOpt's rule ({len(nearest)} nearest, best zero-shot)", modelopt, 0, "screen only"),
+             ("largest candidate", largest, 0, "no search"),
+             (f"every candidate to {stop / horizon_tokens:.0f}x horizon", min(at_stop, key=at_stop.get),
+              len(space) * stop, "brute force")]  # fmt: skip
+    brute = rows[-1][2]
+    print(f"{'method':<48} {'regret':>8} {'tokens':>12} {'of brute':>9}  notes")
+    for name, pick, tokens, note in rows:
+        regrets[name] = truth[pick] - best
+        print(f"{name:<48} {truth[pick] - best:8.4f} {tokens:12,} {tokens / brute:9.3f}  {note}")
+    rungs = sorted({t for c in curves.values() for t, _ in c})
+    taus = [f"{t / horizon_tokens:g}x {tau({k: dict(c)[t] for k, c in curves.items()}, truth):.2f}" for t in rungs]
+    final = studies["nas"].user_attrs["final_tokens"]
+    predicted = {k: ranking.predict(ranking.fit_curve(*zip(*c, strict=True)), final, c[-1][1]) for k, c in curves.items()}
+    print(f"Kendall tau vs ground truth, every candidate: screen {tau(screen_loss, truth):.2f}; at the rungs "
+          f"(x horizon) {', '.join(taus)}; extrapolated to the ground truth's tokens {tau(predicted, truth):.2f}")  # fmt: skip
+    return regrets
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=".nas_cache/search_quality")
+    p.add_argument("--smoke", action="store_true", help="a tiny teacher and horizon (seconds, for the test)")
+    p.add_argument("--seq-len", type=int, default=32)
+    p.add_argument("--budgets", default="30%")
+    p.add_argument("--tolerance", type=float, default=0.025)
+    p.add_argument("--step", type=int, default=32, help="step of hidden_size (ffn_hidden_size: twice it)")
+    p.add_argument("--horizon", type=int, default=30, help="search horizon in steps of batch x seq_len tokens")
+    p.add_argument("--truth-factor", type=int, default=10, help="ground truth = this many horizons")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--eval-sequences", type=int, default=32)
+    p.add_argument("--exhaustive", action="store_true", help="also nas with the halving over every candidate")
+    args = p.parse_args()
+    if args.smoke:
+        args.budgets, args.horizon, args.truth_factor, args.eval_sequences, args.step = "50%", 4, 3, 16, 16
+        args.tolerance, args.seq_len = 0.06, 16
+    return args
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=".nas_cache/search_quality")
-    p.add_argument("--seq-len", type=int, default=32)
-    p.add_argument("--budget", default="45%")
-    p.add_argument("--tolerance", type=float, default=0.05)
-    p.add_argument("--horizon", type=int, default=12)
-    p.add_argument("--screen-top", type=int, default=8)
-    p.add_argument("--finalists", type=int, default=3)
-    p.add_argument("--eval-sequences", type=int, default=48, help="validation sequences of every run")
-    args = smoke.parse(p, out=tempfile.mkdtemp(prefix="nas-smoke-"), budget="50%", tolerance=0.1, horizon=4,
-                       eval_sequences=8, screen_top=2, finalists=1)
+    args = parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     log.setLevel(logging.INFO)
+    logging.getLogger("nas.search.horizon").setLevel(logging.INFO)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    out, start = Path(args.out), time.perf_counter()
-    spec = smoke.tiny_teacher(TEACHER) if args.smoke else TEACHER
-    info, data_cfg = teacher_and_data(out, args.seq_len, spec, 150 if args.smoke else None)
-    print(
-        f"teacher: {info.params:,} params, {spec.num_layers} layers, val loss {info.val_loss:.3f} (unigram {info.unigram_loss:.3f})"
-    )
-    shutil.rmtree(out / "study", ignore_errors=True)
-    cfg = run_config_from_dict(study_config(out, data_cfg, args))
-    t0 = time.perf_counter()
-    ctx, study = search(cfg)
-    nas_seconds = time.perf_counter() - t0
-    space = enumerate_candidates(ctx.teacher_arch, cfg.budget, cfg.space)
-    t0 = time.perf_counter()  # the screen alone, timed again: per candidate vs a KD step
-    screen(ctx.teacher, ctx.importance, {cfg.budget: space}, ctx.data.val(cfg.search.screen_sequences))
-    screen_seconds = time.perf_counter() - t0
-    screen_loss = {arch_key(s["arch"]): s["loss"] for s in study.user_attrs["screen"]}
-    h, rung = args.horizon, args.horizon // 4
-    t0 = time.perf_counter()
-    reference = distill_all(ctx, space, h, rung, out / "work")
-    ref_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    truth_curves = distill_all(ctx, space, 4 * h, 0, out / "work")
-    truth_seconds = time.perf_counter() - t0
-    truth = {k: c[-1]["val_loss"] for k, c in truth_curves.items()}
-    at = {
-        s: {k: next(p["val_loss"] for p in c if p["step"] == s) for k, c in reference.items()}
-        for s in (rung, h)
-    }
-    best = min(truth.values())
-    pick = arch_key(Arch.from_dict(best_trial(study).user_attrs["arch"]))
-    screen_pick = min(screen_loss, key=screen_loss.get)
-    nas_tokens = sum(
-        t.user_attrs.get("tokens", 0)
-        for t in study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
-    )
-    every = len(space) * h * study.user_attrs["tokens_per_step"]
-    states = [t.state.name for t in study.trials]
-    print(
-        f"space: {len(space)} candidates at {cfg.budget} of the teacher; horizon {h} steps, first rung {rung}, ground truth {4 * h}"
-    )
-    print(
-        f"nas: screened {len(screen_loss)}, distilled {len(states)} ({states.count('COMPLETE')} to the horizon)"
-    )
-    print(
-        f"Kendall tau vs ground truth: screen {tau(screen_loss, truth):.3f}, first rung {tau(at[rung], truth):.3f}, horizon {tau(at[h], truth):.3f}"
-    )
-    print(
-        f"regret (nats): nas's pick {truth[pick] - best:.4f} ({Arch.from_dict(best_trial(study).user_attrs['arch']).describe()}), "
-        f"screen's pick {truth[screen_pick] - best:.4f}; best ground-truth loss {best:.4f}"
-    )
-    print(
-        f"nas KD tokens: {nas_tokens:,} = {nas_tokens / every:.3f} of every candidate to the horizon ({every:,})"
-    )
-    print(
-        f"goal (regret <= 0.01 at <= 1/3 of the tokens): {'met' if truth[pick] - best <= 0.01 and nas_tokens <= every / 3 else 'NOT met'}"
-    )
-    kd_step = ref_seconds / (len(space) * h)
-    print(f"screen: {screen_seconds / len(space) * 1e3:.0f} ms a candidate = {screen_seconds / len(space) / kd_step:.2f} "
-          f"KD steps (a KD step of the reference, evaluations included: {kd_step * 1e3:.0f} ms)")  # fmt: skip
-    print(f"wall time: nas {nas_seconds:.0f} s, reference {ref_seconds:.0f} s, ground truth {truth_seconds:.0f} s, "
-          f"total {time.perf_counter() - start:.0f} s")  # fmt: skip
-    if args.smoke:
-        shutil.rmtree(out, ignore_errors=True)
+    out, start = Path(args.out) / ("smoke" if args.smoke else "full"), time.perf_counter()
+    spec = SMOKE_TEACHER if args.smoke else TEACHER
+    print("run at: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()))
+    info, data_cfg = teacher_and_data(out, args.seq_len, spec)
+    print(f"teacher: {info.params:,} params, {spec.num_layers} layers, val loss {info.val_loss:.3f} "
+          f"(unigram {info.unigram_loss:.3f})")  # fmt: skip
+    studies, seconds = {}, {}
+    variants = [("nas", "auto")] + [("nas, halving over all (exhaustive)", "exhaustive")] * args.exhaustive
+    for name, sampler in variants:
+        slug = "study-" + sampler
+        shutil.rmtree(out / slug, ignore_errors=True)
+        t0 = time.perf_counter()
+        ctx, studies[name] = search(run_config_from_dict(study_config(out, data_cfg, args, slug, sampler)))
+        seconds[name] = time.perf_counter() - t0
+    cfg = ctx.cfg
+    truth_steps = args.truth_factor * cfg.horizon_steps
+    print(f"horizon {cfg.horizon_tokens:,} tokens ({cfg.horizon_steps} steps of {cfg.tokens_per_step} tokens), ground "
+          f"truth {truth_steps * cfg.tokens_per_step:,} tokens ({truth_steps} steps, {args.truth_factor}x), "
+          f"{cfg.distill.eval_sequences} validation sequences")  # fmt: skip
+    summary = []
+    for budget in cfg.budgets:
+        space = enumerate_candidates(ctx.teacher_arch, budget, cfg.space)
+        screen_loss = {arch_key(s["arch"]): s["loss"] for s in studies["nas"].user_attrs["screen"]
+                       if s["budget"] == budget and s["loss"] is not None}  # fmt: skip
+        stop = max(nas_pick(s, budget)[1]["rungs"][-1]["tokens"] for s in studies.values())
+        t0 = time.perf_counter()
+        curves = brute_force(ctx, space, stop, out / "work")
+        seconds[f"brute force {budget}"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        truth, per_seq = ground_truth(ctx, space, truth_steps, out / "work")
+        seconds[f"ground truth {budget}"] = time.perf_counter() - t0
+        summary.append(report_budget(budget, space, studies, screen_loss, curves, truth, per_seq, cfg.horizon_tokens))
+    print(f"\nover {len(summary)} budgets (regret in nats, vs nas):")
+    for name in summary[0]:
+        worse = [r[name] - r["nas"] for r in summary]
+        print(f"  {name:<48} worse than nas in {sum(w > 1e-9 for w in worse)} of {len(worse)}, "
+              f"by {np.mean(worse):+.4f} on average (max regret {max(r[name] for r in summary):.4f})")  # fmt: skip
+    print("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
+          + f", total {time.perf_counter() - start:.0f} s")  # fmt: skip
 
 
 if __name__ == "__main__":

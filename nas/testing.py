@@ -197,8 +197,9 @@ def tiny_study_config(root, name: str = "tiny", **overrides) -> dict:
         "space": {"tolerance": 0.1, "steps": {"hidden_size": 16, "ffn_hidden_size": 32}},
         "importance": {"num_samples": 16, "val_sequences": 4, "batch_size": 8},
         "search": {
-            "horizon_steps": 4,
+            "horizon_steps": 4,  # in steps, as older studies give it (still loaded)
             "eval_every": 2,
+            "adaptive": False,  # tests of the adaptive horizon turn it on
             "top_k": 3,
             "heartbeat_interval": 1,
             "grace_period": 3,

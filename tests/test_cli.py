@@ -124,6 +124,12 @@ def test_space_prints_the_candidate_table(qwen2_teacher, capsys):
     assert main(["space", str(qwen2_teacher / "teacher"), "--budget", "75%", "--tolerance", "0.1"]) == 0
     out = capsys.readouterr().out
     assert "candidates" in out and "kv_cache_bytes_per_token" in out
+    from nas.model.arch import Arch
+    from nas.model.families import load_config
+    from nas.prune.space import parse_budget
+
+    budget = parse_budget("75%", Arch.from_hf_config(load_config(qwen2_teacher / "teacher")))
+    assert f"search horizon (default): {round(0.225 * budget):,} KD tokens per candidate" in out
 
 
 def test_space_over_budgets_with_a_memory_limit(qwen2_teacher, capsys):
@@ -131,12 +137,12 @@ def test_space_over_budgets_with_a_memory_limit(qwen2_teacher, capsys):
     args = ["space", teacher, "--budget", "50%,75%", "--tolerance", "0.1", "--seq-len", "64"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    rows = [line.split() for line in out.splitlines()[2:]]
+    rows = [line.split() for line in out.splitlines()[2:-1]]  # the last line: the horizon in tokens
     assert {r[0] for r in rows} == {"50%", "75%"} and "memory_bytes" in out
     limit = sorted(int(r[8]) for r in rows)[len(rows) // 2]  # memory_bytes (the label is 4 words)
     assert main([*args, "--max-memory", str(limit)]) == 0
     out = capsys.readouterr().out
-    over = [line.split() for line in out.splitlines()[3:]]
+    over = [line.split() for line in out.splitlines()[3:-1]]
     assert all((r[-1] == "True") == (int(r[8]) > limit) for r in over)
     assert f"over the memory limit {limit}" in out
     assert "--batch must be >= 1" in one_line_error(capsys, [*args, "--batch", "0"])

@@ -13,7 +13,7 @@ from nas.model.arch import KNOBS, Arch, count_params
 from nas.prune.cut import prune
 from nas.prune.importance import compute_importance
 from nas.prune.space import enumerate_budgets, memory_bytes, parse_budget, parse_bytes
-from nas.search.funnel import FunnelPruner, rungs, screen, shortlist
+from nas.search.funnel import FunnelPruner, prune_class, rungs, screen, shortlist
 from nas.settings import ConstraintsConfig, SpaceConfig, run_config_from_dict
 from nas.testing import tiny_model
 
@@ -174,7 +174,8 @@ def test_multi_budget_study_end_to_end(tmp_path, monkeypatch, capsys):
     for budget in ("50%", "75%"):
         trials = [t for t in study.trials if t.user_attrs.get("budget") == budget]
         ranks = [t.user_attrs["screen_rank"] for t in trials]
-        assert ranks == [0, 1, 2]  # the shortlist, best screen first
+        # the shortlist, best screen first: the best 3, then the best of each depth and class not among them
+        assert ranks[:3] == [0, 1, 2] and ranks == sorted(ranks)
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         assert len(complete) >= 2 and all(max(t.intermediate_values) == 4 for t in complete)
         assert study.user_attrs["stability"][budget]["kendall_tau"] is not None
@@ -207,3 +208,19 @@ def test_multi_budget_study_end_to_end(tmp_path, monkeypatch, capsys):
     rows = [line.split() for line in lines[2:]]  # by budget, then screen rank (the last column here)
     firsts = [next(r for r in rows if r[0] == b) for b in ("50%", "75%")]
     assert [float(r[-1]) for r in firsts] == [0.0, 0.0]
+
+
+def test_the_shortlist_keeps_every_depth_and_class(setup):
+    teacher, importance, val, arch = setup
+    spaces = enumerate_budgets(arch, ["40%", "70%"], SPACE)
+    screened = screen(teacher, importance, spaces, val)
+    for budget, candidates in spaces.items():
+        depths = {a.num_layers for a in candidates}
+        assert len(depths) > 1  # the fixture has a real depth choice
+        picked = shortlist(screened, 1, per_class=1, teacher=arch.to_dict())[budget]
+        assert {s.arch["num_layers"] for s in picked} == depths  # no depth dropped, even with top = 1
+        classes = {prune_class(a.to_dict(), arch.to_dict()) for a in candidates}
+        assert {prune_class(s.arch, arch.to_dict()) for s in picked} == classes
+        assert picked[0].rank == 0 and [s.rank for s in picked] == sorted(s.rank for s in picked)
+        only_top = shortlist(screened, 1)[budget]
+        assert len(only_top) == 1  # per_class = 0: the plain funnel

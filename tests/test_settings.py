@@ -31,7 +31,7 @@ def test_every_field_has_a_description(model):
         ({"space": {"steps": {"hidden_size": 0}}}, "space.steps.hidden_size must be >= 1, got 0"),
         ({"distill": {"steps": 0}}, "distill.steps must be >= 1, got 0"),
         ({"final": {"steps": 0}}, "final.steps must be >= 1, got 0"),
-        ({"search": {"horizon": 10}}, "unknown field(s) horizon in [search]; known: eval_every"),
+        ({"search": {"horizon": 10}}, "unknown field(s) horizon in [search]; known: adaptive"),
         ({"search": {"pruner": "median"}}, "search.pruner must be one of 'successive-halving'"),
         ({"distill": {"lr": 1e-4, "min_lr": 1e-3}}, "min_lr (0.001) must be <= lr (0.0001)"),
         ({"budget": "nan"}, "cannot read budget 'nan'"),
@@ -115,3 +115,33 @@ def test_the_documented_example_study_loads():
 
     cfg = settings.load_run_config(Path(__file__).resolve().parents[1] / "studies" / "example.toml")
     assert cfg.name == "example" and cfg.teacher and len(cfg.budgets) >= 1
+
+
+def test_the_horizon_is_in_tokens_and_steps_come_from_the_batch():
+    data = {"seq_len": 64, "sources": [{"path": "x.jsonl"}]}
+    cfg = run_config_from_dict({**STUDY, "data": data, "distill": {"batch_size": 4, "grad_accum": 2},
+                                "search": {"horizon_tokens": 10_000, "rung_tokens": 1_000}})  # fmt: skip
+    assert cfg.tokens_per_step == 512
+    assert cfg.horizon_steps == 20 and cfg.rung_steps == 2  # ceil(10000 / 512), ceil(1000 / 512)
+    assert cfg.short_distill().steps == 20 and cfg.horizon_tokens == 20 * 512
+    old = run_config_from_dict({**STUDY, "data": data, "search": {"horizon_steps": 7, "eval_every": 3}})
+    assert old.short_distill().steps == 7 and old.short_distill().eval_every == 3  # older studies load
+
+
+def test_the_default_horizon_is_minitrons_tokens_per_parameter():
+    cfg = run_config_from_dict({**STUDY, "data": {"seq_len": 100, "sources": [{"path": "x.jsonl"}]}})
+    with pytest.raises(ConfigError, match="horizon_tokens"):
+        cfg.short_distill()  # unknown until the teacher (hence the budget's parameters) is
+    fixed = cfg.with_horizon(8_000_000_000)
+    assert fixed.search.horizon_tokens == 1_800_000_000  # Minitron §4: 1.8B tokens per 8B candidate
+    assert fixed.rung_steps == fixed.horizon_steps // 8
+
+
+def test_the_final_stage_takes_tokens():
+    cfg = run_config_from_dict({**STUDY, "data": {"seq_len": 10, "sources": [{"path": "x.jsonl"}]},
+                                "distill": {"batch_size": 2}, "final": {"tokens": 1000}})  # fmt: skip
+    assert cfg.final_distill().steps == 50 and cfg.final_tokens == 1000
+    with pytest.raises(ConfigError, match="tokens"):
+        run_config_from_dict({**STUDY, "final": {"tokens": 1000, "steps": 3}})
+    with pytest.raises(ConfigError, match="not both"):
+        run_config_from_dict({**STUDY, "search": {"horizon_tokens": 1000, "horizon_steps": 3}})

@@ -56,6 +56,7 @@ def cmd_space(args) -> int:
             f"{int(frame['over_memory'].sum())} over the memory limit {constraints.max_memory} (never trained)"
         )
     print(frame.drop(columns=[] if constraints.max_memory else ["over_memory"]).to_string(index=False))
+    print(horizon_line(stored_config(args) if args.study else None, teacher, budgets))
     return 0
 
 
@@ -68,6 +69,23 @@ def parse_steps(text: str) -> dict[str, int]:
             raise ConfigError(f"--steps {item!r}: write KNOB=N, e.g. hidden_size=256")
         steps[knob.strip()] = int(value)
     return steps
+
+
+def horizon_line(cfg, teacher, budgets: list[str]) -> str:
+    """The search horizon in tokens: the study's, or the default for these budgets."""
+    from nas.prune.space import parse_budget
+    from nas.settings import SearchConfig
+
+    if cfg is not None:
+        from nas.prune.space import with_horizon
+
+        cfg = with_horizon(cfg, teacher)
+        return (f"search horizon: {cfg.horizon_tokens:,} KD tokens per candidate ({cfg.horizon_steps} steps of "
+                f"{cfg.tokens_per_step:,} tokens); final distillation {cfg.final_tokens:,} tokens")  # fmt: skip
+    per_param = SearchConfig().horizon_tokens_per_param
+    largest = max(parse_budget(b, teacher) for b in budgets)
+    return (f"search horizon (default): {round(per_param * largest):,} KD tokens per candidate = {per_param} a "
+            "parameter of the largest budget (Minitron §4: 1.8B tokens per 8B candidate); set search.horizon_tokens")
 
 
 def stored_config(args):

@@ -135,6 +135,10 @@ def run_config(out: Path, corpus: Path, plan: DemoPlan, device: str):
                 "finalists": plan.finalists,
                 "reduction_factor": 2,  # keep half at each rung (never fewer than the finalists)
                 "teacher_cache": plan.teacher_cache,
+                # the demo's time (DemoPlan.estimates) covers the funnel's top screen_top and the horizon
+                # alone: the adaptive horizon's rungs and the per-class shortlist are off here
+                "adaptive": False,
+                "per_class": 0,
             },
             "distill": distill_cfg,
             "final": {"steps": plan.final_steps, "checkpoint_every": max(plan.final_steps // 2, 1)},

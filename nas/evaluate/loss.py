@@ -42,22 +42,44 @@ def lm_loss(model: nn.Module, sequences: torch.Tensor, batch_size: int = 8) -> f
     return total.item() / max(count, 1)  # one host sync, not one per batch (and none on fake tensors)
 
 
+@torch.no_grad()
+def sequence_losses(model: nn.Module, sequences: torch.Tensor, batch_size: int = 8) -> list[float]:
+    """Mean next-token cross-entropy of each of `sequences` [N, T], same protocol as `lm_loss` (their mean
+    is `lm_loss`: every sequence has T - 1 scored tokens); for the bootstrap of the validation noise."""
+    if len(sequences) == 0 or sequences.shape[-1] < 2:
+        raise DataError(f"no validation tokens to score ({len(sequences)} sequences)")
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    out = []
+    for start in range(0, len(sequences), batch_size):
+        batch = torch.as_tensor(sequences[start : start + batch_size], dtype=torch.long).to(device)
+        out += (_token_ce(model, batch).view(len(batch), -1).mean(dim=1)).tolist()
+    model.train(was_training)
+    return out
+
+
 def _summed_ce(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy of one batch [B, T] (float64 scalar), the logits in float32."""
+    return _token_ce(model, batch).sum()
+
+
+def _token_ce(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of every position of one batch [B, T] (float64 [B * (T - 1)])."""
     labels = batch[:, 1:].flatten()
     head = chunked_head(model)
     with autocast_for(batch.device):
         if head is None:
             logits = model(input_ids=batch, use_cache=False).logits[:, :-1].flatten(0, 1)
-            return F.cross_entropy(logits.float(), labels, reduction="sum").double()
+            return F.cross_entropy(logits.float(), labels, reduction="none").double()
         decoder, weight, cap = head
         hidden = decoder(input_ids=batch, use_cache=False).last_hidden_state[:, :-1].flatten(0, 1)
-        total = torch.zeros((), dtype=torch.float64, device=batch.device)
+        parts = []
         for start in range(0, len(hidden), CHUNK_TOKENS):
             rows = slice(start, start + CHUNK_TOKENS)
             logits = softcap_(F.linear(hidden[rows], weight).float(), cap)
-            total += F.cross_entropy(logits, labels[rows], reduction="sum").double()
-        return total
+            parts.append(F.cross_entropy(logits, labels[rows], reduction="none").double())
+        return torch.cat(parts)
 
 
 def perplexity(model: nn.Module, sequences: torch.Tensor, batch_size: int = 8) -> float:

@@ -26,8 +26,10 @@ STUDY_WAYS_OUT = (
 )
 # the search settings that decide the trials (not n_trials: raise it to continue a search; not top_k,
 # storage, heartbeats: they change nothing a trial computes)
-SEARCH_IDENTITY = ("horizon_steps", "eval_every", "pruner", "reduction_factor", "sampler", "order",
-                   "screen_sequences", "screen_top", "finalists")  # fmt: skip
+SEARCH_IDENTITY = ("horizon_tokens", "horizon_tokens_per_param", "rung_tokens", "horizon_steps", "eval_every",
+                   "pruner", "reduction_factor", "sampler", "order", "screen_sequences", "screen_top", "finalists",
+                   "per_class", "adaptive", "max_horizon_factor", "stable_top", "stable_tau", "extrapolate",
+                   "bootstrap_samples")  # fmt: skip
 
 
 def study_identity(cfg: RunConfig, teacher_config: Any = None) -> dict[str, Any]:

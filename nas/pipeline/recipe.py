@@ -27,6 +27,7 @@ from nas.pipeline.context import (
 from nas.pipeline.identity import check_study
 from nas.plan import STAGES, check_plan
 from nas.prune.cut import plan_cut, prune, save_pruned
+from nas.prune.space import with_horizon
 from nas.report.html import write_report
 from nas.search.strategy import Strategy
 from nas.search.study import (
@@ -90,8 +91,9 @@ def search(
     stability. The study's out_dir is held (`nas.io.own_output`) meanwhile: workers join through the
     storage, a second search is refused. A stored study made with other settings is refused
     (`restart`: deleted first). `strategy`: default `search.sampler`'s (`nas.search.strategy`)."""
+    teacher_config = load_config(cfg.teacher)  # read once for the whole command
+    cfg = with_horizon(cfg, Arch.from_hf_config(teacher_config))  # the horizon in tokens, fixed
     with own_output(cfg.root):
-        teacher_config = load_config(cfg.teacher)  # read once for the whole command
         identity = check_study(cfg, restart, teacher_config)
         check_plan(cfg, stages, gpu_memory_of(cfg))
         ctx = prepare_context(cfg, teacher_config=teacher_config, strategy=strategy)
@@ -104,10 +106,21 @@ def search(
         log.info("search: %d candidates to distill; %s", len(ctx.candidates), ctx.strategy.description())
         teacher_off_device(ctx, True)
         run_trials(ctx, study)
+        extend_horizons(ctx, study)
         record_stability(ctx, study)
         if cfg.search.rerank_tasks:
             rerank(ctx, study)
         return ctx, study
+
+
+def extend_horizons(ctx: SearchContext, study: optuna.Study) -> None:
+    """The strategy's adaptive horizon (if any) over each budget's finalists, after every trial."""
+    horizon = ctx.strategy.horizon()
+    if horizon is None:
+        return
+    teacher_off_device(ctx, False)  # later batches than the teacher cache holds: the teacher itself
+    for budget in ctx.budget_sizes():
+        horizon.extend(ctx, study, budget)
 
 
 def record_stability(ctx: SearchContext, study: optuna.Study) -> None:
@@ -116,7 +129,7 @@ def record_stability(ctx: SearchContext, study: optuna.Study) -> None:
     s = ctx.cfg.search
     # a search without a screen (TPE) has one budget and no budget labels on its trials
     labels = {b: b or ctx.cfg.budgets[0] for b in ctx.budget_sizes()}
-    stability = {label: ranking_stability(study, s.top_k, s.horizon_steps, b) for b, label in labels.items()}
+    stability = {label: ranking_stability(study, s.top_k, ctx.cfg.horizon_steps, b) for b, label in labels.items()}
     StudyRecord(stability=stability).write(study)
     for budget in labels:
         keep_top_models(study, s.top_k, budget)
@@ -156,8 +169,12 @@ def finalize(
     teacher_off_device(ctx, False)
     budget = budget or final_budgets(cfg)[0]
     best = best_trial(study, budget if ctx.screen else None)
+    horizon = (StudyRecord.read(study).horizon or {}).get(budget, {})
+    if "pick" in horizon:  # the adaptive horizon's pick, from its longest-distilled model
+        best = study.trials[horizon["pick"]]
     trial = TrialRecord.read(best)
-    arch, checkpoint = Arch.from_dict(trial.arch), Path(trial.checkpoint or "")
+    arch = Arch.from_dict(trial.arch)
+    checkpoint = Path(horizon.get("checkpoint") or trial.checkpoint or "")
     if (checkpoint / "config.json").is_file():
         student = load_model(checkpoint, device=next(ctx.teacher.parameters()).device)
     else:
@@ -172,7 +189,7 @@ def finalize(
         teacher = teacher_source(ctx.distill_from, ctx.teacher_cache, run, ctx.data)
         result = distill(teacher, student, ctx.data, run, final)
     student.nas_cut = plan_cut(ctx.teacher_arch, arch, ctx.importance, cfg.depth_strategy)
-    tokens = result.tokens + int(trial.tokens or 0)
+    tokens = result.tokens + int(trial.tokens or 0) + extension_tokens(horizon, best.number)
     card = winner_card(ctx, study, best.number, arch, student.nas_cut, budget, tokens, result.val_loss)
     winner_dir = save_pruned(
         student, cfg.paths.winner(budget), ctx.tokenizer, teacher=cfg.teacher, vision=cfg.vision, card=card
@@ -180,7 +197,7 @@ def finalize(
     winner = {
         "budget": budget, "trial": best.number, "arch": arch.to_dict(), "params": count_params(arch),
         "val_loss": best.value, "final_val_loss": result.val_loss, "dir": str(winner_dir.resolve()),
-        "curve": result.curve, "tokens": tokens,
+        "curve": result.curve, "horizon_stop": horizon.get("stop"), "tokens": tokens,
     }  # fmt: skip
     StudyRecord(winners={**(StudyRecord.read(study).winners or {}), budget: winner}).write(study)
     log.info(
@@ -221,6 +238,12 @@ def original_arch(teacher: str, fallback: Arch) -> Arch:
         return Arch.from_hf_config(load_config(teacher))
     except NasError:
         return fallback
+
+
+def extension_tokens(horizon: dict, number: int) -> int:
+    """KD tokens trial `number` got in the adaptive horizon's rungs after its own horizon."""
+    rungs = horizon.get("rungs", [])
+    return sum(r["tokens"] - p["tokens"] for p, r in zip(rungs, rungs[1:], strict=False) if str(number) in r["losses"])
 
 
 def _distill_in_processes(ctx: SearchContext, student, checkpoint: Path, nproc: int, final: Path):

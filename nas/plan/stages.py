@@ -30,7 +30,7 @@ from nas.io import write_text_atomic
 from nas.model.arch import Arch, count_params
 from nas.model.families import load_config
 from nas.plan import dryrun
-from nas.prune.space import enumerate_budgets
+from nas.prune.space import enumerate_budgets, with_horizon
 from nas.settings import DistillConfig, RunConfig
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ def plan_study(
         raise ConfigError("the GPU memory must be positive and gpus_per_trial >= 1")
     teacher = load_config(cfg.teacher)
     teacher_arch = Arch.from_hf_config(teacher)
+    cfg = with_horizon(cfg, teacher_arch)
     if student is None:  # the largest candidate of every budget of the study (a given student needs no space)
         spaces = enumerate_budgets(teacher_arch, cfg.budgets, cfg.space)
         student = max((a for space in spaces.values() for a in space), key=count_params)

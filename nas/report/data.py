@@ -54,6 +54,8 @@ class ReportData:
     importance_layers: pd.DataFrame | None = None  # layer, block_importance, drop_one_loss
     importance_base_loss: float | None = None
     notes: dict[str, str] = field(default_factory=dict)  # section id -> why it is empty or partial
+    horizon: pd.DataFrame = field(default_factory=pd.DataFrame)  # budget, trial, label, tokens, loss, rank
+    horizon_facts: dict[str, Any] = field(default_factory=dict)  # budget -> stop, tokens, pick, within noise
 
 
 load_study = load_existing_study  # the report opens studies the same way workers do
@@ -119,11 +121,42 @@ def report_frames(study: optuna.Study, importance: Any = None) -> ReportData:
         screen=screen,
         screen_facts=screen_facts,
         notes=notes,
+        horizon=horizon_frame(record.horizon or {}),
+        horizon_facts=horizon_facts(record.horizon or {}),
     )
+    if data.horizon.empty:
+        notes["horizon"] = "This study has no adaptive horizon (search.adaptive off, TPE, or not searched yet)."
     add_importance(data, importance, record.importance_path)
     if not record.winners:
         notes["winner"] = "The winner has not been fully distilled yet (no 'winner' attribute in the study)."
     return data
+
+
+def horizon_frame(horizon: dict[str, dict]) -> pd.DataFrame:
+    """The adaptive horizon's rank trajectories: one row per budget, rung and trial (rank 1 = best)."""
+    rows = []
+    for budget, record in horizon.items():
+        for rung in record.get("rungs", []):
+            for position, number in enumerate(rung["order"]):
+                key = str(number)
+                rows.append({"budget": budget, "trial": int(number), "label": record.get("labels", {}).get(key, key),
+                             "tokens": rung["tokens"], "loss": rung["losses"][key],
+                             "predicted": rung.get("predicted", {}).get(key), "rank": position + 1})  # fmt: skip
+    return pd.DataFrame(rows, columns=["budget", "trial", "label", "tokens", "loss", "predicted", "rank"])
+
+
+def horizon_facts(horizon: dict[str, dict]) -> dict[str, dict[str, Any]]:
+    """Per budget: why the horizon stopped, where, the tau and noise of its last rung, the pick."""
+    facts = {}
+    for budget, record in horizon.items():
+        if not record.get("rungs"):
+            continue
+        last = record["rungs"][-1]
+        facts[budget] = {"stop": record.get("stop"), "tokens": last["tokens"], "rungs": len(record["rungs"]),
+                         "first_tokens": record["rungs"][0]["tokens"], "tau": last["tau"], "margin": last["margin"],
+                         "noise": last["noise"], "within_noise": last["within_noise"], "pick": record.get("pick"),
+                         "extra_tokens": record.get("tokens")}  # fmt: skip
+    return facts
 
 
 def add_rerank(trials: pd.DataFrame, rerank: dict[str, dict[str, float]]) -> None:
@@ -304,6 +337,10 @@ def reproducibility(study: optuna.Study, record: StudyRecord) -> dict[str, Any]:
         "data_fingerprint": record.data_fingerprint,
         "importance_path": record.importance_path,
         "horizon_steps": record.horizon_steps,
+        "horizon_tokens": record.horizon_tokens
+        or (record.horizon_steps or 0) * (record.tokens_per_step or 0)
+        or None,
+        "final_tokens": record.final_tokens,
         "tokens_per_step": record.tokens_per_step,
         "sampler": record.sampler or type(study.sampler).__name__,
         "versions": record.versions or {},

@@ -172,6 +172,24 @@ def stability_figure(data: ReportData) -> go.Figure | None:
     return fig
 
 
+def horizon_figure(data: ReportData) -> go.Figure | None:
+    """Rank of each finalist at every rung of the adaptive horizon (tokens on a log axis), per budget."""
+    h = data.horizon
+    if h.empty:
+        return None
+    fig = go.Figure()
+    for (budget, trial), rows in h.groupby(["budget", "trial"], sort=False):
+        fig.add_trace(go.Scatter(
+            x=rows["tokens"], y=rows["rank"], mode="lines+markers", name=f"{budget} trial {trial}",
+            customdata=rows[["label", "loss"]].to_numpy(),
+            hovertemplate="<b>%{customdata[0]}</b><br>%{x:,} tokens: rank %{y} (loss %{customdata[1]:.4f})<extra></extra>",
+        ))  # fmt: skip
+    fig.update_layout(height=380, xaxis=dict(title="KD tokens per candidate", type="log"),
+                      yaxis=dict(title="rank in its budget", dtick=1, autorange="reversed"),
+                      margin=dict(t=30, l=60, r=20, b=40))  # fmt: skip
+    return fig
+
+
 def importance_figure(data: ReportData) -> go.Figure | None:
     heads, layers = data.importance_heads, data.importance_layers
     if heads is None or layers is None:

@@ -18,6 +18,7 @@ from nas.io import HTML_MARK, write_text_atomic
 from nas.report.data import ReportData, load_study, pareto_mask, report_frames
 from nas.report.figures import (
     curves_figure,
+    horizon_figure,
     importance_figure,
     pareto_figure,
     screen_figure,
@@ -83,6 +84,7 @@ def render_html(data: ReportData) -> str:
             data.notes.get("stability"),
             stability_text(data),
         ),
+        section("horizon", "Adaptive horizon", horizon_figure(data), data.notes.get("horizon"), horizon_text(data)),
         section("importance", "Teacher importance", importance_figure(data), data.notes.get("importance")),
         section(
             "candidates",
@@ -194,6 +196,23 @@ def stability_text(data: ReportData) -> str:
     return (f'<p class="help">Rank of the top {f["k"]} completed trials at step {f.get("half_step")} (half horizon) vs step '
             f'{f.get("full_step")} (full horizon); Kendall tau = <b>{tau_text}</b> (1 = same order); {stable}. '
             f'Source: {html.escape(f["source"])}.</p>')  # fmt: skip
+
+
+def horizon_text(data: ReportData) -> str:
+    """Why each budget's horizon stopped, where, and whether its top two are within the noise."""
+    lines = []
+    for budget, f in data.horizon_facts.items():
+        noise = (f"the top two are within the validation noise (margin {f['margin']:.4f}, noise {f['noise']:.4f}): "
+                 "either is as good a pick as this data can tell" if f["within_noise"]
+                 else f"top-1 margin {fmt(f['margin'])} vs noise {fmt(f['noise'])}")  # fmt: skip
+        lines.append(f"<li>{html.escape(budget)}: stopped at {f['tokens']:,} tokens per finalist "
+                     f"({f['tokens'] / max(f['first_tokens'], 1):.0f}x the horizon, {f['rungs']} rungs): "
+                     f"<b>{html.escape(str(f['stop']))}</b>; Kendall tau with the rung before {fmt(f['tau'])}; "
+                     f"{html.escape(noise)}; pick trial {f['pick']}, {fmt(f['extra_tokens'])} tokens beyond the "
+                     "trials</li>")  # fmt: skip
+    return ('<p class="help">The finalists keep distilling in rungs of doubling tokens until the order of the '
+            "best agrees between consecutive rungs (Kendall tau; swaps within the noise count as ties) or a "
+            f"token cap is spent.</p><ul>{''.join(lines)}</ul>") if lines else ""  # fmt: skip
 
 
 def candidates_table(trials: pd.DataFrame, columns: list[str] | None = None) -> str:

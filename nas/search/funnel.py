@@ -141,13 +141,34 @@ def rank_budget(scored: list[Screened]) -> list[Screened]:
     return eligible + [s for s in scored if s.rejected]
 
 
-def shortlist(screened: list[Screened], top: int) -> dict[str, list[Screened]]:
-    """Per budget, the best `top` eligible candidates in screen order (what gets short KD)."""
+def prune_class(arch: dict, teacher: dict) -> str:
+    """A candidate's width-vs-depth class against the teacher: "depth" (only layers cut), "width" (only
+    widths cut), "depth+width", or "none"."""
+    depth = arch["num_layers"] < teacher["num_layers"]
+    width = any(arch[k] < teacher[k] for k in arch if k != "num_layers" and k in teacher)
+    return {(True, True): "depth+width", (True, False): "depth", (False, True): "width"}.get((depth, width), "none")
+
+
+def shortlist(
+    screened: list[Screened], top: int, per_class: int = 0, teacher: dict | None = None
+) -> dict[str, list[Screened]]:
+    """Per budget, in screen order: the best `top` eligible candidates, plus the best `per_class` of each
+    depth (num_layers) and, given the teacher's arch, of each width-vs-depth class (`prune_class`): a
+    class that looks worse before retraining (Minitron §4.2: depth vs width "flip around 200 steps")
+    is still trained, so the screen never drops every candidate of a depth."""
     lists: dict[str, list[Screened]] = {}
-    for s in screened:
+    counts: dict[tuple, int] = {}
+    for s in screened:  # per budget, best screen first
+        if s.rejected:
+            continue
         picked = lists.setdefault(s.budget, [])
-        if not s.rejected and len(picked) < top:
+        groups = [(s.budget, "num_layers", s.arch["num_layers"])]
+        if teacher is not None:
+            groups.append((s.budget, "class", prune_class(s.arch, teacher)))
+        if len(picked) < top or any(counts.get(g, 0) < per_class for g in groups):
             picked.append(s)
+            for g in groups:
+                counts[g] = counts.get(g, 0) + 1
     return lists
 
 

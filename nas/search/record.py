@@ -57,6 +57,8 @@ class StudyRecord(_Record):
     versions: dict[str, str] | None = None  # package -> version
     seed: int | None = None
     horizon_steps: int | None = None
+    horizon_tokens: int | None = None  # KD tokens of one candidate's short run (the first rung)
+    final_tokens: int | None = None  # KD tokens of the winner's full distillation
     tokens_per_step: int | None = None
     candidates: list[list[int]] | None = None  # arch keys (`Arch.knobs` order) in priority order
     sampler: str | None = None  # the search strategy in words (`nas.search.strategy`)
@@ -72,6 +74,7 @@ class StudyRecord(_Record):
         None  # budget -> winner: trial, arch, params, losses, dir, ...
     )
     rerank: dict[str, dict[str, float]] | None = None  # trial number -> {task: accuracy}
+    horizon: dict[str, dict[str, Any]] | None = None  # budget -> the adaptive horizon (`nas.search.horizon`)
 
     @property
     def winner(self) -> dict[str, Any] | None:

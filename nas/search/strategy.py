@@ -42,6 +42,7 @@ from nas.errors import ConfigError, InfeasibleError
 from nas.model.arch import Arch
 from nas.prune.space import within_memory
 from nas.search.funnel import FunnelPruner, screen, shortlist
+from nas.search.horizon import AdaptiveHorizon
 from nas.settings import SAMPLERS, RunConfig
 
 if TYPE_CHECKING:
@@ -97,19 +98,19 @@ class Strategy:
 
     def pruner(self, sizes: dict[str | None, int]) -> optuna.pruners.BasePruner:
         """`search.pruner`; `sizes`: budget label -> how many of its candidates the search distills."""
-        s = self.cfg.search
+        s, cfg = self.cfg.search, self.cfg
         if s.pruner == "successive-halving":
             return self.halving(sizes)
         if s.pruner == "hyperband":
             return optuna.pruners.HyperbandPruner(
-                min_resource=s.eval_every, max_resource=s.horizon_steps, reduction_factor=s.reduction_factor
+                min_resource=cfg.rung_steps, max_resource=cfg.horizon_steps, reduction_factor=s.reduction_factor
             )
         return optuna.pruners.NopPruner()
 
     def halving(self, sizes: dict[str | None, int]) -> optuna.pruners.BasePruner:
         """Successive halving within each budget, its first `finalists` never stopped."""
-        s = self.cfg.search
-        return FunnelPruner(s.eval_every, s.horizon_steps, s.reduction_factor, s.finalists, sizes)
+        s, cfg = self.cfg.search, self.cfg
+        return FunnelPruner(cfg.rung_steps, cfg.horizon_steps, s.reduction_factor, s.finalists, sizes)
 
     def description(self) -> str:
         """The study's "sampler" attribute: the strategy in words."""
@@ -122,6 +123,11 @@ class Strategy:
     def target_trials(self, n_candidates: int) -> int:
         """Finished trials the search wants: `n_trials`, at most every candidate."""
         return min(self.cfg.search.n_trials or n_candidates, n_candidates)
+
+    def horizon(self) -> AdaptiveHorizon | None:
+        """What runs after the trials of each budget (`nas.search.horizon.AdaptiveHorizon`: the finalists
+        distill on until their order holds); None: the trials' horizon is the last word."""
+        return None
 
 
 def register(*names: str) -> Callable[[type[Strategy]], type[Strategy]]:
@@ -166,7 +172,12 @@ class ScreenFirst(Strategy):
                     "relax [constraints] or raise the budget"
                 )
         by_key = {x.key: Arch.from_dict(x.arch) for x in screened}
+        self.teacher_arch = inputs.teacher_arch  # what `order` compares depth and width against
         return Candidates([by_key[x.key] for x in self.order(screened)], [x.to_dict() for x in screened])
+
+    def horizon(self) -> AdaptiveHorizon | None:
+        """The adaptive horizon (`search.adaptive`): each budget's finalists distill on in rungs."""
+        return AdaptiveHorizon(self.cfg) if self.cfg.search.adaptive else None
 
     def order(self, screened: list[ScreenRow]) -> list[ScreenRow]:
         """The screened candidates to distill, in order (`screened`: per budget, best screen first,
@@ -176,13 +187,18 @@ class ScreenFirst(Strategy):
 
 @register("funnel", "auto")
 class Funnel(ScreenFirst):
-    """Each budget's best `screen_top` by screen, best first; successive halving within each budget."""
+    """Each budget's best `screen_top` by screen plus the best `per_class` of each depth and width-vs-depth
+    class (`nas.search.funnel.shortlist`), best first; successive halving within each budget."""
 
     def order(self, screened: list[ScreenRow]) -> list[ScreenRow]:
-        return [s for picked in shortlist(screened, self.cfg.search.screen_top).values() for s in picked]
+        s, teacher = self.cfg.search, getattr(self, "teacher_arch", None)
+        lists = shortlist(screened, s.screen_top, s.per_class, teacher.to_dict() if teacher else None)
+        return [x for picked in lists.values() for x in picked]
 
     def description(self) -> str:
-        return f"funnel: the best {self.cfg.search.screen_top} of each budget's screen, best first"
+        s = self.cfg.search
+        per_class = f" and the best {s.per_class} of each depth and class" if s.per_class else ""
+        return f"funnel: the best {s.screen_top} of each budget's screen{per_class}, best first"
 
 
 @register("exhaustive")
@@ -221,7 +237,7 @@ class TPE(Strategy):
     def halving(self, sizes: dict[str | None, int]) -> optuna.pruners.BasePruner:
         s = self.cfg.search  # sampled trials have no funnel: Optuna's own halving
         return optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=s.eval_every, reduction_factor=s.reduction_factor
+            min_resource=self.cfg.rung_steps, reduction_factor=s.reduction_factor
         )
 
     def description(self) -> str:

@@ -10,7 +10,7 @@ budget = "50%"                   # 4B, 350M, 1.5e9 or a share of the teacher
 [space]      # SpaceConfig
 [importance] # ImportanceConfig
 [search]     # SearchConfig
-[distill]    # DistillConfig of every short run (steps come from search.horizon_steps)
+[distill]    # DistillConfig of every short run (steps come from search.horizon_tokens)
 [final]      # DistillConfig overrides for the winner's full distillation (e.g. steps = 20000)
 ```
 

@@ -57,6 +57,9 @@ class DistillConfig(Settings):
     )
     offload_optimizer: bool = _described(False, "CUDA only: optimizer states and update on the CPU (torchao)")
     seed: int = _described(0, "torch seed of the run (the data order is data.seed)")
+    data_offset: int = _described(
+        0, "the run's batches start at this step of the data order (a continued run sees new batches)", ge=0
+    )
     device: str = _described(
         "auto", "auto (CUDA if available; cuda:LOCAL_RANK under torchrun), cpu, cuda, cuda:1 ..."
     )

@@ -276,9 +276,9 @@ def _accumulate_grads(model, data, cfg: DistillConfig, optimizer, step: int):
     tokens = 0
     for micro in range(cfg.grad_accum):
         index = step * cfg.grad_accum + micro
-        batch = torch.as_tensor(
-            data.train_batch(index, cfg.batch_size, cfg.steps * cfg.grad_accum), dtype=torch.long
-        )
+        offset = cfg.data_offset * cfg.grad_accum  # a continued run draws the batches after its first part's
+        total = (cfg.data_offset + cfg.steps) * cfg.grad_accum
+        batch = torch.as_tensor(data.train_batch(offset + index, cfg.batch_size, total), dtype=torch.long)
         tokens += batch.numel()
         targets = None
         if cache is not None:  # the teacher's outputs on this very batch, from disk

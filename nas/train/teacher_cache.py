@@ -127,6 +127,8 @@ class TeacherCache:
         wrong = [f"{k} {getattr(s, k)} (run: {v})" for k, v in wanted.items() if getattr(s, k) != v]
         if self.key["data"] != data.fingerprint:
             wrong.append(f"data fingerprint {self.key['data'][:12]} (run: {data.fingerprint[:12]})")
+        if cfg.data_offset:  # a continued run (the adaptive horizon's rungs) trains on later batches
+            wrong.append(f"data_offset 0 (run: {cfg.data_offset})")
         return ", ".join(wrong) or None
 
     def check_covers(self, cfg: DistillConfig, data: Any) -> None:

@@ -1,0 +1,170 @@
+"""The adaptive horizon: after the trials, each budget's finalists keep distilling in rungs until the order of
+the best ones holds between consecutive rungs, or a token cap is spent (Minitron §4.3: rankings "undergo
+significant changes up to ~300 steps, and then stabilize"; our own ground truth needed 8x the horizon).
+
+Rung 0 is the horizon itself (compared with the trials' losses at half the horizon). Rung r continues each
+remaining finalist from its rung r-1 model for as many tokens as it has had (so rung r ends at 2^r
+horizons), on the batches after the ones it saw (`DistillConfig.data_offset`), with a fresh warmup-free
+schedule of the distill settings, as the winner's final distillation also continues from its short run.
+After every rung the per-sequence validation losses give the noise of the top-1 margin (a paired
+bootstrap), and `nas.search.ranking` decides: stable, cap, or one candidate left. Only the best
+`stable_top` go on to the next rung. The record (one per budget, written to the study after every rung,
+so a killed search resumes at its last rung) holds each rung's tokens, losses, predicted final losses,
+Kendall tau, margin and noise, why it stopped, and the pick with its model directory.
+
+Runs in the process that created the study, after every trial finished (workers only run trials).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from optuna.trial import TrialState
+
+from nas.evaluate.loss import sequence_losses
+from nas.model.families import load_model
+from nas.search import ranking
+from nas.search.record import StudyRecord, TrialRecord
+from nas.search.study import _nearest_step
+from nas.train.loop import distill
+from nas.train.teacher_cache import teacher_source
+
+if TYPE_CHECKING:
+    from nas.search.trial import SearchContext
+    from nas.settings import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+class AdaptiveHorizon:
+    """A strategy's after-the-trials step (`nas.search.strategy.Strategy.horizon`): `extend` runs (or
+    resumes) the rungs of one budget and returns its record."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+
+    def extend(self, ctx: SearchContext, study: optuna.Study, budget: str | None) -> dict[str, Any]:
+        return extend_horizon(ctx, study, budget)
+
+
+def finalists(study: optuna.Study, budget: str | None, count: int) -> list[optuna.trial.FrozenTrial]:
+    """The best `count` completed trials of `budget` with a kept short-run model, best first."""
+    done = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if budget in (None, TrialRecord.read(t).budget)
+        and (Path(TrialRecord.read(t).checkpoint or "") / "config.json").is_file()
+    ]
+    return sorted(done, key=lambda t: t.value)[:count]
+
+
+def curve_points(trial: optuna.trial.FrozenTrial, tokens_per_step: int) -> list[tuple[int, float]]:
+    """The trial's validation curve as (tokens, loss)."""
+    return [(int(s) * tokens_per_step, float(v)) for s, v in sorted(trial.intermediate_values.items())]
+
+
+def first_rung(ctx: SearchContext, trials: list, record: dict) -> dict:
+    """Rung 0, the horizon: the trials' own losses there, tau against half the horizon, and the noise."""
+    cfg = ctx.cfg
+    half = _nearest_step(trials, cfg.horizon_steps // 2)
+    previous = {t.number: t.intermediate_values[half] for t in trials if half in t.intermediate_values}
+    record["curves"] = {str(t.number): curve_points(t, cfg.tokens_per_step) for t in trials}
+    record["dirs"] = {str(t.number): TrialRecord.read(t).checkpoint for t in trials}
+    record["labels"] = {str(t.number): TrialRecord.read(t).label for t in trials}
+    return judge(ctx, {t.number: float(t.value) for t in trials}, previous, cfg.horizon_tokens, record)
+
+
+def judge(ctx: SearchContext, losses: dict[int, float], previous: dict, tokens: int, record: dict) -> dict:
+    """One rung's row: its losses (and the extrapolated ones), the top-1 margin and its noise, the tau
+    against the previous rung, and the stop reason (None: extend)."""
+    s, cfg = ctx.cfg.search, ctx.cfg
+    predicted = {
+        n: ranking.predict(ranking.fit_curve(*zip(*record["curves"][str(n)], strict=True)), cfg.final_tokens, v)
+        for n, v in losses.items()
+    }
+    rank_by = predicted if s.extrapolate else losses
+    order = sorted(rank_by, key=rank_by.get)
+    noise = 0.0
+    if len(order) >= 2:
+        val = ctx.data.val(cfg.distill.eval_sequences)
+        device = next(ctx.teacher.parameters()).device
+        per_seq = [sequence_losses(load_model(record["dirs"][str(n)], device=device), val,
+                                   cfg.distill.eval_batch_size) for n in order[:2]]  # fmt: skip
+        noise = ranking.margin_noise(per_seq[0], per_seq[1], s.bootstrap_samples, cfg.seed)
+    tau = ranking.top_tau(previous, rank_by, s.stable_top, noise)
+    spent = tokens
+    stop = ranking.stop_reason(len(order), tau, s.stable_tau, spent, spent, s.max_horizon_factor * cfg.horizon_tokens)
+    margin = rank_by[order[1]] - rank_by[order[0]] if len(order) >= 2 else None
+    return {"tokens": tokens, "losses": {str(n): v for n, v in losses.items()},
+            "predicted": {str(n): v for n, v in predicted.items()}, "order": order, "tau": tau,
+            "margin": margin, "noise": noise, "within_noise": ranking.within_noise(rank_by, noise),
+            "stop": stop}  # fmt: skip
+
+
+def continued(cfg, done_steps: int):
+    """The KD settings of the rung after `done_steps`: as many steps again, on the batches after them, a
+    fresh schedule without warmup (the student is already trained)."""
+    return cfg.short_distill().replace(steps=done_steps, data_offset=done_steps, warmup_steps=0,
+                                       eval_every=0, checkpoint_every=0)  # fmt: skip
+
+
+def next_rung(ctx: SearchContext, record: dict, budget_label: str) -> dict:
+    """Distill the best `stable_top` of the last rung for as many tokens again, and judge the new rung."""
+    cfg, last = ctx.cfg, record["rungs"][-1]
+    run = continued(cfg, last["tokens"] // cfg.tokens_per_step)
+    losses = {}
+    for n in last["order"][: cfg.search.stable_top]:
+        start = Path(record["dirs"][str(n)])
+        out = cfg.root / "horizon" / budget_label / f"trial-{n}-{2 * last['tokens']}"
+        student = load_model(start, device=next(ctx.teacher.parameters()).device)
+        result = distill(teacher_source(ctx.teacher, ctx.teacher_cache, run, ctx.data), student, ctx.data,
+                         run, out, fresh_on_change=True)  # fmt: skip
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        if start.parent.parent == cfg.root / "horizon" / budget_label:  # an earlier rung's model: superseded
+            shutil.rmtree(start.parent, ignore_errors=True)
+        record["dirs"][str(n)] = str(out / "model")
+        record["curves"][str(n)].append((2 * last["tokens"], result.val_loss))
+        losses[n] = result.val_loss
+    previous = {n: last["losses"][str(n)] for n in losses}
+    return judge(ctx, losses, previous, 2 * last["tokens"], record)
+
+
+def extend_horizon(ctx: SearchContext, study: optuna.Study, budget: str | None) -> dict[str, Any]:
+    """Run (or resume) the adaptive horizon of `budget` and return its record (also written to the
+    study's `horizon` attribute, keyed by budget)."""
+    label = budget or ctx.cfg.budgets[0]
+    records = dict(StudyRecord.read(study).horizon or {})
+    record = records.get(label) or {"rungs": []}
+    if not record["rungs"]:
+        trials = finalists(study, budget, max(ctx.cfg.search.finalists, ctx.cfg.search.stable_top))
+        if not trials:
+            return record
+        record["rungs"].append(first_rung(ctx, trials, record))
+    while (reason := record["rungs"][-1]["stop"]) is None:
+        log.info("budget %s: the best are still reordering at %s tokens (tau %s); extending the horizon to %s",
+                 label, f"{record['rungs'][-1]['tokens']:,}", record["rungs"][-1]["tau"],
+                 f"{2 * record['rungs'][-1]['tokens']:,}")  # fmt: skip
+        record["rungs"].append(next_rung(ctx, record, label))
+        _write(study, records, label, record)
+    last = record["rungs"][-1]
+    pick = last["order"][0]
+    record |= {"stop": reason, "pick": pick, "checkpoint": record["dirs"][str(pick)], "tokens": _spent(record)}
+    _write(study, records, label, record)
+    log.info("budget %s: horizon stopped at %s tokens (%s); pick trial %d%s", label, f"{last['tokens']:,}", reason,
+             pick, "; the top two are within the validation noise" if last["within_noise"] else "")  # fmt: skip
+    return record
+
+
+def _spent(record: dict) -> int:
+    """KD tokens the extension rungs spent (beyond the trials' own)."""
+    rungs = record["rungs"]
+    return sum(len(r["losses"]) * (r["tokens"] - prev["tokens"]) for prev, r in zip(rungs, rungs[1:], strict=False))
+
+
+def _write(study: optuna.Study, records: dict, label: str, record: dict) -> None:
+    records[label] = record
+    StudyRecord(horizon=records).write(study)

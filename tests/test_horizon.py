@@ -1,0 +1,150 @@
+"""The adaptive horizon: its statistics (pure), and on a tiny teacher a study whose finalists are still
+reordering extends its horizon and says so, and one whose top two are within noise says that."""
+
+import logging
+
+import numpy as np
+import optuna
+import pytest
+import torch
+
+from nas.evaluate.loss import lm_loss, sequence_losses
+from nas.model.arch import Arch
+from nas.pipeline import prepare_context
+from nas.prune.cut import prune
+from nas.search import ranking
+from nas.search.horizon import extend_horizon
+from nas.settings import run_config_from_dict
+from nas.testing import tiny_study_config
+
+
+def test_tau_counts_swaps_beyond_noise_only():
+    previous = {1: 3.0, 2: 3.1, 3: 3.2}
+    assert ranking.top_tau(previous, {1: 2.0, 2: 2.1, 3: 2.2}, 3) == pytest.approx(1.0)
+    assert ranking.top_tau(previous, {1: 2.2, 2: 2.1, 3: 2.0}, 3) == pytest.approx(-1.0)
+    swapped = {1: 2.101, 2: 2.1, 3: 2.5}  # 1 and 2 swap by 0.001
+    assert ranking.top_tau(previous, swapped, 3) < 1
+    assert ranking.top_tau(previous, swapped, 3, noise=0.01) == pytest.approx(1.0)  # a swap within noise
+    assert ranking.top_tau(previous, {1: 2.0, 2: 2.001}, 3, noise=0.01) is None  # all tied: undefined
+
+
+def test_stop_reasons():
+    assert ranking.stop_reason(1, -1.0, 1.0, 10, 10, 100) == ranking.ONE_LEFT
+    assert ranking.stop_reason(3, 1.0, 1.0, 10, 10, 100) == ranking.STABLE
+    assert ranking.stop_reason(3, None, 1.0, 10, 10, 100) == ranking.STABLE  # everything within noise
+    assert ranking.stop_reason(3, 0.3, 1.0, 10, 10, 100) is None  # reordering: extend
+    assert ranking.stop_reason(3, 0.3, 1.0, 80, 80, 100) == ranking.CAP
+
+
+def test_bootstrap_noise_shrinks_with_sequences_and_pairing():
+    rng = np.random.default_rng(0)
+    difficulty = rng.normal(4, 1, 400)  # the sequences' own difficulty, shared by both candidates
+    a, b = difficulty + rng.normal(0, 0.05, 400), difficulty + 0.02 + rng.normal(0, 0.05, 400)
+    paired = ranking.margin_noise(a, b, 500)
+    assert 0.002 < paired < 0.01  # ~ 0.05 * sqrt(2) / sqrt(400) = 0.0035, not the 1 / 20 of the difficulty
+    assert ranking.margin_noise(a[:40], b[:40], 500) > paired
+
+
+def test_power_law_recovers_a_curve_and_predicts_far_out():
+    tokens = np.array([1, 2, 4, 8, 16]) * 1000.0
+    truth = 2.0 + 3.0 * (tokens / 16000) ** -0.4
+    fit = ranking.fit_curve(tokens, truth)
+    assert ranking.predict(fit, 160_000, 0.0) == pytest.approx(2.0 + 3.0 * 10**-0.4, rel=1e-3)
+    assert ranking.fit_curve(tokens[:2], truth[:2]) is None
+    assert ranking.predict(None, 1e9, 5.0) == 5.0
+
+
+def test_sequence_losses_average_to_the_protocol_loss():
+    from nas.testing import tiny_model
+
+    model, val = tiny_model("llama"), torch.randint(0, 96, (5, 12), generator=torch.Generator().manual_seed(1))
+    assert np.mean(sequence_losses(model, val, 2)) == pytest.approx(lm_loss(model, val), abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory):
+    root = tmp_path_factory.mktemp("horizon")
+    search = {"adaptive": True, "stable_top": 2, "max_horizon_factor": 2, "bootstrap_samples": 200}
+    cfg = run_config_from_dict(tiny_study_config(root, search=search))
+    return prepare_context(cfg)
+
+
+def add_trial(study, ctx, number: int, model_dir, value: float, half: float) -> None:
+    attrs = {"budget": ctx.cfg.budgets[0], "checkpoint": str(model_dir), "label": f"candidate {number}",
+             "arch": ctx.candidates[0].to_dict()}  # fmt: skip
+    study.add_trial(optuna.trial.create_trial(
+        value=value, intermediate_values={2: half, 4: value}, user_attrs=attrs))  # fmt: skip
+
+
+def saved(ctx, name: str, scale: float = 0.0):
+    """The first candidate cut from the teacher (its weights perturbed by `scale`), saved; its val loss."""
+    student = prune(ctx.teacher, ctx.candidates[0], ctx.importance)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(scale * torch.randn_like(p))
+    out = ctx.cfg.root / name
+    student.save_pretrained(out)
+    return out, lm_loss(student, ctx.data.val(ctx.cfg.distill.eval_sequences))
+
+
+def test_finalists_still_reordering_extend_the_horizon_and_say_so(ctx, caplog):
+    good, good_loss = saved(ctx, "good")
+    bad, bad_loss = saved(ctx, "bad", scale=0.05)
+    assert bad_loss > good_loss + 0.1
+    study = optuna.create_study()
+    add_trial(study, ctx, 0, good, good_loss, half=9.0)  # the best at the horizon was worst at half of it
+    add_trial(study, ctx, 1, bad, bad_loss, half=8.0)
+    with caplog.at_level(logging.INFO, logger="nas.search.horizon"):
+        record = extend_horizon(ctx, study, ctx.cfg.budgets[0])
+    first, second = record["rungs"]
+    assert first["tau"] == pytest.approx(-1.0) and first["stop"] is None and not first["within_noise"]
+    assert second["tokens"] == 2 * first["tokens"] == 2 * ctx.cfg.horizon_tokens
+    assert second["stop"] in (ranking.STABLE, ranking.CAP) and record["stop"] == second["stop"]
+    assert all(second["losses"][k] != first["losses"][k] for k in second["losses"])  # they trained on
+    assert record["tokens"] == 2 * ctx.cfg.horizon_tokens  # two finalists, one horizon more each
+    assert (ctx.cfg.root / "horizon").is_dir() and Arch.from_hf_config  # the extended models
+    assert any("still reordering" in r.message and "extending the horizon" in r.message for r in caplog.records)
+    assert study.user_attrs["horizon"][ctx.cfg.budgets[0]]["pick"] == record["pick"]
+    from nas.report.data import report_frames
+    from nas.report.html import render_html
+
+    data = report_frames(study)  # the report shows the rank trajectories and where and why it stopped
+    assert sorted(set(data.horizon["tokens"])) == [256, 512] and set(data.horizon["trial"]) == {0, 1}
+    assert data.horizon.groupby("tokens")["rank"].apply(sorted).tolist() == [[1, 2], [1, 2]]
+    page = render_html(data)
+    assert "Adaptive horizon" in page and f"<b>{record['stop']}</b>" in page and "512 tokens" in page
+
+
+def test_top_two_within_noise_say_so(ctx, caplog):
+    same, loss = saved(ctx, "same")
+    study = optuna.create_study()
+    add_trial(study, ctx, 0, same, loss, half=9.0)  # two trials, one model: a margin of zero
+    add_trial(study, ctx, 1, same, loss, half=8.0)
+    with caplog.at_level(logging.INFO, logger="nas.search.horizon"):
+        record = extend_horizon(ctx, study, ctx.cfg.budgets[0])
+    (only,) = record["rungs"]
+    assert only["within_noise"] and record["stop"] == ranking.STABLE  # no order the data can resolve
+    assert any("within the validation noise" in r.message for r in caplog.records)
+
+
+
+@pytest.mark.slow
+def test_a_run_with_the_adaptive_horizon_distills_its_pick(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from nas.pipeline import run
+
+    monkeypatch.chdir(tmp_path)  # the report goes to ./reports
+    search = {"adaptive": True, "max_horizon_factor": 2, "stable_top": 2, "screen_top": 3, "finalists": 2,
+              "per_class": 0, "bootstrap_samples": 100}  # fmt: skip
+    cfg = run_config_from_dict(tiny_study_config(tmp_path, search=search))
+    result = run(cfg)
+    study = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)
+    horizon = study.user_attrs["horizon"][cfg.budgets[0]]
+    winner = study.user_attrs["winners"][cfg.budgets[0]]
+    assert horizon["stop"] in (ranking.STABLE, ranking.CAP, ranking.ONE_LEFT)
+    assert winner["trial"] == horizon["pick"] and winner["horizon_stop"] == horizon["stop"]
+    extra = horizon["rungs"][-1]["tokens"] - horizon["rungs"][0]["tokens"]
+    assert winner["tokens"] >= extra + cfg.final_distill().steps * cfg.tokens_per_step
+    assert AutoModelForCausalLM.from_pretrained(result.winner_dir) is not None
+    assert "Adaptive horizon" in result.report.read_text()
