@@ -25,7 +25,7 @@ import plotly.offline
 
 from nas.io import HTML_MARK, write_text_atomic
 from nas.report.html import CSS, PAGE, SORT_JS, fmt, section
-from nas.search.study import check_storage_url, storage_errors
+from nas.search.study import check_optuna_schema, check_storage_url, storage_errors
 
 COLUMNS = ["stage", "label", "named", "source", "params", "share", "val_loss", "search_tokens", "final_tokens",
            "tokens", "kd_teacher_params", "kd_flops"]  # fmt: skip
@@ -172,6 +172,7 @@ def stored_family(storage: str, name: str) -> dict[str, Any] | None:
     check_storage_url(storage)
     if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
         return None
+    check_optuna_schema(storage, existing=True)  # never let Optuna write its tables into a file not ours
     with storage_errors(storage):
         if name not in optuna.study.get_all_study_names(storage):
             return None
