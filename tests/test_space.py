@@ -137,3 +137,19 @@ def test_no_valid_hybrid_arch_inside_the_budget_is_missed():
             found.add(combo)
     enumerated = {tuple(getattr(a, k) for k in knobs) for a in enumerate_candidates(teacher, "60%", config)}
     assert found and enumerated == found
+
+
+def test_a_space_too_large_to_enumerate_is_refused_before_any_work_and_names_the_settings():
+    """Nemotron-Nano-9B-v2 at the default steps and ratios has 3.6M shapes (a quarter hour of CPU): one
+    ConfigError naming the settings that coarsen it; with NVIDIA's steps and limits it enumerates."""
+    from pathlib import Path
+
+    from nas.errors import ConfigError
+    from nas.model.families import load_config
+    from nas.prune.space import check_grid
+
+    teacher = Arch.from_hf_config(load_config(Path(__file__).parents[1] / "benchmarks/configs/NVIDIA-Nemotron-Nano-9B-v2"))
+    with pytest.raises(ConfigError, match=r"3,628,800 shapes.*--steps hidden_size=256"):
+        enumerate_candidates(teacher, "50%")
+    coarse = SpaceConfig(steps={"hidden_size": 256, "ffn_hidden_size": 512}, max_width_prune=0.4, max_depth_prune=0.2)
+    check_grid(teacher, coarse)  # 4,615 candidates at 50% (README), enumerated in about 30 s

@@ -124,12 +124,34 @@ def enumerate_candidates(
     def size(a: Arch) -> int:
         return count_budget_params(a, config.budget_kind)
 
+    check_grid(teacher, config)
     inside = list(_in_window(teacher, config, low, high))
     if not inside:
         raise InfeasibleError(_empty_space_message([size(a) for a in all_valid(teacher, config)], low, high))
     return sorted(
         inside, key=lambda a: (-size(a), -count_params(a), *(-getattr(a, k) for k in teacher.knobs))
     )
+
+
+# shapes (knob choices but hidden_size) a space may hold: measured here, Qwen3.5-9B's 189,000 take 48 s of
+# CPU, so 1M is about 4 minutes; Nemotron-Nano-9B-v2 at the default steps and ratios has 3.6M
+MAX_SHAPES = 1_000_000
+
+
+def check_grid(teacher: Arch, config: SpaceConfig) -> None:
+    """ConfigError, before any work, when the space has more than `MAX_SHAPES` shapes to try: enumerating it
+    would take many minutes; the message gives the settings that coarsen it."""
+    values = knob_values(teacher, config)
+    values.pop("hidden_size")
+    shapes = math.prod(len(v) for v in values.values())
+    shapes *= math.prod(getattr(teacher, ratio) for knob, _, ratio in RATIO_KNOBS if knob in teacher.knobs)
+    if shapes > MAX_SHAPES:
+        raise ConfigError(
+            f"the space has {shapes:,} shapes to try (more than {MAX_SHAPES:,}: many minutes to enumerate); "
+            "coarsen it, e.g. --steps hidden_size=256,ffn_hidden_size=512 --max-width-prune 0.4 --max-depth-prune "
+            "0.2 (NVIDIA's pruning tool's steps and limits; in a study: [space] steps, max_width_prune, "
+            "max_depth_prune)"
+        )
 
 
 def _in_window(teacher: Arch, config: SpaceConfig, low: float, high: int) -> Iterator[Arch]:
