@@ -293,3 +293,20 @@ def test_gemma4_depth_pruning_keeps_the_last_layer_whose_type_transformers_fixes
     assert cut.layers[-1] == 3
     student = prune(teacher, arch.replace(num_layers=2), importance, strategy)
     assert student.config.layer_types == [teacher.config.layer_types[i] for i in cut.layers]
+
+
+def test_a_config_field_under_its_attribute_map_name_counts_and_its_absence_is_named(tmp_path):
+    """transformers 5.24 saves Qwen3-MoE's `num_experts` as `num_local_experts` (its attribute_map): the
+    config check reads either name, and names the field when neither is there."""
+    import json
+
+    from nas.model.families import load_config
+    from nas.testing import write_tiny_teacher
+
+    write_tiny_teacher(tmp_path / "t", "qwen3_moe")
+    raw = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert "num_local_experts" in raw and load_config(tmp_path / "t").num_experts == 4
+    del raw["num_local_experts"]
+    (tmp_path / "t" / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ModelError, match="lacks num_experts"):
+        load_config(tmp_path / "t")

@@ -323,7 +323,8 @@ def _parsed_config(name: str, stamp: tuple[int, int] | None) -> Any:
             f"unsupported model_type {text.model_type!r} (the text model of a {config.model_type!r} checkpoint); "
             f"nas supports {', '.join(sorted(FAMILIES))}"
         )
-    check_config_fields(name, raw.get("text_config", raw) if text is not config else raw, family_of(text))
+    raw = raw.get("text_config", raw) if text is not config else raw
+    check_config_fields(name, raw, family_of(text), aliases=dict(getattr(text, "attribute_map", {})))
     return text
 
 

@@ -20,9 +20,12 @@ REQUIRED_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "v
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
-def check_config_fields(name: str, raw: dict[str, Any], family: Any) -> None:
+def check_config_fields(name: str, raw: dict[str, Any], family: Any, aliases: dict[str, str] | None = None) -> None:
     """ModelError naming the first field the family needs that `config.json` (`raw`, as read from the file)
-    lacks or gives a non-positive value."""
+    lacks or gives a non-positive value. `aliases`: the config class's `attribute_map` (transformers 5.24's
+    Qwen3-MoE writes `num_local_experts` for `num_experts`); a field given under either name counts."""
+    aliases = aliases or {}
+    either = {**{v: k for k, v in aliases.items()}, **aliases}
     needed = list(REQUIRED_FIELDS)
     units = _hybrid_units(name, raw, family)
     if units is not None:  # a hybrid stack: its layer list counts the layers; FFN fields where it has such layers
@@ -32,7 +35,7 @@ def check_config_fields(name: str, raw: dict[str, Any], family: Any) -> None:
     if family.experts is None or (units is not None and "mlp" in units):
         needed.append("intermediate_size")
     for field in needed:
-        value = raw.get(field)
+        value = raw.get(field, raw.get(either.get(field, field)))
         if value is None:
             raise ModelError(
                 f"config.json of {name} lacks {field}, which a {family.model_type} model needs; "
