@@ -269,7 +269,11 @@ def memory_row(ctx: Context, optimizer: str) -> dict:
     from nas.settings import run_config_from_dict
 
     teacher_dir, teacher_hf = teacher_config(ctx, REAL_TEACHER)
+    from nas.model.arch import Arch
+    from nas.prune.space import with_horizon
+
     cfg = run_config_from_dict(trial_study(teacher_dir, optimizer, ctx.smoke, ctx.work / "study"))
+    cfg = with_horizon(cfg, Arch.from_hf_config(teacher_hf))  # the trial's steps: the study's horizon in tokens
     arch, _ = largest_candidate(teacher_hf, "50%", cfg.space)
     gpu_memory = torch.cuda.get_device_properties(0).total_memory if ctx.cuda else 80 * 10**9
     start = time.perf_counter()
