@@ -70,6 +70,12 @@ def top_tau(previous: dict, current: dict, top: int, noise: float = 0.0) -> floa
     return None if math.isnan(tau) else float(tau)
 
 
+def weakest(*taus: float | None) -> float | None:
+    """The lowest of the defined taus (the agreement that holds least); None when none is defined."""
+    defined = [t for t in taus if t is not None]
+    return min(defined) if defined else None
+
+
 def stop_reason(left: int, tau: float | None, stable_tau: float, spent: int, next_rung: int, cap: int) -> str | None:
     """Why the extension stops after a rung (None: extend): one candidate left, the order of the best
     held (`tau` >= `stable_tau`, or undefined because every pair is within noise), or the next rung would
