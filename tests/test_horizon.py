@@ -27,6 +27,10 @@ def test_tau_counts_swaps_beyond_noise_only():
     assert ranking.top_tau(previous, swapped, 3) < 1
     assert ranking.top_tau(previous, swapped, 3, noise=0.01) == pytest.approx(1.0)  # a swap within noise
     assert ranking.top_tau(previous, {1: 2.0, 2: 2.001}, 3, noise=0.01) is None  # all tied: undefined
+    # the benchmark's 30% finalists (observed at the horizon vs predicted at 10x): the best two are tied within
+    # noise, but the third is predicted to pass the second, a pair the noise resolves: no agreement
+    observed, predicted = {"a": 4.2134, "b": 4.2251, "c": 4.2398}, {"a": 4.1654, "b": 4.2214, "c": 4.1764}
+    assert ranking.top_tau(predicted, observed, 3, noise=0.0064) == pytest.approx(0.0)
 
 
 def test_stop_reasons():
