@@ -1,6 +1,7 @@
 """The data layer on real text (King James Bible verses) with a real BPE tokenizer trained in-process."""
 
 import argparse
+import copy
 import json
 import os
 from types import SimpleNamespace
@@ -14,8 +15,9 @@ import torch
 from nas.cli.train import add_data_args, data_config_from_args
 from nas.data.corpus import load_documents
 from nas.data.kjv import kjv_verses
-from nas.data.tokens import TokenData, check_disjoint, check_tokenizer, prepare
-from nas.errors import ConfigError, DataError
+from nas.data.tokens import TokenData, check_disjoint, prepare
+from nas.errors import ConfigError, DataError, ModelError
+from nas.model.validate import check_tokenizer_fits
 from nas.settings import DataConfig, Phase, Source, data_config_from_dict, run_config_from_dict
 from nas.testing import tiny_config
 
@@ -234,9 +236,15 @@ def test_asking_for_more_than_the_data_holds(data):
 
 
 def test_tokenizer_must_fit_the_teacher_embedding(tokenizer):
-    check_tokenizer(tokenizer, tiny_config(vocab_size=384))  # padded embedding: fine
-    with pytest.raises(DataError, match="320 tokens but the model's vocab_size is 96"):
-        check_tokenizer(tokenizer, tiny_config(vocab_size=96))
+    check_tokenizer_fits(tokenizer, tiny_config(vocab_size=384), "m")  # padded embedding: fine
+    with pytest.raises(ModelError, match="tokenizer of m has 320 tokens but its vocab_size .* is 96: 224 id"):
+        check_tokenizer_fits(tokenizer, tiny_config(vocab_size=96), "m")
+    padded = copy.deepcopy(tokenizer)
+    padded.add_special_tokens({"pad_token": "<pad>"})  # id 320, past the embedding: nas packs without padding
+    check_tokenizer_fits(padded, tiny_config(vocab_size=320), "m")
+    padded.add_tokens(["<extra>"])
+    with pytest.raises(ModelError, match="1 id.* from 321 on cannot be embedded"):
+        check_tokenizer_fits(padded, tiny_config(vocab_size=320), "m")
 
 
 # ---- configuration
