@@ -6,8 +6,9 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from nas.errors import ConfigError, InfeasibleError
-from nas.model.arch import KNOBS, Arch, check_prunable, count_params
+from nas.model.arch import KNOBS, Arch, check_prunable
 from nas.model.families import load_config
+from nas.model.size import count_params
 from nas.prune.space import (
     candidates_frame,
     check_grid,

@@ -14,9 +14,10 @@ from nas.device import resolve_device
 from nas.errors import ConfigError, NasError
 from nas.evaluate.harness import run_tasks
 from nas.io import own_output, save_model_atomic
-from nas.model.arch import Arch, count_params
+from nas.model.arch import Arch
 from nas.model.card import CardFacts, lineage_of, model_card
 from nas.model.families import load_config, load_model
+from nas.model.size import count_params
 from nas.pipeline.context import (
     gpu_memory_of,
     package_versions,

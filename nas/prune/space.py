@@ -12,16 +12,15 @@ from collections.abc import Iterator
 import pandas as pd
 
 from nas.errors import ConfigError, InfeasibleError
-from nas.model.arch import (
-    MOE_ALIGN,
-    Arch,
+from nas.model.arch import MOE_ALIGN, Arch
+from nas.model.blocks import LAYER_KNOBS
+from nas.model.size import (
     count_budget_params,
     count_params,
     kv_cache_bytes,
     parse_count,
     recurrent_state_bytes,
 )
-from nas.model.blocks import LAYER_KNOBS
 from nas.settings import DTYPE_BYTES, SIZE_KNOBS, ConstraintsConfig, RunConfig, SpaceConfig
 
 
