@@ -35,7 +35,8 @@ import optuna
 
 from nas import pipeline
 from nas.errors import ConfigError
-from nas.io import own_output, require_same, write_text_atomic
+from nas.io import require_same, write_text_atomic
+from nas.lock import own_output
 from nas.model.arch import Arch
 from nas.model.families import load_config
 from nas.model.size import count_params
