@@ -20,6 +20,8 @@ each rung and for the extrapolated ranking; the ground truth's spread against it
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -46,6 +48,7 @@ from nas.demo.teacher import (  # noqa: E402
     write_corpus,
 )
 from nas.evaluate.loss import sequence_losses  # noqa: E402
+from nas.io import write_text_atomic  # noqa: E402
 from nas.model.size import count_params  # noqa: E402
 from nas.pipeline import search  # noqa: E402
 from nas.prune.cut import prune  # noqa: E402
@@ -124,18 +127,29 @@ def brute_force(ctx, space, stop_tokens: int, work: Path) -> dict[tuple, list[tu
     return curves
 
 
-def ground_truth(ctx, space, steps: int, work: Path) -> tuple[dict, dict]:
-    """Every candidate distilled in one run of `steps`: (key -> val loss, key -> per-sequence losses)."""
+def ground_truth(ctx, space, steps: int, work: Path, store: Path) -> tuple[dict, dict]:
+    """Every candidate distilled in one run of `steps`: (key -> val loss, key -> per-sequence losses). Each
+    result is kept in `store` (JSON, rewritten atomically after every candidate) under a digest of what
+    decides it (the teacher's files, the candidate, the KD settings), so a killed run resumes and a rerun
+    with other search settings reuses it."""
     cfg, truth, per_seq = ctx.cfg, {}, {}
     run = cfg.short_distill().replace(steps=steps, eval_every=0)
     val = ctx.data.val(cfg.distill.eval_sequences)
+    kept = json.loads(store.read_text()) if store.is_file() else {}
+    teacher = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(Path(cfg.teacher).glob("*.safetensors"))))
     for i, arch in enumerate(space):
-        student = prune(ctx.teacher, arch, ctx.importance, cfg.depth_strategy)
-        result = distill(ctx.teacher, student, ctx.data, run, work / str(i))
-        shutil.rmtree(work, ignore_errors=True)
-        truth[arch_key(arch)] = result.val_loss
-        per_seq[arch_key(arch)] = sequence_losses(student, val, cfg.distill.eval_batch_size)
-        log.info("ground truth %d/%d %s: %.4f", i + 1, len(space), arch.describe(), result.val_loss)
+        what = {"teacher": teacher.hexdigest(), "arch": arch.to_dict(), "run": run.to_dict(),
+                "eval_sequences": cfg.distill.eval_sequences, "depth": cfg.depth_strategy, "seed": cfg.seed}  # fmt: skip
+        digest = hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+        if digest not in kept:
+            student = prune(ctx.teacher, arch, ctx.importance, cfg.depth_strategy)
+            result = distill(ctx.teacher, student, ctx.data, run, work / str(i))
+            shutil.rmtree(work, ignore_errors=True)
+            kept[digest] = {"loss": result.val_loss,
+                            "per_seq": sequence_losses(student, val, cfg.distill.eval_batch_size)}  # fmt: skip
+            write_text_atomic(store, json.dumps(kept))
+        truth[arch_key(arch)], per_seq[arch_key(arch)] = kept[digest]["loss"], kept[digest]["per_seq"]
+        log.info("ground truth %d/%d %s: %.4f", i + 1, len(space), arch.describe(), truth[arch_key(arch)])
     return truth, per_seq
 
 
@@ -256,7 +270,7 @@ def main() -> None:
         curves = brute_force(ctx, space, stop, out / "work")
         seconds[f"brute force {budget}"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        truth, per_seq = ground_truth(ctx, space, truth_steps, out / "work")
+        truth, per_seq = ground_truth(ctx, space, truth_steps, out / "work", out / "ground_truth.json")
         seconds[f"ground truth {budget}"] = time.perf_counter() - t0
         summary.append(report_budget(budget, space, studies, screen_loss, curves, truth, per_seq, cfg.horizon_tokens))
     print(f"\nover {len(summary)} budgets (regret in nats, vs nas):")

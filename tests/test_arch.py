@@ -70,7 +70,7 @@ def test_unknown_model_type_names_the_supported_ones():
     config.model_type = "gpt2"
     with pytest.raises(
         ModelError,
-        match="gemma3_text, gemma4_text, gpt_oss, llama, ministral3, mistral, mixtral, nemotron_h, olmo2, olmo3, phi3, qwen2, qwen3, qwen3_5_text, qwen3_moe, "
+        match="gemma3_text, gemma4_text, gpt_oss, llama, ministral3, mistral, mixtral, nemotron_h, olmo2, olmo3, phi3, qwen2, qwen3, qwen3_5_moe_text, qwen3_5_text, qwen3_moe, "
         "smollm3$",
     ):
         Arch.from_hf_config(config)

@@ -108,7 +108,11 @@ def masked_teacher(teacher, cut, arch):
             if index not in cut.layers:  # no attention and no MLP output: the block is the identity
                 outs[units[0]](block_module(layer, fam, units[0])).zero_()
                 mixer = block_module(layer, fam, units[0])
-                for p in (down, *(_output_biases(mixer, mlp) if units[0] == "attention" else ())):
+                for p in (
+                    down,
+                    *_shared_expert_output(mlp),
+                    *(_output_biases(mixer, mlp) if units[0] == "attention" else ()),
+                ):
                     p.zero_()
                 continue
             kept = cut.layers.index(index)
@@ -140,6 +144,12 @@ def _output_biases(attn, mlp) -> list:
     return [b for b in biases if b is not None]
 
 
+def _shared_expert_output(mlp) -> list:
+    """The output projection of a shared expert beside the routed ones (Qwen3.5-MoE), zeroed with a dropped block."""
+    shared = getattr(mlp, "shared_expert", None)
+    return [shared.down_proj.weight] if shared is not None else []
+
+
 UNIT_KNOBS = {
     "heads": {"num_attention_heads": 2, "num_query_groups": 2},  # one head per group
     "kv-group": {"num_attention_heads": 2, "num_query_groups": 1},  # a whole KV group
@@ -161,14 +171,16 @@ HYBRID_KNOBS = {  # Gated DeltaNet: value heads within their key head, whole key
     "hybrid-mixed": {"num_linear_attention_layers": 1, "num_linear_key_heads": 1, "num_linear_value_heads": 1,
                      "ffn_hidden_size": 48, "num_attention_heads": 2, "num_query_groups": 1},
 }  # fmt: skip
-MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss")
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss", "qwen3_5_moe_text")
+HYBRID_FAMILIES = ("qwen3_5_text", "qwen3_5_moe_text")
 PROJ_NORM = {"olmo2", "olmo3"}  # q/k norm over all heads: head pruning is not a masking
 MASK_CASES = [
     pytest.param(model_type, knobs, id=f"{model_type}-{name}")
     for model_type in ("llama", "qwen2", "qwen3", "gemma3_text", "phi3", "olmo2", "olmo3", "smollm3",
-                       "qwen3_moe", "mixtral", "ministral3", "gpt_oss", "gemma4_text", "qwen3_5_text")
+                       "qwen3_moe", "mixtral", "ministral3", "gpt_oss", "gemma4_text", "qwen3_5_text",
+                       "qwen3_5_moe_text")
     for name, knobs in {**UNIT_KNOBS, **(MOE_KNOBS if model_type in MOE_FAMILIES else {}),
-                        **(HYBRID_KNOBS if model_type == "qwen3_5_text" else {})}.items()
+                        **(HYBRID_KNOBS if model_type in HYBRID_FAMILIES else {})}.items()
     if not (model_type in PROJ_NORM and "num_attention_heads" in knobs)
 ]  # fmt: skip
 

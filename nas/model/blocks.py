@@ -25,7 +25,8 @@ Design note (how a hybrid family plugs in; keep this interface stable, announce 
     gives a per-head sigmoid gate, Qwen3.5);
   - mlp: `ffn_hidden_size`; moe: `num_experts` (each expert `ffn_hidden_size` wide, as for MoE families;
     a model with MLP and MoE layers, Nemotron-H, has one FFN width for both; a shared expert,
-    `shared_expert_ffn_hidden_size`, is kept whole);
+    `shared_expert_ffn_hidden_size`, keeps its width and is cut along hidden_size only, with its sigmoid gate
+    where it has one, Qwen3.5-MoE's `shared_expert_gate`);
   - linear_attention: `num_linear_key_heads`, `num_linear_value_heads` (a multiple of the key heads: each key
     head serves `num_linear_value_heads // num_linear_key_heads` consecutive value heads, so value heads are
     pruned within their key head, like query heads within a KV group); `linear_key_head_dim`,
@@ -106,12 +107,15 @@ def mlp_params(arch: Arch, ffn: int | None = None, bias: bool | None = None) -> 
 
 
 def moe_params(arch: Arch, active: bool = False) -> int:
-    """The router, the experts (biased in gpt-oss only) and a shared expert if any (active: the
-    router, the top-k experts one token uses and the shared expert)."""
+    """The router, the experts (biased in gpt-oss only) and a shared expert if any, with its sigmoid gate
+    Linear(hidden, 1) where the family has one (active: the router, the top-k experts one token uses and the
+    shared expert)."""
     experts = arch.num_experts_per_tok if active else arch.num_experts
+    spec, h = arch.family.experts, arch.hidden_size
     shared = mlp_params(arch, arch.shared_expert_ffn_hidden_size) if arch.shared_expert_ffn_hidden_size else 0
-    bias = arch.family.experts.bias  # a biased router and biased experts (gpt-oss)
-    return arch.num_experts * (arch.hidden_size + bias) + experts * mlp_params(arch, bias=bias) + shared
+    shared += h if shared and spec.shared_gate else 0
+    bias = spec.bias  # a biased router and biased experts (gpt-oss)
+    return arch.num_experts * (h + bias) + experts * mlp_params(arch, bias=bias) + shared
 
 
 def linear_attention_params(arch: Arch) -> int:

@@ -42,6 +42,8 @@ class Experts:
     num_experts_attr: str  # config attribute of the number of experts
     ffn_attr: str  # config attribute of each expert's FFN width
     shared_attr: str | None = None  # config attribute of an always-on shared expert's FFN width (Nemotron-H)
+    # the shared expert's output is scaled per token by sigmoid(`shared_expert_gate`), a Linear(hidden, 1) (Qwen3.5-MoE)
+    shared_gate: bool = False
 
     router: str = "gate"  # the router's name in `layer.mlp`
     transposed: bool = False  # expert weights stored [in, out] (gpt-oss)
@@ -133,6 +135,16 @@ QWEN3_5_BLOCKS = Blocks(
     (("linear_attention", ("linear_attention", "mlp")), ("full_attention", ("attention", "mlp"))),
     (("attention", "self_attn"), ("linear_attention", "linear_attn"), ("mlp", "mlp")),
 )
+# Qwen3.5-MoE: Qwen3.5's stack with a sparse MoE block at `mlp` in every layer: routed experts (softmax router,
+# top-k renormalised) beside one shared expert (`shared_expert`, gated by `shared_expert_gate`)
+QWEN3_5_MOE = Experts(
+    "num_experts", "moe_intermediate_size", "shared_expert_intermediate_size", shared_gate=True
+)
+QWEN3_5_MOE_BLOCKS = Blocks(
+    "layer_types",
+    (("linear_attention", ("linear_attention", "moe")), ("full_attention", ("attention", "moe"))),
+    (("attention", "self_attn"), ("linear_attention", "linear_attn"), ("moe", "mlp")),
+)
 
 FAMILIES: dict[str, Family] = {
     f.model_type: f
@@ -154,6 +166,8 @@ FAMILIES: dict[str, Family] = {
         Family("mixtral", None, False, False, experts=MIXTRAL),
         Family("qwen3_5_text", "attention_bias", False, True, qk_norm="head", norm_offset=1.0,
                blocks=QWEN3_5_BLOCKS, attn_output_gate=True),
+        Family("qwen3_5_moe_text", "attention_bias", False, True, qk_norm="head", norm_offset=1.0,
+               blocks=QWEN3_5_MOE_BLOCKS, attn_output_gate=True, experts=QWEN3_5_MOE),
         Family("nemotron_h", None, False, False, mlp_bias_attr="mlp_bias", norms=("norm",), layer_lists=(),
                experts=NEMOTRON_H_EXPERTS, blocks=NEMOTRON_H_BLOCKS, final_norm="norm_f", gated_mlp=False,
                ties_embeddings=False, min_experts=2),
@@ -166,17 +180,9 @@ FAMILIES: dict[str, Family] = {
 }  # fmt: skip
 
 
-NOT_YET = {  # model types transformers has that nas knows it cannot prune yet: why, in one line
-    "qwen3_5_moe_text": "Qwen3.5-MoE is not supported yet: its sparse layers add a gated shared expert "
-    "(shared_expert, shared_expert_gate) that nas's expert cut does not handle; dense Qwen3.5 (qwen3_5_text) is",
-}
-
-
 def family_of(config: Any) -> Family:
     """The `Family` of an HF config; a clear error names the supported ones otherwise."""
     model_type = getattr(config, "model_type", None)
-    if model_type in NOT_YET:
-        raise ModelError(NOT_YET[model_type])
     if model_type not in FAMILIES:
         raise ModelError(f"unsupported model_type {model_type!r}; nas supports {', '.join(sorted(FAMILIES))}")
     fam = FAMILIES[model_type]

@@ -52,7 +52,7 @@ def prepare_context(
     check_seq_len(cfg.data.seq_len, teacher_config, cfg.teacher)
     data = prepare(cfg.data, tokenizer)
     teacher = load_teacher(cfg, data)
-    check_tokenizer_fits(tokenizer, teacher.config, cfg.teacher)  # the loaded model's embedding too
+    check_tokenizer_fits(tokenizer, teacher.config, cfg.teacher)  # the loaded teacher's embedding
     importance = study_importance(cfg, teacher, data)
     kd_teacher = load_kd_teacher(cfg, teacher)
     spaces = enumerate_budgets(Arch.from_hf_config(teacher.config), cfg.budgets, cfg.space)

@@ -3,7 +3,8 @@ query heads, MLP channels and experts (index selection on the weights; the teach
 
 Which tensor is cut along which axis follows the family adapter (`nas.model.families.Family`): fused projections
 are cut in each of their parts, q/k norms over the whole projection are cut with their heads, MoE routers
-keep the rows of the kept experts, and each kept expert keeps its own top-ranked FFN channels."""
+keep the rows of the kept experts, each kept expert keeps its own top-ranked FFN channels, and a shared expert
+(with its gate) keeps its width, cut along the kept hidden channels only."""
 
 from __future__ import annotations
 
@@ -195,6 +196,9 @@ def _layer_rules(teacher: Arch, arch: Arch, cut: Cut, new: int) -> dict[str, tup
         rules["self_attn"] = (_long(cut.heads[new]), None)
     if arch.num_experts:
         rules[arch.family.experts.router] = (_long(cut.experts[new]), "hid")  # one row (and bias) per expert
+        if arch.shared_expert_ffn_hidden_size:  # shared expert and gate keep their width (Qwen3.5-MoE)
+            rules.update(gate_proj=(None, "hid"), up_proj=(None, "hid"), down_proj=("hid", None))
+            rules["shared_expert_gate"] = (None, "hid")
     else:
         ffn = _long(cut.mlp[new])
         f = teacher.ffn_hidden_size
