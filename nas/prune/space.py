@@ -29,8 +29,8 @@ def default_steps(teacher: Arch) -> dict[str, int]:
     alignment that expert kernels need, for a mixture of experts). Hybrids: layers of each type in steps of 2
     when there are 24 or more of them (as `num_layers`), whole Gated DeltaNet key heads, Mamba2 heads one per
     group at a time (kept evenly in each group), Mamba head_dim in 16s on real models (bf16 tensor-core tiles
-    are 16 elements wide). A hybrid whose attention is a small minority also keeps its attention widths
-    (`kept_knobs`)."""
+    are 16 elements wide). Experts in 8s from 128 of them. A hybrid whose attention is a small minority also
+    keeps its attention widths (`kept_knobs`)."""
     floor = MOE_ALIGN if teacher.num_experts else 1
 
     def step(size: int, real: int) -> int:
@@ -50,7 +50,11 @@ def default_steps(teacher: Arch) -> dict[str, int]:
     # published Nemotron-H 8B -> 4B cut (Minitron-SSM, arXiv 2504.11409) has 112 of 128 heads, head_dim kept
     steps |= {"num_linear_key_heads": 1, "num_mamba_heads": max(teacher.mamba_groups, 1)}
     steps["mamba_head_dim"] = 16 if teacher.mamba_head_dim >= 64 else max(1, teacher.mamba_head_dim // 4)
-    return steps | ({"num_experts": 1} if teacher.num_experts else {})
+    # experts by 8 from 128 up (16 steps, as the widths take their real step), one by one below (gpt-oss's 32):
+    # ModelOpt's Minitron search steps them by 8 (num_moe_experts_divisor=8, NVIDIA/Model-Optimizer
+    # examples/megatron_bridge/prune_minitron.py); by one, Qwen3.5-35B-A3B's 256 gave 3.3M shapes (measured here)
+    experts = 8 if teacher.num_experts >= 128 else 1
+    return steps | ({"num_experts": experts} if teacher.num_experts else {})
 
 
 # A hybrid with attention in at most 1 layer in 10 keeps its attention heads and groups unless steps name
@@ -58,7 +62,7 @@ def default_steps(teacher: Arch) -> dict[str, int]:
 # (Nemotron Nano 2, arXiv 2508.14444: 12B -> 9B keeps 40 heads / 8 groups; Minitron-SSM, arXiv 2504.11409:
 # Nemotron-H 8B -> 4B cuts hidden, FFN and Mamba heads), and ModelOpt's Nano-9B-v2 -> 7B search skips
 # num_attention_heads ("harder to recover", the README above). Their 4 of 56 layers hold 2.5% of the 9B's
-# parameters, yet searching them multiplied its space 25-fold (3.6M shapes at the defaults, measured here).
+# parameters, yet searching them multiplied its space 11-fold (1.6M shapes at the defaults, measured here).
 MINOR_ATTENTION_SHARE = 0.1
 
 
@@ -103,13 +107,19 @@ def knob_values(teacher: Arch, config: SpaceConfig) -> dict[str, list[int]]:
 def _ratio_choices(teacher: Arch, sizes: dict[str, int], config: SpaceConfig) -> Iterator[dict[str, int]]:
     """Every choice of the knobs that are multiples of others (`RATIO_KNOBS`) for the given `sizes`."""
     options = []
-    kept = kept_knobs(teacher, config)
-    for knob, base, ratio in (r for r in RATIO_KNOBS if r[0] in teacher.knobs):
-        low = math.ceil(getattr(teacher, knob) * (1 - (0 if knob in kept else config.max_width_prune)))
-        per = [p for p in range(getattr(teacher, ratio), 0, -1) if sizes[base] * p >= low]
-        options.append([(knob, sizes[base] * p) for p in per])
+    for knob, base, _ in (r for r in RATIO_KNOBS if r[0] in teacher.knobs):
+        options.append([(knob, sizes[base] * p) for p in _multiples(teacher, config, knob, sizes[base])])
     for combo in itertools.product(*options):
         yield dict(combo)
+
+
+def _multiples(teacher: Arch, config: SpaceConfig, knob: str, base: int) -> list[int]:
+    """The ratios a `RATIO_KNOBS` knob may have over its base knob's value `base`: at most the teacher's, and
+    within the width cut (none for a `kept_knobs` knob)."""
+    ratio = next(r for k, _, r in RATIO_KNOBS if k == knob)
+    cut = 0 if knob in kept_knobs(teacher, config) else config.max_width_prune
+    low = math.ceil(getattr(teacher, knob) * (1 - cut))
+    return [p for p in range(getattr(teacher, ratio), 0, -1) if base * p >= low]
 
 
 def all_valid(teacher: Arch, config: SpaceConfig) -> Iterator[Arch]:
@@ -162,22 +172,28 @@ def enumerate_candidates(
     )
 
 
-# shapes (knob choices but hidden_size) a space may hold: measured here, Qwen3.5-9B's 189,000 take 48 s of
-# CPU, so 1M is about 4 minutes; Nemotron-Nano-9B-v2 has 3.6M with its attention widths searched, 145,152 at
-# the defaults, which keep them (`kept_knobs`: 77,220 candidates at 50% in 23-38 s on 2 busy cores)
+# shapes (knob choices but hidden_size) a space may hold, measured here on 2 busy cores: Qwen3.5-9B's 52,500
+# take 9-20 s, Nemotron-Nano-9B-v2's 145,152 23-38 s, Qwen3.5-35B-A3B's 440,640 52-71 s (up to ~0.4 ms a
+# shape), so 1M is a few minutes
 MAX_SHAPES = 1_000_000
 
 
-def check_grid(teacher: Arch, config: SpaceConfig) -> None:
-    """ConfigError, before any work, when the space has more than `MAX_SHAPES` shapes to try: enumerating it
-    would take many minutes; the message gives the settings that coarsen it."""
+def shape_count(teacher: Arch, config: SpaceConfig) -> int:
+    """How many shapes (knob choices but hidden_size) the space tries: the loops of `_in_window`, each base
+    knob's value with its own choices of the knobs that are multiples of it."""
     values = knob_values(teacher, config)
     values.pop("hidden_size")
-    shapes = math.prod(len(v) for v in values.values())
-    kept = kept_knobs(teacher, config)
-    shapes *= math.prod(
-        getattr(teacher, r) for knob, _, r in RATIO_KNOBS if knob in teacher.knobs and knob not in kept
-    )
+    ratios = [(knob, base) for knob, base, _ in RATIO_KNOBS if knob in teacher.knobs]
+    shapes = math.prod(len(v) for k, v in values.items() if k not in {base for _, base in ratios})
+    for knob, base in ratios:  # a base knob has one ratio knob
+        shapes *= sum(len(_multiples(teacher, config, knob, b)) for b in values[base])
+    return shapes
+
+
+def check_grid(teacher: Arch, config: SpaceConfig) -> None:
+    """ConfigError, before any work, when the space has more than `MAX_SHAPES` shapes to try (`shape_count`):
+    enumerating it would take many minutes; the message gives the settings that coarsen it."""
+    shapes = shape_count(teacher, config)
     searched = _minor_attention(teacher) and "num_query_groups" in config.steps
     keep = (
         "; or leave num_query_groups out of the steps: this hybrid then keeps its attention widths" * searched
