@@ -49,7 +49,7 @@ from nas.demo.teacher import (  # noqa: E402
 )
 from nas.evaluate.loss import sequence_losses  # noqa: E402
 from nas.io import write_text_atomic  # noqa: E402
-from nas.model.arch import count_params  # noqa: E402
+from nas.model.size import count_params  # noqa: E402
 from nas.pipeline import search  # noqa: E402
 from nas.prune.cut import prune  # noqa: E402
 from nas.prune.space import enumerate_candidates  # noqa: E402

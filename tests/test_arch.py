@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from nas.errors import InfeasibleError, ModelError
-from nas.model.arch import Arch, check_prunable, count_params, kv_cache_bytes, parse_count
+from nas.model.arch import Arch, check_prunable
+from nas.model.size import count_params, kv_cache_bytes, parse_count
 from nas.testing import tiny_config, tiny_model
 
 

@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from nas.cli.main import main
-from nas.model.arch import Arch, count_params
+from nas.model.arch import Arch
+from nas.model.size import count_params
 from nas.testing import tiny_study_config, write_kjv_corpus, write_tiny_teacher
 
 

@@ -10,8 +10,9 @@ from transformers import AutoModelForCausalLM
 
 from nas.cli import main
 from nas.errors import InfeasibleError, ModelError
-from nas.model.arch import Arch, check_prunable, count_params
+from nas.model.arch import Arch, check_prunable
 from nas.model.families import expert_ffn, family_of
+from nas.model.size import count_params
 from nas.prune.cut import plan_cut, prune
 from nas.prune.importance import Importance, compute_importance
 from nas.prune.space import enumerate_candidates, parse_budget
@@ -235,7 +236,7 @@ def test_a_study_searches_and_reports_a_teacher_of_each_kind(model_type, tmp_pat
 def test_a_hybrid_space_budgets_layers_per_type_and_counts_the_recurrent_state(tmp_path, capsys):
     """Every candidate of a Qwen3.5 teacher keeps both layer types, its count is exact, its memory adds the
     Gated DeltaNet state once per sequence (not per token), and the CLI lists the per-type knobs."""
-    from nas.model.arch import kv_cache_bytes, recurrent_state_bytes
+    from nas.model.size import kv_cache_bytes, recurrent_state_bytes
     from nas.prune.space import memory_bytes
     from nas.settings import ConstraintsConfig
 

@@ -10,8 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 from nas.cli import main
-from nas.model.arch import Arch, count_params
+from nas.model.arch import Arch
 from nas.model.families import load_config, load_model
+from nas.model.size import count_params
 from nas.prune.cut import prune, save_pruned
 from nas.prune.importance import compute_importance
 from nas.testing import write_tiny_wrapper

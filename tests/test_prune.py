@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from nas.errors import InfeasibleError
-from nas.model.arch import Arch, count_params
+from nas.model.arch import Arch
 from nas.model.families import block_module, layer_units
+from nas.model.size import count_params
 from nas.prune.cut import plan_cut, prune, save_pruned
 from nas.prune.importance import Importance, compute_importance
 from nas.testing import tiny_model

@@ -24,8 +24,9 @@ def add_space(sub) -> None:
 
 
 def cmd_space(args) -> int:
-    from nas.model.arch import Arch, count_params
+    from nas.model.arch import Arch
     from nas.model.families import load_config
+    from nas.model.size import count_params
     from nas.prune.space import candidates_frame, enumerate_budgets, memory_violation
 
     config = settings_from_args(args, SpaceConfig, SPACE_FLAGS)

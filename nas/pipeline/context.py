@@ -16,8 +16,9 @@ from nas.data.tokens import check_seq_len, prepare
 from nas.device import precision_for, resolve_device
 from nas.errors import ConfigError
 from nas.evaluate.loss import lm_loss
-from nas.model.arch import Arch, count_params
+from nas.model.arch import Arch
 from nas.model.families import load_config, load_model, load_tokenizer
+from nas.model.size import count_params
 from nas.model.validate import check_tokenizer_fits
 from nas.pipeline.identity import STUDY_WAYS_OUT
 from nas.prune.importance import Importance, ensure_importance, importance_identity

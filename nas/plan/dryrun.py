@@ -42,7 +42,7 @@ from nas.device import precision_for, use_precision
 from nas.errors import ConfigError
 from nas.evaluate.loss import lm_loss
 from nas.model.families import family_of
-from nas.prune.importance import activation_scores
+from nas.prune.activations import activation_scores
 from nas.settings import DistillConfig
 from nas.train import dist as parallel
 from nas.train import loop

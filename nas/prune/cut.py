@@ -20,10 +20,11 @@ from torch import nn
 
 from nas.errors import ConfigError
 from nas.io import replace_dir, temp_dir
-from nas.model.arch import Arch, check_prunable, count_params
+from nas.model.arch import Arch, check_prunable
 from nas.model.card import CARD_FILE
 from nas.model.families import Family, gate_up_index
 from nas.model.multimodal import multimodal_note, with_vision, wrapper_type
+from nas.model.size import count_params
 from nas.prune import nemotron
 from nas.prune.importance import Importance
 from nas.settings import DEPTH_STRATEGIES, VISION

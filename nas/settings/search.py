@@ -29,7 +29,8 @@ class SpaceConfig(Settings):
         {},
         "per-knob step of the sizes (num_layers, hidden_size, ffn_hidden_size, num_query_groups, "
         "num_experts; hybrids: num_<type>_layers, num_linear_key_heads, num_mamba_heads, mamba_head_dim); "
-        "missing knobs get hardware-friendly defaults",
+        "missing knobs get hardware-friendly defaults; a hybrid whose attention is at most 1 layer in 10 keeps "
+        "its attention heads and KV groups unless num_query_groups is given",
     )
     budget_kind: Literal[BUDGET_KINDS] = _described(  # type: ignore[valid-type]
         "total", "what the budget counts: all parameters, or those active per token (mixture of experts)"
@@ -60,7 +61,8 @@ class SearchConfig(Settings):
         0.225, "horizon_tokens = 0: tokens per parameter of the budget (Minitron: 1.8B tokens at 8B)", gt=0
     )
     rung_tokens: int = _described(
-        0, "KD tokens between validations, the halving's rungs (0: horizon / 8, Minitron's 50 of 400 steps)",
+        0,
+        "KD tokens between validations, the halving's rungs (0: horizon / 8, Minitron's 50 of 400 steps)",
         ge=0,
     )
     horizon_steps: int | None = _described(
