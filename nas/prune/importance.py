@@ -90,6 +90,12 @@ class Importance:
         return self.heads.reshape(self.heads.shape[0], num_groups, -1).sum(-1)
 
     @property
+    def global_groups(self) -> torch.Tensor:
+        """[num_layers, num_global_query_groups]: the sum of each full-attention KV group's head scores (Gemma 4)."""
+        num_groups = self.teacher_arch["num_global_query_groups"]
+        return self.heads.reshape(self.heads.shape[0], num_groups, -1).sum(-1)
+
+    @property
     def linear_key_heads(self) -> torch.Tensor:
         """[num_layers, num_linear_key_heads]: the sum of the scores of the value heads each key head serves."""
         keys = self.teacher_arch["num_linear_key_heads"]
@@ -214,7 +220,7 @@ class _Accumulator:
         self.boundaries: list[torch.Tensor | None] = [None] * (n_layers + 1)
 
     def add_heads(self, layer: int, x: torch.Tensor) -> None:
-        per_head = x.float().unflatten(-1, (self.arch.num_attention_heads, self.arch.head_dim))
+        per_head = x.float().unflatten(-1, (self.arch.num_attention_heads, -1))  # head_dim: the layer's own
         self.heads[layer] += per_head.norm(dim=-1).mean(dim=1).pow(2).sum(0).double()
 
     def add_linear_heads(self, layer: int, x: torch.Tensor) -> None:
@@ -317,6 +323,7 @@ def _out_proj_hook(module: nn.Module, add) -> Any:
 def _block_hooks(layer: nn.Module, units: tuple[str, ...], family, acc: _Accumulator, i: int) -> list:
     adds = {
         "attention": acc.add_heads,
+        "global_attention": acc.add_heads,
         "linear_attention": acc.add_linear_heads,
         "mamba": acc.add_mamba_heads,
     }
