@@ -16,7 +16,7 @@ from nas.model.families import load_config
 from nas.prune.cut import plan_cut, prune
 from nas.prune.space import enumerate_candidates
 from nas.settings import SpaceConfig
-from nas.testing import tiny_model
+from nas.testing import tiny_config, tiny_model
 
 CONFIG = Path(__file__).parents[1] / "benchmarks" / "configs" / "gemma-4-31B"
 # full-attention layers (1 and 3 of 4) of their own head_dim over 2 KV groups of their own, with a v_proj (no
@@ -86,3 +86,24 @@ def test_the_31b_config_counts_what_transformers_builds_and_plans_a_space():
     largest = candidates[0].to_hf_config(config)
     with torch.device("meta"):
         assert numel(AutoModelForCausalLM.from_config(largest)) == count_params(candidates[0])
+
+
+def test_the_memory_plan_grows_each_layer_type_by_its_own_attention_shapes():
+    """The dry run's depth extrapolation (one and two layers of each type) matches the dry run at full depth,
+    and its weights are the model's: the full-attention layers keep their own head_dim and KV heads at every
+    depth it measures."""
+    from nas.plan import dryrun
+
+    config = tiny_config("gemma4_text", num_layers=5, vocab_size=256, ffn_hidden_size=128)
+    axes = dryrun.depth_axes(config)
+    assert axes == [("full_attention", 3), ("sliding_attention", 2)]
+    two = dryrun.at_axes(config, axes, (2, 1))
+    assert [two.per_layer_config[i].head_dim for i in range(3)] == [32, 32, 16]
+
+    def measure(depths):
+        return dryrun.measure_eval(dryrun.at_axes(config, axes, depths), torch.bfloat16, 2, 32, "bf16-mixed")
+
+    planned, full = dryrun.peak_of(dryrun.extrapolate(measure, (3, 2))), dryrun.peak_of(measure((3, 2)))
+    weights = numel(AutoModelForCausalLM.from_config(config)) * 2
+    assert planned["teacher"] == full["teacher"] == weights
+    assert planned["peak_bytes"] == pytest.approx(full["peak_bytes"], rel=0.01)
