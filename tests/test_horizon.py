@@ -27,10 +27,12 @@ def test_tau_counts_swaps_beyond_noise_only():
     assert ranking.top_tau(previous, swapped, 3) < 1
     assert ranking.top_tau(previous, swapped, 3, noise=0.01) == pytest.approx(1.0)  # a swap within noise
     assert ranking.top_tau(previous, {1: 2.0, 2: 2.001}, 3, noise=0.01) is None  # all tied: undefined
-    # the benchmark's 30% finalists (observed at the horizon vs predicted at 10x): the best two are tied within
-    # noise, but the third is predicted to pass the second, a pair the noise resolves: no agreement
+    # the benchmark's 30% finalists, observed at the horizon and predicted at 10x: all three are within the
+    # noise now, but the fits tell the third from the second at the final tokens, and it passes it
     observed, predicted = {"a": 4.2134, "b": 4.2251, "c": 4.2398}, {"a": 4.1654, "b": 4.2214, "c": 4.1764}
-    assert ranking.top_tau(predicted, observed, 3, noise=0.0064) == pytest.approx(0.0)
+    assert ranking.top_tau(predicted, observed, 3, noise=0.0127) is None  # no pair resolved now
+    assert ranking.top_tau(observed, predicted, 3, noise=0.0127) == pytest.approx(0.0)  # one agrees, one swaps
+    assert ranking.top_tau(observed, predicted, 3, noise=0.005) == pytest.approx(1 / 3)  # a, c resolved too
 
 
 def test_stop_reasons():
@@ -129,7 +131,8 @@ def test_an_order_that_held_but_whose_curves_will_cross_extends_the_horizon(ctx,
                                                   4: good_loss})  # fmt: skip
     add_trial(study, ctx, 1, bad, bad_loss, 0, {1: bad_loss + 1.5, 2: bad_loss + 0.6, 3: bad_loss + 0.3,
                                                  4: bad_loss})  # fmt: skip
-    far = replace(ctx, cfg=ctx.cfg.replace(final={"tokens": 100 * ctx.cfg.horizon_tokens}))  # the final stage
+    one = ctx.cfg.search.replace(min_horizon_factor=1)  # the rungs alone would stop at the horizon
+    far = replace(ctx, cfg=ctx.cfg.replace(final={"tokens": 100 * ctx.cfg.horizon_tokens}, search=one))
     with caplog.at_level(logging.INFO, logger="nas.search.horizon"):
         record = extend_horizon(far, study, ctx.cfg.budgets[0])
     first = record["rungs"][0]
@@ -141,7 +144,7 @@ def test_an_order_that_held_but_whose_curves_will_cross_extends_the_horizon(ctx,
     plain = optuna.create_study()  # the same study without the crossing check stops at the horizon
     for t in study.trials[:2]:
         plain.add_trial(t)
-    off = far.cfg.replace(search=ctx.cfg.search.replace(predict_crossings=False))
+    off = far.cfg.replace(search=one.replace(predict_crossings=False))
     record = extend_horizon(replace(ctx, cfg=off), plain, ctx.cfg.budgets[0])
     assert len(record["rungs"]) == 1 and record["stop"] == ranking.STABLE
 
@@ -153,8 +156,9 @@ def test_top_two_within_noise_say_so(ctx, caplog):
     add_trial(study, ctx, 1, same, loss, half=8.0)
     with caplog.at_level(logging.INFO, logger="nas.search.horizon"):
         record = extend_horizon(ctx, study, ctx.cfg.budgets[0])
-    (only,) = record["rungs"]
-    assert only["within_noise"] and record["stop"] == ranking.STABLE  # no order the data can resolve
+    first, last = record["rungs"]  # one rung past the horizon (search.min_horizon_factor), then no order to resolve
+    assert first["within_noise"] and first["stop"] is None and last["tokens"] == 2 * first["tokens"]
+    assert last["within_noise"] and record["stop"] == ranking.STABLE
     assert any("within the validation noise" in r.message for r in caplog.records)
 
 

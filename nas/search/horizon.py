@@ -11,7 +11,8 @@ bootstrap), and `nas.search.ranking` decides: stable, cap, or one candidate left
 agreements (`search.predict_crossings`): the order of the best with the rung before, and with the order
 that each finalist's power law in tokens predicts at the final distillation's tokens, since a ranking can
 hold between two short rungs and still flip later (slow, steady crossings: Minitron §4.2's flip "around
-200 steps"). Only the best
+200 steps"); and it needs a rung past the horizon (`search.min_horizon_factor`), since the trials' own
+half vs full horizon cannot see a ranking still moving at a longer scale. Only the best
 `stable_top` go on to the next rung. The record (one per budget, written to the study after every rung,
 so a killed search resumes at its last rung) holds each rung's tokens, losses, predicted final losses,
 Kendall tau, margin and noise, why it stopped, and the pick with its model directory.
@@ -100,10 +101,14 @@ def judge(ctx: SearchContext, losses: dict[int, float], previous: dict, tokens: 
                                    cfg.distill.eval_batch_size) for n in order[:2]]  # fmt: skip
         noise = ranking.margin_noise(per_seq[0], per_seq[1], s.bootstrap_samples, cfg.seed)
     tau = ranking.top_tau(previous, rank_by, s.stable_top, noise)
-    # will the curves cross before the final distillation? the order now vs the order their power laws predict
-    ahead = ranking.top_tau(losses if s.extrapolate else predicted, rank_by, s.stable_top, noise)
+    # will the curves cross before the final distillation? the pairs their power laws tell apart at the final
+    # tokens, against the order now
+    ahead = ranking.top_tau(losses, predicted, s.stable_top, noise)
     held = ranking.weakest(tau, ahead if s.predict_crossings else None)
-    stop = ranking.stop_reason(len(order), held, s.stable_tau, tokens, tokens, s.max_horizon_factor * cfg.horizon_tokens)
+    cap = s.max_horizon_factor * cfg.horizon_tokens
+    stop = ranking.stop_reason(len(order), held, s.stable_tau, tokens, tokens, cap)
+    if stop == ranking.STABLE and tokens < s.min_horizon_factor * cfg.horizon_tokens:
+        stop = None  # judged only by the trials' own rungs: one more scale first
     margin = rank_by[order[1]] - rank_by[order[0]] if len(order) >= 2 else None
     return {"tokens": tokens, "losses": {str(n): v for n, v in losses.items()},
             "predicted": {str(n): v for n, v in predicted.items()}, "order": order, "tau": tau, "crossing_tau": ahead,
@@ -152,9 +157,11 @@ def extend_horizon(ctx: SearchContext, study: optuna.Study, budget: str | None) 
         record["rungs"].append(first_rung(ctx, trials, record))
     while (reason := record["rungs"][-1]["stop"]) is None:
         last = record["rungs"][-1]
-        log.info("budget %s: the best are still reordering at %s tokens (Kendall tau with the rung before %s, with "
-                 "the order their fitted curves predict at the final tokens %s); extending the horizon to %s",
-                 label, f"{last['tokens']:,}", _fmt(last["tau"]), _fmt(last.get("crossing_tau")),
+        held = ranking.weakest(last["tau"], last.get("crossing_tau")) in (None, 1.0)
+        log.info("budget %s: %s at %s tokens (Kendall tau with the rung before %s, with the order their fitted "
+                 "curves predict at the final tokens %s); extending the horizon to %s", label,
+                 "the order held but only over the trials' own rungs" if held else "the best are still reordering",
+                 f"{last['tokens']:,}", _fmt(last["tau"]), _fmt(last.get("crossing_tau")),
                  f"{2 * last['tokens']:,}")  # fmt: skip
         record["rungs"].append(next_rung(ctx, record, label))
         _write(study, records, label, record)
