@@ -53,12 +53,13 @@ def family_extras(model_type: str, num_layers: int, head_dim: int = 16) -> dict:
         "gemma3_text": {**sliding, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0,
                         "query_pre_attn_scalar": 24},
         "olmo3": sliding,
-        # Gemma 4 text without the features nas refuses (per-layer embeddings; one head_dim in every layer);
-        # the last layer is full attention, as transformers makes it
+        # Gemma 4 text as the dense 31B has it, without the features nas refuses (per-layer embeddings, KV
+        # sharing): full-attention layers of twice the head_dim over one KV head whose keys are the values; the
+        # last layer is full attention, as transformers makes it
         "gemma4_text": {"sliding_window": 8, "layer_types": [SLIDING[1 - (num_layers - 1 - i) % 2]
                                                                     for i in range(num_layers)],
                         "final_logit_softcapping": 30.0, "hidden_size_per_layer_input": 0,
-                        "global_head_dim": head_dim},
+                        "global_head_dim": 2 * head_dim, "attention_k_eq_v": True, "num_global_key_value_heads": 1},
         "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2},
         "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
         "qwen3_5_text": deltanet,

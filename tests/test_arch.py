@@ -34,7 +34,7 @@ def test_to_hf_config_round_trips_and_builds_the_counted_model(family_model):
     )
     config = small.to_hf_config(family_model.config)
     assert Arch.from_hf_config(config) == small
-    assert config.head_dim == teacher.head_dim
+    assert config.per_layer_config[0].head_dim == teacher.head_dim  # layer 0's (Gemma 4's full: their own)
     assert numel(AutoModelForCausalLM.from_config(config)) == count_params(small)
     assert family_model.config.num_hidden_layers == teacher.num_layers  # base config untouched
 

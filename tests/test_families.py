@@ -261,9 +261,8 @@ def test_a_hybrid_space_budgets_layers_per_type_and_counts_the_recurrent_state(t
     [
         ({"hidden_size_per_layer_input": 8}, ["per-layer embeddings"]),
         ({"num_kv_shared_layers": 2}, ["KV-sharing layers"]),
-        ({"global_head_dim": 32}, ["own head_dim"]),
         ({"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 32,
-          "attention_k_eq_v": True, "num_global_key_value_heads": 1}, ["expert block", "keys reused as values"]),
+          "hidden_size_per_layer_input": 8}, ["expert block", "per-layer embeddings"]),
     ],
 )  # fmt: skip
 def test_gemma4_features_nas_cannot_prune_are_one_error_naming_each(features, named, tmp_path):
@@ -273,6 +272,13 @@ def test_gemma4_features_nas_cannot_prune_are_one_error_naming_each(features, na
     assert all(what in str(error.value) for what in named)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "g4")  # the CLI: one line, exit 2
     assert main(["space", str(tmp_path / "g4"), "--budget", "50%"]) == 2
+
+
+def test_gemma4_layers_of_one_type_with_different_attention_shapes_are_one_error():
+    """nas counts one (head_dim, KV heads) per layer type; transformers' rotary embedding needs it too."""
+    config = tiny_config("gemma4_text", per_layer_config={3: {"head_dim": 64, "num_key_value_heads": 1}})
+    with pytest.raises(ModelError, match="full_attention layers of different head_dim"):
+        Arch.from_hf_config(config)
 
 
 @pytest.mark.parametrize("strategy", ["drop-lowest", "contiguous"])

@@ -90,6 +90,9 @@ def _zero_units(weight, units: set[int], size: int) -> None:
         weight[:, u * size : (u + 1) * size] = 0
 
 
+ATTENTION = ("attention", "global_attention")
+
+
 def masked_teacher(teacher, cut, arch):
     """The teacher with every unit the cut drops masked out: zeroed `o_proj` columns of heads (`out_proj` columns
     of Gated DeltaNet value heads), zeroed `down_proj` columns of MLP channels (of each expert), zeroed outputs
@@ -102,7 +105,8 @@ def masked_teacher(teacher, cut, arch):
     with torch.no_grad():
         for index, (layer, units) in enumerate(zip(masked.model.layers, layer_units(teacher.config), strict=True)):
             mlp = block_module(layer, fam, units[-1])
-            outs = {"attention": lambda m: m.o_proj.weight, "linear_attention": lambda m: m.out_proj.weight}
+            outs = {"attention": lambda m: m.o_proj.weight, "global_attention": lambda m: m.o_proj.weight,
+                    "linear_attention": lambda m: m.out_proj.weight}  # fmt: skip
             down = mlp.experts.down_proj if big.num_experts else mlp.down_proj.weight  # [E,] H, F
             spec = big.family.experts
             if index not in cut.layers:  # no attention and no MLP output: the block is the identity
@@ -111,15 +115,16 @@ def masked_teacher(teacher, cut, arch):
                 for p in (
                     down,
                     *_shared_expert_output(mlp),
-                    *(_output_biases(mixer, mlp) if units[0] == "attention" else ()),
+                    *(_output_biases(mixer, mlp) if units[0] in ATTENTION else ()),
                 ):
                     p.zero_()
                 continue
             kept = cut.layers.index(index)
             # a zeroed head's output is zero whatever its attention sink (gpt-oss): the sink is the head's own
-            if units[0] == "attention":
+            if units[0] in ATTENTION:  # Gemma 4's full-attention heads are global_head_dim wide
                 heads = set(range(big.num_attention_heads)) - set(cut.heads[kept])
-                _zero_units(layer.self_attn.o_proj.weight, heads, big.head_dim)
+                head_dim = big.global_head_dim if units[0] == "global_attention" else big.head_dim
+                _zero_units(layer.self_attn.o_proj.weight, heads, head_dim)
             else:
                 values = set(range(big.num_linear_value_heads)) - set(cut.linear_values[kept])
                 _zero_units(layer.linear_attn.out_proj.weight, values, big.linear_value_head_dim)

@@ -146,6 +146,14 @@ QWEN3_5_MOE_BLOCKS = Blocks(
     (("attention", "self_attn"), ("linear_attention", "linear_attn"), ("moe", "mlp")),
 )
 
+# Gemma 4: sliding-window layers are `attention`, full-attention layers `global_attention` (their own head_dim and
+# KV heads, `per_layer_config`; keys as values with `attention_k_eq_v`); both at `self_attn`, each with an MLP
+GEMMA4_BLOCKS = Blocks(
+    "layer_types",
+    (("sliding_attention", ("attention", "mlp")), ("full_attention", ("global_attention", "mlp"))),
+    (("attention", "self_attn"), ("global_attention", "self_attn"), ("mlp", "mlp")),
+)
+
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
@@ -172,10 +180,11 @@ FAMILIES: dict[str, Family] = {
                experts=NEMOTRON_H_EXPERTS, blocks=NEMOTRON_H_BLOCKS, final_norm="norm_f", gated_mlp=False,
                ties_embeddings=False, min_experts=2),
         Family("gpt_oss", "attention_bias", True, True, experts=GPT_OSS, attention_sinks=True),
-        # Gemma 4 text: Gemma 3's block (v_norm has no weight; `layer_scalar` is a buffer, kept per layer);
-        # transformers makes the last layer full attention, so depth pruning keeps the teacher's last layer
+        # Gemma 4 text: Gemma 3's block (v_norm has no weight; `layer_scalar` is a buffer, kept per layer) in
+        # sliding and full-attention layers of their own shapes; transformers makes the last layer full
+        # attention, so depth pruning keeps the teacher's last layer
         Family("gemma4_text", "attention_bias", False, True, qk_norm="head", norms=GEMMA_NORMS, embed_scale=True,
-               keep_last_layer=True),
+               blocks=GEMMA4_BLOCKS, keep_last_layer=True),
     )
 }  # fmt: skip
 
@@ -210,25 +219,45 @@ GEMMA4_UNSUPPORTED = {  # config attribute -> the Gemma 4 feature it turns on th
     "hidden_size_per_layer_input": "per-layer embeddings (hidden_size_per_layer_input)",
     "num_kv_shared_layers": "KV-sharing layers (num_kv_shared_layers)",
     "enable_moe_block": "the expert block beside the MLP (enable_moe_block)",
-    "attention_k_eq_v": "keys reused as values (attention_k_eq_v)",
 }
 
 
 def _check_gemma4(config: Any) -> None:
     """One ModelError naming every Gemma 4 feature a config turns on that nas cannot prune: per-layer
-    embeddings, KV-sharing layers, the MoE block, keys as values, and full-attention layers with their own
-    head_dim or KV heads (`global_head_dim`; nas's `Arch` has one head_dim and one KV-group count)."""
+    embeddings, KV-sharing layers, the MoE block, and layers of one type with different attention shapes
+    (full-attention layers with their own head_dim / KV heads are supported: `global_attention`)."""
     used = [what for attr, what in GEMMA4_UNSUPPORTED.items() if getattr(config, attr, None)]
-    layers = getattr(config, "per_layer_config", None) or []
-    shapes = {(c.head_dim, c.num_key_value_heads) for c in layers}
-    if len(shapes) > 1:
-        used.append("full-attention layers with their own head_dim or KV heads (global_head_dim, "
-                    "num_global_key_value_heads)")  # fmt: skip
-    if used:
+    if used := used + _mixed_shapes(config):
         raise ModelError(
-            f"gemma4_text with {'; '.join(used)} is not supported: nas prunes Gemma 4 text models with one "
-            "head_dim and one KV-head count in every layer and none of these features"
+            f"gemma4_text with {'; '.join(used)} is not supported: nas prunes Gemma 4 text models (dense, "
+            "sliding and full-attention layers of one shape per type) without these features"
         )
+
+
+def _mixed_shapes(config: Any) -> list[str]:
+    """The layer types whose layers do not all have one (head_dim, KV heads)."""
+    shapes: dict[str, set] = {}
+    for c, t in zip(config.per_layer_config, config.layer_types, strict=True):
+        shapes.setdefault(t, set()).add((c.head_dim, c.num_key_value_heads))
+    mixed = [t for t, s in shapes.items() if len(s) > 1]
+    return [f"{t} layers of different head_dim or KV heads (per_layer_config)" for t in mixed]
+
+
+def attention_shapes(config: Any) -> dict[str, tuple[int, int]]:
+    """(head_dim, KV heads) of each HF layer type of a config with per-layer attention shapes (Gemma 4's
+    `per_layer_config`: its full-attention layers' `global_head_dim` and `num_global_key_value_heads`)."""
+    shapes = {}
+    for c, t in zip(config.per_layer_config, config.layer_types, strict=True):
+        shapes.setdefault(t, (c.head_dim, c.num_key_value_heads))
+    return shapes
+
+
+def global_value(config: Any, name: str, default: Any = None) -> Any:
+    """A config attribute's global value, also where `per_layer_config` overrides it in some layers (transformers
+    then refuses a plain read): Gemma 4's `head_dim` and `num_key_value_heads` are its sliding layers'."""
+    if getattr(config, "is_heterogeneous", False):
+        return config._getattr_without_heterogeneous_validation(name, default)
+    return getattr(config, name, default)
 
 
 def bias_flags(config: Any) -> tuple[bool, bool, bool]:

@@ -73,7 +73,7 @@ class _Accumulator:
         self.boundaries: list[torch.Tensor | None] = [None] * (n_layers + 1)
 
     def add_heads(self, layer: int, x: torch.Tensor) -> None:
-        per_head = x.float().unflatten(-1, (self.arch.num_attention_heads, self.arch.head_dim))
+        per_head = x.float().unflatten(-1, (self.arch.num_attention_heads, -1))  # head_dim: the layer's own
         self.heads[layer] += per_head.norm(dim=-1).mean(dim=1).pow(2).sum(0).double()
 
     def add_linear_heads(self, layer: int, x: torch.Tensor) -> None:
@@ -182,6 +182,7 @@ def _out_proj_hook(module: nn.Module, add) -> Any:
 def _block_hooks(layer: nn.Module, units: tuple[str, ...], family, acc: _Accumulator, i: int) -> list:
     adds = {
         "attention": acc.add_heads,
+        "global_attention": acc.add_heads,
         "linear_attention": acc.add_linear_heads,
         "mamba": acc.add_mamba_heads,
     }

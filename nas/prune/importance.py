@@ -60,6 +60,12 @@ class Importance:
         return self.heads.reshape(self.heads.shape[0], num_groups, -1).sum(-1)
 
     @property
+    def global_groups(self) -> torch.Tensor:
+        """[num_layers, num_global_query_groups]: the sum of each full-attention KV group's head scores (Gemma 4)."""
+        num_groups = self.teacher_arch["num_global_query_groups"]
+        return self.heads.reshape(self.heads.shape[0], num_groups, -1).sum(-1)
+
+    @property
     def linear_key_heads(self) -> torch.Tensor:
         """[num_layers, num_linear_key_heads]: the sum of the scores of the value heads each key head serves."""
         keys = self.teacher_arch["num_linear_key_heads"]
