@@ -15,6 +15,7 @@ from nas.prune.cut import prune
 from nas.prune.importance import compute_importance
 from nas.prune.space import enumerate_budgets, memory_bytes, parse_budget, parse_bytes
 from nas.search.funnel import FunnelPruner, prune_class, rungs, screen, shortlist
+from nas.search.record import StudyRecord
 from nas.settings import ConstraintsConfig, SpaceConfig, run_config_from_dict
 from nas.testing import tiny_model
 
@@ -119,13 +120,17 @@ def test_memory_sizes_and_bad_inputs():
         run_config_from_dict({**base, "search": {"screen_top": 2, "finalists": 3}})
 
 
-def run_funnel(losses: dict[str, list[list[float]]], finalists: int) -> optuna.Study:
-    """A real Optuna study of trials that report the given curves at steps 2, 4, 6 (horizon 8)."""
+def run_funnel(losses: dict[str, list[list[float]]], finalists: int, archs: list[dict] | None = None,
+               teacher: dict | None = None) -> optuna.Study:  # fmt: skip
+    """A real Optuna study of trials that report the given curves at steps 2, 4, 6 (horizon 8); given
+    `teacher`, the trials carry `archs` and the first of each class is protected."""
     sizes = {b: len(c) for b, c in losses.items()}
-    study = optuna.create_study(pruner=FunnelPruner(2, 8, 2, finalists, sizes))
+    study = optuna.create_study(pruner=FunnelPruner(2, 8, 2, finalists, sizes, per_class=teacher is not None))
+    if teacher is not None:
+        StudyRecord(identity={"teacher_arch": teacher}).write(study)
     for budget, curves in losses.items():
-        for curve in curves:
-            study.enqueue_trial({}, user_attrs={"budget": budget})
+        for i, curve in enumerate(curves):
+            study.enqueue_trial({}, user_attrs={"budget": budget} | ({"arch": archs[i]} if archs else {}))
 
             def objective(trial, curve=curve):
                 for step, value in zip((2, 4, 6), curve, strict=True):
@@ -152,6 +157,22 @@ def test_halving_keeps_finalists_per_budget_and_stops_the_rest():
     assert [max(t.intermediate_values) for t in by_budget["b"][3:]] == [4, 2, 2, 2, 2]
     late = run_funnel({"b": good + [[0.5, 0.4, 0.3]]}, finalists=2)  # a late but better one is kept
     assert [t.state.name for t in late.trials][-1] == "COMPLETE" and math.isclose(late.best_value, 0.3)
+
+
+def test_halving_never_stops_the_first_of_a_class():
+    teacher = {"num_layers": 8, "hidden_size": 64, "ffn_hidden_size": 128, "num_attention_heads": 4,
+               "num_query_groups": 2}  # fmt: skip
+    heads_cut = teacher | {"num_layers": 6, "num_attention_heads": 2}
+    heads_kept = teacher | {"num_layers": 6, "hidden_size": 48}
+    assert prune_class(heads_cut, teacher) == "depth+attention"
+    assert prune_class(heads_kept, teacher) == "depth+hidden" and prune_class(teacher, teacher) == "none"
+    good = [[3.0, 2.0, 1.0], [3.1, 2.1, 1.1]]
+    late = [[9.0, 8.0, 7.0]] * 3  # worse at every rung: the first of its class still reaches the horizon
+    archs = [heads_cut, heads_cut, heads_kept, heads_kept, heads_cut]
+    study = run_funnel({"b": good + late}, finalists=2, archs=archs, teacher=teacher)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3 + ["PRUNED"] * 2
+    plain = run_funnel({"b": good + late}, finalists=2, archs=archs)  # without per_class: stopped
+    assert [t.state.name for t in plain.trials] == ["COMPLETE"] * 2 + ["PRUNED"] * 3
 
 
 @pytest.mark.slow

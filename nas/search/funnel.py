@@ -26,6 +26,7 @@ from nas.model.size import count_params, kv_cache_bytes
 from nas.prune.cut import prune
 from nas.prune.importance import Importance
 from nas.prune.space import memory_bytes, memory_violation
+from nas.search.record import StudyRecord
 from nas.search.study import arch_key
 from nas.settings import ConstraintsConfig
 
@@ -142,12 +143,28 @@ def rank_budget(scored: list[Screened]) -> list[Screened]:
     return eligible + [s for s in scored if s.rejected]
 
 
+# the unit kinds a candidate can cut, each from its knobs: a class is the set it cuts (`prune_class`)
+CUT_AXES = {
+    "depth": ("num_layers", "num_attention_layers", "num_linear_attention_layers", "num_mamba_layers",
+              "num_mlp_layers", "num_moe_layers", "num_global_attention_layers"),
+    "hidden": ("hidden_size",),
+    "mlp": ("ffn_hidden_size",),
+    "attention": ("num_attention_heads", "num_query_groups"),
+    "experts": ("num_experts",),
+    "recurrent": ("num_linear_key_heads", "num_linear_value_heads", "num_mamba_heads", "mamba_head_dim"),
+}  # fmt: skip
+
+
 def prune_class(arch: dict, teacher: dict) -> str:
-    """A candidate's width-vs-depth class against the teacher: "depth" (only layers cut), "width" (only
-    widths cut), "depth+width", or "none"."""
-    depth = arch["num_layers"] < teacher["num_layers"]
-    width = any(arch[k] < teacher[k] for k in arch if k != "num_layers" and k in teacher)
-    return {(True, True): "depth+width", (True, False): "depth", (False, True): "width"}.get((depth, width), "none")
+    """A candidate's class against the teacher: the unit kinds it cuts (`CUT_AXES`: depth, hidden, mlp,
+    attention, experts, recurrent) joined by "+", e.g. "depth+hidden+mlp"; "none" when it cuts nothing.
+    Finer than depth vs width because rankings flip along more axes than depth: Minitron §4.2 (depth vs
+    width "flip around 200 steps"); ModelOpt's Nemotron-Nano-9B-v2 search keeps the attention heads as
+    "harder to recover"; and here (benchmarks/search_quality.py, 25%-45%), candidates that keep every
+    attention head rank low after a short KD and first or second after 10x the horizon."""
+    cut = [axis for axis, knobs in CUT_AXES.items()
+           if any(isinstance(arch.get(k), int) and arch[k] < teacher.get(k, 0) for k in knobs)]  # fmt: skip
+    return "+".join(cut) or "none"
 
 
 def shortlist(
@@ -187,15 +204,33 @@ class FunnelPruner(optuna.pruners.BasePruner):
     a floor: at every rung a trial continues when it ranks among the best
     max(finalists, ceil(n / rf^(k+1))) of its budget's trials that reached that rung, `n` being the
     budget's shortlist size. The first `finalists` trials of a budget thus always reach the horizon (and
-    trials run best screen first, so those are the screen's favourites); later ones must beat them."""
+    trials run best screen first, so those are the screen's favourites); later ones must beat them.
+    Given the teacher's arch, the first trial of each class (`prune_class`) in its budget is never stopped
+    either, so that no class is decided at a rung shorter than the horizon (the adaptive horizon then
+    judges it against the others at longer scales)."""
 
     def __init__(
-        self, eval_every: int, horizon: int, reduction_factor: int, finalists: int, sizes: dict[str, int]
-    ) -> None:
+        self, eval_every: int, horizon: int, reduction_factor: int, finalists: int, sizes: dict[str, int],
+        per_class: bool = False,
+    ) -> None:  # fmt: skip
         self.rungs = rungs(eval_every, horizon, reduction_factor)
         self.reduction_factor = reduction_factor
         self.finalists = finalists
         self.sizes = sizes  # budget label -> shortlist size
+        self.per_class = per_class
+
+    def first_of_class(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        """Whether no earlier trial of the trial's budget has its class (against the teacher the study
+        records, so that workers decide as the creating process does)."""
+        teacher = (StudyRecord.read(study).identity or {}).get("teacher_arch") if self.per_class else None
+        if not teacher or not trial.user_attrs.get("arch"):
+            return False
+        budget, mine = trial.user_attrs.get("budget", ""), prune_class(trial.user_attrs["arch"], teacher)
+        return not any(
+            t.number < trial.number and t.user_attrs.get("budget", "") == budget and t.user_attrs.get("arch")
+            and prune_class(t.user_attrs["arch"], teacher) == mine
+            for t in study.get_trials(deepcopy=False)
+        )  # fmt: skip
 
     def quota(self, budget: str, rung_index: int) -> int:
         n = self.sizes.get(budget, self.finalists)
@@ -216,4 +251,6 @@ class FunnelPruner(optuna.pruners.BasePruner):
         ]
         # ties go to the earlier trial (the better screen rank)
         rank = sum(v < value or (v == value and n < trial.number) for v, n in rivals if math.isfinite(v))
-        return not math.isfinite(value) or rank >= self.quota(budget, self.rungs.index(step))
+        if not math.isfinite(value):
+            return True
+        return rank >= self.quota(budget, self.rungs.index(step)) and not self.first_of_class(study, trial)

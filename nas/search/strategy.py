@@ -108,9 +108,11 @@ class Strategy:
         return optuna.pruners.NopPruner()
 
     def halving(self, sizes: dict[str | None, int]) -> optuna.pruners.BasePruner:
-        """Successive halving within each budget, its first `finalists` never stopped."""
+        """Successive halving within each budget, its first `finalists` and the first of each class (with
+        `search.per_class`) never stopped."""
         s, cfg = self.cfg.search, self.cfg
-        return FunnelPruner(cfg.rung_steps, cfg.horizon_steps, s.reduction_factor, s.finalists, sizes)
+        return FunnelPruner(cfg.rung_steps, cfg.horizon_steps, s.reduction_factor, s.finalists, sizes,
+                            per_class=s.per_class > 0)  # fmt: skip
 
     def description(self) -> str:
         """The study's "sampler" attribute: the strategy in words."""
