@@ -110,7 +110,8 @@ def random_model(config, dtype: torch.dtype, device: torch.device):
 
 
 def largest_candidate(config, budget: str, space=None):
-    from nas.model.arch import Arch, count_params
+    from nas.model.arch import Arch
+    from nas.model.size import count_params
     from nas.prune.space import enumerate_budgets
 
     spaces = enumerate_budgets(Arch.from_hf_config(config), [budget], space)
@@ -323,7 +324,7 @@ def time_screen(ctx: Context, name: str, n: int) -> tuple[float, list, list]:
 
 
 def mean_params(archs: list) -> float:
-    from nas.model.arch import count_params
+    from nas.model.size import count_params
 
     return sum(map(count_params, archs)) / len(archs)
 

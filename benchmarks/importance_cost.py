@@ -17,7 +17,8 @@ import _smoke as smoke  # noqa: E402  (benchmarks/_smoke.py: --smoke)
 import torch
 
 from nas.evaluate.loss import lm_loss
-from nas.prune.importance import activation_scores, compute_importance
+from nas.prune.activations import activation_scores
+from nas.prune.importance import compute_importance
 from nas.testing import tiny_model
 
 

@@ -50,7 +50,8 @@ CASES = {  # name -> (teacher, budget, fixed student knobs or None for the space
     "gpt-oss-20b -> 50%": ("gpt-oss-20b", "50%", None),
     "Qwen3.5-9B -> 50%": ("Qwen3.5-9B", "50%", None),  # hybrid: Gated DeltaNet + gated attention layers
     # a Mamba2 / MLP / attention hybrid; the largest 50% candidate of `nas space ... --budget 50% --max-width-prune
-    # 0.4 --max-depth-prune 0.2 --steps hidden_size=256,ffn_hidden_size=512` (4,615 candidates; NVIDIA's defaults)
+    # 0.4 --max-depth-prune 0.2 --steps hidden_size=256,ffn_hidden_size=512,num_query_groups=1` (4,615 candidates;
+    # NVIDIA's steps and limits, the attention widths searched too)
     "Nemotron-Nano-9B-v2 -> 50%": (
         "NVIDIA-Nemotron-Nano-9B-v2",
         "50%",

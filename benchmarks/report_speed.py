@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from nas.evaluate.loss import lm_loss
-from nas.model.arch import Arch, count_params, kv_cache_bytes
+from nas.model.arch import Arch
+from nas.model.size import count_params, kv_cache_bytes
 from nas.prune.importance import compute_importance
 from nas.prune.space import enumerate_candidates
 from nas.report.data import load_study, report_frames

@@ -20,6 +20,8 @@ each rung and for the extrapolated ranking; the ground truth's spread against it
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -46,7 +48,8 @@ from nas.demo.teacher import (  # noqa: E402
     write_corpus,
 )
 from nas.evaluate.loss import sequence_losses  # noqa: E402
-from nas.model.arch import count_params  # noqa: E402
+from nas.io import write_text_atomic  # noqa: E402
+from nas.model.size import count_params  # noqa: E402
 from nas.pipeline import search  # noqa: E402
 from nas.prune.cut import prune  # noqa: E402
 from nas.prune.space import enumerate_candidates  # noqa: E402
@@ -124,18 +127,29 @@ def brute_force(ctx, space, stop_tokens: int, work: Path) -> dict[tuple, list[tu
     return curves
 
 
-def ground_truth(ctx, space, steps: int, work: Path) -> tuple[dict, dict]:
-    """Every candidate distilled in one run of `steps`: (key -> val loss, key -> per-sequence losses)."""
+def ground_truth(ctx, space, steps: int, work: Path, store: Path) -> tuple[dict, dict]:
+    """Every candidate distilled in one run of `steps`: (key -> val loss, key -> per-sequence losses). Each
+    result is kept in `store` (JSON, rewritten atomically after every candidate) under a digest of what
+    decides it (the teacher's files, the candidate, the KD settings), so a killed run resumes and a rerun
+    with other search settings reuses it."""
     cfg, truth, per_seq = ctx.cfg, {}, {}
     run = cfg.short_distill().replace(steps=steps, eval_every=0)
     val = ctx.data.val(cfg.distill.eval_sequences)
+    kept = json.loads(store.read_text()) if store.is_file() else {}
+    teacher = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(Path(cfg.teacher).glob("*.safetensors"))))
     for i, arch in enumerate(space):
-        student = prune(ctx.teacher, arch, ctx.importance, cfg.depth_strategy)
-        result = distill(ctx.teacher, student, ctx.data, run, work / str(i))
-        shutil.rmtree(work, ignore_errors=True)
-        truth[arch_key(arch)] = result.val_loss
-        per_seq[arch_key(arch)] = sequence_losses(student, val, cfg.distill.eval_batch_size)
-        log.info("ground truth %d/%d %s: %.4f", i + 1, len(space), arch.describe(), result.val_loss)
+        what = {"teacher": teacher.hexdigest(), "arch": arch.to_dict(), "run": run.to_dict(),
+                "eval_sequences": cfg.distill.eval_sequences, "depth": cfg.depth_strategy, "seed": cfg.seed}  # fmt: skip
+        digest = hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+        if digest not in kept:
+            student = prune(ctx.teacher, arch, ctx.importance, cfg.depth_strategy)
+            result = distill(ctx.teacher, student, ctx.data, run, work / str(i))
+            shutil.rmtree(work, ignore_errors=True)
+            kept[digest] = {"loss": result.val_loss,
+                            "per_seq": sequence_losses(student, val, cfg.distill.eval_batch_size)}  # fmt: skip
+            write_text_atomic(store, json.dumps(kept))
+        truth[arch_key(arch)], per_seq[arch_key(arch)] = kept[digest]["loss"], kept[digest]["per_seq"]
+        log.info("ground truth %d/%d %s: %.4f", i + 1, len(space), arch.describe(), truth[arch_key(arch)])
     return truth, per_seq
 
 
@@ -175,30 +189,41 @@ def report_budget(budget, space, studies, screen_loss, curves, truth, per_seq, h
     zero_shot = min(screen_loss, key=screen_loss.get)
     modelopt = min((arch_key(a) for a in nearest), key=screen_loss.get)
     largest = arch_key(max(space, key=count_params))
+    own_brute, facts = {}, {}  # per study: brute force at its own stop; nas's Done-when figures
     for name, study in studies.items():
         pick, horizon = nas_pick(study, budget)
+        finalists = finalist_tau(study, horizon, truth)
+        own_brute[name] = len(space) * horizon["rungs"][-1]["tokens"]
+        facts.setdefault(name, {"tau": finalists, "ratio": study_tokens(study, budget) / own_brute[name]})
         rows.append((name, pick, study_tokens(study, budget),
                      f"stopped at {horizon['rungs'][-1]['tokens'] / horizon_tokens:.0f}x horizon ({horizon['stop']}), "
-                     f"finalists' tau {finalist_tau(study, horizon, truth):.2f}"))  # fmt: skip
+                     f"finalists' tau {finalists:.2f}"))  # fmt: skip
     stop = max(nas_pick(s, budget)[1]["rungs"][-1]["tokens"] for s in studies.values())
     at_stop = {k: next(v for t, v in c if t >= stop) for k, c in curves.items()}
     rows += [("zero-shot pick (ModelOpt)", zero_shot, 0, "screen only"),
              (f"ModelOpt's rule ({len(nearest)} nearest, best zero-shot)", modelopt, 0, "screen only"),
              ("largest candidate", largest, 0, "no search"),
-             (f"every candidate to {stop / horizon_tokens:.0f}x horizon", min(at_stop, key=at_stop.get),
-              len(space) * stop, "brute force")]  # fmt: skip
-    brute = rows[-1][2]
-    print(f"{'method':<48} {'regret':>8} {'tokens':>12} {'of brute':>9}  notes")
+             ("every candidate to where nas stopped", min(at_stop, key=at_stop.get), len(space) * stop,
+              f"brute force, {stop / horizon_tokens:.0f}x horizon")]  # fmt: skip
+    print(f"{'method':<48} {'regret':>8} {'tokens':>12} {'of brute':>9}  notes (of brute: at the method's own stop)")
     for name, pick, tokens, note in rows:
         regrets[name] = truth[pick] - best
-        print(f"{name:<48} {truth[pick] - best:8.4f} {tokens:12,} {tokens / brute:9.3f}  {note}")
+        print(f"{name:<48} {truth[pick] - best:8.4f} {tokens:12,} {tokens / own_brute.get(name, rows[-1][2]):9.3f}  "
+              f"{note}")  # fmt: skip
     rungs = sorted({t for c in curves.values() for t, _ in c})
     taus = [f"{t / horizon_tokens:g}x {tau({k: dict(c)[t] for k, c in curves.items()}, truth):.2f}" for t in rungs]
     final = studies["nas"].user_attrs["final_tokens"]
-    predicted = {k: ranking.predict(ranking.fit_curve(*zip(*c, strict=True)), final, c[-1][1]) for k, c in curves.items()}
+
+    def extrapolated(upto: int) -> float:  # each curve's power law fitted up to `upto` tokens, at the final tokens
+        seen = {k: [(t, v) for t, v in c if t <= upto] for k, c in curves.items()}
+        return tau({k: ranking.predict(ranking.fit_curve(*zip(*c, strict=True)), final, c[-1][1])
+                    for k, c in seen.items()}, truth)  # fmt: skip
+
     print(f"Kendall tau vs ground truth, every candidate: screen {tau(screen_loss, truth):.2f}; at the rungs "
-          f"(x horizon) {', '.join(taus)}; extrapolated to the ground truth's tokens {tau(predicted, truth):.2f}")  # fmt: skip
-    return regrets
+          f"(x horizon) {', '.join(taus)}; extrapolated to the ground truth's tokens {extrapolated(rungs[-1]):.2f}")  # fmt: skip
+    print("  extrapolated from the curve up to each rung: "
+          + ", ".join(f"{t / horizon_tokens:g}x {extrapolated(t):.2f}" for t in rungs[2:]))  # fmt: skip
+    return regrets | {f"{k}.{f}": v for k, fs in facts.items() for f, v in fs.items()}
 
 
 def parse_args():
@@ -256,14 +281,20 @@ def main() -> None:
         curves = brute_force(ctx, space, stop, out / "work")
         seconds[f"brute force {budget}"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        truth, per_seq = ground_truth(ctx, space, truth_steps, out / "work")
+        truth, per_seq = ground_truth(ctx, space, truth_steps, out / "work", out / "ground_truth.json")
         seconds[f"ground truth {budget}"] = time.perf_counter() - t0
         summary.append(report_budget(budget, space, studies, screen_loss, curves, truth, per_seq, cfg.horizon_tokens))
     print(f"\nover {len(summary)} budgets (regret in nats, vs nas):")
-    for name in summary[0]:
+    for name in (k for k in summary[0] if "." not in k):
         worse = [r[name] - r["nas"] for r in summary]
         print(f"  {name:<48} worse than nas in {sum(w > 1e-9 for w in worse)} of {len(worse)}, "
               f"by {np.mean(worse):+.4f} on average (max regret {max(r[name] for r in summary):.4f})")  # fmt: skip
+    for name in studies:  # the issue's goals: finalists' tau >= 0.9, regret <= 0.01, <= 1/3 of brute force
+        rows = [(r[f"{name}.tau"], r[name], r[f"{name}.ratio"]) for r in summary]
+        print(f"{name}: finalists' tau >= 0.9 in {sum(t >= 0.9 for t, _, _ in rows)} of {len(rows)} budgets (min "
+              f"{min(t for t, _, _ in rows):.2f}); regret <= 0.01 in {sum(g <= 0.01 for _, g, _ in rows)} (max "
+              f"{max(g for _, g, _ in rows):.4f}); <= 1/3 of brute force's tokens in "
+              f"{sum(x <= 1 / 3 for _, _, x in rows)} (max {max(x for _, _, x in rows):.3f})")  # fmt: skip
     print("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
           + f", total {time.perf_counter() - start:.0f} s")  # fmt: skip
 

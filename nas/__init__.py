@@ -8,7 +8,8 @@ Heavy modules load on first use, so `import nas` stays cheap.
 import importlib
 
 from nas.errors import ConfigError, DataError, InfeasibleError, ModelError, NasError
-from nas.model.arch import Arch, count_params, kv_cache_bytes
+from nas.model.arch import Arch
+from nas.model.size import count_params, kv_cache_bytes
 
 _LAZY = {
     "compute_importance": "nas.prune.importance",

@@ -25,6 +25,7 @@ CONFIG_CLASSES = {
     "qwen3_moe": "Qwen3MoeConfig",
     "mixtral": "MixtralConfig",
     "qwen3_5_text": "Qwen3_5TextConfig",
+    "qwen3_5_moe_text": "Qwen3_5MoeTextConfig",
     "nemotron_h": "NemotronHConfig",
     "gpt_oss": "GptOssConfig",
     "gemma4_text": "Gemma4TextConfig",
@@ -45,21 +46,26 @@ def family_extras(model_type: str, num_layers: int, head_dim: int = 16) -> dict:
     """Settings that make a tiny model exercise its family's extras: alternating sliding-window layers with a
     window shorter than the test sequences, soft-capping, NoPE layers (SmolLM3's default), experts."""
     sliding = {"sliding_window": 8, "layer_types": [SLIDING[i % 2] for i in range(num_layers)]}
+    # Gated DeltaNet layers with 2 value heads per key head, a full-attention layer every 2nd (3.5: 4th)
+    deltanet = {"linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 8,
+                "linear_value_head_dim": 8, "layer_types": [HYBRID[i % 2] for i in range(num_layers)]}  # fmt: skip
     return {
         "gemma3_text": {**sliding, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0,
                         "query_pre_attn_scalar": 24},
         "olmo3": sliding,
-        # Gemma 4 text without the features nas refuses (per-layer embeddings; one head_dim in every layer);
-        # the last layer is full attention, as transformers makes it
+        # Gemma 4 text as the dense 31B has it, without the features nas refuses (per-layer embeddings, KV
+        # sharing): full-attention layers of twice the head_dim over one KV head whose keys are the values; the
+        # last layer is full attention, as transformers makes it
         "gemma4_text": {"sliding_window": 8, "layer_types": [SLIDING[1 - (num_layers - 1 - i) % 2]
                                                                     for i in range(num_layers)],
                         "final_logit_softcapping": 30.0, "hidden_size_per_layer_input": 0,
-                        "global_head_dim": head_dim},
+                        "global_head_dim": 2 * head_dim, "attention_k_eq_v": True, "num_global_key_value_heads": 1},
         "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2},
         "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
-        # Gated DeltaNet layers with 2 value heads per key head, a full-attention layer every 2nd (3.5: 4th)
-        "qwen3_5_text": {"linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 8,
-                         "linear_value_head_dim": 8, "layer_types": [HYBRID[i % 2] for i in range(num_layers)]},
+        "qwen3_5_text": deltanet,
+        # Qwen3.5-MoE: a shared expert narrower than the routed ones, so that a count mixing them up is wrong
+        "qwen3_5_moe_text": {**deltanet, "num_experts": 4, "num_experts_per_tok": 2,
+                             "shared_expert_intermediate_size": 32},
         "nemotron_h": {**NEMOTRON_SIZES, "layers_block_type": [NEMOTRON_BLOCKS[i % 3] for i in range(num_layers)]},
         # gpt-oss: sliding layers first (its default pattern), a clamp the random init reaches (limit 0.5)
         "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2, "swiglu_limit": 0.5, "sliding_window": 8,
@@ -97,7 +103,8 @@ def tiny_config(
     cls = getattr(transformers, CONFIG_CLASSES[model_type])
     experts = FAMILIES[model_type].experts
     extra = {**family_extras(model_type, num_layers, head_dim), **extra}
-    extra.setdefault("intermediate_size", ffn_hidden_size)  # the MLPs' (Nemotron-H: beside its MoE layers)
+    if "intermediate_size" in cls.__dataclass_fields__:  # the MLPs' (Nemotron-H: beside its MoE layers)
+        extra.setdefault("intermediate_size", ffn_hidden_size)
     if experts:
         extra.setdefault(experts.ffn_attr, ffn_hidden_size)
     return cls(
@@ -129,6 +136,8 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **kwargs) -> nn.Module:
                 p.uniform_(0.5, 1.5) if name.endswith("norm.weight") else p.normal_(0, 0.1)
             elif name.endswith(("mlp.gate.weight", "mlp.router.weight", "mixer.gate.weight")):  # a router:
                 p.normal_(0, 0.5)  # distinct logits, so routing is not a tie
+            elif name.endswith("shared_expert_gate.weight"):  # Qwen3.5-MoE: a gate that differs by token
+                p.normal_(0, 0.5)
             elif name.endswith("self_attn.sinks"):  # gpt-oss: sinks that matter
                 p.normal_(0, 1.0)
             elif name.endswith("gate_up_proj") and model_type == "gpt_oss":  # gate and up that reach its clamp
@@ -242,12 +251,14 @@ def train_tiny_teacher(root, steps: int = 300, seq_len: int = 64):
     return teacher
 
 
-WRAPPERS = {"gemma4": "gemma4_text", "mistral3": "ministral3", "qwen3_5": "qwen3_5_text"}  # wrapper -> text
+WRAPPERS = {"gemma4": "gemma4_text", "mistral3": "ministral3", "qwen3_5": "qwen3_5_text",
+            "qwen3_5_moe": "qwen3_5_moe_text"}  # wrapper -> text  # fmt: skip
 
 
 def tiny_wrapper_config(wrapper: str = "gemma4", tie_word_embeddings: bool = False, **sizes):
-    """A multimodal wrapper config as released checkpoints carry it (`gemma4`, `mistral3`, `qwen3_5`): a tiny
-    text model of the wrapper's text family in `text_config` and a one-layer vision tower."""
+    """A multimodal wrapper config as released checkpoints carry it (`gemma4`, `mistral3`, `qwen3_5`,
+    `qwen3_5_moe`): a tiny text model of the wrapper's text family in `text_config` and a one-layer vision
+    tower."""
     import transformers
 
     text_type = WRAPPERS[wrapper]
@@ -269,8 +280,8 @@ def tiny_wrapper_config(wrapper: str = "gemma4", tie_word_embeddings: bool = Fal
         return transformers.Mistral3Config(text_config=text, vision_config=vision, spatial_merge_size=2,
                                            tie_word_embeddings=tie_word_embeddings)  # fmt: skip
     vision = {**tower, "depth": 1, "num_heads": 2, "out_hidden_size": text.hidden_size, "patch_size": 8}
-    return transformers.Qwen3_5Config(text_config=text.to_dict(), vision_config=vision,
-                                      tie_word_embeddings=tie_word_embeddings)  # fmt: skip
+    cls = transformers.Qwen3_5MoeConfig if wrapper == "qwen3_5_moe" else transformers.Qwen3_5Config
+    return cls(text_config=text.to_dict(), vision_config=vision, tie_word_embeddings=tie_word_embeddings)
 
 
 def write_tiny_wrapper(out, wrapper: str = "gemma4", tie_word_embeddings: bool = False, seed: int = 0):

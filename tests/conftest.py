@@ -42,6 +42,8 @@ FAMILY_CASES = [
     ("mixtral", False, 2),
     ("qwen3_5_text", False, 2),
     ("qwen3_5_text", True, 4),
+    ("qwen3_5_moe_text", False, 2),
+    ("qwen3_5_moe_text", True, 4),
     ("nemotron_h", False, 2),
     ("nemotron_h", True, 4),  # a tied config: NemotronHForCausalLM keeps its head untied all the same
     ("ministral3", False, 2),

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from nas.errors import InfeasibleError, ModelError
-from nas.model.arch import Arch, check_prunable, count_params, kv_cache_bytes, parse_count
+from nas.model.arch import Arch, check_prunable
+from nas.model.size import count_params, kv_cache_bytes, parse_count
 from nas.testing import tiny_config, tiny_model
 
 
@@ -33,7 +34,7 @@ def test_to_hf_config_round_trips_and_builds_the_counted_model(family_model):
     )
     config = small.to_hf_config(family_model.config)
     assert Arch.from_hf_config(config) == small
-    assert config.head_dim == teacher.head_dim
+    assert config.per_layer_config[0].head_dim == teacher.head_dim  # layer 0's (Gemma 4's full: their own)
     assert numel(AutoModelForCausalLM.from_config(config)) == count_params(small)
     assert family_model.config.num_hidden_layers == teacher.num_layers  # base config untouched
 
@@ -69,7 +70,7 @@ def test_unknown_model_type_names_the_supported_ones():
     config.model_type = "gpt2"
     with pytest.raises(
         ModelError,
-        match="gemma3_text, gemma4_text, gpt_oss, llama, ministral3, mistral, mixtral, nemotron_h, olmo2, olmo3, phi3, qwen2, qwen3, qwen3_5_text, qwen3_moe, "
+        match="gemma3_text, gemma4_text, gpt_oss, llama, ministral3, mistral, mixtral, nemotron_h, olmo2, olmo3, phi3, qwen2, qwen3, qwen3_5_moe_text, qwen3_5_text, qwen3_moe, "
         "smollm3$",
     ):
         Arch.from_hf_config(config)

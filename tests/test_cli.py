@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from nas.cli.main import main
-from nas.model.arch import Arch, count_params
+from nas.model.arch import Arch
+from nas.model.size import count_params
 from nas.testing import tiny_study_config, write_kjv_corpus, write_tiny_teacher
 
 
@@ -189,3 +190,16 @@ def toml_value(value) -> str:
     if isinstance(value, list):
         return "[ " + ", ".join(toml_value(v) for v in value) + " ]"
     return json.dumps(value)
+
+
+def test_the_default_horizon_of_an_active_budget_counts_active_parameters():
+    from nas.cli.study import horizon_line
+    from nas.model.arch import Arch
+    from nas.model.size import count_params
+    from nas.testing import tiny_config
+
+    teacher = Arch.from_hf_config(tiny_config("qwen3_moe"))
+    active, total = count_params(teacher, active=True), count_params(teacher)
+    assert active < total
+    assert f"{round(0.225 * int(active * 0.5)):,} KD tokens" in horizon_line(None, teacher, ["50%"], "active")
+    assert f"{round(0.225 * int(total * 0.5)):,} KD tokens" in horizon_line(None, teacher, ["50%"])

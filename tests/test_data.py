@@ -14,7 +14,7 @@ import torch
 from nas.cli.train import add_data_args, data_config_from_args
 from nas.data.corpus import load_documents
 from nas.data.kjv import kjv_verses
-from nas.data.tokens import TokenData, check_disjoint, check_tokenizer, prepare
+from nas.data.tokens import TokenData, check_disjoint, prepare
 from nas.errors import ConfigError, DataError
 from nas.settings import DataConfig, Phase, Source, data_config_from_dict, run_config_from_dict
 from nas.testing import tiny_config
@@ -234,9 +234,23 @@ def test_asking_for_more_than_the_data_holds(data):
 
 
 def test_tokenizer_must_fit_the_teacher_embedding(tokenizer):
-    check_tokenizer(tokenizer, tiny_config(vocab_size=384))  # padded embedding: fine
-    with pytest.raises(DataError, match="320 tokens but the model's vocab_size is 96"):
-        check_tokenizer(tokenizer, tiny_config(vocab_size=96))
+    """One rule wherever a tokenizer meets a model: a padded embedding is fine, ids past it are refused unless the
+    only one is a pad/unk token (nas packs without padding; transformers' Qwen2/Qwen3.5 tokenizers add one at load
+    to a tokenizer that lacks it)."""
+    import copy
+
+    from nas.errors import ModelError
+    from nas.model.validate import check_tokenizer_fits
+
+    check_tokenizer_fits(tokenizer, tiny_config(vocab_size=384), "t")  # padded embedding: fine
+    with pytest.raises(ModelError, match="has 320 tokens but its vocab_size \\(the embedding\\) is 96"):
+        check_tokenizer_fits(tokenizer, tiny_config(vocab_size=96), "t")
+    padded = copy.deepcopy(tokenizer)
+    padded.add_special_tokens({"pad_token": "<|endoftext|>"})  # id 320, one past a 320-row embedding
+    check_tokenizer_fits(padded, tiny_config(vocab_size=320), "t")
+    padded.add_tokens(["<extra>"])
+    with pytest.raises(ModelError, match="1 id\\(s\\) from 321 on cannot be embedded"):
+        check_tokenizer_fits(padded, tiny_config(vocab_size=320), "t")
 
 
 # ---- configuration

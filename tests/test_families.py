@@ -10,8 +10,9 @@ from transformers import AutoModelForCausalLM
 
 from nas.cli import main
 from nas.errors import InfeasibleError, ModelError
-from nas.model.arch import Arch, check_prunable, count_params
+from nas.model.arch import Arch, check_prunable
 from nas.model.families import expert_ffn, family_of
+from nas.model.size import count_params
 from nas.prune.cut import plan_cut, prune
 from nas.prune.importance import Importance, compute_importance
 from nas.prune.space import enumerate_candidates, parse_budget
@@ -23,14 +24,14 @@ CALIB = torch.randint(0, 96, (8, 16), generator=G)
 VAL = torch.randint(0, 96, (4, 16), generator=G)
 VOCAB = 320
 NEW_FAMILIES = ("gemma3_text", "phi3", "olmo2", "olmo3", "smollm3", "qwen3_moe", "mixtral", "ministral3", "gpt_oss",
-                "gemma4_text", "qwen3_5_text", "nemotron_h")
+                "gemma4_text", "qwen3_5_text", "qwen3_5_moe_text", "nemotron_h")  # fmt: skip
 
 
 def numel(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "gpt_oss"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "gpt_oss", "qwen3_5_moe_text"])
 def test_an_expert_with_zero_output_scores_lowest_and_routing_mass_is_the_router_weights(model_type):
     model = tiny_model(model_type, num_layers=2)
     with torch.no_grad():
@@ -47,7 +48,7 @@ def test_an_expert_with_zero_output_scores_lowest_and_routing_mass_is_the_router
         assert torch.allclose(scores.expert_mass.sum(-1), torch.ones(2))
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "gpt_oss"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "gpt_oss", "qwen3_5_moe_text"])
 def test_expert_outputs_as_importance_recomputes_them_are_the_experts_outputs(model_type):
     """The per-expert FFN that importance scores (`expert_ffn`: gpt-oss's transposed, interleaved, biased
     experts and clamped SwiGLU included), weighted by the routing, sums to what the experts module returns."""
@@ -55,7 +56,7 @@ def test_expert_outputs_as_importance_recomputes_them_are_the_experts_outputs(mo
     spec, experts, seen = family_of(model.config).experts, model.model.layers[0].mlp.experts, {}
     experts.register_forward_hook(lambda m, args, out: seen.update(args=args, out=out))
     with torch.no_grad():
-        model(input_ids=CALIB[:2])
+        model(input_ids=CALIB[:2], use_cache=False)  # one Qwen3.5-MoE layer: no attention layer to cache
         x, index, weights = seen["args"]
         total = torch.zeros_like(seen["out"])
         for e in range(4):
@@ -203,7 +204,8 @@ def test_a_short_distillation_of_a_pruned_student_lowers_its_kl(model_type, toke
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "model_type", ["gemma3_text", "phi3", "olmo2", "qwen3_moe", "gpt_oss", "gemma4_text", "qwen3_5_text", "nemotron_h"]
+    "model_type", ["gemma3_text", "phi3", "olmo2", "qwen3_moe", "gpt_oss", "gemma4_text", "qwen3_5_text", "qwen3_5_moe_text",
+                   "nemotron_h"]
 )
 def test_a_study_searches_and_reports_a_teacher_of_each_kind(model_type, tmp_path):
     """The whole search (importance, space, queue, short KD trials) and the HTML report on a tiny teacher
@@ -231,18 +233,10 @@ def test_a_study_searches_and_reports_a_teacher_of_each_kind(model_type, tmp_pat
     assert model_type in html or Arch.from_dict(TrialRecord.read(done[0]).arch).describe() in html
 
 
-def test_qwen3_5_moe_with_its_shared_expert_is_one_clear_error():
-    from transformers import Qwen3_5MoeTextConfig
-
-    config = Qwen3_5MoeTextConfig(hidden_size=64, num_hidden_layers=2, num_experts=4, vocab_size=96)
-    with pytest.raises(ModelError, match="shared expert"):
-        Arch.from_hf_config(config)
-
-
 def test_a_hybrid_space_budgets_layers_per_type_and_counts_the_recurrent_state(tmp_path, capsys):
     """Every candidate of a Qwen3.5 teacher keeps both layer types, its count is exact, its memory adds the
     Gated DeltaNet state once per sequence (not per token), and the CLI lists the per-type knobs."""
-    from nas.model.arch import kv_cache_bytes, recurrent_state_bytes
+    from nas.model.size import kv_cache_bytes, recurrent_state_bytes
     from nas.prune.space import memory_bytes
     from nas.settings import ConstraintsConfig
 
@@ -267,9 +261,8 @@ def test_a_hybrid_space_budgets_layers_per_type_and_counts_the_recurrent_state(t
     [
         ({"hidden_size_per_layer_input": 8}, ["per-layer embeddings"]),
         ({"num_kv_shared_layers": 2}, ["KV-sharing layers"]),
-        ({"global_head_dim": 32}, ["own head_dim"]),
         ({"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 32,
-          "attention_k_eq_v": True, "num_global_key_value_heads": 1}, ["expert block", "keys reused as values"]),
+          "hidden_size_per_layer_input": 8}, ["expert block", "per-layer embeddings"]),
     ],
 )  # fmt: skip
 def test_gemma4_features_nas_cannot_prune_are_one_error_naming_each(features, named, tmp_path):
@@ -279,6 +272,13 @@ def test_gemma4_features_nas_cannot_prune_are_one_error_naming_each(features, na
     assert all(what in str(error.value) for what in named)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "g4")  # the CLI: one line, exit 2
     assert main(["space", str(tmp_path / "g4"), "--budget", "50%"]) == 2
+
+
+def test_gemma4_layers_of_one_type_with_different_attention_shapes_are_one_error():
+    """nas counts one (head_dim, KV heads) per layer type; transformers' rotary embedding needs it too."""
+    config = tiny_config("gemma4_text", per_layer_config={3: {"head_dim": 64, "num_key_value_heads": 1}})
+    with pytest.raises(ModelError, match="full_attention layers of different head_dim"):
+        Arch.from_hf_config(config)
 
 
 @pytest.mark.parametrize("strategy", ["drop-lowest", "contiguous"])

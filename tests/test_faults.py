@@ -101,8 +101,8 @@ class Workspace:
 
     def busy_dir(self, name: str = "busy", is_dir: bool = True) -> str:
         """A path whose lock a second, real process holds (an flock on its lock file, the pid written in
-        it, as `nas.io.own_output` does) for the rest of the case."""
-        from nas.io import lock_file_of
+        it, as `nas.lock.own_output` does) for the rest of the case."""
+        from nas.lock import lock_file_of
 
         path = self.root / name
         lock = lock_file_of(path, is_dir)
@@ -597,7 +597,7 @@ def test_a_second_command_is_refused_and_kill_9_leaves_no_stale_lock(workspace, 
     finally:
         proc.kill()  # SIGKILL: no cleanup runs
         proc.wait()
-    from nas.io import own_output
+    from nas.lock import own_output
 
     with own_output(out):  # the kernel dropped the dead process's lock
         pass

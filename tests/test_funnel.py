@@ -9,7 +9,8 @@ import torch
 
 from nas.errors import ConfigError
 from nas.evaluate.loss import lm_loss
-from nas.model.arch import KNOBS, Arch, count_params
+from nas.model.arch import KNOBS, Arch
+from nas.model.size import count_params
 from nas.prune.cut import prune
 from nas.prune.importance import compute_importance
 from nas.prune.space import enumerate_budgets, memory_bytes, parse_budget, parse_bytes

@@ -2,6 +2,7 @@
 reordering extends its horizon and says so, and one whose top two are within noise says that."""
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import optuna
@@ -26,6 +27,12 @@ def test_tau_counts_swaps_beyond_noise_only():
     assert ranking.top_tau(previous, swapped, 3) < 1
     assert ranking.top_tau(previous, swapped, 3, noise=0.01) == pytest.approx(1.0)  # a swap within noise
     assert ranking.top_tau(previous, {1: 2.0, 2: 2.001}, 3, noise=0.01) is None  # all tied: undefined
+    # the benchmark's 30% finalists, observed at the horizon and predicted at 10x: all three are within the
+    # noise now, but the fits tell the third from the second at the final tokens, and it passes it
+    observed, predicted = {"a": 4.2134, "b": 4.2251, "c": 4.2398}, {"a": 4.1654, "b": 4.2214, "c": 4.1764}
+    assert ranking.top_tau(predicted, observed, 3, noise=0.0127) is None  # no pair resolved now
+    assert ranking.top_tau(observed, predicted, 3, noise=0.0127) == pytest.approx(0.0)  # one agrees, one swaps
+    assert ranking.top_tau(observed, predicted, 3, noise=0.005) == pytest.approx(1 / 3)  # a, c resolved too
 
 
 def test_stop_reasons():
@@ -69,11 +76,11 @@ def ctx(tmp_path_factory):
     return prepare_context(cfg)
 
 
-def add_trial(study, ctx, number: int, model_dir, value: float, half: float) -> None:
+def add_trial(study, ctx, number: int, model_dir, value: float, half: float, curve: dict | None = None) -> None:
     attrs = {"budget": ctx.cfg.budgets[0], "checkpoint": str(model_dir), "label": f"candidate {number}",
              "arch": ctx.candidates[0].to_dict()}  # fmt: skip
     study.add_trial(optuna.trial.create_trial(
-        value=value, intermediate_values={2: half, 4: value}, user_attrs=attrs))  # fmt: skip
+        value=value, intermediate_values=curve or {2: half, 4: value}, user_attrs=attrs))  # fmt: skip
 
 
 def saved(ctx, name: str, scale: float = 0.0):
@@ -115,6 +122,33 @@ def test_finalists_still_reordering_extend_the_horizon_and_say_so(ctx, caplog):
     assert "Adaptive horizon" in page and f"<b>{record['stop']}</b>" in page and "512 tokens" in page
 
 
+def test_an_order_that_held_but_whose_curves_will_cross_extends_the_horizon(ctx, caplog):
+    torch.manual_seed(0)
+    good, good_loss = saved(ctx, "steady")
+    bad, bad_loss = saved(ctx, "steep", scale=0.1)
+    study = optuna.create_study()  # the same order at half and at the full horizon: stable by the rungs alone
+    add_trial(study, ctx, 0, good, good_loss, 0, {1: good_loss + 0.03, 2: good_loss + 0.01, 3: good_loss + 0.005,
+                                                  4: good_loss})  # fmt: skip
+    add_trial(study, ctx, 1, bad, bad_loss, 0, {1: bad_loss + 1.5, 2: bad_loss + 0.6, 3: bad_loss + 0.3,
+                                                 4: bad_loss})  # fmt: skip
+    one = ctx.cfg.search.replace(min_horizon_factor=1)  # the rungs alone would stop at the horizon
+    far = replace(ctx, cfg=ctx.cfg.replace(final={"tokens": 100 * ctx.cfg.horizon_tokens}, search=one))
+    with caplog.at_level(logging.INFO, logger="nas.search.horizon"):
+        record = extend_horizon(far, study, ctx.cfg.budgets[0])
+    first = record["rungs"][0]
+    assert first["tau"] == pytest.approx(1.0)  # the rungs agree
+    assert first["predicted"]["1"] < first["predicted"]["0"]  # the steep curve is predicted to win at the end
+    assert first["crossing_tau"] == pytest.approx(-1.0) and first["stop"] is None
+    assert len(record["rungs"]) == 2 and record["tokens"] == 2 * ctx.cfg.horizon_tokens
+    assert any("predict at the final tokens -1.00" in r.message for r in caplog.records)
+    plain = optuna.create_study()  # the same study without the crossing check stops at the horizon
+    for t in study.trials[:2]:
+        plain.add_trial(t)
+    off = far.cfg.replace(search=one.replace(predict_crossings=False))
+    record = extend_horizon(replace(ctx, cfg=off), plain, ctx.cfg.budgets[0])
+    assert len(record["rungs"]) == 1 and record["stop"] == ranking.STABLE
+
+
 def test_top_two_within_noise_say_so(ctx, caplog):
     same, loss = saved(ctx, "same")
     study = optuna.create_study()
@@ -122,8 +156,9 @@ def test_top_two_within_noise_say_so(ctx, caplog):
     add_trial(study, ctx, 1, same, loss, half=8.0)
     with caplog.at_level(logging.INFO, logger="nas.search.horizon"):
         record = extend_horizon(ctx, study, ctx.cfg.budgets[0])
-    (only,) = record["rungs"]
-    assert only["within_noise"] and record["stop"] == ranking.STABLE  # no order the data can resolve
+    first, last = record["rungs"]  # one rung past the horizon (search.min_horizon_factor), then no order to resolve
+    assert first["within_noise"] and first["stop"] is None and last["tokens"] == 2 * first["tokens"]
+    assert last["within_noise"] and record["stop"] == ranking.STABLE
     assert any("within the validation noise" in r.message for r in caplog.records)
 
 

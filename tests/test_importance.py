@@ -1,7 +1,8 @@
 import torch
 
 from nas.model.arch import Arch
-from nas.prune.importance import Importance, compute_importance, skip_layer
+from nas.prune.activations import skip_layer
+from nas.prune.importance import Importance, compute_importance
 from nas.testing import tiny_model
 
 G = torch.Generator().manual_seed(3)

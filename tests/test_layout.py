@@ -9,7 +9,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from nas.model.arch import Arch, count_params
+from nas.model.arch import Arch
+from nas.model.size import count_params
 from nas.testing import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]

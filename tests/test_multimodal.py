@@ -1,4 +1,4 @@
-"""Multimodal checkpoints as users download them (`gemma4`, `mistral3`, `qwen3_5` wrapper configs with the text
+"""Multimodal checkpoints as users download them (`gemma4`, `mistral3`, `qwen3_5`, `qwen3_5_moe` wrapper configs with the text
 model in `text_config`): nas reads the text model's shape, loads the text model exactly, prunes it, and exports
 it text-only (vision dropped, the default) or inside the teacher's wrapper (vision kept), loadable by plain
 transformers, with `nas_pruning.json` saying which."""
@@ -10,8 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 from nas.cli import main
-from nas.model.arch import Arch, count_params
+from nas.model.arch import Arch
 from nas.model.families import load_config, load_model
+from nas.model.size import count_params
 from nas.prune.cut import prune, save_pruned
 from nas.prune.importance import compute_importance
 from nas.testing import write_tiny_wrapper
@@ -22,6 +23,7 @@ CASES = [
     pytest.param("gemma4", True, id="gemma4-tied"),
     pytest.param("mistral3", False, id="mistral3-untied"),
     pytest.param("qwen3_5", True, id="qwen3_5-tied"),
+    pytest.param("qwen3_5_moe", False, id="qwen3_5_moe-untied"),
 ]
 SMALL = {"num_layers": 3, "hidden_size": 48, "ffn_hidden_size": 64, "num_attention_heads": 2, "num_query_groups": 1}
 

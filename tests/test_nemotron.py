@@ -14,8 +14,9 @@ import torch
 from test_mamba import MaskedGatedNorm
 
 from nas.errors import InfeasibleError, ModelError
-from nas.model.arch import Arch, check_prunable, count_params, recurrent_state_bytes
+from nas.model.arch import Arch, check_prunable
 from nas.model.mamba import channels
+from nas.model.size import count_params, recurrent_state_bytes
 from nas.prune.cut import nemotron_keeps, plan_cut, prune, save_pruned
 from nas.prune.importance import Importance, compute_importance
 from nas.prune.nemotron import ATTENTION, MAMBA, MLP, MOE

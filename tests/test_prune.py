@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from nas.errors import InfeasibleError
-from nas.model.arch import Arch, count_params
+from nas.model.arch import Arch
 from nas.model.families import block_module, layer_units
+from nas.model.size import count_params
 from nas.prune.cut import plan_cut, prune, save_pruned
 from nas.prune.importance import Importance, compute_importance
 from nas.testing import tiny_model
@@ -89,6 +90,9 @@ def _zero_units(weight, units: set[int], size: int) -> None:
         weight[:, u * size : (u + 1) * size] = 0
 
 
+ATTENTION = ("attention", "global_attention")
+
+
 def masked_teacher(teacher, cut, arch):
     """The teacher with every unit the cut drops masked out: zeroed `o_proj` columns of heads (`out_proj` columns
     of Gated DeltaNet value heads), zeroed `down_proj` columns of MLP channels (of each expert), zeroed outputs
@@ -101,20 +105,26 @@ def masked_teacher(teacher, cut, arch):
     with torch.no_grad():
         for index, (layer, units) in enumerate(zip(masked.model.layers, layer_units(teacher.config), strict=True)):
             mlp = block_module(layer, fam, units[-1])
-            outs = {"attention": lambda m: m.o_proj.weight, "linear_attention": lambda m: m.out_proj.weight}
+            outs = {"attention": lambda m: m.o_proj.weight, "global_attention": lambda m: m.o_proj.weight,
+                    "linear_attention": lambda m: m.out_proj.weight}  # fmt: skip
             down = mlp.experts.down_proj if big.num_experts else mlp.down_proj.weight  # [E,] H, F
             spec = big.family.experts
             if index not in cut.layers:  # no attention and no MLP output: the block is the identity
                 outs[units[0]](block_module(layer, fam, units[0])).zero_()
                 mixer = block_module(layer, fam, units[0])
-                for p in (down, *(_output_biases(mixer, mlp) if units[0] == "attention" else ())):
+                for p in (
+                    down,
+                    *_shared_expert_output(mlp),
+                    *(_output_biases(mixer, mlp) if units[0] in ATTENTION else ()),
+                ):
                     p.zero_()
                 continue
             kept = cut.layers.index(index)
             # a zeroed head's output is zero whatever its attention sink (gpt-oss): the sink is the head's own
-            if units[0] == "attention":
+            if units[0] in ATTENTION:  # Gemma 4's full-attention heads are global_head_dim wide
                 heads = set(range(big.num_attention_heads)) - set(cut.heads[kept])
-                _zero_units(layer.self_attn.o_proj.weight, heads, big.head_dim)
+                head_dim = big.global_head_dim if units[0] == "global_attention" else big.head_dim
+                _zero_units(layer.self_attn.o_proj.weight, heads, head_dim)
             else:
                 values = set(range(big.num_linear_value_heads)) - set(cut.linear_values[kept])
                 _zero_units(layer.linear_attn.out_proj.weight, values, big.linear_value_head_dim)
@@ -139,6 +149,12 @@ def _output_biases(attn, mlp) -> list:
     return [b for b in biases if b is not None]
 
 
+def _shared_expert_output(mlp) -> list:
+    """The output projection of a shared expert beside the routed ones (Qwen3.5-MoE), zeroed with a dropped block."""
+    shared = getattr(mlp, "shared_expert", None)
+    return [shared.down_proj.weight] if shared is not None else []
+
+
 UNIT_KNOBS = {
     "heads": {"num_attention_heads": 2, "num_query_groups": 2},  # one head per group
     "kv-group": {"num_attention_heads": 2, "num_query_groups": 1},  # a whole KV group
@@ -160,14 +176,16 @@ HYBRID_KNOBS = {  # Gated DeltaNet: value heads within their key head, whole key
     "hybrid-mixed": {"num_linear_attention_layers": 1, "num_linear_key_heads": 1, "num_linear_value_heads": 1,
                      "ffn_hidden_size": 48, "num_attention_heads": 2, "num_query_groups": 1},
 }  # fmt: skip
-MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss")
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss", "qwen3_5_moe_text")
+HYBRID_FAMILIES = ("qwen3_5_text", "qwen3_5_moe_text")
 PROJ_NORM = {"olmo2", "olmo3"}  # q/k norm over all heads: head pruning is not a masking
 MASK_CASES = [
     pytest.param(model_type, knobs, id=f"{model_type}-{name}")
     for model_type in ("llama", "qwen2", "qwen3", "gemma3_text", "phi3", "olmo2", "olmo3", "smollm3",
-                       "qwen3_moe", "mixtral", "ministral3", "gpt_oss", "gemma4_text", "qwen3_5_text")
+                       "qwen3_moe", "mixtral", "ministral3", "gpt_oss", "gemma4_text", "qwen3_5_text",
+                       "qwen3_5_moe_text")
     for name, knobs in {**UNIT_KNOBS, **(MOE_KNOBS if model_type in MOE_FAMILIES else {}),
-                        **(HYBRID_KNOBS if model_type == "qwen3_5_text" else {})}.items()
+                        **(HYBRID_KNOBS if model_type in HYBRID_FAMILIES else {})}.items()
     if not (model_type in PROJ_NORM and "num_attention_heads" in knobs)
 ]  # fmt: skip
 

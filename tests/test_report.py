@@ -16,7 +16,8 @@ from optuna.trial import TrialState
 from nas.cli.main import main
 from nas.errors import ConfigError
 from nas.evaluate.loss import lm_loss
-from nas.model.arch import KNOBS, Arch, count_params, kv_cache_bytes
+from nas.model.arch import KNOBS, Arch
+from nas.model.size import count_params, kv_cache_bytes
 from nas.prune.importance import compute_importance
 from nas.report.data import OBJECTIVES, load_study, pareto_mask, report_frames
 from nas.report.html import SECTIONS, render_html, write_report

@@ -34,6 +34,8 @@ def test_every_field_has_a_description(model):
         ({"search": {"horizon": 10}}, "unknown field(s) horizon in [search]; known: adaptive"),
         ({"search": {"pruner": "median"}}, "search.pruner must be one of 'successive-halving'"),
         ({"distill": {"lr": 1e-4, "min_lr": 1e-3}}, "min_lr (0.001) must be <= lr (0.0001)"),
+        ({"search": {"min_horizon_factor": 4, "max_horizon_factor": 2}},
+         "search.min_horizon_factor (4) must be <= search.max_horizon_factor (2)"),
         ({"budget": "nan"}, "cannot read budget 'nan'"),
         ({"budget": "-4B"}, "cannot read budget '-4B'"),
         ({"data": {"sources": [{"path": "x", "weight": 0}]}}, "data.phases[0].sources[0].weight must be > 0"),

@@ -1,12 +1,23 @@
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM
 
-from nas.errors import InfeasibleError
-from nas.model.arch import KNOBS, Arch, check_prunable, count_params
-from nas.prune.space import candidates_frame, default_steps, enumerate_candidates, parse_budget
+from nas.errors import ConfigError, InfeasibleError
+from nas.model.arch import KNOBS, Arch, check_prunable
+from nas.model.families import load_config
+from nas.model.size import count_params
+from nas.prune.space import (
+    candidates_frame,
+    check_grid,
+    default_steps,
+    enumerate_candidates,
+    kept_knobs,
+    parse_budget,
+    shape_count,
+)
 from nas.settings import SpaceConfig
 from nas.testing import tiny_config
 
@@ -110,7 +121,8 @@ def test_candidate_table_has_params_and_kv_cache():
 
 def test_no_valid_hybrid_arch_inside_the_budget_is_missed():
     """A Qwen3.5 teacher (Gated DeltaNet + attention layers): the enumerated space equals every combination of
-    per-type layer counts, widths, heads and linear-attention heads that satisfies the space's definition."""
+    per-type layer counts, widths, heads and linear-attention heads that satisfies the space's definition, and
+    `shape_count` (what `check_grid` limits) is the number of those combinations but hidden_size."""
     teacher = Arch.from_hf_config(tiny_config("qwen3_5_text"))
     config = SpaceConfig(tolerance=0.1, max_width_prune=0.6, steps={"hidden_size": 8, "ffn_hidden_size": 8})
     budget = parse_budget("60%", teacher)
@@ -118,17 +130,20 @@ def test_no_valid_hybrid_arch_inside_the_budget_is_missed():
              "num_query_groups", "num_attention_heads", "num_linear_key_heads", "num_linear_value_heads")  # fmt: skip
     steps = {"hidden_size": 8, "ffn_hidden_size": 8}
     ratio = {"num_attention_heads": "num_query_groups", "num_linear_value_heads": "num_linear_key_heads"}
-    found = set()
+    found, shapes = set(), set()
     ranges = [sorted({*range(steps.get(k, 1), getattr(teacher, k) + 1, steps.get(k, 1)), getattr(teacher, k)})
               for k in knobs]  # fmt: skip
     for combo in itertools.product(*ranges):
         sizes = dict(zip(knobs, combo, strict=True))
-        prune = {k: config.max_depth_prune if k.endswith("_layers") else config.max_width_prune for k in knobs}
+        prune = {
+            k: config.max_depth_prune if k.endswith("_layers") else config.max_width_prune for k in knobs
+        }
         if any(v < max(1, math.ceil(getattr(teacher, k) * (1 - prune[k]))) for k, v in sizes.items()):
             continue
         if any(sizes[k] % sizes[b] or sizes[k] // sizes[b] > getattr(teacher, k) // getattr(teacher, b)
                for k, b in ratio.items()):  # fmt: skip
             continue
+        shapes.add(combo[:2] + combo[3:])
         try:
             arch = teacher.replace(**sizes)
         except InfeasibleError:
@@ -137,19 +152,62 @@ def test_no_valid_hybrid_arch_inside_the_budget_is_missed():
             found.add(combo)
     enumerated = {tuple(getattr(a, k) for k in knobs) for a in enumerate_candidates(teacher, "60%", config)}
     assert found and enumerated == found
+    assert shape_count(teacher, config) == len(shapes)
 
 
 def test_a_space_too_large_to_enumerate_is_refused_before_any_work_and_names_the_settings():
-    """Nemotron-Nano-9B-v2 at the default steps and ratios has 3.6M shapes (a quarter hour of CPU): one
-    ConfigError naming the settings that coarsen it; with NVIDIA's steps and limits it enumerates."""
-    from pathlib import Path
+    """Nemotron-Nano-9B-v2 with its attention widths searched too (an explicit num_query_groups step) has 1.6M
+    shapes (many minutes of CPU): one ConfigError naming the settings that coarsen it; at the defaults (its
+    attention widths kept) and with NVIDIA's steps and limits it enumerates."""
+    teacher = shipped("NVIDIA-Nemotron-Nano-9B-v2")
+    with pytest.raises(
+        ConfigError, match=r"1,596,672 shapes.*--steps hidden_size=256.*leave num_query_groups out"
+    ):
+        enumerate_candidates(teacher, "50%", SpaceConfig(steps={"num_query_groups": 1}))
+    check_grid(teacher, SpaceConfig())  # 145,152 shapes: 77,220 candidates at 50%, about 30 s
+    coarse = {"hidden_size": 256, "ffn_hidden_size": 512, "num_query_groups": 1}
+    check_grid(teacher, SpaceConfig(steps=coarse, max_width_prune=0.4, max_depth_prune=0.2))  # 4,615 (README)
 
-    from nas.errors import ConfigError
-    from nas.model.families import load_config
-    from nas.prune.space import check_grid
 
-    teacher = Arch.from_hf_config(load_config(Path(__file__).parents[1] / "benchmarks/configs/NVIDIA-Nemotron-Nano-9B-v2"))
-    with pytest.raises(ConfigError, match=r"3,628,800 shapes.*--steps hidden_size=256"):
-        enumerate_candidates(teacher, "50%")
-    coarse = SpaceConfig(steps={"hidden_size": 256, "ffn_hidden_size": 512}, max_width_prune=0.4, max_depth_prune=0.2)
-    check_grid(teacher, coarse)  # 4,615 candidates at 50% (README), enumerated in about 30 s
+CONFIGS = Path(__file__).parents[1] / "benchmarks/configs"
+# 10-70 s each on 2 busy cores; the others < 3 s
+SLOW_SPACES = {"NVIDIA-Nemotron-Nano-9B-v2", "Qwen3.5-9B", "Qwen3.5-35B-A3B"}
+
+
+def shipped(name: str) -> Arch:
+    return Arch.from_hf_config(load_config(CONFIGS / name))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(p.name, marks=[pytest.mark.slow] * (p.name in SLOW_SPACES))
+        for p in sorted(CONFIGS.iterdir())
+    ],
+)
+def test_every_shipped_teacher_enumerates_its_default_space_at_half_its_size(name):
+    """The default space of every real teacher shipped in benchmarks/configs is under `MAX_SHAPES` and holds
+    candidates at 50%, each inside the budget's window."""
+    teacher = shipped(name)
+    budget = parse_budget("50%", teacher)
+    candidates = enumerate_candidates(teacher, "50%")
+    assert candidates and all(budget * 0.95 <= count_params(a) <= budget for a in candidates)
+
+
+def test_a_hybrid_whose_attention_is_a_small_minority_keeps_its_attention_widths():
+    """One attention layer in ten (Nemotron-H's share): the default space is the space with the attention widths
+    searched (an explicit num_query_groups step), less every candidate that cuts an attention head or group;
+    one in three (the tiny Nemotron-H, as Qwen3.5's one in four) searches them."""
+    blocks = ["linear_attention", "mlp"] * 4 + ["full_attention", "mlp"]
+    teacher = Arch.from_hf_config(tiny_config("nemotron_h", num_layers=10, layers_block_type=blocks,
+                                              num_attention_heads=4, num_query_groups=2))  # fmt: skip
+    steps = {"hidden_size": 8, "ffn_hidden_size": 8, "num_mamba_heads": 2, "mamba_head_dim": 2}
+    searched = enumerate_candidates(
+        teacher, "60%", SpaceConfig(tolerance=0.1, steps=steps | {"num_query_groups": 1})
+    )
+    kept = enumerate_candidates(teacher, "60%", SpaceConfig(tolerance=0.1, steps=steps))
+    widths = ("num_attention_heads", "num_query_groups")
+    assert {getattr(a, k) for a in searched for k in widths} > {getattr(teacher, k) for k in widths}
+    assert kept == [a for a in searched if all(getattr(a, k) == getattr(teacher, k) for k in widths)]
+    third = Arch.from_hf_config(tiny_config("nemotron_h", num_layers=6))
+    assert kept_knobs(third, SpaceConfig()) == frozenset() < kept_knobs(teacher, SpaceConfig())

@@ -6,7 +6,8 @@ import pytest
 from optuna.trial import TrialState
 
 from nas.errors import ConfigError
-from nas.model.arch import Arch, count_budget_params, count_params
+from nas.model.arch import Arch
+from nas.model.size import count_budget_params, count_params
 from nas.pipeline import finalize, search
 from nas.prune.space import enumerate_budgets, parse_budget
 from nas.search.record import RECORD_VERSION, StudyRecord, TrialRecord, arch_key

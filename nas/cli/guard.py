@@ -1,6 +1,6 @@
 """The checks every sub-command makes before it reads or writes anything heavy: its output can be written
 and is no input, the device exists, the sequence length fits the model; and the ownership lock of the
-output while the command runs (`nas.io.own_output`)."""
+output while the command runs (`nas.lock.own_output`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from typing import Any
 
 from nas.cli.flags import split_weight
 from nas.errors import ConfigError
-from nas.io import check_not_input, check_ours, check_output, own_output
+from nas.io import check_not_input, check_ours, check_output
+from nas.lock import own_output
 
 
 def data_paths(args: Any) -> list[str]:
@@ -39,7 +40,7 @@ def output(
 
 @contextmanager
 def owning(out: str | os.PathLike, is_dir: bool = True) -> Iterator[Path]:
-    """Hold OUT for the command (see `nas.io.own_output`); under torchrun only rank 0 takes the lock, the
+    """Hold OUT for the command (see `nas.lock.own_output`); under torchrun only rank 0 takes the lock, the
     other ranks work for it."""
     rank_zero = os.environ.get("RANK", "0") == "0"
     with own_output(out, is_dir) if rank_zero else nullcontext(Path(out)) as path:
@@ -103,7 +104,7 @@ def replaceable_model_dir(out: Path) -> None:
     """OutputError unless OUT, which a saved model replaces as a whole, is new, empty, or a model nas wrote
     before (a directory of other files would be deleted)."""
     from nas.errors import OutputError
-    from nas.io import LOCK_NAME
+    from nas.lock import LOCK_NAME
 
     if not out.is_dir():
         return

@@ -135,9 +135,10 @@ def add_prune(sub) -> None:
 
 def cmd_prune(args) -> int:
     from nas.device import resolve_device
-    from nas.model.arch import Arch, check_prunable, count_params
+    from nas.model.arch import Arch, check_prunable
     from nas.model.families import load_config, load_model, load_tokenizer
     from nas.model.multimodal import multimodal_note, wrapper_type
+    from nas.model.size import count_params
     from nas.prune.cut import prune, save_pruned
     from nas.prune.importance import Importance
 

@@ -24,8 +24,9 @@ def add_space(sub) -> None:
 
 
 def cmd_space(args) -> int:
-    from nas.model.arch import Arch, count_params
+    from nas.model.arch import Arch
     from nas.model.families import load_config
+    from nas.model.size import count_params
     from nas.prune.space import candidates_frame, enumerate_budgets, memory_violation
 
     config = settings_from_args(args, SpaceConfig, SPACE_FLAGS)
@@ -56,7 +57,7 @@ def cmd_space(args) -> int:
             f"{int(frame['over_memory'].sum())} over the memory limit {constraints.max_memory} (never trained)"
         )
     print(frame.drop(columns=[] if constraints.max_memory else ["over_memory"]).to_string(index=False))
-    print(horizon_line(stored_config(args) if args.study else None, teacher, budgets))
+    print(horizon_line(stored_config(args) if args.study else None, teacher, budgets, config.budget_kind))
     return 0
 
 
@@ -71,8 +72,9 @@ def parse_steps(text: str) -> dict[str, int]:
     return steps
 
 
-def horizon_line(cfg, teacher, budgets: list[str]) -> str:
-    """The search horizon in tokens: the study's, or the default for these budgets."""
+def horizon_line(cfg, teacher, budgets: list[str], budget_kind: str = "total") -> str:
+    """The search horizon in tokens: the study's, or the default for these budgets (of `budget_kind`
+    parameters, as a study with that budget kind counts them)."""
     from nas.prune.space import parse_budget
     from nas.settings import SearchConfig
 
@@ -83,7 +85,7 @@ def horizon_line(cfg, teacher, budgets: list[str]) -> str:
         return (f"search horizon: {cfg.horizon_tokens:,} KD tokens per candidate ({cfg.horizon_steps} steps of "
                 f"{cfg.tokens_per_step:,} tokens); final distillation {cfg.final_tokens:,} tokens")  # fmt: skip
     per_param = SearchConfig().horizon_tokens_per_param
-    largest = max(parse_budget(b, teacher) for b in budgets)
+    largest = max(parse_budget(b, teacher, budget_kind) for b in budgets)
     return (f"search horizon (default): {round(per_param * largest):,} KD tokens per candidate = {per_param} a "
             "parameter of the largest budget (Minitron §4: 1.8B tokens per 8B candidate); set search.horizon_tokens")
 

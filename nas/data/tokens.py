@@ -34,23 +34,13 @@ from nas.errors import ConfigError, DataError
 from nas.io import publish, write_atomic
 from nas.settings import DataConfig, Phase, Source
 
-__all__ = ["DataConfig", "Phase", "Source", "TokenData", "check_tokenizer", "load_documents", "prepare"]
+__all__ = ["DataConfig", "Phase", "Source", "TokenData", "load_documents", "prepare"]
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("calib", "val", "train")
 CACHE_VERSION = 1  # bump when the cached layout or the split rule changes
 TOKENIZE_BATCH = 256  # documents per tokenizer call (fast tokenizers parallelise within a batch)
-
-
-def check_tokenizer(tokenizer: Any, model_config: Any) -> None:
-    """DataError if the tokenizer has ids the model cannot embed (a smaller tokenizer than the padded
-    embedding is normal)."""
-    if len(tokenizer) > model_config.vocab_size:
-        raise DataError(
-            f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model_config.vocab_size}: "
-            "use the teacher's own tokenizer (the one saved with it)"
-        )
 
 
 def check_seq_len(seq_len: int, model_config: Any, model: str) -> None:

@@ -1,4 +1,5 @@
-"""`Arch`: the shape of a model in nas's vocabulary, its analytic size, and the HF config mapping.
+"""`Arch`: the shape of a model in nas's vocabulary and the HF config mapping (its analytic size:
+`nas.model.size`).
 
 A homogeneous model has identical blocks (`layer_types == ()`); a hybrid stack (Qwen3.5, Nemotron-H) records
 each layer's block type in `layer_types` and counts its layers per type (`num_<type>_layers`). How a block
@@ -9,28 +10,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from nas.errors import ConfigError, InfeasibleError, ModelError
+from nas.errors import InfeasibleError, ModelError
 from nas.model.blocks import (
     CONFIG_ATTRS,
     FIXED,
     LAYER_KNOBS,
     LETTERS,
     WIDTH_KNOBS,
-    block_kv,
-    block_params,
-    block_state,
     hybrid_fields,
     shortened,
     type_units,
 )
-from nas.model.families import FAMILIES, Family, bias_flags, family_of
-from nas.settings import BUDGET_KINDS
+from nas.model.families import FAMILIES, Family, bias_flags, family_of, global_value
 
 KNOBS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
 MOE_KNOBS = (*KNOBS, "num_experts")  # mixture of experts: ffn_hidden_size is each expert's FFN width
@@ -73,6 +67,10 @@ class Arch:
     mamba_conv_bias: bool = False
     mamba_bias: bool = False  # in_proj and out_proj biases
     shared_expert_ffn_hidden_size: int = 0  # an always-on shared expert's width beside the routed ones (kept)
+    # Gemma 4's full-attention layers (`global_attention` layers; fixed, `nas.model.blocks`): 0 where absent
+    global_head_dim: int = 0  # their head_dim (the config's global_head_dim)
+    num_global_query_groups: int = 0  # their KV groups (the config's num_global_key_value_heads)
+    attention_k_eq_v: bool = False  # they have no v_proj: the keys are also the values
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_types", tuple(self.layer_types))  # a JSON list from a stored dict
@@ -118,6 +116,14 @@ class Arch:
         if len(self.layer_types) != self.num_layers:
             raise InfeasibleError(f"num_layers ({self.num_layers}) must equal len(layer_types) ({len(self.layer_types)})")
         blocks = self.blocks
+        global_groups = self.num_global_query_groups
+        if "global_attention" in blocks and (
+            self.global_head_dim < 1 or global_groups < 1 or self.num_attention_heads % global_groups
+        ):
+            raise InfeasibleError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_global_query_groups "
+                f"({self.num_global_query_groups}, the full-attention layers' KV heads, kept as the teacher's)"
+            )
         if "linear_attention" in blocks and (
             self.num_linear_key_heads < 1 or self.num_linear_value_heads % self.num_linear_key_heads
         ):
@@ -175,20 +181,25 @@ class Arch:
     def heads_per_group(self) -> int:
         return self.num_attention_heads // self.num_query_groups
 
+    @property
+    def global_heads_per_group(self) -> int:
+        """Query heads per KV group of a full-attention (`global_attention`) layer."""
+        return self.num_attention_heads // max(self.num_global_query_groups, 1)
+
     @classmethod
     def from_hf_config(cls, config: Any) -> Arch:
         """Read an `Arch` from a transformers config of a supported family."""
         fam = family_of(config)
         qkv_bias, o_bias, mlp_bias = bias_flags(config)
         heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        head_dim = global_value(config, "head_dim") or config.hidden_size // heads
         rope = getattr(config, "rope_parameters", None) or {}
         return cls(
             model_type=fam.model_type,
             num_layers=config.num_hidden_layers,
             hidden_size=config.hidden_size,
             num_attention_heads=heads,
-            num_query_groups=getattr(config, "num_key_value_heads", None) or heads,
+            num_query_groups=global_value(config, "num_key_value_heads") or heads,
             head_dim=head_dim,
             vocab_size=config.vocab_size,
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)) and fam.ties_embeddings,
@@ -213,6 +224,8 @@ class Arch:
                 f"arch is {self.model_type} but the base config is {base_config.model_type}"
             )
         config = copy.deepcopy(base_config)
+        if "global_attention" in self.blocks:
+            config.per_layer_config = None  # written again below, for the kept layers
         config.num_hidden_layers = self.num_layers
         config.hidden_size = self.hidden_size
         moe = self.family.experts
@@ -239,6 +252,10 @@ class Arch:
                 setattr(config, attr, getattr(self, field_name))
         if hasattr(config, "max_window_layers"):
             config.max_window_layers = min(config.max_window_layers, self.num_layers)
+        if "global_attention" in self.blocks:  # Gemma 4: the full-attention layers' own shapes
+            shape = {"head_dim": self.global_head_dim, "num_key_value_heads": self.num_global_query_groups}
+            full = [i for i, t in enumerate(config.layer_types) if t == "full_attention"]
+            config.per_layer_config = {i: dict(shape) for i in full}
         return config
 
     def _first_layers(self, base_config: Any) -> list[int]:
@@ -303,6 +320,9 @@ class Arch:
             parts.append(f"F{self.ffn_hidden_size}")
         if "attention" in blocks:
             parts.append(f"A{self.num_attention_heads}/G{self.num_query_groups}")
+        if "global_attention" in blocks:  # the full-attention layers' KV groups and head_dim (fixed)
+            wide = f"W{self.num_attention_heads}/G{self.num_global_query_groups}x{self.global_head_dim}"
+            parts.append(wide)
         if "linear_attention" in blocks:
             parts.append(f"D{self.num_linear_key_heads}/{self.num_linear_value_heads}")
         if "mamba" in blocks:
@@ -378,61 +398,3 @@ def _check_layer_types(teacher: Arch, arch: Arch) -> None:
     extra = set(arch.layer_types) - set(teacher.layer_types)
     if extra:
         raise InfeasibleError(f"layer types {sorted(extra)} are not in the teacher")
-
-
-def _layer_units(arch: Arch) -> list[tuple[int, tuple[str, ...]]]:
-    """(how many layers, their block types) for each layer type of `arch`."""
-    if not arch.layer_types:
-        return [(arch.num_layers, arch.blocks)]
-    return [(arch.layer_types.count(t), units) for t, units in type_units(arch.model_type, arch.layer_types)]
-
-
-def count_params(arch: Arch, active: bool = False) -> int:
-    """Exact parameter count of the HF model built from `arch` (tied weights counted once).
-
-    `active`: the parameters one token uses (a MoE counts `num_experts_per_tok` experts, and the whole router);
-    for a dense model both counts are the same."""
-    h = arch.hidden_size
-    norms = len(arch.family.norms) * h
-    layers = sum(n * (sum(block_params(arch, b, active) for b in units) + norms) for n, units in _layer_units(arch))
-    embed = arch.vocab_size * h
-    lm_head = 0 if arch.tie_word_embeddings else arch.vocab_size * h
-    return embed + layers + h + lm_head
-
-
-def count_budget_params(arch: Arch, budget_kind: str = "total") -> int:
-    """The parameters a budget of `budget_kind` ("total" or "active") measures."""
-    if budget_kind not in BUDGET_KINDS:
-        raise ConfigError(f"budget_kind {budget_kind!r} is not one of {', '.join(BUDGET_KINDS)}")
-    return count_params(arch, active=budget_kind == "active")
-
-
-def kv_cache_bytes(arch: Arch, seq_len: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Bytes of K and V cache for one sequence of `seq_len` tokens (attention layers only)."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    per_token = sum(n * sum(block_kv(arch, b) for b in units) for n, units in _layer_units(arch))
-    return per_token * seq_len * itemsize
-
-
-def recurrent_state_bytes(arch: Arch, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Bytes of recurrent state (linear-attention / Mamba state and conv window) one sequence keeps, whatever its
-    length (0 for a model of attention layers only)."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return itemsize * sum(n * sum(block_state(arch, b) for b in units) for n, units in _layer_units(arch))
-
-
-def parse_count(text: str | int | float) -> int:
-    """A parameter count from `4B`, `350M`, `1.5e9`, `12k` or a plain number."""
-    if isinstance(text, int | float):
-        return int(text)
-    s = str(text).strip().replace("_", "").replace(",", "")
-    scale = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}.get(s[-1:].upper())
-    try:
-        value = float(s[:-1]) * scale if scale else float(s)
-    except ValueError:
-        raise InfeasibleError(
-            f"cannot read {text!r} as a parameter count; write e.g. 4B, 350M or 1.5e9"
-        ) from None
-    if not math.isfinite(value) or value <= 0:
-        raise InfeasibleError(f"a parameter count must be a positive finite number, got {text!r}")
-    return int(value)

@@ -3,7 +3,8 @@
 Design note (how a hybrid family plugs in; keep this interface stable, announce changes in an `Arch:` commit):
 
 - Every layer of a hybrid stack has one *layer type*, named in nas's vocabulary (`BLOCK_TYPES`):
-  `attention` (softmax attention with a KV cache), `linear_attention` (Gated DeltaNet: Qwen3.5, Qwen3-Next),
+  `attention` (softmax attention with a KV cache), `global_attention` (Gemma 4's full-attention layers, of
+  their own head_dim and KV heads), `linear_attention` (Gated DeltaNet: Qwen3.5, Qwen3-Next),
   `mamba` (Mamba2: Nemotron-H), `mlp` (a dense MLP on its own: Nemotron-H), `moe` (a sparse MoE block on its
   own: Nemotron-H). A layer may hold more than its own block (a Qwen3.5 layer is a mixer *and* an MLP).
 - A family declares its stack with `Family.blocks = Blocks(attr, layers, modules)` (`nas.model.families`):
@@ -23,9 +24,17 @@ Design note (how a hybrid family plugs in; keep this interface stable, announce 
   `Arch` fields, read from / written to the HF config through `CONFIG_ATTRS` (Arch field -> config attribute):
   - attention: `num_attention_heads`, `num_query_groups` (`head_dim` fixed; `attn_output_gate`: q_proj also
     gives a per-head sigmoid gate, Qwen3.5);
+  - global_attention (Gemma 4's full-attention layers beside its sliding-window `attention` layers): the same
+    `num_attention_heads` (one knob for both types: transformers gives every layer the config's head count);
+    `global_head_dim` (its own head_dim), `num_global_query_groups` (its own KV heads, the config's
+    `num_global_key_value_heads`) and `attention_k_eq_v` (no v_proj: the keys are the values) are fixed, so
+    query heads are pruned inside the teacher's global KV groups by the same per-head scores as elsewhere and
+    `num_attention_heads` must be a multiple of `num_global_query_groups`; all three are written to the
+    student's config as `per_layer_config` overrides of its full-attention layers;
   - mlp: `ffn_hidden_size`; moe: `num_experts` (each expert `ffn_hidden_size` wide, as for MoE families;
     a model with MLP and MoE layers, Nemotron-H, has one FFN width for both; a shared expert,
-    `shared_expert_ffn_hidden_size`, is kept whole);
+    `shared_expert_ffn_hidden_size`, keeps its width and is cut along hidden_size only, with its sigmoid gate
+    where it has one, Qwen3.5-MoE's `shared_expert_gate`);
   - linear_attention: `num_linear_key_heads`, `num_linear_value_heads` (a multiple of the key heads: each key
     head serves `num_linear_value_heads // num_linear_key_heads` consecutive value heads, so value heads are
     pruned within their key head, like query heads within a KV group); `linear_key_head_dim`,
@@ -45,22 +54,26 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any
 
-from nas.model.families import FAMILIES, Family
+from nas.model.families import FAMILIES, Family, attention_shapes
 
 if TYPE_CHECKING:
     from nas.model.arch import Arch
 
-BLOCK_TYPES = ("attention", "linear_attention", "mamba", "mlp", "moe")
+BLOCK_TYPES = ("attention", "global_attention", "linear_attention", "mamba", "mlp", "moe")
 LAYER_KNOBS = {t: f"num_{t}_layers" for t in BLOCK_TYPES}  # depth knobs of a hybrid, one per layer type
-LETTERS = {"attention": "A", "linear_attention": "D", "mamba": "M", "mlp": "F", "moe": "E"}  # in `describe`
+# in `describe` (W: Gemma 4's wide full-attention layers)
+LETTERS = {"attention": "A", "global_attention": "W", "linear_attention": "D", "mamba": "M", "mlp": "F",
+           "moe": "E"}  # fmt: skip
 WIDTH_KNOBS = {
     "attention": ("num_attention_heads", "num_query_groups"),
+    "global_attention": ("num_attention_heads",),  # the sliding layers' query heads; its KV groups fixed
     "linear_attention": ("num_linear_key_heads", "num_linear_value_heads"),
     "mamba": ("num_mamba_heads", "mamba_head_dim"),
     "mlp": ("ffn_hidden_size",),
     "moe": ("ffn_hidden_size", "num_experts"),
 }
 FIXED = {
+    "global_attention": ("global_head_dim", "num_global_query_groups", "attention_k_eq_v"),
     "moe": ("shared_expert_ffn_hidden_size",),
     "linear_attention": ("linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel"),
     "mamba": ("mamba_groups", "ssm_state_size", "mamba_conv_kernel", "mamba_conv_bias", "mamba_bias"),
@@ -97,6 +110,18 @@ def attention_params(arch: Arch) -> int:
     return n + {"head": 2 * d, "proj": q + kv, None: 0}[arch.family.qk_norm]
 
 
+def global_attention_params(arch: Arch) -> int:
+    """A Gemma 4 full-attention block: q/k/o projections of `global_head_dim` channels a head over
+    `num_global_query_groups` KV groups, a v projection unless its keys are its values (`attention_k_eq_v`),
+    per-head q/k norms (v_norm has no weight)."""
+    h, d = arch.hidden_size, arch.global_head_dim
+    q, kv = arch.num_attention_heads * d, arch.num_global_query_groups * d
+    kv_mats = 1 if arch.attention_k_eq_v else 2
+    n = 2 * h * q + kv_mats * h * kv
+    n += (q + kv_mats * kv + h) if arch.qkv_bias else 0  # Gemma's attention_bias: q/k/v and o biases
+    return n + 2 * d
+
+
 def mlp_params(arch: Arch, ffn: int | None = None, bias: bool | None = None) -> int:
     """A gated MLP (gate, up, down) or, in a family without the gate (Nemotron-H's squared ReLU), up and down."""
     h, f = arch.hidden_size, arch.ffn_hidden_size if ffn is None else ffn
@@ -106,12 +131,15 @@ def mlp_params(arch: Arch, ffn: int | None = None, bias: bool | None = None) -> 
 
 
 def moe_params(arch: Arch, active: bool = False) -> int:
-    """The router, the experts (biased in gpt-oss only) and a shared expert if any (active: the
-    router, the top-k experts one token uses and the shared expert)."""
+    """The router, the experts (biased in gpt-oss only) and a shared expert if any, with its sigmoid gate
+    Linear(hidden, 1) where the family has one (active: the router, the top-k experts one token uses and the
+    shared expert)."""
     experts = arch.num_experts_per_tok if active else arch.num_experts
+    spec, h = arch.family.experts, arch.hidden_size
     shared = mlp_params(arch, arch.shared_expert_ffn_hidden_size) if arch.shared_expert_ffn_hidden_size else 0
-    bias = arch.family.experts.bias  # a biased router and biased experts (gpt-oss)
-    return arch.num_experts * (arch.hidden_size + bias) + experts * mlp_params(arch, bias=bias) + shared
+    shared += h if shared and spec.shared_gate else 0
+    bias = spec.bias  # a biased router and biased experts (gpt-oss)
+    return arch.num_experts * (h + bias) + experts * mlp_params(arch, bias=bias) + shared
 
 
 def linear_attention_params(arch: Arch) -> int:
@@ -143,6 +171,7 @@ def block_params(arch: Arch, block: str, active: bool = False) -> int:
         return moe_params(arch, active)
     return {
         "attention": attention_params,
+        "global_attention": global_attention_params,
         "linear_attention": linear_attention_params,
         "mamba": mamba_params,
         "mlp": mlp_params,
@@ -165,7 +194,10 @@ def block_state(arch: Arch, block: str) -> int:
 
 
 def block_kv(arch: Arch, block: str) -> int:
-    """KV-cache elements per token of one block of type `block` (K and V of every KV group)."""
+    """KV-cache elements per token of one block of type `block` (K and V of every KV group; keys reused as
+    values are still cached as two tensors: transformers caches the v-normed values beside the keys)."""
+    if block == "global_attention":
+        return 2 * arch.num_global_query_groups * arch.global_head_dim
     return 2 * arch.num_query_groups * arch.head_dim if block == "attention" else 0
 
 
@@ -178,6 +210,10 @@ def hybrid_fields(config: Any, fam: Family) -> dict[str, Any]:
     for layer_type in dict.fromkeys(types):
         for block in fam.blocks.units(layer_type):
             fields |= {name: getattr(config, attr) for name, attr in CONFIG_ATTRS.get(block, ())}
+    if "global_attention" in types:  # Gemma 4: per-layer overrides of its full-attention layers
+        head_dim, groups = attention_shapes(config)["full_attention"]
+        fields |= {"global_head_dim": head_dim, "num_global_query_groups": groups,
+                   "attention_k_eq_v": bool(getattr(config, "attention_k_eq_v", False))}  # fmt: skip
     return fields
 
 

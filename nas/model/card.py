@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from nas.model.arch import Arch, count_params
+from nas.model.arch import Arch
+from nas.model.size import count_params
 
 CARD_FILE = "README.md"
 TAGS = ("pruned", "distilled", "nas", "minitron")

@@ -42,6 +42,8 @@ class Experts:
     num_experts_attr: str  # config attribute of the number of experts
     ffn_attr: str  # config attribute of each expert's FFN width
     shared_attr: str | None = None  # config attribute of an always-on shared expert's FFN width (Nemotron-H)
+    # the shared expert's output is scaled per token by sigmoid(`shared_expert_gate`), a Linear(hidden, 1) (Qwen3.5-MoE)
+    shared_gate: bool = False
 
     router: str = "gate"  # the router's name in `layer.mlp`
     transposed: bool = False  # expert weights stored [in, out] (gpt-oss)
@@ -133,6 +135,24 @@ QWEN3_5_BLOCKS = Blocks(
     (("linear_attention", ("linear_attention", "mlp")), ("full_attention", ("attention", "mlp"))),
     (("attention", "self_attn"), ("linear_attention", "linear_attn"), ("mlp", "mlp")),
 )
+# Qwen3.5-MoE: Qwen3.5's stack with a sparse MoE block at `mlp` in every layer: routed experts (softmax router,
+# top-k renormalised) beside one shared expert (`shared_expert`, gated by `shared_expert_gate`)
+QWEN3_5_MOE = Experts(
+    "num_experts", "moe_intermediate_size", "shared_expert_intermediate_size", shared_gate=True
+)
+QWEN3_5_MOE_BLOCKS = Blocks(
+    "layer_types",
+    (("linear_attention", ("linear_attention", "moe")), ("full_attention", ("attention", "moe"))),
+    (("attention", "self_attn"), ("linear_attention", "linear_attn"), ("moe", "mlp")),
+)
+
+# Gemma 4: sliding-window layers are `attention`, full-attention layers `global_attention` (their own head_dim and
+# KV heads, `per_layer_config`; keys as values with `attention_k_eq_v`); both at `self_attn`, each with an MLP
+GEMMA4_BLOCKS = Blocks(
+    "layer_types",
+    (("sliding_attention", ("attention", "mlp")), ("full_attention", ("global_attention", "mlp"))),
+    (("attention", "self_attn"), ("global_attention", "self_attn"), ("mlp", "mlp")),
+)
 
 FAMILIES: dict[str, Family] = {
     f.model_type: f
@@ -154,29 +174,24 @@ FAMILIES: dict[str, Family] = {
         Family("mixtral", None, False, False, experts=MIXTRAL),
         Family("qwen3_5_text", "attention_bias", False, True, qk_norm="head", norm_offset=1.0,
                blocks=QWEN3_5_BLOCKS, attn_output_gate=True),
+        Family("qwen3_5_moe_text", "attention_bias", False, True, qk_norm="head", norm_offset=1.0,
+               blocks=QWEN3_5_MOE_BLOCKS, attn_output_gate=True, experts=QWEN3_5_MOE),
         Family("nemotron_h", None, False, False, mlp_bias_attr="mlp_bias", norms=("norm",), layer_lists=(),
                experts=NEMOTRON_H_EXPERTS, blocks=NEMOTRON_H_BLOCKS, final_norm="norm_f", gated_mlp=False,
                ties_embeddings=False, min_experts=2),
         Family("gpt_oss", "attention_bias", True, True, experts=GPT_OSS, attention_sinks=True),
-        # Gemma 4 text: Gemma 3's block (v_norm has no weight; `layer_scalar` is a buffer, kept per layer);
-        # transformers makes the last layer full attention, so depth pruning keeps the teacher's last layer
+        # Gemma 4 text: Gemma 3's block (v_norm has no weight; `layer_scalar` is a buffer, kept per layer) in
+        # sliding and full-attention layers of their own shapes; transformers makes the last layer full
+        # attention, so depth pruning keeps the teacher's last layer
         Family("gemma4_text", "attention_bias", False, True, qk_norm="head", norms=GEMMA_NORMS, embed_scale=True,
-               keep_last_layer=True),
+               blocks=GEMMA4_BLOCKS, keep_last_layer=True),
     )
 }  # fmt: skip
-
-
-NOT_YET = {  # model types transformers has that nas knows it cannot prune yet: why, in one line
-    "qwen3_5_moe_text": "Qwen3.5-MoE is not supported yet: its sparse layers add a gated shared expert "
-    "(shared_expert, shared_expert_gate) that nas's expert cut does not handle; dense Qwen3.5 (qwen3_5_text) is",
-}
 
 
 def family_of(config: Any) -> Family:
     """The `Family` of an HF config; a clear error names the supported ones otherwise."""
     model_type = getattr(config, "model_type", None)
-    if model_type in NOT_YET:
-        raise ModelError(NOT_YET[model_type])
     if model_type not in FAMILIES:
         raise ModelError(f"unsupported model_type {model_type!r}; nas supports {', '.join(sorted(FAMILIES))}")
     fam = FAMILIES[model_type]
@@ -204,25 +219,45 @@ GEMMA4_UNSUPPORTED = {  # config attribute -> the Gemma 4 feature it turns on th
     "hidden_size_per_layer_input": "per-layer embeddings (hidden_size_per_layer_input)",
     "num_kv_shared_layers": "KV-sharing layers (num_kv_shared_layers)",
     "enable_moe_block": "the expert block beside the MLP (enable_moe_block)",
-    "attention_k_eq_v": "keys reused as values (attention_k_eq_v)",
 }
 
 
 def _check_gemma4(config: Any) -> None:
     """One ModelError naming every Gemma 4 feature a config turns on that nas cannot prune: per-layer
-    embeddings, KV-sharing layers, the MoE block, keys as values, and full-attention layers with their own
-    head_dim or KV heads (`global_head_dim`; nas's `Arch` has one head_dim and one KV-group count)."""
+    embeddings, KV-sharing layers, the MoE block, and layers of one type with different attention shapes
+    (full-attention layers with their own head_dim / KV heads are supported: `global_attention`)."""
     used = [what for attr, what in GEMMA4_UNSUPPORTED.items() if getattr(config, attr, None)]
-    layers = getattr(config, "per_layer_config", None) or []
-    shapes = {(c.head_dim, c.num_key_value_heads) for c in layers}
-    if len(shapes) > 1:
-        used.append("full-attention layers with their own head_dim or KV heads (global_head_dim, "
-                    "num_global_key_value_heads)")  # fmt: skip
-    if used:
+    if used := used + _mixed_shapes(config):
         raise ModelError(
-            f"gemma4_text with {'; '.join(used)} is not supported: nas prunes Gemma 4 text models with one "
-            "head_dim and one KV-head count in every layer and none of these features"
+            f"gemma4_text with {'; '.join(used)} is not supported: nas prunes Gemma 4 text models (dense, "
+            "sliding and full-attention layers of one shape per type) without these features"
         )
+
+
+def _mixed_shapes(config: Any) -> list[str]:
+    """The layer types whose layers do not all have one (head_dim, KV heads)."""
+    shapes: dict[str, set] = {}
+    for c, t in zip(config.per_layer_config, config.layer_types, strict=True):
+        shapes.setdefault(t, set()).add((c.head_dim, c.num_key_value_heads))
+    mixed = [t for t, s in shapes.items() if len(s) > 1]
+    return [f"{t} layers of different head_dim or KV heads (per_layer_config)" for t in mixed]
+
+
+def attention_shapes(config: Any) -> dict[str, tuple[int, int]]:
+    """(head_dim, KV heads) of each HF layer type of a config with per-layer attention shapes (Gemma 4's
+    `per_layer_config`: its full-attention layers' `global_head_dim` and `num_global_key_value_heads`)."""
+    shapes = {}
+    for c, t in zip(config.per_layer_config, config.layer_types, strict=True):
+        shapes.setdefault(t, (c.head_dim, c.num_key_value_heads))
+    return shapes
+
+
+def global_value(config: Any, name: str, default: Any = None) -> Any:
+    """A config attribute's global value, also where `per_layer_config` overrides it in some layers (transformers
+    then refuses a plain read): Gemma 4's `head_dim` and `num_key_value_heads` are its sliding layers'."""
+    if getattr(config, "is_heterogeneous", False):
+        return config._getattr_without_heterogeneous_validation(name, default)
+    return getattr(config, name, default)
 
 
 def bias_flags(config: Any) -> tuple[bool, bool, bool]:

@@ -12,12 +12,14 @@ from typing import Any
 import optuna
 import torch
 
-from nas.data.tokens import check_seq_len, check_tokenizer, prepare
+from nas.data.tokens import check_seq_len, prepare
 from nas.device import precision_for, resolve_device
 from nas.errors import ConfigError
 from nas.evaluate.loss import lm_loss
-from nas.model.arch import Arch, count_params
+from nas.model.arch import Arch
 from nas.model.families import load_config, load_model, load_tokenizer
+from nas.model.size import count_params
+from nas.model.validate import check_tokenizer_fits
 from nas.pipeline.identity import STUDY_WAYS_OUT
 from nas.prune.importance import Importance, ensure_importance, importance_identity
 from nas.prune.space import enumerate_budgets, parse_budget
@@ -50,7 +52,7 @@ def prepare_context(
     check_seq_len(cfg.data.seq_len, teacher_config, cfg.teacher)
     data = prepare(cfg.data, tokenizer)
     teacher = load_teacher(cfg, data)
-    check_tokenizer(tokenizer, teacher.config)
+    check_tokenizer_fits(tokenizer, teacher.config, cfg.teacher)  # the loaded teacher's embedding
     importance = study_importance(cfg, teacher, data)
     kd_teacher = load_kd_teacher(cfg, teacher)
     spaces = enumerate_budgets(Arch.from_hf_config(teacher.config), cfg.budgets, cfg.space)

@@ -13,10 +13,12 @@ import optuna
 from nas.device import resolve_device
 from nas.errors import ConfigError, NasError
 from nas.evaluate.harness import run_tasks
-from nas.io import own_output, save_model_atomic
-from nas.model.arch import Arch, count_params
+from nas.io import save_model_atomic
+from nas.lock import own_output
+from nas.model.arch import Arch
 from nas.model.card import CardFacts, lineage_of, model_card
 from nas.model.families import load_config, load_model
+from nas.model.size import count_params
 from nas.pipeline.context import (
     gpu_memory_of,
     package_versions,
@@ -88,7 +90,7 @@ def search(
     strategy: Strategy | None = None,
 ) -> tuple[SearchContext, optuna.Study]:
     """Check the memory plan of `stages`, run (or continue) the study's trials, then record the ranking
-    stability. The study's out_dir is held (`nas.io.own_output`) meanwhile: workers join through the
+    stability. The study's out_dir is held (`nas.lock.own_output`) meanwhile: workers join through the
     storage, a second search is refused. A stored study made with other settings is refused
     (`restart`: deleted first). `strategy`: default `search.sampler`'s (`nas.search.strategy`)."""
     teacher_config = load_config(cfg.teacher)  # read once for the whole command

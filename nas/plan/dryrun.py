@@ -42,7 +42,7 @@ from nas.device import precision_for, use_precision
 from nas.errors import ConfigError
 from nas.evaluate.loss import lm_loss
 from nas.model.families import family_of
-from nas.prune.importance import activation_scores
+from nas.prune.activations import activation_scores
 from nas.settings import DistillConfig
 from nas.train import dist as parallel
 from nas.train import loop
@@ -204,16 +204,27 @@ def at_depth(config: Any, num_layers: int | dict[str, int]) -> Any:
     """A copy of an HF config with `num_layers` decoder layers (per-layer lists cut to match); a hybrid's
     `{layer type: count}` gives it that many layers of each type."""
     config = config.__class__.from_dict(config.to_dict())
+    overrides = _overrides_by_type(config)
+    config.per_layer_config = None  # its layer indices change; given again by type below
     if isinstance(num_layers, dict):
         types = [t for t, n in num_layers.items() for _ in range(n)]
         setattr(config, family_of(config).blocks.attr, types)
         config.num_hidden_layers = len(types)
-        return config
-    config.num_hidden_layers = num_layers
-    if getattr(config, "layer_types", None):
-        types = list(config.layer_types)
-        config.layer_types = [types[i % len(types)] for i in range(num_layers)]
+    else:
+        config.num_hidden_layers = num_layers
+        if getattr(config, "layer_types", None):
+            types = list(config.layer_types)
+            config.layer_types = [types[i % len(types)] for i in range(num_layers)]
+    if overrides:
+        types = config.layer_types
+        config.per_layer_config = {i: dict(overrides[t]) for i, t in enumerate(types) if t in overrides}
     return config
+
+
+def _overrides_by_type(config: Any) -> dict[str, dict]:
+    """A config's `per_layer_config` overrides (Gemma 4's full-attention shapes) by the type of their layers."""
+    raw = config.to_dict().get("per_layer_config") or {}
+    return {config.layer_types[int(i)]: overrides for i, overrides in raw.items()}
 
 
 def at_axes(config: Any, axes: list[tuple[str | None, int]], depths: tuple[int, ...]) -> Any:

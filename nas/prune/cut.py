@@ -3,7 +3,8 @@ query heads, MLP channels and experts (index selection on the weights; the teach
 
 Which tensor is cut along which axis follows the family adapter (`nas.model.families.Family`): fused projections
 are cut in each of their parts, q/k norms over the whole projection are cut with their heads, MoE routers
-keep the rows of the kept experts, and each kept expert keeps its own top-ranked FFN channels."""
+keep the rows of the kept experts, each kept expert keeps its own top-ranked FFN channels, and a shared expert
+(with its gate) keeps its width, cut along the kept hidden channels only."""
 
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ from torch import nn
 
 from nas.errors import ConfigError
 from nas.io import replace_dir, temp_dir
-from nas.model.arch import Arch, check_prunable, count_params
+from nas.model.arch import Arch, check_prunable
 from nas.model.card import CARD_FILE
 from nas.model.families import Family, gate_up_index
 from nas.model.multimodal import multimodal_note, with_vision, wrapper_type
+from nas.model.size import count_params
 from nas.prune import nemotron
 from nas.prune.importance import Importance
 from nas.settings import DEPTH_STRATEGIES, VISION
@@ -68,13 +70,14 @@ def keep_layers(importance: Importance, teacher: Arch, arch: Arch, depth_strateg
         raise ConfigError(f"depth strategy {depth_strategy!r} is not one of {', '.join(DEPTH_STRATEGIES)}")
     total = importance.layer_loss.numel()
     if not teacher.layer_types:
-        if teacher.family.keep_last_layer and arch.num_layers < total:  # the last layer stays what it is (Gemma 4)
-            return [*_keep_of(list(range(total - 1)), arch.num_layers - 1, importance, depth_strategy, True), total - 1]
         return _keep_of(list(range(total)), arch.num_layers, importance, depth_strategy, block=True)
     kept: list[int] = []
     for t in dict.fromkeys(teacher.layer_types):
         of_type = [i for i, lt in enumerate(teacher.layer_types) if lt == t]
-        kept += _keep_of(of_type, arch.layer_count(t), importance, depth_strategy, block=False)
+        keep = arch.layer_count(t)
+        if teacher.family.keep_last_layer and of_type[-1] == total - 1:  # the last layer stays (Gemma 4)
+            of_type, keep, kept = of_type[:-1], keep - 1, [*kept, total - 1]
+        kept += _keep_of(of_type, keep, importance, depth_strategy, block=False)
     return sorted(kept)
 
 
@@ -120,8 +123,12 @@ def _plan_layer(cut: Cut, blocks, layer: int, teacher: Arch, arch: Arch, importa
     """Append one kept layer's units to the per-layer lists of `cut` ([] for a block the layer lacks; the lists
     of unit kinds the teacher has none of stay empty)."""
     groups = top_k(importance.groups[layer], arch.num_query_groups) if "attention" in blocks else []
+    per_group, keep = teacher.heads_per_group, arch.heads_per_group
+    if "global_attention" in blocks:  # Gemma 4's full attention: the same heads rule in its own KV groups
+        groups = top_k(importance.global_groups[layer], arch.num_global_query_groups)
+        per_group, keep = teacher.global_heads_per_group, arch.global_heads_per_group
     cut.groups.append(groups)
-    cut.heads.append(_grouped(importance.heads[layer], groups, teacher.heads_per_group, arch.heads_per_group))
+    cut.heads.append(_grouped(importance.heads[layer], groups, per_group, keep))
     if "linear_attention" in teacher.blocks:
         keys = top_k(importance.linear_key_heads[layer], arch.num_linear_key_heads) if "linear_attention" in blocks else []
         cut.linear_keys.append(keys)
@@ -173,14 +180,15 @@ def _fused_rows(parts: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
     return torch.cat(rows)
 
 
-def _layer_rules(teacher: Arch, arch: Arch, cut: Cut, new: int) -> dict[str, tuple]:
+def _layer_rules(teacher: Arch, arch: Arch, cut: Cut, new: int, head_dim: int) -> dict[str, tuple]:
     """(rows, cols) kept of each module (or of each parameter held directly by a block, e.g. `A_log`) of kept
-    layer `new`; "hid" stands for the kept hidden channels, None for all."""
-    q = _unit_rows(cut.heads[new], arch.head_dim)
-    kv = _unit_rows(cut.groups[new], arch.head_dim)
-    big_q = teacher.num_attention_heads * teacher.head_dim
-    big_kv = teacher.num_query_groups * teacher.head_dim
-    gated = _unit_rows(cut.heads[new], 2 * arch.head_dim)  # q_proj with an output gate: [query, gate] a head
+    layer `new`, whose attention heads are `head_dim` wide; "hid" stands for the kept hidden channels, None for
+    all. (A Gemma 4 full-attention layer with keys as values has no v_proj: its keys' rows serve both.)"""
+    q = _unit_rows(cut.heads[new], head_dim)
+    kv = _unit_rows(cut.groups[new], head_dim)
+    big_q = teacher.num_attention_heads * head_dim
+    big_kv = teacher.num_query_groups * head_dim
+    gated = _unit_rows(cut.heads[new], 2 * head_dim)  # q_proj with an output gate: [query, gate] a head
     rules = {
         "q_proj": (gated if arch.attn_output_gate else q, "hid"),
         "k_proj": (kv, "hid"),
@@ -194,6 +202,9 @@ def _layer_rules(teacher: Arch, arch: Arch, cut: Cut, new: int) -> dict[str, tup
         rules["self_attn"] = (_long(cut.heads[new]), None)
     if arch.num_experts:
         rules[arch.family.experts.router] = (_long(cut.experts[new]), "hid")  # one row (and bias) per expert
+        if arch.shared_expert_ffn_hidden_size:  # shared expert and gate keep their width (Qwen3.5-MoE)
+            rules.update(gate_proj=(None, "hid"), up_proj=(None, "hid"), down_proj=("hid", None))
+            rules["shared_expert_gate"] = (None, "hid")
     else:
         ffn = _long(cut.mlp[new])
         f = teacher.ffn_hidden_size
@@ -287,7 +298,8 @@ def cut_state_dict(teacher: nn.Module, arch: Arch, cut: Cut) -> dict[str, torch.
         out["lm_head.weight"] = _select(sd["lm_head.weight"], cols=hid)
     for new, old in enumerate(cut.layers):
         src, dst = f"model.layers.{old}.", f"model.layers.{new}."
-        rules = _layer_rules(teacher_arch, arch, cut, new)
+        full = teacher_arch.layer_types and teacher_arch.layer_types[old] == "global_attention"
+        rules = _layer_rules(teacher_arch, arch, cut, new, arch.global_head_dim if full else arch.head_dim)
         for name, tensor in sd.items():
             if not name.startswith(src):
                 continue

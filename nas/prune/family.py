@@ -22,7 +22,8 @@ import math
 from dataclasses import asdict, dataclass
 
 from nas.errors import ConfigError
-from nas.model.arch import Arch, count_budget_params
+from nas.model.arch import Arch
+from nas.model.size import count_budget_params
 from nas.prune.space import parse_budget
 from nas.settings import RunConfig
 from nas.settings.study import step_fraction

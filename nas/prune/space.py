@@ -12,16 +12,15 @@ from collections.abc import Iterator
 import pandas as pd
 
 from nas.errors import ConfigError, InfeasibleError
-from nas.model.arch import (
-    MOE_ALIGN,
-    Arch,
+from nas.model.arch import MOE_ALIGN, Arch
+from nas.model.blocks import LAYER_KNOBS
+from nas.model.size import (
     count_budget_params,
     count_params,
     kv_cache_bytes,
     parse_count,
     recurrent_state_bytes,
 )
-from nas.model.blocks import LAYER_KNOBS
 from nas.settings import DTYPE_BYTES, SIZE_KNOBS, ConstraintsConfig, RunConfig, SpaceConfig
 
 
@@ -30,23 +29,55 @@ def default_steps(teacher: Arch) -> dict[str, int]:
     alignment that expert kernels need, for a mixture of experts). Hybrids: layers of each type in steps of 2
     when there are 24 or more of them (as `num_layers`), whole Gated DeltaNet key heads, Mamba2 heads one per
     group at a time (kept evenly in each group), Mamba head_dim in 16s on real models (bf16 tensor-core tiles
-    are 16 elements wide)."""
+    are 16 elements wide). Experts in 8s from 128 of them. A hybrid whose attention is a small minority also
+    keeps its attention widths (`kept_knobs`)."""
     floor = MOE_ALIGN if teacher.num_experts else 1
 
     def step(size: int, real: int) -> int:
         return real if size >= 16 * real else max(floor, 2 ** int(math.log2(max(size // 16, 1))))
 
     steps = {
-        "num_layers": 2 if teacher.num_layers >= 24 else 1,
+        "num_layers": 2 if teacher.num_layers >= 24 else 1,  # NVIDIA's pruning tool on 8B models (DESIGN.md)
         "hidden_size": step(teacher.hidden_size, 64),
         "ffn_hidden_size": step(teacher.ffn_hidden_size, 256),
         "num_query_groups": 1,
     }
     for layer_type, knob in LAYER_KNOBS.items():
         steps[knob] = 2 if teacher.layer_count(layer_type) >= 24 else 1
+    # Mamba2 heads one per group, head_dim in 16s: ModelOpt's Minitron search of Nemotron-Nano-9B-v2 -> 7B
+    # steps the heads by 8 (its 8 groups: 80..128) and head_dim by 8 (56..80) (NVIDIA/Model-Optimizer,
+    # examples/megatron_bridge/results/minitron/NVIDIA-Nemotron-Nano-9B-v2/README.md, "Search space for"); the
+    # published Nemotron-H 8B -> 4B cut (Minitron-SSM, arXiv 2504.11409) has 112 of 128 heads, head_dim kept
     steps |= {"num_linear_key_heads": 1, "num_mamba_heads": max(teacher.mamba_groups, 1)}
     steps["mamba_head_dim"] = 16 if teacher.mamba_head_dim >= 64 else max(1, teacher.mamba_head_dim // 4)
-    return steps | ({"num_experts": 1} if teacher.num_experts else {})
+    # experts by 8 from 128 up (16 steps, as the widths take their real step), one by one below (gpt-oss's 32):
+    # ModelOpt's Minitron search steps them by 8 (num_moe_experts_divisor=8, NVIDIA/Model-Optimizer
+    # examples/megatron_bridge/prune_minitron.py); by one, Qwen3.5-35B-A3B's 256 gave 3.3M shapes (measured here)
+    experts = 8 if teacher.num_experts >= 128 else 1
+    return steps | ({"num_experts": experts} if teacher.num_experts else {})
+
+
+# A hybrid with attention in at most 1 layer in 10 keeps its attention heads and groups unless steps name
+# num_query_groups: NVIDIA's published hybrid prunes cut attention layers but never attention widths
+# (Nemotron Nano 2, arXiv 2508.14444: 12B -> 9B keeps 40 heads / 8 groups; Minitron-SSM, arXiv 2504.11409:
+# Nemotron-H 8B -> 4B cuts hidden, FFN and Mamba heads), and ModelOpt's Nano-9B-v2 -> 7B search skips
+# num_attention_heads ("harder to recover", the README above). Their 4 of 56 layers hold 2.5% of the 9B's
+# parameters, yet searching them multiplied its space 11-fold (1.6M shapes at the defaults, measured here).
+MINOR_ATTENTION_SHARE = 0.1
+
+
+def kept_knobs(teacher: Arch, config: SpaceConfig) -> frozenset[str]:
+    """The width knobs the space keeps at the teacher's size: the attention heads and groups of a hybrid whose
+    attention layers are at most `MINOR_ATTENTION_SHARE` of its layers (Nemotron-H: 4 of 52 to 6 of 62), unless
+    `config.steps` gives num_query_groups (then both are searched)."""
+    if not _minor_attention(teacher) or "num_query_groups" in config.steps:
+        return frozenset()
+    return frozenset({"num_query_groups", "num_attention_heads"})
+
+
+def _minor_attention(teacher: Arch) -> bool:
+    attention = teacher.layer_count("attention")
+    return bool(teacher.layer_types) and 0 < attention <= MINOR_ATTENTION_SHARE * teacher.num_layers
 
 
 # (knob, the knob it is a multiple of, the ratio): searched as the ratio times the other knob, never above
@@ -59,28 +90,36 @@ RATIO_KNOBS = (
 
 def knob_values(teacher: Arch, config: SpaceConfig) -> dict[str, list[int]]:
     """The allowed values of each size knob: multiples of its step, down to the max pruning ratio (a layer
-    count of a hybrid never below 1)."""
+    count of a hybrid never below 1; a `kept_knobs` knob only the teacher's)."""
     steps = {**default_steps(teacher), **config.steps}
     depth = {"num_layers", *LAYER_KNOBS.values()}
+    kept = kept_knobs(teacher, config)
     values = {}
     for knob in (k for k in SIZE_KNOBS if k in teacher.knobs):
         top = getattr(teacher, knob)
-        ratio = config.max_depth_prune if knob in depth else config.max_width_prune
+        ratio = 0 if knob in kept else config.max_depth_prune if knob in depth else config.max_width_prune
         low = max(1, math.ceil(top * (1 - ratio)))
         options = [v for v in range(steps[knob], top + 1, steps[knob]) if v >= low]
         values[knob] = sorted(set(options) | {top}, reverse=True)
     return values
 
 
-def _ratio_choices(teacher: Arch, sizes: dict[str, int], max_width_prune: float) -> Iterator[dict[str, int]]:
+def _ratio_choices(teacher: Arch, sizes: dict[str, int], config: SpaceConfig) -> Iterator[dict[str, int]]:
     """Every choice of the knobs that are multiples of others (`RATIO_KNOBS`) for the given `sizes`."""
     options = []
-    for knob, base, ratio in (r for r in RATIO_KNOBS if r[0] in teacher.knobs):
-        low = math.ceil(getattr(teacher, knob) * (1 - max_width_prune))
-        per = [p for p in range(getattr(teacher, ratio), 0, -1) if sizes[base] * p >= low]
-        options.append([(knob, sizes[base] * p) for p in per])
+    for knob, base, _ in (r for r in RATIO_KNOBS if r[0] in teacher.knobs):
+        options.append([(knob, sizes[base] * p) for p in _multiples(teacher, config, knob, sizes[base])])
     for combo in itertools.product(*options):
         yield dict(combo)
+
+
+def _multiples(teacher: Arch, config: SpaceConfig, knob: str, base: int) -> list[int]:
+    """The ratios a `RATIO_KNOBS` knob may have over its base knob's value `base`: at most the teacher's, and
+    within the width cut (none for a `kept_knobs` knob)."""
+    ratio = next(r for k, _, r in RATIO_KNOBS if k == knob)
+    cut = 0 if knob in kept_knobs(teacher, config) else config.max_width_prune
+    low = math.ceil(getattr(teacher, knob) * (1 - cut))
+    return [p for p in range(getattr(teacher, ratio), 0, -1) if base * p >= low]
 
 
 def all_valid(teacher: Arch, config: SpaceConfig) -> Iterator[Arch]:
@@ -89,10 +128,10 @@ def all_valid(teacher: Arch, config: SpaceConfig) -> Iterator[Arch]:
     values = knob_values(teacher, config)
     for combo in itertools.product(*values.values()):
         sizes = dict(zip(values, combo, strict=True))
-        for derived in _ratio_choices(teacher, sizes, config.max_width_prune):
+        for derived in _ratio_choices(teacher, sizes, config):
             try:
                 yield teacher.replace(**sizes, **derived)
-            except InfeasibleError:  # e.g. hidden_size not divisible by the heads: transformers cannot load it
+            except InfeasibleError:  # e.g. hidden_size not divisible by the heads: no loadable model
                 continue
 
 
@@ -133,24 +172,38 @@ def enumerate_candidates(
     )
 
 
-# shapes (knob choices but hidden_size) a space may hold: measured here, Qwen3.5-9B's 189,000 take 48 s of
-# CPU, so 1M is about 4 minutes; Nemotron-Nano-9B-v2 at the default steps and ratios has 3.6M
+# shapes (knob choices but hidden_size) a space may hold, measured here on 2 busy cores: Qwen3.5-9B's 52,500
+# take 9-20 s, Nemotron-Nano-9B-v2's 145,152 23-38 s, Qwen3.5-35B-A3B's 440,640 52-71 s (up to ~0.4 ms a
+# shape), so 1M is a few minutes
 MAX_SHAPES = 1_000_000
 
 
-def check_grid(teacher: Arch, config: SpaceConfig) -> None:
-    """ConfigError, before any work, when the space has more than `MAX_SHAPES` shapes to try: enumerating it
-    would take many minutes; the message gives the settings that coarsen it."""
+def shape_count(teacher: Arch, config: SpaceConfig) -> int:
+    """How many shapes (knob choices but hidden_size) the space tries: the loops of `_in_window`, each base
+    knob's value with its own choices of the knobs that are multiples of it."""
     values = knob_values(teacher, config)
     values.pop("hidden_size")
-    shapes = math.prod(len(v) for v in values.values())
-    shapes *= math.prod(getattr(teacher, ratio) for knob, _, ratio in RATIO_KNOBS if knob in teacher.knobs)
+    ratios = [(knob, base) for knob, base, _ in RATIO_KNOBS if knob in teacher.knobs]
+    shapes = math.prod(len(v) for k, v in values.items() if k not in {base for _, base in ratios})
+    for knob, base in ratios:  # a base knob has one ratio knob
+        shapes *= sum(len(_multiples(teacher, config, knob, b)) for b in values[base])
+    return shapes
+
+
+def check_grid(teacher: Arch, config: SpaceConfig) -> None:
+    """ConfigError, before any work, when the space has more than `MAX_SHAPES` shapes to try (`shape_count`):
+    enumerating it would take many minutes; the message gives the settings that coarsen it."""
+    shapes = shape_count(teacher, config)
+    searched = _minor_attention(teacher) and "num_query_groups" in config.steps
+    keep = (
+        "; or leave num_query_groups out of the steps: this hybrid then keeps its attention widths" * searched
+    )
     if shapes > MAX_SHAPES:
         raise ConfigError(
             f"the space has {shapes:,} shapes to try (more than {MAX_SHAPES:,}: many minutes to enumerate); "
             "coarsen it, e.g. --steps hidden_size=256,ffn_hidden_size=512 --max-width-prune 0.4 --max-depth-prune "
-            "0.2 (NVIDIA's pruning tool's steps and limits; in a study: [space] steps, max_width_prune, "
-            "max_depth_prune)"
+            f"0.2 (NVIDIA's pruning tool's steps and limits; in a study: [space] steps, max_width_prune, "
+            f"max_depth_prune){keep}"
         )
 
 
@@ -167,7 +220,7 @@ def _in_window(teacher: Arch, config: SpaceConfig, low: float, high: int) -> Ite
 
     for combo in itertools.product(*values.values()):
         sizes = dict(zip(values, combo, strict=True))
-        for derived in _ratio_choices(teacher, sizes, config.max_width_prune):
+        for derived in _ratio_choices(teacher, sizes, config):
             fixed = sizes | derived
             start = bisect.bisect_left(hidden, low, key=lambda h, f=fixed: size(f, h))
             stop = bisect.bisect_right(hidden, high, key=lambda h, f=fixed: size(f, h))

@@ -153,7 +153,8 @@ def horizon_facts(horizon: dict[str, dict]) -> dict[str, dict[str, Any]]:
             continue
         last = record["rungs"][-1]
         facts[budget] = {"stop": record.get("stop"), "tokens": last["tokens"], "rungs": len(record["rungs"]),
-                         "first_tokens": record["rungs"][0]["tokens"], "tau": last["tau"], "margin": last["margin"],
+                         "first_tokens": record["rungs"][0]["tokens"], "tau": last["tau"],
+                         "crossing_tau": last.get("crossing_tau"), "margin": last["margin"],
                          "noise": last["noise"], "within_noise": last["within_noise"], "pick": record.get("pick"),
                          "extra_tokens": record.get("tokens")}  # fmt: skip
     return facts

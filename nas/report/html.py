@@ -207,11 +207,13 @@ def horizon_text(data: ReportData) -> str:
                  else f"top-1 margin {fmt(f['margin'])} vs noise {fmt(f['noise'])}")  # fmt: skip
         lines.append(f"<li>{html.escape(budget)}: stopped at {f['tokens']:,} tokens per finalist "
                      f"({f['tokens'] / max(f['first_tokens'], 1):.0f}x the horizon, {f['rungs']} rungs): "
-                     f"<b>{html.escape(str(f['stop']))}</b>; Kendall tau with the rung before {fmt(f['tau'])}; "
+                     f"<b>{html.escape(str(f['stop']))}</b>; Kendall tau with the rung before {fmt(f['tau'])}, with the "
+                     f"order predicted at the final tokens {fmt(f.get('crossing_tau'))}; "
                      f"{html.escape(noise)}; pick trial {f['pick']}, {fmt(f['extra_tokens'])} tokens beyond the "
                      "trials</li>")  # fmt: skip
     return ('<p class="help">The finalists keep distilling in rungs of doubling tokens until the order of the '
-            "best agrees between consecutive rungs (Kendall tau; swaps within the noise count as ties) or a "
+            "best agrees between consecutive rungs and with the order their fitted power laws predict at the final "
+            "distillation's tokens (Kendall tau; swaps within the noise count as ties) or a "
             f"token cap is spent.</p><ul>{''.join(lines)}</ul>") if lines else ""  # fmt: skip
 
 

@@ -21,7 +21,8 @@ from torch import nn
 
 from nas.device import model_device
 from nas.evaluate.loss import lm_loss
-from nas.model.arch import Arch, count_params, kv_cache_bytes
+from nas.model.arch import Arch
+from nas.model.size import count_params, kv_cache_bytes
 from nas.prune.cut import prune
 from nas.prune.importance import Importance
 from nas.prune.space import memory_bytes, memory_violation

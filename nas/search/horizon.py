@@ -7,7 +7,12 @@ remaining finalist from its rung r-1 model for as many tokens as it has had (so 
 horizons), on the batches after the ones it saw (`DistillConfig.data_offset`), with a fresh warmup-free
 schedule of the distill settings, as the winner's final distillation also continues from its short run.
 After every rung the per-sequence validation losses give the noise of the top-1 margin (a paired
-bootstrap), and `nas.search.ranking` decides: stable, cap, or one candidate left. Only the best
+bootstrap), and `nas.search.ranking` decides: stable, cap, or one candidate left. Stable needs two
+agreements (`search.predict_crossings`): the order of the best with the rung before, and with the order
+that each finalist's power law in tokens predicts at the final distillation's tokens, since a ranking can
+hold between two short rungs and still flip later (slow, steady crossings: Minitron §4.2's flip "around
+200 steps"); and it needs a rung past the horizon (`search.min_horizon_factor`), since the trials' own
+half vs full horizon cannot see a ranking still moving at a longer scale. Only the best
 `stable_top` go on to the next rung. The record (one per budget, written to the study after every rung,
 so a killed search resumes at its last rung) holds each rung's tokens, losses, predicted final losses,
 Kendall tau, margin and noise, why it stopped, and the pick with its model directory.
@@ -96,11 +101,17 @@ def judge(ctx: SearchContext, losses: dict[int, float], previous: dict, tokens: 
                                    cfg.distill.eval_batch_size) for n in order[:2]]  # fmt: skip
         noise = ranking.margin_noise(per_seq[0], per_seq[1], s.bootstrap_samples, cfg.seed)
     tau = ranking.top_tau(previous, rank_by, s.stable_top, noise)
-    spent = tokens
-    stop = ranking.stop_reason(len(order), tau, s.stable_tau, spent, spent, s.max_horizon_factor * cfg.horizon_tokens)
+    # will the curves cross before the final distillation? the pairs their power laws tell apart at the final
+    # tokens, against the order now
+    ahead = ranking.top_tau(losses, predicted, s.stable_top, noise)
+    held = ranking.weakest(tau, ahead if s.predict_crossings else None)
+    cap = s.max_horizon_factor * cfg.horizon_tokens
+    stop = ranking.stop_reason(len(order), held, s.stable_tau, tokens, tokens, cap)
+    if stop == ranking.STABLE and tokens < s.min_horizon_factor * cfg.horizon_tokens:
+        stop = None  # judged only by the trials' own rungs: one more scale first
     margin = rank_by[order[1]] - rank_by[order[0]] if len(order) >= 2 else None
     return {"tokens": tokens, "losses": {str(n): v for n, v in losses.items()},
-            "predicted": {str(n): v for n, v in predicted.items()}, "order": order, "tau": tau,
+            "predicted": {str(n): v for n, v in predicted.items()}, "order": order, "tau": tau, "crossing_tau": ahead,
             "margin": margin, "noise": noise, "within_noise": ranking.within_noise(rank_by, noise),
             "stop": stop}  # fmt: skip
 
@@ -145,9 +156,13 @@ def extend_horizon(ctx: SearchContext, study: optuna.Study, budget: str | None) 
             return record
         record["rungs"].append(first_rung(ctx, trials, record))
     while (reason := record["rungs"][-1]["stop"]) is None:
-        log.info("budget %s: the best are still reordering at %s tokens (tau %s); extending the horizon to %s",
-                 label, f"{record['rungs'][-1]['tokens']:,}", record["rungs"][-1]["tau"],
-                 f"{2 * record['rungs'][-1]['tokens']:,}")  # fmt: skip
+        last = record["rungs"][-1]
+        held = ranking.weakest(last["tau"], last.get("crossing_tau")) in (None, 1.0)
+        log.info("budget %s: %s at %s tokens (Kendall tau with the rung before %s, with the order their fitted "
+                 "curves predict at the final tokens %s); extending the horizon to %s", label,
+                 "the order held but only over the trials' own rungs" if held else "the best are still reordering",
+                 f"{last['tokens']:,}", _fmt(last["tau"]), _fmt(last.get("crossing_tau")),
+                 f"{2 * last['tokens']:,}")  # fmt: skip
         record["rungs"].append(next_rung(ctx, record, label))
         _write(study, records, label, record)
     last = record["rungs"][-1]
@@ -157,6 +172,10 @@ def extend_horizon(ctx: SearchContext, study: optuna.Study, budget: str | None) 
     log.info("budget %s: horizon stopped at %s tokens (%s); pick trial %d%s", label, f"{last['tokens']:,}", reason,
              pick, "; the top two are within the validation noise" if last["within_noise"] else "")  # fmt: skip
     return record
+
+
+def _fmt(tau: float | None) -> str:
+    return "undefined (within noise)" if tau is None else f"{tau:.2f}"
 
 
 def _spent(record: dict) -> int:

@@ -2,12 +2,13 @@
 hold between two rungs, is the top-1 margin beyond the validation noise, why a search stopped, and a
 power law in tokens that predicts each curve's loss at the final distillation.
 
-The statistic, and why: Kendall tau (scipy.stats.kendalltau, tau-b) between the losses of two consecutive
-rungs over the best `top` of the later rung. Tau counts discordant pairs, so one swap among three costs
-as much as any other; a rank correlation is what the decision needs (which candidate wins), not how far
-the losses moved. Two candidates whose later losses differ by less than the noise are tied in the later
-rung (single-linkage groups of the sorted losses), so a swap the data cannot resolve is not counted as a
-reordering. The noise is the standard error of the top-1 margin from a paired bootstrap over validation
+The statistic, and why: Kendall's tau between the losses of two consecutive rungs (or a rung and the
+losses its curves predict at the final tokens) over the best `top` of the later one. Tau counts discordant
+pairs, so one swap among three costs as much as any other; a rank correlation is what the decision needs
+(which candidate wins), not how far the losses moved. Two candidates whose later losses differ by less than
+the noise are tied (single-linkage groups of the sorted losses), and tied pairs are left out (Goodman and
+Kruskal's gamma), so a swap the data cannot resolve is no reordering, while every pair it can resolve
+still counts. The noise is the standard error of the top-1 margin from a paired bootstrap over validation
 sequences (scipy.stats.bootstrap): both candidates are scored on the same sequences, so the paired
 difference removes the sequences' own difficulty, which dominates an unpaired spread.
 """
@@ -54,20 +55,26 @@ def noise_groups(values: Sequence[float], noise: float) -> list[int]:
 
 
 def top_tau(previous: dict, current: dict, top: int, noise: float = 0.0) -> float | None:
-    """Kendall tau-b of the losses at two rungs over the best `top` of `current` (keys in both). Candidates
-    within the noise of each other now are tied in both rungs, so a swap the data cannot resolve is no
-    reordering. None when it is undefined: fewer than two candidates, or all tied within noise."""
+    """Kendall's tau of two rungs' losses over the best `top` of `current` (keys in both), counted over the
+    pairs that `current` resolves: candidates within the noise of each other now (`noise_groups`) are a tie,
+    and a tie is no pair (Goodman and Kruskal's gamma, (concordant - discordant) / (concordant + discordant);
+    tau-b would count ties against the order, so that a swap the data cannot resolve blocks a stop). None
+    when it is undefined: fewer than two candidates, or no pair resolved."""
     best = sorted((k for k in current if k in previous), key=lambda k: current[k])[:top]
-    if len(best) < 2:
-        return None
     groups = noise_groups([current[k] for k in best], noise)
-    if len(set(groups)) < 2:
-        return None
-    first = {g: previous[k] for k, g in reversed(list(zip(best, groups, strict=True)))}
-    with warnings.catch_warnings():  # a constant input gives nan with a warning: handled below
-        warnings.simplefilter("ignore")
-        tau = stats.kendalltau([first[g] for g in groups], groups).statistic
-    return None if math.isnan(tau) else float(tau)
+    signs = [
+        math.copysign(1.0, (groups[j] - groups[i]) * (previous[b] - previous[a]))
+        for i, a in enumerate(best)
+        for j, b in enumerate(best[i + 1 :], start=i + 1)
+        if groups[i] != groups[j] and previous[a] != previous[b]
+    ]
+    return float(sum(signs) / len(signs)) if signs else None
+
+
+def weakest(*taus: float | None) -> float | None:
+    """The lowest of the defined taus (the agreement that holds least); None when none is defined."""
+    defined = [t for t in taus if t is not None]
+    return min(defined) if defined else None
 
 
 def stop_reason(left: int, tau: float | None, stable_tau: float, spent: int, next_rung: int, cap: int) -> str | None:

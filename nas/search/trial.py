@@ -39,7 +39,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from nas.device import resolve_device
 from nas.errors import InfeasibleError
-from nas.model.arch import Arch, count_budget_params, count_params, kv_cache_bytes
+from nas.model.arch import Arch
+from nas.model.size import count_budget_params, count_params, kv_cache_bytes
 from nas.prune.cut import prune
 from nas.prune.importance import Importance
 from nas.prune.space import RATIO_KNOBS

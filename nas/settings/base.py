@@ -20,7 +20,7 @@ SAMPLERS = ["auto", "funnel", "exhaustive", "tpe"]
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1}
 SIZE_KNOBS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_query_groups", "num_experts",  # with steps
               # hybrid stacks (nas.model.blocks): layers per type, Gated DeltaNet key heads, Mamba2 heads
-              "num_attention_layers", "num_linear_attention_layers", "num_mamba_layers", "num_mlp_layers",
+              "num_attention_layers", "num_global_attention_layers", "num_linear_attention_layers", "num_mamba_layers", "num_mlp_layers",
               "num_moe_layers", "num_linear_key_heads", "num_mamba_heads", "mamba_head_dim")  # fmt: skip
 VISION = ("drop", "keep")  # a multimodal teacher's vision tower in the export (nas.model.multimodal says why drop)
 BUDGET_KINDS = ("total", "active")  # a budget on all parameters, or on those one token uses (MoE)

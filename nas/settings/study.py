@@ -134,6 +134,11 @@ class RunConfig(Settings):
             raise ValueError(
                 f"search.finalists ({self.search.finalists}) must be <= search.screen_top ({self.search.screen_top})"
             )
+        if self.search.min_horizon_factor > self.search.max_horizon_factor:
+            raise ValueError(
+                f"search.min_horizon_factor ({self.search.min_horizon_factor}) must be <= "
+                f"search.max_horizon_factor ({self.search.max_horizon_factor})"
+            )
         if self.search.horizon_tokens and self.search.horizon_steps:
             raise ValueError("give search.horizon_tokens or (older studies) search.horizon_steps, not both")
         if self.search.rung_tokens and self.search.eval_every:

@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import nn
 
+from nas.model.families import global_value
 from nas.settings import DistillConfig
 from nas.train.teacher_cache import TeacherCache
 
@@ -47,7 +48,10 @@ def _model_identity(model: nn.Module | None) -> dict | None:
         source = str(Path(source).resolve())
     keys = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
             "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")  # fmt: skip
-    return {"from": source, **{k: getattr(config, k, None) for k in keys}}
+    identity = {"from": source, **{k: global_value(config, k) for k in keys}}
+    if getattr(config, "is_heterogeneous", False):  # Gemma 4's full-attention layers: their own shapes too
+        identity["per_layer_config"] = config.to_dict().get("per_layer_config")
+    return identity
 
 
 def restart_hint(out: Path) -> str:
