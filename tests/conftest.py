@@ -6,6 +6,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# one OpenMP thread in every process the tests start too (CLI runs, workers, torchrun, benchmark scripts):
+# with two pytest workers (`-n 2`) on 2 cores, a child with 2 threads oversubscribes them
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

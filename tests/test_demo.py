@@ -80,7 +80,11 @@ def test_demo_plan_scales_steps_with_minutes():
 
 
 @pytest.mark.slow
-def test_tiny_demo_writes_every_artifact(tmp_path, monkeypatch):
+def test_tiny_demo_writes_every_artifact_and_a_second_demo_searches_afresh(tmp_path, monkeypatch):
+    """The whole demo at a tiny size writes every artifact; then `nas demo --minutes 3` then `--minutes 4`
+    (at a reduced size): the longer demo trains another teacher, and its search starts over (new study,
+    importance and teacher cache) instead of refusing the first run's outputs. One test, so that the first
+    demo runs once for both (the longest test of this file)."""
     monkeypatch.chdir(tmp_path)  # the report goes to ./reports/
     out = tmp_path / "demo"
     result = run_demo(out, plan=TINY, device="cpu")
@@ -91,7 +95,8 @@ def test_tiny_demo_writes_every_artifact(tmp_path, monkeypatch):
     assert len(AutoTokenizer.from_pretrained(teacher)) == TINY.teacher.vocab_size
     # the tokenizer saw exactly the documents nas.data put in the train split
     corpus = out / "corpus" / "kjv.jsonl"
-    seen = {document_hash(t) for t in train_texts(corpus, run_config(out, corpus, TINY, "cpu").data)}
+    cfg = run_config(out, corpus, TINY, "cpu")
+    seen = {document_hash(t) for t in train_texts(corpus, cfg.data)}
     assert seen == set(np.load(next((out / "cache").glob("*/train.hashes.npy"))).tolist())
     assert (out / "importance.safetensors").is_file()
     study = optuna.load_study(study_name="demo", storage=f"sqlite:///{out / 'study.db'}")
@@ -110,43 +115,31 @@ def test_tiny_demo_writes_every_artifact(tmp_path, monkeypatch):
     assert f"{result.winner_val_loss:.4f}" in table and f"{result.scratch_val_loss:.4f}" in table
     assert set(result.stage_seconds) == set(TINY.estimates())
 
-    # the complete teacher is found again; another spec or a missing marker is not
-    key = teacher_key(TINY.teacher, TINY.seq_len, corpus)
-    assert load_teacher_info(teacher, key).reused
-    other = teacher_key(
-        dataclasses.replace(TINY.teacher, steps=7), TINY.seq_len, out / "corpus" / "kjv.jsonl"
-    )
-    assert load_teacher_info(teacher, other) is None
-    (teacher / MARKER).unlink()
-    assert load_teacher_info(teacher, key) is None
-
-
-@pytest.mark.slow
-def test_a_second_demo_into_the_same_out_searches_afresh(tmp_path, monkeypatch):
-    """`nas demo --minutes 3` then `--minutes 4` (at a reduced size): the longer demo trains another
-    teacher, and its search starts over (new study, importance and teacher cache) instead of refusing
-    the first run's outputs."""
-    monkeypatch.chdir(tmp_path)
-    out = tmp_path / "demo"
-    plan = TINY
-    run_demo(out, plan=plan, device="cpu")
-    first = optuna.load_study(study_name="demo", storage=f"sqlite:///{out / 'study.db'}").trials
-    cfg = run_config(out, out / "corpus" / "kjv.jsonl", plan, "cpu")
     # every output of the study is one StudyPaths owns (what the next run clears), or the demo's own
+    first = study.trials
     demo_own = {"teacher", "corpus", "cache", "scratch", "study.db"}
     written = {p.name for p in out.iterdir() if not p.name.startswith(".")}
     assert written - demo_own == {p.name for p in cfg.paths.outputs()}
     assert {"teacher_cache", "winner-60pct", "final-60pct", "importance.safetensors"} <= written
     first_importance = (out / "importance.safetensors").stat().st_mtime_ns
-    first_teacher = json.loads((out / "teacher" / MARKER).read_text())
 
     longer = dataclasses.replace(
-        plan, teacher=dataclasses.replace(plan.teacher, steps=plan.teacher.steps + 2)
+        TINY, teacher=dataclasses.replace(TINY.teacher, steps=TINY.teacher.steps + 2)
     )
     result = run_demo(out, plan=longer, device="cpu")
-    assert json.loads((out / "teacher" / MARKER).read_text()) != first_teacher  # another teacher
+    assert json.loads((teacher / MARKER).read_text()) != info  # another teacher
     assert (out / "importance.safetensors").stat().st_mtime_ns != first_importance
     study = optuna.load_study(study_name="demo", storage=f"sqlite:///{out / 'study.db'}")
     assert first and len(study.trials) == len(first)  # this run's trials only, every one finished
     assert all(t.state.is_finished() for t in study.trials)
     assert StudyRecord.read(study).winner["dir"] == str(result.winner_dir.resolve())
+
+    # the complete teacher is found again; another spec or a missing marker is not
+    key = teacher_key(longer.teacher, longer.seq_len, corpus)
+    assert load_teacher_info(teacher, key).reused
+    other = teacher_key(
+        dataclasses.replace(longer.teacher, steps=longer.teacher.steps + 1), longer.seq_len, corpus
+    )
+    assert load_teacher_info(teacher, other) is None
+    (teacher / MARKER).unlink()
+    assert load_teacher_info(teacher, key) is None
