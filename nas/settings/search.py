@@ -119,7 +119,8 @@ class SearchConfig(Settings):
     )
     # measured here (benchmarks/search_quality.py, 25/30/40/45%): the funnel with 1 of each class picked as
     # well as the halving over every candidate (the same picks) at 0.71-0.92x its tokens, and its finalists'
-    # order matched the 10x ground truth in 3 of 4 budgets (the halving over all: 2 of 4)
+    # order matched the 10x ground truth in 3 of 4 budgets (the halving over all: 2 of 4; over the pairs the
+    # ground truth resolves, both 3 of 3)
     per_class: int = _described(
         1,
         "the screen keeps besides its best screen_top the best per_class of each depth (num_layers) and of "
