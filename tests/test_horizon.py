@@ -41,6 +41,9 @@ def test_stop_reasons():
     assert ranking.stop_reason(3, None, 1.0, 10, 10, 100) == ranking.STABLE  # everything within noise
     assert ranking.stop_reason(3, 0.3, 1.0, 10, 10, 100) is None  # reordering: extend
     assert ranking.stop_reason(3, 0.3, 1.0, 80, 80, 100) == ranking.CAP
+    assert ranking.stop_reason(3, 1.0, 1.0, 10, 10, 100, floor=20) is None  # held, but not past the floor
+    assert ranking.stop_reason(3, 1.0, 1.0, 20, 20, 100, floor=20) == ranking.STABLE
+    assert ranking.stop_reason(3, 1.0, 1.0, 20, 20, 30, floor=30) == ranking.CAP  # the cap still binds
 
 
 def test_bootstrap_noise_shrinks_with_sequences_and_pairing():

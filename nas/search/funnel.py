@@ -22,6 +22,7 @@ from torch import nn
 from nas.device import model_device
 from nas.evaluate.loss import lm_loss
 from nas.model.arch import Arch
+from nas.model.blocks import LAYER_KNOBS
 from nas.model.size import count_params, kv_cache_bytes
 from nas.prune.cut import prune
 from nas.prune.importance import Importance
@@ -145,8 +146,7 @@ def rank_budget(scored: list[Screened]) -> list[Screened]:
 
 # the unit kinds a candidate can cut, each from its knobs: a class is the set it cuts (`prune_class`)
 CUT_AXES = {
-    "depth": ("num_layers", "num_attention_layers", "num_linear_attention_layers", "num_mamba_layers",
-              "num_mlp_layers", "num_moe_layers", "num_global_attention_layers"),
+    "depth": ("num_layers", *LAYER_KNOBS.values()),
     "hidden": ("hidden_size",),
     "mlp": ("ffn_hidden_size",),
     "attention": ("num_attention_heads", "num_query_groups"),

@@ -106,9 +106,9 @@ def judge(ctx: SearchContext, losses: dict[int, float], previous: dict, tokens: 
     ahead = ranking.top_tau(losses, predicted, s.stable_top, noise)
     held = ranking.weakest(tau, ahead if s.predict_crossings else None)
     cap = s.max_horizon_factor * cfg.horizon_tokens
-    stop = ranking.stop_reason(len(order), held, s.stable_tau, tokens, tokens, cap)
-    if stop == ranking.STABLE and tokens < s.min_horizon_factor * cfg.horizon_tokens:
-        stop = None  # judged only by the trials' own rungs: one more scale first
+    # a rung past the horizon first: the trials' own rungs alone cannot see a ranking moving at longer scales
+    floor = s.min_horizon_factor * cfg.horizon_tokens
+    stop = ranking.stop_reason(len(order), held, s.stable_tau, tokens, tokens, cap, floor)
     margin = rank_by[order[1]] - rank_by[order[0]] if len(order) >= 2 else None
     return {"tokens": tokens, "losses": {str(n): v for n, v in losses.items()},
             "predicted": {str(n): v for n, v in predicted.items()}, "order": order, "tau": tau, "crossing_tau": ahead,
@@ -157,7 +157,7 @@ def extend_horizon(ctx: SearchContext, study: optuna.Study, budget: str | None) 
         record["rungs"].append(first_rung(ctx, trials, record))
     while (reason := record["rungs"][-1]["stop"]) is None:
         last = record["rungs"][-1]
-        held = ranking.weakest(last["tau"], last.get("crossing_tau")) in (None, 1.0)
+        held = ranking.holds(ranking.weakest(last["tau"], last.get("crossing_tau")), ctx.cfg.search.stable_tau)
         log.info("budget %s: %s at %s tokens (Kendall tau with the rung before %s, with the order their fitted "
                  "curves predict at the final tokens %s); extending the horizon to %s", label,
                  "the order held but only over the trials' own rungs" if held else "the best are still reordering",

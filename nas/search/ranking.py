@@ -77,13 +77,19 @@ def weakest(*taus: float | None) -> float | None:
     return min(defined) if defined else None
 
 
-def stop_reason(left: int, tau: float | None, stable_tau: float, spent: int, next_rung: int, cap: int) -> str | None:
+def holds(tau: float | None, stable_tau: float) -> bool:
+    """Whether an order held: `tau` >= `stable_tau`, or undefined because every pair is within noise."""
+    return tau is None or tau >= stable_tau - 1e-9  # a float tau of an identical order may be 1 - 1e-16
+
+
+def stop_reason(left: int, tau: float | None, stable_tau: float, spent: int, next_rung: int, cap: int,
+                floor: int = 0) -> str | None:  # fmt: skip
     """Why the extension stops after a rung (None: extend): one candidate left, the order of the best
-    held (`tau` >= `stable_tau`, or undefined because every pair is within noise), or the next rung would
-    spend more than `cap` tokens per candidate."""
+    held (`holds`) with at least `floor` tokens spent, or the next rung would spend more than `cap` tokens
+    per candidate."""
     if left <= 1:
         return ONE_LEFT
-    if tau is None or tau >= stable_tau - 1e-9:  # scipy's tau of an identical order is 1 - 1e-16
+    if holds(tau, stable_tau) and spent >= floor:
         return STABLE
     if spent + next_rung > cap:
         return CAP
