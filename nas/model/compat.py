@@ -28,19 +28,34 @@ def _mend_dummy_layer_seq_length() -> bool:
     from transformers import cache_utils
 
     dummy = getattr(cache_utils, "DummyLayer", None)
-    if dummy is None or hasattr(dummy, "get_seq_length"):
-        return False  # no stateless cache layers, or they answer themselves
+    if dummy is None or not _stateless_layer_zero_breaks(cache_utils):
+        return False  # no stateless cache layers, or the cache already looks past them (5.24 and older)
     original = cache_utils.Cache.get_seq_length
 
     @functools.wraps(original)
     def get_seq_length(self, layer_idx: int = 0) -> int:
         layers = getattr(self, "layers", [])
         if layer_idx < len(layers) and isinstance(layers[layer_idx], dummy):
-            stateful = [i for i, layer in enumerate(layers) if not isinstance(layer, dummy)]
-            if not stateful:
-                return 0  # nothing is cached anywhere
-            layer_idx = stateful[0]
+            stateful = next((layer for layer in layers if not isinstance(layer, dummy)), None)
+            return 0 if stateful is None else stateful.get_seq_length()  # nothing cached anywhere: 0
         return original(self, layer_idx)
 
     cache_utils.Cache.get_seq_length = get_seq_length
     return True
+
+
+def _stateless_layer_zero_breaks(cache_utils) -> bool:
+    """Whether `get_seq_length()` of a cache whose layer 0 holds nothing raises, as on 5.25 (probed, not
+    read off the version: a later release may fix it)."""
+    try:
+        cache = cache_utils.DynamicCache()
+        cache.layers = [cache_utils.DummyLayer(), cache_utils.DynamicLayer()]
+    except Exception:  # another cache API: nothing this mend knows how to mend
+        return False
+    try:
+        cache.get_seq_length()
+    except AttributeError:
+        return True
+    except Exception:
+        return False
+    return False
