@@ -7,6 +7,10 @@ of `seq_len` tokens (the incomplete last row dropped) and cached as a memory-map
 `cache_dir/<key>/`, where the key hashes the source's files (path, size, mtime) or hub id, the tokenizer,
 `seq_len` and the split fractions; a second `prepare` reads the cache and tokenizes nothing.
 
+A chat source (`messages_field`) is rendered with the tokenizer's chat template (or the named or Jinja
+`chat_template`) and then tokenized like text, EOS after each conversation, every token trained on; the
+template's name and hash go into its cache key and `TokenData.chat_templates`.
+
 Train batches follow blends with phases: the phase is the one with the greatest `start` <= step /
 total_steps, each sequence's source is drawn with the phase's weights, and its row uniformly (with
 replacement), all from `np.random.default_rng([seed, step])`, so resuming at a step replays its batch.
@@ -65,6 +69,7 @@ class TokenData:
     seed: int
     splits: dict[str, list[np.ndarray]]  # split -> one [rows, seq_len] memmap per source
     from_cache: bool = False  # True when nothing was tokenized
+    chat_templates: dict[str, str] = field(default_factory=dict)  # chat source path -> `template_label`
     _phase_ids: list[np.ndarray] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -142,8 +147,10 @@ def prepare(cfg: DataConfig, tokenizer: Any) -> TokenData:
     tok_hash = tokenizer_fingerprint(tokenizer)
     splits: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     hashes: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
-    metas = []
+    metas, templates = [], {}
     for source in cfg.sources:
+        if source.messages_field is not None:
+            templates[source.path] = template_label(source, chat_template(tokenizer, source))
         directory, hit = cached_source(source, cfg, tokenizer, tok_hash)
         metas.append(json.loads((directory / "meta.json").read_text()) | {"directory": directory, "hit": hit})
     check_sizes(cfg, metas)
@@ -155,7 +162,9 @@ def prepare(cfg: DataConfig, tokenizer: Any) -> TokenData:
     check_disjoint({s: np.concatenate(h) for s, h in hashes.items()})
     # the source keys cover file sizes and mtimes, so edited data gives another fingerprint
     fingerprint = _hash([config_dict(cfg), tok_hash, [meta["key"] for meta in metas]])
-    data = TokenData(cfg.seq_len, fingerprint, cfg.sources, cfg.phases, cfg.seed, splits, from_cache)
+    data = TokenData(
+        cfg.seq_len, fingerprint, cfg.sources, cfg.phases, cfg.seed, splits, from_cache, templates
+    )
     log.info(
         "data %s: %s sequences of %d tokens (train/val/calib)%s",
         fingerprint[:12],
@@ -169,7 +178,10 @@ def prepare(cfg: DataConfig, tokenizer: Any) -> TokenData:
 def cached_source(source: Source, cfg: DataConfig, tokenizer: Any, tok_hash: str) -> tuple[Path, bool]:
     """The cache directory of `source` (tokenized now unless already there), and whether it was there."""
     settings = [cfg.seq_len, cfg.val_fraction, cfg.calib_fraction]
-    key = _hash([CACHE_VERSION, source_fingerprint(source), tok_hash, settings])
+    parts = [CACHE_VERSION, source_fingerprint(source), tok_hash, settings]
+    if source.messages_field is not None:  # the template's text decides the tokens as much as the vocabulary
+        parts.append(chat_template(tokenizer, source))
+    key = _hash(parts)
     directory = Path(cfg.cache_dir) / key[:24]
     if (directory / "meta.json").is_file():
         check_cached(directory, key, cfg.seq_len)
@@ -210,7 +222,9 @@ def tokenize_source(source: Source, cfg: DataConfig, tokenizer: Any, directory: 
     writers = {s: SplitWriter(directory / f"{s}.bin", dtype, cfg.seq_len) for s in SPLITS}
     try:
         batch: list[str] = []
-        documents = tqdm(load_documents(source), desc=f"tokenizing {source.path}", unit="doc", disable=None)
+        render = chat_renderer(tokenizer, source) if source.messages_field is not None else None
+        documents = load_documents(source, render)
+        documents = tqdm(documents, desc=f"tokenizing {source.path}", unit="doc", disable=None)
         for text in documents:
             batch.append(text)
             if len(batch) == TOKENIZE_BATCH:
@@ -228,6 +242,37 @@ def tokenize_source(source: Source, cfg: DataConfig, tokenizer: Any, directory: 
     )
     return {"version": CACHE_VERSION, "source": source.model_dump(), "seq_len": cfg.seq_len,
             "dtype": np.dtype(dtype).name, "tokenizer": type(tokenizer).__name__, "splits": splits}  # fmt: skip
+
+
+def chat_template(tokenizer: Any, source: Source) -> str:
+    """The Jinja text of the chat template a chat source is rendered with: the tokenizer's own, or
+    `source.chat_template` (one of the tokenizer's named templates, or a Jinja template itself)."""
+    try:
+        return tokenizer.get_chat_template(source.chat_template)
+    except (ValueError, AttributeError) as e:
+        raise DataError(
+            f"{source.path} is chat data but {str(e).splitlines()[0]}; give the template with chat_template "
+            "(--chat-template): a template name of the tokenizer's or a Jinja template"
+        ) from None
+
+
+def template_label(source: Source, template: str) -> str:
+    """How records name the template of a chat source: its name (or 'tokenizer' / 'jinja') and hash."""
+    name = source.chat_template or "tokenizer"
+    if source.chat_template is not None and source.chat_template == template:  # given as Jinja text
+        name = "jinja"
+    return f"{name} (sha1 {hashlib.sha1(template.encode()).hexdigest()[:12]})"
+
+
+def chat_renderer(tokenizer: Any, source: Source):
+    """messages -> the conversation as text, rendered by the chat template (no generation prompt: the
+    conversation is a finished document; special tokens are in the text and tokenized as such)."""
+    template = chat_template(tokenizer, source)
+
+    def render(messages: list) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, chat_template=template)
+
+    return render
 
 
 def write_documents(
