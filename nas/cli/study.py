@@ -202,7 +202,8 @@ def cmd_search(args) -> int:
             f"study {cfg.name} is a chain of stages (cascade / iterative_step): each stage's search needs the "
             "previous stage's distilled winner, so run it with nas run"
         )
-    _, study = search(cfg, restart=args.restart)
+    ctx, study = search(cfg, restart=args.restart)
+    ctx.trackers.close()
     print_trials(study)
     print(f"study {cfg.name} in {cfg.storage_url}")
     return 0

@@ -55,6 +55,12 @@ class RunConfig(Settings):
     correct_steps: int = _described(0, "teacher correction: LM fine-tune steps before pruning (0: off)", ge=0)
     seed: int = _described(0, "seed of every short run")
     device: str = _described("auto", "auto (CUDA if available), cpu, cuda, cuda:1 ...")
+    # none by default, as transformers' Trainer now defaults report_to to "none": a tracker is an extra
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = _described(
+        [],
+        "experiment trackers that stream each trial's and the final distillation's metrics.jsonl and the "
+        "study's progress (optional extras: pip install 'nas[tensorboard]')",
+    )
     space: SpaceConfig = _described(SpaceConfig(), "which architectures are candidates")
     importance: ImportanceConfig = _described(ImportanceConfig(), "the importance pass")
     search: SearchConfig = _described(SearchConfig(), "the Optuna search")
