@@ -297,6 +297,7 @@ def worker(storage: str, study_name: str, max_trials: int | None = None) -> optu
         )
     data["out_dir"] = str(importance.parent)  # so a relative out_dir works from any working directory
     cfg = run_config_from_dict(data)
+    check_trackers(cfg.report_to)  # a missing extra before any work
     group = dist.setup(dist.local_device(cfg.distill.device))
     with dist.rank_zero_first():  # rank 0 fills the token cache, the others read it
         ctx = prepare_context(cfg, record.candidates, record.screen)
@@ -305,8 +306,10 @@ def worker(storage: str, study_name: str, max_trials: int | None = None) -> optu
         follow_trials(ctx)
         return None
     study = open_study(ctx, create=False)
+    ctx.trackers = Trackers(cfg.report_to, cfg.root, cfg.name, cfg.to_dict())  # this worker's trials
     try:
         run_trials(ctx, study, max_trials)
     finally:
         dist.from_rank_zero(None)  # the group's other processes stop
+        ctx.trackers.close()
     return study
