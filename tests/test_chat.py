@@ -192,3 +192,15 @@ def test_importance_and_eval_read_chat_data(tmp_path, capsys):
     assert main(["eval", str(teacher), "--out", str(tmp_path / "eval.json"), *flags]) == 0
     record = json.loads((tmp_path / "eval.json").read_text())
     assert record["perplexity"][str(chat)]["chat_template"].startswith("tokenizer (sha1 ")
+
+
+def test_a_plain_text_source_keeps_the_fingerprint_it_had_before_chat_data(tmp_path):
+    """Studies, importance files and caches made before chat sources existed stay valid: an unset chat field
+    is not part of the recorded data settings."""
+    from nas.data.tokens import config_dict
+
+    cfg = DataConfig.single("corpus.jsonl", seq_len=32)
+    assert config_dict(cfg)["phases"][0]["sources"] == [
+        {"path": "corpus.jsonl", "weight": 1.0, "text_field": "text", "config": None, "split": "train",
+         "streaming": False, "max_documents": None, "max_skipped_share": 0.01}
+    ]  # fmt: skip

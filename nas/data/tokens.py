@@ -374,9 +374,16 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return _hash([type(tokenizer).__name__, len(tokenizer), tokenizer.eos_token_id, content])
 
 
+CHAT_FIELDS = ("messages_field", "chat_template")  # left out while unset: plain-text fingerprints stay as they were
+
+
 def config_dict(cfg: DataConfig) -> dict[str, Any]:
     """The parts of `cfg` that decide the token stream (everything but where the cache lives)."""
-    return {k: v for k, v in cfg.model_dump().items() if k != "cache_dir"}
+    data = {k: v for k, v in cfg.model_dump().items() if k != "cache_dir"}
+    for phase in data["phases"]:
+        phase["sources"] = [{k: v for k, v in s.items() if k not in CHAT_FIELDS or v is not None}
+                            for s in phase["sources"]]  # fmt: skip
+    return data
 
 
 def _hash(obj: Any) -> str:
