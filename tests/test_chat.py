@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import logging
 
+import numpy as np
 import pytest
 import tomli_w
+import torch
 
 from nas.cli.main import main
+from nas.data.corpus import document_hash
 from nas.data.kjv import kjv_conversations
-from nas.data.tokens import prepare
+from nas.data.tokens import prepare, split_of
 from nas.errors import DataError
 from nas.settings import DataConfig, Phase, Source
 from nas.testing import CHATML, tiny_chat_tokenizer, tiny_study_config, write_kjv_chat, write_kjv_corpus
@@ -118,15 +121,15 @@ def test_chat_parquet_and_a_blend_with_plain_text(tmp_path, tokenizer):
     assert alone.sizes("train") == data.sizes("train")[:1]  # the parquet conversations, as from .jsonl
 
 
-def write_chat_study(tmp_path, blend: bool) -> str:
+def write_chat_study(tmp_path, blend: bool, mask: bool = False) -> str:
     """A tiny study TOML over a teacher whose tokenizer has a chat template, on KJV conversations
-    (`blend`: and plain KJV text, half and half)."""
+    (`blend`: and plain KJV text, half and half; `mask`: trained on the assistant turns only)."""
     from nas.testing import write_tiny_teacher
 
     write_tiny_teacher(tmp_path / "teacher", chat=True)
     chat = write_kjv_chat(tmp_path / "chat.jsonl")
     config = tiny_study_config(tmp_path, search={"n_trials": 2})
-    sources = [{"path": str(chat), "messages_field": "messages"}]
+    sources = [{"path": str(chat), "messages_field": "messages"} | ({"mask_prompt": True} if mask else {})]
     if blend:
         sources.append({"path": config["data"]["sources"][0]["path"]})
     config["data"]["sources"] = sources
@@ -136,15 +139,17 @@ def write_chat_study(tmp_path, blend: bool) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("blend", [False, True], ids=["chat", "blend"])
-def test_a_study_runs_on_chat_data_and_records_its_template(tmp_path, capsys, monkeypatch, blend):
+@pytest.mark.parametrize(
+    "blend, mask", [(False, False), (True, False), (True, True)], ids=["chat", "blend", "masked"]
+)
+def test_a_study_runs_on_chat_data_and_records_its_template(tmp_path, capsys, monkeypatch, blend, mask):
     import optuna
 
     monkeypatch.chdir(tmp_path)  # the report goes to reports/ under the working directory
 
     from nas.search.record import StudyRecord
 
-    toml = write_chat_study(tmp_path, blend)
+    toml = write_chat_study(tmp_path, blend, mask)
     assert main(["run", toml]) == 0
     assert "winner val loss" in capsys.readouterr().out
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/studies/tiny/study.db")
@@ -204,3 +209,71 @@ def test_a_plain_text_source_keeps_the_fingerprint_it_had_before_chat_data(tmp_p
         {"path": "corpus.jsonl", "weight": 1.0, "text_field": "text", "config": None, "split": "train",
          "streaming": False, "max_documents": None, "max_skipped_share": 0.01}
     ]  # fmt: skip
+
+
+def test_mask_prompt_trains_on_the_assistant_turns_only(tmp_path, tokenizer):
+    path = write_kjv_chat(tmp_path / "chat.jsonl", limit=1000)
+    data = prepare(chat_config(tmp_path, path, mask_prompt=True), tokenizer)
+    tokens, mask = data.splits["train"][0], data.masks["train"][0]
+    assert mask.shape == tokens.shape and 0 < mask.mean() < 1
+    trained = tokenizer.decode(np.asarray(tokens)[np.asarray(mask) == 1].tolist())
+    # the train split's conversations in order: each assistant turn with its end marker, then EOS
+    answers = [c[-1]["content"] + "<|im_end|>\n</s>" for c in kjv_conversations(1000)]
+    rendered = [tokenizer.apply_chat_template(c, tokenize=False) for c in kjv_conversations(1000)]
+    splits = [split_of(document_hash(text), data_cfg(tmp_path)) for text in rendered]
+    train = [a for a, split in zip(answers, splits, strict=True) if split == "train"]
+    assert "".join(train).startswith(trained) and len(trained) > 1000  # the packed rows drop the tail
+    batch, batch_mask = data.train_batch(3, 8, 10), data.train_mask(3, 8, 10)
+    rows = data._draw(3, 8, 10)[1]
+    assert (batch_mask.numpy() == np.asarray(mask)[rows]).all() and batch_mask.dtype == torch.bool
+    unmasked = prepare(chat_config(tmp_path, path), tokenizer)
+    assert unmasked.train_mask(3, 8, 10) is None  # every token trained on: no mask at all
+    assert (unmasked.train_batch(3, 8, 10) == batch).all()  # the same tokens, only the loss differs
+
+
+def data_cfg(tmp_path) -> DataConfig:
+    return DataConfig.single("x.jsonl", seq_len=32, cache_dir=str(tmp_path / "c"))
+
+
+def test_a_masked_loss_is_the_mean_over_the_trained_positions():
+    from nas.testing import tiny_model
+    from nas.train.kd import model_kd_loss
+
+    torch.manual_seed(0)
+    teacher, student = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 12))
+    mask = torch.rand(2, 12) < 0.5
+    got = model_kd_loss(student, teacher, ids, loss_mask=mask).loss
+    with torch.no_grad():
+        log_p = torch.log_softmax(teacher(ids).logits.float(), -1)
+        log_q = torch.log_softmax(student(ids).logits.float(), -1)
+        per_position = (log_p.exp() * (log_p - log_q)).sum(-1)
+    positions = torch.cat([mask[:, 1:], mask[:, -1:]], 1)  # position t predicts token t + 1
+    assert got.item() == pytest.approx(per_position[positions].mean().item(), rel=1e-5)
+    assert model_kd_loss(student, teacher, ids, loss_mask=torch.ones_like(mask)).loss.item() == pytest.approx(
+        model_kd_loss(student, teacher, ids).loss.item(), rel=1e-6
+    )
+    zero = model_kd_loss(student, teacher, ids, loss_mask=torch.zeros_like(mask)).loss
+    zero.backward()  # a batch of prompts only: no loss, and backward still runs
+    assert zero.item() == 0.0
+
+
+def test_distill_on_masked_chat_data_trains_on_the_assistant_tokens(tmp_path, tokenizer):
+    from nas.io import read_log
+    from nas.settings import DistillConfig
+    from nas.testing import tiny_model
+    from nas.train.kd import model_kd_loss
+    from nas.train.loop import distill
+
+    path = write_kjv_chat(tmp_path / "chat.jsonl", limit=1000)
+    data = prepare(chat_config(tmp_path, path, mask_prompt=True), tokenizer)
+    teacher = tiny_model("llama", seed=0, vocab_size=len(tokenizer))
+    student = tiny_model("llama", seed=1, vocab_size=len(tokenizer))
+    batch, mask = data.train_batch(0, 2, 1), data.train_mask(0, 2, 1)
+    with torch.no_grad():
+        want = model_kd_loss(student, teacher, batch, loss_mask=mask).loss.item()
+        every = model_kd_loss(student, teacher, batch).loss.item()
+    cfg = DistillConfig(steps=1, batch_size=2, eval_sequences=2, checkpoint_every=0, log_every=1)
+    distill(teacher, student, data, cfg, tmp_path / "run")
+    logged = next(r for r in read_log(tmp_path / "run" / "metrics.jsonl") if r["loss"] is not None)["loss"]
+    assert logged == pytest.approx(want, rel=1e-5) and logged != pytest.approx(every, rel=1e-3)

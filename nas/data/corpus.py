@@ -59,6 +59,7 @@ def source_fingerprint(source: Source) -> dict[str, Any]:
     what = {"text_field": source.text_field, "max_documents": source.max_documents}
     if source.messages_field is not None:  # only then: the keys of plain-text caches stay as they were
         what |= {"messages_field": source.messages_field, "chat_template": source.chat_template}
+        what |= {"mask_prompt": True} if source.mask_prompt else {}
     if not is_local(source):
         return what | {"hub": source.path, "config": source.config, "split": source.split}
     files = []

@@ -37,6 +37,11 @@ class Source(Settings):
     split: str = _described("train", "hub dataset split")
     streaming: bool = _described(False, "stream the hub dataset instead of downloading the split")
     max_documents: int | None = _described(None, "read at most this many (non-empty) documents", ge=1)
+    mask_prompt: bool = _described(
+        False,
+        "for chat data: train only on the assistant turns (the other turns stay as context, with no loss); "
+        "default: every token of the rendered conversation",
+    )
     # 1%: a stray bad record (or a conversation its template cannot render) or two is normal in a scraped corpus, but more means a wrong text_field or a
     # broken export (issue 25: half a corpus vanished silently); measured here: the KJV and demo corpora,
     # and every test corpus, skip 0 records
@@ -50,8 +55,10 @@ class Source(Settings):
 
     @model_validator(mode="after")
     def _chat(self) -> Source:
-        if self.chat_template is not None and self.messages_field is None:
-            raise ValueError("chat_template is for chat data: set messages_field (e.g. messages) too")
+        if (self.chat_template is not None or self.mask_prompt) and self.messages_field is None:
+            raise ValueError(
+                "chat_template and mask_prompt are for chat data: set messages_field (e.g. messages) too"
+            )
         return self
 
     @property
