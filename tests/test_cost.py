@@ -3,6 +3,8 @@ horizon within its stated worst case), and the arithmetic of hours and GPU-hours
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import tomli_w
 
@@ -43,7 +45,7 @@ def test_planned_tokens_are_the_tokens_a_tiny_study_spends(tmp_path, monkeypatch
 
     monkeypatch.chdir(tmp_path)
     search = {"n_trials": 3, "pruner": "none", "adaptive": True, "stable_top": 2, "finalists": 2}
-    config = tiny_study_config(tmp_path, search=search)
+    config = tiny_study_config(tmp_path, search=search, report_to=["tensorboard"])
     (tmp_path / "tiny.toml").write_text(tomli_w.dumps(config))
     assert main(["plan", str(tmp_path / "tiny.toml"), "--no-memory", "--gpu", "H100", "--gpus", "2"]) == 0
     assert "time and cost of study tiny on 2 x H100" in capsys.readouterr().out
@@ -64,6 +66,11 @@ def test_planned_tokens_are_the_tokens_a_tiny_study_spends(tmp_path, monkeypatch
     assert 2 * 4 * 2 * 32 <= spent <= planned["adaptive horizon"].tokens == 2 * 4 * 2 * 32 * 7
     final = read_log(root / "final" / "metrics.jsonl")[-1]["tokens"]
     assert final == planned["final distillation"].tokens == 4 * 2 * 32
+    if importlib.util.find_spec("tensorboard"):  # the trackers see where the horizon stopped
+        from test_trackers import scalars
+
+        last = record.horizon["75%"]["rungs"][-1]
+        assert scalars(root / "tensorboard")["study/horizon_tokens/75%"] == {3: last["tokens"]}
 
 
 @pytest.mark.slow  # ~10 s: the enumeration of Qwen3-8B's 2,242-candidate space at 50%

@@ -36,6 +36,7 @@ from nas.search.study import (
     StudyRecord,
     TrialRecord,
     best_trial,
+    done_trials,
     keep_top_models,
     load_existing_study,
     ranking_stability,
@@ -129,7 +130,11 @@ def extend_horizons(ctx: SearchContext, study: optuna.Study) -> None:
         return
     teacher_off_device(ctx, False)  # later batches than the teacher cache holds: the teacher itself
     for budget in ctx.budget_sizes():
-        horizon.extend(ctx, study, budget)
+        record = horizon.extend(ctx, study, budget)
+        if record.get("rungs"):  # where the horizon stopped, to the trackers
+            last, label = record["rungs"][-1], budget or ctx.cfg.budgets[0]
+            ctx.trackers.progress(done_trials(study), {f"horizon_tokens/{label}": last["tokens"],
+                                  f"horizon_best_val_loss/{label}": min(last["losses"].values())})  # fmt: skip
 
 
 def record_stability(ctx: SearchContext, study: optuna.Study) -> None:
