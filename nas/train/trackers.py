@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 from pathlib import Path
 
 from nas.errors import ConfigError
@@ -130,7 +131,9 @@ class _MLflow:
         mlflow.log_dict(config, "config.json")
 
     def send(self, values: dict[str, float], step: int) -> None:
-        self.mlflow.log_metrics(values, step=step)
+        # MLflow's metric names allow only letters, digits, _ - . / and spaces: "final_50%" -> "final_50pct"
+        names = {re.sub(r"[^\w\-./ ]", "_", tag.replace("%", "pct")): v for tag, v in values.items()}
+        self.mlflow.log_metrics(names, step=step)
 
     def close(self) -> None:
         self.mlflow.end_run()
