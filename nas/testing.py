@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from nas.data.bpe import train_bpe
-from nas.data.kjv import kjv_verses
+from nas.data.kjv import kjv_conversations, kjv_verses
 from nas.data.tokens import prepare
 from nas.settings import DataConfig, DistillConfig
 from nas.train.loop import distill
@@ -159,11 +159,41 @@ def tiny_tokenizer(vocab_size: int = 320, texts: list[str] | None = None):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
-def write_tiny_teacher(out, model_type: str = "llama", seed: int = 0, **sizes):
-    """Save a tiny random teacher with a real-text tokenizer to `out` (a model directory)."""
+# ChatML (the template of the Qwen chat models), as a tokenizer's chat_template carries it
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def tiny_chat_tokenizer(vocab_size: int = 320):
+    """`tiny_tokenizer` with ChatML's two special tokens and the ChatML chat template: an instruct
+    teacher's tokenizer, trained in-process on real text."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = train_bpe(kjv_verses(2000), vocab_size, ["<s>", "</s>", "<|im_start|>", "<|im_end|>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def write_kjv_chat(path, limit: int = 6000):
+    """A local chat .jsonl of real text (`nas.data.kjv.kjv_conversations`, one `messages` per line)."""
+    import json
     from pathlib import Path
 
-    tokenizer = tiny_tokenizer()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in kjv_conversations(limit)))
+    return path
+
+
+def write_tiny_teacher(out, model_type: str = "llama", seed: int = 0, chat: bool = False, **sizes):
+    """Save a tiny random teacher with a real-text tokenizer (with a chat template: `chat`) to `out`."""
+    from pathlib import Path
+
+    tokenizer = tiny_chat_tokenizer() if chat else tiny_tokenizer()
     model = tiny_model(model_type, seed=seed, vocab_size=len(tokenizer), **sizes)
     out = Path(out)
     model.save_pretrained(out)

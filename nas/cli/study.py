@@ -202,7 +202,8 @@ def cmd_search(args) -> int:
             f"study {cfg.name} is a chain of stages (cascade / iterative_step): each stage's search needs the "
             "previous stage's distilled winner, so run it with nas run"
         )
-    _, study = search(cfg, restart=args.restart)
+    ctx, study = search(cfg, restart=args.restart)
+    ctx.trackers.close()
     print_trials(study)
     print(f"study {cfg.name} in {cfg.storage_url}")
     return 0
@@ -292,17 +293,47 @@ def add_plan(sub) -> None:
 def cmd_plan(args) -> int:
     import json
 
-    from nas.device import visible_gpu_memory
-    from nas.plan import format_plan, plan_study, to_json, write_plan
-    from nas.plan.dryrun import parse_bytes
+    from nas.pipeline.cost import cost_json, format_cost, plan_cost, throughput
     from nas.settings import load_run_config
 
     options = settings_from_args(args, PlanConfig, names={"as_json": "json"})
     cfg = load_run_config(args.study)
-    memory = parse_bytes(options.gpu_memory) if options.gpu_memory else visible_gpu_memory()
+    gpu = options.gpu or visible_gpu_name()
+    timed = gpu is not None or options.tokens_per_s is not None
+    if not timed and not options.memory:
+        raise ConfigError("no GPU is visible here; name the GPU with --gpu (e.g. H100) or give --tokens-per-s")
+    speed = throughput(gpu or "GPU", cfg, options.mfu, options.tokens_per_s) if timed else None
+    plans = memory_plan(cfg, options, gpu) if options.memory else None
+    stages = plan_cost(cfg) if timed else []
+    if options.as_json:  # the memory rows alone, as before, unless a GPU makes the time table too
+        time = cost_json(stages, speed, options.gpus) if timed else None
+        print(json.dumps({"memory": plans, "time": time} if timed else plans, indent=1))
+        return 0
+    if plans is not None:
+        print(plans)
+    print(f"\n{format_cost(stages, speed, options.gpus, cfg.name)}" if timed else
+          "time and cost: name the GPU with --gpu (e.g. H100), or give --tokens-per-s")  # fmt: skip
+    return 0
+
+
+def memory_plan(cfg, options, gpu: str | None):
+    """The memory plan (`nas.plan`) for the GPU's memory: --gpu-memory, the named GPU's, or the visible one's;
+    as text, or as JSON rows with --json."""
+    from nas.device import visible_gpu_memory
+    from nas.pipeline.cost import GPU_MEMORY
+    from nas.plan import format_plan, plan_study, to_json, write_plan
+    from nas.plan.dryrun import parse_bytes
+
+    named = next((m for k, m in GPU_MEMORY.items() if gpu and k.lower() in gpu.lower()), None)
+    memory = parse_bytes(options.gpu_memory or named) if (options.gpu_memory or named) else visible_gpu_memory()
     if memory is None:
         raise ConfigError("no GPU is visible here; give the GPU's memory with --gpu-memory, e.g. 80GB")
     plans = plan_study(cfg, memory, options.gpus_per_trial)
     write_plan(cfg, plans, memory)
-    print(json.dumps(to_json(plans), indent=1) if options.as_json else format_plan(plans, memory))
-    return 0
+    return to_json(plans) if options.as_json else format_plan(plans, memory)
+
+
+def visible_gpu_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None

@@ -13,7 +13,8 @@ DATA_NAMES = {
     "streaming": "data-streaming",
     "seed": "data-seed",
 }
-SOURCE_FLAGS = ("text_field", "config", "split", "streaming", "max_documents", "max_skipped_share")
+SOURCE_FLAGS = ("text_field", "messages_field", "chat_template", "mask_prompt", "config", "split", "streaming",
+                "max_documents", "max_skipped_share")  # fmt: skip
 DATA_FLAGS = ("seq_len", "cache_dir", "seed")
 
 

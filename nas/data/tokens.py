@@ -7,6 +7,12 @@ of `seq_len` tokens (the incomplete last row dropped) and cached as a memory-map
 `cache_dir/<key>/`, where the key hashes the source's files (path, size, mtime) or hub id, the tokenizer,
 `seq_len` and the split fractions; a second `prepare` reads the cache and tokenizes nothing.
 
+A chat source (`messages_field`) is rendered with the tokenizer's chat template (or the named or Jinja
+`chat_template`) and then tokenized like text, EOS after each conversation, every token trained on (with
+`mask_prompt`, only the assistant turns: a 0/1 mask per token is cached beside the tokens and
+`TokenData.train_mask` gives it per batch); the template's name and hash go into its cache key and
+`TokenData.chat_templates`.
+
 Train batches follow blends with phases: the phase is the one with the greatest `start` <= step /
 total_steps, each sequence's source is drawn with the phase's weights, and its row uniformly (with
 replacement), all from `np.random.default_rng([seed, step])`, so resuming at a step replays its batch.
@@ -29,6 +35,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from nas.data.chat import chat_renderer, chat_template, template_label, token_mask
 from nas.data.corpus import document_hash, load_documents, source_fingerprint
 from nas.errors import ConfigError, DataError
 from nas.io import publish, write_atomic
@@ -65,6 +72,9 @@ class TokenData:
     seed: int
     splits: dict[str, list[np.ndarray]]  # split -> one [rows, seq_len] memmap per source
     from_cache: bool = False  # True when nothing was tokenized
+    chat_templates: dict[str, str] = field(default_factory=dict)  # chat source path -> `template_label`
+    # split -> per source, which tokens are trained on (None: all; `mask_prompt` chat sources have one)
+    masks: dict[str, list[np.ndarray | None]] = field(default_factory=dict)
     _phase_ids: list[np.ndarray] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -100,6 +110,17 @@ class TokenData:
         train = self.splits["train"]
         batch = np.stack([train[s][r] for s, r in zip(source_ids, rows, strict=True)])
         return torch.from_numpy(batch.astype(np.int64))
+
+    def train_mask(self, step: int, batch_size: int, total_steps: int) -> torch.Tensor | None:
+        """Which tokens of `train_batch(step, ...)` are trained on ([batch_size, seq_len] bool; a
+        `mask_prompt` chat source's prompt turns are 0); None when every token is."""
+        masks = self.masks.get("train", [])
+        if not any(m is not None for m in masks):
+            return None
+        source_ids, rows = self._draw(step, batch_size, total_steps)
+        ones = np.ones(self.seq_len, dtype=np.uint8)
+        batch = [ones if masks[s] is None else masks[s][r] for s, r in zip(source_ids, rows, strict=True)]
+        return torch.from_numpy(np.stack(batch).astype(bool))
 
     def _draw(self, step: int, batch_size: int, total_steps: int) -> tuple[np.ndarray, np.ndarray]:
         phase = self.phase_at(step, total_steps)
@@ -141,21 +162,29 @@ def prepare(cfg: DataConfig, tokenizer: Any) -> TokenData:
         raise DataError("the tokenizer has no EOS token (eos_token); set one so documents can be separated")
     tok_hash = tokenizer_fingerprint(tokenizer)
     splits: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    masks: dict[str, list[np.ndarray | None]] = {s: [] for s in SPLITS}
     hashes: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
-    metas = []
+    metas, templates = [], {}
     for source in cfg.sources:
+        if source.messages_field is not None:
+            templates[source.path] = template_label(source, chat_template(tokenizer, source))
         directory, hit = cached_source(source, cfg, tokenizer, tok_hash)
         metas.append(json.loads((directory / "meta.json").read_text()) | {"directory": directory, "hit": hit})
     check_sizes(cfg, metas)
     for meta in metas:
         for split in SPLITS:
             splits[split].append(open_rows(meta["directory"] / f"{split}.bin", meta, split, cfg.seq_len))
+            mask = meta["directory"] / f"{split}.mask.bin"
+            mask = open_rows(mask, meta, split, cfg.seq_len, "uint8") if meta.get("mask") else None
+            masks[split].append(mask)
             hashes[split].append(np.load(meta["directory"] / f"{split}.hashes.npy"))
     from_cache = all(meta["hit"] for meta in metas)
     check_disjoint({s: np.concatenate(h) for s, h in hashes.items()})
     # the source keys cover file sizes and mtimes, so edited data gives another fingerprint
     fingerprint = _hash([config_dict(cfg), tok_hash, [meta["key"] for meta in metas]])
-    data = TokenData(cfg.seq_len, fingerprint, cfg.sources, cfg.phases, cfg.seed, splits, from_cache)
+    data = TokenData(
+        cfg.seq_len, fingerprint, cfg.sources, cfg.phases, cfg.seed, splits, from_cache, templates, masks
+    )
     log.info(
         "data %s: %s sequences of %d tokens (train/val/calib)%s",
         fingerprint[:12],
@@ -169,7 +198,10 @@ def prepare(cfg: DataConfig, tokenizer: Any) -> TokenData:
 def cached_source(source: Source, cfg: DataConfig, tokenizer: Any, tok_hash: str) -> tuple[Path, bool]:
     """The cache directory of `source` (tokenized now unless already there), and whether it was there."""
     settings = [cfg.seq_len, cfg.val_fraction, cfg.calib_fraction]
-    key = _hash([CACHE_VERSION, source_fingerprint(source), tok_hash, settings])
+    parts = [CACHE_VERSION, source_fingerprint(source), tok_hash, settings]
+    if source.messages_field is not None:  # the template's text decides the tokens as much as the vocabulary
+        parts.append(chat_template(tokenizer, source))
+    key = _hash(parts)
     directory = Path(cfg.cache_dir) / key[:24]
     if (directory / "meta.json").is_file():
         check_cached(directory, key, cfg.seq_len)
@@ -190,11 +222,15 @@ def check_cached(directory: Path, key: str, seq_len: int) -> None:
         itemsize = np.dtype(meta["dtype"]).itemsize
         for split in SPLITS:
             want = meta["splits"][split]["sequences"] * seq_len * itemsize
-            got = (directory / f"{split}.bin").stat().st_size
-            if got != want:
-                raise DataError(
-                    f"data cache {directory / f'{split}.bin'} has {got} bytes, not {want}: truncated; {fix}"
-                )
+            files = {f"{split}.bin": want}
+            if meta.get("mask"):  # one byte a token
+                files[f"{split}.mask.bin"] = want // itemsize
+            for name, size in files.items():
+                got = (directory / name).stat().st_size
+                if got != size:
+                    raise DataError(
+                        f"data cache {directory / name} has {got} bytes, not {size}: truncated; {fix}"
+                    )
             np.load(directory / f"{split}.hashes.npy")
     except DataError:
         raise
@@ -207,10 +243,12 @@ def check_cached(directory: Path, key: str, seq_len: int) -> None:
 def tokenize_source(source: Source, cfg: DataConfig, tokenizer: Any, directory: Path) -> dict[str, Any]:
     """Tokenize and pack every document of `source` into `directory/<split>.bin` (+ `.hashes.npy`)."""
     dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32
-    writers = {s: SplitWriter(directory / f"{s}.bin", dtype, cfg.seq_len) for s in SPLITS}
+    writers = {s: SplitWriter(directory / f"{s}.bin", dtype, cfg.seq_len, source.mask_prompt) for s in SPLITS}
     try:
         batch: list[str] = []
-        documents = tqdm(load_documents(source), desc=f"tokenizing {source.path}", unit="doc", disable=None)
+        render = chat_renderer(tokenizer, source) if source.messages_field is not None else None
+        documents = load_documents(source, render)
+        documents = tqdm(documents, desc=f"tokenizing {source.path}", unit="doc", disable=None)
         for text in documents:
             batch.append(text)
             if len(batch) == TOKENIZE_BATCH:
@@ -227,7 +265,8 @@ def tokenize_source(source: Source, cfg: DataConfig, tokenizer: Any, directory: 
         ", ".join(f"{s} {m['documents']} docs {m['tokens']} tokens" for s, m in splits.items()),
     )
     return {"version": CACHE_VERSION, "source": source.model_dump(), "seq_len": cfg.seq_len,
-            "dtype": np.dtype(dtype).name, "tokenizer": type(tokenizer).__name__, "splits": splits}  # fmt: skip
+            "dtype": np.dtype(dtype).name, "tokenizer": type(tokenizer).__name__, "splits": splits,
+            "mask": source.mask_prompt}  # fmt: skip
 
 
 def write_documents(
@@ -235,10 +274,12 @@ def write_documents(
 ) -> None:
     if not texts:
         return
-    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-    for text, tokens in zip(texts, ids, strict=True):
+    masked = any(w.mask_path for w in writers.values())
+    encoded = tokenizer(texts, add_special_tokens=False, verbose=False, return_offsets_mapping=masked)
+    for i, (text, tokens) in enumerate(zip(texts, encoded["input_ids"], strict=True)):
         doc = document_hash(text)
-        writers[split_of(doc, cfg)].write(tokens + [tokenizer.eos_token_id], doc)
+        mask = token_mask(encoded["offset_mapping"][i], text.spans) + [1] if masked else None  # EOS: trained
+        writers[split_of(doc, cfg)].write(tokens + [tokenizer.eos_token_id], doc, mask)
 
 
 def split_of(doc_hash: int, cfg: DataConfig) -> str:
@@ -253,15 +294,22 @@ def split_of(doc_hash: int, cfg: DataConfig) -> str:
 class SplitWriter:
     """Appends one split's tokens to a temp file; `close` trims it to whole rows and moves it in place."""
 
-    def __init__(self, path: Path, dtype: Any, seq_len: int) -> None:
+    def __init__(self, path: Path, dtype: Any, seq_len: int, mask: bool = False) -> None:
         self.path, self.dtype, self.seq_len = path, dtype, seq_len
         fd, self.tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         self.file = os.fdopen(fd, "wb")
+        self.mask_path = path.with_suffix(".mask.bin") if mask else None  # one uint8 per token: 1 = trained on
+        self.mask_file = None
+        if mask:
+            fd, self.mask_tmp = tempfile.mkstemp(dir=path.parent, prefix=self.mask_path.name, suffix=".tmp")
+            self.mask_file = os.fdopen(fd, "wb")
         self.tokens = 0
         self.hashes: list[int] = []
 
-    def write(self, tokens: list[int], doc_hash: int) -> None:
+    def write(self, tokens: list[int], doc_hash: int, mask: list[int] | None = None) -> None:
         np.asarray(tokens, dtype=self.dtype).tofile(self.file)
+        if self.mask_file is not None:
+            np.asarray(mask, dtype=np.uint8).tofile(self.mask_file)
         self.tokens += len(tokens)
         self.hashes.append(doc_hash)
 
@@ -269,6 +317,10 @@ class SplitWriter:
         rows = self.tokens // self.seq_len
         self.file.truncate(rows * self.seq_len * np.dtype(self.dtype).itemsize)
         self.file.close()
+        if self.mask_file is not None:
+            self.mask_file.truncate(rows * self.seq_len)
+            self.mask_file.close()
+            publish(self.mask_tmp, self.mask_path)
         publish(self.tmp, self.path)
         buffer = io.BytesIO()
         np.save(buffer, np.array(self.hashes, dtype=np.uint64))
@@ -276,17 +328,23 @@ class SplitWriter:
         return {"documents": len(self.hashes), "tokens": self.tokens, "sequences": rows}
 
     def discard(self) -> None:
-        """Remove the temp file if `close` did not move it (an error midway)."""
+        """Remove the temp files if `close` did not move them (an error midway)."""
         self.file.close()
         Path(self.tmp).unlink(missing_ok=True)
+        if self.mask_file is not None:
+            self.mask_file.close()
+            Path(self.mask_tmp).unlink(missing_ok=True)
 
 
-def open_rows(path: Path, meta: dict[str, Any], split: str, seq_len: int) -> np.ndarray:
-    """A cached split as a read-only [rows, seq_len] memmap (mmap cannot map an empty file)."""
-    rows = meta["splits"][split]["sequences"]
+def open_rows(
+    path: Path, meta: dict[str, Any], split: str, seq_len: int, dtype: str | None = None
+) -> np.ndarray:
+    """A cached split (or its mask: `dtype` uint8) as a read-only [rows, seq_len] memmap (mmap cannot map
+    an empty file)."""
+    rows, dtype = meta["splits"][split]["sequences"], dtype or meta["dtype"]
     if rows == 0:
-        return np.zeros((0, seq_len), dtype=meta["dtype"])
-    return np.memmap(path, dtype=meta["dtype"], mode="r", shape=(rows, seq_len))
+        return np.zeros((0, seq_len), dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=(rows, seq_len))
 
 
 def check_sizes(cfg: DataConfig, metas: list[dict[str, Any]]) -> None:
@@ -329,9 +387,17 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return _hash([type(tokenizer).__name__, len(tokenizer), tokenizer.eos_token_id, content])
 
 
+# left out while unset: the fingerprints of plain-text data stay what they were before chat data
+CHAT_FIELDS = ("messages_field", "chat_template", "mask_prompt")
+
+
 def config_dict(cfg: DataConfig) -> dict[str, Any]:
     """The parts of `cfg` that decide the token stream (everything but where the cache lives)."""
-    return {k: v for k, v in cfg.model_dump().items() if k != "cache_dir"}
+    data = {k: v for k, v in cfg.model_dump().items() if k != "cache_dir"}
+    for phase in data["phases"]:
+        phase["sources"] = [{k: v for k, v in s.items() if k not in CHAT_FIELDS or v not in (None, False)}
+                            for s in phase["sources"]]  # fmt: skip
+    return data
 
 
 def _hash(obj: Any) -> str:

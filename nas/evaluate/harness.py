@@ -166,7 +166,7 @@ def data_perplexity(
             "tokens": int(val[:, 1:].numel()),  # scored positions
             "seq_len": data.seq_len,
             "fingerprint": data.fingerprint,
-        }
+        } | ({"chat_template": data.chat_templates[source.path]} if data.chat_templates else {})
     return out
 
 

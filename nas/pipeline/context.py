@@ -141,6 +141,7 @@ def record_study_attrs(study: optuna.Study, ctx: SearchContext) -> None:
         importance_path=str(cfg.paths.importance.resolve()),
         data_fingerprint=ctx.data.fingerprint,
         data=", ".join(s.path for p in cfg.data.phases for s in p.sources),
+        chat_templates=ctx.data.chat_templates or None,
         versions=package_versions() | {"hub_kernels": cfg.kernels},
         seed=cfg.seed,
         horizon_steps=cfg.horizon_steps,

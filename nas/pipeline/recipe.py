@@ -36,6 +36,7 @@ from nas.search.study import (
     StudyRecord,
     TrialRecord,
     best_trial,
+    done_trials,
     keep_top_models,
     load_existing_study,
     ranking_stability,
@@ -46,6 +47,7 @@ from nas.train import dist
 from nas.train.launch import distill_in_processes
 from nas.train.loop import distill
 from nas.train.teacher_cache import teacher_source
+from nas.train.trackers import Trackers, check_trackers
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +67,14 @@ class RunResult:
 def run(cfg: RunConfig, report: bool = True, nproc_per_node: int = 1, restart: bool = False) -> RunResult:
     """The whole pipeline for one study TOML; the final distillation in `nproc_per_node` processes.
     `restart`: delete a stored study of the same name and its outputs first."""
+    check_trackers(cfg.report_to)  # a missing extra before any work
     with own_output(cfg.root):
         stages = STAGES if nproc_per_node == 1 else ("importance", "trial", "evaluation")
         ctx, study = search(cfg, restart, stages)
-        winners = {b: finalize(ctx, study, nproc_per_node, b) for b in final_budgets(cfg)}
+        try:
+            winners = {b: finalize(ctx, study, nproc_per_node, b) for b in final_budgets(cfg)}
+        finally:
+            ctx.trackers.close()
         path = write_report(cfg.storage_url, cfg.name, cfg.paths.report) if report else None
     record, winner = StudyRecord.read(study), next(iter(winners.values()))
     return RunResult(
@@ -93,12 +99,14 @@ def search(
     stability. The study's out_dir is held (`nas.lock.own_output`) meanwhile: workers join through the
     storage, a second search is refused. A stored study made with other settings is refused
     (`restart`: deleted first). `strategy`: default `search.sampler`'s (`nas.search.strategy`)."""
+    check_trackers(cfg.report_to)  # a missing extra before any work
     teacher_config = load_config(cfg.teacher)  # read once for the whole command
     cfg = with_horizon(cfg, Arch.from_hf_config(teacher_config))  # the horizon in tokens, fixed
     with own_output(cfg.root):
         identity = check_study(cfg, restart, teacher_config)
         check_plan(cfg, stages, gpu_memory_of(cfg))
         ctx = prepare_context(cfg, teacher_config=teacher_config, strategy=strategy)
+        ctx.trackers = Trackers(cfg.report_to, cfg.root, cfg.name, cfg.to_dict())
         study = open_study(ctx)
         if ctx.queued:  # before the config is recorded: a worker that sees the config sees the queue
             enqueue_candidates(study, ctx)
@@ -122,7 +130,11 @@ def extend_horizons(ctx: SearchContext, study: optuna.Study) -> None:
         return
     teacher_off_device(ctx, False)  # later batches than the teacher cache holds: the teacher itself
     for budget in ctx.budget_sizes():
-        horizon.extend(ctx, study, budget)
+        record = horizon.extend(ctx, study, budget)
+        if record.get("rungs"):  # where the horizon stopped, to the trackers
+            last, label = record["rungs"][-1], budget or ctx.cfg.budgets[0]
+            ctx.trackers.progress(done_trials(study), {f"horizon_tokens/{label}": last["tokens"],
+                                  f"horizon_best_val_loss/{label}": min(last["losses"].values())})  # fmt: skip
 
 
 def record_stability(ctx: SearchContext, study: optuna.Study) -> None:
@@ -189,7 +201,12 @@ def finalize(
     else:
         run = cfg.final_distill()  # dense KD unless the teacher cache holds exactly its batches
         teacher = teacher_source(ctx.distill_from, ctx.teacher_cache, run, ctx.data)
-        result = distill(teacher, student, ctx.data, run, final)
+
+        def stream(step: int, val_loss: float) -> None:  # at each evaluation, as it runs
+            ctx.trackers.stream(f"final_{budget}", final / "metrics.jsonl")
+
+        result = distill(teacher, student, ctx.data, run, final, on_eval=stream)
+    ctx.trackers.stream(f"final_{budget}", final / "metrics.jsonl")
     student.nas_cut = plan_cut(ctx.teacher_arch, arch, ctx.importance, cfg.depth_strategy)
     tokens = result.tokens + int(trial.tokens or 0) + extension_tokens(horizon, best.number)
     card = winner_card(ctx, study, best.number, arch, student.nas_cut, budget, tokens, result.val_loss)
@@ -285,6 +302,7 @@ def worker(storage: str, study_name: str, max_trials: int | None = None) -> optu
         )
     data["out_dir"] = str(importance.parent)  # so a relative out_dir works from any working directory
     cfg = run_config_from_dict(data)
+    check_trackers(cfg.report_to)  # a missing extra before any work
     group = dist.setup(dist.local_device(cfg.distill.device))
     with dist.rank_zero_first():  # rank 0 fills the token cache, the others read it
         ctx = prepare_context(cfg, record.candidates, record.screen)
@@ -293,8 +311,10 @@ def worker(storage: str, study_name: str, max_trials: int | None = None) -> optu
         follow_trials(ctx)
         return None
     study = open_study(ctx, create=False)
+    ctx.trackers = Trackers(cfg.report_to, cfg.root, cfg.name, cfg.to_dict())  # this worker's trials
     try:
         run_trials(ctx, study, max_trials)
     finally:
         dist.from_rank_zero(None)  # the group's other processes stop
+        ctx.trackers.close()
     return study

@@ -336,6 +336,7 @@ def reproducibility(study: optuna.Study, record: StudyRecord) -> dict[str, Any]:
         "seed": record.seed,
         "data": record.data,
         "data_fingerprint": record.data_fingerprint,
+        "chat_templates": record.chat_templates,
         "importance_path": record.importance_path,
         "horizon_steps": record.horizon_steps,
         "horizon_tokens": record.horizon_tokens

@@ -54,6 +54,7 @@ class StudyRecord(_Record):
     importance_path: str | None = None  # absolute; shared by every worker
     data_fingerprint: str | None = None
     data: str | None = None  # the data sources, comma-separated
+    chat_templates: dict[str, str] | None = None  # chat source path -> its template's name and hash
     versions: dict[str, str] | None = None  # package -> version
     seed: int | None = None
     horizon_steps: int | None = None

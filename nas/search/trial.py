@@ -51,6 +51,7 @@ from nas.settings import DistillConfig, RunConfig
 from nas.train import dist
 from nas.train.loop import NonFiniteLossError, distill
 from nas.train.teacher_cache import TeacherCache, teacher_source
+from nas.train.trackers import NO_TRACKERS, Trackers
 
 log = logging.getLogger(__name__)
 INFEASIBLE_VALUE = 1e3  # objective of sampled archs outside the budget (they also violate the constraint)
@@ -71,6 +72,7 @@ class SearchContext:
     teacher_cache: TeacherCache | None = None  # the horizon's teacher outputs (teacher then off the GPU)
     screen: dict[tuple[int, ...], dict] = field(default_factory=dict)  # key -> its screen (nas.search.funnel)
     kd_teacher: torch.nn.Module | None = None  # `distill_teacher`: the students' KD teacher (None: `teacher`)
+    trackers: Trackers = NO_TRACKERS  # `report_to`: where each trial's metrics stream
 
     @property
     def distill_from(self) -> torch.nn.Module:
@@ -159,6 +161,7 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> float:
     curve: list[dict] = []
 
     def on_eval(step: int, val_loss: float) -> None:
+        ctx.trackers.stream(f"trial_{trial.number}", out / "metrics.jsonl")
         curve.append({"step": step, "val_loss": val_loss})
         TrialRecord(curve=curve).write(trial)
         trial.report(val_loss, step)
@@ -174,6 +177,7 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> float:
         result = distill(teacher, student, ctx.data, run, out, on_eval=on_eval, fresh_on_change=True)
     finally:  # a finished or stopped trial needs no resume state; a killed one keeps it for its retry
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        ctx.trackers.stream(f"trial_{trial.number}", out / "metrics.jsonl")
     TrialRecord(curve=result.curve, tokens=result.tokens, checkpoint=str(out / "model")).write(trial)
     return result.val_loss
 
@@ -288,7 +292,8 @@ def retry_failed(ctx: SearchContext):
 def run_trials(ctx: SearchContext, study: optuna.Study, max_trials: int | None = None) -> None:
     """Pull trials until the study has its target count of finished trials (or this worker's max)."""
     target = target_trials(ctx)
-    callbacks = [retry_failed(ctx)] if ctx.queued else None  # TPE samples anew instead
+    callbacks = [retry_failed(ctx)] if ctx.queued else []  # TPE samples anew instead
+    callbacks.append(lambda study, _: report_progress(ctx, study))
     ran = 0
     while done_trials(study) < target and (max_trials is None or ran < max_trials):
         stuck = not ctx.queued and len(study.trials) >= MAX_TRIALS_PER_TARGET * target
@@ -316,6 +321,15 @@ def run_trials(ctx: SearchContext, study: optuna.Study, max_trials: int | None =
         )
         ran += 1
     log.info("study %s: %d finished trials", study.study_name, done_trials(study))
+
+
+def report_progress(ctx: SearchContext, study: optuna.Study) -> None:
+    """The study's progress to its trackers: finished trials, the horizon, the best val loss so far."""
+    losses = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    losses = [v for v in losses if v is not None and v < INFEASIBLE_VALUE]
+    values = {"trials_done": done_trials(study), "trials_target": target_trials(ctx),
+              "horizon_tokens": ctx.cfg.horizon_tokens, "best_val_loss": min(losses, default=None)}  # fmt: skip
+    ctx.trackers.progress(done_trials(study), values)
 
 
 def _has(study: optuna.Study, state: TrialState) -> bool:

@@ -22,11 +22,27 @@ class Source(Settings):
         1.0, "relative share of the phase's train sequences", gt=0, allow_inf_nan=False
     )
     text_field: str = _described("text", "JSON key / parquet column / hub column holding the text")
+    messages_field: str | None = _described(
+        None,
+        "JSON key / parquet column / hub column holding conversations (a list of {role, content}, the "
+        "OpenAI/HF `messages` format); set, the source is chat data rendered with the tokenizer's chat "
+        "template, and text_field is not read",
+    )
+    chat_template: str | None = _described(
+        None,
+        "for chat data: the name of one of the tokenizer's chat templates, or a Jinja template "
+        "(default: the tokenizer's own)",
+    )
     config: str | None = _described(None, "hub dataset config name (e.g. en)")
     split: str = _described("train", "hub dataset split")
     streaming: bool = _described(False, "stream the hub dataset instead of downloading the split")
     max_documents: int | None = _described(None, "read at most this many (non-empty) documents", ge=1)
-    # 1%: a stray bad record or two is normal in a scraped corpus, but more means a wrong text_field or a
+    mask_prompt: bool = _described(
+        False,
+        "for chat data: train only on the assistant turns (the other turns stay as context, with no loss); "
+        "default: every token of the rendered conversation",
+    )
+    # 1%: a stray bad record (or a conversation its template cannot render) or two is normal in a scraped corpus, but more means a wrong text_field or a
     # broken export (issue 25: half a corpus vanished silently); measured here: the KJV and demo corpora,
     # and every test corpus, skip 0 records
     max_skipped_share: float = _described(
@@ -36,6 +52,19 @@ class Source(Settings):
         le=1,
         allow_inf_nan=False,
     )
+
+    @model_validator(mode="after")
+    def _chat(self) -> Source:
+        if (self.chat_template is not None or self.mask_prompt) and self.messages_field is None:
+            raise ValueError(
+                "chat_template and mask_prompt are for chat data: set messages_field (e.g. messages) too"
+            )
+        return self
+
+    @property
+    def field(self) -> str:
+        """The field read from each record: the conversation's for chat data, else the text's."""
+        return self.messages_field or self.text_field
 
 
 class Phase(Settings):

@@ -63,6 +63,12 @@ class RunConfig(Settings):
         "transformers' Hub kernels when a model is loaded: off (torch and installed packages only) or hub "
         "(`use_kernels=True`; needs the `kernels` package and, once, the network)",
     )
+    # none by default, as transformers' Trainer now defaults report_to to "none": a tracker is an extra
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = _described(
+        [],
+        "experiment trackers that stream each trial's and the final distillation's metrics.jsonl and the "
+        "study's progress (optional extras: pip install 'nas[tensorboard]')",
+    )
     space: SpaceConfig = _described(SpaceConfig(), "which architectures are candidates")
     importance: ImportanceConfig = _described(ImportanceConfig(), "the importance pass")
     search: SearchConfig = _described(SearchConfig(), "the Optuna search")

@@ -94,6 +94,18 @@ class PlanConfig(Settings):
     )
     gpus_per_trial: int = _described(1, "processes (GPUs) per trial", ge=1)
     as_json: bool = _described(False, "print the plan as a JSON list of stages")
+    memory: bool = _described(True, "plan the memory of each stage (dry runs); --no-memory: time and cost only")
+    gpu: str | None = _described(
+        None, "GPU model of the time table: H100, H200, A100, L40S, A10 (default: the visible GPU's name)"
+    )
+    gpus: int = _described(1, "GPUs the study runs on (workers run trials side by side)", ge=1)
+    tokens_per_s: float | None = _described(
+        None, "measured KD tokens/s of one GPU on a trial of this study (metrics.jsonl's tokens_per_s)", gt=0
+    )
+    mfu: float | None = _described(
+        None, "model FLOPs utilization assumed without --tokens-per-s (default 0.335, measured by nas on an H200)",
+        gt=0, le=1,
+    )  # fmt: skip
 
 
 class EvalConfig(Settings):

@@ -135,7 +135,9 @@ class StudentLoss(nn.Module):
         self.cache = cache  # a TeacherCache the targets come from (then teacher is None)
         self.cfg = cfg
 
-    def forward(self, input_ids: torch.Tensor | None = None, targets=None, fn: Callable | None = None):
+    def forward(
+        self, input_ids: torch.Tensor | None = None, targets=None, fn: Callable | None = None, loss_mask=None
+    ):
         if fn is not None:
             return fn(self.student, self.teacher)
         cfg = self.cfg
@@ -147,6 +149,7 @@ class StudentLoss(nn.Module):
                 temperature=cfg.temperature,
                 ce_weight=cfg.ce_weight,
                 chunk_tokens=cfg.chunk_tokens,
+                loss_mask=loss_mask,
             )
             return result.loss, result.kl
         result = model_kd_loss(
@@ -156,6 +159,7 @@ class StudentLoss(nn.Module):
             temperature=cfg.temperature,
             ce_weight=cfg.ce_weight,
             chunk_tokens=cfg.chunk_tokens,
+            loss_mask=loss_mask,
         )
         return result.loss, result.kl
 

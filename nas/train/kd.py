@@ -145,16 +145,24 @@ def model_cached_kd_loss(
     temperature: float = 1.0,
     ce_weight: float = 0.0,
     chunk_tokens: int = 1024,
+    loss_mask: torch.Tensor | None = None,
 ) -> KDLoss:
     """`cached_kd_loss` of an HF causal LM on token ids [B, T] and the teacher's cached
-    (top_ids, top_logp, log_rest) of the same tokens ([B, T, k], [B, T, k], [B, T])."""
+    (top_ids, top_logp, log_rest) of the same tokens ([B, T, k], [B, T, k], [B, T]); `loss_mask` as in
+    `model_kd_loss`."""
     with autocast_for(input_ids.device):
         hidden = student.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        labels = next_token_labels(input_ids)
+        if loss_mask is not None:
+            keep = positions_of(loss_mask)
+            if not keep.any():
+                return _no_loss(hidden, True)
+            hidden, labels, targets = hidden[keep], labels[keep], tuple(t[keep] for t in targets)
         return cached_kd_loss(
             hidden,
             head_weight(student),
             *targets,
-            next_token_labels(input_ids),
+            labels,
             temperature=temperature,
             ce_weight=ce_weight,
             chunk_tokens=chunk_tokens,
@@ -170,10 +178,12 @@ def model_kd_loss(
     temperature: float = 1.0,
     ce_weight: float = 0.0,
     chunk_tokens: int = 1024,
+    loss_mask: torch.Tensor | None = None,
 ) -> KDLoss:
     """`kd_loss` of two HF causal LMs on token ids [B, T] (bf16 autocast on CUDA); no teacher: LM loss.
     The full logits are never built: each model's `.model` gives the last hidden state, and the heads
-    are applied chunk by chunk inside `kd_loss`."""
+    are applied chunk by chunk inside `kd_loss`. `loss_mask` [B, T] (1: train on this token, 0: context
+    only, e.g. a chat's prompt turns): the loss is the mean over the positions that predict a 1 token."""
     with autocast_for(input_ids.device):
         hidden = student.model(input_ids=input_ids, use_cache=False).last_hidden_state
         teacher_hidden = teacher_weight = None
@@ -181,12 +191,19 @@ def model_kd_loss(
             with torch.no_grad():
                 teacher_hidden = teacher.model(input_ids=input_ids, use_cache=False).last_hidden_state
             teacher_weight = head_weight(teacher)
+        labels = next_token_labels(input_ids)
+        if loss_mask is not None:  # the fused loss sees only the positions that count
+            keep = positions_of(loss_mask)
+            if not keep.any():
+                return _no_loss(hidden, teacher is not None)
+            hidden, labels = hidden[keep], labels[keep]
+            teacher_hidden = teacher_hidden[keep] if teacher_hidden is not None else None
         return kd_loss(
             hidden,
             head_weight(student),
             teacher_hidden,
             teacher_weight,
-            next_token_labels(input_ids),
+            labels,
             temperature=temperature,
             ce_weight=ce_weight,
             chunk_tokens=chunk_tokens,
@@ -214,6 +231,20 @@ def kl_to_teacher(
         count += batch.numel()
     student.train(was_training)
     return total / max(count, 1)
+
+
+def positions_of(token_mask: torch.Tensor) -> torch.Tensor:
+    """The positions [B, T] (bool) whose loss counts, from a mask of the tokens to train on: position t
+    predicts token t + 1; the last position, whose token is in the next row, follows its own token's."""
+    token_mask = token_mask.to(torch.bool)
+    return torch.cat([token_mask[:, 1:], token_mask[:, -1:]], dim=1)
+
+
+def _no_loss(hidden: torch.Tensor, has_teacher: bool) -> KDLoss:
+    """A zero loss (connected to the graph, so backward and DDP run as usual) for a batch with no position
+    to train on."""
+    zero = hidden.float().sum() * 0.0
+    return KDLoss(zero, zero.detach() if has_teacher else None, None)
 
 
 def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:

@@ -279,13 +279,15 @@ def _accumulate_grads(model, data, cfg: DistillConfig, optimizer, step: int):
         offset = cfg.data_offset * cfg.grad_accum  # a continued run draws the batches after its first part's
         total = (cfg.data_offset + cfg.steps) * cfg.grad_accum
         batch = torch.as_tensor(data.train_batch(offset + index, cfg.batch_size, total), dtype=torch.long)
+        mask = data.train_mask(offset + index, cfg.batch_size, total) if hasattr(data, "train_mask") else None
+        mask = dist.local_rows(mask).to(device, non_blocking=True) if mask is not None else None
         tokens += batch.numel()
         targets = None
         if cache is not None:  # the teacher's outputs on this very batch, from disk
             targets = [dist.local_rows(t).to(device, non_blocking=True) for t in cache.targets(index, batch)]
         batch = dist.local_rows(batch).to(device, non_blocking=True)
         with dist.sync_context(model, micro == cfg.grad_accum - 1):
-            loss, kl = model(batch, targets)
+            loss, kl = model(batch, targets, loss_mask=mask)
             (loss / cfg.grad_accum).backward()
         loss_sum += loss.detach().float()
         kl_sum += kl.float() if kl is not None else math.nan
