@@ -24,7 +24,7 @@ from nas.model.arch import Arch
 from nas.model.size import count_params, kv_cache_bytes
 from nas.prune.importance import compute_importance
 from nas.prune.space import enumerate_candidates
-from nas.report.data import load_study, report_frames
+from nas.report.frames import load_study, report_frames
 from nas.report.html import write_report
 from nas.search.study import ranking_stability
 from nas.search.trial import measure_latency

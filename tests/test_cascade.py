@@ -15,14 +15,14 @@ import optuna
 import pytest
 import tomli_w
 
-from nas.cascade import family_worker, run_family
+from nas.cascade.run import family_worker, run_family
+from nas.cascade.stages import family_stages
 from nas.cli.main import main
 from nas.errors import ConfigError
 from nas.model.arch import Arch
 from nas.model.card import CARD_FILE, CardFacts, model_card, read_front_matter
 from nas.model.families import load_config
 from nas.model.size import count_params
-from nas.prune.family import family_stages
 from nas.prune.importance import Importance
 from nas.prune.space import parse_budget
 from nas.settings import run_config_from_dict
@@ -176,7 +176,7 @@ def test_a_kill_in_stage_2_resumes_without_redoing_stage_1(tmp_path, monkeypatch
 
 
 def test_the_family_view_counts_tokens_and_flops_each_way():
-    from nas.report.family import family_costs, family_frame, render_family
+    from nas.cascade.report import family_costs, family_frame, render_family
 
     def stage(index, label, named, params, kd, search, final):
         return {"index": index, "label": label, "named": named, "source": index - 1, "study": f"f.{index}",
@@ -196,7 +196,7 @@ def test_the_family_view_counts_tokens_and_flops_each_way():
 
 
 def test_a_family_never_takes_over_a_one_shot_study_of_its_name(tmp_path):
-    from nas.cascade import record_family_study
+    from nas.cascade.run import record_family_study
 
     base = {"name": "f", "teacher": "t", "data": {"sources": [{"path": "a.txt"}]}, "out_dir": str(tmp_path)}
     cfg = run_config_from_dict({**base, "cascade": True, "budget": ["50%", "25%"]})

@@ -193,7 +193,7 @@ def toml_value(value) -> str:
 
 
 def test_the_default_horizon_of_an_active_budget_counts_active_parameters():
-    from nas.cli.study import horizon_line
+    from nas.cli.study_commands import horizon_line
     from nas.model.arch import Arch
     from nas.model.size import count_params
     from nas.testing import tiny_config

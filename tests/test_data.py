@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from nas.cli.train import add_data_args, data_config_from_args
+from nas.cli.train_commands import add_data_args, data_config_from_args
 from nas.data.corpus import load_documents
 from nas.data.kjv import kjv_verses
 from nas.data.tokens import TokenData, check_disjoint, prepare

@@ -182,7 +182,7 @@ def test_multi_budget_study_end_to_end(tmp_path, monkeypatch, capsys):
     from transformers import AutoModelForCausalLM
 
     from nas.pipeline import run
-    from nas.report.data import load_study, report_frames
+    from nas.report.frames import load_study, report_frames
     from nas.testing import tiny_study_config
 
     monkeypatch.chdir(tmp_path)  # the report goes to ./reports

@@ -115,7 +115,7 @@ def test_finalists_still_reordering_extend_the_horizon_and_say_so(ctx, caplog):
     assert (ctx.cfg.root / "horizon").is_dir() and Arch.from_hf_config  # the extended models
     assert any("still reordering" in r.message and "extending the horizon" in r.message for r in caplog.records)
     assert study.user_attrs["horizon"][ctx.cfg.budgets[0]]["pick"] == record["pick"]
-    from nas.report.data import report_frames
+    from nas.report.frames import report_frames
     from nas.report.html import render_html
 
     data = report_frames(study)  # the report shows the rank trajectories and where and why it stopped

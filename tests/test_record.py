@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 
 from nas.errors import ConfigError
 from nas.pipeline import search
-from nas.report.data import report_frames
+from nas.report.frames import report_frames
 from nas.search.record import RECORD_VERSION, V1_ONLY, StudyRecord, upgrade
 from nas.settings import run_config_from_dict
 from nas.testing import tiny_study_config

@@ -19,7 +19,7 @@ from nas.evaluate.loss import lm_loss
 from nas.model.arch import KNOBS, Arch
 from nas.model.size import count_params, kv_cache_bytes
 from nas.prune.importance import compute_importance
-from nas.report.data import OBJECTIVES, load_study, pareto_mask, report_frames
+from nas.report.frames import OBJECTIVES, load_study, pareto_mask, report_frames
 from nas.report.html import SECTIONS, render_html, write_report
 from nas.search.study import ranking_stability
 from nas.search.trial import measure_latency

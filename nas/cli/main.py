@@ -10,8 +10,8 @@ import sys
 
 from nas.cli import guard
 from nas.cli.flags import add_flags, add_overwrite, add_restart, settings_from_args
-from nas.cli.study import add_plan, add_search, add_space
-from nas.cli.train import add_correct, add_data_args, add_distill, data_config_from_args
+from nas.cli.study_commands import add_plan, add_search, add_space
+from nas.cli.train_commands import add_correct, add_data_args, add_distill, data_config_from_args
 from nas.errors import ConfigError, NasError
 from nas.io import is_full_disk
 from nas.model.blocks import BLOCK_TYPES
@@ -226,7 +226,7 @@ def add_report(sub) -> None:
 
 
 def cmd_report(args) -> int:
-    from nas.report.family import stored_family, write_family_report
+    from nas.cascade.report import stored_family, write_family_report
     from nas.report.html import write_report
 
     storage = args.storage or default_storage(args.study)

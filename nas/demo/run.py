@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from nas.data.tokens import prepare
-from nas.demo.plan import RATES, DemoPlan, demo_plan, run_config  # noqa: F401 (RATES: its old home)
+from nas.demo.sizes import RATES, DemoPlan, demo_plan, run_config  # noqa: F401 (RATES: its old home)
 from nas.demo.teacher import (
     TeacherInfo,
     load_teacher_info,

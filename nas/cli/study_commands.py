@@ -230,7 +230,7 @@ def cmd_run(args) -> int:
 
 
 def run_family_command(cfg, launch, restart: bool) -> int:
-    from nas.cascade import run_family
+    from nas.cascade.run import run_family
 
     result = run_family(cfg, nproc_per_node=launch.nproc_per_node, restart=restart)
     for stage in result.stages:
@@ -243,7 +243,7 @@ def run_family_command(cfg, launch, restart: bool) -> int:
 
 
 def cmd_worker(args) -> int:
-    from nas.cli.train import relaunch_under_torchrun
+    from nas.cli.train_commands import relaunch_under_torchrun
     from nas.pipeline import worker
     from nas.train.dist import teardown
 
@@ -259,8 +259,8 @@ def cmd_worker(args) -> int:
     code = relaunch_under_torchrun(args, launch)
     if code is not None:
         return code
-    from nas.cascade import family_worker
-    from nas.report.family import stored_family
+    from nas.cascade.report import stored_family
+    from nas.cascade.run import family_worker
 
     if stored_family(args.storage, args.study):  # a family: each stage's trials in turn
         served = family_worker(args.storage, args.study)

@@ -33,12 +33,12 @@ import _smoke as smoke  # noqa: E402  (benchmarks/_smoke.py: --smoke)
 import optuna  # noqa: E402
 import torch  # noqa: E402
 
-from nas.cascade import run_family  # noqa: E402
+from nas.cascade.report import kd_flops  # noqa: E402
+from nas.cascade.run import run_family  # noqa: E402
 from nas.demo.run import demo_plan, train_demo_teacher, train_scratch  # noqa: E402
 from nas.evaluate.loss import lm_loss  # noqa: E402
 from nas.model.families import load_model  # noqa: E402
 from nas.pipeline import run  # noqa: E402
-from nas.report.family import kd_flops  # noqa: E402
 from nas.search.study import StudyRecord, TrialRecord, load_existing_study  # noqa: E402
 from nas.settings import run_config_from_dict  # noqa: E402
 

@@ -34,14 +34,14 @@ from typing import Any
 import optuna
 
 from nas import pipeline
+from nas.cascade.report import stored_family, write_family_report
+from nas.cascade.stages import FamilyStage, family_stages
 from nas.errors import ConfigError
 from nas.io import require_same, write_text_atomic
 from nas.lock import own_output
 from nas.model.arch import Arch
 from nas.model.families import load_config
 from nas.model.size import count_params
-from nas.prune.family import FamilyStage, family_stages
-from nas.report.family import stored_family, write_family_report
 from nas.search.study import (
     StudyRecord,
     TrialRecord,
