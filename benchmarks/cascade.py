@@ -1,4 +1,4 @@
-"""A family from one teacher: one-shot pruning vs the cascade (Minitron's chain), and a 25% model from scratch.
+"""A chain of models from one teacher: one-shot pruning vs the cascade (Minitron's chain), and a 25% model from scratch.
 
 On the demo's teacher trained on real text (the KJV; `nas.demo`), with the demo's search and distillation
 settings, budgets 50% and 25%:
@@ -6,14 +6,14 @@ settings, budgets 50% and 25%:
 - cascade (`cascade = true`): the 50% stage as above, then the 25% stage searched on the distilled 50%
   winner (importance recomputed on it) and distilled from it. The 25% member gets the same search and
   distillation settings both ways, so its own KD tokens are equal; the cascade's extra cost is that its
-  25% member also stands on the 50% stage (which the family needs anyway);
+  25% member also stands on the 50% stage (which the cascade needs anyway);
 - scratch: the cascade 25% winner's architecture, randomly initialised, trained with plain LM loss on as
   many tokens as that member's own KD (its short run + full distillation).
 Printed: every member's held-out loss (one protocol, the same validation sequences), the tokens each way,
-and the family's cost ratios (tokens and KD FLOPs = tokens x (2 N_teacher + 6 N_student)). Honest in either
+and the cascade's cost ratios (tokens and KD FLOPs = tokens x (2 N_teacher + 6 N_student)). Honest in either
 direction: at this scale the chain may not win.
 
-    python benchmarks/family.py [--minutes 10] [--seq-len 256] [--half-width] [--out DIR] [--smoke]
+    python benchmarks/cascade.py [--minutes 10] [--seq-len 256] [--half-width] [--out DIR] [--smoke]
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import optuna  # noqa: E402
 import torch  # noqa: E402
 
 from nas.cascade.report import kd_flops  # noqa: E402
-from nas.cascade.run import run_family  # noqa: E402
+from nas.cascade.run import run_cascade  # noqa: E402
 from nas.demo.run import demo_plan, train_demo_teacher, train_scratch  # noqa: E402
 from nas.evaluate.loss import lm_loss  # noqa: E402
 from nas.model.families import load_model  # noqa: E402
@@ -122,7 +122,7 @@ def report(out: Path, plan) -> None:
     cas_cfg = run_config_from_dict(study_settings(base, out, "cascade", teacher.tokens, cascade=True))
     run(one_cfg, report=False)
     one = one_shot_members(one_cfg)
-    stages = run_family(cas_cfg).stages
+    stages = run_cascade(cas_cfg).stages
     cas = cascade_members(stages, cas_cfg.storage_url)
     quarter = cas["25%"]
     scratch = train_scratch(
@@ -152,9 +152,9 @@ def print_results(teacher, one, cas, loss, quarter, plan, seconds) -> None:
     one_tokens, cas_tokens = sum(m["tokens"] for m in one.values()), sum(m["tokens"] for m in cas.values())
     one_flops = sum(kd_flops(m["tokens"], n_t, m["params"]) for m in one.values())
     cas_flops = sum(kd_flops(m["tokens"], m["kd_teacher_params"], m["params"]) for m in cas.values())
-    print(f"family tokens: cascade {cas_tokens:,}, one-shot {one_tokens:,} ({cas_tokens / one_tokens:.3f}x); "
+    print(f"all stages' tokens: cascade {cas_tokens:,}, one-shot {one_tokens:,} ({cas_tokens / one_tokens:.3f}x); "
           f"KD FLOPs cascade / one-shot {cas_flops / one_flops:.3f}x")  # fmt: skip
-    print(f"family vs each member from scratch on the teacher's {teacher.tokens:,} tokens: "
+    print(f"cascade vs each member from scratch on the teacher's {teacher.tokens:,} tokens: "
           f"{cas_tokens / (2 * teacher.tokens):.3f}x the tokens")  # fmt: skip
     diff = loss["cascade 25%"] - loss["one-shot 25%"]
     verdict = "cascade better" if diff < 0 else "one-shot better" if diff > 0 else "tie"

@@ -1,4 +1,4 @@
-"""A model family from one teacher (`nas.cascade`): the stage plan, the chain run end to end on tiny models,
+"""A chain of models from one teacher (`nas.cascade`): the stage plan, the chain run end to end on tiny models,
 a kill in stage 2, iterative pruning through an intermediate cut, and the model card of every winner."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import optuna
 import pytest
 import tomli_w
 
-from nas.cascade.run import family_worker, run_family
-from nas.cascade.stages import family_stages
+from nas.cascade.run import cascade_worker, run_cascade
+from nas.cascade.stages import cascade_stages
 from nas.cli.main import main
 from nas.errors import ConfigError
 from nas.model.arch import Arch
@@ -34,7 +34,7 @@ SMALL = {"screen_top": 2, "finalists": 1, "top_k": 1, "horizon_steps": 2, "eval_
 def plan_of(**overrides):
     base = {"name": "f", "teacher": "t", "data": {"sources": [{"path": "a.txt"}]}}
     teacher = Arch.from_hf_config(tiny_config(hidden_size=256, ffn_hidden_size=512, num_layers=8))
-    return family_stages(run_config_from_dict({**base, **overrides}), teacher), count_params(teacher)
+    return cascade_stages(run_config_from_dict({**base, **overrides}), teacher), count_params(teacher)
 
 
 def test_iterative_step_cuts_a_deep_budget_in_equal_ratios_no_deeper_than_the_step():
@@ -85,7 +85,7 @@ def test_a_cascade_of_three_budgets_cuts_each_stage_from_the_previous_winner(tmp
     monkeypatch.chdir(tmp_path)
     config = tiny_study_config(tmp_path, name="fam", budget=["75%", "25%", "50%"], cascade=True, search=SMALL)
     cfg = run_config_from_dict(config)
-    result = run_family(cfg)
+    result = run_cascade(cfg)
     stages = result.stages
     teacher = Arch.from_hf_config(load_config(cfg.teacher))
     assert [s["label"] for s in stages] == ["75%", "50%", "25%"]
@@ -104,7 +104,7 @@ def test_a_cascade_of_three_budgets_cuts_each_stage_from_the_previous_winner(tmp
     page = result.report.read_text()
     assert "The chain" in page and "each member one-shot from the teacher" in page
     assert set(result.winners) == {"75%", "50%", "25%"}
-    out = tmp_path / "again.html"  # `nas report` of the family's name draws the family view again
+    out = tmp_path / "again.html"  # `nas report` of the cascade's name draws the cascade view again
     assert main(["report", "--study", "fam", "--storage", cfg.storage_url, "--out", str(out)]) == 0
     assert "The chain" in out.read_text()
 
@@ -115,7 +115,7 @@ def test_iterative_step_reaches_25_percent_through_a_50_percent_stage(tmp_path, 
     config = tiny_study_config(tmp_path, name="deep", budget="25%", iterative_step="50%", search=SMALL,
                                cascade_teacher="teacher", final={"steps": 4})  # fmt: skip
     cfg = run_config_from_dict(config)
-    stages = run_family(cfg).stages
+    stages = run_cascade(cfg).stages
     total = count_params(Arch.from_hf_config(load_config(cfg.teacher)))
     assert [(s["label"], s["named"]) for s in stages] == [("50%", False), ("25%", True)]
     assert stages[0]["params"] == round(total * 0.5) and stages[1]["teacher"] == stages[0]["winner"]["dir"]
@@ -162,7 +162,7 @@ def test_a_kill_in_stage_2_resumes_without_redoing_stage_1(tmp_path, monkeypatch
     importance2 = (stage2 / "importance.safetensors").stat().st_mtime_ns
     resumed = subprocess.Popen([sys.executable, "-m", "nas.cli", "run", str(study_file)], env=env, cwd=tmp_path,
                                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)  # fmt: skip
-    assert family_worker(cfg.storage_url, "kill", poll=0.2) == 2  # a worker given the family's name serves both
+    assert cascade_worker(cfg.storage_url, "kill", poll=0.2) == 2  # a worker given the cascade's name serves both
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]
     assert mtimes(stage1) == before and trial_digest(cfg.storage_url, "kill.1-75pct") == trials
     assert (stage2 / "importance.safetensors").stat().st_mtime_ns == importance2  # resumed, not recomputed
@@ -175,8 +175,8 @@ def test_a_kill_in_stage_2_resumes_without_redoing_stage_1(tmp_path, monkeypatch
     assert len({json.dumps(t.params, sort_keys=True) for t in finished}) == len(finished)  # none run twice
 
 
-def test_the_family_view_counts_tokens_and_flops_each_way():
-    from nas.cascade.report import family_costs, family_frame, render_family
+def test_the_cascade_view_counts_tokens_and_flops_each_way():
+    from nas.cascade.report import cascade_costs, cascade_frame, render_cascade
 
     def stage(index, label, named, params, kd, search, final):
         return {"index": index, "label": label, "named": named, "source": index - 1, "study": f"f.{index}",
@@ -186,22 +186,22 @@ def test_the_family_view_counts_tokens_and_flops_each_way():
     stages = [stage(1, "50%", False, 500, 1000, 100, 50), stage(2, "25%", True, 250, 500, 100, 100)]
     record = {"name": "f", "teacher": "t", "teacher_params": 1000, "teacher_tokens": 10_000,
               "cascade_teacher": "previous", "iterative_step": "50%", "plan": stages, "stages": stages}  # fmt: skip
-    costs = family_costs(record, family_frame(record))
-    assert costs["family_tokens"] == 350 and costs["one_shot_tokens"] == 200 and costs["intermediate"] == 1
-    family = 150 * (2 * 1000 + 6 * 500) + 200 * (2 * 500 + 6 * 250)
-    assert costs["family_flops"] == family and costs["one_shot_flops"] == 200 * (2 * 1000 + 6 * 250)
+    costs = cascade_costs(record, cascade_frame(record))
+    assert costs["cascade_tokens"] == 350 and costs["one_shot_tokens"] == 200 and costs["intermediate"] == 1
+    cascade = 150 * (2 * 1000 + 6 * 500) + 200 * (2 * 500 + 6 * 250)
+    assert costs["cascade_flops"] == cascade and costs["one_shot_flops"] == 200 * (2 * 1000 + 6 * 250)
     assert costs["scratch_tokens"] == 10_000 and costs["tokens_vs_scratch"] == 0.035
-    page = render_family(record)
+    page = render_cascade(record)
     assert 'href="f.2.html"' in page and "intermediate cuts" in page
 
 
-def test_a_family_never_takes_over_a_one_shot_study_of_its_name(tmp_path):
-    from nas.cascade.run import record_family_study
+def test_a_cascade_never_takes_over_a_one_shot_study_of_its_name(tmp_path):
+    from nas.cascade.run import record_cascade_study
 
     base = {"name": "f", "teacher": "t", "data": {"sources": [{"path": "a.txt"}]}, "out_dir": str(tmp_path)}
     cfg = run_config_from_dict({**base, "cascade": True, "budget": ["50%", "25%"]})
     study = optuna.create_study(study_name="f", storage=cfg.storage_url)
     study.set_user_attr("config", {"name": "f"})  # what a one-shot nas study records
     with pytest.raises(ConfigError, match="one-shot study"):
-        record_family_study(cfg, {"plan": []})
+        record_cascade_study(cfg, {"plan": []})
     assert "family" not in study.user_attrs

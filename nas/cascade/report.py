@@ -1,7 +1,7 @@
-"""The family view of a chained study (`nas.cascade`): one self-contained page, `reports/<name>.html`.
+"""The cascade view of a chained study (`nas.cascade`): one self-contained page, `reports/<name>.html`.
 
 - each member's params, held-out loss and tokens (the intermediate cuts of `iterative_step` too);
-- the family's total tokens against each member one-shot from the teacher and each member from scratch;
+- the cascade's total tokens against each member one-shot from the teacher and each member from scratch;
 - the chain drawn as a picture (params vs held-out loss, an arrow from each model to the one cut from it).
 
 Costs, in words: a member one-shot from the teacher would spend what its stage spent (its search and its
@@ -31,7 +31,7 @@ COLUMNS = ["stage", "label", "named", "source", "params", "share", "val_loss", "
            "tokens", "kd_teacher_params", "kd_flops"]  # fmt: skip
 
 
-def family_frame(record: dict[str, Any]) -> pd.DataFrame:
+def cascade_frame(record: dict[str, Any]) -> pd.DataFrame:
     """One row per finished stage (the teacher first, as stage 0)."""
     first = record["stages"][0] if record["stages"] else {}
     rows = [
@@ -56,8 +56,8 @@ def kd_flops(tokens: int, teacher_params: int, student_params: int) -> float:
     return float(tokens) * (2 * teacher_params + 6 * student_params)
 
 
-def family_costs(record: dict[str, Any], frame: pd.DataFrame) -> dict[str, Any]:
-    """The family's tokens and KD FLOPs against each member one-shot from the teacher and from scratch."""
+def cascade_costs(record: dict[str, Any], frame: pd.DataFrame) -> dict[str, Any]:
+    """The cascade's tokens and KD FLOPs against each member one-shot from the teacher and from scratch."""
     stages = frame[frame.stage > 0]
     members = stages[stages.named]
     teacher = record["teacher_params"]
@@ -66,15 +66,15 @@ def family_costs(record: dict[str, Any], frame: pd.DataFrame) -> dict[str, Any]:
     costs = {
         "members": len(members),
         "intermediate": len(stages) - len(members),
-        "family_tokens": int(stages.tokens.sum()),
+        "cascade_tokens": int(stages.tokens.sum()),
         "one_shot_tokens": int(members.tokens.sum()),
-        "family_flops": float(stages.kd_flops.sum()),
+        "cascade_flops": float(stages.kd_flops.sum()),
         "one_shot_flops": one_shot_flops,
         "scratch_tokens": scratch * len(members) if scratch else None,
     }
-    costs["tokens_vs_one_shot"] = costs["family_tokens"] / max(costs["one_shot_tokens"], 1)
-    costs["flops_vs_one_shot"] = costs["family_flops"] / max(one_shot_flops, 1.0)
-    costs["tokens_vs_scratch"] = costs["family_tokens"] / costs["scratch_tokens"] if scratch else None
+    costs["tokens_vs_one_shot"] = costs["cascade_tokens"] / max(costs["one_shot_tokens"], 1)
+    costs["flops_vs_one_shot"] = costs["cascade_flops"] / max(one_shot_flops, 1.0)
+    costs["tokens_vs_scratch"] = costs["cascade_tokens"] / costs["scratch_tokens"] if scratch else None
     return costs
 
 
@@ -125,15 +125,15 @@ def members_table(frame: pd.DataFrame, record: dict[str, Any]) -> str:
 def costs_html(costs: dict[str, Any]) -> str:
     scratch = (
         f"{costs['scratch_tokens']:,} tokens for {costs['members']} members from scratch (the teacher's "
-        f"pretraining tokens each): the family costs {costs['tokens_vs_scratch']:.4f}x"
+        f"pretraining tokens each): the cascade costs {costs['tokens_vs_scratch']:.4f}x"
         if costs["scratch_tokens"]
         else "unknown (set teacher_tokens: the tokens the teacher was trained on)"
     )
     items = {
-        "family (all stages)": f"{costs['family_tokens']:,} tokens, {costs['family_flops']:.3g} KD FLOPs, "
+        "cascade (all stages)": f"{costs['cascade_tokens']:,} tokens, {costs['cascade_flops']:.3g} KD FLOPs, "
         f"{costs['members']} members + {costs['intermediate']} intermediate cuts",
         "each member one-shot from the teacher": f"{costs['one_shot_tokens']:,} tokens, "
-        f"{costs['one_shot_flops']:.3g} KD FLOPs: the family costs {costs['tokens_vs_one_shot']:.3f}x the "
+        f"{costs['one_shot_flops']:.3g} KD FLOPs: the cascade costs {costs['tokens_vs_one_shot']:.3f}x the "
         f"tokens and {costs['flops_vs_one_shot']:.3f}x the FLOPs",
         "each member from scratch": scratch,
     }
@@ -144,9 +144,9 @@ def costs_html(costs: dict[str, Any]) -> str:
     )
 
 
-def render_family(record: dict[str, Any]) -> str:
-    frame = family_frame(record)
-    costs = family_costs(record, frame)
+def render_cascade(record: dict[str, Any]) -> str:
+    frame = cascade_frame(record)
+    costs = cascade_costs(record, frame)
     how = (
         f"Teacher {record['teacher']}; later stages distilled from the "
         f"{'original teacher' if record['cascade_teacher'] == 'teacher' else 'previous winner'}"
@@ -154,21 +154,21 @@ def render_family(record: dict[str, Any]) -> str:
         + f". {len(record['stages'])} of {len(record['plan'])} stages done."
     )
     body = [
-        f"<h1>nas family: {html.escape(record['name'])}</h1><p>{html.escape(how)}</p>",
+        f"<h1>nas cascade: {html.escape(record['name'])}</h1><p>{html.escape(how)}</p>",
         section("members", "Members", None, None, members_table(frame, record)),
-        section("costs", "What the family cost", None, None, costs_html(costs)),
+        section("costs", "What the cascade cost", None, None, costs_html(costs)),
         section("chain", "The chain", chain_figure(frame) if len(frame) > 1 else None, None),
     ]
-    title = html.escape(f"nas family: {record['name']}")
+    title = html.escape(f"nas cascade: {record['name']}")
     return PAGE.format(
         title=title, mark=HTML_MARK, css=CSS, plotlyjs=plotly.offline.get_plotlyjs(), body="\n".join(body),
         js=SORT_JS,
     )  # fmt: skip
 
 
-def stored_family(storage: str, name: str) -> dict[str, Any] | None:
-    """The family record (`family.json`) that `nas.cascade` keeps on the family's own Optuna study, None
-    when `name` is not a family in `storage` (or the storage does not exist yet)."""
+def stored_cascade(storage: str, name: str) -> dict[str, Any] | None:
+    """The cascade record (`family.json`) that `nas.cascade` keeps on the cascade's own Optuna study, None
+    when `name` is not a cascade in `storage` (or the storage does not exist yet)."""
     check_storage_url(storage)
     if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
         return None
@@ -176,12 +176,13 @@ def stored_family(storage: str, name: str) -> dict[str, Any] | None:
     with storage_errors(storage):
         if name not in optuna.study.get_all_study_names(storage):
             return None
+        # "family": the key every cascade has stored (the name predates nas.cascade)
         return optuna.load_study(study_name=name, storage=storage).user_attrs.get("family")
 
 
-def write_family_report(record: dict[str, Any], out: str | Path) -> Path:
-    """Render the family page of `record` (`family.json`) to `out`, atomically."""
+def write_cascade_report(record: dict[str, Any], out: str | Path) -> Path:
+    """Render the cascade page of `record` (`family.json`) to `out`, atomically."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out, render_family(record))
+    write_text_atomic(out, render_cascade(record))
     return out

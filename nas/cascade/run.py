@@ -1,7 +1,7 @@
-"""`nas run` of a model family: a chain of stages (`cascade = true`, `iterative_step`), each one a whole study.
+"""`nas run` of a cascade: a chain of stages (`cascade = true`, `iterative_step`), each one a whole study.
 
-The stages come from `nas.prune.family.family_stages` (budgets largest first, intermediate cuts). Stage k is
-an ordinary nas study of its own, named `<name>.<k>-<budget>` in the family's storage with its files under
+The stages come from `nas.cascade.stages.cascade_stages` (budgets largest first, intermediate cuts). Stage k is
+an ordinary nas study of its own, named `<name>.<k>-<budget>` in the cascade's storage with its files under
 `<out_dir>/stages/<k>-<budget>/`: its teacher is the previous stage's distilled winner, so its importance is
 recomputed on that model, and its screen, trials, winner and report are its own. Its budget is an absolute
 parameter count computed from the ORIGINAL teacher, so "25%" means the same in a cascade and in a one-shot
@@ -16,8 +16,8 @@ stage from the original (corrected) teacher instead (`distill_teacher` of the st
 Resumable and kill-safe per stage: a stage is done once its winner is exported and `stage.json` is written
 (atomically) in its directory; a rerun skips done stages (after checking that their settings are unchanged)
 and resumes the first unfinished one where its own study stopped. Workers join a stage by its study name
-(`nas worker --study <name>.<k>-<budget>`), or the whole family by its name (`nas worker --study <name>`:
-`family_worker` serves each stage's trials in turn).
+(`nas worker --study <name>.<k>-<budget>`), or the whole cascade by its name (`nas worker --study <name>`:
+`cascade_worker` serves each stage's trials in turn).
 `<out_dir>/family.json` records the chain as it grows; the report (`reports/<name>.html`) draws it.
 """
 
@@ -34,8 +34,8 @@ from typing import Any
 import optuna
 
 from nas import pipeline
-from nas.cascade.report import stored_family, write_family_report
-from nas.cascade.stages import FamilyStage, family_stages
+from nas.cascade.report import stored_cascade, write_cascade_report
+from nas.cascade.stages import CascadeStage, cascade_stages
 from nas.errors import ConfigError
 from nas.io import require_same, write_text_atomic
 from nas.lock import own_output
@@ -53,12 +53,12 @@ from nas.settings import RunConfig, run_config_from_dict
 from nas.settings.paths import default_report
 
 log = logging.getLogger(__name__)
-FAMILY_FILE = "family.json"
+CASCADE_FILE = "family.json"  # the name runs wrote before nas.cascade had its own; kept so they resume
 STAGE_FILE = "stage.json"
 
 
 @dataclass
-class FamilyResult:
+class CascadeResult:
     name: str
     storage: str
     stages: list[dict[str, Any]]  # `stage.json` of every stage, in order
@@ -66,24 +66,24 @@ class FamilyResult:
     winners: dict[str, Path] = field(default_factory=dict)  # named budget -> winner directory
 
 
-def stage_dir(cfg: RunConfig, stage: FamilyStage) -> Path:
+def stage_dir(cfg: RunConfig, stage: CascadeStage) -> Path:
     return cfg.root / "stages" / stage.slug
 
 
-def stage_name(cfg: RunConfig, stage: FamilyStage) -> str:
+def stage_name(cfg: RunConfig, stage: CascadeStage) -> str:
     return f"{cfg.name}.{stage.slug}"
 
 
-def original_teacher(cfg: RunConfig, plan: list[FamilyStage]) -> str:
-    """The family's teacher as its first stage distils from it: corrected there when `correct_steps` > 0."""
+def original_teacher(cfg: RunConfig, plan: list[CascadeStage]) -> str:
+    """The cascade's teacher as its first stage distils from it: corrected there when `correct_steps` > 0."""
     if not cfg.correct_steps:
         return cfg.teacher
     return str(stage_dir(cfg, plan[0]) / "corrected" / "model")
 
 
-def stage_config(cfg: RunConfig, stage: FamilyStage, source: str, kd_teacher: str | None) -> RunConfig:
-    """The study of one stage: the family's settings with the stage's teacher (`source`: the teacher or the
-    previous winner), its absolute budget, its own name and directory, and the family's storage."""
+def stage_config(cfg: RunConfig, stage: CascadeStage, source: str, kd_teacher: str | None) -> RunConfig:
+    """The study of one stage: the cascade's settings with the stage's teacher (`source`: the teacher or the
+    previous winner), its absolute budget, its own name and directory, and the cascade's storage."""
     data = cfg.to_dict()
     final_steps = cfg.final_distill().steps
     data.update(
@@ -132,7 +132,7 @@ def stage_tokens(study: optuna.Study, winner: dict[str, Any]) -> tuple[int, int]
     return search, int(winner["tokens"]) - short
 
 
-def record_stage(scfg: RunConfig, stage: FamilyStage, kd_teacher: str) -> dict[str, Any]:
+def record_stage(scfg: RunConfig, stage: CascadeStage, kd_teacher: str) -> dict[str, Any]:
     """Write the finished stage's `stage.json` (atomically: it marks the stage done)."""
     study = load_existing_study(scfg.storage_url, scfg.name)
     record = StudyRecord.read(study)
@@ -158,7 +158,7 @@ def record_stage(scfg: RunConfig, stage: FamilyStage, kd_teacher: str) -> dict[s
     return done
 
 
-def family_record(cfg: RunConfig, plan: list[FamilyStage], done: list[dict[str, Any]]) -> dict[str, Any]:
+def cascade_record(cfg: RunConfig, plan: list[CascadeStage], done: list[dict[str, Any]]) -> dict[str, Any]:
     """`family.json`: the chain as planned, and every finished stage (what the report draws)."""
     teacher = Arch.from_hf_config(load_config(cfg.teacher))
     return {
@@ -174,8 +174,8 @@ def family_record(cfg: RunConfig, plan: list[FamilyStage], done: list[dict[str, 
     }
 
 
-def clear_family(cfg: RunConfig, plan: list[FamilyStage]) -> None:
-    """`--restart`: delete every stage's study, the family's, and the family's outputs under out_dir."""
+def clear_cascade(cfg: RunConfig, plan: list[CascadeStage]) -> None:
+    """`--restart`: delete every stage's study, the cascade's, and the cascade's outputs under out_dir."""
     url = cfg.storage_url
     if not (url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file()):
         storage = make_storage(url, cfg)
@@ -184,32 +184,32 @@ def clear_family(cfg: RunConfig, plan: list[FamilyStage]) -> None:
             for name in ({stage_name(cfg, s) for s in plan} | {cfg.name}) & names:
                 optuna.delete_study(study_name=name, storage=storage)
     shutil.rmtree(cfg.root / "stages", ignore_errors=True)
-    (cfg.root / FAMILY_FILE).unlink(missing_ok=True)
+    (cfg.root / CASCADE_FILE).unlink(missing_ok=True)
 
 
-def record_family_study(cfg: RunConfig, record: dict[str, Any]) -> None:
-    """Keep the family record on an Optuna study named after the family (no trials), so a worker given the
-    family's name serves every stage in turn (`family_worker`) and `nas report --study <name>` draws it."""
+def record_cascade_study(cfg: RunConfig, record: dict[str, Any]) -> None:
+    """Keep the cascade record on an Optuna study named after the cascade (no trials), so a worker given the
+    cascade's name serves every stage in turn (`cascade_worker`) and `nas report --study <name>` draws it."""
     with storage_errors(cfg.storage_url):
         storage = make_storage(cfg.storage_url, cfg)
         study = optuna.create_study(study_name=cfg.name, storage=storage, load_if_exists=True)
         if StudyRecord.read(study).config is not None:  # a one-shot study of the same name
             raise ConfigError(
-                f"study {cfg.name!r} in {cfg.storage_url} is a one-shot study, not a family; "
-                "give the family another name, or pass --restart to delete it"
+                f"study {cfg.name!r} in {cfg.storage_url} is a one-shot study, not a cascade; "
+                "give the cascade another name, or pass --restart to delete it"
             )
-        study.set_user_attr("family", record)
+        study.set_user_attr("family", record)  # the stored key stays: old studies hold it
 
 
-def family_worker(storage: str, name: str, poll: float = 2.0) -> int:
-    """Serve the trials of every stage of family `name` in turn, as `nas.pipeline.worker` serves one study:
+def cascade_worker(storage: str, name: str, poll: float = 2.0) -> int:
+    """Serve the trials of every stage of cascade `name` in turn, as `nas.pipeline.worker` serves one study:
     a stage's study appears once the previous stage's winner is distilled. Returns the stages served."""
     served = 0
-    record = stored_family(storage, name) or {}
+    record = stored_cascade(storage, name) or {}
     for stage in [f"{name}.{s['slug']}" for s in record.get("plan", [])]:
         while not stage_ready(storage, stage):
             time.sleep(poll)
-        log.info("family %s: serving stage %s", name, stage)
+        log.info("cascade %s: serving stage %s", name, stage)
         pipeline.worker(storage, stage)
         served += 1
     return served
@@ -226,16 +226,16 @@ def stage_ready(storage: str, stage: str) -> bool:
         )
 
 
-def run_family(
+def run_cascade(
     cfg: RunConfig, report: bool = True, nproc_per_node: int = 1, restart: bool = False
-) -> FamilyResult:
+) -> CascadeResult:
     """Run (or resume) every stage of a chained study in order; each stage's winner is fully distilled
     before the next stage's search is cut from it."""
     with own_output(cfg.root):
-        plan = family_stages(cfg, Arch.from_hf_config(load_config(cfg.teacher)))
+        plan = cascade_stages(cfg, Arch.from_hf_config(load_config(cfg.teacher)))
         if restart:
-            clear_family(cfg, plan)
-        record_family_study(cfg, family_record(cfg, plan, []))
+            clear_cascade(cfg, plan)
+        record_cascade_study(cfg, cascade_record(cfg, plan, []))
         done: list[dict[str, Any]] = []
         for stage in plan:
             source = cfg.teacher if stage.source == 0 else done[stage.source - 1]["winner"]["dir"]
@@ -243,17 +243,17 @@ def run_family(
             scfg = stage_config(cfg, stage, source, None if kd_teacher == source else kd_teacher)
             finished = read_stage(scfg)
             if finished is None:
-                log.info("family stage %d of %d: %s from %s", stage.index, len(plan), stage.label, source)
+                log.info("cascade stage %d of %d: %s from %s", stage.index, len(plan), stage.label, source)
                 pipeline.run(scfg, report=report, nproc_per_node=nproc_per_node)
                 finished = record_stage(scfg, stage, kd_teacher)
             else:
-                log.info("family stage %d (%s) is done: skipped", stage.index, stage.label)
+                log.info("cascade stage %d (%s) is done: skipped", stage.index, stage.label)
             done.append(finished)
-            record = family_record(cfg, plan, done)
-            write_text_atomic(cfg.root / FAMILY_FILE, json.dumps(record, indent=1))
-            record_family_study(cfg, record)
+            record = cascade_record(cfg, plan, done)
+            write_text_atomic(cfg.root / CASCADE_FILE, json.dumps(record, indent=1))
+            record_cascade_study(cfg, record)
         path = None
         if report:
-            path = write_family_report(record, default_report(cfg.name))
+            path = write_cascade_report(record, default_report(cfg.name))
     winners = {s["label"]: Path(s["winner"]["dir"]) for s in done if s["named"]}
-    return FamilyResult(cfg.name, cfg.storage_url, done, path, winners)
+    return CascadeResult(cfg.name, cfg.storage_url, done, path, winners)

@@ -1,4 +1,4 @@
-"""The stages of a model family (`cascade = true`, `iterative_step`): which sizes are cut, in what order,
+"""The stages of a cascade (`cascade = true`, `iterative_step`): which sizes are cut, in what order,
 and from which model (pure: sizes only, no weights).
 
 - **Cascade** (Minitron, arXiv 2407.14679: its 4B is pruned from the distilled 8B, not from the 15B): the
@@ -30,15 +30,15 @@ from nas.settings.run import step_fraction
 
 
 @dataclass(frozen=True)
-class FamilyStage:
-    """One stage of a family: a search and a full distillation at `params` (a share of the original teacher),
+class CascadeStage:
+    """One stage of a cascade: a search and a full distillation at `params` (a share of the original teacher),
     starting from stage `source` (0: the teacher)."""
 
     index: int  # 1, 2, ... in the order they run
     params: int  # the stage's budget, in parameters of the original teacher's budget_kind
     share: float  # params / the original teacher's
     label: str  # the budget as written (a named member) or its share, e.g. "50%" (intermediate)
-    named: bool  # one of the study's budgets (a member of the family), not an intermediate cut
+    named: bool  # one of the study's budgets (a member of the cascade), not an intermediate cut
     source: int  # the stage whose winner it is cut from (0: the teacher)
     token_share: float  # its full distillation's steps, as a share of final.steps
 
@@ -62,7 +62,7 @@ def cuts_between(start: int, target: int, step: float | None) -> list[int]:
     return [round(start * ratio ** (k / n)) for k in range(1, n)] + [target]
 
 
-def family_stages(cfg: RunConfig, teacher: Arch) -> list[FamilyStage]:
+def cascade_stages(cfg: RunConfig, teacher: Arch) -> list[CascadeStage]:
     """The stages `nas run` runs for a chained study (`cfg.chained`), in order; one stage per budget when
     neither `cascade` nor `iterative_step` is set (every stage then starts from the teacher)."""
     kind = cfg.space.budget_kind
@@ -72,7 +72,7 @@ def family_stages(cfg: RunConfig, teacher: Arch) -> list[FamilyStage]:
         raise ConfigError(f"budgets {cfg.budgets} name the same size twice; give distinct budgets")
     order = sorted(sizes, key=lambda b: -sizes[b]) if cfg.chained else list(sizes)
     step = step_fraction(cfg.iterative_step) if cfg.iterative_step else None
-    stages: list[FamilyStage] = []
+    stages: list[CascadeStage] = []
     current = total
     for budget in order:
         if not cfg.chained:
@@ -81,7 +81,7 @@ def family_stages(cfg: RunConfig, teacher: Arch) -> list[FamilyStage]:
         for k, params in enumerate(cuts):
             named = k == len(cuts) - 1
             stages.append(
-                FamilyStage(
+                CascadeStage(
                     index=len(stages) + 1,
                     params=params,
                     share=params / total,

@@ -226,14 +226,14 @@ def add_report(sub) -> None:
 
 
 def cmd_report(args) -> int:
-    from nas.cascade.report import stored_family, write_family_report
+    from nas.cascade.report import stored_cascade, write_cascade_report
     from nas.report.html import write_report
 
     storage = args.storage or default_storage(args.study)
     out = guard.output(args.out or default_report(args.study), [], is_dir=False, overwrite=args.overwrite)
     with guard.owning(out, is_dir=False):
-        family = stored_family(storage, args.study)  # a cascade's family: its family view
-        out = write_family_report(family, out) if family else write_report(storage, args.study, out)
+        cascade = stored_cascade(storage, args.study)  # a cascade: its one-page view
+        out = write_cascade_report(cascade, out) if cascade else write_report(storage, args.study, out)
     print(f"report: {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return 0
 

@@ -218,7 +218,7 @@ def cmd_run(args) -> int:
         cfg.final_distill().batch_size, launch.nproc_per_node, "the final distillation's batch_size"
     )
     if cfg.chained:
-        return run_family_command(cfg, launch, args.restart)
+        return run_cascade_command(cfg, launch, args.restart)
     result = run(cfg, nproc_per_node=launch.nproc_per_node, restart=args.restart)
     print(f"teacher val loss {result.teacher_val_loss:.4f}; winner val loss {result.winner_val_loss:.4f}")
     for budget, path in result.winners.items():
@@ -229,10 +229,10 @@ def cmd_run(args) -> int:
     return 0
 
 
-def run_family_command(cfg, launch, restart: bool) -> int:
-    from nas.cascade.run import run_family
+def run_cascade_command(cfg, launch, restart: bool) -> int:
+    from nas.cascade.run import run_cascade
 
-    result = run_family(cfg, nproc_per_node=launch.nproc_per_node, restart=restart)
+    result = run_cascade(cfg, nproc_per_node=launch.nproc_per_node, restart=restart)
     for stage in result.stages:
         kind = "member" if stage["named"] else "intermediate"
         w = stage["winner"]
@@ -259,13 +259,13 @@ def cmd_worker(args) -> int:
     code = relaunch_under_torchrun(args, launch)
     if code is not None:
         return code
-    from nas.cascade.report import stored_family
-    from nas.cascade.run import family_worker
+    from nas.cascade.report import stored_cascade
+    from nas.cascade.run import cascade_worker
 
-    if stored_family(args.storage, args.study):  # a family: each stage's trials in turn
-        served = family_worker(args.storage, args.study)
+    if stored_cascade(args.storage, args.study):  # a cascade: each stage's trials in turn
+        served = cascade_worker(args.storage, args.study)
         teardown()
-        print(f"family {args.study}: served {served} stages")
+        print(f"cascade {args.study}: served {served} stages")
         return 0
     study = worker(args.storage, args.study, args.max_trials)
     teardown()

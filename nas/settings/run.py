@@ -69,7 +69,7 @@ class RunConfig(Settings):
     )
     cascade: bool = _described(
         False,
-        "a model family as Minitron builds it: budgets largest first, each later budget searched on the "
+        "a chain of models as Minitron builds it: budgets largest first, each later budget searched on the "
         "previous budget's distilled winner (budgets stay shares of the original teacher)",
     )
     # previous: the chain as the Minitron paper builds it (its 4B is pruned from the distilled 8B, arXiv
@@ -85,13 +85,13 @@ class RunConfig(Settings):
         "iterative pruning: no stage cuts more than this share of the model it starts from (e.g. 30%); a deeper "
         "cut goes through unnamed intermediate stages, as even in size as possible (empty: off)",
     )
-    # no published value: half of a named member's full distillation per intermediate cut (benchmarks/family.py)
+    # no published value: half of a named member's full distillation per intermediate cut (benchmarks/cascade.py)
     intermediate_share: float = _described(
         0.5, "an intermediate stage's full-distillation steps, as a share of final.steps", gt=0, le=1
     )
     teacher_tokens: int = _described(
         0,
-        "tokens the teacher was trained on: the family view's cost of each member from scratch (0: unknown)",
+        "tokens the teacher was trained on: the cascade view's cost of each member from scratch (0: unknown)",
         ge=0,
     )
 
