@@ -87,7 +87,7 @@ def benchmark(name: str):
 
 def teacher_config(ctx: Context, name: str):
     """The shipped config of `name` (published values), or at smoke size a tiny Qwen3 of the same family."""
-    from nas.model.families import load_config
+    from nas.model.load import load_config
     from nas.testing import tiny_config
 
     if not ctx.smoke:

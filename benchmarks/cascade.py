@@ -37,7 +37,7 @@ from nas.cascade.report import kd_flops  # noqa: E402
 from nas.cascade.run import run_cascade  # noqa: E402
 from nas.demo.run import demo_plan, train_demo_teacher, train_scratch  # noqa: E402
 from nas.evaluate.loss import lm_loss  # noqa: E402
-from nas.model.families import load_model  # noqa: E402
+from nas.model.load import load_model  # noqa: E402
 from nas.pipeline import run  # noqa: E402
 from nas.search.study import StudyRecord, TrialRecord, load_existing_study  # noqa: E402
 from nas.settings import run_config_from_dict  # noqa: E402

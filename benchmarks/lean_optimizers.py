@@ -21,7 +21,7 @@ import torch
 
 from nas.demo.run import DemoPlan, train_demo_teacher
 from nas.model.arch import Arch
-from nas.model.families import load_model, load_teacher_and_student
+from nas.model.load import load_model, load_teacher_and_student
 from nas.model.size import count_params
 from nas.prune.cut import prune, save_pruned
 from nas.prune.importance import compute_importance

@@ -27,7 +27,7 @@ from pathlib import Path
 import _smoke as smoke  # benchmarks/_smoke.py: --smoke
 
 from nas.model.arch import Arch
-from nas.model.families import load_config
+from nas.model.load import load_config
 from nas.plan import format_plan, plan_study, to_json
 from nas.settings import run_config_from_dict
 

@@ -21,7 +21,7 @@ from nas.cli.main import main
 from nas.errors import ConfigError
 from nas.model.arch import Arch
 from nas.model.card import CARD_FILE, CardFacts, model_card, read_front_matter
-from nas.model.families import load_config
+from nas.model.load import load_config
 from nas.model.size import count_params
 from nas.prune.importance import Importance
 from nas.prune.space import parse_budget

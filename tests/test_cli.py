@@ -126,7 +126,7 @@ def test_space_prints_the_candidate_table(qwen2_teacher, capsys):
     out = capsys.readouterr().out
     assert "candidates" in out and "kv_cache_bytes_per_token" in out
     from nas.model.arch import Arch
-    from nas.model.families import load_config
+    from nas.model.load import load_config
     from nas.prune.space import parse_budget
 
     budget = parse_budget("75%", Arch.from_hf_config(load_config(qwen2_teacher / "teacher")))

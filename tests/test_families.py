@@ -300,7 +300,7 @@ def test_a_config_field_under_its_attribute_map_name_counts_and_its_absence_is_n
     config check reads either name, and names the field when neither is there."""
     import json
 
-    from nas.model.families import load_config
+    from nas.model.load import load_config
     from nas.testing import write_tiny_teacher
 
     write_tiny_teacher(tmp_path / "t", "qwen3_moe")

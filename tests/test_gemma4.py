@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from nas.errors import InfeasibleError
 from nas.model.arch import Arch
-from nas.model.families import load_config
+from nas.model.load import load_config
 from nas.model.size import count_params, kv_cache_bytes
 from nas.prune.cut import plan_cut, prune
 from nas.prune.space import enumerate_candidates

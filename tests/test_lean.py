@@ -10,7 +10,7 @@ from nas.data.kjv import kjv_verses
 from nas.device import precision_for
 from nas.errors import ConfigError
 from nas.model.arch import Arch
-from nas.model.families import load_teacher_and_student
+from nas.model.load import load_teacher_and_student
 from nas.prune.cut import prune, save_pruned
 from nas.prune.importance import compute_importance
 from nas.settings import DistillConfig

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 from nas.cli import main
 from nas.model.arch import Arch
-from nas.model.families import load_config, load_model
+from nas.model.load import load_config, load_model
 from nas.model.size import count_params
 from nas.prune.cut import prune, save_pruned
 from nas.prune.importance import compute_importance

@@ -200,7 +200,7 @@ def test_invalid_nemotron_shapes_are_clear_errors():
 def test_the_published_12b_to_9b_prune_is_a_valid_cut():
     """Nemotron Nano 2 (arXiv 2508.14444): 12B -> 9B, 62 -> 56 layers, hidden 5120 -> 4480, FFN 20480 -> 15680
     (the 12B's shape: Megatron-Bridge's NemotronNanoModelProvider12Bv2)."""
-    from nas.model.families import load_config
+    from nas.model.load import load_config
 
     nine = load_config(CONFIGS / "NVIDIA-Nemotron-Nano-9B-v2")
     twelve = copy.deepcopy(nine)
@@ -253,7 +253,7 @@ def test_cli_space_of_a_nemotron_teacher_with_steps(tmp_path, capsys):
 
 
 def test_a_saved_nemotron_config_is_valid_without_num_hidden_layers_and_names_a_missing_layer_list(tmp_path):
-    from nas.model.families import load_config
+    from nas.model.load import load_config
 
     tiny_model("nemotron_h").save_pretrained(tmp_path / "m")  # transformers writes no num_hidden_layers
     raw = json.loads((tmp_path / "m" / "config.json").read_text())

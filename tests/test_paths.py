@@ -4,7 +4,7 @@ import json
 
 import transformers
 
-from nas.model.families import load_config
+from nas.model.load import load_config
 from nas.settings import default_report, default_storage, run_config_from_dict
 from nas.testing import tiny_config
 

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from nas.cli import main
 from nas.model.arch import Arch, check_prunable
-from nas.model.families import load_config, load_model
+from nas.model.load import load_config, load_model
 from nas.model.size import count_params
 from nas.prune.cut import prune
 from nas.prune.importance import compute_importance

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from nas.errors import ConfigError, InfeasibleError
 from nas.model.arch import KNOBS, Arch, check_prunable
-from nas.model.families import load_config
+from nas.model.load import load_config
 from nas.model.size import count_params
 from nas.prune.space import (
     candidates_frame,

@@ -40,7 +40,7 @@ from nas.errors import ConfigError
 from nas.io import require_same, write_text_atomic
 from nas.lock import own_output
 from nas.model.arch import Arch
-from nas.model.families import load_config
+from nas.model.load import load_config
 from nas.model.size import count_params
 from nas.search.study import (
     StudyRecord,

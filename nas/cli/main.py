@@ -74,7 +74,7 @@ def cmd_importance(args) -> int:
     from nas.device import resolve_device
     from nas.io import written_by_nas
     from nas.model.arch import Arch
-    from nas.model.families import load_config, load_model, load_tokenizer
+    from nas.model.load import load_config, load_model, load_tokenizer
     from nas.prune.importance import ensure_importance, importance_identity
 
     data_cfg, imp = data_config_from_args(args), settings_from_args(args, ImportanceConfig)
@@ -136,7 +136,7 @@ def add_prune(sub) -> None:
 def cmd_prune(args) -> int:
     from nas.device import resolve_device
     from nas.model.arch import Arch, check_prunable
-    from nas.model.families import load_config, load_model, load_tokenizer
+    from nas.model.load import load_config, load_model, load_tokenizer
     from nas.model.multimodal import multimodal_note, wrapper_type
     from nas.model.size import count_params
     from nas.prune.cut import prune, save_pruned

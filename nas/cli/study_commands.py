@@ -25,7 +25,7 @@ def add_space(sub) -> None:
 
 def cmd_space(args) -> int:
     from nas.model.arch import Arch
-    from nas.model.families import load_config
+    from nas.model.load import load_config
     from nas.model.size import count_params
     from nas.prune.space import candidates_frame, enumerate_budgets, memory_violation
 
@@ -168,7 +168,7 @@ def check_against_teacher(cfg) -> None:
     budget; the error names the TOML field."""
     from nas.errors import InfeasibleError
     from nas.model.arch import Arch
-    from nas.model.families import load_config
+    from nas.model.load import load_config
     from nas.prune.space import enumerate_budgets, memory_bytes, parse_bytes, within_memory
 
     teacher = Arch.from_hf_config(load_config(cfg.teacher))

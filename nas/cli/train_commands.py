@@ -165,7 +165,7 @@ def owned_run(args, out):
 
 
 def cmd_distill(args) -> int:
-    from nas.model.families import load_teacher_and_student, load_tokenizer
+    from nas.model.load import load_teacher_and_student, load_tokenizer
 
     out = checked_output(args, args.teacher, args.student)
     with owned_run(args, out):
@@ -178,7 +178,7 @@ def cmd_distill(args) -> int:
 
 
 def cmd_correct(args) -> int:
-    from nas.model.families import load_model, load_tokenizer
+    from nas.model.load import load_model, load_tokenizer
 
     out = checked_output(args, args.teacher)
     with owned_run(args, out):

@@ -35,7 +35,7 @@ from nas.device import resolve_device
 from nas.errors import ConfigError, DataError, first_line
 from nas.evaluate.loss import lm_loss
 from nas.io import GENERATOR, write_text_atomic, written_by_nas
-from nas.model.families import load_model, load_tokenizer
+from nas.model.load import load_model, load_tokenizer
 from nas.settings import Phase
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from nas.device import precision_for, resolve_device
 from nas.errors import ConfigError
 from nas.evaluate.loss import lm_loss
 from nas.model.arch import Arch
-from nas.model.families import load_config, load_model, load_tokenizer
+from nas.model.load import load_config, load_model, load_tokenizer
 from nas.model.size import count_params
 from nas.model.validate import check_tokenizer_fits
 from nas.pipeline.identity import STUDY_WAYS_OUT

@@ -13,7 +13,7 @@ from nas.data.corpus import source_fingerprint
 from nas.data.tokens import config_dict
 from nas.io import require_same
 from nas.model.arch import Arch
-from nas.model.families import load_config
+from nas.model.load import load_config
 from nas.prune.space import parse_budget
 from nas.search.study import StudyRecord, make_storage, storage_errors
 from nas.settings import RunConfig

@@ -17,7 +17,7 @@ from nas.io import save_model_atomic
 from nas.lock import own_output
 from nas.model.arch import Arch
 from nas.model.card import CardFacts, lineage_of, model_card
-from nas.model.families import load_config, load_model
+from nas.model.load import load_config, load_model
 from nas.model.size import count_params
 from nas.pipeline.context import (
     gpu_memory_of,
