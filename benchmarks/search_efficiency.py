@@ -60,7 +60,7 @@ def run(root: Path, name: str, sampler: str, pruner: str, args) -> tuple[optuna.
         budget="70%",
         data={"seq_len": 64},
         space={"tolerance": args.tolerance, "steps": {"hidden_size": 16, "ffn_hidden_size": 16}},
-        search={"sampler": sampler, "pruner": pruner, "horizon_steps": horizon, "eval_every": max(1, horizon // 6)},
+        search={"strategy": sampler, "pruner": pruner, "horizon_steps": horizon, "eval_every": max(1, horizon // 6)},
         # 64 validation sequences (4k tokens): the loss gaps between candidates are ~0.01 nats
         distill={
             "batch_size": 8,

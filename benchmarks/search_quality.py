@@ -93,7 +93,7 @@ def study_config(out: Path, data_cfg: dict, args, name: str, sampler: str) -> di
         "data": data_cfg,
         "space": {"tolerance": args.tolerance, "steps": {"hidden_size": args.step, "ffn_hidden_size": 2 * args.step}},
         "importance": {"num_samples": 64, "val_sequences": 16, "batch_size": 16},
-        "search": {"horizon_tokens": args.horizon * tokens_per_step, "sampler": sampler, "screen_sequences": 16}
+        "search": {"horizon_tokens": args.horizon * tokens_per_step, "strategy": sampler, "screen_sequences": 16}
         | ({"max_horizon_factor": 2, "screen_top": 3, "finalists": 2, "stable_top": 2} if args.smoke else {}),
         "distill": {"batch_size": args.batch_size, "lr": 1e-3, "min_lr": 1e-4, "eval_sequences": args.eval_sequences,
                     "checkpoint_every": 0},

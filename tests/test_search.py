@@ -142,7 +142,7 @@ def test_a_candidate_that_keeps_failing_is_given_up_after_max_retry(tmp_path):
 
 @pytest.mark.slow
 def test_sampled_search_counts_only_candidates_and_never_repeats_one(tmp_path):
-    config = tiny_study_config(tmp_path, search={"sampler": "tpe", "n_trials": 4, "pruner": "none"})
+    config = tiny_study_config(tmp_path, search={"strategy": "tpe", "n_trials": 4, "pruner": "none"})
     ctx, study = search(run_config_from_dict(config))
     assert not ctx.exhaustive
     feasible = [t for t in finished(study) if not TrialRecord.read(t).infeasible]

@@ -1,5 +1,6 @@
-"""Search strategies (`nas.search.strategy`): one contract over every registered strategy, and a new
-strategy that needs nothing outside its class and its registration."""
+"""Search strategies (`nas.search.strategy`): one contract over every built-in strategy and a strategy
+written outside nas (passed as an instance), and the setting that names one (`search.strategy`, older
+`search.sampler`)."""
 
 import optuna
 import pytest
@@ -11,15 +12,18 @@ from nas.model.size import count_budget_params, count_params
 from nas.pipeline import finalize, search
 from nas.prune.space import enumerate_budgets, parse_budget
 from nas.search.record import RECORD_VERSION, StudyRecord, TrialRecord, arch_key
-from nas.search.strategy import STRATEGIES, ScreenFirst, register, strategy_for
-from nas.settings import SAMPLERS, run_config_from_dict
+from nas.search.strategy import STRATEGIES, ScreenFirst, Strategy, strategy_for
+from nas.settings import STRATEGIES as STRATEGY_NAMES
+from nas.settings import run_config_from_dict
 from nas.testing import tiny_study_config
 
 
 class LargestFirst(ScreenFirst):
     """A strategy written outside nas: every eligible candidate, largest first, none stopped early."""
 
-    def order(self, screened):
+    name = "largest-first"
+
+    def order(self, screened, teacher):
         return sorted((s for s in screened if not s.rejected), key=lambda s: -s.params)
 
     def pruner(self, sizes):
@@ -29,26 +33,31 @@ class LargestFirst(ScreenFirst):
         return "largest first, no pruner"
 
 
-@pytest.fixture
-def largest_first():
-    register("largest-first")(LargestFirst)  # its registration: the only line besides the class
-    yield LargestFirst
-    del STRATEGIES["largest-first"]
-    SAMPLERS.remove("largest-first")
-
-
 BUILT_IN = sorted({cls.name for cls in STRATEGIES.values()})  # one case per class ("auto" is "funnel")
 
 
-def test_settings_offer_exactly_the_registered_strategies(largest_first):
-    assert set(SAMPLERS) == set(STRATEGIES) and {"auto", "funnel", "exhaustive", "tpe"} <= set(STRATEGIES)
+def test_settings_offer_exactly_the_built_in_strategies():
+    assert set(STRATEGY_NAMES) == set(STRATEGIES) == {"auto", "funnel", "exhaustive", "tpe"}
     assert STRATEGIES["auto"] is STRATEGIES["funnel"]
-    cfg = run_config_from_dict({**tiny_config_stub(), "search": {"sampler": "largest-first"}})
-    assert isinstance(strategy_for(cfg), LargestFirst)
-    with pytest.raises(
-        ConfigError, match=r"search.sampler: must be one of 'auto', .*'largest-first', got 'x'"
-    ):
-        run_config_from_dict({**tiny_config_stub(), "search": {"sampler": "x"}})
+    assert all(issubclass(cls, Strategy) and cls.name in STRATEGIES for cls in STRATEGIES.values())
+    cfg = run_config_from_dict({**tiny_config_stub(), "search": {"strategy": "exhaustive"}})
+    assert type(strategy_for(cfg)).__name__ == "Exhaustive"
+    with pytest.raises(ConfigError, match=r"search.strategy must be one of 'auto', 'funnel', 'exhaustive' or 'tpe', got 'x'"):
+        run_config_from_dict({**tiny_config_stub(), "search": {"strategy": "x"}})
+
+
+def test_the_older_name_search_sampler_still_loads():
+    cfg = run_config_from_dict({**tiny_config_stub(), "search": {"sampler": "tpe"}})
+    assert cfg.search.strategy == "tpe" and "sampler" not in cfg.search.to_dict()
+    with pytest.raises(ConfigError, match="search.strategy or .*search.sampler, not both"):
+        run_config_from_dict({**tiny_config_stub(), "search": {"sampler": "tpe", "strategy": "auto"}})
+
+
+def test_a_strategy_is_an_abstract_base():
+    with pytest.raises(TypeError):
+        Strategy(run_config_from_dict(tiny_config_stub()))  # `candidates` is abstract
+    with pytest.raises(TypeError):
+        ScreenFirst(run_config_from_dict(tiny_config_stub()))  # `order` is abstract
 
 
 def tiny_config_stub() -> dict:
@@ -87,13 +96,12 @@ def check_contract(cfg, ctx, study) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [*BUILT_IN, "largest-first"])
-def test_every_strategy_keeps_the_contract(name, request, tmp_path):
-    if name == "largest-first":
-        request.getfixturevalue("largest_first")
-    config = tiny_study_config(tmp_path, search={"sampler": name, "n_trials": 3, "screen_top": 3})
+def test_every_strategy_keeps_the_contract(name, tmp_path):
+    strategy = "auto" if name == "largest-first" else name  # what workers would rebuild; unused here
+    config = tiny_study_config(tmp_path, search={"strategy": strategy, "n_trials": 3, "screen_top": 3})
     cfg = run_config_from_dict(config)
-    ctx, study = search(cfg)
-    assert type(ctx.strategy) is STRATEGIES[name]
+    ctx, study = search(cfg, strategy=LargestFirst(cfg) if name == "largest-first" else None)
+    assert type(ctx.strategy) is (LargestFirst if name == "largest-first" else STRATEGIES[name])
     check_contract(cfg, ctx, study)
     if name == "largest-first":  # its own choices took effect: largest first, nothing stopped
         sizes = [count_params(a) for a in ctx.candidates]

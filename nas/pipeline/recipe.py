@@ -31,6 +31,8 @@ from nas.plan import STAGES, check_plan
 from nas.prune.cut import plan_cut, prune, save_pruned
 from nas.prune.space import with_horizon
 from nas.report.html import write_report
+from nas.search.context import SearchContext
+from nas.search.horizon import AdaptiveHorizon
 from nas.search.strategy import Strategy
 from nas.search.study import (
     StudyRecord,
@@ -40,7 +42,7 @@ from nas.search.study import (
     load_existing_study,
     ranking_stability,
 )
-from nas.search.trial import SearchContext, enqueue_candidates, follow_trials, open_study, run_trials
+from nas.search.trial import enqueue_candidates, follow_trials, open_study, run_trials
 from nas.settings import RunConfig, run_config_from_dict
 from nas.train import dist
 from nas.train.launch import distill_in_processes
@@ -92,7 +94,7 @@ def search(
     """Check the memory plan of `stages`, run (or continue) the study's trials, then record the ranking
     stability. The study's out_dir is held (`nas.lock.own_output`) meanwhile: workers join through the
     storage, a second search is refused. A stored study made with other settings is refused
-    (`restart`: deleted first). `strategy`: default `search.sampler`'s (`nas.search.strategy`)."""
+    (`restart`: deleted first). `strategy`: default `search.strategy`'s (`nas.search.strategy`)."""
     teacher_config = load_config(cfg.teacher)  # read once for the whole command
     cfg = with_horizon(cfg, Arch.from_hf_config(teacher_config))  # the horizon in tokens, fixed
     with own_output(cfg.root):
@@ -117,9 +119,9 @@ def search(
 
 def extend_horizons(ctx: SearchContext, study: optuna.Study) -> None:
     """The strategy's adaptive horizon (if any) over each budget's finalists, after every trial."""
-    horizon = ctx.strategy.horizon()
-    if horizon is None:
+    if not ctx.strategy.extends_horizon():
         return
+    horizon = AdaptiveHorizon(ctx.cfg)
     teacher_off_device(ctx, False)  # later batches than the teacher cache holds: the teacher itself
     for budget in ctx.budget_sizes():
         horizon.extend(ctx, study, budget)

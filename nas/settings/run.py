@@ -150,10 +150,10 @@ class RunConfig(Settings):
         if self.iterative_step and len(self.budgets) > 1 and not self.cascade:
             raise ValueError("iterative_step chains the budgets: set cascade = true, or give one budget")
         several = len(self.budgets) > 1 and not self.cascade  # a cascade's stages have one budget each
-        if self.search.sampler == "tpe" and (several or self.constraints.min_throughput):
+        if self.search.strategy == "tpe" and (several or self.constraints.min_throughput):
             raise ValueError(
-                "search.sampler = tpe searches one budget with no constraints.min_throughput; use the "
-                "funnel (sampler = auto)"
+                "search.strategy = tpe searches one budget with no constraints.min_throughput; use the "
+                "funnel (strategy = auto)"
             )
         self.final_distill()  # the overrides are validated now, not after the search
         return self
