@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_prune import logits, masked_teacher, scores_of
 from transformers import AutoModelForCausalLM
 
 from nas.errors import InfeasibleError
@@ -18,8 +17,9 @@ from nas.prune.cut import plan_cut, prune
 from nas.prune.space import enumerate_candidates
 from nas.settings import SpaceConfig
 from nas.testing import tiny_config, tiny_model
+from tests.prune.test_prune import logits, masked_teacher, scores_of
 
-CONFIG = Path(__file__).parents[1] / "benchmarks" / "configs" / "gemma-4-31B"
+CONFIG = Path(__file__).parents[3] / "benchmarks" / "configs" / "gemma-4-31B"
 # full-attention layers (1 and 3 of 4) of their own head_dim over 2 KV groups of their own, with a v_proj (no
 # keys as values; transformers reads num_global_key_value_heads only with them, so the overrides are explicit)
 TWO_GLOBAL_GROUPS = {"num_query_groups": 4, "attention_k_eq_v": False,

@@ -115,7 +115,7 @@ def test_settings_are_frozen_and_positional_like_dataclasses():
 def test_the_documented_example_study_loads():
     from pathlib import Path
 
-    cfg = settings.load_run_config(Path(__file__).resolve().parents[1] / "studies" / "example.toml")
+    cfg = settings.load_run_config(Path(__file__).resolve().parents[2] / "studies" / "example.toml")
     assert cfg.name == "example" and cfg.teacher and len(cfg.budgets) >= 1
 
 

@@ -11,7 +11,7 @@ from nas.pipeline.identity import search_identity
 from nas.search.record import StudyRecord
 from nas.settings import load_run_config, run_config_from_dict
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "fixtures"
 # studies/example.toml as it was at 78b18e6 (`sampler = "auto"` in [search])
 OLD_TOML = DATA / "example_before_strategy.toml"
 # `nas.pipeline.run` at 78b18e6 on `nas.testing.tiny_study_config` (budget 75%, search: sampler =

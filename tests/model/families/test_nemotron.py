@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_mamba import MaskedGatedNorm
 
 from nas.errors import InfeasibleError, ModelError
 from nas.model.arch import Arch, check_prunable
@@ -21,13 +20,14 @@ from nas.prune.cut import nemotron_keeps, plan_cut, prune, save_pruned
 from nas.prune.importance import Importance, compute_importance
 from nas.prune.nemotron import ATTENTION, MAMBA, MLP, MOE
 from nas.testing import tiny_config, tiny_model
+from tests.model.families.test_mamba import MaskedGatedNorm
 
 TOKENS = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
 G = torch.Generator().manual_seed(5)
 CALIB = torch.randint(0, 96, (8, 16), generator=G)
 VAL = torch.randint(0, 96, (4, 16), generator=G)
 ALL_TYPES = [MAMBA, MOE, ATTENTION, MLP] * 2  # every type twice, so that a layer of each can be dropped
-CONFIGS = Path(__file__).parents[1] / "benchmarks" / "configs"
+CONFIGS = Path(__file__).parents[3] / "benchmarks" / "configs"
 
 
 def all_types(**sizes):

@@ -17,7 +17,7 @@ from nas.testing import tiny_study_config
 
 # the user attributes of a two-budget study (50%, 75%) that `nas run` wrote before record versions
 # (nas at main a53864e, via nas.pipeline.run on nas.testing.tiny_study_config)
-V1 = json.loads((Path(__file__).parent / "data" / "study_v1_attrs.json").read_text())
+V1 = json.loads((Path(__file__).parents[1] / "fixtures" / "study_v1_attrs.json").read_text())
 
 
 def stored(attrs: dict) -> optuna.Study:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_acceptance.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_acceptance.py"
 ROWS = ["demo", "kd_step", "memory_adamw", "memory_8bit", "screen", "parallel"]  # table order (1 .. 5)
 
 

@@ -169,7 +169,7 @@ def test_a_space_too_large_to_enumerate_is_refused_before_any_work_and_names_the
     check_grid(teacher, SpaceConfig(steps=coarse, max_width_prune=0.4, max_depth_prune=0.2))  # 4,615 (README)
 
 
-CONFIGS = Path(__file__).parents[1] / "benchmarks/configs"
+CONFIGS = Path(__file__).parents[2] / "benchmarks/configs"
 # 10-70 s each on 2 busy cores; the others < 3 s
 SLOW_SPACES = {"NVIDIA-Nemotron-Nano-9B-v2", "Qwen3.5-9B", "Qwen3.5-35B-A3B"}
 

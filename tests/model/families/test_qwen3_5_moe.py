@@ -25,7 +25,7 @@ from nas.testing import tiny_config, tiny_model, write_tiny_wrapper
 G = torch.Generator().manual_seed(7)
 CALIB = torch.randint(0, 96, (8, 16), generator=G)
 VAL = torch.randint(0, 96, (4, 16), generator=G)
-CONFIG = Path(__file__).parents[1] / "benchmarks" / "configs" / "Qwen3.5-35B-A3B"
+CONFIG = Path(__file__).parents[3] / "benchmarks" / "configs" / "Qwen3.5-35B-A3B"
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,7 @@ from nas.pipeline import search, worker
 from nas.search.study import StudyRecord, TrialRecord, make_storage
 from nas.settings import run_config_from_dict
 from nas.testing import tiny_study_config
-
-sys.path.insert(0, str(Path(__file__).parent))
-from pg import PostgresUnavailable, postgres_server  # noqa: E402
+from tests.search.pg import PostgresUnavailable, postgres_server
 
 TIMEOUT = 90  # seconds for the workers to finish the study; a healthy run needs a fraction of it
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_"))
 SMOKED_ELSEWHERE = {"gpu_acceptance"}  # tests/test_gpu_acceptance.py runs its smoke and checks every row
 # what the benchmarks import; each import that fails here is only left to the script
