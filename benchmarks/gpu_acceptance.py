@@ -13,7 +13,7 @@ Rows (their code: `_gpu_rows.py`, row 5 `_gpu_parallel.py`; each reuses nas's fu
 4. screen: `nas.search.funnel.screen` at the same shape: candidates per minute, projected to the
    whole 50% space of Qwen3-8B (2,242 candidates);
 5. parallel (2+ GPUs): `nas distill --nproc-per-node 2` (DDP, nccl) and `nas worker --nproc-per-node 2`
-   (an FSDP2 trial group) against one process, as `tests/test_parallel.py` and `tests/test_workers.py`.
+   (an FSDP2 trial group) against one process, as `tests/train/test_parallel.py` and `tests/search/test_workers.py`.
 
 Isolation: every row runs in its own child process (this script with `--row NAME`), so an exception,
 an out-of-memory or a broken CUDA context fails that row alone; its error is recorded and the next

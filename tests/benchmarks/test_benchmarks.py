@@ -15,7 +15,7 @@ import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_"))
-SMOKED_ELSEWHERE = {"gpu_acceptance"}  # tests/test_gpu_acceptance.py runs its smoke and checks every row
+SMOKED_ELSEWHERE = {"gpu_acceptance"}  # tests/benchmarks/test_gpu_acceptance.py runs its smoke and checks every row
 # what the benchmarks import; each import that fails here is only left to the script
 PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama", "optuna", "nas.testing",
            "nas.pipeline", "nas.cascade.run", "nas.demo.run", "nas.plan", "nas.report"]  # fmt: skip

@@ -1,4 +1,4 @@
-"""Family-specific golden facts beyond the shared ones (tests/test_arch.py and tests/test_prune.py run those
+"""Family-specific golden facts beyond the shared ones (tests/model/test_arch.py and tests/prune/test_prune.py run those
 over every family of `FAMILY_CASES`): mixture-of-experts importance, budgets on active parameters, Gemma's
 embedding scale, Phi-3's longrope coupling, and a short distillation of a pruned student of each family."""
 

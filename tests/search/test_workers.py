@@ -1,6 +1,6 @@
 """Search workers on SQLite and PostgreSQL: two `nas worker` processes share one study; one is SIGKILLed
 mid-trial, its trial goes stale (heartbeat), is failed and retried, and the study still evaluates every
-candidate exactly once. Real PostgreSQL (a private cluster from tests/pg.py), real SQLite, real
+candidate exactly once. Real PostgreSQL (a private cluster from tests/search/pg.py), real SQLite, real
 subprocesses, real Optuna."""
 
 import contextlib

@@ -1,4 +1,4 @@
-"""Gemma 4 golden facts beyond the shared ones (tests/test_arch.py and tests/test_prune.py run keep-all,
+"""Gemma 4 golden facts beyond the shared ones (tests/model/test_arch.py and tests/prune/test_prune.py run keep-all,
 numel == count, pruning == masking and save -> from_pretrained -> generate on its tiny model of `FAMILY_CASES`,
 whose full-attention layers have twice the head_dim over one KV head with keys as values, as the 31B's): full
 layers over several KV groups and with a v_proj, the KV cache they hold, and the shipped 31B config."""

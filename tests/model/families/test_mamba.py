@@ -1,6 +1,6 @@
 """Golden facts of one Mamba2 mixer (Nemotron-H's), at the module level: keep-all is the identity, and cutting
 heads (evenly per group), head channels and hidden channels equals masking them (the model-level facts are in
-tests/test_nemotron.py)."""
+tests/model/families/test_nemotron.py)."""
 
 import pytest
 import torch

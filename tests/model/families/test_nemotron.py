@@ -1,4 +1,4 @@
-"""Nemotron-H golden facts beyond the shared ones (tests/test_arch.py and tests/test_prune.py run those on the
+"""Nemotron-H golden facts beyond the shared ones (tests/model/test_arch.py and tests/prune/test_prune.py run those on the
 Nemotron Nano 2-like tiny model of `FAMILY_CASES`): on a stack of all four layer types (Mamba2, MoE, attention,
 MLP), pruning every unit kind (Mamba2 heads evenly per group and head_dim, attention heads and KV groups, FFN
 channels of the MLPs and of each expert, experts, layers of each type) equals masking the same units; keep-all

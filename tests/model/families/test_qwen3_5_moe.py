@@ -1,4 +1,4 @@
-"""Qwen3.5-MoE golden facts beyond the shared ones (tests/test_arch.py and tests/test_prune.py run keep-all,
+"""Qwen3.5-MoE golden facts beyond the shared ones (tests/model/test_arch.py and tests/prune/test_prune.py run keep-all,
 numel, pruning == masking of experts, expert channels, heads, linear-attention heads and layers, and save ->
 from_pretrained -> generate on its tiny model of `FAMILY_CASES`): cutting hidden channels equals masking them in
 every block of a layer (the sparse block's router, experts, shared expert and its sigmoid gate included); the
