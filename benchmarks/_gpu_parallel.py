@@ -5,7 +5,7 @@ nccl and FSDP2 plumbing on CUDA, not speed), through nas's CLI as a user runs it
 the CPU over gloo (2 processes; 4.5 minutes on 2 busy cores, too long for the test suite, which covers
 these nas paths in tests/train/test_parallel.py and tests/search/test_workers.py):
 
-    python benchmarks/_gpu_parallel.py /tmp/row5      # prints the row (verdict "smoke" on CPU)
+    python -m benchmarks._gpu_parallel /tmp/row5      # prints the row (verdict "smoke" on CPU)
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from _gpu_rows import Context
+from benchmarks.common import Context
 
 PARALLEL_TOLERANCE = 0.01  # nats; bf16 autocast with another reduction order moves the 3rd decimal
 
@@ -127,7 +127,6 @@ def parallel_row(ctx: Context) -> dict:
 if __name__ == "__main__":  # the row on this machine: CUDA with 2+ GPUs, else the CPU over gloo
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     device = torch.device("cuda" if torch.cuda.device_count() >= 2 else "cpu")
     work = Path(sys.argv[1] if len(sys.argv) > 1 else "row5")
     work.mkdir(parents=True, exist_ok=True)

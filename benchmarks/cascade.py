@@ -13,7 +13,7 @@ Printed: every member's held-out loss (one protocol, the same validation sequenc
 and the cascade's cost ratios (tokens and KD FLOPs = tokens x (2 N_teacher + 6 N_student)). Honest in either
 direction: at this scale the chain may not win.
 
-    python benchmarks/cascade.py [--minutes 10] [--seq-len 256] [--half-width] [--out DIR] [--smoke]
+    python -m benchmarks.cascade [--minutes 10] [--seq-len 256] [--half-width] [--out DIR] [--smoke]
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import _smoke as smoke  # noqa: E402  (benchmarks/_smoke.py: --smoke)
 import optuna  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks import _smoke as smoke  # noqa: E402  # --smoke
 from nas.cascade.report import kd_flops  # noqa: E402
 from nas.cascade.run import run_cascade  # noqa: E402
 from nas.demo.run import demo_plan, train_demo_teacher, train_scratch  # noqa: E402

@@ -1,7 +1,7 @@
 """KD step throughput and loss memory: nas's fused chunked KL vs the plain full-logits kl_div.
 
-    python benchmarks/kd_throughput.py            # CPU default: < 3 minutes on 2 cores
-    python benchmarks/kd_throughput.py --device cuda --hidden-size 1024 --num-layers 8 ...
+    python -m benchmarks.kd_throughput            # CPU default: < 3 minutes on 2 cores
+    python -m benchmarks.kd_throughput --device cuda --hidden-size 1024 --num-layers 8 ...
 
 Both variants train the same student (random init, same seed) against the same teacher on the same
 random token batches for the same steps with the same AdamW; the first `--warmup` steps are not timed.
@@ -39,9 +39,10 @@ import subprocess
 import sys
 import time
 
-import _smoke as smoke  # noqa: E402  (benchmarks/_smoke.py: --smoke)
 import torch
 import torch.nn.functional as F
+
+from benchmarks import _smoke as smoke  # noqa: E402  # --smoke
 
 # dense (not 2:4-sparse) BF16 tensor-core TFLOP/s, NVIDIA's datasheets: H100 SXM and H200 SXM print only "1,979
 # with sparsity" (dense is half); A100 312 | 624, L40S 362 | 733, A10 125 | 250 (dense | sparse). "H100" also

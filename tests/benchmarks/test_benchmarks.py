@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_"))
+SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_") and p.stem != "common")
 SMOKED_ELSEWHERE = {"gpu_acceptance"}  # tests/benchmarks/test_gpu_acceptance.py runs its smoke and checks every row
 # what the benchmarks import; each import that fails here is only left to the script
 PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama", "optuna", "nas.testing",
@@ -27,8 +27,9 @@ ENV = {
 }
 
 
-def run_script(script: Path, argv: list[str], cwd: Path, stdout: Path, stderr: Path) -> None:
-    """In the forked child: `python script argv` in `cwd`, its output (and its children's) in the files."""
+def run_script(script: str, argv: list[str], cwd: Path, stdout: Path, stderr: Path) -> None:
+    """In the forked child: `python -m benchmarks.<script> argv` in `cwd`, its output (and its children's)
+    in the files."""
     for fd, path in ((1, stdout), (2, stderr)):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
     os.chdir(cwd)
@@ -37,9 +38,10 @@ def run_script(script: Path, argv: list[str], cwd: Path, stdout: Path, stderr: P
     import torch
 
     torch.set_num_threads(1)
-    sys.path.insert(0, str(script.parent))  # as `python script.py` puts it first (their `import _smoke`)
-    sys.argv = [str(script), *argv]
-    runpy.run_path(str(script), run_name="__main__")  # an exception or sys.exit(n) sets the exit code
+    sys.path.insert(0, root)  # as `python -m` from the repository root has it
+    sys.argv = [f"benchmarks/{script}.py", *argv]
+    runpy.run_module(f"benchmarks.{script}", run_name="__main__", alter_sys=True)  # an exception or
+    # sys.exit(n) sets the exit code
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,7 @@ def test_benchmark_smoke(script, tmp_path, forkserver):
     argv = ["--smoke"] + (["--out", str(tmp_path / "lean")] if script == "lean_optimizers" else [])
     stdout, stderr = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     child = forkserver.Process(
-        target=run_script, args=(BENCHMARKS / f"{script}.py", argv, tmp_path, stdout, stderr)
+        target=run_script, args=(script, argv, tmp_path, stdout, stderr)
     )
     child.start()
     child.join(timeout=540)

@@ -9,15 +9,16 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_acceptance.py"
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ["-m", "benchmarks.gpu_acceptance"]  # run from the repository root
 ROWS = ["demo", "kd_step", "memory_adamw", "memory_8bit", "screen", "parallel"]  # table order (1 .. 5)
 
 
 def acceptance(tmp_path, *argv):
     out = tmp_path / "acceptance.json"
     env = os.environ | {"OMP_NUM_THREADS": "1"}  # a busy shared CPU: one thread per child
-    cmd = [sys.executable, str(SCRIPT), "--device", "cpu", "--smoke", "--out", str(out), *argv]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    cmd = [sys.executable, *SCRIPT, "--device", "cpu", "--smoke", "--out", str(out), *argv]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     record = json.loads(out.read_text()) if out.is_file() else None
     return done, record
 
@@ -96,9 +97,9 @@ def test_gpu_acceptance_smoke_time_guard_skips_rows_by_name(tmp_path):
 )
 def test_gpu_acceptance_smoke_bad_arguments_exit_2(tmp_path, argv, message):
     out = tmp_path / "acceptance.json"
-    cmd = [sys.executable, str(SCRIPT), "--smoke", "--out", str(out), *argv]
+    cmd = [sys.executable, *SCRIPT, "--smoke", "--out", str(out), *argv]
     if "--device" not in argv:
         cmd += ["--device", "cpu"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert not out.exists()
