@@ -31,8 +31,16 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"nas: error: {self.prog}: {message}\n")
 
 
+# what `nas --help` opens with: what nas does, in one line a user understands; then where to start
+DESCRIPTION = "Find the best small language model inside a big one: prune, distill, compare."
+EPILOG = (
+    "Start with `nas demo` (the whole pipeline on a laptop CPU in about 10 minutes), or write a study "
+    "(studies/example.toml) and `nas run` it; `nas <command> --help` for each command."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="nas", description=__doc__)
+    parser = Parser(prog="nas", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:

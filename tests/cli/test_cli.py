@@ -203,3 +203,13 @@ def test_the_default_horizon_of_an_active_budget_counts_active_parameters():
     assert active < total
     assert f"{round(0.225 * int(active * 0.5)):,} KD tokens" in horizon_line(None, teacher, ["50%"], "active")
     assert f"{round(0.225 * int(total * 0.5)):,} KD tokens" in horizon_line(None, teacher, ["50%"])
+
+
+def test_nas_help_opens_with_what_nas_does(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    description = text.split("\n\n")[1]  # after the usage lines: one line (argparse wraps at 80 columns)
+    assert description == "Find the best small language model inside a big one: prune, distill, compare."
+    assert "nas demo" in text
