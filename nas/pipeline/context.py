@@ -23,7 +23,7 @@ from nas.model.validate import check_tokenizer_fits
 from nas.pipeline.identity import STUDY_WAYS_OUT
 from nas.prune.importance import Importance, ensure_importance, importance_identity
 from nas.prune.space import enumerate_budgets, parse_budget
-from nas.search.context import SearchContext
+from nas.search.search_context import SearchContext
 from nas.search.strategy import SearchInputs, Strategy, strategy_for
 from nas.search.study import StudyRecord, arch_key
 from nas.settings import RunConfig

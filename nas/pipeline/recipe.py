@@ -31,8 +31,8 @@ from nas.plan import STAGES, check_plan
 from nas.prune.cut import plan_cut, prune, save_pruned
 from nas.prune.space import with_horizon
 from nas.report.html import write_report
-from nas.search.context import SearchContext
 from nas.search.horizon import AdaptiveHorizon
+from nas.search.search_context import SearchContext
 from nas.search.strategy import Strategy
 from nas.search.study import (
     StudyRecord,

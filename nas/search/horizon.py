@@ -39,7 +39,7 @@ from nas.train.loop import distill
 from nas.train.teacher_cache import teacher_source
 
 if TYPE_CHECKING:
-    from nas.search.context import SearchContext
+    from nas.search.search_context import SearchContext
     from nas.settings import RunConfig
 
 log = logging.getLogger(__name__)

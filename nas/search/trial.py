@@ -40,8 +40,8 @@ from nas.model.arch import Arch
 from nas.model.size import count_budget_params, count_params, kv_cache_bytes
 from nas.prune.cut import prune
 from nas.prune.space import RATIO_KNOBS
-from nas.search.context import SearchContext
 from nas.search.funnel import measure_throughput
+from nas.search.search_context import SearchContext
 from nas.search.study import TrialRecord, arch_key, done_trials, make_storage
 from nas.settings import DistillConfig
 from nas.train import dist
