@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 from benchmarks import _smoke as smoke  # noqa: E402  # --smoke
 from nas.cascade.report import kd_flops  # noqa: E402
-from nas.cascade.run import run_cascade  # noqa: E402
+from nas.cascade.runner import run_cascade  # noqa: E402
 from nas.demo.run import demo_plan, train_demo_teacher, train_scratch  # noqa: E402
 from nas.evaluate.loss import lm_loss  # noqa: E402
 from nas.model.load import load_model  # noqa: E402

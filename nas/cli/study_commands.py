@@ -230,7 +230,7 @@ def cmd_run(args) -> int:
 
 
 def run_cascade_command(cfg, launch, restart: bool) -> int:
-    from nas.cascade.run import run_cascade
+    from nas.cascade.runner import run_cascade
 
     result = run_cascade(cfg, nproc_per_node=launch.nproc_per_node, restart=restart)
     for stage in result.stages:
@@ -260,7 +260,7 @@ def cmd_worker(args) -> int:
     if code is not None:
         return code
     from nas.cascade.report import stored_cascade
-    from nas.cascade.run import cascade_worker
+    from nas.cascade.runner import cascade_worker
 
     if stored_cascade(args.storage, args.study):  # a cascade: each stage's trials in turn
         served = cascade_worker(args.storage, args.study)

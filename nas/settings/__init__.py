@@ -35,7 +35,7 @@ from nas.settings.base import (
 )
 from nas.settings.data import DataConfig, Phase, Source, data_config_from_dict
 from nas.settings.paths import StudyPaths, default_report, default_storage
-from nas.settings.run import BUDGET, RunConfig, load_run_config, run_config_from_dict
+from nas.settings.run_config import BUDGET, RunConfig, load_run_config, run_config_from_dict
 from nas.settings.search import ConstraintsConfig, ImportanceConfig, SearchConfig, SpaceConfig
 from nas.settings.train import DistillConfig, EvalConfig, Launch, PlanConfig
 

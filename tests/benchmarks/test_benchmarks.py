@@ -18,7 +18,7 @@ SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py") if not p.name.startswit
 SMOKED_ELSEWHERE = {"gpu_acceptance"}  # tests/benchmarks/test_gpu_acceptance.py runs its smoke and checks every row
 # what the benchmarks import; each import that fails here is only left to the script
 PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama", "optuna", "nas.testing",
-           "nas.pipeline", "nas.cascade.run", "nas.demo.run", "nas.plan", "nas.report"]  # fmt: skip
+           "nas.pipeline", "nas.cascade.runner", "nas.demo.run", "nas.plan", "nas.report"]  # fmt: skip
 ENV = {
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",

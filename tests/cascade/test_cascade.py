@@ -15,8 +15,8 @@ import optuna
 import pytest
 import tomli_w
 
-from nas.cascade.run import cascade_worker, run_cascade
-from nas.cascade.stages import cascade_stages
+from nas.cascade.chain import cascade_stages
+from nas.cascade.runner import cascade_worker, run_cascade
 from nas.cli.main import main
 from nas.errors import ConfigError
 from nas.model.arch import Arch
@@ -196,7 +196,7 @@ def test_the_cascade_view_counts_tokens_and_flops_each_way():
 
 
 def test_a_cascade_never_takes_over_a_one_shot_study_of_its_name(tmp_path):
-    from nas.cascade.run import record_cascade_study
+    from nas.cascade.runner import record_cascade_study
 
     base = {"name": "f", "teacher": "t", "data": {"sources": [{"path": "a.txt"}]}, "out_dir": str(tmp_path)}
     cfg = run_config_from_dict({**base, "cascade": True, "budget": ["50%", "25%"]})

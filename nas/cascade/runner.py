@@ -1,6 +1,6 @@
 """`nas run` of a cascade: a chain of stages (`cascade = true`, `iterative_step`), each one a whole study.
 
-The stages come from `nas.cascade.stages.cascade_stages` (budgets largest first, intermediate cuts). Stage k is
+The stages come from `nas.cascade.chain.cascade_stages` (budgets largest first, intermediate cuts). Stage k is
 an ordinary nas study of its own, named `<name>.<k>-<budget>` in the cascade's storage with its files under
 `<out_dir>/stages/<k>-<budget>/`: its teacher is the previous stage's distilled winner, so its importance is
 recomputed on that model, and its screen, trials, winner and report are its own. Its budget is an absolute
@@ -34,8 +34,8 @@ from typing import Any
 import optuna
 
 from nas import pipeline
+from nas.cascade.chain import CascadeStage, cascade_stages
 from nas.cascade.report import stored_cascade, write_cascade_report
-from nas.cascade.stages import CascadeStage, cascade_stages
 from nas.errors import ConfigError
 from nas.io import require_same, write_text_atomic
 from nas.lock import own_output

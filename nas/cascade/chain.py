@@ -26,7 +26,7 @@ from nas.model.arch import Arch
 from nas.model.size import count_budget_params
 from nas.prune.space import parse_budget
 from nas.settings import RunConfig
-from nas.settings.run import step_fraction
+from nas.settings.run_config import step_fraction
 
 
 @dataclass(frozen=True)
