@@ -94,6 +94,14 @@ def test_no_import_cycle_top_level_inside_functions_or_for_type_hints(package):
     assert cycles == []
 
 
+def test_no_two_modules_of_nas_share_a_file_name():
+    names: dict[str, list[str]] = {}
+    for path in (ROOT / "nas").rglob("*.py"):
+        if path.name not in ("__init__.py", "__main__.py"):
+            names.setdefault(path.name, []).append(path.relative_to(ROOT).as_posix())
+    assert {name: paths for name, paths in names.items() if len(paths) > 1} == {}
+
+
 def module_map() -> dict[str, str]:
     """The README's module map: each entry's folder or file (`nas/search/`, `nas/io.py`) -> its text."""
     text = (ROOT / "README.md").read_text()
