@@ -1,4 +1,4 @@
-"""One self-contained HTML report per study: `report_frames` (pure data, `nas.report.data`) -> plotly
+"""One self-contained HTML report per study: `report_frames` (pure data, `nas.report.frames`) -> plotly
 figures -> HTML. plotly.js is embedded once; nothing is fetched from the network when it is opened."""
 
 from __future__ import annotations
