@@ -1,11 +1,11 @@
 """Row 5 of `benchmarks/gpu_acceptance.py` (2+ GPUs): DDP and an FSDP2 trial group against one process.
 
-The tiny models and study of `tests/test_parallel.py` and `tests/test_workers.py` (the figures check
+The tiny models and study of `tests/train/test_parallel.py` and `tests/search/test_workers.py` (the figures check
 nccl and FSDP2 plumbing on CUDA, not speed), through nas's CLI as a user runs it. The same code runs on
 the CPU over gloo (2 processes; 4.5 minutes on 2 busy cores, too long for the test suite, which covers
-these nas paths in tests/test_parallel.py and tests/test_workers.py):
+these nas paths in tests/train/test_parallel.py and tests/search/test_workers.py):
 
-    python benchmarks/_gpu_parallel.py /tmp/row5      # prints the row (verdict "smoke" on CPU)
+    python -m benchmarks._gpu_parallel /tmp/row5      # prints the row (verdict "smoke" on CPU)
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from _gpu_rows import Context
+from benchmarks.common import Context
 
 PARALLEL_TOLERANCE = 0.01  # nats; bf16 autocast with another reduction order moves the 3rd decimal
 
@@ -50,7 +50,7 @@ def max_gap(a: list, b: list) -> float:
 
 def ddp_gap(ctx: Context) -> tuple[float, float]:
     """`nas distill` on 1 process and on 2 (DDP over nccl); the largest val-loss gap and the DDP run's
-    tokens/s over the single one's (the tiny student of tests/test_parallel.py: plumbing, not speed)."""
+    tokens/s over the single one's (the tiny student of tests/train/test_parallel.py: plumbing, not speed)."""
     from nas.testing import tiny_model, write_kjv_corpus, write_tiny_teacher
 
     root = ctx.work
@@ -72,7 +72,7 @@ def ddp_gap(ctx: Context) -> tuple[float, float]:
 
 def fsdp_group_gap(ctx: Context) -> float:
     """One trial of the tiny study in one process and as an FSDP2 group of 2 (`nas worker
-    --nproc-per-node 2`), as tests/test_workers.py; the largest gap between their val-loss curves."""
+    --nproc-per-node 2`), as tests/search/test_workers.py; the largest gap between their val-loss curves."""
     import optuna
     from optuna.trial import TrialState
 
@@ -127,7 +127,6 @@ def parallel_row(ctx: Context) -> dict:
 if __name__ == "__main__":  # the row on this machine: CUDA with 2+ GPUs, else the CPU over gloo
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     device = torch.device("cuda" if torch.cuda.device_count() >= 2 else "cpu")
     work = Path(sys.argv[1] if len(sys.argv) > 1 else "row5")
     work.mkdir(parents=True, exist_ok=True)

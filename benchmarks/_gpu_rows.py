@@ -9,18 +9,18 @@ be downloaded, and speed and memory do not depend on the weights' values.
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
+import importlib
 import json
 import logging
 import math
 import os
-import sys
 import time
 import traceback
 from pathlib import Path
 
 import torch
+
+from benchmarks.common import Context, RandomTokens, random_model
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE / "configs"
@@ -35,24 +35,6 @@ SCREEN_GOAL_MINUTES = 60.0  # row 4: an 8B space screened within an hour on one 
 SCREEN_SAMPLE = 24  # row 4: candidates timed, spread over the space (3 at smoke size)
 TRIAL_STEPS = 3  # row 3: optimizer steps of the real trial (the second step has the optimizer states)
 log = logging.getLogger("gpu_acceptance")
-
-
-@dataclasses.dataclass
-class Context:
-    device: torch.device
-    smoke: bool
-    work: Path
-    demo_minutes: float
-
-    @property
-    def cuda(self) -> bool:
-        return self.device.type == "cuda"
-
-    def verdict(self, ok: bool, needs_cuda: bool = False) -> str:
-        """ok/FAIL only at full size on CUDA (see gpu_acceptance.py's docstring)."""
-        if needs_cuda and not self.cuda:
-            return "no GPU"
-        return "smoke" if self.smoke else ("ok" if ok else "FAIL")
 
 
 def run_row(name: str, args) -> int:
@@ -77,17 +59,13 @@ def run_row(name: str, args) -> int:
 
 
 def benchmark(name: str):
-    """A sibling benchmark script as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # as an import does (dataclasses look their module up there)
-    spec.loader.exec_module(module)
-    return module
+    """A sibling benchmark script as a module (`benchmarks.<name>`)."""
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def teacher_config(ctx: Context, name: str):
     """The shipped config of `name` (published values), or at smoke size a tiny Qwen3 of the same family."""
-    from nas.model.families import load_config
+    from nas.model.load import load_config
     from nas.testing import tiny_config
 
     if not ctx.smoke:
@@ -100,15 +78,6 @@ def teacher_config(ctx: Context, name: str):
     return path, load_config(path)
 
 
-def random_model(config, dtype: torch.dtype, device: torch.device):
-    """The causal LM of `config` with random weights, initialised on `device` (fast on a GPU)."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
-
-
 def largest_candidate(config, budget: str, space=None):
     from nas.model.arch import Arch
     from nas.model.size import count_params
@@ -116,24 +85,6 @@ def largest_candidate(config, budget: str, space=None):
 
     spaces = enumerate_budgets(Arch.from_hf_config(config), [budget], space)
     return max(spaces[budget], key=count_params), spaces[budget]
-
-
-class RandomTokens:
-    """`TokenData`'s batch interface over seeded random token ids (memory and speed do not see values)."""
-
-    fingerprint = "random"
-
-    def __init__(self, seq_len: int, vocab_size: int) -> None:
-        self.seq_len, self.vocab_size = seq_len, vocab_size
-
-    def train_batch(self, index: int, batch_size: int, total: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(index)
-        return torch.randint(0, self.vocab_size, (batch_size, self.seq_len), generator=g)
-
-    def val(self, n: int) -> torch.Tensor:
-        return self.train_batch(10**6, n, 0)
-
-    calib = val
 
 
 def gib(n: float) -> str:
@@ -148,8 +99,7 @@ def params(n: int) -> str:
 
 
 def demo_row(ctx: Context) -> dict:
-    from _smoke import tiny_plan  # every benchmark's smoke size of the demo (benchmarks/_smoke.py)
-
+    from benchmarks._smoke import tiny_plan  # every benchmark's smoke size of the demo
     from nas.demo.run import closing_table, demo_plan, run_demo
 
     plan = tiny_plan(demo_plan(ctx.demo_minutes)) if ctx.smoke else demo_plan(ctx.demo_minutes)
@@ -365,6 +315,6 @@ ROW_FUNCTIONS = {
 
 
 def parallel_row(ctx: Context) -> dict:
-    from _gpu_parallel import parallel_row as row  # beside this file (on sys.path)
+    from benchmarks._gpu_parallel import parallel_row as row
 
     return row(ctx)

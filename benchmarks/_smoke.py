@@ -1,5 +1,5 @@
 """`--smoke`: each benchmark's tiny size, a run of seconds whose numbers mean nothing. It is what
-`tests/test_benchmarks.py` runs (`pytest -k smoke`), so that a benchmark broken by a change fails CI."""
+`tests/benchmarks/test_benchmarks.py` runs (`pytest -k smoke`), so that a benchmark broken by a change fails CI."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import dataclasses
 from typing import Any
 
 SMOKE_HELP = "a tiny size that runs in seconds (what the benchmark's test runs; its numbers mean nothing)"
-# the demo teacher at the size of tests/test_demo.py's TINY plan
+# the demo teacher at the size of tests/demo/test_demo.py's TINY plan
 TINY_TEACHER = {"hidden_size": 64, "num_layers": 4, "num_attention_heads": 4, "num_query_groups": 2,
                 "head_dim": 16, "ffn_hidden_size": 128, "vocab_size": 384, "steps": 4, "batch_size": 4,
                 "warmup_steps": 1}  # fmt: skip

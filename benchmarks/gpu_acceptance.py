@@ -1,7 +1,7 @@
 """GPU acceptance: one command that runs every CUDA path of nas once and prints one table (and JSON).
 
-    python3 benchmarks/gpu_acceptance.py --device cuda --out $OUT/gpu_acceptance.json   # < 8 min, one GPU
-    python3 benchmarks/gpu_acceptance.py --smoke                   # tiny shapes (on the CPU without a GPU)
+    python3 -m benchmarks.gpu_acceptance --device cuda --out $OUT/gpu_acceptance.json   # < 8 min, one GPU
+    python3 -m benchmarks.gpu_acceptance --smoke                   # tiny shapes (on the CPU without a GPU)
 
 Rows (their code: `_gpu_rows.py`, row 5 `_gpu_parallel.py`; each reuses nas's functions):
 1. demo: `nas.demo.run.run_demo` on the device at reduced minutes, with its closing table;
@@ -13,7 +13,7 @@ Rows (their code: `_gpu_rows.py`, row 5 `_gpu_parallel.py`; each reuses nas's fu
 4. screen: `nas.search.funnel.screen` at the same shape: candidates per minute, projected to the
    whole 50% space of Qwen3-8B (2,242 candidates);
 5. parallel (2+ GPUs): `nas distill --nproc-per-node 2` (DDP, nccl) and `nas worker --nproc-per-node 2`
-   (an FSDP2 trial group) against one process, as `tests/test_parallel.py` and `tests/test_workers.py`.
+   (an FSDP2 trial group) against one process, as `tests/train/test_parallel.py` and `tests/search/test_workers.py`.
 
 Isolation: every row runs in its own child process (this script with `--row NAME`), so an exception,
 an out-of-memory or a broken CUDA context fails that row alone; its error is recorded and the next
@@ -43,7 +43,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path[:0] = [str(ROOT), str(HERE)]  # runs from a plain copy of the repository (no install needed)
+# run from the repository root (`python -m benchmarks.gpu_acceptance`): a plain copy, no install needed
 
 # name -> (number in the issue, what it checks, cap in seconds on CUDA, the least it needs to start);
 # a cap bounds a row that hangs or runs long (its child is killed), so the rows after it still run
@@ -114,7 +114,7 @@ def selected(args: argparse.Namespace) -> list[str]:
 
 
 def child_command(args: argparse.Namespace, name: str, result: Path, work: Path) -> list[str]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--row", name, "--result", str(result)]
+    cmd = [sys.executable, "-m", "benchmarks.gpu_acceptance", "--row", name, "--result", str(result)]
     cmd += ["--device", args.device, "--work", str(work), "--demo-minutes", str(args.demo_minutes)]
     return cmd + (["--smoke"] if args.smoke else [])
 
@@ -253,7 +253,7 @@ def default_out(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.row:  # a child
-        from _gpu_rows import run_row
+        from benchmarks._gpu_rows import run_row
 
         return run_row(args.row, args)
     problem = check_args(args)

@@ -5,7 +5,7 @@ on the same N calibration sequences: a plain no-grad forward; the activation pas
 importance hook (heads, groups, MLP, hidden channels, block BI); and the whole `compute_importance`
 (which adds the held-out LM loss with each layer removed, on V validation sequences).
 
-    python benchmarks/importance_cost.py [--samples 256] [--seq-len 128] [--val 32]
+    python -m benchmarks.importance_cost [--samples 256] [--seq-len 128] [--val 32]
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import time
 
-import _smoke as smoke  # noqa: E402  (benchmarks/_smoke.py: --smoke)
 import torch
 
+from benchmarks import _smoke as smoke  # noqa: E402  # --smoke
 from nas.evaluate.loss import lm_loss
 from nas.prune.activations import activation_scores
 from nas.prune.importance import compute_importance

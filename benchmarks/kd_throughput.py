@@ -1,7 +1,7 @@
 """KD step throughput and loss memory: nas's fused chunked KL vs the plain full-logits kl_div.
 
-    python benchmarks/kd_throughput.py            # CPU default: < 3 minutes on 2 cores
-    python benchmarks/kd_throughput.py --device cuda --hidden-size 1024 --num-layers 8 ...
+    python -m benchmarks.kd_throughput            # CPU default: < 3 minutes on 2 cores
+    python -m benchmarks.kd_throughput --device cuda --hidden-size 1024 --num-layers 8 ...
 
 Both variants train the same student (random init, same seed) against the same teacher on the same
 random token batches for the same steps with the same AdamW; the first `--warmup` steps are not timed.
@@ -39,10 +39,10 @@ import subprocess
 import sys
 import time
 
-import _smoke as smoke  # noqa: E402  (benchmarks/_smoke.py: --smoke)
 import torch
 import torch.nn.functional as F
 
+from benchmarks import _smoke as smoke  # noqa: E402  # --smoke
 from nas.pipeline.cost import PEAK_BF16_TFLOPS  # (nas plan's time table uses the same peaks)
 
 

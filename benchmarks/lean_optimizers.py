@@ -6,7 +6,7 @@ per setting from the same start and data. The settings are the GPU policies of `
 torchao's optimizers, run on this CPU (bf16 autocast on the CPU; torchao's update in eager mode).
 CPU offload needs CUDA and is not run. Goal: every setting within 0.02 nats of fp32 AdamW.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/lean_optimizers.py   # ~6-10 minutes on 2 cores
+    OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.lean_optimizers   # ~6-10 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import dataclasses
 import time
 from pathlib import Path
 
-import _smoke as smoke  # noqa: E402  (benchmarks/_smoke.py: --smoke)
 import torch
 
+from benchmarks import _smoke as smoke  # noqa: E402  # --smoke
 from nas.demo.run import DemoPlan, train_demo_teacher
 from nas.model.arch import Arch
-from nas.model.families import load_model, load_teacher_and_student
+from nas.model.load import load_model, load_teacher_and_student
 from nas.model.size import count_params
 from nas.prune.cut import prune, save_pruned
 from nas.prune.importance import compute_importance

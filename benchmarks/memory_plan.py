@@ -12,8 +12,8 @@ GPT-OSS page (https://docs.nvidia.com/nemo/megatron-bridge/nightly/models/llm/gp
 `nas.pipeline.load_teacher` loaded them on CUDA) and torch's AdamW, with the issue's micro-batch of
 4 x 1024 tokens and gradient checkpointing on. The recommendation is `nas.plan.recommend`'s.
 
-    .venv/bin/python benchmarks/memory_plan.py            # ~2-4 minutes on 2 CPU cores
-    .venv/bin/python benchmarks/memory_plan.py --smoke    # one tiny teacher, seconds
+    .venv/bin/python -m benchmarks.memory_plan            # ~2-4 minutes on 2 CPU cores
+    .venv/bin/python -m benchmarks.memory_plan --smoke    # one tiny teacher, seconds
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import _smoke as smoke  # benchmarks/_smoke.py: --smoke
-
+from benchmarks import _smoke as smoke  # --smoke
 from nas.model.arch import Arch
-from nas.model.families import load_config
+from nas.model.load import load_config
 from nas.plan import format_plan, plan_study, to_json
 from nas.settings import run_config_from_dict
 

@@ -4,7 +4,7 @@ The study is real: real Optuna + SQLite, candidates enumerated from a tiny teach
 trial a tiny student trained for a few steps on random tokens with its validation loss reported
 (about a third pruned by successive halving, one failed, one still running).
 
-    python benchmarks/report_speed.py [--trials 50]
+    python -m benchmarks.report_speed [--trials 50]
 """
 
 from __future__ import annotations
@@ -14,17 +14,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import _smoke as smoke  # noqa: E402  (benchmarks/_smoke.py: --smoke)
 import optuna
 import torch
 import torch.nn.functional as F
 
+from benchmarks import _smoke as smoke  # noqa: E402  # --smoke
 from nas.evaluate.loss import lm_loss
 from nas.model.arch import Arch
 from nas.model.size import count_params, kv_cache_bytes
 from nas.prune.importance import compute_importance
 from nas.prune.space import enumerate_candidates
-from nas.report.data import load_study, report_frames
+from nas.report.frames import load_study, report_frames
 from nas.report.html import write_report
 from nas.search.study import ranking_stability
 from nas.search.trial import measure_latency

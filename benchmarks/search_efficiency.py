@@ -9,7 +9,7 @@ the same winner, and Kendall tau between the two rankings of the candidates ours
 ranks a stopped candidate below every candidate that went further, then by its last loss).
 Goal: <= 1/3 of the tokens with the same winner.
 
-    python benchmarks/search_efficiency.py [--horizon 60] [--teacher-steps 300]
+    python -m benchmarks.search_efficiency [--horizon 60] [--teacher-steps 300]
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import _smoke as smoke  # noqa: E402  (benchmarks/_smoke.py: --smoke)
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
+from benchmarks import _smoke as smoke  # noqa: E402  # --smoke
 from nas.model.arch import KNOBS
 from nas.pipeline import search  # noqa: E402
 from nas.search.study import TrialRecord, kendall_tau
@@ -60,7 +60,7 @@ def run(root: Path, name: str, sampler: str, pruner: str, args) -> tuple[optuna.
         budget="70%",
         data={"seq_len": 64},
         space={"tolerance": args.tolerance, "steps": {"hidden_size": 16, "ffn_hidden_size": 16}},
-        search={"sampler": sampler, "pruner": pruner, "horizon_steps": horizon, "eval_every": max(1, horizon // 6)},
+        search={"strategy": sampler, "pruner": pruner, "horizon_steps": horizon, "eval_every": max(1, horizon // 6)},
         # 64 validation sequences (4k tokens): the loss gaps between candidates are ~0.01 nats
         distill={
             "batch_size": 8,

@@ -14,7 +14,7 @@ tokens of nas, the zero-shot pick (what ModelOpt does), ModelOpt's rule (the 10 
 budget, best zero-shot first), the largest candidate, and brute force; Kendall tau vs the ground truth at
 each rung and for the extrapolated ranking; the ground truth's spread against its validation noise.
 
-    OMP_NUM_THREADS=1 python benchmarks/search_quality.py [--smoke] [--out .nas_cache/search_quality]
+    OMP_NUM_THREADS=1 python -m benchmarks.search_quality [--smoke] [--out .nas_cache/search_quality]
 """
 
 from __future__ import annotations
@@ -37,16 +37,8 @@ import torch  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from nas.data.tokens import prepare  # noqa: E402
-from nas.demo.teacher import (  # noqa: E402
-    TeacherSpec,
-    load_teacher_info,
-    teacher_key,
-    train_teacher,
-    train_texts,
-    train_tokenizer,
-    write_corpus,
-)
+from benchmarks.common import demo_teacher_and_data  # noqa: E402
+from nas.demo.teacher import TeacherSpec  # noqa: E402
 from nas.evaluate.loss import sequence_losses  # noqa: E402
 from nas.io import write_text_atomic  # noqa: E402
 from nas.model.size import count_params  # noqa: E402
@@ -67,20 +59,9 @@ MODELOPT_TOP_K = 10  # ModelOpt's Minitron NAS scores the top_k=10 candidates ne
 
 
 def teacher_and_data(out: Path, seq_len: int, spec: TeacherSpec):
-    """The cached teacher (trained on first use) and the tokenized KJV."""
-    from transformers import AutoTokenizer
-
-    corpus = write_corpus(out / "corpus")
-    key = teacher_key(spec, seq_len, corpus)
-    data_cfg = {"seq_len": seq_len, "cache_dir": str(out / "cache"), "sources": [{"path": str(corpus)}]}
-    probe = run_config_from_dict({"name": "probe", "teacher": "-", "data": data_cfg})
-    if load_teacher_info(out / "teacher", key) is not None:
-        tokenizer = AutoTokenizer.from_pretrained(out / "teacher")
-    else:
-        tokenizer = train_tokenizer(train_texts(corpus, probe.data), spec.vocab_size)
-    data = prepare(probe.data, tokenizer)
-    info = train_teacher(spec, key, tokenizer, data, out, 32)
-    return info, data_cfg
+    """The cached teacher (trained on first use) and the data settings of the tokenized KJV."""
+    _, _, info, data_cfg = demo_teacher_and_data(out, spec, seq_len, eval_sequences=32)
+    return info, data_cfg.to_dict()
 
 
 def study_config(out: Path, data_cfg: dict, args, name: str, sampler: str) -> dict:
@@ -93,7 +74,7 @@ def study_config(out: Path, data_cfg: dict, args, name: str, sampler: str) -> di
         "data": data_cfg,
         "space": {"tolerance": args.tolerance, "steps": {"hidden_size": args.step, "ffn_hidden_size": 2 * args.step}},
         "importance": {"num_samples": 64, "val_sequences": 16, "batch_size": 16},
-        "search": {"horizon_tokens": args.horizon * tokens_per_step, "sampler": sampler, "screen_sequences": 16}
+        "search": {"horizon_tokens": args.horizon * tokens_per_step, "strategy": sampler, "screen_sequences": 16}
         | ({"max_horizon_factor": 2, "screen_top": 3, "finalists": 2, "stable_top": 2} if args.smoke else {}),
         "distill": {"batch_size": args.batch_size, "lr": 1e-3, "min_lr": 1e-4, "eval_sequences": args.eval_sequences,
                     "checkpoint_every": 0},

@@ -14,7 +14,7 @@ burst of load on a shared machine hits both. Printed:
   dense (goal >= 0.8), and whether the winner is the same (it must be);
 - each candidate's validation-loss difference, cached - dense (mean |diff| and max |diff|).
 
-    python benchmarks/teacher_cache.py [--horizon 12] [--teacher-steps 150] [--seq-len 64] [--topk 64]
+    python -m benchmarks.teacher_cache [--horizon 12] [--teacher-steps 150] [--seq-len 64] [--topk 64]
 
 The defaults are scaled down from the demo (seq_len 64 instead of 256, 400 of the KJV's chapters, 150
 teacher steps instead of 210, a 12-step horizon instead of 30, one torch thread) so that the whole run
@@ -38,20 +38,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import _smoke as smoke  # noqa: E402  (benchmarks/_smoke.py: --smoke)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from nas.data.tokens import prepare  # noqa: E402
+from benchmarks import _smoke as smoke  # noqa: E402  # --smoke
+from benchmarks.common import demo_teacher_and_data  # noqa: E402
 from nas.demo.run import DemoPlan  # noqa: E402
-from nas.demo.teacher import teacher_key, train_teacher, train_texts, train_tokenizer, write_corpus  # noqa: E402
 from nas.model.arch import Arch  # noqa: E402
 from nas.prune.cut import prune  # noqa: E402
 from nas.prune.importance import compute_importance  # noqa: E402
 from nas.prune.space import enumerate_candidates  # noqa: E402
 from nas.search.study import kendall_tau  # noqa: E402
-from nas.settings import DataConfig, DistillConfig, SpaceConfig  # noqa: E402
+from nas.settings import DistillConfig, SpaceConfig  # noqa: E402
 from nas.train.loop import distill  # noqa: E402
 from nas.train.teacher_cache import FILES, ensure_teacher_cache  # noqa: E402
 
@@ -74,17 +73,10 @@ def parse_args():
 
 def setup(out: Path, args, plan: DemoPlan):
     """The demo's corpus, tokenizer, data and trained teacher (reused from `out` when already there)."""
-    corpus = write_corpus(out / "corpus", args.max_documents)
-    data_cfg = DataConfig.single(str(corpus), seq_len=args.seq_len, cache_dir=str(out / "cache"))
     spec = dataclasses.replace(plan.teacher, steps=args.teacher_steps)
-    key = teacher_key(spec, args.seq_len, corpus)
-    tokenizer = train_tokenizer(train_texts(corpus, data_cfg), spec.vocab_size)
-    if (out / "teacher" / "tokenizer.json").is_file():  # the saved teacher's own tokenizer
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(out / "teacher")
-    data = prepare(data_cfg, tokenizer)
-    info = train_teacher(spec, key, tokenizer, data, out, args.eval_sequences, "cpu")
+    tokenizer, data, info, _ = demo_teacher_and_data(
+        out, spec, args.seq_len, args.eval_sequences, args.max_documents, "cpu"
+    )
     teacher = AutoModelForCausalLM.from_pretrained(info.path).eval()
     return tokenizer, data, teacher, info
 

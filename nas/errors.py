@@ -1,4 +1,4 @@
-"""The one exception family nas raises; the CLI turns each into one line and exit code 2."""
+"""The exception types nas raises (one base, `NasError`); the CLI turns each into one line and exit code 2."""
 
 
 class NasError(Exception):

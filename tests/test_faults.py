@@ -430,7 +430,7 @@ CASES = [
     ("run-max-memory-too-small", "run", lambda w: ["run", w.study(constraints={"max_memory": "2KB"})], "constraints.max_memory = '2KB'"),
     ("search-budget-above-teacher", "search", lambda w: ["search", w.study(budget="3B")], "budget = '3B'"),
     ("run-budget-too-small", "run", lambda w: ["run", w.study(budget=["75%", "40"])], "budget = ['75%', '40']"),
-    ("search-tpe-two-budgets", "search", lambda w: ["search", w.study(budget=["50%", "75%"], search={"sampler": "tpe"})], "search.sampler = tpe"),
+    ("search-tpe-two-budgets", "search", lambda w: ["search", w.study(budget=["50%", "75%"], search={"strategy": "tpe"})], "search.strategy = tpe"),
     # -- messages that name the real cause
     ("importance-config-no-heads", "importance", lambda w: ["importance", w.broken("no-field", "num_attention_heads"), *w.data(), "--out", str(w.root / "i.st")], "lacks num_attention_heads"),
     ("distill-student-config-no-ffn", D, lambda w: [D, w.teacher, w.broken("no-field", "intermediate_size"), str(w.root / "o"), *w.data(), "--steps", "2"], "lacks intermediate_size"),

@@ -2,6 +2,7 @@
 (`import nas`, `nas space`, `nas report`) load no training code."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,7 @@ def test_import_contract_holds():
     lint = Path(sys.executable).with_name("lint-imports")
     result = subprocess.run([str(lint)], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:]
-    assert "1 kept, 0 broken" in result.stdout
+    assert "2 kept, 0 broken" in result.stdout
 
 
 @pytest.mark.slow
@@ -77,11 +78,13 @@ def test_nas_report_loads_no_training_code(tmp_path):
     assert training_modules(modules) == []
 
 
-def test_no_import_cycle_top_level_or_inside_functions():
+@pytest.mark.parametrize("package", ["nas", "benchmarks"])
+def test_no_import_cycle_top_level_inside_functions_or_for_type_hints(package):
     import grimp  # import-linter's graph: every import statement, function-level ones too
 
-    # `if TYPE_CHECKING:` imports never run: they are how a module names a type without a cycle (STYLE.md)
-    graph = grimp.build_graph("nas", exclude_type_checking_imports=True)
+    # `if TYPE_CHECKING:` imports count too: a module that needs another's types only to name them is still
+    # tied to it, and a cycle there is a cycle in the design
+    graph = grimp.build_graph(package, exclude_type_checking_imports=False)
     cycles = [
         (a, b)
         for a in sorted(graph.modules)
@@ -89,3 +92,47 @@ def test_no_import_cycle_top_level_or_inside_functions():
         if graph.chain_exists(importer=b, imported=a)
     ]
     assert cycles == []
+
+
+def test_no_two_modules_of_nas_share_a_file_name():
+    names: dict[str, list[str]] = {}
+    for path in (ROOT / "nas").rglob("*.py"):
+        if path.name not in ("__init__.py", "__main__.py"):
+            names.setdefault(path.name, []).append(path.relative_to(ROOT).as_posix())
+    assert {name: paths for name, paths in names.items() if len(paths) > 1} == {}
+
+
+def module_map() -> dict[str, str]:
+    """The README's module map: each entry's folder or file (`nas/search/`, `nas/io.py`) -> its text."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("nas/cli/ ") : ]
+    block = block[: block.index("```")]
+    entries: dict[str, str] = {}
+    key = ""
+    for line in block.splitlines():
+        if line.startswith("nas/"):
+            for path in re.findall(r"nas/[a-z_/]+(?:\.py|/)", line):
+                key = path
+                entries[key] = entries.get(key, "") + line
+        elif key:
+            entries[key] += " " + line
+    return entries
+
+
+def test_the_readme_module_map_names_every_module():
+    entries = module_map()
+    missing = []
+    for path in sorted((ROOT / "nas").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if path.name in ("__init__.py", "__main__.py") or "/tasks/" in rel:  # tasks/: lm-eval task files
+            continue
+        folder, _, name = rel.rpartition("/")
+        if folder == "nas":
+            found = rel in entries
+        else:
+            found = re.search(rf"\b{path.stem}\b", entries.get(folder + "/", "")) is not None
+        if not found:
+            missing.append(rel)
+    assert missing == [], "add these to the module map in README.md (Development)"
+    folders = {p.parent.relative_to(ROOT).as_posix() + "/" for p in (ROOT / "nas").glob("*/__init__.py")}
+    assert folders <= set(entries), folders - set(entries)

@@ -57,7 +57,7 @@ def device(name: str) -> None:
 def seq_len_fits(seq_len: int, *models: str) -> None:
     """DataError when `--seq-len` exceeds a model's `max_position_embeddings` (only configs are read)."""
     from nas.data.tokens import check_seq_len
-    from nas.model.families import load_config
+    from nas.model.load import load_config
 
     for model in models:
         check_seq_len(seq_len, load_config(model), model)
@@ -77,7 +77,7 @@ def batch_splits(batch_size: int, nproc: int, name: str = "--batch-size") -> Non
 def default_seq_len_fits(args: Any, model: str) -> str | None:
     """When `--seq-len` is not given and the model has fewer positions than its default, set it to the
     model's `max_position_embeddings`; returns the note saying so (None when nothing changed)."""
-    from nas.model.families import load_config
+    from nas.model.load import load_config
     from nas.settings import DataConfig
 
     if hasattr(args, "seq_len"):

@@ -10,8 +10,8 @@ import sys
 
 from nas.cli import guard
 from nas.cli.flags import add_flags, add_overwrite, add_restart, settings_from_args
-from nas.cli.study import add_plan, add_search, add_space
-from nas.cli.train import add_correct, add_data_args, add_distill, data_config_from_args, kernels_of
+from nas.cli.study_commands import add_plan, add_search, add_space
+from nas.cli.train_commands import add_correct, add_data_args, add_distill, data_config_from_args, kernels_of
 from nas.errors import ConfigError, NasError
 from nas.io import is_full_disk
 from nas.model.blocks import BLOCK_TYPES
@@ -31,8 +31,16 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"nas: error: {self.prog}: {message}\n")
 
 
+# what `nas --help` opens with: what nas does, in one line a user understands; then where to start
+DESCRIPTION = "Find the best small language model inside a big one: prune, distill, compare."
+EPILOG = (
+    "Start with `nas demo` (the whole pipeline on a laptop CPU in about 10 minutes), or write a study "
+    "(studies/example.toml) and `nas run` it; `nas <command> --help` for each command."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="nas", description=__doc__)
+    parser = Parser(prog="nas", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
@@ -74,7 +82,7 @@ def cmd_importance(args) -> int:
     from nas.device import resolve_device
     from nas.io import written_by_nas
     from nas.model.arch import Arch
-    from nas.model.families import load_config, load_model, load_tokenizer
+    from nas.model.load import load_config, load_model, load_tokenizer
     from nas.prune.importance import ensure_importance, importance_identity
 
     data_cfg, imp = data_config_from_args(args), settings_from_args(args, ImportanceConfig)
@@ -91,10 +99,11 @@ def cmd_importance(args) -> int:
             args.teacher, teacher_arch, data.fingerprint, imp.num_samples, imp.val_sequences
         )
         replace = args.restart or (out.exists() and not written_by_nas(out))  # past guard: --overwrite
+        def load():
+            return load_model(args.teacher, device=resolve_device(device_of(args)), kernels=kernels_of(args))
+
         importance, computed = ensure_importance(
-            out, lambda: load_model(args.teacher, device=resolve_device(device_of(args)), kernels=kernels_of(args)), data,
-            identity,
-            imp.batch_size, "write to another --out file, or pass --restart to recompute it", replace,
+            out, load, data, identity, imp.batch_size, "write to another --out file, or pass --restart to recompute it", replace,
         )  # fmt: skip
         if not computed:  # a finished result, made with these settings
             print(f"{out} is already computed with these settings (base val loss {importance.base_loss:.4f})")
@@ -137,7 +146,7 @@ def add_prune(sub) -> None:
 def cmd_prune(args) -> int:
     from nas.device import resolve_device
     from nas.model.arch import Arch, check_prunable
-    from nas.model.families import load_config, load_model, load_tokenizer
+    from nas.model.load import load_config, load_model, load_tokenizer
     from nas.model.multimodal import multimodal_note, wrapper_type
     from nas.model.size import count_params
     from nas.prune.cut import prune, save_pruned
@@ -227,14 +236,14 @@ def add_report(sub) -> None:
 
 
 def cmd_report(args) -> int:
-    from nas.report.family import stored_family, write_family_report
+    from nas.cascade.report import stored_cascade, write_cascade_report
     from nas.report.html import write_report
 
     storage = args.storage or default_storage(args.study)
     out = guard.output(args.out or default_report(args.study), [], is_dir=False, overwrite=args.overwrite)
     with guard.owning(out, is_dir=False):
-        family = stored_family(storage, args.study)  # a cascade's family: its family view
-        out = write_family_report(family, out) if family else write_report(storage, args.study, out)
+        cascade = stored_cascade(storage, args.study)  # a cascade: its one-page view
+        out = write_cascade_report(cascade, out) if cascade else write_report(storage, args.study, out)
     print(f"report: {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return 0
 

@@ -28,17 +28,8 @@ from typing import Any
 
 import torch
 
-from nas.data.tokens import prepare
-from nas.demo.plan import RATES, DemoPlan, demo_plan, run_config  # noqa: F401 (RATES: its old home)
-from nas.demo.teacher import (
-    TeacherInfo,
-    load_teacher_info,
-    teacher_key,
-    train_teacher,
-    train_texts,
-    train_tokenizer,
-    write_corpus,
-)
+from nas.demo.sizes import RATES, DemoPlan, demo_plan, run_config  # noqa: F401 (RATES: its old home)
+from nas.demo.teacher import TeacherInfo, demo_teacher, write_corpus
 from nas.device import resolve_device
 from nas.evaluate.loss import lm_loss
 from nas.model.arch import Arch
@@ -110,30 +101,13 @@ class DemoResult:
         return sum(self.stage_seconds.values())
 
 
-def prepare_tokenizer(out: Path, corpus: Path, plan: DemoPlan, data_cfg: Any, key: dict[str, Any]):
-    """The cached teacher's tokenizer when there is one, else a new one trained on the train documents."""
-    from transformers import AutoTokenizer
-
-    if load_teacher_info(out / "teacher", key) is not None:
-        return AutoTokenizer.from_pretrained(out / "teacher")
-    texts = train_texts(corpus, data_cfg)
-    log.info(
-        "training a %d-token byte-level BPE tokenizer on %d train documents",
-        plan.teacher.vocab_size,
-        len(texts),
-    )
-    return train_tokenizer(texts, plan.teacher.vocab_size)
-
-
 def train_demo_teacher(out: Path, plan: DemoPlan, device: str = "auto") -> tuple[Any, Any, TeacherInfo]:
     """The demo's study config, token data and trained teacher under `out` (the teacher cached: a second
     call reuses it), for benchmarks that start where the demo's search does."""
     corpus = write_corpus(out / "corpus", plan.max_documents)
     cfg = run_config(out, corpus, plan, device)
-    key = teacher_key(plan.teacher, plan.seq_len, corpus)
-    tokenizer = prepare_tokenizer(out, corpus, plan, cfg.data, key)
-    data = prepare(cfg.data, tokenizer)
-    return cfg, data, train_teacher(plan.teacher, key, tokenizer, data, out, plan.eval_sequences, device)
+    _, data, info = demo_teacher(out, plan.teacher, corpus, cfg.data, plan.eval_sequences, device)
+    return cfg, data, info
 
 
 def run_demo(
@@ -155,13 +129,7 @@ def run_demo(
     with clock.stage("corpus"):
         corpus = write_corpus(out / "corpus", plan.max_documents)
         cfg = run_config(out, corpus, plan, device)
-        key = teacher_key(plan.teacher, plan.seq_len, corpus)
-    with clock.stage("tokenizer"):
-        tokenizer = prepare_tokenizer(out, corpus, plan, cfg.data, key)
-    with clock.stage("data"):
-        data = prepare(cfg.data, tokenizer)
-    with clock.stage("teacher"):
-        teacher = train_teacher(plan.teacher, key, tokenizer, data, out, plan.eval_sequences, device)
+    _, data, teacher = demo_teacher(out, plan.teacher, corpus, cfg.data, plan.eval_sequences, device, clock.stage)
     if teacher.reused:  # a cached teacher says nothing about this machine's speed
         clock.estimates["teacher"] = clock.seconds["teacher"]
     cfg.paths.clear(database=True)  # each demo run searches afresh (the teacher and token cache stay)

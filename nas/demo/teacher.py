@@ -16,7 +16,8 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from torch import nn
 from nas.data.bpe import train_bpe
 from nas.data.corpus import document_hash
 from nas.data.kjv import HELD_OUT_BOOKS, kjv_path
-from nas.data.tokens import split_of
+from nas.data.tokens import prepare, split_of
 from nas.device import resolve_device
 from nas.evaluate.loss import lm_loss
 from nas.io import replace_dir, write_text_atomic
@@ -270,3 +271,40 @@ def check_teacher(info: TeacherInfo) -> None:
             info.val_loss,
             info.unigram_loss,
         )
+
+
+# ---- the recipe -----------------------------------------------------------------------------------
+
+
+def teacher_tokenizer(out_dir: Path, corpus: Path, spec: TeacherSpec, data_cfg: Any, key: dict[str, Any]):
+    """The saved teacher's tokenizer when it matches `key`, else a new one trained on the train documents."""
+    from transformers import AutoTokenizer
+
+    if load_teacher_info(out_dir / "teacher", key) is not None:
+        return AutoTokenizer.from_pretrained(out_dir / "teacher")
+    texts = train_texts(corpus, data_cfg)
+    log.info("training a %d-token byte-level BPE tokenizer on %d train documents", spec.vocab_size, len(texts))
+    return train_tokenizer(texts, spec.vocab_size)
+
+
+def demo_teacher(
+    out_dir: Path,
+    spec: TeacherSpec,
+    corpus: Path,
+    data_cfg: Any,
+    eval_sequences: int,
+    device: str = "auto",
+    stage: Callable[[str], AbstractContextManager] = lambda name: nullcontext(),
+) -> tuple[Any, Any, TeacherInfo]:
+    """The demo's teacher recipe, written once (the demo and the benchmarks that start where it does):
+    `corpus` -> its key -> tokenizer -> token data (`data_cfg`) -> the trained teacher under `out_dir`
+    (each reused when already there). Returns (tokenizer, data, teacher info); each step runs inside
+    `stage(name)` ("tokenizer", "data", "teacher": the demo times them)."""
+    key = teacher_key(spec, data_cfg.seq_len, corpus)
+    with stage("tokenizer"):
+        tokenizer = teacher_tokenizer(out_dir, corpus, spec, data_cfg, key)
+    with stage("data"):
+        data = prepare(data_cfg, tokenizer)
+    with stage("teacher"):
+        info = train_teacher(spec, key, tokenizer, data, out_dir, eval_sequences, device)
+    return tokenizer, data, info

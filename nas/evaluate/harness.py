@@ -35,7 +35,7 @@ from nas.device import resolve_device
 from nas.errors import ConfigError, DataError, first_line
 from nas.evaluate.loss import lm_loss
 from nas.io import GENERATOR, write_text_atomic, written_by_nas
-from nas.model.families import load_model, load_tokenizer
+from nas.model.load import load_model, load_tokenizer
 from nas.settings import Phase
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Load a model (local directory or hub id) and its tokenizer, and score it: perplexity on
     `data_cfg` (if given) and the lm-eval `tasks`. Returns the record `save_results` writes.
-    `kernels`: transformers' Hub kernels at load (`nas.model.families.load_model`)."""
+    `kernels`: transformers' Hub kernels at load (`nas.model.load.load_model`)."""
     if not tasks and data_cfg is None:
         raise ConfigError("nothing to evaluate: give --data for perplexity and/or --tasks for lm-eval")
     model = load_model(name_or_path, device=resolve_device(device), kernels=kernels)

@@ -42,7 +42,7 @@ Design note (how a hybrid family plugs in; keep this interface stable, announce 
   - mamba: `num_mamba_heads` (a multiple of `mamba_groups`, the config's `n_groups`: heads are pruned evenly
     inside each group, the group-aware rule of Minitron-SSM, arXiv 2504.11409 §3), `mamba_head_dim`;
     `mamba_groups`, `ssm_state_size`, `mamba_conv_kernel`, `mamba_conv_bias`, `mamba_bias` fixed.
-- `block_params(arch, type)` is one block's parameter count (without the layer's hidden-size norms),
+- `block_params(arch, type)` (in `nas.model.size`, beside the counts that add them up) is one block's parameter count (without the layer's hidden-size norms),
   `block_state(arch, type)` its recurrent state per sequence in elements (constant in the sequence length,
   unlike a KV cache), `block_kv(arch, type)` its KV-cache elements per token.
 A new block type is one entry in each table here plus its `Arch` fields (defaults that mean "absent", so stored
@@ -52,12 +52,9 @@ Arch dicts of homogeneous models keep loading).
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from nas.model.families import FAMILIES, Family, attention_shapes
-
-if TYPE_CHECKING:
-    from nas.model.arch import Arch
 
 BLOCK_TYPES = ("attention", "global_attention", "linear_attention", "mamba", "mlp", "moe")
 LAYER_KNOBS = {t: f"num_{t}_layers" for t in BLOCK_TYPES}  # depth knobs of a hybrid, one per layer type
@@ -96,109 +93,6 @@ CONFIG_ATTRS = {  # Arch field -> HF config attribute (transformers 5.24: Qwen3_
         ("mamba_bias", "use_bias"),
     ),
 }
-
-
-def attention_params(arch: Arch) -> int:
-    """q/k/v/o projections (+ biases, q/k norms; a gated q_proj has twice the query rows)."""
-    h, d = arch.hidden_size, arch.head_dim
-    q, kv = arch.num_attention_heads * d, arch.num_query_groups * d
-    q_rows = 2 * q if arch.attn_output_gate else q
-    n = h * q_rows + 2 * h * kv + q * h
-    n += (q_rows + 2 * kv) if arch.qkv_bias else 0
-    n += h if arch.o_bias else 0
-    n += arch.num_attention_heads if arch.family.attention_sinks else 0  # one sink logit per head (gpt-oss)
-    return n + {"head": 2 * d, "proj": q + kv, None: 0}[arch.family.qk_norm]
-
-
-def global_attention_params(arch: Arch) -> int:
-    """A Gemma 4 full-attention block: q/k/o projections of `global_head_dim` channels a head over
-    `num_global_query_groups` KV groups, a v projection unless its keys are its values (`attention_k_eq_v`),
-    per-head q/k norms (v_norm has no weight)."""
-    h, d = arch.hidden_size, arch.global_head_dim
-    q, kv = arch.num_attention_heads * d, arch.num_global_query_groups * d
-    kv_mats = 1 if arch.attention_k_eq_v else 2
-    n = 2 * h * q + kv_mats * h * kv
-    n += (q + kv_mats * kv + h) if arch.qkv_bias else 0  # Gemma's attention_bias: q/k/v and o biases
-    return n + 2 * d
-
-
-def mlp_params(arch: Arch, ffn: int | None = None, bias: bool | None = None) -> int:
-    """A gated MLP (gate, up, down) or, in a family without the gate (Nemotron-H's squared ReLU), up and down."""
-    h, f = arch.hidden_size, arch.ffn_hidden_size if ffn is None else ffn
-    mats = 3 if arch.family.gated_mlp else 2
-    bias = arch.mlp_bias if bias is None else bias
-    return mats * h * f + (((mats - 1) * f + h) if bias else 0)
-
-
-def moe_params(arch: Arch, active: bool = False) -> int:
-    """The router, the experts (biased in gpt-oss only) and a shared expert if any, with its sigmoid gate
-    Linear(hidden, 1) where the family has one (active: the router, the top-k experts one token uses and the
-    shared expert)."""
-    experts = arch.num_experts_per_tok if active else arch.num_experts
-    spec, h = arch.family.experts, arch.hidden_size
-    shared = mlp_params(arch, arch.shared_expert_ffn_hidden_size) if arch.shared_expert_ffn_hidden_size else 0
-    shared += h if shared and spec.shared_gate else 0
-    bias = spec.bias  # a biased router and biased experts (gpt-oss)
-    return arch.num_experts * (h + bias) + experts * mlp_params(arch, bias=bias) + shared
-
-
-def linear_attention_params(arch: Arch) -> int:
-    """Gated DeltaNet (transformers' Qwen3_5GatedDeltaNet): in_proj_qkv, in_proj_z, in_proj_b, in_proj_a,
-    a depthwise conv over q/k/v without bias, dt_bias and A_log per value head, one gated RMSNorm over a value
-    head, out_proj."""
-    h, vh = arch.hidden_size, arch.num_linear_value_heads
-    key, value = arch.num_linear_key_heads * arch.linear_key_head_dim, vh * arch.linear_value_head_dim
-    conv = 2 * key + value
-    n = h * conv + h * value + 2 * h * vh + conv * arch.linear_conv_kernel + 2 * vh
-    return n + arch.linear_value_head_dim + value * h
-
-
-def mamba_params(arch: Arch) -> int:
-    """Mamba2 (transformers' NemotronHMamba2Mixer): in_proj to [gate, x, B, C, dt], a depthwise conv over
-    [x, B, C], dt_bias, A_log and D per head, a gated group RMSNorm over the inner width, out_proj."""
-    h, heads = arch.hidden_size, arch.num_mamba_heads
-    inner = heads * arch.mamba_head_dim
-    conv = inner + 2 * arch.mamba_groups * arch.ssm_state_size
-    proj = inner + conv + heads
-    n = h * proj + conv * arch.mamba_conv_kernel + 3 * heads + inner + inner * h
-    n += conv if arch.mamba_conv_bias else 0
-    return n + ((proj + h) if arch.mamba_bias else 0)
-
-
-def block_params(arch: Arch, block: str, active: bool = False) -> int:
-    """Parameters of one block of type `block` (without the layer's hidden-size norms)."""
-    if block == "moe":
-        return moe_params(arch, active)
-    return {
-        "attention": attention_params,
-        "global_attention": global_attention_params,
-        "linear_attention": linear_attention_params,
-        "mamba": mamba_params,
-        "mlp": mlp_params,
-    }[block](arch)
-
-
-def block_state(arch: Arch, block: str) -> int:
-    """Recurrent-state elements one sequence keeps in one block of type `block` (0: none), whatever its length:
-    the SSM/delta-rule state plus the causal conv's window (transformers caches `conv_kernel` columns)."""
-    if block == "linear_attention":
-        key = arch.num_linear_key_heads * arch.linear_key_head_dim
-        conv = 2 * key + arch.num_linear_value_heads * arch.linear_value_head_dim
-        state = arch.num_linear_value_heads * arch.linear_key_head_dim * arch.linear_value_head_dim
-        return state + conv * arch.linear_conv_kernel
-    if block == "mamba":
-        inner = arch.num_mamba_heads * arch.mamba_head_dim
-        conv = inner + 2 * arch.mamba_groups * arch.ssm_state_size
-        return inner * arch.ssm_state_size + conv * arch.mamba_conv_kernel
-    return 0
-
-
-def block_kv(arch: Arch, block: str) -> int:
-    """KV-cache elements per token of one block of type `block` (K and V of every KV group; keys reused as
-    values are still cached as two tensors: transformers caches the v-normed values beside the keys)."""
-    if block == "global_attention":
-        return 2 * arch.num_global_query_groups * arch.global_head_dim
-    return 2 * arch.num_query_groups * arch.head_dim if block == "attention" else 0
 
 
 def hybrid_fields(config: Any, fam: Family) -> dict[str, Any]:

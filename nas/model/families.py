@@ -6,28 +6,22 @@ its embeddings at `model.model.embed_tokens` and its output head at `model.lm_he
 A `Family` records everything else declaratively: biases, q/k norms (per head or over the whole projection),
 which hidden-size norms a block has (pre- and/or post-norms), fused projections, embedding scaling,
 per-layer config lists, and where a mixture-of-experts block keeps its router and experts.
-Adding a family is one entry in `FAMILIES` (and its tiny model in `nas.testing`).
+What a family IS lives here, as data (with the few accessors that read it); how a checkpoint of one is
+read is `nas.model.load`. Adding a family: README.md, "Adding a model family".
 """
 
 from __future__ import annotations
 
-import copy
-import functools
-import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from nas.device import precision_for
-from nas.errors import ModelError, first_line
+from nas.errors import ModelError
 from nas.model import compat
-from nas.model.validate import check_config_fields, check_finite, check_tokenizer_fits, check_weight_dtypes
-
-log = logging.getLogger(__name__)
 
 PRE_NORMS = ("input_layernorm", "post_attention_layernorm")  # Llama: norms before attention and MLP
 
@@ -111,6 +105,8 @@ class Family:
     min_experts: int = 1  # fewest experts a MoE layer can keep (Nemotron-H's router takes the top 2 per group)
     attention_sinks: bool = False  # one learned sink logit per query head (`self_attn.sinks`; gpt-oss)
     keep_last_layer: bool = False  # depth pruning never drops the last layer (its type is fixed; Gemma 4)
+    # raises ModelError naming what a config turns on that nas cannot prune (None: every config of the type)
+    check: Callable[[Any], None] | None = None
 
 
 QWEN3_MOE = Experts("num_experts", "moe_intermediate_size")
@@ -155,66 +151,24 @@ GEMMA4_BLOCKS = Blocks(
     (("attention", "self_attn"), ("global_attention", "self_attn"), ("mlp", "mlp")),
 )
 
-FAMILIES: dict[str, Family] = {
-    f.model_type: f
-    for f in (
-        Family("llama", "attention_bias", False, True, mlp_bias_attr="mlp_bias"),
-        Family("mistral", None, False, False),
-        Family("ministral3", None, False, False),  # Mistral's blocks; its position-dependent query scale
-        # (Llama 4 scaling, from `rope_parameters`) has no weights and follows the config unchanged
-        Family("qwen2", None, True, False),
-        Family("qwen3", "attention_bias", False, True, qk_norm="head"),
-        Family("gemma3_text", "attention_bias", False, True, qk_norm="head", norms=GEMMA_NORMS,
-               embed_scale=True, norm_offset=1.0),
-        Family("phi3", None, False, False, fused_qkv=True, fused_gate_up=True, rope_factors_follow_hidden=True),
-        Family("olmo2", "attention_bias", False, True, qk_norm="proj", norms=OLMO_NORMS),
-        Family("olmo3", "attention_bias", False, True, qk_norm="proj", norms=OLMO_NORMS),
-        Family("smollm3", "attention_bias", False, True, mlp_bias_attr="mlp_bias",
-               layer_lists=("layer_types", "no_rope_layers")),
-        Family("qwen3_moe", "attention_bias", False, True, qk_norm="head", experts=QWEN3_MOE),
-        Family("mixtral", None, False, False, experts=MIXTRAL),
-        Family("qwen3_5_text", "attention_bias", False, True, qk_norm="head", norm_offset=1.0,
-               blocks=QWEN3_5_BLOCKS, attn_output_gate=True),
-        Family("qwen3_5_moe_text", "attention_bias", False, True, qk_norm="head", norm_offset=1.0,
-               blocks=QWEN3_5_MOE_BLOCKS, attn_output_gate=True, experts=QWEN3_5_MOE),
-        Family("nemotron_h", None, False, False, mlp_bias_attr="mlp_bias", norms=("norm",), layer_lists=(),
-               experts=NEMOTRON_H_EXPERTS, blocks=NEMOTRON_H_BLOCKS, final_norm="norm_f", gated_mlp=False,
-               ties_embeddings=False, min_experts=2),
-        Family("gpt_oss", "attention_bias", True, True, experts=GPT_OSS, attention_sinks=True),
-        # Gemma 4 text: Gemma 3's block (v_norm has no weight; `layer_scalar` is a buffer, kept per layer) in
-        # sliding and full-attention layers of their own shapes; transformers makes the last layer full
-        # attention, so depth pruning keeps the teacher's last layer
-        Family("gemma4_text", "attention_bias", False, True, qk_norm="head", norms=GEMMA_NORMS, embed_scale=True,
-               blocks=GEMMA4_BLOCKS, keep_last_layer=True),
-    )
-}  # fmt: skip
-
-
-def family_of(config: Any) -> Family:
-    """The `Family` of an HF config; a clear error names the supported ones otherwise."""
-    compat.apply()  # an HF config exists, so transformers is loaded: mend its breaks before a model runs
-    model_type = getattr(config, "model_type", None)
-    if model_type not in FAMILIES:
-        raise ModelError(f"unsupported model_type {model_type!r}; nas supports {', '.join(sorted(FAMILIES))}")
-    fam = FAMILIES[model_type]
-    if model_type == "gemma4_text":
-        _check_gemma4(config)
-    if model_type == "qwen3_moe" and (
-        list(getattr(config, "mlp_only_layers", None) or []) or getattr(config, "decoder_sparse_step", 1) != 1
-    ):
+def _check_qwen3_moe(config: Any) -> None:
+    if list(getattr(config, "mlp_only_layers", None) or []) or getattr(config, "decoder_sparse_step", 1) != 1:
         raise ModelError(
             "qwen3_moe with dense layers (mlp_only_layers or decoder_sparse_step > 1) is not supported: "
             "nas prunes Qwen3-MoE models whose every layer is sparse"
         )
-    if model_type == "nemotron_h" and "moe" in getattr(config, "layers_block_type", ()):
-        if getattr(config, "moe_latent_size", None) is not None:
-            raise ModelError("nemotron_h with latent MoE projections (moe_latent_size) is not supported yet")
-        if getattr(config, "n_group", 1) != 1:
-            raise ModelError(
-                f"nemotron_h with a grouped router (n_group = {config.n_group}) is not supported: nas prunes "
-                "Nemotron-H routers of one expert group (n_group = 1, as Nemotron 3 Nano)"
-            )
-    return fam
+
+
+def _check_nemotron_h(config: Any) -> None:
+    if "moe" not in getattr(config, "layers_block_type", ()):
+        return
+    if getattr(config, "moe_latent_size", None) is not None:
+        raise ModelError("nemotron_h with latent MoE projections (moe_latent_size) is not supported yet")
+    if getattr(config, "n_group", 1) != 1:
+        raise ModelError(
+            f"nemotron_h with a grouped router (n_group = {config.n_group}) is not supported: nas prunes "
+            "Nemotron-H routers of one expert group (n_group = 1, as Nemotron 3 Nano)"
+        )
 
 
 GEMMA4_UNSUPPORTED = {  # config attribute -> the Gemma 4 feature it turns on that nas does not prune yet
@@ -243,6 +197,54 @@ def _mixed_shapes(config: Any) -> list[str]:
         shapes.setdefault(t, set()).add((c.head_dim, c.num_key_value_heads))
     mixed = [t for t, s in shapes.items() if len(s) > 1]
     return [f"{t} layers of different head_dim or KV heads (per_layer_config)" for t in mixed]
+
+
+FAMILIES: dict[str, Family] = {
+    f.model_type: f
+    for f in (
+        Family("llama", "attention_bias", False, True, mlp_bias_attr="mlp_bias"),
+        Family("mistral", None, False, False),
+        Family("ministral3", None, False, False),  # Mistral's blocks; its position-dependent query scale
+        # (Llama 4 scaling, from `rope_parameters`) has no weights and follows the config unchanged
+        Family("qwen2", None, True, False),
+        Family("qwen3", "attention_bias", False, True, qk_norm="head"),
+        Family("gemma3_text", "attention_bias", False, True, qk_norm="head", norms=GEMMA_NORMS,
+               embed_scale=True, norm_offset=1.0),
+        Family("phi3", None, False, False, fused_qkv=True, fused_gate_up=True, rope_factors_follow_hidden=True),
+        Family("olmo2", "attention_bias", False, True, qk_norm="proj", norms=OLMO_NORMS),
+        Family("olmo3", "attention_bias", False, True, qk_norm="proj", norms=OLMO_NORMS),
+        Family("smollm3", "attention_bias", False, True, mlp_bias_attr="mlp_bias",
+               layer_lists=("layer_types", "no_rope_layers")),
+        Family("qwen3_moe", "attention_bias", False, True, qk_norm="head", experts=QWEN3_MOE,
+               check=_check_qwen3_moe),
+        Family("mixtral", None, False, False, experts=MIXTRAL),
+        Family("qwen3_5_text", "attention_bias", False, True, qk_norm="head", norm_offset=1.0,
+               blocks=QWEN3_5_BLOCKS, attn_output_gate=True),
+        Family("qwen3_5_moe_text", "attention_bias", False, True, qk_norm="head", norm_offset=1.0,
+               blocks=QWEN3_5_MOE_BLOCKS, attn_output_gate=True, experts=QWEN3_5_MOE),
+        Family("nemotron_h", None, False, False, mlp_bias_attr="mlp_bias", norms=("norm",), layer_lists=(),
+               experts=NEMOTRON_H_EXPERTS, blocks=NEMOTRON_H_BLOCKS, final_norm="norm_f", gated_mlp=False,
+               ties_embeddings=False, min_experts=2, check=_check_nemotron_h),
+        Family("gpt_oss", "attention_bias", True, True, experts=GPT_OSS, attention_sinks=True),
+        # Gemma 4 text: Gemma 3's block (v_norm has no weight; `layer_scalar` is a buffer, kept per layer) in
+        # sliding and full-attention layers of their own shapes; transformers makes the last layer full
+        # attention, so depth pruning keeps the teacher's last layer
+        Family("gemma4_text", "attention_bias", False, True, qk_norm="head", norms=GEMMA_NORMS, embed_scale=True,
+               blocks=GEMMA4_BLOCKS, keep_last_layer=True, check=_check_gemma4),
+    )
+}  # fmt: skip
+
+
+def family_of(config: Any) -> Family:
+    """The `Family` of an HF config, after its `check`; a clear error names the supported ones otherwise."""
+    compat.apply()  # an HF config exists, so transformers is loaded: mend its breaks before a model runs
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ModelError(f"unsupported model_type {model_type!r}; nas supports {', '.join(sorted(FAMILIES))}")
+    fam = FAMILIES[model_type]
+    if fam.check is not None:
+        fam.check(config)
+    return fam
 
 
 def attention_shapes(config: Any) -> dict[str, tuple[int, int]]:
@@ -328,160 +330,3 @@ def final_norm(model: nn.Module) -> nn.Module:
 def layer_norms(layer: nn.Module, family: Family) -> list[nn.Module]:
     """The hidden-size norms of one block (not the q/k norms)."""
     return [getattr(layer, name) for name in family.norms]
-
-
-def load_config(name_or_path: str | Path) -> Any:
-    """The config of a supported causal LM (local directory or hub id), without loading weights; of a
-    multimodal checkpoint (`nas.model.multimodal`), its text model's config. Parsed once per process while
-    its config.json is unchanged (a command asks for it several times)."""
-    name = str(name_or_path)
-    looks_local = name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
-    if looks_local and not Path(name).expanduser().is_dir():
-        raise ModelError(f"model directory {name} does not exist; pass a local model directory or a hub id")
-    file = Path(name).expanduser() / "config.json"
-    stamp = (file.stat().st_mtime_ns, file.stat().st_size) if file.is_file() else None
-    return copy.deepcopy(_parsed_config(name, stamp))  # a copy: callers may change theirs
-
-
-@functools.lru_cache(maxsize=16)
-def _parsed_config(name: str, stamp: tuple[int, int] | None) -> Any:
-    from transformers import AutoConfig, PretrainedConfig
-
-    from nas.model.multimodal import text_config
-
-    try:
-        config = AutoConfig.from_pretrained(name)
-        raw, _ = PretrainedConfig.get_config_dict(name)  # the file itself, without transformers' defaults
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load a model config from {name!r}: {first_line(e)}") from e
-    text = text_config(config)
-    if text is not config and text.model_type not in FAMILIES:
-        raise ModelError(
-            f"unsupported model_type {text.model_type!r} (the text model of a {config.model_type!r} checkpoint); "
-            f"nas supports {', '.join(sorted(FAMILIES))}"
-        )
-    raw = raw.get("text_config", raw) if text is not config else raw
-    check_config_fields(name, raw, family_of(text), aliases=dict(getattr(text, "attribute_map", {})))
-    return text
-
-
-def load_model(
-    name_or_path: str | Path,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-    kernels: str = "off",
-) -> nn.Module:
-    """Load a supported causal LM from a local directory or a hub id, in eval mode. Strict: unreadable
-    weights, or weights that lack tensors the config needs or hold tensors it does not have, are a
-    ModelError naming the file (`from_pretrained` alone initialises missing tensors at random).
-    `kernels` (the study's `kernels` setting): "off" loads with `use_kernels=False` whatever transformers'
-    default (5.25 turns Hub kernels on); "hub" kernelizes the model on `device` (`set_use_kernels`)."""
-    from transformers import AutoModelForCausalLM
-
-    from nas.model.multimodal import load_text_model, wrapper_type
-
-    config = load_config(name_or_path)
-    local = Path(name_or_path).expanduser()
-    if local.is_dir():
-        check_readable(local)
-    if wrapper_type(name_or_path):  # a multimodal checkpoint: its text model
-        model, info = load_text_model(str(name_or_path), dtype)
-    else:
-        try:
-            model, info = AutoModelForCausalLM.from_pretrained(
-                str(name_or_path), config=config, dtype=dtype, output_loading_info=True, use_kernels=False
-            )
-        except Exception as e:  # safetensors, torch and transformers each raise their own types
-            raise ModelError(
-                f"cannot load model weights from {str(name_or_path)!r} (corrupt or incomplete?): {first_line(e)}"
-            ) from e
-    where = _weights_name(local) if local.is_dir() else str(name_or_path)
-    check_complete(info, where)
-    check_finite(model, where)
-    model = model.to(device).eval()
-    if kernels == "hub":
-        use_hub_kernels(model, str(name_or_path))
-    return model
-
-
-def use_hub_kernels(model: nn.Module, name: str) -> None:
-    """Kernelize `model` with transformers' Hub kernels (the `kernels` package; fetched once from the Hub)."""
-    import importlib.util
-
-    if importlib.util.find_spec("kernels") is None:
-        raise ModelError("kernels = \"hub\" needs the kernels package: pip install kernels (or set kernels = \"off\")")
-    try:
-        model.set_use_kernels(True)
-    except Exception as e:  # kernels raises its own types, the Hub network errors
-        raise ModelError(f"cannot load the Hub kernels for {name!r} (offline?): {first_line(e)}; "
-                         "set kernels = \"off\"") from e
-    log.info("%s: transformers' Hub kernels on", name)
-
-
-def check_complete(info: dict[str, Any], where: str) -> None:
-    """ModelError unless `from_pretrained`'s loading info (names after transformers' own checkpoint
-    conversions, e.g. per-expert tensors fused into one) shows every tensor present and none extra."""
-    missing, extra = sorted(info.get("missing_keys", ())), sorted(info.get("unexpected_keys", ()))
-    mismatched = list(info.get("mismatched_keys", ()))
-    if missing or extra:
-        what = f"lacks {len(missing)} tensor(s) the config needs (e.g. {missing[0]})" if missing else ""
-        what += " and " if missing and extra else ""
-        what += f"has {len(extra)} tensor(s) the model does not have (e.g. {extra[0]})" if extra else ""
-        raise ModelError(f"weights {where} {what}: incomplete or not this model's weights")
-    if mismatched:
-        raise ModelError(
-            f"weights {where}: tensor {mismatched[0][0]} has a shape the config does not give it"
-        )
-
-
-def _weights_name(directory: Path) -> str:
-    files = sorted(directory.glob("*.safetensors"))
-    return str(files[0] if len(files) == 1 else directory)
-
-
-def check_readable(directory: Path) -> None:
-    """Every safetensors file of a model directory must be readable and whole (ModelError naming it)."""
-    for file in sorted(directory.glob("*.safetensors")):
-        _tensor_shapes(file)
-
-
-def _tensor_shapes(file: Path) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of the tensors in a safetensors file; ModelError when it is truncated or not one."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            slices = {name: f.get_slice(name) for name in f.keys()}  # noqa: SIM118
-            dtypes = {name: s.get_dtype() for name, s in slices.items()}
-            shapes = {name: tuple(s.get_shape()) for name, s in slices.items()}
-    except Exception as e:  # SafetensorError (no public base), OSError
-        raise ModelError(f"weights {file} are unreadable (corrupt or truncated): {first_line(e)}") from e
-    check_weight_dtypes(file, dtypes)
-    return shapes
-
-
-def load_teacher_and_student(
-    teacher: str | Path, student: str | Path, device: torch.device, precision: str = "auto", kernels: str = "off"
-):
-    """The frozen teacher and the trainable student on `device`, in the dtypes of the precision
-    policy (`nas.device`; auto: bf16 teacher and fp32 student on CUDA, both fp32 on CPU)."""
-    policy = precision_for(precision, device)
-    return (
-        load_model(teacher, dtype=policy.teacher_dtype, device=device, kernels=kernels),
-        load_model(student, dtype=policy.student_dtype, device=device, kernels=kernels),
-    )
-
-
-def load_tokenizer(name_or_path: str | Path) -> Any:
-    """The tokenizer saved with a model (local directory or hub id)."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
-    except Exception as e:  # tokenizers, json and transformers each raise their own types
-        raise ModelError(
-            f"cannot load a tokenizer from {str(name_or_path)!r} (tokenizer files corrupt or missing?): "
-            f"{type(e).__name__}: {first_line(e)}"
-        ) from e
-    check_tokenizer_fits(tokenizer, load_config(name_or_path), str(name_or_path))
-    return tokenizer

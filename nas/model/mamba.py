@@ -1,6 +1,6 @@
 """The layout of a Mamba2 mixer (Nemotron-H's `NemotronHMamba2Mixer`, transformers 5.24): which rows and columns
 of each tensor a set of kept heads and head channels keeps (its parameter count and recurrent state are
-`nas.model.blocks.mamba_params` / `block_state`, its importance `nas.prune.importance`).
+`nas.model.size.mamba_params` / `block_state`, its importance `nas.prune.importance`).
 
 A mixer of `num_heads` heads of `head_dim` channels (`inner = num_heads * head_dim`), `n_groups` groups sharing
 one B and one C of `state_size` each, and a depthwise causal conv of `conv_kernel` taps:

@@ -78,7 +78,7 @@ def _load_wrapper(name: str, dtype: torch.dtype) -> tuple[nn.Module, dict[str, A
 
     try:
         model, info = AutoModelForImageTextToText.from_pretrained(
-            name, dtype=dtype, output_loading_info=True, use_kernels=False  # kernels: nas.model.families.load_model
+            name, dtype=dtype, output_loading_info=True, use_kernels=False  # kernels: nas.model.load.load_model
         )
     except Exception as e:  # safetensors, torch and transformers each raise their own types
         raise ModelError(f"cannot load the multimodal checkpoint {name!r}: {first_line(e)}") from e
@@ -89,7 +89,7 @@ def _load_wrapper(name: str, dtype: torch.dtype) -> tuple[nn.Module, dict[str, A
 
 def load_text_model(name: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, dict[str, Any]]:
     """The text causal LM inside a wrapper checkpoint (its `model.language_model` and `lm_head`), and the
-    wrapper's loading info (`nas.model.families.load_model` checks it is complete)."""
+    wrapper's loading info (`nas.model.load.load_model` checks it is complete)."""
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 

@@ -17,15 +17,15 @@ from nas.device import precision_for, resolve_device
 from nas.errors import ConfigError
 from nas.evaluate.loss import lm_loss
 from nas.model.arch import Arch
-from nas.model.families import load_config, load_model, load_tokenizer
+from nas.model.load import load_config, load_model, load_tokenizer
 from nas.model.size import count_params
 from nas.model.validate import check_tokenizer_fits
 from nas.pipeline.identity import STUDY_WAYS_OUT
 from nas.prune.importance import Importance, ensure_importance, importance_identity
 from nas.prune.space import enumerate_budgets, parse_budget
+from nas.search.search_context import SearchContext
 from nas.search.strategy import SearchInputs, Strategy, strategy_for
 from nas.search.study import StudyRecord, arch_key
-from nas.search.trial import SearchContext
 from nas.settings import RunConfig
 from nas.train import dist
 from nas.train.loop import distill
@@ -44,7 +44,7 @@ def prepare_context(
     strategy: Strategy | None = None,
 ) -> SearchContext:
     """Load teacher, data, importance and the ordered candidates: the study's own when given
-    (`candidate_keys`, `screened`: a worker), else the ones `strategy` (default: `search.sampler`'s)
+    (`candidate_keys`, `screened`: a worker), else the ones `strategy` (default: `search.strategy`'s)
     chooses now. `teacher_config`: the teacher's, when the caller has read it already."""
     strategy = strategy or strategy_for(cfg)
     teacher_config = teacher_config or load_config(cfg.teacher)

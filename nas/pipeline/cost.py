@@ -105,7 +105,7 @@ def gpu_peak(gpu: str) -> float:
 
 def study_sizes(cfg: RunConfig) -> tuple[int, dict[str, int]]:
     """The teacher's parameters per token and each budget's largest candidate's."""
-    from nas.model.families import load_config
+    from nas.model.load import load_config
 
     teacher = Arch.from_hf_config(load_config(cfg.teacher))
     spaces = enumerate_budgets(teacher, cfg.budgets, cfg.space)
@@ -115,7 +115,7 @@ def study_sizes(cfg: RunConfig) -> tuple[int, dict[str, int]]:
 
 def plan_cost(cfg: RunConfig) -> list[StageCost]:
     """The stages of `cfg` (a study), in the order `nas run` runs them (see the module docstring)."""
-    from nas.model.families import load_config
+    from nas.model.load import load_config
 
     teacher = Arch.from_hf_config(load_config(cfg.teacher))
     cfg = with_horizon(cfg, teacher)

@@ -13,10 +13,10 @@ from nas.data.corpus import source_fingerprint
 from nas.data.tokens import config_dict
 from nas.io import require_same
 from nas.model.arch import Arch
-from nas.model.families import load_config
+from nas.model.load import load_config
 from nas.prune.space import parse_budget
 from nas.search.study import StudyRecord, make_storage, storage_errors
-from nas.settings import RunConfig
+from nas.settings import RunConfig, SearchConfig
 from nas.train.run_files import NOT_IDENTITY
 
 log = logging.getLogger(__name__)
@@ -27,9 +27,10 @@ STUDY_WAYS_OUT = (
 # the search settings that decide the trials (not n_trials: raise it to continue a search; not top_k,
 # storage, heartbeats: they change nothing a trial computes)
 SEARCH_IDENTITY = ("horizon_tokens", "horizon_tokens_per_param", "rung_tokens", "horizon_steps", "eval_every",
-                   "pruner", "reduction_factor", "sampler", "order", "screen_sequences", "screen_top", "finalists",
+                   "pruner", "reduction_factor", "strategy", "order", "screen_sequences", "screen_top", "finalists",
                    "per_class", "adaptive", "max_horizon_factor", "stable_top", "stable_tau", "extrapolate",
                    "bootstrap_samples")  # fmt: skip
+STORED_AS = {"strategy": "sampler"}  # the key every stored identity has for it (a rename must not refuse a resume)
 
 
 def study_identity(cfg: RunConfig, teacher_config: Any = None) -> dict[str, Any]:
@@ -58,8 +59,13 @@ def study_identity(cfg: RunConfig, teacher_config: Any = None) -> dict[str, Any]
         **({"distill_teacher": cfg.distill_teacher} if cfg.distill_teacher else {}),  # older studies: none
         "seed": cfg.seed,
         "distill": {k: v for k, v in cfg.short_distill().to_dict().items() if k not in NOT_IDENTITY},
-        "search": {k: getattr(cfg.search, k) for k in SEARCH_IDENTITY},
+        "search": search_identity(cfg.search),
     }
+
+
+def search_identity(search: SearchConfig) -> dict[str, Any]:
+    """The search settings of a study's identity, under the keys stored identities have."""
+    return {STORED_AS.get(k, k): getattr(search, k) for k in SEARCH_IDENTITY}
 
 
 def check_study(cfg: RunConfig, restart: bool = False, teacher_config: Any = None) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from nas.io import save_model_atomic
 from nas.lock import own_output
 from nas.model.arch import Arch
 from nas.model.card import CardFacts, lineage_of, model_card
-from nas.model.families import load_config, load_model
+from nas.model.load import load_config, load_model
 from nas.model.size import count_params
 from nas.pipeline.context import (
     gpu_memory_of,
@@ -31,6 +31,8 @@ from nas.plan import STAGES, check_plan
 from nas.prune.cut import plan_cut, prune, save_pruned
 from nas.prune.space import with_horizon
 from nas.report.html import write_report
+from nas.search.horizon import AdaptiveHorizon
+from nas.search.search_context import SearchContext
 from nas.search.strategy import Strategy
 from nas.search.study import (
     StudyRecord,
@@ -41,7 +43,7 @@ from nas.search.study import (
     load_existing_study,
     ranking_stability,
 )
-from nas.search.trial import SearchContext, enqueue_candidates, follow_trials, open_study, run_trials
+from nas.search.trial import enqueue_candidates, follow_trials, open_study, run_trials
 from nas.settings import RunConfig, run_config_from_dict
 from nas.train import dist
 from nas.train.launch import distill_in_processes
@@ -98,7 +100,7 @@ def search(
     """Check the memory plan of `stages`, run (or continue) the study's trials, then record the ranking
     stability. The study's out_dir is held (`nas.lock.own_output`) meanwhile: workers join through the
     storage, a second search is refused. A stored study made with other settings is refused
-    (`restart`: deleted first). `strategy`: default `search.sampler`'s (`nas.search.strategy`)."""
+    (`restart`: deleted first). `strategy`: default `search.strategy`'s (`nas.search.strategy`)."""
     check_trackers(cfg.report_to)  # a missing extra before any work
     teacher_config = load_config(cfg.teacher)  # read once for the whole command
     cfg = with_horizon(cfg, Arch.from_hf_config(teacher_config))  # the horizon in tokens, fixed
@@ -125,9 +127,9 @@ def search(
 
 def extend_horizons(ctx: SearchContext, study: optuna.Study) -> None:
     """The strategy's adaptive horizon (if any) over each budget's finalists, after every trial."""
-    horizon = ctx.strategy.horizon()
-    if horizon is None:
+    if not ctx.strategy.extends_horizon():
         return
+    horizon = AdaptiveHorizon(ctx.cfg)
     teacher_off_device(ctx, False)  # later batches than the teacher cache holds: the teacher itself
     for budget in ctx.budget_sizes():
         record = horizon.extend(ctx, study, budget)

@@ -19,7 +19,7 @@ model (a hybrid stack: per layer type, `depth_axes`) and is extrapolated linearl
 layers (of each type), per phase of the step (teacher
 forward, student forward, loss, backward, optimizer update, validation) and per memory category:
 within a phase every layer adds the same bytes (its weights, gradients, states, saved inputs), so the
-extrapolation is exact; `tests/test_plan.py` checks it against the full depth. The peak is the
+extrapolation is exact; `tests/plan/test_plan.py` checks it against the full depth. The peak is the
 largest extrapolated phase, so a peak that moves from one phase to another as the model grows is
 still found.
 """

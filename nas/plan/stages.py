@@ -28,7 +28,7 @@ from nas.device import precision_for
 from nas.errors import ConfigError
 from nas.io import write_text_atomic
 from nas.model.arch import Arch
-from nas.model.families import load_config
+from nas.model.load import load_config
 from nas.model.size import count_params
 from nas.plan import dryrun
 from nas.prune.space import enumerate_budgets, with_horizon

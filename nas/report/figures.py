@@ -9,7 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from nas.report.data import OBJECTIVES, ReportData, front_eligible
+from nas.report.frames import OBJECTIVES, ReportData, front_eligible
 
 COLORS = {
     "COMPLETE": "#1f77b4",

@@ -1,4 +1,4 @@
-"""One self-contained HTML report per study: `report_frames` (pure data, `nas.report.data`) -> plotly
+"""One self-contained HTML report per study: `report_frames` (pure data, `nas.report.frames`) -> plotly
 figures -> HTML. plotly.js is embedded once; nothing is fetched from the network when it is opened."""
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import plotly.graph_objects as go
 import plotly.offline
 
 from nas.io import HTML_MARK, write_text_atomic
-from nas.report.data import ReportData, load_study, pareto_mask, report_frames
 from nas.report.figures import (
     curves_figure,
     horizon_figure,
@@ -25,6 +24,7 @@ from nas.report.figures import (
     stability_figure,
     winner_figure,
 )
+from nas.report.frames import ReportData, load_study, pareto_mask, report_frames
 from nas.settings.paths import default_report
 
 log = logging.getLogger(__name__)

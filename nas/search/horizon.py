@@ -31,7 +31,7 @@ import optuna
 from optuna.trial import TrialState
 
 from nas.evaluate.loss import sequence_losses
-from nas.model.families import load_model
+from nas.model.load import load_model
 from nas.search import ranking
 from nas.search.record import StudyRecord, TrialRecord
 from nas.search.study import _nearest_step
@@ -39,7 +39,7 @@ from nas.train.loop import distill
 from nas.train.teacher_cache import teacher_source
 
 if TYPE_CHECKING:
-    from nas.search.trial import SearchContext
+    from nas.search.search_context import SearchContext
     from nas.settings import RunConfig
 
 log = logging.getLogger(__name__)

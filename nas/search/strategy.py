@@ -2,37 +2,35 @@
 that run them, and what the study records about them.
 
 A strategy is one class behind `Strategy` (as an Optuna sampler or pruner is one class behind its base),
-chosen by `search.sampler`. The built-ins:
+chosen by `search.strategy` (older studies: `search.sampler`). The built-ins:
 
 - `Funnel` ("auto", "funnel"): screen every candidate of every budget, distill each budget's best
   `screen_top` by screen, best first, with successive halving within each budget (`FunnelPruner`).
 - `Exhaustive` ("exhaustive"): every eligible candidate, best screen first (or largest first).
 - `TPE` ("tpe"): Optuna's TPE samples one budget's space; nothing is screened or queued.
 
-How to add a strategy (nothing outside the class and its `register` line changes):
+How to add a strategy (optuna's samplers are the model: an abstract base, explicit names, nothing
+registered by being imported):
 
 1. Subclass `Strategy`, or `ScreenFirst` when the strategy starts from the zero-shot screen of every
-   candidate (then only `order(screened)` is needed: the candidates to distill, in order).
+   candidate (then only `order(screened, teacher)` is needed: the candidates to distill, in order).
 2. Override what differs: `candidates(inputs)` (which candidates, in what order, and the screen the study
    records), `sampler()` and `pruner(sizes)` (the Optuna objects), `description()` (the study's
    "sampler" attribute, in words), `record()` (more it wants the study to keep, under "strategy"),
-   `target_trials(n)` (the finished trials the search wants), and
-   `queued` (True: every candidate is put in Optuna's trial queue once, in order, and each worker pulls
-   the next; False: the sampler proposes candidates and a trial drawing a taken one yields).
-3. Register it: `@register("my-name")` on the class. `search.sampler = "my-name"` then selects it
-   (the settings accept every registered name), and `tests/test_strategy.py`'s contract test (every
-   trial within its budget, no candidate evaluated twice, a winner recorded) runs over it.
-
-`nas.pipeline.search(cfg, strategy=...)` also takes an instance, e.g. a later stage of a cascade built
-with stage 1's winner (`Stage2(cfg, winner)`, whose `candidates` narrows `inputs.spaces` around it).
-Workers that join through the storage rebuild the strategy from `search.sampler`, so a strategy whose
-trials run on workers is registered. An adaptive horizon or a KD screen at rung 0 is a strategy's
-`pruner` (and its `candidates`).
+   `target_trials(n)` (the finished trials the search wants), `extends_horizon()` (whether each budget's
+   finalists distill on after the trials), and `queued` (True: every candidate is put in Optuna's trial
+   queue once, in order, and each worker pulls the next; False: the sampler proposes candidates and a
+   trial drawing a taken one yields).
+3. Use it: `nas.pipeline.search(cfg, strategy=MyStrategy(cfg))`, e.g. a later stage of a cascade built
+   with stage 1's winner (`Stage2(cfg, winner)`, whose `candidates` narrows `inputs.spaces` around it).
+   A strategy that `search.strategy` names in a study TOML, so that workers joining through the storage
+   rebuild it, is a built-in: one line in `STRATEGIES` below and one name in `nas.settings.base.STRATEGIES`
+   (`tests/search/test_strategy.py` checks the two agree and runs its contract over every class).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -42,14 +40,12 @@ from nas.errors import ConfigError, InfeasibleError
 from nas.model.arch import Arch
 from nas.prune.space import within_memory
 from nas.search.funnel import FunnelPruner, screen, shortlist
-from nas.search.horizon import AdaptiveHorizon
-from nas.settings import SAMPLERS, RunConfig
+from nas.settings import RunConfig
 
 if TYPE_CHECKING:
     from nas.prune.importance import Importance
     from nas.search.funnel import Screened as ScreenRow
 
-STRATEGIES: dict[str, type[Strategy]] = {}  # search.sampler -> its strategy class
 DEFAULT_TRIALS = 20  # finished trials a sampled search wants by default: twice TPE's 10 random startup trials
 
 
@@ -78,7 +74,7 @@ class Candidates:
     screen: list[dict] = field(default_factory=list)
 
 
-class Strategy:
+class Strategy(ABC):
     """One way to search. `cfg` is the study's RunConfig; the defaults suit a queued strategy (every
     candidate once, in the order `candidates` gives) pruned as `search.pruner` says."""
 
@@ -88,9 +84,9 @@ class Strategy:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
 
+    @abstractmethod
     def candidates(self, inputs: SearchInputs) -> Candidates:
         """Which candidates the study distills, in priority order."""
-        raise NotImplementedError
 
     def sampler(self) -> optuna.samplers.BaseSampler:
         """Queued trials carry their parameters, so the sampler is never asked (seeded all the same)."""
@@ -126,34 +122,10 @@ class Strategy:
         """Finished trials the search wants: `n_trials`, at most every candidate."""
         return min(self.cfg.search.n_trials or n_candidates, n_candidates)
 
-    def horizon(self) -> AdaptiveHorizon | None:
-        """What runs after the trials of each budget (`nas.search.horizon.AdaptiveHorizon`: the finalists
-        distill on until their order holds); None: the trials' horizon is the last word."""
-        return None
-
-
-def register(*names: str) -> Callable[[type[Strategy]], type[Strategy]]:
-    """Class decorator: `search.sampler` = any of `names` selects the class (the settings accept them)."""
-
-    def add(cls: type[Strategy]) -> type[Strategy]:
-        cls.name = cls.name or names[0]
-        for name in names:
-            STRATEGIES[name] = cls
-            if name not in SAMPLERS:
-                SAMPLERS.append(name)
-        return cls
-
-    return add
-
-
-def strategy_for(cfg: RunConfig) -> Strategy:
-    """The strategy `cfg.search.sampler` names."""
-    try:
-        return STRATEGIES[cfg.search.sampler](cfg)
-    except KeyError:
-        raise ConfigError(
-            f"search.sampler {cfg.search.sampler!r} names no strategy; known: {', '.join(STRATEGIES)}"
-        ) from None
+    def extends_horizon(self) -> bool:
+        """Whether each budget's finalists distill on after the trials until their order holds (the
+        adaptive horizon, `nas.search.horizon`); False: the trials' horizon is the last word."""
+        return False
 
 
 class ScreenFirst(Strategy):
@@ -174,27 +146,28 @@ class ScreenFirst(Strategy):
                     "relax [constraints] or raise the budget"
                 )
         by_key = {x.key: Arch.from_dict(x.arch) for x in screened}
-        self.teacher_arch = inputs.teacher_arch  # what `order` compares depth and width against
-        return Candidates([by_key[x.key] for x in self.order(screened)], [x.to_dict() for x in screened])
+        order = self.order(screened, inputs.teacher_arch)
+        return Candidates([by_key[x.key] for x in order], [x.to_dict() for x in screened])
 
-    def horizon(self) -> AdaptiveHorizon | None:
+    def extends_horizon(self) -> bool:
         """The adaptive horizon (`search.adaptive`): each budget's finalists distill on in rungs."""
-        return AdaptiveHorizon(self.cfg) if self.cfg.search.adaptive else None
+        return self.cfg.search.adaptive
 
-    def order(self, screened: list[ScreenRow]) -> list[ScreenRow]:
+    @abstractmethod
+    def order(self, screened: list[ScreenRow], teacher: Arch) -> list[ScreenRow]:
         """The screened candidates to distill, in order (`screened`: per budget, best screen first,
-        rejected ones last)."""
-        raise NotImplementedError
+        rejected ones last; `teacher`: what a candidate's depth and width are compared against)."""
 
 
-@register("funnel", "auto")
 class Funnel(ScreenFirst):
     """Each budget's best `screen_top` by screen plus the best `per_class` of each depth and width-vs-depth
     class (`nas.search.funnel.shortlist`), best first; successive halving within each budget."""
 
-    def order(self, screened: list[ScreenRow]) -> list[ScreenRow]:
-        s, teacher = self.cfg.search, getattr(self, "teacher_arch", None)
-        lists = shortlist(screened, s.screen_top, s.per_class, teacher.to_dict() if teacher else None)
+    name = "funnel"
+
+    def order(self, screened: list[ScreenRow], teacher: Arch) -> list[ScreenRow]:
+        s = self.cfg.search
+        lists = shortlist(screened, s.screen_top, s.per_class, teacher.to_dict())
         return [x for picked in lists.values() for x in picked]
 
     def description(self) -> str:
@@ -203,11 +176,12 @@ class Funnel(ScreenFirst):
         return f"funnel: the best {s.screen_top} of each budget's screen{per_class}, best first"
 
 
-@register("exhaustive")
 class Exhaustive(ScreenFirst):
     """Every eligible candidate: best screen first, or largest first (`search.order = "params"`)."""
 
-    def order(self, screened: list[ScreenRow]) -> list[ScreenRow]:
+    name = "exhaustive"
+
+    def order(self, screened: list[ScreenRow], teacher: Arch) -> list[ScreenRow]:
         eligible = [s for s in screened if not s.rejected]
         if self.cfg.search.order == "params":
             eligible.sort(key=lambda s: -s.params)  # stable: budgets stay apart only by size, which is fine
@@ -217,17 +191,17 @@ class Exhaustive(ScreenFirst):
         return "every candidate, best screen first"
 
 
-@register("tpe")
 class TPE(Strategy):
     """Optuna's TPE samples one budget's space (within the memory limit) under a budget constraint;
     nothing is screened. Repeats of a candidate yield to its first trial (`nas.search.trial`)."""
 
+    name = "tpe"
     queued = False
 
     def candidates(self, inputs: SearchInputs) -> Candidates:
         if len(inputs.spaces) > 1 or self.cfg.constraints.min_throughput:
             raise ConfigError(
-                "search.sampler = tpe searches one budget with no throughput floor; use the funnel (auto)"
+                "search.strategy = tpe searches one budget with no throughput floor; use the funnel (auto)"
             )
         space = next(iter(inputs.spaces.values()))
         kept, _ = within_memory(space, self.cfg.constraints, inputs.teacher_arch)
@@ -247,3 +221,18 @@ class TPE(Strategy):
 
     def target_trials(self, n_candidates: int) -> int:
         return self.cfg.search.n_trials or DEFAULT_TRIALS
+
+
+# `search.strategy` -> its class: fixed here, read where a study is built (`strategy_for`); the settings offer
+# exactly these names (`nas.settings.base.STRATEGIES`)
+STRATEGIES: dict[str, type[Strategy]] = {"auto": Funnel, "funnel": Funnel, "exhaustive": Exhaustive, "tpe": TPE}
+
+
+def strategy_for(cfg: RunConfig) -> Strategy:
+    """The built-in strategy `cfg.search.strategy` names."""
+    try:
+        return STRATEGIES[cfg.search.strategy](cfg)
+    except KeyError:
+        raise ConfigError(
+            f"search.strategy {cfg.search.strategy!r} names no strategy; known: {', '.join(STRATEGIES)}"
+        ) from None

@@ -28,12 +28,9 @@ import logging
 import shutil
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import optuna
-import torch
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
@@ -42,62 +39,18 @@ from nas.errors import InfeasibleError
 from nas.model.arch import Arch
 from nas.model.size import count_budget_params, count_params, kv_cache_bytes
 from nas.prune.cut import prune
-from nas.prune.importance import Importance
 from nas.prune.space import RATIO_KNOBS
 from nas.search.funnel import measure_throughput
-from nas.search.strategy import Strategy
+from nas.search.search_context import SearchContext
 from nas.search.study import TrialRecord, arch_key, done_trials, make_storage
-from nas.settings import DistillConfig, RunConfig
+from nas.settings import DistillConfig
 from nas.train import dist
 from nas.train.loop import NonFiniteLossError, distill
-from nas.train.teacher_cache import TeacherCache, teacher_source
-from nas.train.trackers import NO_TRACKERS, Trackers
+from nas.train.teacher_cache import teacher_source
 
 log = logging.getLogger(__name__)
 INFEASIBLE_VALUE = 1e3  # objective of sampled archs outside the budget (they also violate the constraint)
 MAX_TRIALS_PER_TARGET = 20  # a sampled search gives up after this many trials per wanted evaluation
-
-
-@dataclass
-class SearchContext:
-    """Everything a trial needs, loaded once per process (creator or worker)."""
-
-    cfg: RunConfig
-    strategy: Strategy  # which candidates, in what order, with which sampler and pruner
-    teacher: torch.nn.Module
-    tokenizer: Any
-    data: Any  # nas.data.tokens.TokenData
-    importance: Importance
-    candidates: list[Arch]  # in priority order (the funnel: each budget's shortlist, best screen first)
-    teacher_cache: TeacherCache | None = None  # the horizon's teacher outputs (teacher then off the GPU)
-    screen: dict[tuple[int, ...], dict] = field(default_factory=dict)  # key -> its screen (nas.search.funnel)
-    kd_teacher: torch.nn.Module | None = None  # `distill_teacher`: the students' KD teacher (None: `teacher`)
-    trackers: Trackers = NO_TRACKERS  # `report_to`: where each trial's metrics stream
-
-    @property
-    def distill_from(self) -> torch.nn.Module:
-        """The model the students are distilled from: `distill_teacher`, else the teacher they are cut from."""
-        return self.kd_teacher if self.kd_teacher is not None else self.teacher
-
-    @property
-    def teacher_arch(self) -> Arch:
-        return Arch.from_hf_config(self.teacher.config)
-
-    @property
-    def queued(self) -> bool:
-        """Each candidate of the list in order from Optuna's queue (else the strategy's sampler proposes)."""
-        return self.strategy.queued
-
-    exhaustive = queued  # the older name
-
-    def budget_sizes(self) -> dict[str | None, int]:
-        """Budget label -> how many of its candidates the search distills (None: a search without a
-        screen, e.g. TPE over one budget)."""
-        sizes: dict[str | None, int] = {}
-        for arch in self.candidates:
-            budget = self.screen.get(arch_key(arch), {}).get("budget")
-            sizes[budget] = sizes.get(budget, 0) + 1
-        return sizes
 
 
 def enqueue_candidates(study: optuna.Study, ctx: SearchContext) -> None:

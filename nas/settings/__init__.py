@@ -25,9 +25,9 @@ from nas.settings.base import (
     DTYPE_BYTES,
     OPTIMIZERS,
     PRUNERS,
-    SAMPLERS,
     SCHEDULES,
     SIZE_KNOBS,
+    STRATEGIES,
     VISION,
     Settings,
     annotation_choices,
@@ -35,8 +35,8 @@ from nas.settings.base import (
 )
 from nas.settings.data import DataConfig, Phase, Source, data_config_from_dict
 from nas.settings.paths import StudyPaths, default_report, default_storage
+from nas.settings.run_config import BUDGET, RunConfig, load_run_config, run_config_from_dict
 from nas.settings.search import ConstraintsConfig, ImportanceConfig, SearchConfig, SpaceConfig
-from nas.settings.study import BUDGET, RunConfig, load_run_config, run_config_from_dict
 from nas.settings.train import DistillConfig, EvalConfig, Launch, PlanConfig
 
 __all__ = [
@@ -46,9 +46,9 @@ __all__ = [
     "DTYPE_BYTES",
     "OPTIMIZERS",
     "PRUNERS",
-    "SAMPLERS",
     "SCHEDULES",
     "SIZE_KNOBS",
+    "STRATEGIES",
     "VISION",
     "ConstraintsConfig",
     "DataConfig",

@@ -15,8 +15,8 @@ SCHEDULES = ("cosine", "wsd", "constant")
 OPTIMIZERS = ("adamw", "adamw-8bit")  # torch AdamW | torchao AdamW8bit (https://arxiv.org/abs/2110.02861)
 DEPTH_STRATEGIES = ("drop-lowest", "contiguous")
 PRUNERS = ("successive-halving", "hyperband", "none")
-# the search strategies; `nas.search.strategy.register` adds a new one's name
-SAMPLERS = ["auto", "funnel", "exhaustive", "tpe"]
+# the built-in search strategies (`nas.search.strategy.STRATEGIES` maps each to its class)
+STRATEGIES = ("auto", "funnel", "exhaustive", "tpe")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1}
 SIZE_KNOBS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_query_groups", "num_experts",  # with steps
               # hybrid stacks (nas.model.blocks): layers per type, Gated DeltaNet key heads, Mamba2 heads

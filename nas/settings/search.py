@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, model_validator
 
 from nas.settings.base import (
     BUDGET_KINDS,
     DTYPE_BYTES,
     PRUNERS,
-    SAMPLERS,
     SIZE_KNOBS,
+    STRATEGIES,
     Settings,
     _described,
 )
@@ -130,11 +130,11 @@ class SearchConfig(Settings):
     )
     pruner: Literal[PRUNERS] = _described("successive-halving", "how losing trials are stopped early")  # type: ignore[valid-type]
     reduction_factor: int = _described(3, "keep the best 1/reduction_factor of the trials at each rung", ge=2)
-    sampler: str = _described(
+    strategy: Literal[STRATEGIES] = _described(  # type: ignore[valid-type]
         "auto",
-        "the search strategy (nas.search.strategy): auto/funnel: screen every candidate, short-KD each "
-        "budget's best screen_top; exhaustive: every candidate, best screen first; tpe: sample one "
-        "budget's space",
+        "which candidates are distilled, in what order (nas.search.strategy): auto/funnel: screen every "
+        "candidate, short-KD each budget's best screen_top; exhaustive: every candidate, best screen first; "
+        "tpe: sample one budget's space (older studies: search.sampler)",
     )
     screen_sequences: int = _described(
         8, "validation sequences of the screen (every candidate's loss right after pruning)", ge=1
@@ -174,12 +174,15 @@ class SearchConfig(Settings):
         ge=1,
     )
 
-    @field_validator("sampler")
+    @model_validator(mode="before")
     @classmethod
-    def _sampler(cls, value: str) -> str:
-        if value not in SAMPLERS:  # a list, not a Literal: a registered strategy adds its name
-            raise ValueError(f"must be one of {', '.join(map(repr, SAMPLERS))}, got {value!r}")
-        return value
+    def _older_sampler(cls, data: Any) -> Any:
+        """`sampler`, the setting's name before it was named for what it picks (older TOMLs and studies)."""
+        if isinstance(data, dict) and "sampler" in data:
+            if "strategy" in data:
+                raise ValueError("give search.strategy or (older studies) search.sampler, not both")
+            data = {k if k != "sampler" else "strategy": v for k, v in data.items()}
+        return data
 
 
 class ConstraintsConfig(Settings):

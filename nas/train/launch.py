@@ -14,7 +14,7 @@ from typing import Any
 from nas.data.tokens import prepare
 from nas.errors import NasError
 from nas.io import write_text_atomic
-from nas.model.families import load_teacher_and_student, load_tokenizer
+from nas.model.load import load_teacher_and_student, load_tokenizer
 from nas.settings import DistillConfig, data_config_from_dict
 from nas.train.dist import local_device, rank_zero_first, setup, teardown, world
 from nas.train.loop import Result, distill

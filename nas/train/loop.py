@@ -119,7 +119,7 @@ def distill(
     with others it raises ConfigError, or, with `fresh_on_change` (a search trial's directory, whose
     study checks the settings itself), starts afresh. Writes `metrics.jsonl`, `checkpoints/`, `model/`.
     Dtypes follow `cfg.precision` (`nas.device`): the student is cast to its master dtype here;
-    load the teacher with `nas.model.families.load_teacher_and_student` (or in the policy's teacher dtype).
+    load the teacher with `nas.model.load.load_teacher_and_student` (or in the policy's teacher dtype).
     """
     with use_precision(cfg.precision):
         return _distill(teacher, student, data, cfg, Path(out_dir), on_eval, fresh_on_change)

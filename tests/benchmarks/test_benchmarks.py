@@ -1,0 +1,72 @@
+"""Every benchmark runs at its `--smoke` size (`pytest -k smoke`), so a change that breaks one fails CI.
+The numbers a smoke run prints mean nothing; the benchmarks' goals are read from full-size runs.
+
+Each smoke runs as its script's `__main__` in a fresh process forked from a forkserver that has imported
+torch, transformers and nas once: isolated from pytest and from each other as a plain `python script.py`
+is, without paying the ~4 s of imports per script (measured: the smokes themselves take 0.2-2 s)."""
+
+import multiprocessing
+import os
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_") and p.stem != "common")
+SMOKED_ELSEWHERE = {"gpu_acceptance"}  # tests/benchmarks/test_gpu_acceptance.py runs its smoke and checks every row
+# what the benchmarks import; each import that fails here is only left to the script
+PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama", "optuna", "nas.testing",
+           "nas.pipeline", "nas.cascade.runner", "nas.demo.run", "nas.plan", "nas.report"]  # fmt: skip
+ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def run_script(script: str, argv: list[str], cwd: Path, stdout: Path, stderr: Path) -> None:
+    """In the forked child: `python -m benchmarks.<script> argv` in `cwd`, its output (and its children's)
+    in the files."""
+    for fd, path in ((1, stdout), (2, stderr)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    os.chdir(cwd)
+    root = str(BENCHMARKS.parent)  # the scripts' own subprocesses import nas from here
+    os.environ.update(ENV, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    import torch
+
+    torch.set_num_threads(1)
+    sys.path.insert(0, root)  # as `python -m` from the repository root has it
+    sys.argv = [f"benchmarks/{script}.py", *argv]
+    runpy.run_module(f"benchmarks.{script}", run_name="__main__", alter_sys=True)  # an exception or
+    # sys.exit(n) sets the exit code
+
+
+@pytest.fixture(scope="module")
+def forkserver():
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    return context
+
+
+def test_every_benchmark_has_a_smoke_size():
+    assert SCRIPTS and all("--smoke" in (BENCHMARKS / f"{s}.py").read_text() for s in SCRIPTS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(set(SCRIPTS) - SMOKED_ELSEWHERE))
+def test_benchmark_smoke(script, tmp_path, forkserver):
+    argv = ["--smoke"] + (["--out", str(tmp_path / "lean")] if script == "lean_optimizers" else [])
+    stdout, stderr = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    child = forkserver.Process(
+        target=run_script, args=(script, argv, tmp_path, stdout, stderr)
+    )
+    child.start()
+    child.join(timeout=540)
+    if child.exitcode is None:
+        child.kill()
+        child.join()
+    assert child.exitcode == 0, stderr.read_text()[-3000:]
+    assert stdout.read_text().strip()  # it printed its measurements
