@@ -99,11 +99,13 @@ def cmd_importance(args) -> int:
             args.teacher, teacher_arch, data.fingerprint, imp.num_samples, imp.val_sequences
         )
         replace = args.restart or (out.exists() and not written_by_nas(out))  # past guard: --overwrite
+
         def load():
             return load_model(args.teacher, device=resolve_device(device_of(args)), kernels=kernels_of(args))
 
         importance, computed = ensure_importance(
-            out, load, data, identity, imp.batch_size, "write to another --out file, or pass --restart to recompute it", replace,
+            out, load, data, identity, imp.batch_size,
+            "write to another --out file, or pass --restart to recompute it", replace,
         )  # fmt: skip
         if not computed:  # a finished result, made with these settings
             print(f"{out} is already computed with these settings (base val loss {importance.base_loss:.4f})")

@@ -77,7 +77,7 @@ def test_planned_tokens_are_the_tokens_a_tiny_study_spends(tmp_path, monkeypatch
 def test_nas_plan_prints_the_time_table_of_qwen3_8b_at_half(capsys, monkeypatch):
     from pathlib import Path
 
-    monkeypatch.chdir(Path(__file__).parents[1])  # the study names its teacher from the repository root
+    monkeypatch.chdir(Path(__file__).parents[2])  # the study names its teacher from the repository root
     study = "benchmarks/configs/Qwen3-8B/study-50pct.toml"
     assert main(["plan", study, "--gpu", "H200", "--gpus", "8", "--no-memory"]) == 0
     rows = {line.split("  ")[0].strip(): line for line in capsys.readouterr().out.splitlines()}
