@@ -226,11 +226,11 @@ def add_report(sub) -> None:
 
 
 def cmd_report(args) -> int:
-    from nas.report.family import stored_family, write_family_report
-    from nas.report.html import write_report
-
     storage = args.storage or default_storage(args.study)
     out = guard.output(args.out or default_report(args.study), [], is_dir=False, overwrite=args.overwrite)
+    from nas.report.family import stored_family, write_family_report  # heavy (plotly): after the checks
+    from nas.report.html import write_report
+
     with guard.owning(out, is_dir=False):
         family = stored_family(storage, args.study)  # a cascade's family: its family view
         out = write_family_report(family, out) if family else write_report(storage, args.study, out)

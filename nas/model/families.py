@@ -24,6 +24,7 @@ from torch.nn import functional as F
 
 from nas.device import precision_for
 from nas.errors import ModelError, first_line
+from nas.io import check_kind
 from nas.model.validate import check_config_fields, check_finite, check_tokenizer_fits, check_weight_dtypes
 
 log = logging.getLogger(__name__)
@@ -333,12 +334,22 @@ def load_config(name_or_path: str | Path) -> Any:
     multimodal checkpoint (`nas.model.multimodal`), its text model's config. Parsed once per process while
     its config.json is unchanged (a command asks for it several times)."""
     name = str(name_or_path)
+    check_model_files(Path(name).expanduser())
     looks_local = name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
     if looks_local and not Path(name).expanduser().is_dir():
         raise ModelError(f"model directory {name} does not exist; pass a local model directory or a hub id")
     file = Path(name).expanduser() / "config.json"
     stamp = (file.stat().st_mtime_ns, file.stat().st_size) if file.is_file() else None
     return copy.deepcopy(_parsed_config(name, stamp))  # a copy: callers may change theirs
+
+
+def check_model_files(local: Path) -> None:
+    """ModelError when a local model path, or a file in its directory, is a special file (a device, FIFO
+    or socket): transformers would read it without end or wait on it."""
+    check_kind(local, "model", ModelError)
+    if local.is_dir():
+        for entry in local.iterdir():
+            check_kind(entry, "model file", ModelError)
 
 
 @functools.lru_cache(maxsize=16)
