@@ -14,6 +14,8 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -388,17 +390,19 @@ def load_model(
     local = Path(name_or_path).expanduser()
     if local.is_dir():
         check_readable(local)
-    if wrapper_type(name_or_path):  # a multimodal checkpoint: its text model
-        model, info = load_text_model(str(name_or_path), dtype)
-    else:
-        try:
-            model, info = AutoModelForCausalLM.from_pretrained(
-                str(name_or_path), config=config, dtype=dtype, output_loading_info=True
-            )
-        except Exception as e:  # safetensors, torch and transformers each raise their own types
-            raise ModelError(
-                f"cannot load model weights from {str(name_or_path)!r} (corrupt or incomplete?): {first_line(e)}"
-            ) from e
+    with load_report_to_debug():
+        if wrapper_type(name_or_path):  # a multimodal checkpoint: its text model
+            model, info = load_text_model(str(name_or_path), dtype)
+        else:
+            try:  # a tensor of another shape than the config's is reported in `info`, refused below
+                model, info = AutoModelForCausalLM.from_pretrained(
+                    str(name_or_path), config=config, dtype=dtype, output_loading_info=True,
+                    ignore_mismatched_sizes=True,
+                )  # fmt: skip
+            except Exception as e:  # safetensors, torch and transformers each raise their own types
+                raise ModelError(
+                    f"cannot load model weights from {str(name_or_path)!r} (corrupt or incomplete?): {first_line(e)}"
+                ) from e
     where = _weights_name(local) if local.is_dir() else str(name_or_path)
     check_complete(info, where)
     check_finite(model, where)
@@ -416,9 +420,30 @@ def check_complete(info: dict[str, Any], where: str) -> None:
         what += f"has {len(extra)} tensor(s) the model does not have (e.g. {extra[0]})" if extra else ""
         raise ModelError(f"weights {where} {what}: incomplete or not this model's weights")
     if mismatched:
+        name, in_file, in_config = sorted(mismatched)[0]
         raise ModelError(
-            f"weights {where}: tensor {mismatched[0][0]} has a shape the config does not give it"
+            f"weights {where}: tensor {name} has shape {list(in_file)} in the file but {list(in_config)} in "
+            f"the config ({len(mismatched)} tensor(s) differ): the weights are not this config's"
         )
+
+
+@contextmanager
+def load_report_to_debug() -> Iterator[None]:
+    """transformers logs a load report (a table of missing, unexpected and mismatched tensors) as a
+    warning on stderr; `check_complete` says what matters in one line, so the table goes to the debug log."""
+    source = logging.getLogger("transformers.modeling_utils")
+
+    def to_debug(record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" not in str(record.msg):
+            return True
+        log.debug("%s", record.getMessage())
+        return False
+
+    source.addFilter(to_debug)
+    try:
+        yield
+    finally:
+        source.removeFilter(to_debug)
 
 
 def _weights_name(directory: Path) -> str:
