@@ -775,3 +775,17 @@ def test_a_log_changed_before_its_last_line_is_refused_on_resume(workspace, caps
     message = one_line_error(capsys, argv)
     assert f"metrics.jsonl:{line} is not a JSON object" in message and "repair or delete that line" in message
     assert tree_digest(w.root) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["/dev/zero", "fifo"])
+def test_a_special_output_ends_the_real_command_at_once(workspace, kind):
+    """The installed entry point (transformers' own log handlers and all) given a never-ending output:
+    one line and exit code 2, long before the 60 s a command that read it would still be running at."""
+    out = workspace.fifo() if kind == "fifo" else kind
+    argv = ["importance", workspace.teacher, *workspace.data(), "--out", out]
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "nas.cli", *argv], capture_output=True, text=True, timeout=60)
+    lines = [line for line in done.stderr.splitlines() if line.startswith("nas:")]
+    assert done.returncode == 2 and len(lines) == 1 and "not a regular file" in lines[0], done.stderr[-2000:]
+    assert time.monotonic() - start < 60
