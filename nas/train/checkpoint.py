@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from nas.errors import ModelError
-from nas.io import read_json, replace_dir, temp_dir, write_text_atomic
+from nas.io import check_kind, read_json, replace_dir, temp_dir, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,8 @@ def load_checkpoint(path: Path, student: nn.Module, optimizer, sharded: bool = F
     `sharded`: the student is FSDP-sharded (every rank reads the files and keeps its own shard)."""
     device = next(student.parameters()).device
     check_not_legacy(path)
+    for file in path.iterdir():  # a device or FIFO put in a file's place would be read without end
+        check_kind(file, "checkpoint file", ModelError)
     try:
         state = read_json(path / "state.json")
         optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
