@@ -9,13 +9,14 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from nas.errors import ConfigError, OutputError
+from nas.errors import ConfigError, NasError, OutputError
 from nas.lock import LOCK_NAME
 
 log = logging.getLogger(__name__)
@@ -99,12 +100,69 @@ def write_atomic(path: Path, payload: bytes) -> None:
         tmp.write_bytes(payload)
 
 
+# ---- the kind of a path, and reads bounded by what nas writes ------------------------------------------
+
+SPECIAL_KINDS = (
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+    (stat.S_ISFIFO, "FIFO (named pipe)"),
+    (stat.S_ISSOCK, "socket"),
+)
+# the JSON files nas writes are kB (measured on a 4-step run: run.json 1.1 kB, rng.json 15 kB, a checkpoint's
+# state.json 0.8 kB + ~90 B an evaluation of its curve): 64 MiB holds ~700k evaluations and reads in a blink
+JSON_LIMIT = 64 << 20
+# a metrics.jsonl line is 130-150 bytes (measured, same run): 1 GiB holds 7 million logged steps
+LOG_LIMIT = 1 << 30
+
+
+def special_kind(path: str | os.PathLike) -> str | None:
+    """What `path` is when it is a special file (character or block device, FIFO, socket; links
+    followed): reading one never ends (/dev/zero), blocks (a FIFO), or fails; None for a regular file, a
+    directory or nothing at all."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    return next((kind for test, kind in SPECIAL_KINDS if test(mode)), None)
+
+
+def check_kind(path: str | os.PathLike, what: str, error: type[NasError] = ConfigError) -> None:
+    """`error` naming `what` (e.g. "output", "--importance") when `path` is a special file: the check
+    before any read or write of a path nas is given."""
+    kind = special_kind(path)
+    if kind:
+        raise error(f"{what} {path} is a {kind}, not a regular file or directory; give the path of one")
+
+
+def read_bounded(path: str | os.PathLike, limit: int = JSON_LIMIT, error: type[NasError] = OutputError) -> bytes:
+    """The bytes of a file nas wrote, read only when it is a regular file of at most `limit` bytes (else
+    `error` naming it): a special file or a huge file put in its place is never read. Opened without
+    blocking (a FIFO would wait for a writer) and checked on the open descriptor (no race with a rename)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        kind = next((kind for test, kind in SPECIAL_KINDS if test(info.st_mode)), None)
+        if kind or stat.S_ISDIR(info.st_mode):
+            raise error(f"{path} is a {kind or 'directory'}, not a file nas wrote; delete it or choose another output")
+        if info.st_size > limit:
+            raise error(
+                f"{path} is {info.st_size:,} bytes, more than nas writes there ({limit:,}): not nas's file; "
+                "delete it or choose another output"
+            )
+        return f.read(limit + 1)[:limit]
+
+
+def read_json(path: str | os.PathLike, limit: int = JSON_LIMIT, error: type[NasError] = OutputError) -> Any:
+    """The JSON value of a file nas wrote (`read_bounded`); ValueError when it is not JSON."""
+    return json.loads(read_bounded(path, limit, error))
+
+
 def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of an append-only JSON-lines log (one object a line). A torn last line, which a writer
     killed mid-line leaves, is dropped with a warning (the resume redoes that step); an unreadable line
     before the last is an `OutputError` naming it (the file was changed by something else)."""
     path = Path(path)
-    lines = path.read_bytes().split(b"\n")
+    lines = read_bounded(path, LOG_LIMIT).split(b"\n")
     records = []
     for number, raw in enumerate(lines, 1):
         if not raw.strip():
@@ -175,8 +233,10 @@ def disk_errors(path: str | os.PathLike) -> Iterator[None]:
 
 def check_output(path: str | os.PathLike, *, is_dir: bool = True) -> Path:
     """`OutputError` unless `path` can be written: a directory output must not be an existing file, a file
-    output not an existing directory, and the path (or its nearest existing parent) must be writable."""
+    output not an existing directory, no path a special file (a device, FIFO or socket), and the path (or
+    its nearest existing parent) must be writable."""
     path = Path(path).expanduser()
+    check_kind(path, "output", OutputError)  # before anything reads it (/dev/zero, a FIFO never end)
     if is_dir and path.exists() and not path.is_dir():
         raise OutputError(f"output {path} is an existing file; give a directory (a new or an existing one)")
     if not is_dir and path.is_dir():
@@ -235,18 +295,16 @@ def written_by_nas(path: Path) -> bool:
     """Whether the file at `path` is one nas wrote, by its content: a safetensors file with nas's
     metadata (an importance file), a JSON object with nas's `generator` key (or the keys of an eval
     record written before the key existed), an HTML document with nas's generator tag."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(1 << 16)
-    except OSError:
+    if special_kind(path) or not path.is_file():  # a device or FIFO is read by nothing here
         return False
     if path.suffix == ".safetensors":
         return _safetensors_metadata(path).keys() >= {"identity", "teacher_arch"}
-    if path.suffix == ".html":
-        return HTML_MARK.encode() in head
     try:
-        record = json.loads(path.read_bytes())
-    except (ValueError, OSError):
+        if path.suffix == ".html":
+            with open(path, "rb") as f:
+                return HTML_MARK.encode() in f.read(1 << 16)
+        record = json.loads(read_bounded(path))  # larger than the JSON nas writes: not ours
+    except (ValueError, OSError, NasError):
         return False
     if not isinstance(record, dict):
         return False
@@ -281,7 +339,7 @@ def check_identity(record: str | os.PathLike, settings: dict[str, Any], what: st
     if not record.is_file():
         return
     try:
-        recorded = json.loads(record.read_text())["settings"]
+        recorded = read_json(record, error=ConfigError)["settings"]
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{record} is corrupt ({type(e).__name__}); {ways_out}") from e
     require_same(recorded, settings, what, ways_out)

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 import safetensors.torch
@@ -86,7 +87,37 @@ class Workspace:
             tok.write_bytes(tok.read_bytes()[:1000])
         elif fault == "config":
             (out / "config.json").write_bytes(os.urandom(200))
+        elif fault == "shape":  # one tensor two rows longer than the config gives it
+            tensors = safetensors.torch.load_file(str(weights))
+            name = "model.layers.1.mlp.up_proj.weight"
+            tensors[name] = torch.zeros(tensors[name].shape[0] + 2, tensors[name].shape[1])
+            safetensors.torch.save_file(tensors, str(weights), metadata={"format": "pt"})
+        elif fault == "fifo-config":  # config.json a named pipe: read, it would wait for a writer forever
+            (out / "config.json").unlink()
+            os.mkfifo(out / "config.json")
         return str(out)
+
+    def fifo(self, name: str = "fifo") -> str:
+        """A named pipe (FIFO) with no writer: opening it to read waits forever, reading it never ends."""
+        path = self.root / name
+        os.mkfifo(path)
+        return str(path)
+
+    def previous_format_run(self) -> list[str]:
+        """The argv of a finished 2-step distillation whose checkpoint is rewritten as nas wrote it before
+        issue 33 (RNG states pickled in rng.pt): re-running it resumes from that checkpoint."""
+        argv = [D, self.teacher, self.teacher, str(self.root / "old-run"), *self.data(), "--steps", "2"]
+        argv += ["--batch-size", "2", "--eval-sequences", "2", "--checkpoint-every", "2"]
+        assert main(argv) == 0
+        (checkpoint,) = (self.root / "old-run" / "checkpoints").iterdir()
+        rng = safetensors.torch.load_file(str(checkpoint / "rng.safetensors"))
+        (name, keys, pos, has_gauss, cached), python = json.loads((checkpoint / "rng.json").read_text()).values()
+        numpy_state = (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached)
+        state = {"torch": rng["torch"], "numpy": numpy_state, "python": (python[0], tuple(python[1]), python[2])}
+        torch.save(state, checkpoint / "rng.pt")
+        (checkpoint / "rng.safetensors").unlink()
+        (checkpoint / "rng.json").unlink()
+        return argv
 
     def binary(self, suffix: str = ".txt") -> str:
         path = self.root / f"binary{suffix}"
@@ -267,6 +298,12 @@ def study_file(w, **kw) -> str:
 
 
 D = "distill"
+# special files as outputs: (name, path builder, what the one line says)
+SPECIAL = [
+    ("dev-full", lambda w: "/dev/full", "output /dev/full is a character device"),
+    ("dev-zero", lambda w: "/dev/zero", "output /dev/zero is a character device"),
+    ("fifo", lambda w: w.fifo(), "is a FIFO (named pipe)"),
+]
 # (case id, sub-command, argv builder, what the one line must say)
 CASES = [
     # -- importance
@@ -440,6 +477,23 @@ CASES = [
     # -- noticed in passing
     ("worker-max-trials-negative", "worker", lambda w: ["worker", "--storage", f"sqlite:///{w.base / 'study.db'}", "--study", "s", "--max-trials", "-2"], "--max-trials must be at least 1"),
     ("worker-max-trials-zero", "worker", lambda w: ["worker", "--storage", f"sqlite:///{w.base / 'study.db'}", "--study", "s", "--max-trials", "0"], "--max-trials must be at least 1"),
+    # -- issue 33: special files (a device, a FIFO) as outputs and inputs, one line before any read
+    *[(f"importance-out-{k}", "importance", lambda w, o=o: ["importance", w.teacher, *w.data(), "--out", o(w)], m) for k, o, m in SPECIAL],
+    *[(f"prune-out-{k}", "prune", lambda w, o=o: ["prune", w.teacher, o(w), "--importance", str(w.base / "imp.safetensors")], m) for k, o, m in SPECIAL],
+    *[(f"distill-out-{k}", D, lambda w, o=o: [D, w.teacher, w.teacher, o(w), *w.data(), "--steps", "2"], m) for k, o, m in SPECIAL],
+    *[(f"eval-out-{k}", "eval", lambda w, o=o: ["eval", w.teacher, *w.data(), "--out", o(w)], m) for k, o, m in SPECIAL],
+    *[(f"report-out-{k}", "report", lambda w, o=o: ["report", "--storage", f"sqlite:///{w.base / 'study.db'}", "--study", "s", "--out", o(w)], m) for k, o, m in SPECIAL],
+    ("prune-importance-fifo", "prune", lambda w: ["prune", w.teacher, str(w.root / "p"), "--importance", w.fifo("i.safetensors")], "importance file " ),
+    ("importance-data-fifo", "importance", lambda w: ["importance", w.teacher, *w.data(w.fifo("c.jsonl")), "--out", str(w.root / "i.st")], "is a FIFO (named pipe)"),
+    ("eval-config-fifo", "eval", lambda w: ["eval", w.model("fifo-config"), *w.data(), "--out", str(w.root / "e.json")], "config.json is a FIFO (named pipe)"),
+    ("search-study-fifo", "search", lambda w: ["search", w.fifo("s.toml")], "study file"),
+    ("report-storage-fifo", "report", lambda w: ["report", "--storage", f"sqlite:///{w.fifo('storage-pipe')}", "--study", "s", "--out", str(w.root / "r.html")], "study storage"),
+    ("report-storage-dev-zero", "report", lambda w: ["report", "--storage", "sqlite:////dev/zero", "--study", "s", "--out", str(w.root / "r.html")], "/dev/zero is a character device"),
+    # -- issue 33: weights that do not fit the config; a checkpoint with pickled RNG states
+    ("importance-wrong-shape", "importance", lambda w: ["importance", w.model("shape"), *w.data(), "--out", str(w.root / "i.st")], "tensor model.layers.1.mlp.up_proj.weight has shape [98, 64] in the file but [96, 64] in the config"),
+    ("eval-wrong-shape", "eval", lambda w: ["eval", w.model("shape"), *w.data(), "--out", str(w.root / "e.json")], "has shape [98, 64] in the file but [96, 64]"),
+    ("distill-wrong-shape-student", D, lambda w: [D, w.teacher, w.model("shape"), str(w.root / "o"), *w.data(), "--steps", "2"], "tensor model.layers.1.mlp.up_proj.weight has shape [98, 64]"),
+    ("distill-previous-format-checkpoint", D, lambda w: w.previous_format_run(), "a pickle nas no longer reads; convert it once with `python -m nas.train.checkpoint"),
 ]  # fmt: skip
 
 
@@ -721,3 +775,17 @@ def test_a_log_changed_before_its_last_line_is_refused_on_resume(workspace, caps
     message = one_line_error(capsys, argv)
     assert f"metrics.jsonl:{line} is not a JSON object" in message and "repair or delete that line" in message
     assert tree_digest(w.root) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["/dev/zero", "fifo"])
+def test_a_special_output_ends_the_real_command_at_once(workspace, kind):
+    """The installed entry point (transformers' own log handlers and all) given a never-ending output:
+    one line and exit code 2, long before the 60 s a command that read it would still be running at."""
+    out = workspace.fifo() if kind == "fifo" else kind
+    argv = ["importance", workspace.teacher, *workspace.data(), "--out", out]
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "nas.cli", *argv], capture_output=True, text=True, timeout=60)
+    lines = [line for line in done.stderr.splitlines() if line.startswith("nas:")]
+    assert done.returncode == 2 and len(lines) == 1 and "not a regular file" in lines[0], done.stderr[-2000:]
+    assert time.monotonic() - start < 60

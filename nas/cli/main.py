@@ -238,11 +238,11 @@ def add_report(sub) -> None:
 
 
 def cmd_report(args) -> int:
-    from nas.cascade.report import stored_cascade, write_cascade_report
-    from nas.report.html import write_report
-
     storage = args.storage or default_storage(args.study)
     out = guard.output(args.out or default_report(args.study), [], is_dir=False, overwrite=args.overwrite)
+    from nas.cascade.report import stored_cascade, write_cascade_report  # heavy (plotly): after the checks
+    from nas.report.html import write_report
+
     with guard.owning(out, is_dir=False):
         cascade = stored_cascade(storage, args.study)  # a cascade: its one-page view
         out = write_cascade_report(cascade, out) if cascade else write_report(storage, args.study, out)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from nas.errors import DataError
+from nas.io import check_kind
 from nas.settings import Source
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ def is_local(source: Source) -> bool:
 def local_files(source: Source) -> list[Path]:
     """The readable files of a local source (a file, or a directory's files sorted, recursively)."""
     path = Path(source.path).expanduser()
+    check_kind(path, "data", DataError)  # a FIFO or /dev/zero would be read without end
     if not path.exists():
         raise DataError(f"data file or directory {source.path} does not exist; check the path")
     if path.is_file():

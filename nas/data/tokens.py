@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from nas.data.chat import chat_renderer, chat_template, template_label, token_mask
 from nas.data.corpus import document_hash, load_documents, source_fingerprint
 from nas.errors import ConfigError, DataError
-from nas.io import publish, write_atomic
+from nas.io import publish, read_json, write_atomic
 from nas.settings import DataConfig, Phase, Source
 
 __all__ = ["DataConfig", "Phase", "Source", "TokenData", "load_documents", "prepare"]
@@ -169,7 +169,7 @@ def prepare(cfg: DataConfig, tokenizer: Any) -> TokenData:
         if source.messages_field is not None:
             templates[source.path] = template_label(source, chat_template(tokenizer, source))
         directory, hit = cached_source(source, cfg, tokenizer, tok_hash)
-        metas.append(json.loads((directory / "meta.json").read_text()) | {"directory": directory, "hit": hit})
+        metas.append(read_json(directory / "meta.json", error=DataError) | {"directory": directory, "hit": hit})
     check_sizes(cfg, metas)
     for meta in metas:
         for split in SPLITS:
@@ -218,7 +218,7 @@ def check_cached(directory: Path, key: str, seq_len: int) -> None:
     its files are not whole (truncated, missing, corrupt)."""
     fix = f"delete {directory} and run again (it is rebuilt from the data)"
     try:
-        meta = json.loads((directory / "meta.json").read_text())
+        meta = read_json(directory / "meta.json", error=DataError)
         itemsize = np.dtype(meta["dtype"]).itemsize
         for split in SPLITS:
             want = meta["splits"][split]["sequences"] * seq_len * itemsize

@@ -34,7 +34,7 @@ from nas.data.tokens import prepare
 from nas.device import resolve_device
 from nas.errors import ConfigError, DataError, first_line
 from nas.evaluate.loss import lm_loss
-from nas.io import GENERATOR, write_text_atomic, written_by_nas
+from nas.io import GENERATOR, read_json, write_text_atomic, written_by_nas
 from nas.model.load import load_model, load_tokenizer
 from nas.settings import Phase
 
@@ -244,7 +244,7 @@ def save_results(record: dict[str, Any], path: str | os.PathLike) -> Path:
     old entries of the same name, others are kept; a file of someone else's, replaced with --overwrite,
     is not merged) and write it atomically, marked as nas's."""
     path = Path(path)
-    merged = json.loads(path.read_text()) if path.exists() and written_by_nas(path) else {}
+    merged = read_json(path) if path.exists() and written_by_nas(path) else {}
     for key in ("perplexity", "tasks"):
         merged[key] = merged.get(key, {}) | record.get(key, {})
     identity = {k: v for k, v in record.items() if k not in ("perplexity", "tasks")}

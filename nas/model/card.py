@@ -10,13 +10,14 @@ teacher id or path is quoted correctly.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from nas.errors import ModelError
+from nas.io import read_json
 from nas.model.arch import Arch
 from nas.model.size import count_params
 
@@ -166,7 +167,7 @@ def lineage_of(teacher: str) -> list[str]:
         record = Path(chain[0]) / "nas_pruning.json"
         if not record.is_file():
             break
-        parent = json.loads(record.read_text()).get("teacher")
+        parent = read_json(record, error=ModelError).get("teacher")
         if not parent or parent in chain:
             break
         chain.insert(0, str(parent))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from torch import nn
 
 from nas.device import precision_for
 from nas.errors import ModelError, first_line
+from nas.io import check_kind
 from nas.model.families import FAMILIES, family_of
 from nas.model.validate import check_config_fields, check_finite, check_tokenizer_fits, check_weight_dtypes
 
@@ -25,12 +28,22 @@ def load_config(name_or_path: str | Path) -> Any:
     multimodal checkpoint (`nas.model.multimodal`), its text model's config. Parsed once per process while
     its config.json is unchanged (a command asks for it several times)."""
     name = str(name_or_path)
+    check_model_files(Path(name).expanduser())
     looks_local = name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
     if looks_local and not Path(name).expanduser().is_dir():
         raise ModelError(f"model directory {name} does not exist; pass a local model directory or a hub id")
     file = Path(name).expanduser() / "config.json"
     stamp = (file.stat().st_mtime_ns, file.stat().st_size) if file.is_file() else None
     return copy.deepcopy(_parsed_config(name, stamp))  # a copy: callers may change theirs
+
+
+def check_model_files(local: Path) -> None:
+    """ModelError when a local model path, or a file in its directory, is a special file (a device, FIFO
+    or socket): transformers would read it without end or wait on it."""
+    check_kind(local, "model", ModelError)
+    if local.is_dir():
+        for entry in local.iterdir():
+            check_kind(entry, "model file", ModelError)
 
 
 @functools.lru_cache(maxsize=16)
@@ -74,17 +87,19 @@ def load_model(
     local = Path(name_or_path).expanduser()
     if local.is_dir():
         check_readable(local)
-    if wrapper_type(name_or_path):  # a multimodal checkpoint: its text model
-        model, info = load_text_model(str(name_or_path), dtype)
-    else:
-        try:
-            model, info = AutoModelForCausalLM.from_pretrained(
-                str(name_or_path), config=config, dtype=dtype, output_loading_info=True, use_kernels=False
-            )
-        except Exception as e:  # safetensors, torch and transformers each raise their own types
-            raise ModelError(
-                f"cannot load model weights from {str(name_or_path)!r} (corrupt or incomplete?): {first_line(e)}"
-            ) from e
+    with load_report_to_debug():
+        if wrapper_type(name_or_path):  # a multimodal checkpoint: its text model
+            model, info = load_text_model(str(name_or_path), dtype)
+        else:
+            try:  # a tensor of another shape than the config's is reported in `info`, refused below
+                model, info = AutoModelForCausalLM.from_pretrained(
+                    str(name_or_path), config=config, dtype=dtype, output_loading_info=True,
+                    ignore_mismatched_sizes=True, use_kernels=False,
+                )  # fmt: skip
+            except Exception as e:  # safetensors, torch and transformers each raise their own types
+                raise ModelError(
+                    f"cannot load model weights from {str(name_or_path)!r} (corrupt or incomplete?): {first_line(e)}"
+                ) from e
     where = _weights_name(local) if local.is_dir() else str(name_or_path)
     check_complete(info, where)
     check_finite(model, where)
@@ -119,9 +134,30 @@ def check_complete(info: dict[str, Any], where: str) -> None:
         what += f"has {len(extra)} tensor(s) the model does not have (e.g. {extra[0]})" if extra else ""
         raise ModelError(f"weights {where} {what}: incomplete or not this model's weights")
     if mismatched:
+        name, in_file, in_config = sorted(mismatched)[0]
         raise ModelError(
-            f"weights {where}: tensor {mismatched[0][0]} has a shape the config does not give it"
+            f"weights {where}: tensor {name} has shape {list(in_file)} in the file but {list(in_config)} in "
+            f"the config ({len(mismatched)} tensor(s) differ): the weights are not this config's"
         )
+
+
+@contextmanager
+def load_report_to_debug() -> Iterator[None]:
+    """transformers logs a load report (a table of missing, unexpected and mismatched tensors) as a
+    warning on stderr; `check_complete` says what matters in one line, so the table goes to the debug log."""
+    source = logging.getLogger("transformers.modeling_utils")
+
+    def to_debug(record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" not in str(record.msg):
+            return True
+        log.debug("%s", record.getMessage())
+        return False
+
+    source.addFilter(to_debug)
+    try:
+        yield
+    finally:
+        source.removeFilter(to_debug)
 
 
 def _weights_name(directory: Path) -> str:

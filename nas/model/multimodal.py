@@ -78,8 +78,8 @@ def _load_wrapper(name: str, dtype: torch.dtype) -> tuple[nn.Module, dict[str, A
 
     try:
         model, info = AutoModelForImageTextToText.from_pretrained(
-            name, dtype=dtype, output_loading_info=True, use_kernels=False  # kernels: nas.model.load.load_model
-        )
+            name, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True, use_kernels=False
+        )  # another shape than the config's: in `info`, refused by the caller; kernels: nas.model.load.load_model
     except Exception as e:  # safetensors, torch and transformers each raise their own types
         raise ModelError(f"cannot load the multimodal checkpoint {name!r}: {first_line(e)}") from e
     if not isinstance(getattr(getattr(model, "model", None), "language_model", None), nn.Module):

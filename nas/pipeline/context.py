@@ -5,7 +5,6 @@ what the study records about itself."""
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import logging
 from typing import Any
 
@@ -16,6 +15,7 @@ from nas.data.tokens import check_seq_len, prepare
 from nas.device import precision_for, resolve_device
 from nas.errors import ConfigError
 from nas.evaluate.loss import lm_loss
+from nas.io import read_json
 from nas.model.arch import Arch
 from nas.model.load import load_config, load_model, load_tokenizer
 from nas.model.size import count_params
@@ -152,7 +152,7 @@ def record_study_attrs(study: optuna.Study, ctx: SearchContext) -> None:
         sampler=ctx.strategy.description(),
         strategy=ctx.strategy.record(),
         pruner=cfg.search.pruner,
-        plan=json.loads(cfg.paths.plan.read_text()) if cfg.paths.plan.is_file() else None,
+        plan=read_json(cfg.paths.plan) if cfg.paths.plan.is_file() else None,
     ).write(study)
 
 

@@ -26,7 +26,7 @@ import torch
 
 from nas.device import precision_for
 from nas.errors import ConfigError
-from nas.io import write_text_atomic
+from nas.io import read_json, write_text_atomic
 from nas.model.arch import Arch
 from nas.model.load import load_config
 from nas.model.size import count_params
@@ -261,7 +261,7 @@ def _recorded(cfg: RunConfig, gpu_memory: int, gpus_per_trial: int) -> list[Stag
     path = cfg.root / "plan.json"
     if not path.is_file():
         return None
-    record = json.loads(path.read_text())
+    record = read_json(path)
     plans = [StagePlan(**row) for row in record.get("stages", [])]
     wanted = stage_settings(cfg, gpus_per_trial)
     configured = {p.stage: p.settings for p in plans if p.policy == "configured"}

@@ -20,7 +20,7 @@ from torch import nn
 
 from nas.errors import ModelError
 from nas.evaluate.loss import lm_loss
-from nas.io import atomic_path, require_same
+from nas.io import atomic_path, check_kind, require_same
 from nas.model.arch import Arch
 from nas.prune.activations import activation_scores, layer_removal_losses
 
@@ -95,6 +95,7 @@ class Importance:
     @classmethod
     def load(cls, path: str | Path) -> Importance:
         path = Path(path)
+        check_kind(path, "importance file", ModelError)
         if not path.is_file():
             raise ModelError(f"importance file {path} does not exist; compute it with `nas importance`")
         try:

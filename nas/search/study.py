@@ -26,6 +26,7 @@ import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
 from nas.errors import ConfigError, NasError, first_line
+from nas.io import check_kind
 from nas.search.record import StudyRecord, TrialRecord, arch_key  # noqa: F401 (the records' old home)
 from nas.settings import RunConfig
 
@@ -44,6 +45,8 @@ def check_storage_url(url: str) -> None:
             f"unknown study storage {url!r}: use sqlite:///PATH, postgresql+psycopg://USER:PW@HOST/DB or "
             "mysql+pymysql://USER:PW@HOST/DB"
         )
+    if scheme == "sqlite":  # SQLite would read a device or wait on a FIFO
+        check_kind(Path(url.removeprefix("sqlite:///")).expanduser(), "study storage")
 
 
 @contextmanager

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from nas.errors import ConfigError
+from nas.io import check_kind
 from nas.settings.base import (
     _NESTED,
     _WHERE,
@@ -284,6 +285,7 @@ def step_fraction(value: str) -> float:
 def load_run_config(path: str | Path) -> RunConfig:
     """Read and validate a study TOML file; `name` defaults to the file's stem."""
     path = Path(path)
+    check_kind(path, "study file")
     if path.is_dir():
         raise ConfigError(
             f"study file {path} is a directory; give the study's TOML file (e.g. {path}/NAME.toml)"

@@ -1,6 +1,10 @@
 """Atomic files (`atomic_path`, `write_text_atomic`: temp file + rename) and resumable checkpoints:
-`out_dir/checkpoints/step-XXXXXXX/` holding `model.safetensors`,
-`optimizer.pt`, `rng.pt` and `state.json`, and the final `save_pretrained` export.
+`out_dir/checkpoints/step-XXXXXXX/` holding `model.safetensors`, `optimizer.pt`, the RNG states
+(`rng.safetensors`: torch's and CUDA's generator bytes; `rng.json`: numpy's and Python's), and
+`state.json`, and the final `save_pretrained` export. Nothing here is unpickled: `optimizer.pt` is read
+with torch's `weights_only` loader (tensors and plain containers only). A checkpoint of nas before the RNG
+files (a pickled `rng.pt`) is refused with the command that converts it (`python -m
+nas.train.checkpoint DIR`: `convert_legacy_rng`).
 
 A checkpoint is written into a temp directory and renamed into place, so a run killed mid-write leaves
 the previous one intact. Single-process and DDP runs write the same files (the optimizer state keyed by
@@ -24,12 +28,14 @@ import torch
 from torch import nn
 
 from nas.errors import ModelError
-from nas.io import replace_dir, temp_dir
+from nas.io import check_kind, read_json, replace_dir, temp_dir, write_text_atomic
 
 log = logging.getLogger(__name__)
 
 
 CHECKPOINT_NAME = re.compile(r"^step-\d{7}$")
+RNG_TENSORS, RNG_JSON = "rng.safetensors", "rng.json"
+LEGACY_RNG = "rng.pt"  # nas before issue 33: the RNG states pickled (numpy's and Python's inside)
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
@@ -75,7 +81,7 @@ def _write_checkpoint(tmp: Path, student: nn.Module, optimizer, state: dict, ful
                 tensors.pop(name, None)
         safetensors.torch.save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         torch.save(full_state[1], tmp / "optimizer.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
+    save_rng(tmp)
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
 
 
@@ -83,8 +89,11 @@ def load_checkpoint(path: Path, student: nn.Module, optimizer, sharded: bool = F
     """Restore student weights, optimizer and RNG states from `path`; returns its state.json.
     `sharded`: the student is FSDP-sharded (every rank reads the files and keeps its own shard)."""
     device = next(student.parameters()).device
+    check_not_legacy(path)
+    for file in path.iterdir():  # a device or FIFO put in a file's place would be read without end
+        check_kind(file, "checkpoint file", ModelError)
     try:
-        state = json.loads((path / "state.json").read_text())
+        state = read_json(path / "state.json")
         optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         if sharded:
             tensors = safetensors.torch.load_file(str(path / "model.safetensors"))
@@ -97,7 +106,7 @@ def load_checkpoint(path: Path, student: nn.Module, optimizer, sharded: bool = F
                 student, str(path / "model.safetensors"), strict=True, device=str(device)
             )
             optimizer.load_state_dict(_indexed_optimizer_state(optimizer_state, student, optimizer))
-        _set_rng_state(torch.load(path / "rng.pt", weights_only=False))  # our own file: numpy state inside
+        load_rng(path)
         state["step"], state["tokens"], state["curve"]  # noqa: B018 (a KeyError here means corrupt)
     except Exception as e:
         raise ModelError(
@@ -139,19 +148,64 @@ def _param_order(student: nn.Module, optimizer) -> list[str]:
     return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+def save_rng(directory: Path) -> None:
+    """The RNG states of torch, CUDA (every device), numpy and Python: generator bytes as tensors in
+    `rng.safetensors`, numpy's and Python's integer states in `rng.json` (JSON floats round-trip exactly)."""
+    tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        tensors |= {f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    safetensors.torch.save_file(tensors, str(directory / RNG_TENSORS))
+    (directory / RNG_JSON).write_text(json.dumps(rng_record(np.random.get_state(), random.getstate())))
 
 
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def rng_record(numpy_state: tuple, python_state: tuple) -> dict:
+    """numpy's legacy state (name, 624 uint32 keys, pos, has_gauss, cached_gaussian) and Python's
+    (version, 625 ints, gauss_next) as JSON values."""
+    name, keys, pos, has_gauss, cached = numpy_state
+    version, internal, gauss_next = python_state
+    return {
+        "numpy": [name, np.asarray(keys).tolist(), int(pos), int(has_gauss), float(cached)],
+        "python": [version, list(internal), gauss_next],
+    }
+
+
+def load_rng(directory: Path) -> None:
+    """Restore the states `save_rng` wrote (CUDA's when this machine has CUDA and they were saved)."""
+    tensors = safetensors.torch.load_file(str(directory / RNG_TENSORS))
+    record = read_json(directory / RNG_JSON)
+    name, keys, pos, has_gauss, cached = record["numpy"]
+    version, internal, gauss_next = record["python"]
+    torch.set_rng_state(tensors["torch"])
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    random.setstate((version, tuple(internal), gauss_next))
+    cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors) - 1)]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def check_not_legacy(path: Path) -> None:
+    """ModelError naming the conversion when `path` is a checkpoint of the previous format (pickled RNG
+    states in rng.pt, which nas no longer reads: a pickle runs code)."""
+    if (path / LEGACY_RNG).is_file() and not (path / RNG_JSON).is_file():
+        raise ModelError(
+            f"checkpoint {path} holds its RNG states in {LEGACY_RNG}, a pickle nas no longer reads; convert it "
+            f"once with `python -m nas.train.checkpoint {path}` (a checked load: plain values only), or "
+            "delete that directory to resume from scratch"
+        )
+
+
+def convert_legacy_rng(path: Path) -> None:
+    """Rewrite a previous-format checkpoint's `rng.pt` as `rng.safetensors` + `rng.json` (then remove it).
+    Read with torch's `weights_only` loader, which builds tensors and plain containers only; numpy's
+    state needs its array type allowed (no function of the file runs)."""
+    keys = np.random.get_state()[1]  # an ndarray as pickled: its rebuild function, type and dtype class
+    allowed = [keys.__reduce__()[0], np.ndarray, np.dtype, type(keys.dtype)]
+    with torch.serialization.safe_globals(allowed):
+        state = torch.load(path / LEGACY_RNG, map_location="cpu", weights_only=True)
+    tensors = {"torch": state["torch"]} | {f"cuda.{i}": s for i, s in enumerate(state.get("cuda", []))}
+    safetensors.torch.save_file(tensors, str(path / RNG_TENSORS))
+    write_text_atomic(path / RNG_JSON, json.dumps(rng_record(state["numpy"], state["python"])))  # last
+    (path / LEGACY_RNG).unlink()
 
 
 def gather_full_state(student: nn.Module, optimizer) -> tuple[dict, dict]:
@@ -187,3 +241,11 @@ def load_full_state(student: nn.Module, optimizer, model_state: dict, optimizer_
     set_model_state_dict(student, model_state, options=options)
     named = named_optimizer_state(optimizer_state, student, optimizer)
     set_optimizer_state_dict(student, optimizer, named, options=options)
+
+
+if __name__ == "__main__":  # python -m nas.train.checkpoint DIR: convert a previous-format checkpoint once
+    import sys
+
+    for directory in sys.argv[1:]:
+        convert_legacy_rng(Path(directory))
+        print(f"converted {directory}: {RNG_TENSORS} + {RNG_JSON} (no pickle)")

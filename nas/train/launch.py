@@ -13,7 +13,7 @@ from typing import Any
 
 from nas.data.tokens import prepare
 from nas.errors import NasError
-from nas.io import write_text_atomic
+from nas.io import read_json, write_text_atomic
 from nas.model.load import load_teacher_and_student, load_tokenizer
 from nas.settings import DistillConfig, data_config_from_dict
 from nas.train.dist import local_device, rank_zero_first, setup, teardown, world
@@ -53,12 +53,12 @@ def distill_in_processes(
     code = relaunch(nproc, ["nas.train.launch", str(out / "job.json")])
     if code != 0:
         raise NasError(f"the distillation in {nproc} processes failed (exit code {code}); see its log above")
-    return Result(**json.loads((out / "result.json").read_text()))
+    return Result(**read_json(out / "result.json"))
 
 
 def run_job(path: str) -> int:
     """One torchrun worker of `distill_in_processes`: load, distill, rank 0 writes result.json."""
-    job = json.loads(Path(path).read_text())
+    job = read_json(path)
     cfg = DistillConfig(**job["distill"])
     device = local_device(cfg.device)
     setup(device)

@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 from nas.data.tokens import tokenizer_fingerprint
 from nas.device import autocast_for, model_device
 from nas.errors import TeacherCacheError
-from nas.io import replace_dir, temp_dir, write_text_atomic
+from nas.io import read_json, replace_dir, temp_dir, write_text_atomic
 from nas.model.head import head_weight, logit_softcap, softcap_
 from nas.settings import DistillConfig
 from nas.settings.paths import TEACHER_CACHE as DIRNAME  # its name under a study's out_dir
@@ -202,8 +202,8 @@ def open_teacher_cache(directory: str | Path, key: dict[str, Any] | None = None)
     """Open and verify a complete cache (every file's size and digest, and `key` when given)."""
     directory = Path(directory)
     try:
-        meta = json.loads((directory / "meta.json").read_text())
-    except (OSError, ValueError) as e:
+        meta = read_json(directory / "meta.json", error=TeacherCacheError)
+    except (OSError, ValueError, TeacherCacheError) as e:
         raise _Damaged(f"the teacher cache {directory} is damaged: meta.json unreadable ({e})") from e
     if meta.get("key", {}).get("version") != CACHE_VERSION:
         raise _Damaged(f"the teacher cache {directory} was written by another cache version")

@@ -1,6 +1,10 @@
 import json
 import math
+import random
+import re
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +15,7 @@ from nas.evaluate.loss import lm_loss
 from nas.model.arch import Arch
 from nas.settings import DistillConfig
 from nas.testing import CONFIG_CLASSES, tiny_model
-from nas.train.checkpoint import latest_checkpoint
+from nas.train.checkpoint import convert_legacy_rng, latest_checkpoint, load_rng, save_rng
 from nas.train.kd import kd_loss, kl_to_teacher, model_kd_loss
 from nas.train.loop import NonFiniteLossError, distill, lr_at
 
@@ -286,6 +290,71 @@ def test_corrupt_checkpoint_is_a_model_error_naming_it(token_data, tmp_path):
     (latest_checkpoint(tmp_path) / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ModelError, match="step-0000002.*delete"):
         distill(teacher, student, token_data, small_cfg(steps=2), tmp_path)
+
+
+def draws() -> tuple:
+    """One draw of each generator a run uses: torch, numpy, Python (and numpy's cached Gaussian)."""
+    return torch.rand(4).tolist(), np.random.rand(4).tolist(), np.random.randn(3).tolist(), random.random()
+
+
+def test_rng_states_round_trip_through_safetensors_and_json(tmp_path):
+    np.random.randn()  # leaves a cached Gaussian in numpy's state
+    random.gauss(0, 1)  # and one in Python's
+    save_rng(tmp_path)
+    first = draws()
+    load_rng(tmp_path)
+    assert draws() == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rng.json", "rng.safetensors"]
+
+
+def previous_format(checkpoint) -> None:
+    """Rewrite a checkpoint as nas wrote it before issue 33: the RNG states pickled in rng.pt."""
+    load_rng(checkpoint)
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    torch.save(state, checkpoint / "rng.pt")
+    (checkpoint / "rng.json").unlink()
+    (checkpoint / "rng.safetensors").unlink()
+
+
+def test_a_previous_format_checkpoint_is_refused_then_converted_resumes_the_same(token_data, tmp_path):
+    """A checkpoint with a pickled rng.pt is refused with the command that converts it; converted (a
+    weights_only load), it resumes to the same weights and curve as an uninterrupted run."""
+    teacher = sharp_teacher()
+    cfg = small_cfg(steps=6, eval_every=5, checkpoint_every=3)
+    whole = tiny_model("llama", seed=1, vocab_size=VOCAB, num_layers=2)
+    expected = distill(teacher, whole, token_data, cfg, tmp_path / "whole")
+
+    def interrupt(step, _):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        student = tiny_model("llama", seed=1, vocab_size=VOCAB, num_layers=2)
+        distill(teacher, student, token_data, cfg, tmp_path / "cut", on_eval=interrupt)
+    checkpoint = latest_checkpoint(tmp_path / "cut")
+    previous_format(checkpoint)
+    fresh = tiny_model("llama", seed=1, vocab_size=VOCAB, num_layers=2)
+    with pytest.raises(ModelError, match=f"python -m nas.train.checkpoint {checkpoint}"):
+        distill(teacher, fresh, token_data, cfg, tmp_path / "cut")
+    convert_legacy_rng(checkpoint)
+    assert not (checkpoint / "rng.pt").exists()
+    resumed = distill(teacher, fresh, token_data, cfg, tmp_path / "cut")
+    for (name, a), b in zip(whole.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert resumed.curve == expected.curve
+
+
+def test_nothing_in_nas_unpickles():
+    """No module of nas imports pickle or loads with weights_only=False (a pickle runs code)."""
+    import nas
+
+    root = Path(nas.__file__).parent
+    offenders = [
+        str(path.relative_to(root))
+        for path in root.rglob("*.py")
+        if re.search(r"^\s*(import|from)\s+c?pickle\b|weights_only\s*=\s*False", path.read_text(), re.M)
+    ]
+    assert offenders == []
 
 
 def test_gradient_checkpointing_gives_the_same_weights(token_data, tmp_path):
