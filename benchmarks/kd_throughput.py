@@ -43,10 +43,7 @@ import _smoke as smoke  # noqa: E402  (benchmarks/_smoke.py: --smoke)
 import torch
 import torch.nn.functional as F
 
-# dense (not 2:4-sparse) BF16 tensor-core TFLOP/s, NVIDIA's datasheets: H100 SXM and H200 SXM print only "1,979
-# with sparsity" (dense is half); A100 312 | 624, L40S 362 | 733, A10 125 | 250 (dense | sparse). "H100" also
-# matches the H100 PCIe card, whose dense peak is lower (756), so its MFU reads low
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+from nas.device import PEAK_BF16_TFLOPS  # noqa: E402,F401 (the datasheet peaks; gpu_acceptance reads them here)
 
 
 def parse_args(argv=None):
