@@ -35,6 +35,7 @@ from nas.model.kernels import hub_kernels, kernel_paths_of, notice_slow_paths
 from nas.settings import DistillConfig
 from nas.train import dist
 from nas.train.checkpoint import (
+    cast_floating,
     gather_full_state,
     gather_model_state,
     latest_checkpoint,
@@ -193,7 +194,7 @@ def _distill(teacher, student, data, cfg: DistillConfig, out: Path, on_eval, fre
     seconds = time.perf_counter() - start_time
     last = run.curve[-1]
     log.info("distilled %d steps (%d tokens): val loss %.4f; %s", run.step, run.tokens, last["val_loss"],
-             speed_line(speed))  # fmt: skip
+             speed.describe())  # fmt: skip
     return Result(
         out_dir=str(out),
         steps=run.step,
@@ -208,14 +209,6 @@ def _distill(teacher, student, data, cfg: DistillConfig, out: Path, on_eval, fre
     )
 
 
-def speed_line(speed: Speed) -> str:
-    """The steady speed in words, for the log."""
-    mfu = f", MFU {speed.mfu:.1%}" if speed.mfu is not None else ""
-    warm = "" if speed.steady else " (warm-up steps only)"
-    write = f"; model written in {speed.write_seconds:.1f} s" if speed.write_seconds is not None else ""
-    return f"{speed.tokens_per_s:,.0f} tokens/s steady{warm}{mfu}{write}"
-
-
 def _save_model(model: nn.Module, student: nn.Module, dst: Path, dtype: torch.dtype | None = None) -> None:
     """The final `save_pretrained` export, by rank 0 (from the gathered full weights under FSDP), in
     `dtype` (None: the weights' own)."""
@@ -225,22 +218,10 @@ def _save_model(model: nn.Module, student: nn.Module, dst: Path, dtype: torch.dt
     for group in tied_names(student) if state else ():  # one shared tensor, as save_pretrained expects
         state.update({name: state[group[0]] for name in group})
     if state is not None and dtype is not None:
-        state = _cast_state(state, dtype)
+        state = cast_floating(state, dtype)
     if dist.world().main:
         save_model_atomic(student, dst, state)
     dist.barrier()
-
-
-def _cast_state(state: dict, dtype: torch.dtype) -> dict:
-    """Floating tensors cast to `dtype`, a tensor shared by several names (tied weights) cast once and
-    still shared."""
-    cast: dict[int, torch.Tensor] = {}
-    out = {}
-    for name, tensor in state.items():
-        if tensor.is_floating_point() and id(tensor) not in cast:
-            cast[id(tensor)] = tensor.detach().to(dtype)
-        out[name] = cast.get(id(tensor), tensor)
-    return out
 
 
 def _set_checkpointing(student: nn.Module, on: bool) -> None:

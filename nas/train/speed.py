@@ -67,6 +67,13 @@ class Speed:
             return None
         return self.tokens_per_s * self.flops_per_token / self.peak_flops
 
+    def describe(self) -> str:
+        """The steady speed in words, for the log."""
+        mfu = f", MFU {self.mfu:.1%}" if self.mfu is not None else ""
+        warm = "" if self.steady else " (warm-up steps only)"
+        write = f"; model written in {self.write_seconds:.1f} s" if self.write_seconds is not None else ""
+        return f"{self.tokens_per_s:,.0f} tokens/s steady{warm}{mfu}{write}"
+
     def record(self) -> dict[str, Any]:
         """What a trial record, a winner and `Result.speed` carry."""
         return {
