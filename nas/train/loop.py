@@ -53,7 +53,7 @@ from nas.train.run_files import (  # noqa: F401 (NOT_IDENTITY, RUN_FILES, clear_
     restart_hint,
     run_identity,
 )
-from nas.train.speed import Speed, model_flops_per_token
+from nas.train.speed import Speed, model_flops_per_token, use_speed_settings
 from nas.train.teacher_cache import TeacherCache
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,7 @@ def distill(
     fresh_on_change: bool = False,
     write_dtype: torch.dtype | None = None,
     speed: Speed | None = None,
+    write: bool = True,
 ) -> Result:
     """Train `student` in place to match `teacher` (forward KL on logits) on `data.train_batch`.
 
@@ -128,13 +129,13 @@ def distill(
     Dtypes follow `cfg.precision` (`nas.device`): the student is cast to its master dtype here;
     load the teacher with `nas.model.families.load_teacher_and_student` (or in the policy's teacher dtype).
     `write_dtype`: the dtype `model/` is written in (default the master weights'; a trial writes its
-    compute dtype, `trial_write_dtype`). `speed`: a `nas.train.speed.Speed` this call fills as it runs
+    compute dtype, `trial_write_dtype`; `write=False`: no `model/` at all, for a run nothing reads after,
+    e.g. a benchmark). `speed`: a `nas.train.speed.Speed` this call fills as it runs
     (steady tokens/s and MFU of the train steps alone), so a caller whose `on_eval` stops the run reads it.
     """
     with use_precision(cfg.precision):
-        return _distill(
-            teacher, student, data, cfg, Path(out_dir), on_eval, fresh_on_change, write_dtype, speed
-        )
+        return _distill(teacher, student, data, cfg, Path(out_dir), on_eval, fresh_on_change,
+                        write_dtype if write else False, speed)  # fmt: skip
 
 
 def trial_write_dtype(cfg: DistillConfig) -> torch.dtype:
@@ -144,7 +145,7 @@ def trial_write_dtype(cfg: DistillConfig) -> torch.dtype:
 
 
 def _distill(teacher, student, data, cfg: DistillConfig, out: Path, on_eval, fresh_on_change: bool,
-             write_dtype: torch.dtype | None = None, speed: Speed | None = None) -> Result:  # fmt: skip
+             write_dtype: torch.dtype | None | bool = None, speed: Speed | None = None) -> Result:  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     device = dist.local_device(cfg.device)
     dist.setup(device)
@@ -167,6 +168,7 @@ def _distill(teacher, student, data, cfg: DistillConfig, out: Path, on_eval, fre
     elif teacher is not None:
         teacher.to(device).eval()
     _check_vocab(teacher, student, cache)
+    use_speed_settings(student, teacher, cfg)
     paths = kernel_paths_of(student, teacher, device, hub_kernels(cfg))
     notice_slow_paths(paths, device)
     speed = speed if speed is not None else Speed()
@@ -188,9 +190,10 @@ def _distill(teacher, student, data, cfg: DistillConfig, out: Path, on_eval, fre
         student.eval()
     if not run.curve or run.curve[-1]["step"] != run.step:  # a resumed run that had already finished
         _evaluate(model, val, cfg, out, run, on_eval)
-    write_start = time.perf_counter()
-    _save_model(model, student, out / "model", write_dtype)
-    speed.write_seconds = time.perf_counter() - write_start
+    if write_dtype is not False:  # False: not written (`write=False`)
+        write_start = time.perf_counter()
+        _save_model(model, student, out / "model", write_dtype)
+        speed.write_seconds = time.perf_counter() - write_start
     seconds = time.perf_counter() - start_time
     last = run.curve[-1]
     log.info("distilled %d steps (%d tokens): val loss %.4f; %s", run.step, run.tokens, last["val_loss"],

@@ -12,6 +12,9 @@ MFU = tokens/s x model FLOPs per token / the peak of the run's GPUs, with model 
 (arXiv 2204.02311, App. B): recomputation by gradient checkpointing is not model FLOPs and attention's
 score FLOPs are left out, so the figure is a lower bound. The peak is the datasheet's dense bf16
 (`nas.device.PEAK_BF16_TFLOPS`); None where it is unknown (the CPU, an unlisted GPU).
+
+`use_speed_settings` puts the step-speed settings of `DistillConfig` on the models (`attention`, `compile`;
+`fused_optimizer` is read by `nas.train.optim`); `benchmarks/trial_speed.py` measures what each changes.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
+
+from nas.errors import ConfigError
 
 # steps left out of the steady figures: the first pays the device's set-up and allocator growth (and
 # compilation), the second AdamW's lazily made states (torch.optim.AdamW creates them at the first step)
@@ -91,3 +96,20 @@ def model_flops_per_token(student: nn.Module, teacher: nn.Module | None) -> floa
     n_student = sum(p.numel() for p in student.parameters())
     n_teacher = sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0
     return float(2 * n_teacher + 6 * n_student)
+
+
+def use_speed_settings(student: nn.Module, teacher: nn.Module | None, cfg: Any) -> None:
+    """`cfg.attention` as both models' attention implementation, and with `cfg.compile` each of their
+    decoder layers compiled (`nn.Module.compile`: once; the shared teacher of a search stays compiled)."""
+    for model in (student, teacher):
+        if not isinstance(model, nn.Module):
+            continue
+        if getattr(model.config, "_attn_implementation", cfg.attention) != cfg.attention:
+            try:
+                model.set_attn_implementation(cfg.attention)
+            except (ImportError, ValueError) as e:  # flash_attention_2 without flash-attn, an unsupported model
+                raise ConfigError(f"distill.attention = {cfg.attention!r} is not available here: {e}") from None
+        if cfg.compile:
+            for layer in model.model.layers:
+                if getattr(layer, "_compiled_call_impl", None) is None:
+                    layer.compile()
