@@ -43,10 +43,18 @@ class Context:
     smoke: bool
     work: Path
     demo_minutes: float
+    result: Path | None = None  # where the row's result goes (`record_partial` writes there first)
 
     @property
     def cuda(self) -> bool:
         return self.device.type == "cuda"
+
+    def record_partial(self, row: dict) -> None:
+        """What the row knows so far, in its result file: a row the time guard stops still shows it."""
+        if self.result is not None:
+            from nas.io import write_text_atomic
+
+            write_text_atomic(self.result, json.dumps(row, default=float))
 
     def verdict(self, ok: bool, needs_cuda: bool = False) -> str:
         """ok/FAIL only at full size on CUDA (see gpu_acceptance.py's docstring)."""
@@ -60,7 +68,7 @@ def run_row(name: str, args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("torchao", "torch.utils._pytree"):  # import-time notices nobody can act on (as nas's CLI)
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    ctx = Context(torch.device(args.device), args.smoke, Path(args.work), args.demo_minutes)
+    ctx = Context(torch.device(args.device), args.smoke, Path(args.work), args.demo_minutes, Path(args.result))
     try:
         row = ROW_FUNCTIONS[name](ctx)
     except Exception as e:  # an OOM is one too (torch.OutOfMemoryError): the row records it, the run goes on
@@ -361,7 +369,22 @@ ROW_FUNCTIONS = {
     "memory_8bit": lambda ctx: memory_row(ctx, "adamw-8bit"),
     "screen": screen_row,
     "parallel": lambda ctx: parallel_row(ctx),
+    **{name: (lambda ctx, n=name: trial_row(ctx, n)) for name in ("trial_8b", "trial_qwen35", "trial_nemotron")},
+    "speed": lambda ctx: speed_row(ctx),
 }
+
+
+def trial_row(ctx: Context, name: str) -> dict:
+    from _gpu_trials import TEACHERS  # rows 6a-6c, beside this file
+    from _gpu_trials import trial_row as row
+
+    return row(ctx, TEACHERS[name])
+
+
+def speed_row(ctx: Context) -> dict:
+    from _gpu_trials import speed_row as row  # row 7
+
+    return row(ctx)
 
 
 def parallel_row(ctx: Context) -> dict:

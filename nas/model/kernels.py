@@ -14,8 +14,12 @@ them, else the torch code):
 | mamba | `mamba_ssm` + `causal_conv1d` (CUDA, source builds) | `pip install --no-build-isolation mamba-ssm causal-conv1d` |
 | both | the Hub's kernels (`kernels`), fetched at load, where nas's hub-kernels setting allows | `kernels = "hub"` |
 
-Detection only asks whether a package is installed (`importlib.util.find_spec`), and imports nothing on the
-CPU: fla's Triton kernels must never see CPU tensors. Attention layers record the model's attention
+Detection asks whether a package is installed (`importlib.util.find_spec`) and imports nothing. Where the
+model's layers show what they bound, that decides: transformers before the Hub-kernel wrappers (e.g. 5.17)
+binds `self.chunk_gated_delta_rule = <fla's> or <torch's>` in each Gated DeltaNet layer and keeps a module-level
+`is_fast_path_available` for Mamba2; 5.25 chooses per call by the inputs' device. fla's Triton kernels must
+never see CPU tensors: the older binding has no device check, so `kernel_paths_of` rebinds such layers of a
+model on the CPU to transformers' torch functions. Attention layers record the model's attention
 implementation (`sdpa`, `flash_attention_2`, `eager`).
 """
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import sys
 
 import torch
 from torch import nn
@@ -86,7 +91,31 @@ def kernel_paths_of(student: nn.Module, teacher: nn.Module | None, device: torch
             types |= _block_types(model.config)
     have = {p for packages, _ in FAST_PATHS.values() for p in packages if installed(p)}
     attention = getattr(student.config, "_attn_implementation", None) or "sdpa"
-    return kernel_paths(types, device.type, hub and installed("kernels"), have, attention)
+    paths = kernel_paths(types, device.type, hub and installed("kernels"), have, attention)
+    for model in (student, teacher):
+        if isinstance(model, nn.Module):
+            paths |= _bound_paths(model, device)
+    return paths
+
+
+def _bound_paths(model: nn.Module, device: torch.device) -> dict[str, str]:
+    """The paths the layers of an older transformers bound at construction (see the module docstring);
+    a Gated DeltaNet layer bound to fla on the CPU is rebound to the torch functions first."""
+    paths = {}
+    for module in model.modules():
+        bound = getattr(module, "chunk_gated_delta_rule", None)
+        modeling = sys.modules.get(type(module).__module__)
+        if callable(bound) and not isinstance(bound, nn.Module):
+            if getattr(bound, "__module__", "").startswith("fla") and device.type != "cuda":
+                for name in ("chunk_gated_delta_rule", "recurrent_gated_delta_rule"):
+                    setattr(module, name, getattr(modeling, f"torch_{name}", getattr(module, name)))
+                bound = module.chunk_gated_delta_rule
+            fused = getattr(bound, "__module__", "").startswith("fla")
+            paths["linear_attention"] = "fla" if fused else REFERENCE
+        elif type(module).__name__.endswith("Mamba2Mixer") and hasattr(modeling, "is_fast_path_available"):
+            fast = modeling.is_fast_path_available and device.type == "cuda"
+            paths["mamba"] = " + ".join(FAST_PATHS["mamba"][0]) if fast else REFERENCE
+    return paths
 
 
 def _block_types(config) -> set[str]:
