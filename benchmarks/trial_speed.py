@@ -7,8 +7,9 @@ Every variant runs `nas.train.loop.distill` (the trial's loop: bf16-mixed on CUD
 run's AdamW) on the same random-init teacher and a fresh random-init student of the same shape, on the
 same random token batches, and reads its steady tokens/s and MFU (`nas.train.speed`: the train steps
 after the warm-up, no evaluation, no write) and the peak memory (CUDA). The reference is the defaults
-(`attention = "sdpa"`, `fused_optimizer = true`, the whole batch in one micro-batch, no compile); each
-other variant changes one setting, and the last adds compile to the defaults:
+(`attention = "auto"`, which is sdpa for these models, set explicitly here because the teacher is shared
+and a variant's attention stays on it; `fused_optimizer = true`, the whole batch in one micro-batch, no
+compile); each other variant changes one setting, and the last adds compile to the defaults:
 
 | variant | what differs from the defaults |
 |---|---|
@@ -108,10 +109,11 @@ def run_variant(name: str, args, teacher, student_config, device: torch.device, 
     from nas.train.loop import distill
     from nas.train.speed import Speed
 
-    fields = VARIANTS[name]
-    shape = {"batch_size": 1, "grad_accum": args.batch_size} if fields is None else {"batch_size": args.batch_size}
+    fields = {"attention": "sdpa", **(VARIANTS[name] or {})}  # the shared teacher keeps a variant's attention
+    micro = VARIANTS[name] is None
+    shape = {"batch_size": 1, "grad_accum": args.batch_size} if micro else {"batch_size": args.batch_size}
     cfg = DistillConfig(steps=args.steps, eval_every=0, eval_sequences=1, eval_batch_size=1, checkpoint_every=0,
-                        log_every=0, warmup_steps=0, device=str(device), **shape, **(fields or {}))  # fmt: skip
+                        log_every=0, warmup_steps=0, device=str(device), **shape, **fields)  # fmt: skip
     torch.manual_seed(1)
     with torch.device(device):
         student = AutoModelForCausalLM.from_config(student_config, dtype=precision_for("auto", device).student_dtype)

@@ -110,3 +110,30 @@ def test_the_slow_path_notice_appears_once_over_several_trials(tmp_path, caplog,
     assert f"the {slow} layers run transformers' reference PyTorch code" in notices[0]
     assert FAST_PATHS[slow][1] in notices[0]
     json.dumps(result.kernel_paths)  # recorded as is in trial records and winners
+
+
+def _trained(tmp_path, **settings):
+    teacher = tiny_model("llama", vocab_size=VOCAB)
+    student = tiny_model("llama", seed=1, vocab_size=VOCAB, num_layers=1)
+    run = cfg(steps=3, eval_every=0, checkpoint_every=0, **settings)
+    result = distill(teacher, student, RandomTokens(), run, tmp_path, write=False)
+    return student, teacher, result
+
+
+def test_attention_setting_changes_the_kernels_not_what_is_learned(tmp_path):
+    sdpa, _, plain = _trained(tmp_path / "sdpa", attention="sdpa")
+    eager, teacher, result = _trained(tmp_path / "eager", attention="eager")
+    assert eager.config._attn_implementation == teacher.config._attn_implementation == "eager"
+    assert result.kernel_paths == {"attention": "eager"} and plain.kernel_paths == {"attention": "sdpa"}
+    assert result.val_loss == pytest.approx(plain.val_loss, abs=1e-5)
+    for (name, a), b in zip(sdpa.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+    assert not (tmp_path / "eager" / "model").exists()  # write=False: no model written
+
+
+def test_auto_attention_keeps_the_models_own(tmp_path):
+    teacher, student = tiny_model("gpt_oss", vocab_size=VOCAB), tiny_model("gpt_oss", seed=1, vocab_size=VOCAB)
+    result = distill(teacher, student, RandomTokens(), cfg(steps=1, eval_every=0, checkpoint_every=0), tmp_path,
+                     write=False)  # fmt: skip
+    assert student.config._attn_implementation == "eager" and result.kernel_paths["attention"] == "eager"
+

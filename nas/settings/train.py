@@ -66,11 +66,13 @@ class DistillConfig(Settings):
     )
     log_every: int = _described(10, "steps between train lines in metrics.jsonl", ge=0)
     # step speed (benchmarks/trial_speed.py measures each side by side; none changes what is learned)
-    # sdpa: transformers' default; on CUDA in bf16 PyTorch's SDPA runs the FlashAttention-2 kernel
+    # auto: what transformers chose when the model was built: sdpa wherever the model supports it (its
+    # default), on CUDA in bf16 PyTorch's SDPA runs the FlashAttention-2 kernel
     # (https://pytorch.org/docs/stable/generated/torch.nn.functional.scaled_dot_product_attention.html);
-    # flash_attention_2 needs the flash-attn package (a CUDA build); eager materialises the scores
+    # eager where it does not (gpt-oss: its attention sinks). flash_attention_2 needs the flash-attn package
     attention: Literal[ATTENTIONS] = _described(  # type: ignore[valid-type]
-        "sdpa", "attention kernels of teacher and student: sdpa, flash_attention_2 (flash-attn installed), eager"
+        "auto", "attention of teacher and student: auto (the model's default: sdpa where supported), sdpa, "
+        "flash_attention_2 (flash-attn installed), eager"
     )
     # torch's docs: the fused AdamW implementation is the fastest on CUDA ("fused > foreach > for-loop",
     # https://pytorch.org/docs/stable/optim.html#algorithms)

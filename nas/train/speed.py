@@ -104,7 +104,7 @@ def use_speed_settings(student: nn.Module, teacher: nn.Module | None, cfg: Any) 
     for model in (student, teacher):
         if not isinstance(model, nn.Module):
             continue
-        if getattr(model.config, "_attn_implementation", cfg.attention) != cfg.attention:
+        if cfg.attention != "auto" and getattr(model.config, "_attn_implementation", None) != cfg.attention:
             try:
                 model.set_attn_implementation(cfg.attention)
             except (ImportError, ValueError) as e:  # flash_attention_2 without flash-attn, an unsupported model
