@@ -44,13 +44,16 @@ class Context:
     work: Path
     demo_minutes: float
     result: Path | None = None  # where the row's result goes (`record_partial` writes there first)
+    partial: dict = dataclasses.field(default_factory=dict)  # what `record_partial` recorded last
 
     @property
     def cuda(self) -> bool:
         return self.device.type == "cuda"
 
     def record_partial(self, row: dict) -> None:
-        """What the row knows so far, in its result file: a row the time guard stops still shows it."""
+        """What the row knows so far, in its result file: a row the time guard stops (or an exception
+        ends) still shows it."""
+        self.partial = dict(row)
         if self.result is not None:
             from nas.io import write_text_atomic
 
@@ -73,8 +76,8 @@ def run_row(name: str, args) -> int:
         row = ROW_FUNCTIONS[name](ctx)
     except Exception as e:  # an OOM is one too (torch.OutOfMemoryError): the row records it, the run goes on
         traceback.print_exc()
-        row = {"verdict": "error", "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:400]}",
-               "figure": "", "threshold": ""}  # fmt: skip
+        row = {"figure": "", "threshold": "", **ctx.partial, "verdict": "error",
+               "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:400]}"}  # fmt: skip
     from nas.io import write_text_atomic
 
     write_text_atomic(args.result, json.dumps(row, default=float))

@@ -56,7 +56,7 @@ sys.path[:0] = [str(ROOT), str(HERE)]  # runs from a plain copy of the repositor
 # run passed come after them, and the time guard skips from the end)
 ROWS = {
     "kd_step": ("2", "KD step (fused KL): tokens/s, MFU", 90, 30),
-    "trial_8b": ("6a", "Qwen3-8B -> largest 50%: plan (80 GB) vs real, MFU", 150, 80),
+    "trial_8b": ("6a", "Qwen3-8B -> largest 50%: plan (80 GB) vs real, MFU", 180, 80),
     "trial_qwen35": ("6b", "Qwen3.5-9B -> largest 50%: plan vs real, speed, kernels", 180, 90),
     "trial_nemotron": ("6c", "Nemotron-Nano-9B-v2 -> largest 50%: plan vs real, speed, kernels", 180, 90),
     "speed": ("7", "8B trial step: speed settings side by side", 200, 90),
