@@ -7,7 +7,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from nas.model.kernels import FAST_PATHS, HUB, REFERENCE, forget_notices, kernel_paths
+from nas.model.kernels import FAST_PATHS, HUB, REFERENCE, forget_notices, hub_kernels, kernel_paths
 from nas.settings import DistillConfig
 from nas.testing import tiny_model
 from nas.train.loop import distill
@@ -93,6 +93,7 @@ def test_kernel_paths_follow_the_device_the_packages_and_the_hub_setting():
     }  # fmt: skip  (Mamba2's fast path needs both of its packages)
     assert kernel_paths(types, "cuda", hub=True, have=set())["mamba"] == HUB
     assert set(FAST_PATHS) == {"linear_attention", "mamba"}
+    assert not hub_kernels(tiny_model("llama"), None)  # loaded without the study's kernels = "hub"
 
 
 @pytest.mark.parametrize("model_type, slow", [("qwen3_5_text", "linear_attention"), ("nemotron_h", "mamba")])

@@ -12,7 +12,7 @@ them, else the torch code):
 |---|---|---|
 | linear_attention | `fla` (flash-linear-attention, a pure-Python wheel; Triton kernels, CUDA) | `pip install "nas[gpu]"` |
 | mamba | `mamba_ssm` + `causal_conv1d` (CUDA, source builds) | `pip install --no-build-isolation mamba-ssm causal-conv1d` |
-| both | the Hub's kernels (`kernels`), fetched at load, where nas's hub-kernels setting allows | `kernels = "hub"` |
+| both | the Hub's kernels (`kernels`), fetched at load, where the study's `kernels` setting allows | `kernels = "hub"` |
 
 Detection asks whether a package is installed (`importlib.util.find_spec`) and imports nothing. Where the
 model's layers show what they bound, that decides: transformers before the Hub-kernel wrappers (e.g. 5.17)
@@ -46,10 +46,10 @@ HUB = "hub kernels"
 _noticed: set[str] = set()  # the notices already logged by this process (each once)
 
 
-def hub_kernels(cfg: object) -> bool:
-    """Whether the run may use the Hub's kernels: a `kernels = "hub"` setting where the settings have one
-    (the hook for it: any settings object with a `kernels` attribute), else no."""
-    return getattr(cfg, "kernels", "off") == "hub"
+def hub_kernels(*models: object) -> bool:
+    """Whether the Hub's kernels are on for any of `models`: the study's `kernels = "hub"` setting loads them
+    kernelized (transformers' `use_kernels`, True after `set_use_kernels(True)`); off: never."""
+    return any(bool(getattr(model, "use_kernels", False)) for model in models if isinstance(model, nn.Module))
 
 
 def installed(package: str) -> bool:

@@ -169,7 +169,7 @@ def _distill(teacher, student, data, cfg: DistillConfig, out: Path, on_eval, fre
         teacher.to(device).eval()
     _check_vocab(teacher, student, cache)
     use_speed_settings(student, teacher, cfg)
-    paths = kernel_paths_of(student, teacher, device, hub_kernels(cfg))
+    paths = kernel_paths_of(student, teacher, device, hub_kernels(student, teacher))
     notice_slow_paths(paths, device)
     speed = speed if speed is not None else Speed()
     speed.flops_per_token = model_flops_per_token(student, teacher)
