@@ -238,7 +238,7 @@ def train_tiny_teacher(root, steps: int = 300, seq_len: int = 64):
     root = Path(root)
     corpus = write_kjv_corpus(root / "corpus.jsonl")
     teacher = write_tiny_teacher(root / "teacher")
-    model = AutoModelForCausalLM.from_pretrained(teacher)
+    model = AutoModelForCausalLM.from_pretrained(teacher, use_kernels=False)
     data = prepare(
         DataConfig.single(str(corpus), seq_len=seq_len, cache_dir=str(root / "cache")),
         AutoTokenizer.from_pretrained(teacher),

@@ -262,3 +262,21 @@ def test_a_saved_nemotron_config_is_valid_without_num_hidden_layers_and_names_a_
     (tmp_path / "m" / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ModelError, match="lacks layers_block_type"):
         load_config(tmp_path / "m")
+
+
+def test_a_pruned_stack_whose_first_layer_is_an_mlp_generates_as_without_a_cache(teacher, tmp_path):
+    """Depth pruning can drop the first Mamba layer; transformers 5.25's cache then has nothing at layer 0 to
+    ask the sequence length of (nas.model.compat mends it). Greedy decoding with the cache must match
+    decoding that recomputes the whole sequence at every step, which no cache can get wrong."""
+    from transformers import AutoModelForCausalLM
+
+    importance = scores_of(teacher)
+    importance.layer_loss = torch.tensor([0.1, 0.2, 0.3, 9.0, 9.0, 9.0, 9.0, 9.0])  # M E A go first
+    arch = Arch.from_hf_config(teacher.config).replace(num_mamba_layers=1, num_moe_layers=1, num_attention_layers=1)
+    save_pruned(prune(teacher, arch, importance), tmp_path / "student", teacher="tiny")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "student").eval()
+    assert loaded.config.layers_block_type[0] == MLP
+    prompt = TOKENS[:1, :5]
+    cached = loaded.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=1)
+    uncached = loaded.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=1, use_cache=False)
+    assert cached.shape == (1, 11) and torch.equal(cached, uncached)

@@ -11,7 +11,7 @@ import sys
 from nas.cli import guard
 from nas.cli.flags import add_flags, add_overwrite, add_restart, settings_from_args
 from nas.cli.study import add_plan, add_search, add_space
-from nas.cli.train import add_correct, add_data_args, add_distill, data_config_from_args
+from nas.cli.train import add_correct, add_data_args, add_distill, data_config_from_args, kernels_of
 from nas.errors import ConfigError, NasError
 from nas.io import is_full_disk
 from nas.model.blocks import BLOCK_TYPES
@@ -56,7 +56,7 @@ def add_importance(sub) -> None:
 
 def add_importance_args(p) -> None:
     add_flags(p, ImportanceConfig)
-    add_flags(p, RunConfig, ["device"])
+    add_flags(p, RunConfig, ["device", "kernels"])
 
 
 def importance_from_data(args, teacher, tokenizer, data_cfg, imp: ImportanceConfig):
@@ -92,7 +92,8 @@ def cmd_importance(args) -> int:
         )
         replace = args.restart or (out.exists() and not written_by_nas(out))  # past guard: --overwrite
         importance, computed = ensure_importance(
-            out, lambda: load_model(args.teacher, device=resolve_device(device_of(args))), data, identity,
+            out, lambda: load_model(args.teacher, device=resolve_device(device_of(args)), kernels=kernels_of(args)), data,
+            identity,
             imp.batch_size, "write to another --out file, or pass --restart to recompute it", replace,
         )  # fmt: skip
         if not computed:  # a finished result, made with these settings
@@ -169,7 +170,7 @@ def cmd_prune(args) -> int:
     if importance is not None:
         importance.check_matches(teacher_arch)
     with guard.owning(out):
-        teacher = load_model(args.teacher, device=resolve_device(device_of(args)))
+        teacher = load_model(args.teacher, device=resolve_device(device_of(args)), kernels=kernels_of(args))
         tokenizer = load_tokenizer(args.teacher)
         if importance is None:
             importance = importance_from_data(args, teacher, tokenizer, data_cfg, imp)
@@ -248,7 +249,7 @@ def add_eval(sub) -> None:
     p.add_argument("model", help="local model directory or hub id")
     add_data_args(p)
     add_flags(p, EvalConfig, names=EVAL_NAMES)
-    add_flags(p, RunConfig, ["device"])
+    add_flags(p, RunConfig, ["device", "kernels"])
     p.add_argument("--out", help="JSON to write (default MODEL/eval.json; eval-<hub id>.json for a hub id)")
     add_overwrite(p)
     p.set_defaults(func=cmd_eval)
@@ -290,6 +291,7 @@ def _eval(args, cfg, out) -> int:
         batch_size=cfg.batch_size,
         num_sequences=cfg.val_sequences,
         device=device_of(args),
+        kernels=kernels_of(args),
     )
     print(format_results(record))
     print(f"\nwrote {save_results(record, out)}")

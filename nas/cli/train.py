@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from nas.cli.flags import add_flags, settings_from_args, split_weight
 from nas.errors import ConfigError
-from nas.settings import DataConfig, DistillConfig, Launch, Phase, Source
+from nas.settings import DataConfig, DistillConfig, Launch, Phase, RunConfig, Source
 
 # flag names of the data fields whose plain names would be ambiguous beside other settings
 DATA_NAMES = {
@@ -41,6 +41,11 @@ def data_config_from_args(args) -> DataConfig:
     return settings_from_args(args, DataConfig, DATA_FLAGS, DATA_NAMES, phases=(Phase(tuple(sources)),))
 
 
+def kernels_of(args) -> str:
+    """The `--kernels` flag (transformers' Hub kernels at load), or the study's default."""
+    return getattr(args, "kernels", RunConfig.model_fields["kernels"].default)
+
+
 def add_distill(sub) -> None:
     p = sub.add_parser(
         "distill", help="distill a teacher into a student (forward KL on logits); rerun to resume"
@@ -68,6 +73,7 @@ def add_train_args(p) -> None:
     """Every DistillConfig field as a flag, and the number of processes."""
     add_flags(p, DistillConfig)
     add_flags(p, Launch)
+    add_flags(p, RunConfig, ["kernels"])
     p.add_argument(
         "--restart", action="store_true", help="delete OUT's run made with other settings and start over"
     )
@@ -174,7 +180,9 @@ def cmd_distill(args) -> int:
         if code is not None:
             return code
         tokenizer = load_tokenizer(args.teacher)
-        teacher, student = load_teacher_and_student(args.teacher, args.student, device, cfg.precision)
+        teacher, student = load_teacher_and_student(
+            args.teacher, args.student, device, cfg.precision, kernels_of(args)
+        )
         return train_and_save(teacher, student, tokenizer, args, data_cfg, cfg)
 
 
@@ -187,5 +195,5 @@ def cmd_correct(args) -> int:
         if code is not None:
             return code
         tokenizer = load_tokenizer(args.teacher)
-        teacher = load_model(args.teacher, device=device)
+        teacher = load_model(args.teacher, device=device, kernels=kernels_of(args))
         return train_and_save(None, teacher, tokenizer, args, data_cfg, cfg)

@@ -231,7 +231,7 @@ def compare(
     val = torch.as_tensor(data.val(plan.eval_sequences))
     losses = {}
     for name, path in (("teacher", Path(teacher.path)), ("winner", Path(winner["dir"]))):
-        losses[name] = lm_loss(AutoModelForCausalLM.from_pretrained(path).to(dev), val)
+        losses[name] = lm_loss(AutoModelForCausalLM.from_pretrained(path, use_kernels=False).to(dev), val)
     losses["scratch"] = lm_loss(scratch.to(dev), val)
     return DemoResult(
         out_dir=out,

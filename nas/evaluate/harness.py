@@ -24,7 +24,7 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +170,13 @@ def data_perplexity(
     return out
 
 
+def _version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:  # an optional package (kernels)
+        return "not installed"
+
+
 def evaluate_model(
     name_or_path: str | os.PathLike,
     tasks: Sequence[str] = (),
@@ -179,17 +186,20 @@ def evaluate_model(
     batch_size: int = 8,
     num_sequences: int | None = None,
     device: str = "auto",
+    kernels: str = "off",
 ) -> dict[str, Any]:
     """Load a model (local directory or hub id) and its tokenizer, and score it: perplexity on
-    `data_cfg` (if given) and the lm-eval `tasks`. Returns the record `save_results` writes."""
+    `data_cfg` (if given) and the lm-eval `tasks`. Returns the record `save_results` writes.
+    `kernels`: transformers' Hub kernels at load (`nas.model.families.load_model`)."""
     if not tasks and data_cfg is None:
         raise ConfigError("nothing to evaluate: give --data for perplexity and/or --tasks for lm-eval")
-    model = load_model(name_or_path, device=resolve_device(device))
+    model = load_model(name_or_path, device=resolve_device(device), kernels=kernels)
     tokenizer = load_tokenizer(name_or_path)
     record: dict[str, Any] = {
         "model": str(name_or_path),
         "params": sum(p.numel() for p in model.parameters()),
-        "versions": {name: version(name) for name in ("nas", "torch", "transformers", "lm_eval")},
+        "versions": {name: _version(name) for name in ("nas", "torch", "transformers", "kernels", "lm_eval")}
+        | {"hub_kernels": kernels},
         "perplexity": {},
         "tasks": {},
     }

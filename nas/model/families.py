@@ -24,6 +24,7 @@ from torch.nn import functional as F
 
 from nas.device import precision_for
 from nas.errors import ModelError, first_line
+from nas.model import compat
 from nas.model.validate import check_config_fields, check_finite, check_tokenizer_fits, check_weight_dtypes
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,7 @@ FAMILIES: dict[str, Family] = {
 
 def family_of(config: Any) -> Family:
     """The `Family` of an HF config; a clear error names the supported ones otherwise."""
+    compat.apply()  # an HF config exists, so transformers is loaded: mend its breaks before a model runs
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
         raise ModelError(f"unsupported model_type {model_type!r}; nas supports {', '.join(sorted(FAMILIES))}")
@@ -364,11 +366,16 @@ def _parsed_config(name: str, stamp: tuple[int, int] | None) -> Any:
 
 
 def load_model(
-    name_or_path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    name_or_path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    kernels: str = "off",
 ) -> nn.Module:
     """Load a supported causal LM from a local directory or a hub id, in eval mode. Strict: unreadable
     weights, or weights that lack tensors the config needs or hold tensors it does not have, are a
-    ModelError naming the file (`from_pretrained` alone initialises missing tensors at random)."""
+    ModelError naming the file (`from_pretrained` alone initialises missing tensors at random).
+    `kernels` (the study's `kernels` setting): "off" loads with `use_kernels=False` whatever transformers'
+    default (5.25 turns Hub kernels on); "hub" kernelizes the model on `device` (`set_use_kernels`)."""
     from transformers import AutoModelForCausalLM
 
     from nas.model.multimodal import load_text_model, wrapper_type
@@ -382,7 +389,7 @@ def load_model(
     else:
         try:
             model, info = AutoModelForCausalLM.from_pretrained(
-                str(name_or_path), config=config, dtype=dtype, output_loading_info=True
+                str(name_or_path), config=config, dtype=dtype, output_loading_info=True, use_kernels=False
             )
         except Exception as e:  # safetensors, torch and transformers each raise their own types
             raise ModelError(
@@ -391,7 +398,24 @@ def load_model(
     where = _weights_name(local) if local.is_dir() else str(name_or_path)
     check_complete(info, where)
     check_finite(model, where)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if kernels == "hub":
+        use_hub_kernels(model, str(name_or_path))
+    return model
+
+
+def use_hub_kernels(model: nn.Module, name: str) -> None:
+    """Kernelize `model` with transformers' Hub kernels (the `kernels` package; fetched once from the Hub)."""
+    import importlib.util
+
+    if importlib.util.find_spec("kernels") is None:
+        raise ModelError("kernels = \"hub\" needs the kernels package: pip install kernels (or set kernels = \"off\")")
+    try:
+        model.set_use_kernels(True)
+    except Exception as e:  # kernels raises its own types, the Hub network errors
+        raise ModelError(f"cannot load the Hub kernels for {name!r} (offline?): {first_line(e)}; "
+                         "set kernels = \"off\"") from e
+    log.info("%s: transformers' Hub kernels on", name)
 
 
 def check_complete(info: dict[str, Any], where: str) -> None:
@@ -437,14 +461,14 @@ def _tensor_shapes(file: Path) -> dict[str, tuple[int, ...]]:
 
 
 def load_teacher_and_student(
-    teacher: str | Path, student: str | Path, device: torch.device, precision: str = "auto"
+    teacher: str | Path, student: str | Path, device: torch.device, precision: str = "auto", kernels: str = "off"
 ):
     """The frozen teacher and the trainable student on `device`, in the dtypes of the precision
     policy (`nas.device`; auto: bf16 teacher and fp32 student on CUDA, both fp32 on CPU)."""
     policy = precision_for(precision, device)
     return (
-        load_model(teacher, dtype=policy.teacher_dtype, device=device),
-        load_model(student, dtype=policy.student_dtype, device=device),
+        load_model(teacher, dtype=policy.teacher_dtype, device=device, kernels=kernels),
+        load_model(student, dtype=policy.student_dtype, device=device, kernels=kernels),
     )
 
 

@@ -77,7 +77,9 @@ def _load_wrapper(name: str, dtype: torch.dtype) -> tuple[nn.Module, dict[str, A
     from transformers import AutoModelForImageTextToText
 
     try:
-        model, info = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, output_loading_info=True)
+        model, info = AutoModelForImageTextToText.from_pretrained(
+            name, dtype=dtype, output_loading_info=True, use_kernels=False  # kernels: nas.model.families.load_model
+        )
     except Exception as e:  # safetensors, torch and transformers each raise their own types
         raise ModelError(f"cannot load the multimodal checkpoint {name!r}: {first_line(e)}") from e
     if not isinstance(getattr(getattr(model, "model", None), "language_model", None), nn.Module):

@@ -32,8 +32,8 @@ from nas.train.loop import distill
 from nas.train.teacher_cache import ensure_teacher_cache
 
 log = logging.getLogger(__name__)
-PACKAGES = ("nas", "torch", "transformers", "optuna", "datasets", "lm_eval", "plotly", "pandas",
-            "flash_linear_attention", "mamba_ssm", "causal_conv1d", "kernels")  # fmt: skip (the last four: `nas.model.kernels`)
+PACKAGES = ("nas", "torch", "transformers", "kernels", "optuna", "datasets", "lm_eval", "plotly", "pandas",
+            "flash_linear_attention", "mamba_ssm", "causal_conv1d")  # fmt: skip (the last three: `nas.model.kernels`)
 
 
 def prepare_context(
@@ -79,13 +79,13 @@ def load_teacher(cfg: RunConfig, data: Any):
     device = dist.local_device(cfg.device)  # cuda:LOCAL_RANK in a trial group
     dtype = precision_for(cfg.distill.precision, device).teacher_dtype  # the one policy (nas.device)
     if not cfg.correct_steps:
-        return load_model(cfg.teacher, dtype=dtype, device=device)
+        return load_model(cfg.teacher, dtype=dtype, device=device, kernels=cfg.kernels)
     corrected = cfg.paths.corrected
     if not (corrected / "model" / "config.json").is_file():
         run = cfg.distill.replace(steps=cfg.correct_steps, seed=cfg.seed)
         log.info("teacher correction: %d steps of LM loss on the distillation data", cfg.correct_steps)
-        distill(None, load_model(cfg.teacher, device=device), data, run, corrected)
-    return load_model(corrected / "model", dtype=dtype, device=device)
+        distill(None, load_model(cfg.teacher, device=device, kernels=cfg.kernels), data, run, corrected)
+    return load_model(corrected / "model", dtype=dtype, device=device, kernels=cfg.kernels)
 
 
 def load_kd_teacher(cfg: RunConfig, teacher):
@@ -94,7 +94,7 @@ def load_kd_teacher(cfg: RunConfig, teacher):
     if not cfg.distill_teacher:
         return None
     param = next(teacher.parameters())
-    kd = load_model(cfg.distill_teacher, dtype=param.dtype, device=param.device)
+    kd = load_model(cfg.distill_teacher, dtype=param.dtype, device=param.device, kernels=cfg.kernels)
     if kd.config.vocab_size != teacher.config.vocab_size:
         raise ConfigError(
             f"distill_teacher {cfg.distill_teacher} has a vocabulary of {kd.config.vocab_size}, the teacher "
@@ -142,7 +142,7 @@ def record_study_attrs(study: optuna.Study, ctx: SearchContext) -> None:
         importance_path=str(cfg.paths.importance.resolve()),
         data_fingerprint=ctx.data.fingerprint,
         data=", ".join(s.path for p in cfg.data.phases for s in p.sources),
-        versions=package_versions(),
+        versions=package_versions() | {"hub_kernels": cfg.kernels},
         seed=cfg.seed,
         horizon_steps=cfg.horizon_steps,
         horizon_tokens=cfg.horizon_tokens,

@@ -146,7 +146,7 @@ def rerank(ctx: SearchContext, study: optuna.Study) -> None:
         path = Path(TrialRecord.read(trial).checkpoint or "")
         if trial.number in scored or not (path / "config.json").is_file():
             continue
-        model = load_model(path, device=resolve_device(ctx.cfg.device))
+        model = load_model(path, device=resolve_device(ctx.cfg.device), kernels=ctx.cfg.kernels)
         scores = run_tasks(model, ctx.tokenizer, list(s.rerank_tasks), limit=s.rerank_limit or None)
         scored[trial.number] = {task: metrics.get("acc") for task, metrics in scores.items()}
         log.info(
@@ -178,7 +178,7 @@ def finalize(
     arch = Arch.from_dict(trial.arch)
     checkpoint = Path(horizon.get("checkpoint") or trial.checkpoint or "")
     if (checkpoint / "config.json").is_file():
-        student = load_model(checkpoint, device=next(ctx.teacher.parameters()).device)
+        student = load_model(checkpoint, device=next(ctx.teacher.parameters()).device, kernels=cfg.kernels)
     else:
         log.warning("trial %d's checkpoint %s is missing; distilling the winner from a fresh cut",
                     best.number, checkpoint)  # fmt: skip
@@ -263,11 +263,11 @@ def _distill_in_processes(ctx: SearchContext, student, checkpoint: Path, nproc: 
     ctx.teacher.to("cpu")
     try:
         result = distill_in_processes(
-            nproc, str(teacher_dir), str(start), cfg.data.to_dict(), cfg.final_distill(), final
+            nproc, str(teacher_dir), str(start), cfg.data.to_dict(), cfg.final_distill(), final, cfg.kernels
         )
     finally:
         ctx.teacher.to(device)
-    return load_model(final / "model", device=device), result
+    return load_model(final / "model", device=device, kernels=cfg.kernels), result
 
 
 def worker(storage: str, study_name: str, max_trials: int | None = None) -> optuna.Study | None:

@@ -97,7 +97,7 @@ def judge(ctx: SearchContext, losses: dict[int, float], previous: dict, tokens: 
     if len(order) >= 2:
         val = ctx.data.val(cfg.distill.eval_sequences)
         device = next(ctx.teacher.parameters()).device
-        per_seq = [sequence_losses(load_model(record["dirs"][str(n)], device=device), val,
+        per_seq = [sequence_losses(load_model(record["dirs"][str(n)], device=device, kernels=cfg.kernels), val,
                                    cfg.distill.eval_batch_size) for n in order[:2]]  # fmt: skip
         noise = ranking.margin_noise(per_seq[0], per_seq[1], s.bootstrap_samples, cfg.seed)
     tau = ranking.top_tau(previous, rank_by, s.stable_top, noise)
@@ -131,7 +131,7 @@ def next_rung(ctx: SearchContext, record: dict, budget_label: str) -> dict:
     for n in last["order"][: cfg.search.stable_top]:
         start = Path(record["dirs"][str(n)])
         out = cfg.root / "horizon" / budget_label / f"trial-{n}-{2 * last['tokens']}"
-        student = load_model(start, device=next(ctx.teacher.parameters()).device)
+        student = load_model(start, device=next(ctx.teacher.parameters()).device, kernels=cfg.kernels)
         result = distill(teacher_source(ctx.teacher, ctx.teacher_cache, run, ctx.data), student, ctx.data,
                          run, out, fresh_on_change=True, write_dtype=trial_write_dtype(run))  # fmt: skip
         shutil.rmtree(out / "checkpoints", ignore_errors=True)

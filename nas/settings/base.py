@@ -23,6 +23,9 @@ SIZE_KNOBS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_query_groups"
               # hybrid stacks (nas.model.blocks): layers per type, Gated DeltaNet key heads, Mamba2 heads
               "num_attention_layers", "num_global_attention_layers", "num_linear_attention_layers", "num_mamba_layers", "num_mlp_layers",
               "num_moe_layers", "num_linear_key_heads", "num_mamba_heads", "mamba_head_dim")  # fmt: skip
+# transformers >= 5.25 turns on Hub kernels at load unless told (a network fetch, another code path); nas
+# decides: off (torch / installed packages only, reproducible and offline) or hub (transformers' `use_kernels`)
+HUB_KERNELS = ("off", "hub")
 VISION = ("drop", "keep")  # a multimodal teacher's vision tower in the export (nas.model.multimodal says why drop)
 BUDGET_KINDS = ("total", "active")  # a budget on all parameters, or on those one token uses (MoE)
 _WHERE: ContextVar[str] = ContextVar("settings_where", default="")  # the TOML table being loaded

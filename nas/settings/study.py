@@ -15,6 +15,7 @@ from nas.settings.base import (
     _NESTED,
     _WHERE,
     DEPTH_STRATEGIES,
+    HUB_KERNELS,
     VISION,
     Settings,
     _described,
@@ -55,6 +56,13 @@ class RunConfig(Settings):
     correct_steps: int = _described(0, "teacher correction: LM fine-tune steps before pruning (0: off)", ge=0)
     seed: int = _described(0, "seed of every short run")
     device: str = _described("auto", "auto (CUDA if available), cpu, cuda, cuda:1 ...")
+    # off by default: transformers 5.25 fetches Hub kernels at every load otherwise (issue 30), which an
+    # offline cluster cannot and which runs a code path nas did not test; `hub` opts in (recorded per study)
+    kernels: Literal[HUB_KERNELS] = _described(  # type: ignore[valid-type]
+        "off",
+        "transformers' Hub kernels when a model is loaded: off (torch and installed packages only) or hub "
+        "(`use_kernels=True`; needs the `kernels` package and, once, the network)",
+    )
     space: SpaceConfig = _described(SpaceConfig(), "which architectures are candidates")
     importance: ImportanceConfig = _described(ImportanceConfig(), "the importance pass")
     search: SearchConfig = _described(SearchConfig(), "the Optuna search")

@@ -41,11 +41,14 @@ def relaunch(nproc: int, module_args: list[str]) -> int:
     return subprocess.run(torchrun_command(nproc, module_args), check=False).returncode
 
 
-def distill_in_processes(nproc: int, teacher: str, student: str, data: dict, cfg, out: Path):
+def distill_in_processes(
+    nproc: int, teacher: str, student: str, data: dict, cfg, out: Path, kernels: str = "off"
+):
     """Run `distill` of the model directories `teacher` and `student` on the study's `[data]` table
     in `nproc` torchrun processes; returns rank 0's `nas.train.loop.Result` (the weights are in out/model)."""
     out.mkdir(parents=True, exist_ok=True)
-    job = {"teacher": teacher, "student": student, "data": data, "distill": cfg.to_dict(), "out": str(out)}
+    job = {"teacher": teacher, "student": student, "data": data, "distill": cfg.to_dict(), "out": str(out),
+           "kernels": kernels}  # fmt: skip
     _write_json(out / "job.json", job)
     code = relaunch(nproc, ["nas.train.launch", str(out / "job.json")])
     if code != 0:
@@ -59,7 +62,9 @@ def run_job(path: str) -> int:
     cfg = DistillConfig(**job["distill"])
     device = local_device(cfg.device)
     setup(device)
-    teacher, student = load_teacher_and_student(job["teacher"], job["student"], device, cfg.precision)
+    teacher, student = load_teacher_and_student(
+        job["teacher"], job["student"], device, cfg.precision, job.get("kernels", "off")
+    )
     with rank_zero_first():
         data = prepare(data_config_from_dict(job["data"]), load_tokenizer(job["teacher"]))
     result = distill(teacher, student, data, cfg, job["out"])
