@@ -35,6 +35,7 @@ SMOKE_FAMILIES = {"Qwen3-8B": "qwen3", "Qwen3.5-9B": "qwen3_5_text", "NVIDIA-Nem
 CARD = 80 * 10**9  # the issue's card: "the settings the plan recommends for an 80 GB card" (H100/A100 80 GB)
 STEPS = 4  # the trial's optimizer steps: nas.train.speed's 2 warm-up steps, then 2 steady ones
 PLAN_BAND = (1.0, 1.15)  # issue 31: each planned peak within [1.0, 1.15]x of the real one
+PLAN_SECONDS = 75  # at most this of a row's 180 s for the plan's dry run (then the trial, ~60-90 s)
 MFU_BASELINE = 0.335  # issue 31: the 8B dense trial's measured MFU before the speed settings (row 7's bar)
 
 
@@ -53,19 +54,38 @@ def family_config(ctx: Context, name: str):
     return path, load_config(path)
 
 
-def planned(cfg, arch):
-    """(the trial's plan for `CARD` or None, the settings it runs at, the plan's error or None): the
-    recommended plan where the configured one does not fit. Without a plan (it failed), the configured
-    settings with gradient checkpointing, the plan ladder's first step."""
-    from nas.plan import plan_study
+def planned(cfg, arch, seconds: float | None):
+    """(the trial's plan for `CARD` as a dict or None, the settings it runs at, the plan's error or None):
+    the recommended plan where the configured one does not fit. The plan runs in a forked process given
+    `seconds` (None: no limit), so a dry run slower than the row can afford leaves time for the trial.
+    Without a plan (it failed or ran out of time), the configured settings with gradient checkpointing,
+    the plan ladder's first step."""
+    import multiprocessing
 
+    receive, send = multiprocessing.Pipe(duplex=False)
+    child = multiprocessing.get_context("fork").Process(target=_plan_child, args=(send, cfg, arch), daemon=True)
+    child.start()  # forked before this process touches CUDA (the plan runs on fake tensors, on the CPU)
+    send.close()
     try:
-        plans = [p for p in plan_study(cfg, CARD, student=arch) if p.stage == "trial"]
-    except Exception as e:  # the plan's own failure is this row's finding, the trial still runs
-        settings = {"gradient_checkpointing": True}
-        return None, settings, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
-    plan = next((p for p in plans if p.policy == "recommended"), plans[0])
-    return plan, dict(plan.settings), None
+        answer = receive.recv() if receive.poll(seconds) else ("error", f"the plan took over {seconds:.0f} s")
+    except EOFError:  # the plan's process died without a word (killed for memory, a crash)
+        answer = ("error", f"the plan's process ended with exit code {child.exitcode}")
+    child.kill()
+    child.join()
+    if answer[0] == "error":
+        return None, {"gradient_checkpointing": True}, answer[1]
+    plans = answer[1]
+    plan = next((p for p in plans if p["policy"] == "recommended"), plans[0])
+    return plan, dict(plan["settings"]), None
+
+
+def _plan_child(send, cfg, arch) -> None:
+    try:
+        from nas.plan import plan_study
+
+        send.send(("ok", [p.to_dict() for p in plan_study(cfg, CARD, student=arch) if p.stage == "trial"]))
+    except BaseException as e:  # the plan's own failure is the row's finding; the trial still runs
+        send.send(("error", f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"))
 
 
 def run_settings(cfg, settings: dict, ctx: Context):
@@ -113,14 +133,14 @@ def trial_row(ctx: Context, name: str) -> dict:
     cfg = with_horizon(cfg, Arch.from_hf_config(teacher_hf))
     start = time.perf_counter()
     arch, _ = largest_candidate(teacher_hf, "50%", cfg.space)
-    plan, settings, plan_error = planned(cfg, arch)
+    plan, settings, plan_error = planned(cfg, arch, None if ctx.smoke else PLAN_SECONDS)
     shape = f"{'tiny ' + SMOKE_FAMILIES[name] if ctx.smoke else name} -> {arch.describe()} ({params(arch_params(arch))})"
     threshold = (f"plan / real in [{PLAN_BAND[0]}, {PLAN_BAND[1]}] and real <= the plan's share of {CARD / 1e9:.0f} GB "
                  "(issue 31); tokens/s, MFU and kernels reported")  # fmt: skip
     measured = {"student": arch.describe(), "plan_seconds": time.perf_counter() - start, "settings": settings,
-                "plan_error": plan_error, "plan_bytes": plan.peak_bytes if plan else None,
-                "plan_policy": plan.policy if plan else None, "plan_fits": plan.fits if plan else None}  # fmt: skip
-    planned_text = f"plan {gib(plan.peak_bytes)} ({plan.policy}: {short(settings)})" if plan else f"plan failed ({plan_error})"
+                "plan_error": plan_error, "plan_bytes": plan["peak_bytes"] if plan else None,
+                "plan_policy": plan["policy"] if plan else None, "plan_fits": plan["fits"] if plan else None}  # fmt: skip
+    planned_text = f"plan {gib(plan['peak_bytes'])} ({plan['policy']}: {short(settings)})" if plan else f"plan failed ({plan_error})"
     ctx.record_partial({"verdict": "error", "error": "stopped after the plan (the trial did not finish)",
              "figure": f"{shape}: {planned_text}", "threshold": threshold, "measured": measured})  # fmt: skip
     if settings.get("gpus", 1) > 1:
@@ -137,7 +157,7 @@ def trial_row(ctx: Context, name: str) -> dict:
     if peak is None:
         return {"figure": f"{shape}: {planned_text}; real: no GPU; {speed}", "threshold": threshold,
                 "verdict": "no GPU", "measured": measured}  # fmt: skip
-    ratio = plan.peak_bytes / peak if plan else None
+    ratio = plan["peak_bytes"] / peak if plan else None
     measured["plan_over_real"] = ratio
     from nas.plan.stages import HEADROOM
 
