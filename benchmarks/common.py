@@ -5,6 +5,7 @@ do not depend on the values), and the context every row of the GPU acceptance ru
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +60,21 @@ class Context:
     smoke: bool
     work: Path
     demo_minutes: float
+    result: Path | None = None  # where the row's result goes (`record_partial` writes there first)
+    partial: dict = dataclasses.field(default_factory=dict)  # what `record_partial` recorded last
 
     @property
     def cuda(self) -> bool:
         return self.device.type == "cuda"
+
+    def record_partial(self, row: dict) -> None:
+        """What the row knows so far, in its result file: a row the time guard stops (or an exception
+        ends) still shows it."""
+        self.partial = dict(row)
+        if self.result is not None:
+            from nas.io import write_text_atomic
+
+            write_text_atomic(self.result, json.dumps(row, default=float))
 
     def verdict(self, ok: bool, needs_cuda: bool = False) -> str:
         """ok/FAIL only at full size on CUDA (see gpu_acceptance.py's docstring)."""

@@ -29,6 +29,10 @@ from torch import nn
 from nas.errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
+# dense (not 2:4-sparse) BF16 tensor-core TFLOP/s, NVIDIA's datasheets: H100 SXM and H200 SXM print only "1,979
+# with sparsity" (dense is half); A100 312 | 624, L40S 362 | 733, A10 125 | 250 (dense | sparse). "H100" also
+# matches the H100 PCIe card, whose dense peak is lower (756), so its MFU reads low
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
 @dataclass(frozen=True)
@@ -114,3 +118,12 @@ def visible_gpu_memory() -> int | None:
     if not torch.cuda.is_available():
         return None
     return torch.cuda.get_device_properties(0).total_memory
+
+
+def peak_bf16_tflops(device: torch.device) -> float | None:
+    """The datasheet dense bf16 peak of `device` in TFLOP/s (`PEAK_BF16_TFLOPS`), None off CUDA or for a
+    GPU not in the table."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)

@@ -120,7 +120,8 @@ def train_and_save(teacher, student, tokenizer, args, data_cfg: DataConfig, cfg:
     print(
         f"wrote {args.out}/model: {result.steps} steps, {result.tokens:,} tokens, val loss {result.val_loss:.4f}{kl}"
     )
-    print(f"{result.tokens_per_s:,.0f} tokens/s over {result.seconds:.1f} s")
+    mfu = f", MFU {result.speed['mfu']:.1%}" if result.speed.get("mfu") is not None else ""
+    print(f"{result.tokens_per_s:,.0f} tokens/s steady{mfu} (train steps after the warm-up); {result.seconds:.1f} s in all")
     return 0
 
 

@@ -32,7 +32,8 @@ from nas.train.loop import distill
 from nas.train.teacher_cache import ensure_teacher_cache
 
 log = logging.getLogger(__name__)
-PACKAGES = ("nas", "torch", "transformers", "kernels", "optuna", "datasets", "lm_eval", "plotly", "pandas")
+PACKAGES = ("nas", "torch", "transformers", "kernels", "optuna", "datasets", "lm_eval", "plotly", "pandas",
+            "flash_linear_attention", "mamba_ssm", "causal_conv1d")  # fmt: skip (the last three: `nas.model.kernels`)
 
 
 def prepare_context(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from nas.device import PEAK_BF16_TFLOPS
 from nas.errors import ConfigError
 from nas.model.arch import Arch
 from nas.model.size import count_params
@@ -28,10 +29,7 @@ from nas.search.funnel import prune_class
 from nas.search.strategy import ScreenFirst, strategy_for
 from nas.settings import RunConfig
 
-# dense (not 2:4-sparse) BF16 tensor-core TFLOP/s and memory, NVIDIA's datasheets: H100 SXM and H200 SXM print
-# only "1,979 with sparsity" (dense is half); A100 312 | 624, L40S 362 | 733, A10 125 | 250 (dense | sparse).
-# "H100" also matches the H100 PCIe card, whose dense peak is lower (756)
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+# the GPUs' memory, NVIDIA's datasheets (their dense bf16 peaks: `nas.device.PEAK_BF16_TFLOPS`)
 GPU_MEMORY = {"H100": "80GB", "H200": "141GB", "A100": "80GB", "L40S": "48GB", "A10": "24GB"}
 # measured here (DESIGN.md, one H200, December 2026): a Qwen3-8B -> 2.74B trial (bf16-mixed, 4 x 2048 tokens)
 # ran ~10,100 tokens/s steady = 33.5% MFU by the count above; ModelOpt's published H100 tutorials imply ~18%

@@ -219,6 +219,8 @@ def finalize(
         "budget": budget, "trial": best.number, "arch": arch.to_dict(), "params": count_params(arch),
         "val_loss": best.value, "final_val_loss": result.val_loss, "dir": str(winner_dir.resolve()),
         "curve": result.curve, "horizon_stop": horizon.get("stop"), "tokens": tokens,
+        "tokens_per_s": result.tokens_per_s, "mfu": result.speed.get("mfu"), "speed": result.speed,
+        "kernel_paths": result.kernel_paths,
     }  # fmt: skip
     StudyRecord(winners={**(StudyRecord.read(study).winners or {}), budget: winner}).write(study)
     log.info(

@@ -31,7 +31,7 @@ OBJECTIVES = {
 }
 LEAD_COLUMNS = ["number", "state", "value", "budget", "screen_rank", "screen_loss", "label", "params",
                 "kv_cache_bytes_per_token", "latency_tokens_per_s", "tokens", "last_step", "candidate", *KNOBS,
-                "duration_s"]  # fmt: skip
+                "kd_tokens_per_s", "kd_mfu", "duration_s"]  # fmt: skip
 SCREEN_COLUMNS = ["budget", "rank", "loss", "label", "params", "kv_cache_bytes_per_token", "memory_bytes",
                   "tokens_per_s", "rejected", "trial", "state", "kd_loss"]  # fmt: skip
 
@@ -319,7 +319,10 @@ def winner_facts(winner: dict, trials: pd.DataFrame) -> dict[str, Any]:
         label = next(iter(trials.loc[trials["number"] == winner.get("trial"), "label"]), None)
         loss = winner.get("final_val_loss", winner.get("val_loss"))
         return {"trial": winner.get("trial"), "label": label, "params": winner.get("params"), "loss": loss,
-                "short_run_loss": winner.get("val_loss"), "dir": winner.get("dir"), "source": "full distillation"}  # fmt: skip
+                "short_run_loss": winner.get("val_loss"), "dir": winner.get("dir"), "source": "full distillation",
+                "kd_tokens_per_s": winner.get("tokens_per_s"), "kd_mfu": winner.get("mfu"),
+                "write_seconds": (winner.get("speed") or {}).get("write_seconds"),
+                "kernel_paths": winner.get("kernel_paths") or {}}  # fmt: skip
     done = trials[front_eligible(trials)]
     if done.empty:
         return {}

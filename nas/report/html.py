@@ -43,7 +43,8 @@ SECTIONS = (
 )
 TABLE_COLUMNS = ["number", "state", "budget", "screen_rank", "screen_loss", "label", "value", "params", "kv_cache_bytes_per_token", "latency_tokens_per_s",
                  "tokens", "last_step", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                 "num_query_groups", "pareto_params", "pareto_kv_cache", "pareto_latency", "duration_s"]  # fmt: skip
+                 "num_query_groups", "pareto_params", "pareto_kv_cache", "pareto_latency", "kd_tokens_per_s", "kd_mfu",
+                 "duration_s"]  # fmt: skip
 
 
 def write_report(
@@ -233,7 +234,10 @@ def candidates_table(trials: pd.DataFrame, columns: list[str] | None = None) -> 
             for c in cols
         )
         rows.append(f'<tr class="{html.escape(str(row["state"]).lower())}">{cells}</tr>')
-    return (f'<p class="help">Click a header to sort. Value: val loss at the horizon (pruned: where it stopped).</p>'
+    return (f'<p class="help">Click a header to sort. Value: val loss at the horizon (pruned: where it stopped). '
+            'kd_tokens_per_s / kd_mfu: the steady distillation speed of the trial (its train steps after the warm-up; '
+            'no evaluation, no final write) and its model-FLOPs utilisation (2 N_teacher + 6 N_student per token '
+            'over the bf16 peak of the GPU).</p>'
             f'<div class="scroll"><table class="sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>')  # fmt: skip
 
 
@@ -252,7 +256,18 @@ def one_winner_text(w: dict) -> str:
         return ""
     return (f'<p class="help">Trial {w["trial"]} ({html.escape(str(w["label"]))}, {fmt(w["params"])} params): val loss '
             f'{fmt(w["short_run_loss"])} after the short run, {fmt(w["loss"])} after full distillation; '
-            f'saved to <code>{html.escape(str(w.get("dir")))}</code>.</p>')  # fmt: skip
+            f'saved to <code>{html.escape(str(w.get("dir")))}</code>.{speed_text(w)}</p>')  # fmt: skip
+
+
+def speed_text(w: dict) -> str:
+    """The full distillation's steady speed (its train steps alone), its final write and its kernels."""
+    if w.get("kd_tokens_per_s") is None:
+        return ""
+    mfu = f", MFU {w['kd_mfu']:.1%}" if w.get("kd_mfu") is not None else ""
+    write = f"; the final write took {w['write_seconds']:.1f} s" if w.get("write_seconds") is not None else ""
+    paths = ", ".join(f"{k}: {v}" for k, v in w.get("kernel_paths", {}).items())
+    kernels = f"; kernels: {html.escape(paths)}" if paths else ""
+    return f" Steady KD speed {w['kd_tokens_per_s']:,.0f} tokens/s{mfu} (train steps only){write}{kernels}."
 
 
 def reproducibility_html(rep: dict[str, Any]) -> str:

@@ -35,7 +35,7 @@ from nas.model.load import load_model
 from nas.search import ranking
 from nas.search.record import StudyRecord, TrialRecord
 from nas.search.study import _nearest_step
-from nas.train.loop import distill
+from nas.train.loop import distill, trial_write_dtype
 from nas.train.teacher_cache import teacher_source
 
 if TYPE_CHECKING:
@@ -133,7 +133,7 @@ def next_rung(ctx: SearchContext, record: dict, budget_label: str) -> dict:
         out = cfg.root / "horizon" / budget_label / f"trial-{n}-{2 * last['tokens']}"
         student = load_model(start, device=next(ctx.teacher.parameters()).device, kernels=cfg.kernels)
         result = distill(teacher_source(ctx.teacher, ctx.teacher_cache, run, ctx.data), student, ctx.data,
-                         run, out, fresh_on_change=True)  # fmt: skip
+                         run, out, fresh_on_change=True, write_dtype=trial_write_dtype(run))  # fmt: skip
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         if start.parent.parent == cfg.root / "horizon" / budget_label:  # an earlier rung's model: superseded
             shutil.rmtree(start.parent, ignore_errors=True)

@@ -158,6 +158,10 @@ class TrialRecord(_Record):
     budget: str | None = None  # the budget (as written) whose funnel the candidate is in
     screen_rank: int | None = None  # 0 = the best screen loss of its budget
     screen_loss: float | None = None  # LM loss right after pruning, no training
+    kd_tokens_per_s: float | None = None  # steady-state KD speed, its train steps alone (`nas.train.speed`)
+    kd_mfu: float | None = None  # model FLOPs utilisation of those steps (None: no datasheet peak, e.g. CPU)
+    kd_speed: dict[str, Any] | None = None  # `Speed.record()`: train seconds, write seconds, FLOPs per token
+    kernel_paths: dict[str, str] | None = None  # block type -> the kernels it ran (`nas.model.kernels`)
 
     @classmethod
     def read(cls, trial: FrozenTrial | optuna.Trial) -> TrialRecord:

@@ -45,7 +45,8 @@ from nas.search.search_context import SearchContext
 from nas.search.study import TrialRecord, arch_key, done_trials, make_storage
 from nas.settings import DistillConfig
 from nas.train import dist
-from nas.train.loop import NonFiniteLossError, distill
+from nas.train.loop import NonFiniteLossError, distill, trial_write_dtype
+from nas.train.speed import Speed
 from nas.train.teacher_cache import teacher_source
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> float:
     _describe_trial(trial, arch, keys[arch_key(arch)], student, ctx)
     out = trial_dir(ctx, arch)
     curve: list[dict] = []
+    speed = Speed()  # filled as the trial runs, so a stopped trial records its speed too
 
     def on_eval(step: int, val_loss: float) -> None:
         ctx.trackers.stream(f"trial_{trial.number}", out / "metrics.jsonl")
@@ -120,19 +122,26 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> float:
         trial.report(val_loss, step)
         if dist.from_rank_zero(trial.should_prune()):  # the group's other processes stop with it
             tokens = step * ctx.cfg.distill.batch_size * ctx.cfg.distill.grad_accum * ctx.data.seq_len
-            TrialRecord(tokens=tokens).write(trial)
+            TrialRecord(tokens=tokens, **speed_attrs(speed.record())).write(trial)
             raise optuna.TrialPruned(f"pruned at step {step} (val loss {val_loss:.4f})")
 
     dist.from_rank_zero(arch.to_dict())  # a trial group: the other processes run this candidate too
     run = trial_config(ctx)
     teacher = teacher_source(ctx.distill_from, ctx.teacher_cache, run, ctx.data)  # the cache when there is one
     try:
-        result = distill(teacher, student, ctx.data, run, out, on_eval=on_eval, fresh_on_change=True)
+        result = distill(teacher, student, ctx.data, run, out, on_eval=on_eval, fresh_on_change=True,
+                         write_dtype=trial_write_dtype(run), speed=speed)  # fmt: skip
     finally:  # a finished or stopped trial needs no resume state; a killed one keeps it for its retry
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         ctx.trackers.stream(f"trial_{trial.number}", out / "metrics.jsonl")
-    TrialRecord(curve=result.curve, tokens=result.tokens, checkpoint=str(out / "model")).write(trial)
+    TrialRecord(curve=result.curve, tokens=result.tokens, checkpoint=str(out / "model"),
+                kernel_paths=result.kernel_paths, **speed_attrs(result.speed)).write(trial)  # fmt: skip
     return result.val_loss
+
+
+def speed_attrs(speed: dict) -> dict:
+    """A trial record's speed fields from `Speed.record()`."""
+    return {"kd_tokens_per_s": speed["tokens_per_s"], "kd_mfu": speed["mfu"], "kd_speed": speed}
 
 
 def trial_config(ctx: SearchContext) -> DistillConfig:
@@ -156,9 +165,8 @@ def follow_trials(ctx: SearchContext) -> None:
         run = trial_config(ctx)
         teacher = teacher_source(ctx.distill_from, ctx.teacher_cache, run, ctx.data)
         with contextlib.suppress(optuna.TrialPruned, NonFiniteLossError):
-            distill(
-                teacher, student, ctx.data, run, trial_dir(ctx, arch), on_eval=on_eval, fresh_on_change=True
-            )
+            distill(teacher, student, ctx.data, run, trial_dir(ctx, arch), on_eval=on_eval, fresh_on_change=True,
+                    write_dtype=trial_write_dtype(run))  # fmt: skip
 
 
 def budget_violation(arch: Arch, ctx: SearchContext) -> float:

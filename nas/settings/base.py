@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from nas.errors import ConfigError
 
 SCHEDULES = ("cosine", "wsd", "constant")
+ATTENTIONS = ("auto", "sdpa", "flash_attention_2", "eager")  # auto: the model's own; else attn_implementation
 OPTIMIZERS = ("adamw", "adamw-8bit")  # torch AdamW | torchao AdamW8bit (https://arxiv.org/abs/2110.02861)
 DEPTH_STRATEGIES = ("drop-lowest", "contiguous")
 PRUNERS = ("successive-halving", "hyperband", "none")

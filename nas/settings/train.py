@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from nas.device import PRECISIONS
 from nas.settings.base import (
+    ATTENTIONS,
     OPTIMIZERS,
     SCHEDULES,
     Settings,
@@ -64,6 +65,23 @@ class DistillConfig(Settings):
         "auto", "auto (CUDA if available; cuda:LOCAL_RANK under torchrun), cpu, cuda, cuda:1 ..."
     )
     log_every: int = _described(10, "steps between train lines in metrics.jsonl", ge=0)
+    # step speed (benchmarks/trial_speed.py measures each side by side; none changes what is learned)
+    # auto: what transformers chose when the model was built: sdpa wherever the model supports it (its
+    # default), on CUDA in bf16 PyTorch's SDPA runs the FlashAttention-2 kernel
+    # (https://pytorch.org/docs/stable/generated/torch.nn.functional.scaled_dot_product_attention.html);
+    # eager where it does not (gpt-oss: its attention sinks). flash_attention_2 needs the flash-attn package
+    attention: Literal[ATTENTIONS] = _described(  # type: ignore[valid-type]
+        "auto", "attention of teacher and student: auto (the model's default: sdpa where supported), sdpa, "
+        "flash_attention_2 (flash-attn installed), eager"
+    )
+    # torch's docs: the fused AdamW implementation is the fastest on CUDA ("fused > foreach > for-loop",
+    # https://pytorch.org/docs/stable/optim.html#algorithms)
+    fused_optimizer: bool = _described(True, "CUDA: torch's fused AdamW kernel (off: its foreach one)")
+    # off by default: compiling the layers costs minutes on an 8B model before the first step, which a
+    # short trial may not win back; benchmarks/trial_speed.py (gpu_acceptance row speed) measures both
+    compile: bool = _described(
+        False, "torch.compile each decoder layer of student and teacher (pays on long runs; costs start-up)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:

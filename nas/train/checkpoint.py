@@ -243,6 +243,18 @@ def load_full_state(student: nn.Module, optimizer, model_state: dict, optimizer_
     set_optimizer_state_dict(student, optimizer, named, options=options)
 
 
+def cast_floating(state: dict, dtype: torch.dtype) -> dict:
+    """Floating tensors cast to `dtype`, a tensor shared by several names (tied weights) cast once and
+    still shared."""
+    cast: dict[int, torch.Tensor] = {}
+    out = {}
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and id(tensor) not in cast:
+            cast[id(tensor)] = tensor.detach().to(dtype)
+        out[name] = cast.get(id(tensor), tensor)
+    return out
+
+
 if __name__ == "__main__":  # python -m nas.train.checkpoint DIR: convert a previous-format checkpoint once
     import sys
 

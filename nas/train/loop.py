@@ -26,14 +26,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from nas.device import precision_for, use_precision
+from nas.device import peak_bf16_tflops, precision_for, use_precision
 from nas.errors import ConfigError, ModelError, NasError
 from nas.evaluate.loss import lm_loss
 from nas.io import append_log, check_identity, read_log, record_identity, save_model_atomic, write_text_atomic
 from nas.model.head import head_weight
+from nas.model.kernels import hub_kernels, kernel_paths_of, notice_slow_paths
 from nas.settings import DistillConfig
 from nas.train import dist
 from nas.train.checkpoint import (
+    cast_floating,
     gather_full_state,
     gather_model_state,
     latest_checkpoint,
@@ -51,6 +53,7 @@ from nas.train.run_files import (  # noqa: F401 (NOT_IDENTITY, RUN_FILES, clear_
     restart_hint,
     run_identity,
 )
+from nas.train.speed import Speed, model_flops_per_token, use_speed_settings
 from nas.train.teacher_cache import TeacherCache
 
 log = logging.getLogger(__name__)
@@ -66,8 +69,10 @@ class Result:
     val_loss: float
     val_kl: float | None
     curve: list[dict] = field(default_factory=list)
-    seconds: float = 0.0
-    tokens_per_s: float = 0.0
+    seconds: float = 0.0  # the whole call: warm-up, steps, evaluations, checkpoints and the final write
+    tokens_per_s: float = 0.0  # steady state: the train steps after the warm-up alone (`nas.train.speed`)
+    speed: dict = field(default_factory=dict)  # `Speed.record()`: tokens/s, MFU, train and write seconds
+    kernel_paths: dict = field(default_factory=dict)  # block type -> the kernels it ran (`nas.model.kernels`)
 
 
 class NonFiniteLossError(NasError):
@@ -107,6 +112,9 @@ def distill(
     out_dir: str | os.PathLike,
     on_eval: Callable[[int, float], None] | None = None,
     fresh_on_change: bool = False,
+    write_dtype: torch.dtype | None = None,
+    speed: Speed | None = None,
+    write: bool = True,
 ) -> Result:
     """Train `student` in place to match `teacher` (forward KL on logits) on `data.train_batch`.
 
@@ -120,12 +128,24 @@ def distill(
     study checks the settings itself), starts afresh. Writes `metrics.jsonl`, `checkpoints/`, `model/`.
     Dtypes follow `cfg.precision` (`nas.device`): the student is cast to its master dtype here;
     load the teacher with `nas.model.load.load_teacher_and_student` (or in the policy's teacher dtype).
+    `write_dtype`: the dtype `model/` is written in (default the master weights'; a trial writes its
+    compute dtype, `trial_write_dtype`; `write=False`: no `model/` at all, for a run nothing reads after,
+    e.g. a benchmark). `speed`: a `nas.train.speed.Speed` this call fills as it runs
+    (steady tokens/s and MFU of the train steps alone), so a caller whose `on_eval` stops the run reads it.
     """
     with use_precision(cfg.precision):
-        return _distill(teacher, student, data, cfg, Path(out_dir), on_eval, fresh_on_change)
+        return _distill(teacher, student, data, cfg, Path(out_dir), on_eval, fresh_on_change,
+                        write_dtype if write else False, speed)  # fmt: skip
 
 
-def _distill(teacher, student, data, cfg: DistillConfig, out: Path, on_eval, fresh_on_change: bool) -> Result:
+def trial_write_dtype(cfg: DistillConfig) -> torch.dtype:
+    """The dtype a search trial writes its student in: the run's compute dtype (bf16 on every bf16 policy,
+    i.e. CUDA by default: half the bytes and time of fp32; fp32 under fp32, so a continued CPU run is exact)."""
+    return precision_for(cfg.precision, dist.local_device(cfg.device)).teacher_dtype
+
+
+def _distill(teacher, student, data, cfg: DistillConfig, out: Path, on_eval, fresh_on_change: bool,
+             write_dtype: torch.dtype | None | bool = None, speed: Speed | None = None) -> Result:  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     device = dist.local_device(cfg.device)
     dist.setup(device)
@@ -148,25 +168,36 @@ def _distill(teacher, student, data, cfg: DistillConfig, out: Path, on_eval, fre
     elif teacher is not None:
         teacher.to(device).eval()
     _check_vocab(teacher, student, cache)
+    use_speed_settings(student, teacher, cfg)
+    paths = kernel_paths_of(student, teacher, device, hub_kernels(student, teacher))
+    notice_slow_paths(paths, device)
+    speed = speed if speed is not None else Speed()
+    speed.flops_per_token = model_flops_per_token(student, teacher)
+    peak = peak_bf16_tflops(device)
+    speed.peak_flops = peak * 1e12 * dist.world().size if peak else None
     model = dist.wrap(student, teacher, cfg, device, cache)  # before the optimizer: FSDP swaps parameters
     optimizer = build_optimizer(student, cfg, device)
     run = _resume(out, student, optimizer, cfg, dist.is_sharded(model))
     if dist.world().main and not (out / IDENTITY_FILE).is_file():
         record_identity(out / IDENTITY_FILE, identity)
     val = torch.as_tensor(data.val(cfg.eval_sequences), dtype=torch.long)
-    start_time, start_tokens = time.perf_counter(), run.tokens
+    start_time = time.perf_counter()
     _set_checkpointing(student, cfg.gradient_checkpointing)
     try:
-        _train(model, data, cfg, out, optimizer, run, val, on_eval)
+        _train(model, data, cfg, out, optimizer, run, val, on_eval, speed)
     finally:
         _set_checkpointing(student, False)
         student.eval()
     if not run.curve or run.curve[-1]["step"] != run.step:  # a resumed run that had already finished
         _evaluate(model, val, cfg, out, run, on_eval)
-    _save_model(model, student, out / "model")
+    if write_dtype is not False:  # False: not written (`write=False`)
+        write_start = time.perf_counter()
+        _save_model(model, student, out / "model", write_dtype)
+        speed.write_seconds = time.perf_counter() - write_start
     seconds = time.perf_counter() - start_time
     last = run.curve[-1]
-    log.info("distilled %d steps (%d tokens): val loss %.4f", run.step, run.tokens, last["val_loss"])
+    log.info("distilled %d steps (%d tokens): val loss %.4f; %s", run.step, run.tokens, last["val_loss"],
+             speed.describe())  # fmt: skip
     return Result(
         out_dir=str(out),
         steps=run.step,
@@ -175,15 +206,22 @@ def _distill(teacher, student, data, cfg: DistillConfig, out: Path, on_eval, fre
         val_kl=last["val_kl"],
         curve=list(run.curve),
         seconds=seconds,
-        tokens_per_s=(run.tokens - start_tokens) / max(seconds, 1e-9),
+        tokens_per_s=speed.tokens_per_s,
+        speed=speed.record(),
+        kernel_paths=paths,
     )
 
 
-def _save_model(model: nn.Module, student: nn.Module, dst: Path) -> None:
-    """The final `save_pretrained` export, by rank 0 (from the gathered full weights under FSDP)."""
+def _save_model(model: nn.Module, student: nn.Module, dst: Path, dtype: torch.dtype | None = None) -> None:
+    """The final `save_pretrained` export, by rank 0 (from the gathered full weights under FSDP), in
+    `dtype` (None: the weights' own)."""
     state = gather_model_state(student) if dist.is_sharded(model) else None
+    if dtype is not None and state is None and any(p.dtype != dtype for p in student.parameters()):
+        state = dict(student.state_dict())
     for group in tied_names(student) if state else ():  # one shared tensor, as save_pretrained expects
         state.update({name: state[group[0]] for name in group})
+    if state is not None and dtype is not None:
+        state = cast_floating(state, dtype)
     if dist.world().main:
         save_model_atomic(student, dst, state)
     dist.barrier()
@@ -236,17 +274,24 @@ def _truncate_metrics(path: Path, step: int) -> None:
     write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in keep))
 
 
-def _train(model, data, cfg: DistillConfig, out: Path, optimizer, run: _Run, val, on_eval) -> None:
-    """The step loop from `run.step` to `cfg.steps`; `model` is the wrapped `dist.StudentLoss`."""
+def _train(
+    model, data, cfg: DistillConfig, out: Path, optimizer, run: _Run, val, on_eval, speed: Speed
+) -> None:
+    """The step loop from `run.step` to `cfg.steps`; `model` is the wrapped `dist.StudentLoss`. Each
+    optimizer step alone is timed into `speed` (evaluations, checkpoints and callbacks are not)."""
     window = {"loss": 0.0, "kl": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
     loss_module = dist.unwrapped(model)
     desc = "train" if loss_module.teacher is None and loss_module.cache is None else "distill"
     bar = tqdm(total=cfg.steps, initial=run.step, disable=None if dist.world().main else True, desc=desc)
+    device = next(loss_module.student.parameters()).device
     model.train()
     with bar:
         while run.step < cfg.steps:
             lr = lr_at(run.step, cfg)
+            step_start = time.perf_counter()
             loss, kl, _, tokens = train_step(model, data, cfg, optimizer, run.step, out)
+            _sync(device)  # the update's kernels are part of this step's time
+            speed.add_step(tokens, time.perf_counter() - step_start)
             run.step += 1
             run.tokens += tokens
             _accumulate(window, loss, kl, tokens)
@@ -262,6 +307,11 @@ def _train(model, data, cfg: DistillConfig, out: Path, optimizer, run: _Run, val
             if evaluate_now and on_eval is not None:
                 on_eval(run.step, run.curve[-1]["val_loss"])
                 model.train()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _accumulate_grads(model, data, cfg: DistillConfig, optimizer, step: int):

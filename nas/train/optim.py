@@ -50,7 +50,7 @@ def _build_optimizer(student: nn.Module, cfg: DistillConfig, device: torch.devic
     if cfg.offload_optimizer:
         return _offloaded(groups, cfg, device, bf16)
     if cfg.optimizer == "adamw" and not bf16:
-        fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+        fast = {"fused": True} if device.type == "cuda" and cfg.fused_optimizer else {"foreach": True}
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **fast)
     from torchao.optim import AdamW8bit, _AdamW
 

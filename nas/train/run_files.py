@@ -18,7 +18,8 @@ IDENTITY_FILE = "run.json"  # the settings that decide the run's result (see `ru
 # settings that change how a run is executed or logged, never its weights
 NOT_IDENTITY = (
     "device", "log_every", "eval_every", "eval_batch_size", "checkpoint_every", "keep_checkpoints",
-    "gradient_checkpointing", "fsdp", "chunk_tokens", "offload_optimizer",
+    "gradient_checkpointing", "fsdp", "chunk_tokens", "offload_optimizer", "attention", "fused_optimizer",
+    "compile",
 )  # fmt: skip
 RUN_FILES = (IDENTITY_FILE, "metrics.jsonl", "checkpoints", "model")  # what --restart deletes
 

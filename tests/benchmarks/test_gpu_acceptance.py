@@ -11,7 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ["-m", "benchmarks.gpu_acceptance"]  # run from the repository root
-ROWS = ["demo", "kd_step", "memory_adamw", "memory_8bit", "screen", "parallel"]  # table order (1 .. 5)
+ROWS = ["demo", "kd_step", "memory_adamw", "memory_8bit", "screen", "parallel", "trial_8b", "trial_qwen35",
+        "trial_nemotron", "speed"]  # table order (1 .. 7)  # fmt: skip
 
 
 def acceptance(tmp_path, *argv):
@@ -36,7 +37,8 @@ def test_gpu_acceptance_smoke_runs_every_row_on_cpu(tmp_path):
     by = rows(record)
     assert {n: r["verdict"] for n, r in by.items()} == {
         "demo": "smoke", "kd_step": "no GPU", "memory_adamw": "no GPU", "memory_8bit": "no GPU",
-        "screen": "smoke", "parallel": "no GPU",
+        "screen": "smoke", "parallel": "no GPU", "trial_8b": "no GPU", "trial_qwen35": "no GPU",
+        "trial_nemotron": "no GPU", "speed": "no GPU",
     }  # fmt: skip
     demo = by["demo"]["measured"]
     assert all(demo[k] > 0 for k in ("teacher_val_loss", "winner_val_loss", "scratch_val_loss"))
@@ -45,6 +47,16 @@ def test_gpu_acceptance_smoke_runs_every_row_on_cpu(tmp_path):
     for name in ("memory_adamw", "memory_8bit"):  # the plan ran, and so did the real trial (on the CPU)
         m = by[name]["measured"]
         assert m["plan_bytes"] == sum(m["plan_breakdown"].values()) > 0 and m["measured_bytes"] is None
+    for name, slow in (("trial_8b", None), ("trial_qwen35", "linear_attention"), ("trial_nemotron", "mamba")):
+        m = by[name]["measured"]  # the plan ran (or says why not), and a real trial at its settings
+        assert (m["plan_bytes"] or 0) > 0 or m["plan_error"]
+        assert m["tokens_per_s"] > 0 and m["speed"]["steady_steps"] > 0 and m["measured_bytes"] is None
+        assert m["kernel_paths"]["attention"] == "sdpa"
+        if slow:
+            assert m["kernel_paths"][slow] == "torch reference" and "torch reference" in by[name]["figure"]
+    assert by["trial_8b"]["measured"]["speed"]["write_seconds"] > 0  # the 8B trial's bf16 write, timed apart
+    variants = by["speed"]["measured"]["rows"]
+    assert variants["defaults"]["vs_defaults"] == 1.0 and {"foreach AdamW", "micro-batch 1", "compile"} <= set(variants)
     screen = by["screen"]["measured"]
     assert screen["candidates_per_minute"] > 0 and screen["projected_minutes"] > 0
     assert screen["big_space"] > screen["timed"] and screen["big_minutes_from_measured"] > 0
@@ -81,9 +93,10 @@ def test_gpu_acceptance_smoke_stops_a_row_that_runs_past_its_cap(tmp_path):
 def test_gpu_acceptance_smoke_time_guard_skips_rows_by_name(tmp_path):
     done, record = acceptance(tmp_path, "--time-limit", "1")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert record["skipped"] == ["kd_step", "memory_adamw", "memory_8bit", "screen", "demo"]
+    assert record["skipped"] == ["kd_step", "trial_8b", "trial_qwen35", "trial_nemotron", "speed", "memory_adamw",
+                                 "memory_8bit", "screen", "demo"]  # fmt: skip
     assert rows(record)["parallel"]["verdict"] == "no GPU"  # decided without a child
-    assert "skipped by the time guard: kd_step, memory_adamw" in done.stdout
+    assert "skipped by the time guard: kd_step, trial_8b" in done.stdout
 
 
 @pytest.mark.parametrize(

@@ -287,6 +287,11 @@ def test_report_of_a_study_made_by_the_search(tmp_path):
         data.importance_heads is not None and not data.winner_curve.empty and "importance" not in data.notes
     )
     assert data.header["winner"]["source"] == "full distillation"
+    # every trial and the winner carry their steady KD speed (train steps alone) and their kernels
+    done = data.trials[data.trials["state"] == "COMPLETE"]
+    assert (pd.to_numeric(done["kd_tokens_per_s"]) > 0).all() and done["kd_mfu"].isna().all()  # CPU: no peak
+    assert (done["kd_speed.write_seconds"] > 0).all() and set(done["kernel_paths.attention"]) == {"sdpa"}
+    assert data.header["winner"]["kd_tokens_per_s"] > 0 and "Steady KD speed" in out.read_text()
     assert (
         external_references(out.read_text().replace(__import__("plotly.offline").offline.get_plotlyjs(), ""))
         == []

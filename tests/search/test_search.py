@@ -47,6 +47,8 @@ def test_study_with_two_trials_is_continued_to_four_without_repeats(tmp_path):
     for trial in study.get_trials(states=(TrialState.COMPLETE,)):
         record = TrialRecord.read(trial)
         assert record.params > 0 and record.latency_tokens_per_s > 0
+        assert record.kd_tokens_per_s == record.kd_speed["tokens_per_s"] > 0 and record.kd_mfu is None  # CPU
+        assert record.kd_speed["write_seconds"] > 0 and record.kernel_paths == {"attention": "sdpa"}
         assert [p["step"] for p in record.curve] == [2, 4]
         assert sorted(trial.intermediate_values) == [2, 4]
     complete = sorted(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.value)
