@@ -10,12 +10,10 @@ be downloaded, and speed and memory do not depend on the weights' values.
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import math
 import os
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -35,24 +33,6 @@ SCREEN_GOAL_MINUTES = 60.0  # row 4: an 8B space screened within an hour on one 
 SCREEN_SAMPLE = 24  # row 4: candidates timed, spread over the space (3 at smoke size)
 TRIAL_STEPS = 3  # row 3: optimizer steps of the real trial (the second step has the optimizer states)
 log = logging.getLogger("gpu_acceptance")
-
-
-def run_row(name: str, args) -> int:
-    """Run row `name` (this is the child process) and write its result to `args.result`."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("torchao", "torch.utils._pytree"):  # import-time notices nobody can act on (as nas's CLI)
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    ctx = Context(torch.device(args.device), args.smoke, Path(args.work), args.demo_minutes, Path(args.result))
-    try:
-        row = ROW_FUNCTIONS[name](ctx)
-    except Exception as e:  # an OOM is one too (torch.OutOfMemoryError): the row records it, the run goes on
-        traceback.print_exc()
-        row = {"figure": "", "threshold": "", **ctx.partial, "verdict": "error",
-               "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:400]}"}  # fmt: skip
-    from nas.io import write_text_atomic
-
-    write_text_atomic(args.result, json.dumps(row, default=float))
-    return 0
 
 
 # ---- shared helpers -----------------------------------------------------------------------------
@@ -302,34 +282,3 @@ def screen_row(ctx: Context) -> dict:
         "verdict": ctx.verdict(max(projected, measured_8b) <= SCREEN_GOAL_MINUTES),
         "measured": measured,
     }
-
-
-ROW_FUNCTIONS = {
-    "demo": demo_row,
-    "kd_step": kd_row,
-    "memory_adamw": lambda ctx: memory_row(ctx, "adamw"),
-    "memory_8bit": lambda ctx: memory_row(ctx, "adamw-8bit"),
-    "screen": screen_row,
-    "parallel": lambda ctx: parallel_row(ctx),
-    **{name: (lambda ctx, n=name: trial_row(ctx, n)) for name in ("trial_8b", "trial_qwen35", "trial_nemotron")},
-    "speed": lambda ctx: speed_row(ctx),
-}
-
-
-def trial_row(ctx: Context, name: str) -> dict:
-    from benchmarks._gpu_trials import TEACHERS  # rows 6a-6c, beside this file
-    from benchmarks._gpu_trials import trial_row as row
-
-    return row(ctx, TEACHERS[name])
-
-
-def speed_row(ctx: Context) -> dict:
-    from benchmarks._gpu_trials import speed_row as row  # row 7
-
-    return row(ctx)
-
-
-def parallel_row(ctx: Context) -> dict:
-    from benchmarks._gpu_parallel import parallel_row as row
-
-    return row(ctx)

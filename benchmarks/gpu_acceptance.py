@@ -265,7 +265,7 @@ def default_out(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.row:  # a child
-        from benchmarks._gpu_rows import run_row
+        from benchmarks._gpu_table import run_row
 
         return run_row(args.row, args)
     problem = check_args(args)
