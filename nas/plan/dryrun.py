@@ -37,6 +37,8 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker, _RefType
+from torch.distributed._tools.mod_tracker import ModTracker
+from torch.utils._pytree import tree_map_only
 
 from nas.device import precision_for, use_precision
 from nas.errors import ConfigError
@@ -85,12 +87,30 @@ _CATEGORY_OF = {
 }
 
 
+class _NoGradModTracker(ModTracker):
+    """torch's ModTracker, except that under `no_grad` no backward hook is put on a module's inputs.
+
+    ModTracker hooks every tensor input that requires grad. Under `no_grad` a view of a parameter
+    (`conv1d.weight.squeeze(1)`) still requires grad but has no autograd node, and
+    `register_multi_grad_hook` asserts on it. Such a view reaches a module's input only through
+    transformers' hub-kernel function modules (`causal_conv1d_forward` of Qwen3.5 / Nemotron-H
+    becomes an `nn.Module` whenever the `kernels` package is installed, transformers >= 5.25), so
+    the teacher's forward and the validation of every hybrid stack failed. No backward can reach a
+    module called under `no_grad`, so nothing is lost: the inputs are detached for the hook only."""
+
+    def _fw_pre_hook(self, mod, input):
+        if not torch.is_grad_enabled():
+            input = tree_map_only(torch.Tensor, torch.Tensor.detach, input)
+        return super()._fw_pre_hook(mod, input)
+
+
 class _Tracker(MemTracker):
     """MemTracker that files the teacher's weights and forward, and the fused loss's forward, under
     their own categories; with `host_optimizer` the optimizer's memory is left out (it is on the CPU)."""
 
     def __init__(self, host_optimizer: bool = False, fused_update: bool = False) -> None:
         super().__init__()
+        self._mod_tracker = _NoGradModTracker()
         self._ref_class = _Ref
         self.region: _Ref | None = None
         self.host_optimizer = host_optimizer
