@@ -315,7 +315,7 @@ def test_checkpointing_one_block_type_gives_the_same_loss_and_recomputes_only_th
         calls = [0] * len(types)
         for i, layer in enumerate(decoder_layers(student)):  # its submodules: transformers checkpoints `forward`
             for child in layer.children():
-                child.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+                child.register_forward_pre_hook(lambda *_, i=i, c=calls: c.__setitem__(i, c[i] + 1))
         cfg = small_cfg(steps=2, eval_every=0, checkpoint_every=0, gradient_checkpointing=setting)
         result = distill(teacher, student, token_data, cfg, tmp_path / str(bool(setting)))
         runs[bool(setting)] = (result.val_loss, student, calls)
