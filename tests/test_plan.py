@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+from pathlib import Path
 
 import pytest
 import tomli_w
@@ -222,3 +223,47 @@ def test_a_mixture_of_experts_teacher_plans_in_bf16_down_the_whole_ladder(tmp_pa
     trial = [p for p in plans if p.stage == "trial"]
     assert all(p.peak_bytes > 0 for p in plans) and all(p.settings["precision"] == "bf16" for p in trial)
     assert any(p.settings.get("grad_accum", 1) > 1 for p in trial)
+
+
+CONFIGS = Path(__file__).parents[1] / "benchmarks" / "configs"
+# benchmarks/gpu_acceptance.py row 3a's trial (bf16-mixed, torch AdamW, 4 x 2048 tokens, no checkpointing) of
+# random-init models on one H200 (torch 2.11+cu130, transformers 5.17): `max_memory_allocated` (issue 31)
+MEASURED_TRIALS = [
+    ("Qwen3-1.7B", (20, 1984, 3328, 8, 8), 34.02),
+    ("Qwen3-8B", (26, 3648, 8448, 16, 8), 112.4),
+    ("Qwen3-8B", (36, 2048, 6144, 32, 8), 97.1),
+]
+TRIAL = {"precision": "bf16-mixed", "optimizer": "adamw", "offload_optimizer": False, "gradient_checkpointing": False,
+         "batch_size": 4, "grad_accum": 1, "eval_batch_size": 4, "gpus": 1}  # fmt: skip
+
+
+def _trial_job(teacher: str, shape: tuple[int, ...] | None = None):
+    """The trial stage of `teacher` (a shipped config) at a student of `shape` (L, H, F, A, G; default: the
+    largest candidate at 50%, as gpu_acceptance.py plans it)."""
+    import dataclasses
+
+    from nas.model.arch import Arch
+    from nas.model.families import load_config
+    from nas.model.size import count_params
+    from nas.plan.stages import _Job
+    from nas.prune.space import enumerate_budgets
+
+    config = load_config(CONFIGS / teacher)
+    arch = Arch.from_hf_config(config)
+    if shape is None:
+        arch = max(enumerate_budgets(arch, ["50%"])["50%"], key=count_params)
+    else:
+        names = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
+        arch = dataclasses.replace(arch, **dict(zip(names, shape, strict=True)))
+    return _Job("trial", config, arch.to_hf_config(config), 2048, dict(TRIAL))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("teacher", "shape", "measured_gib"), MEASURED_TRIALS)
+def test_the_trial_plan_matches_the_measured_peak_on_a_gpu(teacher, shape, measured_gib):
+    """Golden figures: each planned trial peak is within [1.0, 1.15]x of the one measured on a GPU (the plan
+    of Qwen3-8B's largest 50% was 208.6 GiB, 1.85x, before each phase's peak was taken at one moment)."""
+    from nas.plan.stages import measure
+
+    plan = measure(_trial_job(teacher, shape), dict(TRIAL), 80 * 10**9)
+    assert 1.0 <= plan.peak_bytes / 2**30 / measured_gib <= 1.15, (plan.phase, plan.breakdown)

@@ -28,7 +28,7 @@ from nas.device import precision_for
 from nas.errors import ConfigError
 from nas.io import write_text_atomic
 from nas.model.arch import Arch
-from nas.model.families import load_config
+from nas.model.families import layer_units, load_config
 from nas.model.size import count_params
 from nas.plan import dryrun
 from nas.prune.space import enumerate_budgets, with_horizon
@@ -40,6 +40,7 @@ STAGES = ("importance", "trial", "final", "evaluation")
 HEADROOM = 0.92  # share of a GPU's memory a stage may plan to use
 KNOBS = ("precision", "optimizer", "offload_optimizer", "gradient_checkpointing", "batch_size", "grad_accum")
 CUDA = torch.device("cuda")
+MIXERS = ("mamba", "linear_attention")  # the block types `_mixer_checkpointing` recomputes first
 
 
 @dataclass
@@ -210,12 +211,25 @@ def _ladder(job: _Job) -> list:
     # fp32 master weights reach torch's grouped_mm, whose fake-tensor (meta) kernel takes bf16 only
     mixed = [] if Arch.from_hf_config(job.student).num_experts else [setting("precision", "bf16-mixed")]
     train = [
+        *_mixer_checkpointing(job),
         setting("gradient_checkpointing", True),
         *mixed,
         setting("optimizer", "adamw-8bit"),
         setting("precision", "bf16"),
     ]
     return train + [halve_batch] * 3 + [offload] + [more_gpus] * 3
+
+
+def _mixer_checkpointing(job: _Job) -> list:
+    """The first rung for a hybrid student: checkpoint only its Mamba / linear-attention layers. Their reference
+    PyTorch scans (what runs without mamba-ssm / flash-linear-attention) save several times an attention
+    layer's activations per layer (Nemotron-Nano-9B-v2, Qwen3.5-9B: issue 31's trials), so recomputing them
+    first frees the most memory per recomputed FLOP."""
+    types = {units[0] for units in layer_units(job.student)} & set(MIXERS)
+    if not types or job.settings.get("gradient_checkpointing") is True:
+        return []
+    chosen = tuple(t for t in MIXERS if t in types)
+    return [lambda s, plan: s | {"gradient_checkpointing": chosen}]
 
 
 def to_json(plans: list[StagePlan]) -> list[dict[str, Any]]:
@@ -243,7 +257,7 @@ def format_plan(plans: list[StagePlan], gpu_memory: int) -> str:
 def describe(settings: dict[str, Any]) -> str:
     """Settings as TOML-like `key=value` pairs (the gpus are their own column)."""
     return " ".join(
-        f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items() if k != "gpus"
+        f"{k}={json.dumps(v) if isinstance(v, bool | tuple | list) else v}" for k, v in settings.items() if k != "gpus"
     )
 
 
@@ -265,6 +279,7 @@ def _recorded(cfg: RunConfig, gpu_memory: int, gpus_per_trial: int) -> list[Stag
     plans = [StagePlan(**row) for row in record.get("stages", [])]
     wanted = stage_settings(cfg, gpus_per_trial)
     configured = {p.stage: p.settings for p in plans if p.policy == "configured"}
+    wanted = json.loads(json.dumps(wanted))  # as recorded: tuples are lists
     return plans if record.get("gpu_memory") == gpu_memory and configured == wanted else None
 
 
