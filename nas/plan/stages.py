@@ -169,11 +169,25 @@ def recommend(job: _Job, gpu_memory: int) -> StagePlan:
     s, plan = _fit_validation(job, dict(job.settings), gpu_memory)
     for change in _ladder(job):
         if plan.fits:
-            return plan
+            break
         nxt = change(dict(s), plan)
         if nxt is not None and nxt != s:
             s, plan = _fit_validation(job, nxt, gpu_memory)
-    return plan
+    return _least_recompute(job, plan, gpu_memory) if plan.fits else plan
+
+
+def _least_recompute(job: _Job, plan: StagePlan, gpu_memory: int) -> StagePlan:
+    """`plan`, or, when it checkpoints every layer of a hybrid and the rungs after that made room, the same
+    settings with only the Mamba / linear-attention layers checkpointed, if that fits too."""
+    mixers = _mixer_types(job)
+    if (
+        not mixers
+        or plan.settings.get("gradient_checkpointing") is not True
+        or job.settings.get("gradient_checkpointing") is True
+    ):
+        return plan
+    _, lighter = _fit_validation(job, plan.settings | {"gradient_checkpointing": mixers}, gpu_memory)
+    return lighter if lighter.fits else plan
 
 
 def _fit_validation(job: _Job, s: dict[str, Any], gpu_memory: int) -> tuple[dict[str, Any], StagePlan]:
@@ -220,15 +234,22 @@ def _ladder(job: _Job) -> list:
     return train + [halve_batch] * 3 + [offload] + [more_gpus] * 3
 
 
-def _mixer_checkpointing(job: _Job) -> list:
-    """The first rung for a hybrid student: checkpoint only its Mamba / linear-attention layers. Their reference
+def _mixer_types(job: _Job) -> tuple[str, ...]:
+    """The student's Mamba / linear-attention block types (a hybrid's; none for other stacks). Their reference
     PyTorch scans (what runs without mamba-ssm / flash-linear-attention) save several times an attention
     layer's activations per layer (Nemotron-Nano-9B-v2, Qwen3.5-9B: issue 31's trials), so recomputing them
-    first frees the most memory per recomputed FLOP."""
-    types = {units[0] for units in layer_units(job.student)} & set(MIXERS)
-    if not types or job.settings.get("gradient_checkpointing") is True:
+    frees the most memory per recomputed FLOP: the ladder checkpoints them first."""
+    if job.student is None:
+        return ()
+    types = {units[0] for units in layer_units(job.student)}
+    return tuple(t for t in MIXERS if t in types)
+
+
+def _mixer_checkpointing(job: _Job) -> list:
+    """The first rung for a hybrid student: checkpoint only its Mamba / linear-attention layers."""
+    chosen = _mixer_types(job)
+    if not chosen or job.settings.get("gradient_checkpointing") is True:
         return []
-    chosen = tuple(t for t in MIXERS if t in types)
     return [lambda s, plan: s | {"gradient_checkpointing": chosen}]
 
 
@@ -257,7 +278,9 @@ def format_plan(plans: list[StagePlan], gpu_memory: int) -> str:
 def describe(settings: dict[str, Any]) -> str:
     """Settings as TOML-like `key=value` pairs (the gpus are their own column)."""
     return " ".join(
-        f"{k}={json.dumps(v) if isinstance(v, bool | tuple | list) else v}" for k, v in settings.items() if k != "gpus"
+        f"{k}={json.dumps(v) if isinstance(v, bool | tuple | list) else v}"
+        for k, v in settings.items()
+        if k != "gpus"
     )
 
 
