@@ -76,7 +76,7 @@ def test_planned_peak_agrees_with_memtracker_on_real_tensors(precision):
     teacher_cfg = tiny_config("llama", num_layers=4, **SIZES)
     student_cfg = tiny_config("llama", num_layers=3, **SIZES)
     cfg = DistillConfig(batch_size=4, eval_batch_size=4, chunk_tokens=64, precision=precision)
-    planned = dryrun.extrapolate(_measure(teacher_cfg, student_cfg, cfg), (4, 3))  # from 1 and 2 layers
+    planned = dryrun.extrapolate(_measure(teacher_cfg, student_cfg, cfg), (4, 3))  # from 2 and 3 layers
     train = dryrun.peak_of({k: v for k, v in planned.items() if k != "validation"})["peak_bytes"]
     validation = sum(planned["validation"].values())
     real_train, real_validation = _real_peaks(teacher_cfg, student_cfg, cfg)
@@ -99,7 +99,7 @@ def test_extrapolated_depth_equals_the_full_depth_dry_run():
 
 
 def test_a_one_layer_student_is_measured_at_two_layers_too():
-    """The plan extrapolates from 1 and 2 layers, also for a model that has 1 (its layer_types repeat)."""
+    """A model of 1 layer can be built at 2 (the plan extrapolates from 2 and 3) (its layer_types repeat)."""
     one = tiny_config("qwen3", num_layers=1, **SIZES)
     two = dryrun.at_depth(one, 2)
     assert two.layer_types == [one.layer_types[0]] * 2
@@ -194,7 +194,7 @@ def test_a_stage_that_does_not_fit_is_refused_naming_the_settings(tiny_study):
 
 @pytest.mark.slow  # ~6 s on an idle core: the Gated DeltaNet's chunked scan runs op by op on fake tensors
 def test_a_hybrid_stack_plans_per_layer_type():
-    """Layers of each type grow the plan by their own bytes: the extrapolation from one and two layers of each
+    """Layers of each type grow the plan by their own bytes: the extrapolation from two and three layers of each
     type matches the dry run at full depth, and the weights are exactly the model's."""
     config = tiny_config("qwen3_5_text", num_layers=5, **SIZES)
     config.layer_types = ["linear_attention", "linear_attention", "full_attention", "linear_attention",

@@ -159,7 +159,7 @@ class _Tracker(MemTracker):
 
     def _phase(self) -> str:
         """The part of the step now running. Each phase's peak must fall at the same point of the step at
-        every depth, since `extrapolate` takes its categories from the runs at 1 and 2 layers: the
+        every depth, since `extrapolate` takes its categories from the runs at `BASE_DEPTH` and one more layer: the
         moments outside the forward (the step's start, with last step's gradients; after the forward,
         with its saved tensors; the clipping after the backward, with the new gradients) are phases of
         their own, else a peak that moves from one to another between depths mixes their categories."""
