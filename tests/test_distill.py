@@ -299,7 +299,6 @@ def test_gradient_checkpointing_gives_the_same_weights(token_data, tmp_path):
     assert not students[1].is_activation_checkpointing
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(("model_type", "block"), [("qwen3_5_text", "linear_attention"), ("nemotron_h", "mamba")])
 def test_checkpointing_one_block_type_gives_the_same_loss_and_recomputes_only_those_layers(
     token_data, tmp_path, model_type, block
