@@ -14,7 +14,7 @@ update eagerly (on CUDA it is one compiled kernel per parameter), so the update'
 left out; `offload_optimizer` (torchao's CPUOffloadOptimizer needs CUDA) is planned with torch's
 AdamW whose states and update are left out of the GPU's memory, where the offload puts them.
 
-Depth: a full 8B step takes minutes on fake tensors, so each measurement runs at 1 and 2 layers per
+Depth: a full 8B step takes minutes on fake tensors, so each measurement runs at 2 and 3 layers per
 model (a hybrid stack: per layer type, `depth_axes`) and is extrapolated linearly in each model's number of
 layers (of each type), per phase of the step (teacher
 forward, student forward, loss, backward, optimizer update, validation) and per memory category:
@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 CATEGORIES = ("weights", "gradients", "optimizer", "activations", "teacher", "loss")
 DEVICE = torch.device("cpu")  # where the fake tensors live (see the module docstring)
 _MESH = None  # the fake device mesh of `fake_world`
+# the depth `extrapolate` measures at (and one more): at 1 layer the backward's peak of Qwen3-1.7B's trial is
+# the embedding's gradient at its end, at 2 and more the saved tensors at its start (measured here)
+BASE_DEPTH = 2
 
 
 class _Ref(_RefType):
@@ -121,6 +124,8 @@ class _Tracker(MemTracker):
         self.host_optimizer = host_optimizer
         self.fused_update = fused_update
         self.phase_peaks: dict[str, dict] = {}
+        self.stage = "forward"  # set by `_regions`' hooks as the step moves on (see `_phase`)
+        self._after_backward = False
 
     def _track(self, reftype, t: torch.Tensor) -> None:
         if self._in_opt and (self.host_optimizer or self.fused_update):
@@ -149,18 +154,29 @@ class _Tracker(MemTracker):
         return sizes
 
     def _update_peak_stats(self, peak_state) -> None:
-        super()._update_peak_stats(peak_state)
+        """The whole run's peak and each phase's. MemTracker's own also walks every module at every allocation
+        for per-module peaks, which nas never reads: that walk was a quarter of a Qwen3.5 dry run's time."""
+        for dev, dev_snap in self._curr_mem_snap.items():
+            if self._peak_mem.get(dev, 0) < dev_snap["Total"]:
+                self._peak_mem[dev] = dev_snap["Total"]
+                self._peak_mem_snap[dev] = dict(dev_snap)
         snap = self._curr_mem_snap.get(DEVICE)
         phase = self._phase()
         if snap and snap["Total"] > self.phase_peaks.get(phase, {}).get("Total", -1):
             self.phase_peaks[phase] = dict(snap)
 
     def _phase(self) -> str:
+        """The part of the step now running. Each phase's peak must fall at the same point of the step at
+        every depth, since `extrapolate` takes its categories from the runs at `BASE_DEPTH` and one more layer: the
+        moments outside the forward (the step's start, with last step's gradients; after the forward,
+        with its saved tensors; the clipping after the backward, with the new gradients) are phases of
+        their own, else a peak that moves from one to another between depths mixes their categories."""
         if self._in_opt:
             return "optimizer"
         if self._mod_tracker.is_bw:
+            self._after_backward = True
             return "backward"
-        return {_Ref.TEACHER: "teacher", _Ref.LOSS: "loss"}.get(self.region, "forward")
+        return "clipping" if self._after_backward else self.stage
 
     def phases(self) -> dict[str, dict[str, int]]:
         """Per phase of the step, the bytes per category at that phase's peak."""
@@ -182,26 +198,29 @@ def peak_of(phases: dict[str, dict[str, int]]) -> dict[str, int]:
 
 @contextlib.contextmanager
 def _regions(tracker: _Tracker, model: nn.Module) -> Iterator[None]:
-    """Hooks that mark the teacher's forward and the loss after it (until the StudentLoss returns)."""
+    """Hooks that mark the teacher's forward and the loss after it (until the StudentLoss returns), and
+    the phases of the step (`_Tracker._phase`)."""
     wrapper = parallel.unwrapped(model)
     teacher, student = wrapper.teacher, wrapper.student
     before_loss = teacher.model if teacher is not None else student.model
 
-    def enter(region):
-        return lambda *args, **kwargs: setattr(tracker, "region", region)
+    def enter(region, stage):
+        return lambda *args, **kwargs: setattr(tracker, "region", region) or setattr(tracker, "stage", stage)
 
+    tracker.stage = "start"
     handles = [
-        before_loss.register_forward_hook(enter(_Ref.LOSS)),
-        wrapper.register_forward_hook(enter(None)),
+        wrapper.register_forward_pre_hook(enter(None, "forward")),
+        before_loss.register_forward_hook(enter(_Ref.LOSS, "loss")),
+        wrapper.register_forward_hook(enter(None, "after-forward")),
     ]
     if teacher is not None:
-        handles.append(teacher.model.register_forward_pre_hook(enter(_Ref.TEACHER)))
+        handles.append(teacher.model.register_forward_pre_hook(enter(_Ref.TEACHER, "teacher")))
     try:
         yield
     finally:
         for h in handles:
             h.remove()
-        tracker.region = None
+        tracker.region, tracker.stage = None, "forward"
 
 
 class _FakeData:
@@ -376,13 +395,14 @@ def _as_teacher(phases: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
 
 def extrapolate(measure, layers: tuple[int, ...]) -> dict[str, dict[str, int]]:
     """Per-phase categories of `measure(depths)` (one layer count per model) at `layers`, from runs
-    at 1 and 2 layers: along the diagonal when all models have the same depth, else one model at a time."""
-    base = measure((1,) * len(layers))
+    at `BASE_DEPTH` and one more layer: along the diagonal when all models have the same depth, else one
+    model at a time."""
+    base = measure((BASE_DEPTH,) * len(layers))
     if len(set(layers)) == 1:
-        slopes = [(_minus(measure((2,) * len(layers)), base), layers[0] - 1)]
+        slopes = [(_minus(measure((BASE_DEPTH + 1,) * len(layers)), base), layers[0] - BASE_DEPTH)]
     else:
-        bumped = [tuple(2 if j == i else 1 for j in range(len(layers))) for i in range(len(layers))]
-        slopes = [(_minus(measure(d), base), n - 1) for d, n in zip(bumped, layers, strict=True)]
+        bumped = [tuple(BASE_DEPTH + (j == i) for j in range(len(layers))) for i in range(len(layers))]
+        slopes = [(_minus(measure(d), base), n - BASE_DEPTH) for d, n in zip(bumped, layers, strict=True)]
     out = {}
     for phase, cats in base.items():
         if all(phase in slope for slope, _ in slopes):

@@ -28,6 +28,7 @@ from nas.device import precision_for
 from nas.errors import ConfigError
 from nas.io import read_json, write_text_atomic
 from nas.model.arch import Arch
+from nas.model.families import layer_units
 from nas.model.load import load_config
 from nas.model.size import count_params
 from nas.plan import dryrun
@@ -40,6 +41,7 @@ STAGES = ("importance", "trial", "final", "evaluation")
 HEADROOM = 0.92  # share of a GPU's memory a stage may plan to use
 KNOBS = ("precision", "optimizer", "offload_optimizer", "gradient_checkpointing", "batch_size", "grad_accum")
 CUDA = torch.device("cuda")
+MIXERS = ("mamba", "linear_attention")  # the block types `_mixer_checkpointing` recomputes first
 
 
 @dataclass
@@ -168,10 +170,36 @@ def recommend(job: _Job, gpu_memory: int) -> StagePlan:
     s, plan = _fit_validation(job, dict(job.settings), gpu_memory)
     for change in _ladder(job):
         if plan.fits:
-            return plan
+            break
         nxt = change(dict(s), plan)
         if nxt is not None and nxt != s:
             s, plan = _fit_validation(job, nxt, gpu_memory)
+    return _least_recompute(job, plan, gpu_memory) if plan.fits else plan
+
+
+def _least_recompute(job: _Job, plan: StagePlan, gpu_memory: int) -> StagePlan:
+    """`plan`, or, when it checkpoints every layer of a hybrid, the same settings with only the Mamba /
+    linear-attention layers checkpointed if that fits too (a later rung may have made room), else with that
+    and half the micro-batch (twice the accumulation: the same step). Both trade speed, not the result; a
+    half micro-batch of 2048-token sequences keeps the matmuls large, where recomputing every layer costs a
+    third more FLOPs (issue 31: with 8-bit states at 4 x 2048, Nemotron-Nano-9B-v2's and Qwen3.5-9B's largest
+    50% students plan 74.1 and 70.8 GiB with only their mixers checkpointed, over an 80 GB GPU's 68.5)."""
+    mixers = _mixer_types(job)
+    s = plan.settings
+    if (
+        not mixers
+        or s.get("gradient_checkpointing") is not True
+        or job.settings.get("gradient_checkpointing") is True
+    ):
+        return plan
+    lighter = s | {"gradient_checkpointing": mixers}
+    tries = [lighter]
+    if s["batch_size"] // 2 >= s["gpus"]:
+        tries.append(lighter | {"batch_size": s["batch_size"] // 2, "grad_accum": s["grad_accum"] * 2})
+    for settings in tries:
+        _, candidate = _fit_validation(job, settings, gpu_memory)
+        if candidate.fits:
+            return candidate
     return plan
 
 
@@ -210,12 +238,32 @@ def _ladder(job: _Job) -> list:
     # fp32 master weights reach torch's grouped_mm, whose fake-tensor (meta) kernel takes bf16 only
     mixed = [] if Arch.from_hf_config(job.student).num_experts else [setting("precision", "bf16-mixed")]
     train = [
+        *_mixer_checkpointing(job),
         setting("gradient_checkpointing", True),
         *mixed,
         setting("optimizer", "adamw-8bit"),
         setting("precision", "bf16"),
     ]
     return train + [halve_batch] * 3 + [offload] + [more_gpus] * 3
+
+
+def _mixer_types(job: _Job) -> tuple[str, ...]:
+    """The student's Mamba / linear-attention block types (a hybrid's; none for other stacks). Their reference
+    PyTorch scans (what runs without mamba-ssm / flash-linear-attention) save several times an attention
+    layer's activations per layer (Nemotron-Nano-9B-v2, Qwen3.5-9B: issue 31's trials), so recomputing them
+    frees the most memory per recomputed FLOP: the ladder checkpoints them first."""
+    if job.student is None:
+        return ()
+    types = {units[0] for units in layer_units(job.student)}
+    return tuple(t for t in MIXERS if t in types)
+
+
+def _mixer_checkpointing(job: _Job) -> list:
+    """The first rung for a hybrid student: checkpoint only its Mamba / linear-attention layers."""
+    chosen = _mixer_types(job)
+    if not chosen or job.settings.get("gradient_checkpointing") is True:
+        return []
+    return [lambda s, plan: s | {"gradient_checkpointing": chosen}]
 
 
 def to_json(plans: list[StagePlan]) -> list[dict[str, Any]]:
@@ -243,7 +291,9 @@ def format_plan(plans: list[StagePlan], gpu_memory: int) -> str:
 def describe(settings: dict[str, Any]) -> str:
     """Settings as TOML-like `key=value` pairs (the gpus are their own column)."""
     return " ".join(
-        f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items() if k != "gpus"
+        f"{k}={json.dumps(v) if isinstance(v, bool | tuple | list) else v}"
+        for k, v in settings.items()
+        if k != "gpus"
     )
 
 
@@ -265,6 +315,7 @@ def _recorded(cfg: RunConfig, gpu_memory: int, gpus_per_trial: int) -> list[Stag
     plans = [StagePlan(**row) for row in record.get("stages", [])]
     wanted = stage_settings(cfg, gpus_per_trial)
     configured = {p.stage: p.settings for p in plans if p.policy == "configured"}
+    wanted = json.loads(json.dumps(wanted))  # as recorded: tuples are lists
     return plans if record.get("gpu_memory") == gpu_memory and configured == wanted else None
 
 

@@ -46,7 +46,11 @@ class DistillConfig(Settings):
     eval_batch_size: int = _described(8, "sequences per validation forward", ge=1)
     checkpoint_every: int = _described(100, "steps between checkpoints (0: none)", ge=0)
     keep_checkpoints: int = _described(2, "how many of the latest checkpoints stay on disk", ge=1)
-    gradient_checkpointing: bool = _described(False, "recompute activations in backward to save memory")
+    gradient_checkpointing: bool | Annotated[tuple[str, ...], Field(strict=False)] = _described(
+        False,
+        "recompute activations in backward to save memory: true (every layer), or a hybrid stack's block types "
+        'whose layers recompute, e.g. ["mamba"] or ["linear_attention"] (nas plan chooses them)',
+    )
     fsdp: bool = _described(
         False, "with several processes: shard student and teacher layers with FSDP2, not DDP"
     )
@@ -89,6 +93,8 @@ class DistillConfig(Settings):
             raise ValueError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
         if not all(0 <= b < 1 for b in self.betas):  # AdamW's own rule (torch raises a bare ValueError)
             raise ValueError(f"betas must each be in [0, 1), got {list(self.betas)}")
+        if self.gradient_checkpointing == ():
+            object.__setattr__(self, "gradient_checkpointing", False)  # no block type: none
         if self.offload_optimizer and self.optimizer != "adamw":
             raise ValueError("offload_optimizer keeps fp32 AdamW states on the CPU; set optimizer = 'adamw'")
         return self

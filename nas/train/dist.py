@@ -178,7 +178,7 @@ def wrap(
     ids = [device.index] if device.type == "cuda" else None
     # rotary buffers are identical everywhere: no buffer broadcast (a collective) on every forward
     return nn.parallel.DistributedDataParallel(
-        module, device_ids=ids, forward_sync_buffers=False, static_graph=cfg.gradient_checkpointing
+        module, device_ids=ids, forward_sync_buffers=False, static_graph=bool(cfg.gradient_checkpointing)
     )
 
 

@@ -30,6 +30,7 @@ from nas.device import peak_bf16_tflops, precision_for, use_precision
 from nas.errors import ConfigError, ModelError, NasError
 from nas.evaluate.loss import lm_loss
 from nas.io import append_log, check_identity, read_log, record_identity, save_model_atomic, write_text_atomic
+from nas.model.families import decoder_layers, layer_units
 from nas.model.head import head_weight
 from nas.model.kernels import hub_kernels, kernel_paths_of, notice_slow_paths
 from nas.settings import DistillConfig
@@ -227,10 +228,23 @@ def _save_model(model: nn.Module, student: nn.Module, dst: Path, dtype: torch.dt
     dist.barrier()
 
 
-def _set_checkpointing(student: nn.Module, on: bool) -> None:
-    """Activation (gradient) checkpointing on/off; transformers 5 renamed the methods."""
+def _set_checkpointing(student: nn.Module, on: bool | tuple[str, ...]) -> None:
+    """Activation (gradient) checkpointing of every decoder layer (True), of none (False), or of the layers whose
+    own block type (`nas.model.families.layer_units`) is one of `on` (a hybrid's "mamba" / "linear_attention":
+    their reference PyTorch paths save the most per layer, `nas.plan` checkpoints them first)."""
     prefix = "activation" if hasattr(student, "activation_checkpointing_enable") else "gradient"
     getattr(student, f"{prefix}_checkpointing_{'enable' if on else 'disable'}")()
+    if not isinstance(on, tuple):
+        return
+    types = [units[0] for units in layer_units(student.config)]
+    unknown = sorted(set(on) - set(types))
+    if unknown:
+        raise ConfigError(
+            f"gradient_checkpointing names block types {unknown} that no layer of this model has "
+            f"(its layers: {sorted(set(types))}); name some of those, or set true or false"
+        )
+    for layer, kind in zip(decoder_layers(student), types, strict=True):
+        layer.gradient_checkpointing = kind in on  # transformers' GradientCheckpointingLayer flag
 
 
 def _check_vocab(teacher: nn.Module | None, student: nn.Module, cache: TeacherCache | None) -> None:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from nas.data.kjv import kjv_verses
-from nas.errors import ModelError
+from nas.errors import ConfigError, ModelError
 from nas.evaluate.loss import lm_loss
 from nas.model.arch import Arch
 from nas.settings import DistillConfig
@@ -366,6 +366,42 @@ def test_gradient_checkpointing_gives_the_same_weights(token_data, tmp_path):
     for a, b in zip(students[0].parameters(), students[1].parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-6)
     assert not students[1].is_activation_checkpointing
+
+
+@pytest.mark.parametrize(("model_type", "block"), [("qwen3_5_text", "linear_attention"), ("nemotron_h", "mamba")])
+def test_checkpointing_one_block_type_gives_the_same_loss_and_recomputes_only_those_layers(
+    token_data, tmp_path, model_type, block
+):
+    """Per-type checkpointing (what `nas plan` chooses for a hybrid on its reference path): the same losses and
+    weights as without, and only the layers of that type run their forward again in the backward."""
+    from nas.model.families import decoder_layers, layer_units
+
+    teacher = tiny_model(model_type, seed=0, vocab_size=VOCAB, num_layers=4)
+    runs = {}
+    for setting in (False, (block,)):
+        student = tiny_model(model_type, seed=1, vocab_size=VOCAB, num_layers=3)
+        types = [units[0] for units in layer_units(student.config)]
+        calls = [0] * len(types)
+        for i, layer in enumerate(decoder_layers(student)):  # its submodules: transformers checkpoints `forward`
+            for child in layer.children():
+                child.register_forward_pre_hook(lambda *_, i=i, c=calls: c.__setitem__(i, c[i] + 1))
+        cfg = small_cfg(steps=2, eval_every=0, checkpoint_every=0, gradient_checkpointing=setting)
+        result = distill(teacher, student, token_data, cfg, tmp_path / str(bool(setting)))
+        runs[bool(setting)] = (result.val_loss, student, calls)
+    (loss, plain, calls), (ckpt_loss, ckpt, ckpt_calls) = runs[False], runs[True]
+    assert ckpt_loss == pytest.approx(loss, rel=1e-6)
+    for a, b in zip(plain.parameters(), ckpt.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    recomputed = [t for t, a, b in zip(types, calls, ckpt_calls, strict=True) if b > a]
+    assert recomputed and set(recomputed) == {block}, (types, calls, ckpt_calls)
+    assert not any(layer.gradient_checkpointing for layer in decoder_layers(ckpt))
+
+
+def test_checkpointing_a_block_type_the_model_lacks_is_refused(token_data, tmp_path):
+    student = tiny_model("llama", seed=1, vocab_size=VOCAB, num_layers=2)
+    cfg = small_cfg(steps=1, checkpoint_every=0, gradient_checkpointing=["mamba"])
+    with pytest.raises(ConfigError, match="mamba.*true or false"):
+        distill(sharp_teacher(), student, token_data, cfg, tmp_path)
 
 
 def test_cli_correct_then_distill_then_resume(tokenizer, tmp_path, capsys):
