@@ -132,7 +132,7 @@ def plan_cost(cfg: RunConfig) -> list[StageCost]:
 def screen_cost(cfg: RunConfig, teacher: Arch, spaces: dict[str, list[Arch]]) -> StageCost:
     kept = [a for c in spaces.values() for a in c if memory_violation(a, cfg.constraints, teacher) <= 0]
     if not isinstance(strategy_for(cfg), ScreenFirst):
-        return StageCost("screen", 0, 0, 0.0, False, f"none: search.sampler = {cfg.search.sampler}")
+        return StageCost("screen", 0, 0, 0.0, False, f"none: search.strategy = {cfg.search.strategy}")
     tokens = cfg.search.screen_sequences * cfg.data.seq_len
     params = sum(count_params(a, active=True) for a in kept)
     flops = 2.0 * params * tokens
@@ -146,7 +146,7 @@ def trials_per_budget(cfg: RunConfig, teacher: Arch, spaces: dict[str, list[Arch
     t = teacher.to_dict()
     lists = {}
     for budget, space in spaces.items():
-        if cfg.search.sampler in ("auto", "funnel"):
+        if cfg.search.strategy in ("auto", "funnel"):
             groups = {a.num_layers for a in space}, {prune_class(a.to_dict(), t) for a in space}
             bound = cfg.search.screen_top + cfg.search.per_class * sum(len(g) for g in groups)
             lists[budget] = min(len(space), bound)
@@ -172,11 +172,11 @@ def kd_costs(cfg: RunConfig, teacher: Arch, spaces: dict, n_teacher: int) -> lis
                       for b, n in runs.items())  # fmt: skip
     if s.teacher_cache:  # the teacher's outputs on the horizon's batches, once
         trial_flops += 2.0 * n_teacher * horizon
-    funnel = " (at most: the funnel's shortlist bound)" if s.sampler in ("auto", "funnel") else ""
+    funnel = " (at most: the funnel's shortlist bound)" if s.strategy in ("auto", "funnel") else ""
     halving = ", the halving stops some sooner" if s.pruner != "none" else ""
     stages = [StageCost("trials", sum(runs.values()), sum(runs.values()) * horizon, trial_flops, True,
                         f"{horizon:,} tokens each{funnel}{halving}")]  # fmt: skip
-    if strategy_for(cfg).horizon() is not None:
+    if strategy_for(cfg).extends_horizon():
         doublings = int(math.log2(s.max_horizon_factor))  # rung r ends at 2^r horizons, <= the cap
         # each budget's best stable_top go on (none with a single trial: one left, it stops)
         going = {b: min(s.stable_top, n) if n > 1 else 0 for b, n in runs.items()}

@@ -67,7 +67,7 @@ def test_planned_tokens_are_the_tokens_a_tiny_study_spends(tmp_path, monkeypatch
     final = read_log(root / "final" / "metrics.jsonl")[-1]["tokens"]
     assert final == planned["final distillation"].tokens == 4 * 2 * 32
     if importlib.util.find_spec("tensorboard"):  # the trackers see where the horizon stopped
-        from test_trackers import scalars
+        from tests.train.test_trackers import scalars
 
         last = record.horizon["75%"]["rungs"][-1]
         assert scalars(root / "tensorboard")["study/horizon_tokens/75%"] == {3: last["tokens"]}
