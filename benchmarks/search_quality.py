@@ -187,15 +187,24 @@ def resolved_tau(scores: dict, truth: dict, per_seq: dict) -> float:
     return float(np.mean(signs)) if signs else float("nan")
 
 
+def truth_line(truth: dict, per_seq: dict) -> str:
+    """The ground truth's best, spread and top-1 margin against its noise (a space of one: no margin)."""
+    ranked = sorted(truth, key=truth.get)
+    best = truth[ranked[0]]
+    if len(ranked) < 2:
+        return f"ground truth: {best:.4f}, the space's one candidate"
+    noise = ranking.margin_noise(per_seq[ranked[0]], per_seq[ranked[1]])
+    worse = sum(truth[k] - best > 2 * noise for k in ranked)
+    return (f"ground truth: best {best:.4f}, spread {truth[ranked[-1]] - best:.4f} nats, top-1 margin "
+            f"{truth[ranked[1]] - best:.4f} (bootstrap noise of that margin {noise:.4f}); {worse} of {len(ranked)} "
+            "candidates worse than the best beyond 2x noise")  # fmt: skip
+
+
 def report_budget(budget, space, studies, screen_loss, curves, truth, per_seq, horizon_tokens) -> dict:
     """Print one budget's table; returns its regrets (for the summary over budgets)."""
-    best_key = min(truth, key=truth.get)
-    best, ordered = truth[best_key], sorted(truth.values())
-    noise = ranking.margin_noise(per_seq[best_key], per_seq[min((k for k in truth if k != best_key), key=truth.get)])
+    best = min(truth.values())
     print(f"\n== budget {budget}: {len(space)} candidates, depths {sorted({a.num_layers for a in space})}")
-    print(f"ground truth: best {best:.4f}, spread {ordered[-1] - best:.4f} nats, top-1 margin {ordered[1] - best:.4f} "
-          f"(bootstrap noise of that margin {noise:.4f}); {sum(v - best > 2 * noise for v in ordered)} of "
-          f"{len(ordered)} candidates worse than the best beyond 2x noise")  # fmt: skip
+    print(truth_line(truth, per_seq))
     nearest = sorted(space, key=lambda a: -count_params(a))[:MODELOPT_TOP_K]
     rows, regrets = [], {}
     zero_shot = min(screen_loss, key=screen_loss.get)
@@ -213,9 +222,10 @@ def report_budget(budget, space, studies, screen_loss, curves, truth, per_seq, h
                      f"stopped at {horizon['rungs'][-1]['tokens'] / horizon_tokens:.0f}x horizon ({horizon['stop']}), "
                      f"finalists' tau {finalists:.2f} ({resolved:.2f} over the pairs the ground truth resolves)"))  # fmt: skip
     stop = max(nas_pick(s, budget)[1]["rungs"][-1]["tokens"] for s in studies.values())
-    at_stop = {k: next(v for t, v in c if t >= stop) for k, c in curves.items()}
+    at_stop = {k: next((v for t, v in c if t >= stop), c[-1][1]) for k, c in curves.items()}
     rows += [("zero-shot pick (ModelOpt)", zero_shot, 0, "screen only"),
-             (f"ModelOpt's rule ({len(nearest)} nearest, best zero-shot)", modelopt, 0, "screen only"),
+             ("ModelOpt's rule (nearest, best zero-shot)", modelopt, 0,
+              f"screen only, best of the {len(nearest)} nearest"),
              ("largest candidate", largest, 0, "no search"),
              ("every candidate to where nas stopped", min(at_stop, key=at_stop.get), len(space) * stop,
               f"brute force, {stop / horizon_tokens:.0f}x horizon")]  # fmt: skip
@@ -245,7 +255,7 @@ def parse_args():
     p.add_argument("--out", default=".nas_cache/search_quality")
     p.add_argument("--smoke", action="store_true", help="a tiny teacher and horizon (seconds, for the test)")
     p.add_argument("--seq-len", type=int, default=32)
-    p.add_argument("--budgets", default="30%")
+    p.add_argument("--budgets", help="comma-separated (default 30%%; --smoke: 50%%,95%%)")
     p.add_argument("--tolerance", type=float, default=0.025)
     p.add_argument("--step", type=int, default=32, help="step of hidden_size (ffn_hidden_size: twice it)")
     p.add_argument("--horizon", type=int, default=30, help="search horizon in steps of batch x seq_len tokens")
@@ -254,8 +264,11 @@ def parse_args():
     p.add_argument("--eval-sequences", type=int, default=32)
     p.add_argument("--exhaustive", action="store_true", help="also nas with the halving over every candidate")
     args = p.parse_args()
+    args.budgets = args.budgets or ("" if args.smoke else "30%")
     if args.smoke:
-        args.budgets, args.horizon, args.truth_factor, args.eval_sequences, args.step = "50%", 4, 3, 16, 16
+        # budgets of 2 candidates and of 1, fewer than ModelOpt's 10: no row or summary may depend on the count
+        args.budgets = args.budgets or "50%,95%"
+        args.horizon, args.truth_factor, args.eval_sequences, args.step = 4, 3, 16, 16
         args.tolerance, args.seq_len = 0.06, 16
     return args
 

@@ -68,3 +68,7 @@ def test_benchmark_smoke(script, tmp_path, forkserver):
         child.join()
     assert child.exitcode == 0, stderr.read_text()[-3000:]
     assert stdout.read_text().strip()  # it printed its measurements
+    if script == "search_quality":  # budgets of 2 candidates and of 1 (fewer than ModelOpt's 10) both summed up
+        assert "candidates worse than the best" in stdout.read_text()
+        assert "the space's one candidate" in stdout.read_text()
+        assert "over 2 budgets" in stdout.read_text()
