@@ -47,6 +47,7 @@ from nas.prune.space import RATIO_KNOBS
 from nas.search.funnel import measure_throughput
 from nas.search.strategy import Strategy
 from nas.search.study import TrialRecord, arch_key, done_trials, make_storage
+from nas.search.wsd import STABLE_DIR, distill_and_read
 from nas.settings import DistillConfig, RunConfig
 from nas.train import dist
 from nas.train.loop import NonFiniteLossError, distill
@@ -168,14 +169,28 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> float:
             raise optuna.TrialPruned(f"pruned at step {step} (val loss {val_loss:.4f})")
 
     dist.from_rank_zero(arch.to_dict())  # a trial group: the other processes run this candidate too
-    run = trial_config(ctx)
-    teacher = teacher_source(ctx.distill_from, ctx.teacher_cache, run, ctx.data)  # the cache when there is one
     try:
-        result = distill(teacher, student, ctx.data, run, out, on_eval=on_eval, fresh_on_change=True)
+        curve, tokens, value = train_trial(ctx, student, out, on_eval)
+    except optuna.TrialPruned:  # a stopped trial is never continued: no stable state kept
+        shutil.rmtree(out / STABLE_DIR, ignore_errors=True)
+        raise
     finally:  # a finished or stopped trial needs no resume state; a killed one keeps it for its retry
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    TrialRecord(curve=result.curve, tokens=result.tokens, checkpoint=str(out / "model")).write(trial)
-    return result.val_loss
+    TrialRecord(curve=curve, tokens=tokens, checkpoint=str(out / "model")).write(trial)
+    return value
+
+
+def train_trial(ctx: SearchContext, student, out: Path, on_eval) -> tuple[list[dict], int, float]:
+    """One trial's KD (`search.rung_schedule`): one schedule to the horizon, or (wsd) its stable phase and
+    the decay branch that reads it (`nas.search.wsd`). Returns (curve, tokens, the loss the trial is
+    ranked by); the curve is the one `on_eval` saw (the stable phase's under wsd)."""
+    run = trial_config(ctx)
+    if ctx.cfg.search.rung_schedule == "wsd":
+        stable, read = distill_and_read(ctx, student, run, out, on_eval)
+        return stable.curve, stable.tokens + read.tokens, read.val_loss
+    teacher = teacher_source(ctx.distill_from, ctx.teacher_cache, run, ctx.data)  # the cache when there is one
+    result = distill(teacher, student, ctx.data, run, out, on_eval=on_eval, fresh_on_change=True)
+    return result.curve, result.tokens, result.val_loss
 
 
 def trial_config(ctx: SearchContext) -> DistillConfig:
@@ -196,12 +211,8 @@ def follow_trials(ctx: SearchContext) -> None:
             if dist.from_rank_zero(None):
                 raise optuna.TrialPruned()
 
-        run = trial_config(ctx)
-        teacher = teacher_source(ctx.distill_from, ctx.teacher_cache, run, ctx.data)
         with contextlib.suppress(optuna.TrialPruned, NonFiniteLossError):
-            distill(
-                teacher, student, ctx.data, run, trial_dir(ctx, arch), on_eval=on_eval, fresh_on_change=True
-            )
+            train_trial(ctx, student, trial_dir(ctx, arch), on_eval)
 
 
 def budget_violation(arch: Arch, ctx: SearchContext) -> float:

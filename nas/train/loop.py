@@ -107,6 +107,7 @@ def distill(
     out_dir: str | os.PathLike,
     on_eval: Callable[[int, float], None] | None = None,
     fresh_on_change: bool = False,
+    start: Path | None = None,
 ) -> Result:
     """Train `student` in place to match `teacher` (forward KL on logits) on `data.train_batch`.
 
@@ -120,12 +121,16 @@ def distill(
     study checks the settings itself), starts afresh. Writes `metrics.jsonl`, `checkpoints/`, `model/`.
     Dtypes follow `cfg.precision` (`nas.device`): the student is cast to its master dtype here;
     load the teacher with `nas.model.families.load_teacher_and_student` (or in the policy's teacher dtype).
+    `start`: a checkpoint directory (of a run of the same student) whose weights and optimizer state this
+    run starts from, at its own step 0 (a continued schedule, `nas.search.wsd`); `out_dir`'s own
+    checkpoints come first when it has any.
     """
     with use_precision(cfg.precision):
-        return _distill(teacher, student, data, cfg, Path(out_dir), on_eval, fresh_on_change)
+        return _distill(teacher, student, data, cfg, Path(out_dir), on_eval, fresh_on_change, start)
 
 
-def _distill(teacher, student, data, cfg: DistillConfig, out: Path, on_eval, fresh_on_change: bool) -> Result:
+def _distill(teacher, student, data, cfg: DistillConfig, out: Path, on_eval, fresh_on_change: bool,
+             start: Path | None = None) -> Result:  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     device = dist.local_device(cfg.device)
     dist.setup(device)
@@ -150,7 +155,7 @@ def _distill(teacher, student, data, cfg: DistillConfig, out: Path, on_eval, fre
     _check_vocab(teacher, student, cache)
     model = dist.wrap(student, teacher, cfg, device, cache)  # before the optimizer: FSDP swaps parameters
     optimizer = build_optimizer(student, cfg, device)
-    run = _resume(out, student, optimizer, cfg, dist.is_sharded(model))
+    run = _resume(out, student, optimizer, cfg, dist.is_sharded(model), start)
     if dist.world().main and not (out / IDENTITY_FILE).is_file():
         record_identity(out / IDENTITY_FILE, identity)
     val = torch.as_tensor(data.val(cfg.eval_sequences), dtype=torch.long)
@@ -206,9 +211,9 @@ def _check_vocab(teacher: nn.Module | None, student: nn.Module, cache: TeacherCa
         )
 
 
-def _resume(out: Path, student: nn.Module, optimizer, cfg: DistillConfig, sharded: bool) -> _Run:
+def _resume(out: Path, student: nn.Module, optimizer, cfg: DistillConfig, sharded: bool, start: Path | None) -> _Run:
     """Load the latest checkpoint (if any) into student and optimizer (on every rank); rank 0 cuts
-    metrics.jsonl back to it."""
+    metrics.jsonl back to it. With none, `start`'s weights and optimizer state (if given), at step 0."""
     main = dist.world().main
     if main:
         for stale in (out / "checkpoints").glob(".tmp-*"):  # from a run killed while writing one
@@ -218,6 +223,9 @@ def _resume(out: Path, student: nn.Module, optimizer, cfg: DistillConfig, sharde
     if path is None:
         if main:
             (out / "metrics.jsonl").unlink(missing_ok=True)
+        if start is not None:
+            load_checkpoint(start, student, optimizer, sharded)
+            log.info("continuing the weights and optimizer state of %s", start)
         return _Run()
     state = load_checkpoint(path, student, optimizer, sharded)
     if state.get("config", {}).get("batch_size") != cfg.batch_size:
