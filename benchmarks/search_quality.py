@@ -48,7 +48,8 @@ from nas.prune.space import enumerate_candidates  # noqa: E402
 from nas.search import ranking  # noqa: E402
 from nas.search.horizon import continued  # noqa: E402
 from nas.search.study import StudyRecord, TrialRecord, arch_key  # noqa: E402
-from nas.settings import run_config_from_dict  # noqa: E402
+from nas.search.wsd import distill_and_read, stable_state  # noqa: E402
+from nas.settings import SearchConfig, run_config_from_dict  # noqa: E402
 from nas.train.loop import distill  # noqa: E402
 
 log = logging.getLogger("search_quality")
@@ -74,7 +75,8 @@ def study_config(out: Path, data_cfg: dict, args, name: str, sampler: str) -> di
         "data": data_cfg,
         "space": {"tolerance": args.tolerance, "steps": {"hidden_size": args.step, "ffn_hidden_size": 2 * args.step}},
         "importance": {"num_samples": 64, "val_sequences": 16, "batch_size": 16},
-        "search": {"horizon_tokens": args.horizon * tokens_per_step, "strategy": sampler, "screen_sequences": 16}
+        "search": {"horizon_tokens": args.horizon * tokens_per_step, "strategy": sampler, "screen_sequences": 16,
+                   "rung_schedule": args.rung_schedule}
         | ({"max_horizon_factor": 2, "screen_top": 3, "finalists": 2, "stable_top": 2} if args.smoke else {}),
         "distill": {"batch_size": args.batch_size, "lr": 1e-3, "min_lr": 1e-4, "eval_sequences": args.eval_sequences,
                     "checkpoint_every": 0},
@@ -91,21 +93,40 @@ def study_tokens(study, budget: str) -> int:
 
 def brute_force(ctx, space, stop_tokens: int, work: Path) -> dict[tuple, list[tuple[int, float]]]:
     """Every candidate to the horizon (validated at the rungs) and on through the adaptive horizon's rungs
-    (`nas.search.horizon.continued`) up to `stop_tokens`: key -> [(tokens, val loss)]."""
+    (`nas.search.horizon.continued`, and with `rung_schedule` wsd each read after its decay branch,
+    `nas.search.wsd`) up to `stop_tokens`: key -> [(tokens, val loss)]."""
     cfg, curves = ctx.cfg, {}
     for i, arch in enumerate(space):
         student = prune(ctx.teacher, arch, ctx.importance, cfg.depth_strategy)
-        result = distill(ctx.teacher, student, ctx.data, cfg.short_distill(), work / str(i))
-        curve = [(p["step"] * cfg.tokens_per_step, p["val_loss"]) for p in result.curve]
-        steps = cfg.horizon_steps
+        curve, steps = rung_read(ctx, student, cfg.short_distill(), work / str(i), None), cfg.horizon_steps
         while steps * cfg.tokens_per_step < stop_tokens:
-            result = distill(ctx.teacher, student, ctx.data, continued(cfg, steps), work / f"{i}-{2 * steps}")
+            last = work / (str(i) if steps == cfg.horizon_steps else f"{i}-{steps}")
+            read = rung_read(ctx, student, continued(cfg, steps), work / f"{i}-{2 * steps}", stable_state(last / "model"))
             steps *= 2
-            curve.append((steps * cfg.tokens_per_step, result.val_loss))
+            curve.append((steps * cfg.tokens_per_step, read[-1][1]))
         shutil.rmtree(work, ignore_errors=True)
         curves[arch_key(arch)] = curve
         log.info("brute force %d/%d %s: %s", i + 1, len(space), arch.describe(), [round(v, 4) for _, v in curve])
     return curves
+
+
+def rung_read(ctx, student, run, out: Path, state: Path | None) -> list[tuple[int, float]]:
+    """One rung of one candidate as nas runs it: its curve [(tokens, val loss)], the last point the read
+    (wsd: the stable phase from `state`, read after its decay branch; restart: `run` from the weights)."""
+    tokens_per_step = ctx.cfg.tokens_per_step
+    if ctx.cfg.search.rung_schedule == "wsd":
+        stable, read = distill_and_read(ctx, student, run.replace(schedule="constant"), out, start=state)
+        points = [(p["step"] * tokens_per_step, p["val_loss"]) for p in stable.curve[:-1]]
+        return points + [(run.steps * tokens_per_step, read.val_loss)]
+    result = distill(ctx.teacher, student, ctx.data, run, out)
+    return [(p["step"] * tokens_per_step, p["val_loss"]) for p in result.curve]
+
+
+def truth_run(cfg, steps: int):
+    """The ground truth's one run of `steps`: the schedule the user's winner gets from start to end
+    (restart: one `distill.schedule` run; wsd: warmup, stable, then the decay over the last `decay_fraction`)."""
+    run = cfg.short_distill().replace(steps=steps, eval_every=0)
+    return run.replace(schedule="wsd") if cfg.search.rung_schedule == "wsd" else run
 
 
 def ground_truth(ctx, space, steps: int, work: Path, store: Path) -> tuple[dict, dict]:
@@ -114,7 +135,7 @@ def ground_truth(ctx, space, steps: int, work: Path, store: Path) -> tuple[dict,
     decides it (the teacher's files, the candidate, the KD settings), so a killed run resumes and a rerun
     with other search settings reuses it."""
     cfg, truth, per_seq = ctx.cfg, {}, {}
-    run = cfg.short_distill().replace(steps=steps, eval_every=0)
+    run = truth_run(cfg, steps)
     val = ctx.data.val(cfg.distill.eval_sequences)
     kept = json.loads(store.read_text()) if store.is_file() else {}
     teacher = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(Path(cfg.teacher).glob("*.safetensors"))))
@@ -168,15 +189,32 @@ def resolved_tau(scores: dict, truth: dict, per_seq: dict) -> float:
     return float(np.mean(signs)) if signs else float("nan")
 
 
+def truth_line(truth: dict, per_seq: dict) -> str:
+    """The ground truth's best, spread and top-1 margin against its noise (a space of one: no margin)."""
+    ranked = sorted(truth, key=truth.get)
+    best = truth[ranked[0]]
+    if len(ranked) < 2:
+        return f"ground truth: {best:.4f}, the space's one candidate"
+    noise = ranking.margin_noise(per_seq[ranked[0]], per_seq[ranked[1]])
+    worse = sum(truth[k] - best > 2 * noise for k in ranked)
+    return (f"ground truth: best {best:.4f}, spread {truth[ranked[-1]] - best:.4f} nats, top-1 margin "
+            f"{truth[ranked[1]] - best:.4f} (bootstrap noise of that margin {noise:.4f}); {worse} of {len(ranked)} "
+            "candidates worse than the best beyond 2x noise")  # fmt: skip
+
+
+def brute_tokens(study, candidates: int, stop: int, horizon: int) -> int:
+    """KD tokens of every candidate to `stop` through the rungs, wsd's decay branch after each rung too."""
+    search, decay = study.user_attrs["config"]["search"], study.user_attrs["config"]["distill"]["decay_fraction"]
+    rungs = [horizon * 2**k for k in range(32) if horizon * 2**k <= stop]
+    reads = decay * sum(rungs) if search.get("rung_schedule") == "wsd" else 0
+    return round(candidates * (stop + reads))
+
+
 def report_budget(budget, space, studies, screen_loss, curves, truth, per_seq, horizon_tokens) -> dict:
     """Print one budget's table; returns its regrets (for the summary over budgets)."""
-    best_key = min(truth, key=truth.get)
-    best, ordered = truth[best_key], sorted(truth.values())
-    noise = ranking.margin_noise(per_seq[best_key], per_seq[min((k for k in truth if k != best_key), key=truth.get)])
+    best = min(truth.values())
     print(f"\n== budget {budget}: {len(space)} candidates, depths {sorted({a.num_layers for a in space})}")
-    print(f"ground truth: best {best:.4f}, spread {ordered[-1] - best:.4f} nats, top-1 margin {ordered[1] - best:.4f} "
-          f"(bootstrap noise of that margin {noise:.4f}); {sum(v - best > 2 * noise for v in ordered)} of "
-          f"{len(ordered)} candidates worse than the best beyond 2x noise")  # fmt: skip
+    print(truth_line(truth, per_seq))
     nearest = sorted(space, key=lambda a: -count_params(a))[:MODELOPT_TOP_K]
     rows, regrets = [], {}
     zero_shot = min(screen_loss, key=screen_loss.get)
@@ -187,18 +225,20 @@ def report_budget(budget, space, studies, screen_loss, curves, truth, per_seq, h
         pick, horizon = nas_pick(study, budget)
         finalists = tau(finalist_scores(study, horizon), truth)
         resolved = resolved_tau(finalist_scores(study, horizon), truth, per_seq)
-        own_brute[name] = len(space) * horizon["rungs"][-1]["tokens"]
+        own_brute[name] = brute_tokens(study, len(space), horizon["rungs"][-1]["tokens"], horizon_tokens)
         facts.setdefault(name, {"tau": finalists, "resolved": resolved,
                                 "ratio": study_tokens(study, budget) / own_brute[name]})  # fmt: skip
         rows.append((name, pick, study_tokens(study, budget),
                      f"stopped at {horizon['rungs'][-1]['tokens'] / horizon_tokens:.0f}x horizon ({horizon['stop']}), "
                      f"finalists' tau {finalists:.2f} ({resolved:.2f} over the pairs the ground truth resolves)"))  # fmt: skip
     stop = max(nas_pick(s, budget)[1]["rungs"][-1]["tokens"] for s in studies.values())
-    at_stop = {k: next(v for t, v in c if t >= stop) for k, c in curves.items()}
+    at_stop = {k: next((v for t, v in c if t >= stop), c[-1][1]) for k, c in curves.items()}
     rows += [("zero-shot pick (ModelOpt)", zero_shot, 0, "screen only"),
-             (f"ModelOpt's rule ({len(nearest)} nearest, best zero-shot)", modelopt, 0, "screen only"),
+             ("ModelOpt's rule (nearest, best zero-shot)", modelopt, 0,
+              f"screen only, best of the {len(nearest)} nearest"),
              ("largest candidate", largest, 0, "no search"),
-             ("every candidate to where nas stopped", min(at_stop, key=at_stop.get), len(space) * stop,
+             ("every candidate to where nas stopped", min(at_stop, key=at_stop.get),
+              brute_tokens(studies["nas"], len(space), stop, horizon_tokens),
               f"brute force, {stop / horizon_tokens:.0f}x horizon")]  # fmt: skip
     print(f"{'method':<48} {'regret':>8} {'tokens':>12} {'of brute':>9}  notes (of brute: at the method's own stop)")
     for name, pick, tokens, note in rows:
@@ -206,7 +246,8 @@ def report_budget(budget, space, studies, screen_loss, curves, truth, per_seq, h
         print(f"{name:<48} {truth[pick] - best:8.4f} {tokens:12,} {tokens / own_brute.get(name, rows[-1][2]):9.3f}  "
               f"{note}")  # fmt: skip
     rungs = sorted({t for c in curves.values() for t, _ in c})
-    taus = [f"{t / horizon_tokens:g}x {tau({k: dict(c)[t] for k, c in curves.items()}, truth):.2f}" for t in rungs]
+    by_rung = {f"{t / horizon_tokens:g}x": tau({k: dict(c)[t] for k, c in curves.items()}, truth) for t in rungs}
+    taus = [f"{x} {v:.2f}" for x, v in by_rung.items()]
     final = studies["nas"].user_attrs["final_tokens"]
 
     def extrapolated(upto: int) -> float:  # each curve's power law fitted up to `upto` tokens, at the final tokens
@@ -218,7 +259,8 @@ def report_budget(budget, space, studies, screen_loss, curves, truth, per_seq, h
           f"(x horizon) {', '.join(taus)}; extrapolated to the ground truth's tokens {extrapolated(rungs[-1]):.2f}")  # fmt: skip
     print("  extrapolated from the curve up to each rung: "
           + ", ".join(f"{t / horizon_tokens:g}x {extrapolated(t):.2f}" for t in rungs[2:]))  # fmt: skip
-    return regrets | {f"{k}.{f}": v for k, fs in facts.items() for f, v in fs.items()}
+    curve = {"curve.screen": tau(screen_loss, truth)} | {f"curve.{x}": v for x, v in by_rung.items()}
+    return regrets | {f"{k}.{f}": v for k, fs in facts.items() for f, v in fs.items()} | curve
 
 
 def parse_args():
@@ -226,7 +268,7 @@ def parse_args():
     p.add_argument("--out", default=".nas_cache/search_quality")
     p.add_argument("--smoke", action="store_true", help="a tiny teacher and horizon (seconds, for the test)")
     p.add_argument("--seq-len", type=int, default=32)
-    p.add_argument("--budgets", default="30%")
+    p.add_argument("--budgets", help="comma-separated (default 30%%; --smoke: 50%%,95%%)")
     p.add_argument("--tolerance", type=float, default=0.025)
     p.add_argument("--step", type=int, default=32, help="step of hidden_size (ffn_hidden_size: twice it)")
     p.add_argument("--horizon", type=int, default=30, help="search horizon in steps of batch x seq_len tokens")
@@ -234,9 +276,17 @@ def parse_args():
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--eval-sequences", type=int, default=32)
     p.add_argument("--exhaustive", action="store_true", help="also nas with the halving over every candidate")
+    p.add_argument("--rung-schedule", choices=("restart", "wsd"), default=None,
+                   help="search.rung_schedule of nas, brute force and the ground truth (default: nas's default)")
+    p.add_argument("--brute-factor", type=int, default=0,
+                   help="brute force's rungs go at least this many horizons (the tau curve; default: where nas stopped)")
+    p.add_argument("--json", help="also write the per-budget figures (taus per rung, regrets, tokens) here")
     args = p.parse_args()
+    args.budgets = args.budgets or ("" if args.smoke else "30%")
     if args.smoke:
-        args.budgets, args.horizon, args.truth_factor, args.eval_sequences, args.step = "50%", 4, 3, 16, 16
+        # budgets of 2 candidates and of 1, fewer than ModelOpt's 10: no row or summary may depend on the count
+        args.budgets = args.budgets or "50%,95%"
+        args.horizon, args.truth_factor, args.eval_sequences, args.step = 4, 3, 16, 16
         args.tolerance, args.seq_len = 0.06, 16
     return args
 
@@ -255,8 +305,10 @@ def main() -> None:
           f"(unigram {info.unigram_loss:.3f})")  # fmt: skip
     studies, seconds = {}, {}
     variants = [("nas", "auto")] + [("nas, halving over all (exhaustive)", "exhaustive")] * args.exhaustive
+    schedule = args.rung_schedule or SearchConfig().rung_schedule
+    args.rung_schedule, tag = schedule, "" if schedule == "restart" else f"-{schedule}"  # restart: the older names
     for name, sampler in variants:
-        slug = "study-" + sampler
+        slug = "study-" + sampler + tag
         shutil.rmtree(out / slug, ignore_errors=True)
         t0 = time.perf_counter()
         ctx, studies[name] = search(run_config_from_dict(study_config(out, data_cfg, args, slug, sampler)))
@@ -266,17 +318,19 @@ def main() -> None:
     print(f"horizon {cfg.horizon_tokens:,} tokens ({cfg.horizon_steps} steps of {cfg.tokens_per_step} tokens), ground "
           f"truth {truth_steps * cfg.tokens_per_step:,} tokens ({truth_steps} steps, {args.truth_factor}x), "
           f"{cfg.distill.eval_sequences} validation sequences")  # fmt: skip
+    print(schedules(cfg, truth_steps))
     summary = []
     for budget in cfg.budgets:
         space = enumerate_candidates(ctx.teacher_arch, budget, cfg.space)
         screen_loss = {arch_key(s["arch"]): s["loss"] for s in studies["nas"].user_attrs["screen"]
                        if s["budget"] == budget and s["loss"] is not None}  # fmt: skip
         stop = max(nas_pick(s, budget)[1]["rungs"][-1]["tokens"] for s in studies.values())
+        stop = max(stop, args.brute_factor * cfg.horizon_tokens)
         t0 = time.perf_counter()
-        curves = brute_force(ctx, space, stop, out / "work")
+        curves = brute_force(ctx, space, stop, out / f"work{tag}")
         seconds[f"brute force {budget}"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        truth, per_seq = ground_truth(ctx, space, truth_steps, out / "work", out / "ground_truth.json")
+        truth, per_seq = ground_truth(ctx, space, truth_steps, out / f"work{tag}", out / f"ground_truth{tag}.json")
         seconds[f"ground truth {budget}"] = time.perf_counter() - t0
         summary.append(report_budget(budget, space, studies, screen_loss, curves, truth, per_seq, cfg.horizon_tokens))
     print(f"\nover {len(summary)} budgets (regret in nats, vs nas):")
@@ -295,6 +349,23 @@ def main() -> None:
               f"{sum(x <= 1 / 3 for _, _, x in rows)} (max {max(x for _, _, x in rows):.3f})")  # fmt: skip
     print("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
           + f", total {time.perf_counter() - start:.0f} s")  # fmt: skip
+    if args.json:
+        figures = {"args": vars(args), "schedules": schedules(cfg, truth_steps), "seconds": seconds,
+                   "budgets": dict(zip(cfg.budgets, summary, strict=True))}  # fmt: skip
+        write_text_atomic(Path(args.json), json.dumps(figures, indent=1, default=str) + "\n")
+
+
+def schedules(cfg, truth_steps: int) -> str:
+    """Which schedule the trials and rungs, the ground truth and the final distillation use."""
+    truth, final = truth_run(cfg, truth_steps), cfg.final_distill()
+    if cfg.search.rung_schedule == "wsd":
+        return (f"schedules: trials and rungs wsd (stable at lr {cfg.distill.lr:g}, each read after a decay of "
+                f"{cfg.distill.decay_fraction:g}x its tokens, the next rung resuming the stable state); ground truth "
+                f"one wsd run of {truth.steps} steps (decay over the last {truth.decay_fraction:g}); final "
+                "distillation the winner's stable phase resumed, then wsd's decay")  # fmt: skip
+    return (f"schedules: trials {cfg.short_distill().schedule}, each rung a fresh {cfg.short_distill().schedule} "
+            f"schedule from the last weights (restart); ground truth one {truth.schedule} run of {truth.steps} "
+            f"steps; final distillation a fresh {final.schedule} schedule from the pick's weights")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -239,6 +239,7 @@ def tiny_study_config(root, name: str = "tiny", **overrides) -> dict:
             "horizon_steps": 4,  # in steps, as older studies give it (still loaded)
             "eval_every": 2,
             "adaptive": False,  # tests of the adaptive horizon turn it on
+            "small_space": False,  # the tiny spaces would skip the halving and the horizon (tests of it turn it on)
             "top_k": 3,
             "heartbeat_interval": 1,
             "grace_period": 3,

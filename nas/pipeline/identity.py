@@ -59,7 +59,9 @@ def study_identity(cfg: RunConfig, teacher_config: Any = None) -> dict[str, Any]
         **({"distill_teacher": cfg.distill_teacher} if cfg.distill_teacher else {}),  # older studies: none
         "seed": cfg.seed,
         "distill": {k: v for k, v in cfg.short_distill().to_dict().items() if k not in NOT_IDENTITY},
-        "search": search_identity(cfg.search),
+        "search": search_identity(cfg.search)
+        # older studies (restart, the only schedule then) record none: only another schedule is a change
+        | ({"rung_schedule": cfg.search.rung_schedule} if cfg.search.rung_schedule != "restart" else {}),
     }
 
 

@@ -44,7 +44,8 @@ from nas.search.study import (
     ranking_stability,
 )
 from nas.search.trial import enqueue_candidates, follow_trials, open_study, run_trials
-from nas.settings import RunConfig, run_config_from_dict
+from nas.search.wsd import final_run, stable_state
+from nas.settings import DistillConfig, RunConfig, run_config_from_dict
 from nas.train import dist
 from nas.train.launch import distill_in_processes
 from nas.train.loop import distill
@@ -201,13 +202,13 @@ def finalize(
     if nproc_per_node > 1:
         student, result = _distill_in_processes(ctx, student, checkpoint, nproc_per_node, final)
     else:
-        run = cfg.final_distill()  # dense KD unless the teacher cache holds exactly its batches
+        run, state = final_schedule(cfg, checkpoint)
         teacher = teacher_source(ctx.distill_from, ctx.teacher_cache, run, ctx.data)
 
         def stream(step: int, val_loss: float) -> None:  # at each evaluation, as it runs
             ctx.trackers.stream(f"final_{budget}", final / "metrics.jsonl")
 
-        result = distill(teacher, student, ctx.data, run, final, on_eval=stream)
+        result = distill(teacher, student, ctx.data, run, final, on_eval=stream, start=state)
     ctx.trackers.stream(f"final_{budget}", final / "metrics.jsonl")
     student.nas_cut = plan_cut(ctx.teacher_arch, arch, ctx.importance, cfg.depth_strategy)
     tokens = result.tokens + int(trial.tokens or 0) + extension_tokens(horizon, best.number)
@@ -227,6 +228,17 @@ def finalize(
         "winner %s: val loss %.4f after full distillation -> %s", arch.describe(), result.val_loss, winner_dir
     )
     return winner
+
+
+def final_schedule(cfg: RunConfig, checkpoint: Path) -> tuple[DistillConfig, Path | None]:
+    """The final distillation's settings and the state it starts from: with `search.rung_schedule = "wsd"`
+    the rest of the winner's one schedule (`nas.search.wsd.final_run`: its stable phase resumed with the
+    optimizer state, then the decay), else `final_distill()` afresh from the weights."""
+    state = stable_state(checkpoint) if cfg.search.rung_schedule == "wsd" else None
+    if state is None:
+        return cfg.final_distill(), None  # dense KD unless the teacher cache holds exactly its batches
+    log.info("final distillation: continuing the stable phase of %s, then its decay", state)
+    return final_run(cfg.final_distill()), state
 
 
 def winner_card(

@@ -4,8 +4,10 @@ significant changes up to ~300 steps, and then stabilize"; our own ground truth 
 
 Rung 0 is the horizon itself (compared with the trials' losses at half the horizon). Rung r continues each
 remaining finalist from its rung r-1 model for as many tokens as it has had (so rung r ends at 2^r
-horizons), on the batches after the ones it saw (`DistillConfig.data_offset`), with a fresh warmup-free
-schedule of the distill settings, as the winner's final distillation also continues from its short run.
+horizons), on the batches after the ones it saw (`DistillConfig.data_offset`): with `search.rung_schedule`
+"restart", a fresh warmup-free schedule of the distill settings from its weights (as the winner's final
+distillation then also starts afresh); with "wsd", its stable phase resumed with its optimizer state and
+read after a decay branch (`nas.search.wsd`), one schedule from the trial to the final distillation.
 After every rung the per-sequence validation losses give the noise of the top-1 margin (a paired
 bootstrap), and `nas.search.ranking` decides: stable, cap, or one candidate left. Stable needs two
 agreements (`search.predict_crossings`): the order of the best with the rung before, and with the order
@@ -13,7 +15,8 @@ that each finalist's power law in tokens predicts at the final distillation's to
 hold between two short rungs and still flip later (slow, steady crossings: Minitron §4.2's flip "around
 200 steps"); and it needs a rung past the horizon (`search.min_horizon_factor`), since the trials' own
 half vs full horizon cannot see a ranking still moving at a longer scale. Only the best
-`stable_top` go on to the next rung. The record (one per budget, written to the study after every rung,
+`stable_top` go on to the next rung. A budget whose whole space is no larger than the funnel's shortlist
+(`nas.search.funnel.whole_space`) has every candidate at the horizon and stops there ("small space"). The record (one per budget, written to the study after every rung,
 so a killed search resumes at its last rung) holds each rung's tokens, losses, predicted final losses,
 Kendall tau, margin and noise, why it stopped, and the pick with its model directory.
 
@@ -33,8 +36,10 @@ from optuna.trial import TrialState
 from nas.evaluate.loss import sequence_losses
 from nas.model.load import load_model
 from nas.search import ranking
+from nas.search.funnel import whole_space
 from nas.search.record import StudyRecord, TrialRecord
 from nas.search.study import _nearest_step
+from nas.search.wsd import distill_and_read, stable_state
 from nas.train.loop import distill, trial_write_dtype
 from nas.train.teacher_cache import teacher_source
 
@@ -77,7 +82,10 @@ def first_rung(ctx: SearchContext, trials: list, record: dict) -> dict:
     cfg = ctx.cfg
     half = _nearest_step(trials, cfg.horizon_steps // 2)
     previous = {t.number: t.intermediate_values[half] for t in trials if half in t.intermediate_values}
-    record["curves"] = {str(t.number): curve_points(t, cfg.tokens_per_step) for t in trials}
+    if cfg.search.rung_schedule == "wsd":  # the reads alone: the stable phase's losses lie above every read
+        record["curves"] = {str(t.number): [(cfg.horizon_tokens, float(t.value))] for t in trials}
+    else:
+        record["curves"] = {str(t.number): curve_points(t, cfg.tokens_per_step) for t in trials}
     record["dirs"] = {str(t.number): TrialRecord.read(t).checkpoint for t in trials}
     record["labels"] = {str(t.number): TrialRecord.read(t).label for t in trials}
     return judge(ctx, {t.number: float(t.value) for t in trials}, previous, cfg.horizon_tokens, record)
@@ -118,9 +126,23 @@ def judge(ctx: SearchContext, losses: dict[int, float], previous: dict, tokens: 
 
 def continued(cfg, done_steps: int):
     """The KD settings of the rung after `done_steps`: as many steps again, on the batches after them, a
-    fresh schedule without warmup (the student is already trained)."""
+    fresh schedule without warmup (the student is already trained; wsd: the stable phase goes on at
+    constant LR with its optimizer state, `continue_rung`)."""
     return cfg.short_distill().replace(steps=done_steps, data_offset=done_steps, warmup_steps=0,
                                        eval_every=0, checkpoint_every=0)  # fmt: skip
+
+
+def continue_rung(ctx: SearchContext, start: Path, run, out: Path) -> tuple[float, int]:
+    """One finalist's next rung from its model `start` into `out` (`search.rung_schedule`): a fresh
+    schedule from those weights, or (wsd) its stable phase resumed with its optimizer state and read by a
+    decay branch. Returns (the loss it is ranked by, the tokens of the read beyond the rung's own)."""
+    student = load_model(start, device=next(ctx.teacher.parameters()).device, kernels=ctx.cfg.kernels)
+    if ctx.cfg.search.rung_schedule == "wsd" and (state := stable_state(start)) is not None:
+        _, read = distill_and_read(ctx, student, run.replace(schedule="constant"), out, start=state)
+        return read.val_loss, read.tokens
+    result = distill(teacher_source(ctx.teacher, ctx.teacher_cache, run, ctx.data), student, ctx.data,
+                     run, out, fresh_on_change=True, write_dtype=trial_write_dtype(run))  # fmt: skip
+    return result.val_loss, 0
 
 
 def next_rung(ctx: SearchContext, record: dict, budget_label: str) -> dict:
@@ -131,15 +153,14 @@ def next_rung(ctx: SearchContext, record: dict, budget_label: str) -> dict:
     for n in last["order"][: cfg.search.stable_top]:
         start = Path(record["dirs"][str(n)])
         out = cfg.root / "horizon" / budget_label / f"trial-{n}-{2 * last['tokens']}"
-        student = load_model(start, device=next(ctx.teacher.parameters()).device, kernels=cfg.kernels)
-        result = distill(teacher_source(ctx.teacher, ctx.teacher_cache, run, ctx.data), student, ctx.data,
-                         run, out, fresh_on_change=True, write_dtype=trial_write_dtype(run))  # fmt: skip
+        loss, read_tokens = continue_rung(ctx, start, run, out)
+        record["read_tokens"] = record.get("read_tokens", 0) + read_tokens
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         if start.parent.parent == cfg.root / "horizon" / budget_label:  # an earlier rung's model: superseded
             shutil.rmtree(start.parent, ignore_errors=True)
         record["dirs"][str(n)] = str(out / "model")
-        record["curves"][str(n)].append((2 * last["tokens"], result.val_loss))
-        losses[n] = result.val_loss
+        record["curves"][str(n)].append((2 * last["tokens"], loss))
+        losses[n] = loss
     previous = {n: last["losses"][str(n)] for n in losses}
     return judge(ctx, losses, previous, 2 * last["tokens"], record)
 
@@ -151,10 +172,17 @@ def extend_horizon(ctx: SearchContext, study: optuna.Study, budget: str | None) 
     records = dict(StudyRecord.read(study).horizon or {})
     record = records.get(label) or {"rungs": []}
     if not record["rungs"]:
-        trials = finalists(study, budget, max(ctx.cfg.search.finalists, ctx.cfg.search.stable_top))
+        s = ctx.cfg.search
+        small = whole_space(list(ctx.screen.values()), budget, s.screen_top) if s.small_space else None
+        trials = finalists(study, budget, small or max(s.finalists, s.stable_top))
         if not trials:
             return record
         record["rungs"].append(first_rung(ctx, trials, record))
+        if small and len(trials) > 1:  # the funnel would distill every candidate anyway: brute force is cheaper
+            record["rungs"][-1]["stop"] = ranking.SMALL_SPACE
+            log.info("budget %s: its space has %d candidates, no more than the funnel's shortlist (screen_top %d): "
+                     "every candidate ran to the horizon with no halving; the pick is the best there, with no "
+                     "longer rungs", label, small, ctx.cfg.search.screen_top)  # fmt: skip
     while (reason := record["rungs"][-1]["stop"]) is None:
         last = record["rungs"][-1]
         held = ranking.holds(ranking.weakest(last["tau"], last.get("crossing_tau")), ctx.cfg.search.stable_tau)
@@ -179,9 +207,10 @@ def _fmt(tau: float | None) -> str:
 
 
 def _spent(record: dict) -> int:
-    """KD tokens the extension rungs spent (beyond the trials' own)."""
+    """KD tokens the extension rungs spent (beyond the trials' own), their decay branches too (wsd)."""
     rungs = record["rungs"]
-    return sum(len(r["losses"]) * (r["tokens"] - prev["tokens"]) for prev, r in zip(rungs, rungs[1:], strict=False))
+    pairs = zip(rungs, rungs[1:], strict=False)
+    return sum(len(r["losses"]) * (r["tokens"] - prev["tokens"]) for prev, r in pairs) + record.get("read_tokens", 0)
 
 
 def _write(study: optuna.Study, records: dict, label: str, record: dict) -> None:

@@ -108,7 +108,7 @@ class Strategy(ABC):
         `search.per_class`) never stopped."""
         s, cfg = self.cfg.search, self.cfg
         return FunnelPruner(cfg.rung_steps, cfg.horizon_steps, s.reduction_factor, s.finalists, sizes,
-                            per_class=s.per_class > 0)  # fmt: skip
+                            per_class=s.per_class > 0, screen_top=s.screen_top * s.small_space)  # fmt: skip
 
     def description(self) -> str:
         """The study's "sampler" attribute: the strategy in words."""

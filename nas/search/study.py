@@ -255,6 +255,7 @@ def keep_top_models(study: optuna.Study, top_k: int, budget: str | None = None) 
     )
     for _, path in saved[top_k:]:
         shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(Path(path).parent / "stable", ignore_errors=True)  # wsd's stable state (nas.search.wsd)
     return [path for _, path in saved[:top_k]]
 
 

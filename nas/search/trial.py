@@ -24,6 +24,7 @@ queue empty when its trial starts (another worker took the last one) must not ev
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import shutil
 import time
@@ -43,9 +44,10 @@ from nas.prune.space import RATIO_KNOBS
 from nas.search.funnel import measure_throughput
 from nas.search.search_context import SearchContext
 from nas.search.study import TrialRecord, arch_key, done_trials, make_storage
+from nas.search.wsd import STABLE_DIR, distill_and_read
 from nas.settings import DistillConfig
 from nas.train import dist
-from nas.train.loop import NonFiniteLossError, distill, trial_write_dtype
+from nas.train.loop import NonFiniteLossError, Result, distill, trial_write_dtype
 from nas.train.speed import Speed
 from nas.train.teacher_cache import teacher_source
 
@@ -126,17 +128,31 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> float:
             raise optuna.TrialPruned(f"pruned at step {step} (val loss {val_loss:.4f})")
 
     dist.from_rank_zero(arch.to_dict())  # a trial group: the other processes run this candidate too
-    run = trial_config(ctx)
-    teacher = teacher_source(ctx.distill_from, ctx.teacher_cache, run, ctx.data)  # the cache when there is one
     try:
-        result = distill(teacher, student, ctx.data, run, out, on_eval=on_eval, fresh_on_change=True,
-                         write_dtype=trial_write_dtype(run), speed=speed)  # fmt: skip
+        result = train_trial(ctx, student, out, on_eval, speed)
+    except optuna.TrialPruned:  # a stopped trial is never continued: no stable state kept
+        shutil.rmtree(out / STABLE_DIR, ignore_errors=True)
+        raise
     finally:  # a finished or stopped trial needs no resume state; a killed one keeps it for its retry
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         ctx.trackers.stream(f"trial_{trial.number}", out / "metrics.jsonl")
     TrialRecord(curve=result.curve, tokens=result.tokens, checkpoint=str(out / "model"),
                 kernel_paths=result.kernel_paths, **speed_attrs(result.speed)).write(trial)  # fmt: skip
     return result.val_loss
+
+
+def train_trial(ctx: SearchContext, student, out: Path, on_eval, speed: Speed | None = None) -> Result:
+    """One trial's KD (`search.rung_schedule`): one schedule to the horizon, or (wsd) its stable phase and
+    the decay branch that reads it (`nas.search.wsd`). The result's curve is the one `on_eval` saw (the
+    stable phase's under wsd), its tokens all the trial's, its val loss the one the trial is ranked by;
+    `speed` is the trial's steady speed (the stable phase's under wsd)."""
+    run = trial_config(ctx)
+    if ctx.cfg.search.rung_schedule == "wsd":
+        stable, read = distill_and_read(ctx, student, run, out, on_eval, speed=speed)
+        return dataclasses.replace(stable, tokens=stable.tokens + read.tokens, val_loss=read.val_loss)
+    teacher = teacher_source(ctx.distill_from, ctx.teacher_cache, run, ctx.data)  # the cache when there is one
+    return distill(teacher, student, ctx.data, run, out, on_eval=on_eval, fresh_on_change=True,
+                   write_dtype=trial_write_dtype(run), speed=speed)  # fmt: skip
 
 
 def speed_attrs(speed: dict) -> dict:
@@ -162,11 +178,8 @@ def follow_trials(ctx: SearchContext) -> None:
             if dist.from_rank_zero(None):
                 raise optuna.TrialPruned()
 
-        run = trial_config(ctx)
-        teacher = teacher_source(ctx.distill_from, ctx.teacher_cache, run, ctx.data)
         with contextlib.suppress(optuna.TrialPruned, NonFiniteLossError):
-            distill(teacher, student, ctx.data, run, trial_dir(ctx, arch), on_eval=on_eval, fresh_on_change=True,
-                    write_dtype=trial_write_dtype(run))  # fmt: skip
+            train_trial(ctx, student, trial_dir(ctx, arch), on_eval)
 
 
 def budget_violation(arch: Arch, ctx: SearchContext) -> float:

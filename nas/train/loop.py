@@ -116,6 +116,7 @@ def distill(
     write_dtype: torch.dtype | None = None,
     speed: Speed | None = None,
     write: bool = True,
+    start: Path | None = None,
 ) -> Result:
     """Train `student` in place to match `teacher` (forward KL on logits) on `data.train_batch`.
 
@@ -133,10 +134,13 @@ def distill(
     compute dtype, `trial_write_dtype`; `write=False`: no `model/` at all, for a run nothing reads after,
     e.g. a benchmark). `speed`: a `nas.train.speed.Speed` this call fills as it runs
     (steady tokens/s and MFU of the train steps alone), so a caller whose `on_eval` stops the run reads it.
+    `start`: a checkpoint directory (of a run of the same student) whose weights and optimizer state this
+    run starts from, at its own step 0 (a continued schedule, `nas.search.wsd`); `out_dir`'s own
+    checkpoints come first when it has any.
     """
     with use_precision(cfg.precision):
         return _distill(teacher, student, data, cfg, Path(out_dir), on_eval, fresh_on_change,
-                        write_dtype if write else False, speed)  # fmt: skip
+                        write_dtype if write else False, speed, start)  # fmt: skip
 
 
 def trial_write_dtype(cfg: DistillConfig) -> torch.dtype:
@@ -146,7 +150,8 @@ def trial_write_dtype(cfg: DistillConfig) -> torch.dtype:
 
 
 def _distill(teacher, student, data, cfg: DistillConfig, out: Path, on_eval, fresh_on_change: bool,
-             write_dtype: torch.dtype | None | bool = None, speed: Speed | None = None) -> Result:  # fmt: skip
+             write_dtype: torch.dtype | None | bool = None, speed: Speed | None = None,
+             start: Path | None = None) -> Result:  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     device = dist.local_device(cfg.device)
     dist.setup(device)
@@ -178,7 +183,7 @@ def _distill(teacher, student, data, cfg: DistillConfig, out: Path, on_eval, fre
     speed.peak_flops = peak * 1e12 * dist.world().size if peak else None
     model = dist.wrap(student, teacher, cfg, device, cache)  # before the optimizer: FSDP swaps parameters
     optimizer = build_optimizer(student, cfg, device)
-    run = _resume(out, student, optimizer, cfg, dist.is_sharded(model))
+    run = _resume(out, student, optimizer, cfg, dist.is_sharded(model), start)
     if dist.world().main and not (out / IDENTITY_FILE).is_file():
         record_identity(out / IDENTITY_FILE, identity)
     val = torch.as_tensor(data.val(cfg.eval_sequences), dtype=torch.long)
@@ -258,9 +263,9 @@ def _check_vocab(teacher: nn.Module | None, student: nn.Module, cache: TeacherCa
         )
 
 
-def _resume(out: Path, student: nn.Module, optimizer, cfg: DistillConfig, sharded: bool) -> _Run:
+def _resume(out: Path, student: nn.Module, optimizer, cfg: DistillConfig, sharded: bool, start: Path | None) -> _Run:
     """Load the latest checkpoint (if any) into student and optimizer (on every rank); rank 0 cuts
-    metrics.jsonl back to it."""
+    metrics.jsonl back to it. With none, `start`'s weights and optimizer state (if given), at step 0."""
     main = dist.world().main
     if main:
         for stale in (out / "checkpoints").glob(".tmp-*"):  # from a run killed while writing one
@@ -270,6 +275,9 @@ def _resume(out: Path, student: nn.Module, optimizer, cfg: DistillConfig, sharde
     if path is None:
         if main:
             (out / "metrics.jsonl").unlink(missing_ok=True)
+        if start is not None:
+            load_checkpoint(start, student, optimizer, sharded)
+            log.info("continuing the weights and optimizer state of %s", start)
         return _Run()
     state = load_checkpoint(path, student, optimizer, sharded)
     if state.get("config", {}).get("batch_size") != cfg.batch_size:

@@ -70,3 +70,26 @@ def test_benchmark_smoke(script, tmp_path, forkserver):
         child.join()
     assert child.exitcode == 0, stderr.read_text()[-3000:]
     assert stdout.read_text().strip()  # it printed its measurements
+    if script == "search_quality":  # budgets of 2 candidates and of 1 (fewer than ModelOpt's 10) both summed up
+        assert "candidates worse than the best" in stdout.read_text()
+        assert "the space's one candidate" in stdout.read_text()
+        assert "over 2 budgets" in stdout.read_text()
+
+
+@pytest.mark.slow
+def test_search_quality_smoke_on_the_wsd_schedule(tmp_path, forkserver):
+    """nas, brute force and the ground truth on `search.rung_schedule = "wsd"`, and the output says so."""
+    argv = ["--smoke", "--rung-schedule", "wsd", "--budgets", "40%", "--json", str(tmp_path / "figures.json")]
+    stdout, stderr = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    child = forkserver.Process(
+        target=run_script, args=(BENCHMARKS / "search_quality.py", argv, tmp_path, stdout, stderr)
+    )
+    child.start()
+    child.join(timeout=540)
+    if child.exitcode is None:
+        child.kill()
+        child.join()
+    assert child.exitcode == 0, stderr.read_text()[-3000:]
+    assert "schedules: trials and rungs wsd" in stdout.read_text()
+    assert "ground truth one wsd run" in stdout.read_text()
+    assert "curve.1x" in (tmp_path / "figures.json").read_text()

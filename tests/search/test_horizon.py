@@ -186,3 +186,57 @@ def test_a_run_with_the_adaptive_horizon_distills_its_pick(tmp_path, monkeypatch
     assert winner["tokens"] >= extra + cfg.final_distill().steps * cfg.tokens_per_step
     assert AutoModelForCausalLM.from_pretrained(result.winner_dir) is not None
     assert "Adaptive horizon" in result.report.read_text()
+
+
+@pytest.mark.slow
+def test_a_space_no_larger_than_the_shortlist_runs_every_candidate_to_the_horizon(tmp_path, caplog):
+    from optuna.trial import TrialState
+
+    from nas.pipeline import search
+
+    settings = {"adaptive": True, "small_space": True, "screen_top": 8, "finalists": 2, "bootstrap_samples": 100}
+    cfg = run_config_from_dict(tiny_study_config(tmp_path, search=settings))
+    with caplog.at_level(logging.INFO, logger="nas.search.horizon"):
+        ctx, study = search(cfg)
+    assert 2 <= len(ctx.candidates) <= 8  # the tiny space: no larger than the shortlist
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    assert len(done) == len(ctx.candidates) and not study.get_trials(states=(TrialState.PRUNED,))
+    horizon = study.user_attrs["horizon"][cfg.budgets[0]]
+    assert horizon["stop"] == ranking.SMALL_SPACE and len(horizon["rungs"]) == 1 and horizon["tokens"] == 0
+    assert horizon["pick"] == min(done, key=lambda t: t.value).number
+    assert f"its space has {len(ctx.candidates)} candidates" in caplog.text
+
+
+@pytest.mark.slow
+def test_wsd_rungs_continue_one_schedule_to_the_final_distillation(tmp_path, monkeypatch, caplog):
+    import json
+    from pathlib import Path
+
+    from nas.pipeline import run
+    from nas.pipeline.identity import study_identity
+    from nas.search.wsd import stable_state
+
+    monkeypatch.chdir(tmp_path)
+    search = {"adaptive": True, "rung_schedule": "wsd", "max_horizon_factor": 2, "stable_top": 2, "screen_top": 3,
+              "finalists": 2, "per_class": 0, "bootstrap_samples": 100}  # fmt: skip
+    cfg = run_config_from_dict(tiny_study_config(tmp_path, search=search))
+    assert study_identity(cfg)["search"]["rung_schedule"] == "wsd"
+    restart = cfg.replace(search=cfg.search.replace(rung_schedule="restart"))
+    assert "rung_schedule" not in study_identity(restart)["search"]  # what older studies recorded
+    with caplog.at_level(logging.INFO):
+        run(cfg)
+    study = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)
+    horizon = study.user_attrs["horizon"][cfg.budgets[0]]
+    assert len(horizon["rungs"]) == 2 and horizon["read_tokens"] > 0  # min_horizon_factor 2: a rung at 2x
+    assert stable_state(horizon["checkpoint"]) is not None  # the pick's rung kept its stable state
+
+
+    def lrs(run_dir):
+        return [m["lr"] for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if m["lr"]]
+
+    trial = study.trials[horizon["pick"]]  # its stable phase at constant LR, read after a decay to min_lr
+    read = Path(trial.user_attrs["checkpoint"]).parent
+    assert set(lrs(read / "stable")) == {cfg.distill.lr} and lrs(read)[-1] == pytest.approx(cfg.distill.min_lr)
+    assert "continuing the stable phase of" in caplog.text
+    final = lrs(cfg.paths.final(cfg.budgets[0]))  # no new warmup: the stable LR, then the decay
+    assert final[0] == pytest.approx(cfg.distill.lr) and final[-1] == pytest.approx(cfg.distill.min_lr)

@@ -271,6 +271,29 @@ def test_resumed_run_ends_with_the_same_weights(token_data, tmp_path):
     ]
 
 
+def test_a_run_started_from_a_checkpoint_continues_its_optimizer_state(token_data, tmp_path):
+    """`start` (nas.search.wsd's continued stable phase): 3 + 3 constant-LR steps end where 6 in one go
+    do, since the AdamW moments go on; the same 3 steps with fresh moments (a restart) do not."""
+    teacher = sharp_teacher()
+    cfg = small_cfg(steps=6, schedule="constant", warmup_steps=0, eval_every=0, checkpoint_every=3)
+
+    def student():
+        return tiny_model("llama", seed=1, vocab_size=VOCAB, num_layers=2, tie_word_embeddings=True)
+
+    whole = student()
+    distill(teacher, whole, token_data, cfg, tmp_path / "whole")
+    first = student()
+    distill(teacher, first, token_data, cfg.replace(steps=3), tmp_path / "first")
+    second = cfg.replace(steps=3, data_offset=3, checkpoint_every=0)
+    continued, restarted = student(), student()
+    distill(teacher, continued, token_data, second, tmp_path / "continued", start=latest_checkpoint(tmp_path / "first"))
+    restarted.load_state_dict(first.state_dict())
+    distill(teacher, restarted, token_data, second, tmp_path / "restarted")
+    for (name, a), b in zip(whole.state_dict().items(), continued.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, msg=name)
+    assert any(not torch.allclose(a, c) for a, c in zip(whole.parameters(), restarted.parameters(), strict=True))
+
+
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(token_data, tmp_path):
     teacher, student = sharp_teacher(), tiny_model("llama", seed=1, vocab_size=VOCAB, num_layers=2)
 
