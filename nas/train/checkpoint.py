@@ -198,9 +198,10 @@ def check_not_legacy(path: Path) -> None:
     states in rng.pt, a pickled optimizer state in optimizer.pt: nas no longer reads them, a pickle runs
     code)."""
     if legacy := legacy_files(path):
+        each = "each " if len(legacy) > 1 else ""
         raise ModelError(
-            f"checkpoint {path} holds {' and '.join(legacy)}, pickles nas no longer reads; convert it once with "
-            f"`python -m nas.train.checkpoint {path}` (a checked load: tensors and plain values only), or "
+            f"checkpoint {path} holds {' and '.join(legacy)}, {each}a pickle nas no longer reads; convert it once "
+            f"with `python -m nas.train.checkpoint {path}` (a checked load: tensors and plain values only), or "
             "delete that directory to resume from scratch"
         )
 

@@ -340,7 +340,7 @@ def test_a_previous_format_checkpoint_is_refused_then_converted_resumes_the_same
     checkpoint = latest_checkpoint(tmp_path / "cut")
     previous_format(checkpoint)
     fresh = tiny_model("llama", seed=1, vocab_size=VOCAB, num_layers=2)
-    refused = f"rng.pt and optimizer.pt.*python -m nas.train.checkpoint {checkpoint}"
+    refused = f"rng.pt and optimizer.pt, each a pickle.*python -m nas.train.checkpoint {checkpoint}"
     with pytest.raises(ModelError, match=refused):
         distill(teacher, fresh, token_data, cfg, tmp_path / "cut")
     assert convert_legacy(checkpoint) == ["rng.pt", "optimizer.pt"]
