@@ -1,10 +1,11 @@
 """Atomic files (`atomic_path`, `write_text_atomic`: temp file + rename) and resumable checkpoints:
-`out_dir/checkpoints/step-XXXXXXX/` holding `model.safetensors`, `optimizer.pt`, the RNG states
+`out_dir/checkpoints/step-XXXXXXX/` holding `model.safetensors`, the optimizer state
+(`optimizer.safetensors` + `optimizer.json`: `nas.train.optimizer_files`), the RNG states
 (`rng.safetensors`: torch's and CUDA's generator bytes; `rng.json`: numpy's and Python's), and
-`state.json`, and the final `save_pretrained` export. Nothing here is unpickled: `optimizer.pt` is read
-with torch's `weights_only` loader (tensors and plain containers only). A checkpoint of nas before the RNG
-files (a pickled `rng.pt`) is refused with the command that converts it (`python -m
-nas.train.checkpoint DIR`: `convert_legacy_rng`).
+`state.json`, and the final `save_pretrained` export. Nothing here is unpickled on resume. A checkpoint of
+nas before these files (a pickled `rng.pt` and/or `optimizer.pt`) is refused with the command that
+converts it once (`python -m nas.train.checkpoint DIR`: `convert_legacy`, which reads those pickles with
+torch's `weights_only` loader: tensors and plain containers only).
 
 A checkpoint is written into a temp directory and renamed into place, so a run killed mid-write leaves
 the previous one intact. Single-process and DDP runs write the same files (the optimizer state keyed by
@@ -29,6 +30,7 @@ from torch import nn
 
 from nas.errors import ModelError
 from nas.io import check_kind, read_json, replace_dir, temp_dir, write_text_atomic
+from nas.train.optimizer_files import STRUCTURE, load_optimizer_state, save_optimizer_state
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_NAME = re.compile(r"^step-\d{7}$")
 RNG_TENSORS, RNG_JSON = "rng.safetensors", "rng.json"
 LEGACY_RNG = "rng.pt"  # nas before issue 33: the RNG states pickled (numpy's and Python's inside)
+LEGACY_OPTIMIZER = "optimizer.pt"  # nas before issue 33: the optimizer state dict by torch.save (a pickle)
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
@@ -73,14 +76,14 @@ def _write_checkpoint(tmp: Path, student: nn.Module, optimizer, state: dict, ful
     """The files of one checkpoint into the (temp) directory `tmp`."""
     if full_state is None:
         safetensors.torch.save_model(student, str(tmp / "model.safetensors"))  # handles tied weights
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_optimizer_state(optimizer.state_dict(), tmp)
     else:
         tensors = {name: t.contiguous() for name, t in full_state[0].items()}
         for group in tied_names(student):  # keep one name per tied group, as save_model does
             for name in sorted(group)[1:]:
                 tensors.pop(name, None)
         safetensors.torch.save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        torch.save(full_state[1], tmp / "optimizer.pt")
+        save_optimizer_state(full_state[1], tmp)
     save_rng(tmp)
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
 
@@ -94,7 +97,7 @@ def load_checkpoint(path: Path, student: nn.Module, optimizer, sharded: bool = F
         check_kind(file, "checkpoint file", ModelError)
     try:
         state = read_json(path / "state.json")
-        optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        optimizer_state = load_optimizer_state(path)
         if sharded:
             tensors = safetensors.torch.load_file(str(path / "model.safetensors"))
             for group in tied_names(student):
@@ -183,15 +186,35 @@ def load_rng(directory: Path) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def legacy_files(path: Path) -> list[str]:
+    """The pickled files of a previous-format checkpoint at `path` that their replacements do not yet stand
+    for (each replacement's JSON is written last, so its presence means the conversion finished)."""
+    pairs = ((LEGACY_RNG, RNG_JSON), (LEGACY_OPTIMIZER, STRUCTURE))
+    return [old for old, new in pairs if (path / old).is_file() and not (path / new).is_file()]
+
+
 def check_not_legacy(path: Path) -> None:
     """ModelError naming the conversion when `path` is a checkpoint of the previous format (pickled RNG
-    states in rng.pt, which nas no longer reads: a pickle runs code)."""
-    if (path / LEGACY_RNG).is_file() and not (path / RNG_JSON).is_file():
+    states in rng.pt, a pickled optimizer state in optimizer.pt: nas no longer reads them, a pickle runs
+    code)."""
+    if legacy := legacy_files(path):
+        each = "each " if len(legacy) > 1 else ""
         raise ModelError(
-            f"checkpoint {path} holds its RNG states in {LEGACY_RNG}, a pickle nas no longer reads; convert it "
-            f"once with `python -m nas.train.checkpoint {path}` (a checked load: plain values only), or "
+            f"checkpoint {path} holds {' and '.join(legacy)}, {each}a pickle nas no longer reads; convert it once "
+            f"with `python -m nas.train.checkpoint {path}` (a checked load: tensors and plain values only), or "
             "delete that directory to resume from scratch"
         )
+
+
+def convert_legacy(path: Path) -> list[str]:
+    """Rewrite a previous-format checkpoint's pickled files as safetensors + JSON; returns the files
+    converted."""
+    legacy = legacy_files(path)
+    if LEGACY_RNG in legacy:
+        convert_legacy_rng(path)
+    if LEGACY_OPTIMIZER in legacy:
+        convert_legacy_optimizer(path)
+    return legacy
 
 
 def convert_legacy_rng(path: Path) -> None:
@@ -206,6 +229,21 @@ def convert_legacy_rng(path: Path) -> None:
     safetensors.torch.save_file(tensors, str(path / RNG_TENSORS))
     write_text_atomic(path / RNG_JSON, json.dumps(rng_record(state["numpy"], state["python"])))  # last
     (path / LEGACY_RNG).unlink()
+
+
+def convert_legacy_optimizer(path: Path) -> None:
+    """Rewrite a previous-format checkpoint's `optimizer.pt` as `optimizer.safetensors` + `optimizer.json`
+    (then remove it). Read with torch's `weights_only` loader; torchao's quantized state classes (8-bit,
+    4-bit, fp8 AdamW) are allowed, as build_optimizer allowed them before (their constructor runs on
+    plain tensors; no function the file names runs)."""
+    from torchao.optim.subclass_4bit import OptimState4bit
+    from torchao.optim.subclass_8bit import OptimState8bit
+    from torchao.optim.subclass_fp8 import OptimStateFp8
+
+    with torch.serialization.safe_globals([OptimState8bit, OptimState4bit, OptimStateFp8]):
+        state = torch.load(path / LEGACY_OPTIMIZER, map_location="cpu", weights_only=True)
+    save_optimizer_state(state, path)
+    (path / LEGACY_OPTIMIZER).unlink()
 
 
 def gather_full_state(student: nn.Module, optimizer) -> tuple[dict, dict]:
@@ -259,5 +297,7 @@ if __name__ == "__main__":  # python -m nas.train.checkpoint DIR: convert a prev
     import sys
 
     for directory in sys.argv[1:]:
-        convert_legacy_rng(Path(directory))
-        print(f"converted {directory}: {RNG_TENSORS} + {RNG_JSON} (no pickle)")
+        converted = convert_legacy(Path(directory))
+        print(
+            f"converted {directory}: {', '.join(converted) or 'nothing to convert'} (now safetensors + JSON)"
+        )

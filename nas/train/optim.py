@@ -54,7 +54,6 @@ def _build_optimizer(student: nn.Module, cfg: DistillConfig, device: torch.devic
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **fast)
     from torchao.optim import AdamW8bit, _AdamW
 
-    _allow_torchao_states()
     cls = AdamW8bit if cfg.optimizer == "adamw-8bit" else _AdamW
     return cls(groups, lr=cfg.lr, betas=cfg.betas, bf16_stochastic_round=bf16)
 
@@ -68,13 +67,6 @@ def _offloaded(groups: list[dict], cfg: DistillConfig, device: torch.device, bf1
     if bf16:  # bf16 weights: torchao's AdamW with stochastic rounding, on the CPU copies
         return CPUOffloadOptimizer(groups, _AdamW, lr=cfg.lr, betas=cfg.betas, bf16_stochastic_round=True)
     return CPUOffloadOptimizer(groups, torch.optim.AdamW, lr=cfg.lr, betas=cfg.betas)
-
-
-def _allow_torchao_states() -> None:
-    """Let checkpoints (torch.load with weights_only) restore torchao's quantized optimizer states."""
-    from torchao.optim.subclass_8bit import OptimState8bit
-
-    torch.serialization.add_safe_globals([OptimState8bit])
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

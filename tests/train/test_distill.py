@@ -15,9 +15,10 @@ from nas.evaluate.loss import lm_loss
 from nas.model.arch import Arch
 from nas.settings import DistillConfig
 from nas.testing import CONFIG_CLASSES, tiny_model
-from nas.train.checkpoint import convert_legacy_rng, latest_checkpoint, load_rng, save_rng
+from nas.train.checkpoint import convert_legacy, latest_checkpoint, load_rng, save_rng
 from nas.train.kd import kd_loss, kl_to_teacher, model_kd_loss
 from nas.train.loop import NonFiniteLossError, distill, lr_at
+from nas.train.optimizer_files import load_optimizer_state
 
 VOCAB = 320
 SEQ_LEN = 32
@@ -259,16 +260,19 @@ def test_resumed_run_ends_with_the_same_weights(token_data, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         student = tiny_model("llama", seed=1, vocab_size=VOCAB, num_layers=2, tie_word_embeddings=True)
         distill(teacher, student, token_data, cfg, tmp_path / "cut", on_eval=interrupt)
-    assert latest_checkpoint(tmp_path / "cut").name == "step-0000003"
+    checkpoint = latest_checkpoint(tmp_path / "cut")
+    assert checkpoint.name == "step-0000003"
+    assert sorted(p.name for p in checkpoint.iterdir()) == [  # nothing pickled: no .pt file to read
+        "model.safetensors", "optimizer.json", "optimizer.safetensors", "rng.json", "rng.safetensors", "state.json"
+    ]
     fresh = tiny_model("llama", seed=1, vocab_size=VOCAB, num_layers=2, tie_word_embeddings=True)
     resumed = distill(teacher, fresh, token_data, cfg, tmp_path / "cut")
     for (name, a), b in zip(whole.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert resumed.curve == expected.curve and resumed.tokens == expected.tokens
     metrics = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [
-        m["step"] for m in map(json.loads, open(tmp_path / "whole" / "metrics.jsonl"))
-    ]
+    uncut = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["loss"], m["kl"]) for m in metrics] == [(m["step"], m["loss"], m["kl"]) for m in uncut]
 
 
 def test_a_run_started_from_a_checkpoint_continues_its_optimizer_state(token_data, tmp_path):
@@ -331,17 +335,19 @@ def test_rng_states_round_trip_through_safetensors_and_json(tmp_path):
 
 
 def previous_format(checkpoint) -> None:
-    """Rewrite a checkpoint as nas wrote it before issue 33: the RNG states pickled in rng.pt."""
+    """Rewrite a checkpoint as nas wrote it before issue 33: the RNG states and the optimizer state pickled
+    (rng.pt, optimizer.pt by torch.save)."""
     load_rng(checkpoint)
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     torch.save(state, checkpoint / "rng.pt")
-    (checkpoint / "rng.json").unlink()
-    (checkpoint / "rng.safetensors").unlink()
+    torch.save(load_optimizer_state(checkpoint), checkpoint / "optimizer.pt")
+    for name in ("rng.json", "rng.safetensors", "optimizer.json", "optimizer.safetensors"):
+        (checkpoint / name).unlink()
 
 
 def test_a_previous_format_checkpoint_is_refused_then_converted_resumes_the_same(token_data, tmp_path):
-    """A checkpoint with a pickled rng.pt is refused with the command that converts it; converted (a
-    weights_only load), it resumes to the same weights and curve as an uninterrupted run."""
+    """A checkpoint with a pickled rng.pt and optimizer.pt is refused with the command that converts it;
+    converted (a weights_only load), it resumes to the same weights and curve as an uninterrupted run."""
     teacher = sharp_teacher()
     cfg = small_cfg(steps=6, eval_every=5, checkpoint_every=3)
     whole = tiny_model("llama", seed=1, vocab_size=VOCAB, num_layers=2)
@@ -357,10 +363,12 @@ def test_a_previous_format_checkpoint_is_refused_then_converted_resumes_the_same
     checkpoint = latest_checkpoint(tmp_path / "cut")
     previous_format(checkpoint)
     fresh = tiny_model("llama", seed=1, vocab_size=VOCAB, num_layers=2)
-    with pytest.raises(ModelError, match=f"python -m nas.train.checkpoint {checkpoint}"):
+    refused = f"rng.pt and optimizer.pt, each a pickle.*python -m nas.train.checkpoint {checkpoint}"
+    with pytest.raises(ModelError, match=refused):
         distill(teacher, fresh, token_data, cfg, tmp_path / "cut")
-    convert_legacy_rng(checkpoint)
-    assert not (checkpoint / "rng.pt").exists()
+    assert convert_legacy(checkpoint) == ["rng.pt", "optimizer.pt"]
+    assert not list(checkpoint.glob("*.pt"))
+    assert convert_legacy(checkpoint) == []  # once: a converted checkpoint has nothing left to convert
     resumed = distill(teacher, fresh, token_data, cfg, tmp_path / "cut")
     for (name, a), b in zip(whole.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
@@ -368,7 +376,10 @@ def test_a_previous_format_checkpoint_is_refused_then_converted_resumes_the_same
 
 
 def test_nothing_in_nas_unpickles():
-    """No module of nas imports pickle or loads with weights_only=False (a pickle runs code)."""
+    """No module of nas imports pickle or loads with weights_only=False (a pickle runs code), and torch.load
+    (a checked unpickler) runs only in the one-off conversion of a previous-format checkpoint."""
+    import ast
+
     import nas
 
     root = Path(nas.__file__).parent
@@ -378,6 +389,15 @@ def test_nothing_in_nas_unpickles():
         if re.search(r"^\s*(import|from)\s+c?pickle\b|weights_only\s*=\s*False", path.read_text(), re.M)
     ]
     assert offenders == []
+    loads = []
+    for path in root.rglob("*.py"):
+        for function in ast.walk(ast.parse(path.read_text())):
+            if isinstance(function, ast.FunctionDef) and any(
+                isinstance(n, ast.Attribute) and n.attr == "load" and getattr(n.value, "id", "") == "torch"
+                for n in ast.walk(function)
+            ):
+                loads.append(f"{path.relative_to(root)}:{function.name}")
+    assert sorted(loads) == ["train/checkpoint.py:convert_legacy_optimizer", "train/checkpoint.py:convert_legacy_rng"]
 
 
 def test_gradient_checkpointing_gives_the_same_weights(token_data, tmp_path):

@@ -113,6 +113,7 @@ def test_a_run_with_8bit_states_resumes_from_its_checkpoint(trial):
     )
     cfg = _cfg(precision="bf16", optimizer="adamw-8bit", steps=6, eval_every=2, checkpoint_every=2)
     whole = distill(teacher, student, data, cfg, root / "whole")
+    assert not list((root / "whole" / "checkpoints").rglob("*.pt"))  # the 8-bit states without pickle
     # a run stopped after its step-4 checkpoint: the same settings resume it from there
     shutil.copytree(root / "whole", root / "resume")
     shutil.rmtree(root / "resume" / "checkpoints" / "step-0000006")
