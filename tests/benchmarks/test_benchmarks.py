@@ -59,37 +59,33 @@ def test_every_benchmark_has_a_smoke_size():
 @pytest.mark.parametrize("script", sorted(set(SCRIPTS) - SMOKED_ELSEWHERE))
 def test_benchmark_smoke(script, tmp_path, forkserver):
     argv = ["--smoke"] + (["--out", str(tmp_path / "lean")] if script == "lean_optimizers" else [])
+    out = run_smoke(forkserver, script, argv, tmp_path)
+    assert out.strip()  # it printed its measurements
+    if script == "search_quality":  # budgets of 2 candidates and of 1 (fewer than ModelOpt's 10) both summed up
+        assert "candidates worse than the best" in out
+        assert "the space's one candidate" in out
+        assert "over 2 budgets" in out
+
+
+def run_smoke(forkserver, script: str, argv: list[str], tmp_path: Path) -> str:
+    """`python -m benchmarks.<script> argv` forked from the preloaded server; its stdout (its stderr's end
+    in the failure when it exits non-zero or outlasts 9 minutes)."""
     stdout, stderr = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
-    child = forkserver.Process(
-        target=run_script, args=(script, argv, tmp_path, stdout, stderr)
-    )
+    child = forkserver.Process(target=run_script, args=(script, argv, tmp_path, stdout, stderr))
     child.start()
     child.join(timeout=540)
     if child.exitcode is None:
         child.kill()
         child.join()
     assert child.exitcode == 0, stderr.read_text()[-3000:]
-    assert stdout.read_text().strip()  # it printed its measurements
-    if script == "search_quality":  # budgets of 2 candidates and of 1 (fewer than ModelOpt's 10) both summed up
-        assert "candidates worse than the best" in stdout.read_text()
-        assert "the space's one candidate" in stdout.read_text()
-        assert "over 2 budgets" in stdout.read_text()
+    return stdout.read_text()
 
 
 @pytest.mark.slow
 def test_search_quality_smoke_on_the_wsd_schedule(tmp_path, forkserver):
     """nas, brute force and the ground truth on `search.rung_schedule = "wsd"`, and the output says so."""
     argv = ["--smoke", "--rung-schedule", "wsd", "--budgets", "40%", "--json", str(tmp_path / "figures.json")]
-    stdout, stderr = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
-    child = forkserver.Process(
-        target=run_script, args=(BENCHMARKS / "search_quality.py", argv, tmp_path, stdout, stderr)
-    )
-    child.start()
-    child.join(timeout=540)
-    if child.exitcode is None:
-        child.kill()
-        child.join()
-    assert child.exitcode == 0, stderr.read_text()[-3000:]
-    assert "schedules: trials and rungs wsd" in stdout.read_text()
-    assert "ground truth one wsd run" in stdout.read_text()
+    out = run_smoke(forkserver, "search_quality", argv, tmp_path)
+    assert "schedules: trials and rungs wsd" in out
+    assert "ground truth one wsd run" in out
     assert "curve.1x" in (tmp_path / "figures.json").read_text()
