@@ -243,7 +243,7 @@ def _trial_job(teacher: str, shape: tuple[int, ...] | None = None):
     import dataclasses
 
     from nas.model.arch import Arch
-    from nas.model.families import load_config
+    from nas.model.load import load_config
     from nas.model.size import count_params
     from nas.plan.stages import _Job
     from nas.prune.space import enumerate_budgets
