@@ -408,7 +408,9 @@ def test_gradient_checkpointing_gives_the_same_weights(token_data, tmp_path):
         distill(teacher, student, token_data, cfg, tmp_path / str(flag))
     for a, b in zip(students[0].parameters(), students[1].parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-6)
-    assert not students[1].is_activation_checkpointing
+    # transformers 5.25 says activation checkpointing, the releases before it gradient checkpointing
+    name = "is_activation_checkpointing" if hasattr(students[1], "activation_checkpointing_enable") else "is_gradient_checkpointing"
+    assert not getattr(students[1], name)  # switched off again once the run ends
 
 
 @pytest.mark.parametrize(("model_type", "block"), [("qwen3_5_text", "linear_attention"), ("nemotron_h", "mamba")])
