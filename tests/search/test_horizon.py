@@ -150,7 +150,7 @@ def test_an_order_that_held_but_whose_curves_will_cross_extends_the_horizon(ctx,
     for t in study.trials[:2]:
         plain.add_trial(t)
     off = far.cfg.replace(search=one.replace(predict_crossings=False))
-    record = extend_horizon(replace(ctx, cfg=off), plain, ctx.cfg.budgets[0])
+    record = extend_horizon(replace(ctx, cfg=off, horizon=resolve(off)), plain, ctx.cfg.budgets[0])
     assert len(record["rungs"]) == 1 and record["stop"] == ranking.STABLE
 
 
