@@ -175,12 +175,13 @@ def real_trial_peak(ctx: Context, cfg, teacher_hf, arch) -> int | None:
     """`torch.cuda.max_memory_allocated` over a real trial (`distill`, the trial's settings, a few
     steps and its validation) of random-init models; None on the CPU, where the trial still runs."""
     from nas.device import precision_for
+    from nas.search.horizon_plan import resolve
     from nas.train.loop import distill
 
     policy = precision_for(cfg.distill.precision, ctx.device)
     teacher = random_model(teacher_hf, policy.teacher_dtype, ctx.device).eval()
     student = random_model(arch.to_hf_config(teacher_hf), policy.student_dtype, ctx.device)
-    run = cfg.short_distill().replace(
+    run = resolve(cfg).short_distill(cfg).replace(
         steps=TRIAL_STEPS, eval_every=0, checkpoint_every=0, device=str(ctx.device)
     )
     data = RandomTokens(cfg.data.seq_len, teacher_hf.vocab_size)
@@ -201,10 +202,10 @@ def memory_row(ctx: Context, optimizer: str) -> dict:
 
     teacher_dir, teacher_hf = teacher_config(ctx, REAL_TEACHER)
     from nas.model.arch import Arch
-    from nas.prune.space import with_horizon
+    from nas.search.horizon_plan import fix_horizon
 
     cfg = run_config_from_dict(trial_study(teacher_dir, optimizer, ctx.smoke, ctx.work / "study"))
-    cfg = with_horizon(cfg, Arch.from_hf_config(teacher_hf))  # the trial's steps: the study's horizon in tokens
+    cfg = fix_horizon(cfg, Arch.from_hf_config(teacher_hf))  # the trial's steps: the study's horizon in tokens
     arch, _ = largest_candidate(teacher_hf, "50%", cfg.space)
     gpu_memory = torch.cuda.get_device_properties(0).total_memory if ctx.cuda else 80 * 10**9
     start = time.perf_counter()

@@ -82,10 +82,11 @@ def _plan_child(send, cfg, arch) -> None:
 
 def run_settings(cfg, settings: dict, ctx: Context):
     """The trial's DistillConfig at the planned settings, `STEPS` steps, validation at the end only."""
+    from nas.search.horizon_plan import resolve
     from nas.settings import DistillConfig
 
     fields = {k: v for k, v in settings.items() if k in DistillConfig.model_fields}
-    return cfg.short_distill().replace(**fields, steps=STEPS, eval_every=0, checkpoint_every=0,
+    return resolve(cfg).short_distill(cfg).replace(**fields, steps=STEPS, eval_every=0, checkpoint_every=0,
                                        device=str(ctx.device))  # fmt: skip
 
 
@@ -117,12 +118,12 @@ def trial_row(ctx: Context, name: str) -> dict:
     """Row 6a/6b/6c for teacher `name` (see the module docstring); what is known after the plan is recorded
     first (`Context.record_partial`)."""
     from nas.model.arch import Arch
-    from nas.prune.space import with_horizon
+    from nas.search.horizon_plan import fix_horizon
     from nas.settings import run_config_from_dict
 
     teacher_dir, teacher_hf = family_config(ctx, name)
     cfg = run_config_from_dict(trial_study(teacher_dir, "adamw", ctx.smoke, ctx.work / "study"))
-    cfg = with_horizon(cfg, Arch.from_hf_config(teacher_hf))
+    cfg = fix_horizon(cfg, Arch.from_hf_config(teacher_hf))
     start = time.perf_counter()
     arch, _ = largest_candidate(teacher_hf, "50%", cfg.space)
     plan, settings, plan_error = planned(cfg, arch, None if ctx.smoke else PLAN_SECONDS)

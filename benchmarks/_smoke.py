@@ -35,5 +35,5 @@ def tiny_plan(plan: Any) -> Any:
         plan, seq_len=32, max_documents=60, eval_sequences=4, teacher=tiny_teacher(plan.teacher),
         space={"tolerance": 0.15, "steps": {"hidden_size": 32, "ffn_hidden_size": 64}},
         importance={"num_samples": 8, "val_sequences": 4, "batch_size": 8}, screen_top=2, finalists=1,
-        horizon_steps=2, eval_every=1, batch_size=2, final_steps=2,
+        horizon_tokens=2 * 2 * 32, rung_tokens=2 * 32, batch_size=2, final_steps=2,
     )  # fmt: skip

@@ -26,6 +26,7 @@ from nas.model.size import count_params
 from nas.prune.cut import prune, save_pruned
 from nas.prune.importance import compute_importance
 from nas.prune.space import enumerate_candidates
+from nas.search.horizon_plan import resolve
 from nas.train.loop import distill
 
 SETTINGS = [  # (precision, optimizer); the first is the reference
@@ -65,7 +66,7 @@ def main() -> None:
     args = smoke.parse(parser, steps=2, batch_size=2)
     out = Path(args.out)
     cfg, data, teacher_dir, arch = setup(out, args.teacher_steps, args.smoke)
-    trial = cfg.short_distill()
+    trial = resolve(cfg).short_distill(cfg)
     steps = args.steps or trial.steps
     batch = args.batch_size or trial.batch_size
     every = min(trial.eval_every, max(1, steps // 2))

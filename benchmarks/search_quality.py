@@ -47,6 +47,7 @@ from nas.prune.cut import prune  # noqa: E402
 from nas.prune.space import enumerate_candidates  # noqa: E402
 from nas.search import ranking  # noqa: E402
 from nas.search.horizon import continued  # noqa: E402
+from nas.search.horizon_plan import resolve  # noqa: E402
 from nas.search.study import StudyRecord, TrialRecord, arch_key  # noqa: E402
 from nas.search.wsd import distill_and_read, stable_state  # noqa: E402
 from nas.settings import SearchConfig, run_config_from_dict  # noqa: E402
@@ -95,15 +96,15 @@ def brute_force(ctx, space, stop_tokens: int, work: Path) -> dict[tuple, list[tu
     """Every candidate to the horizon (validated at the rungs) and on through the adaptive horizon's rungs
     (`nas.search.horizon.continued`, and with `rung_schedule` wsd each read after its decay branch,
     `nas.search.wsd`) up to `stop_tokens`: key -> [(tokens, val loss)]."""
-    cfg, curves = ctx.cfg, {}
+    cfg, h, curves = ctx.cfg, ctx.horizon, {}
     for i, arch in enumerate(space):
         student = prune(ctx.teacher, arch, ctx.importance, cfg.depth_strategy)
-        curve, steps = rung_read(ctx, student, cfg.short_distill(), work / str(i), None), cfg.horizon_steps
-        while steps * cfg.tokens_per_step < stop_tokens:
-            last = work / (str(i) if steps == cfg.horizon_steps else f"{i}-{steps}")
-            read = rung_read(ctx, student, continued(cfg, steps), work / f"{i}-{2 * steps}", stable_state(last / "model"))
+        curve, steps = rung_read(ctx, student, h.short_distill(cfg), work / str(i), None), h.steps
+        while steps * h.tokens_per_step < stop_tokens:
+            last = work / (str(i) if steps == h.steps else f"{i}-{steps}")
+            read = rung_read(ctx, student, continued(ctx, steps), work / f"{i}-{2 * steps}", stable_state(last / "model"))
             steps *= 2
-            curve.append((steps * cfg.tokens_per_step, read[-1][1]))
+            curve.append((steps * h.tokens_per_step, read[-1][1]))
         shutil.rmtree(work, ignore_errors=True)
         curves[arch_key(arch)] = curve
         log.info("brute force %d/%d %s: %s", i + 1, len(space), arch.describe(), [round(v, 4) for _, v in curve])
@@ -113,7 +114,7 @@ def brute_force(ctx, space, stop_tokens: int, work: Path) -> dict[tuple, list[tu
 def rung_read(ctx, student, run, out: Path, state: Path | None) -> list[tuple[int, float]]:
     """One rung of one candidate as nas runs it: its curve [(tokens, val loss)], the last point the read
     (wsd: the stable phase from `state`, read after its decay branch; restart: `run` from the weights)."""
-    tokens_per_step = ctx.cfg.tokens_per_step
+    tokens_per_step = ctx.horizon.tokens_per_step
     if ctx.cfg.search.rung_schedule == "wsd":
         stable, read = distill_and_read(ctx, student, run.replace(schedule="constant"), out, start=state)
         points = [(p["step"] * tokens_per_step, p["val_loss"]) for p in stable.curve[:-1]]
@@ -125,7 +126,7 @@ def rung_read(ctx, student, run, out: Path, state: Path | None) -> list[tuple[in
 def truth_run(cfg, steps: int):
     """The ground truth's one run of `steps`: the schedule the user's winner gets from start to end
     (restart: one `distill.schedule` run; wsd: warmup, stable, then the decay over the last `decay_fraction`)."""
-    run = cfg.short_distill().replace(steps=steps, eval_every=0)
+    run = resolve(cfg).short_distill(cfg).replace(steps=steps, eval_every=0)
     return run.replace(schedule="wsd") if cfg.search.rung_schedule == "wsd" else run
 
 
@@ -313,10 +314,10 @@ def main() -> None:
         t0 = time.perf_counter()
         ctx, studies[name] = search(run_config_from_dict(study_config(out, data_cfg, args, slug, sampler)))
         seconds[name] = time.perf_counter() - t0
-    cfg = ctx.cfg
-    truth_steps = args.truth_factor * cfg.horizon_steps
-    print(f"horizon {cfg.horizon_tokens:,} tokens ({cfg.horizon_steps} steps of {cfg.tokens_per_step} tokens), ground "
-          f"truth {truth_steps * cfg.tokens_per_step:,} tokens ({truth_steps} steps, {args.truth_factor}x), "
+    cfg, h = ctx.cfg, ctx.horizon
+    truth_steps = args.truth_factor * h.steps
+    print(f"horizon {h.tokens:,} tokens ({h.steps} steps of {h.tokens_per_step} tokens), ground "
+          f"truth {truth_steps * h.tokens_per_step:,} tokens ({truth_steps} steps, {args.truth_factor}x), "
           f"{cfg.distill.eval_sequences} validation sequences")  # fmt: skip
     print(schedules(cfg, truth_steps))
     summary = []
@@ -325,14 +326,14 @@ def main() -> None:
         screen_loss = {arch_key(s["arch"]): s["loss"] for s in studies["nas"].user_attrs["screen"]
                        if s["budget"] == budget and s["loss"] is not None}  # fmt: skip
         stop = max(nas_pick(s, budget)[1]["rungs"][-1]["tokens"] for s in studies.values())
-        stop = max(stop, args.brute_factor * cfg.horizon_tokens)
+        stop = max(stop, args.brute_factor * h.tokens)
         t0 = time.perf_counter()
         curves = brute_force(ctx, space, stop, out / f"work{tag}")
         seconds[f"brute force {budget}"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         truth, per_seq = ground_truth(ctx, space, truth_steps, out / f"work{tag}", out / f"ground_truth{tag}.json")
         seconds[f"ground truth {budget}"] = time.perf_counter() - t0
-        summary.append(report_budget(budget, space, studies, screen_loss, curves, truth, per_seq, cfg.horizon_tokens))
+        summary.append(report_budget(budget, space, studies, screen_loss, curves, truth, per_seq, h.tokens))
     print(f"\nover {len(summary)} budgets (regret in nats, vs nas):")
     for name in (k for k in summary[0] if "." not in k):
         worse = [r[name] - r["nas"] for r in summary]
@@ -363,7 +364,8 @@ def schedules(cfg, truth_steps: int) -> str:
                 f"{cfg.distill.decay_fraction:g}x its tokens, the next rung resuming the stable state); ground truth "
                 f"one wsd run of {truth.steps} steps (decay over the last {truth.decay_fraction:g}); final "
                 "distillation the winner's stable phase resumed, then wsd's decay")  # fmt: skip
-    return (f"schedules: trials {cfg.short_distill().schedule}, each rung a fresh {cfg.short_distill().schedule} "
+    trial = resolve(cfg).short_distill(cfg)
+    return (f"schedules: trials {trial.schedule}, each rung a fresh {trial.schedule} "
             f"schedule from the last weights (restart); ground truth one {truth.schedule} run of {truth.steps} "
             f"steps; final distillation a fresh {final.schedule} schedule from the pick's weights")  # fmt: skip
 

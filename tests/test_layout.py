@@ -102,6 +102,22 @@ def test_no_two_modules_of_nas_share_a_file_name():
     assert {name: paths for name, paths in names.items() if len(paths) > 1} == {}
 
 
+# where `horizon_steps` (the horizon in steps) may be named: the search, which owns the horizon
+# (`nas.search.horizon_plan`; the study record keeps the field), the settings' legacy field of older studies
+# and its check, and the tiny test study, which gives its horizon as older studies do (so every search test
+# also loads the legacy form)
+HORIZON_STEPS_OWNERS = ("nas/search/", "nas/settings/search.py", "nas/settings/run_config.py", "nas/testing.py")
+
+
+def test_only_the_search_computes_a_horizon():
+    named = sorted(
+        path.relative_to(ROOT).as_posix()
+        for path in (ROOT / "nas").rglob("*.py")
+        if "horizon_steps" in path.read_text() and not path.relative_to(ROOT).as_posix().startswith(HORIZON_STEPS_OWNERS)
+    )
+    assert named == [], "read the horizon from nas.search.horizon_plan (SearchContext.horizon), not in steps"
+
+
 def module_map() -> dict[str, str]:
     """The README's module map: each entry's folder or file (`nas/search/`, `nas/io.py`) -> its text."""
     text = (ROOT / "README.md").read_text()

@@ -75,18 +75,16 @@ def parse_steps(text: str) -> dict[str, int]:
 def horizon_line(cfg, teacher, budgets: list[str], budget_kind: str = "total") -> str:
     """The search horizon in tokens: the study's, or the default for these budgets (of `budget_kind`
     parameters, as a study with that budget kind counts them)."""
-    from nas.prune.space import parse_budget
+    from nas.search.horizon_plan import per_param_tokens, resolve
     from nas.settings import SearchConfig
 
     if cfg is not None:
-        from nas.prune.space import with_horizon
-
-        cfg = with_horizon(cfg, teacher)
-        return (f"search horizon: {cfg.horizon_tokens:,} KD tokens per candidate ({cfg.horizon_steps} steps of "
-                f"{cfg.tokens_per_step:,} tokens); final distillation {cfg.final_tokens:,} tokens")  # fmt: skip
+        h = resolve(cfg, teacher)
+        return (f"search horizon: {h.tokens:,} KD tokens per candidate ({h.steps} steps of "
+                f"{h.tokens_per_step:,} tokens); final distillation {cfg.final_tokens:,} tokens")  # fmt: skip
     per_param = SearchConfig().horizon_tokens_per_param
-    largest = max(parse_budget(b, teacher, budget_kind) for b in budgets)
-    return (f"search horizon (default): {round(per_param * largest):,} KD tokens per candidate = {per_param} a "
+    tokens = per_param_tokens(teacher, budgets, budget_kind, per_param)
+    return (f"search horizon (default): {tokens:,} KD tokens per candidate = {per_param} a "
             "parameter of the largest budget (Minitron §4: 1.8B tokens per 8B candidate); set search.horizon_tokens")
 
 
@@ -255,7 +253,7 @@ def cmd_worker(args) -> int:
     launch = settings_from_args(args, Launch)
     if launch.nproc_per_node > 1:  # before any torchrun child starts
         guard.batch_splits(
-            stored_config(args).short_distill().batch_size, launch.nproc_per_node, "distill.batch_size"
+            stored_config(args).distill.batch_size, launch.nproc_per_node, "distill.batch_size"
         )
     code = relaunch_under_torchrun(args, launch)
     if code is not None:

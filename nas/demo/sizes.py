@@ -43,8 +43,8 @@ class DemoPlan:
     screen_top: int = 4  # candidates per budget distilled after the screen
     finalists: int = 3  # of them, per budget, carried to the horizon
     teacher_cache: bool = True  # trials train from the teacher's top-k outputs, written once (1.5x faster)
-    horizon_steps: int = 30  # short KD of every trial
-    eval_every: int = 10  # successive halving's rung size
+    horizon_tokens: int = 30 * 8 * 256  # short KD of every trial: 30 steps of batch_size x seq_len
+    rung_tokens: int = 10 * 8 * 256  # successive halving's rung size: 10 steps
     batch_size: int = 8  # of every KD / scratch step
     kd_lr: float = 1e-3
     final_steps: int = 70  # full KD of the winner, after its short run (the funnel costs more search)
@@ -60,21 +60,19 @@ class DemoPlan:
         are cheaper, the larger dearer)."""
         t = self.tokens_per_step
         teacher = self.teacher.steps * self.teacher.batch_size * self.seq_len / RATES["teacher"]
-        per_budget = self.screen_top * self.eval_every + self.finalists * (
-            self.horizon_steps - self.eval_every
-        )
-        search_steps = len(self.budgets) * per_budget
+        per_budget = self.screen_top * self.rung_tokens + self.finalists * (self.horizon_tokens - self.rung_tokens)
+        search_tokens = len(self.budgets) * per_budget
         trial_rate = RATES["kd_cached"] if self.teacher_cache else RATES["kd"]
-        winner_steps = self.horizon_steps + self.final_steps
+        winner_tokens = self.horizon_tokens + self.final_steps * t
         return {
             "corpus": 2.0,
             "tokenizer": 3.0,
             "data": 5.0,
             "teacher": teacher,
-            "search": 45.0 + search_steps * t / trial_rate,  # + importance, screen, teacher cache
+            "search": 45.0 + search_tokens / trial_rate,  # + importance, screen, teacher cache
             "final": self.final_steps * t / RATES["kd"],
             "report": 5.0,
-            "scratch": winner_steps * t / RATES["scratch"],
+            "scratch": winner_tokens / RATES["scratch"],
             "compare": 5.0,
         }
 
@@ -89,13 +87,14 @@ def demo_plan(minutes: float = 10.0) -> DemoPlan:
     def steps(n: int) -> int:
         return max(2, round(n * scale))
 
-    eval_every = steps(base.eval_every)
+    per_step = base.tokens_per_step  # the token counts scale in whole steps
+    rung = steps(base.rung_tokens // per_step) * per_step
     return replace(
         base,
         minutes=minutes,
         teacher=replace(base.teacher, steps=steps(base.teacher.steps)),
-        horizon_steps=max(steps(base.horizon_steps), 2 * eval_every),
-        eval_every=eval_every,
+        horizon_tokens=max(steps(base.horizon_tokens // per_step) * per_step, 2 * rung),
+        rung_tokens=rung,
         final_steps=steps(base.final_steps),
     )
 
@@ -107,7 +106,7 @@ def run_config(out: Path, corpus: Path, plan: DemoPlan, device: str):
         "lr": plan.kd_lr,
         "min_lr": plan.kd_lr / 10,
         "eval_sequences": plan.eval_sequences,
-        "checkpoint_every": plan.eval_every,
+        "checkpoint_every": max(1, plan.rung_tokens // plan.tokens_per_step),  # at every rung
         "keep_checkpoints": 1,
         "device": device,
     }
@@ -127,8 +126,8 @@ def run_config(out: Path, corpus: Path, plan: DemoPlan, device: str):
             "space": plan.space,
             "importance": plan.importance,
             "search": {
-                "horizon_steps": plan.horizon_steps,
-                "eval_every": plan.eval_every,
+                "horizon_tokens": plan.horizon_tokens,
+                "rung_tokens": plan.rung_tokens,
                 "n_trials": plan.n_trials,
                 "top_k": 3,
                 "screen_top": plan.screen_top,

@@ -23,6 +23,7 @@ from nas.model.validate import check_tokenizer_fits
 from nas.pipeline.identity import STUDY_WAYS_OUT
 from nas.prune.importance import Importance, ensure_importance, importance_identity
 from nas.prune.space import enumerate_budgets, parse_budget
+from nas.search.horizon_plan import resolve
 from nas.search.search_context import SearchContext
 from nas.search.strategy import SearchInputs, Strategy, strategy_for
 from nas.search.study import StudyRecord, arch_key
@@ -48,6 +49,7 @@ def prepare_context(
     (`candidate_keys`, `screened`: a worker), else the ones `strategy` (default: `search.strategy`'s)
     chooses now. `teacher_config`: the teacher's, when the caller has read it already."""
     strategy = strategy or strategy_for(cfg)
+    horizon = resolve(cfg)  # once per process: `cfg` has the horizon in tokens (`nas.pipeline.search`)
     teacher_config = teacher_config or load_config(cfg.teacher)
     tokenizer = load_tokenizer(cfg.teacher)
     check_seq_len(cfg.data.seq_len, teacher_config, cfg.teacher)
@@ -68,9 +70,10 @@ def prepare_context(
     if cfg.search.teacher_cache:  # once per study: the first process writes it, the others wait and read
         topk = cfg.search.teacher_cache_topk
         kd = kd_teacher or teacher
-        cache, _ = ensure_teacher_cache(cfg.root, kd, tokenizer, data, cfg.short_distill(), topk)
+        cache, _ = ensure_teacher_cache(cfg.root, kd, tokenizer, data, horizon.short_distill(cfg), topk)
     return SearchContext(
-        cfg, strategy, teacher, tokenizer, data, importance, candidates, cache, screen_by_key, kd_teacher
+        cfg, strategy, teacher, tokenizer, data, importance, candidates, cache, screen_by_key, kd_teacher,
+        horizon=horizon,
     )
 
 
@@ -145,10 +148,8 @@ def record_study_attrs(study: optuna.Study, ctx: SearchContext) -> None:
         chat_templates=ctx.data.chat_templates or None,
         versions=package_versions() | {"hub_kernels": cfg.kernels},
         seed=cfg.seed,
-        horizon_steps=cfg.horizon_steps,
-        horizon_tokens=cfg.horizon_tokens,
+        **ctx.horizon.record_fields(),  # horizon steps and tokens, tokens a step
         final_tokens=cfg.final_tokens,
-        tokens_per_step=cfg.tokens_per_step,
         candidates=[list(arch_key(a)) for a in ctx.candidates],
         sampler=ctx.strategy.description(),
         strategy=ctx.strategy.record(),

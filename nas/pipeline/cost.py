@@ -24,8 +24,9 @@ from nas.device import PEAK_BF16_TFLOPS
 from nas.errors import ConfigError
 from nas.model.arch import Arch
 from nas.model.size import count_params
-from nas.prune.space import enumerate_budgets, memory_violation, with_horizon
+from nas.prune.space import enumerate_budgets, memory_violation
 from nas.search.funnel import prune_class
+from nas.search.horizon_plan import fix_horizon, resolve
 from nas.search.strategy import ScreenFirst, strategy_for
 from nas.settings import RunConfig
 
@@ -116,7 +117,7 @@ def plan_cost(cfg: RunConfig) -> list[StageCost]:
     from nas.model.load import load_config
 
     teacher = Arch.from_hf_config(load_config(cfg.teacher))
-    cfg = with_horizon(cfg, teacher)
+    cfg = fix_horizon(cfg, teacher)  # the horizon in tokens, as `nas run` fixes it
     spaces = enumerate_budgets(teacher, cfg.budgets, cfg.space)
     n_teacher = count_params(teacher, active=True)
     seq = cfg.data.seq_len
@@ -167,7 +168,7 @@ def kd_costs(cfg: RunConfig, teacher: Arch, spaces: dict, n_teacher: int) -> lis
     s, ckpt = cfg.search, cfg.distill.gradient_checkpointing
     largest = {b: max(count_params(a, active=True) for a in c) for b, c in spaces.items()}
     runs = trials_per_budget(cfg, teacher, spaces)
-    horizon = cfg.horizon_tokens
+    horizon = resolve(cfg).tokens
     trial_flops = sum(n * horizon * kd_flops_per_token(n_teacher, largest[b], ckpt, s.teacher_cache)
                       for b, n in runs.items())  # fmt: skip
     if s.teacher_cache:  # the teacher's outputs on the horizon's batches, once

@@ -15,6 +15,7 @@ from nas.io import require_same
 from nas.model.arch import Arch
 from nas.model.load import load_config
 from nas.prune.space import parse_budget
+from nas.search.horizon_plan import HORIZON_SETTINGS, resolve
 from nas.search.study import StudyRecord, make_storage, storage_errors
 from nas.settings import RunConfig, SearchConfig
 from nas.train.run_files import NOT_IDENTITY
@@ -26,9 +27,8 @@ STUDY_WAYS_OUT = (
 )
 # the search settings that decide the trials (not n_trials: raise it to continue a search; not top_k,
 # storage, heartbeats: they change nothing a trial computes)
-SEARCH_IDENTITY = ("horizon_tokens", "horizon_tokens_per_param", "rung_tokens", "horizon_steps", "eval_every",
-                   "pruner", "reduction_factor", "strategy", "order", "screen_sequences", "screen_top", "finalists",
-                   "per_class", "adaptive", "max_horizon_factor", "stable_top", "stable_tau", "extrapolate",
+SEARCH_IDENTITY = (*HORIZON_SETTINGS, "pruner", "reduction_factor", "strategy", "order", "screen_sequences",
+                   "screen_top", "finalists", "per_class", "adaptive", "max_horizon_factor", "stable_top", "stable_tau", "extrapolate",
                    "bootstrap_samples")  # fmt: skip
 STORED_AS = {"strategy": "sampler"}  # the key every stored identity has for it (a rename must not refuse a resume)
 
@@ -58,7 +58,8 @@ def study_identity(cfg: RunConfig, teacher_config: Any = None) -> dict[str, Any]
         "correct_steps": cfg.correct_steps,
         **({"distill_teacher": cfg.distill_teacher} if cfg.distill_teacher else {}),  # older studies: none
         "seed": cfg.seed,
-        "distill": {k: v for k, v in cfg.short_distill().to_dict().items() if k not in NOT_IDENTITY},
+        "distill": {k: v for k, v in resolve(cfg, teacher_arch).short_distill(cfg).to_dict().items()
+                    if k not in NOT_IDENTITY},
         "search": search_identity(cfg.search)
         # older studies (restart, the only schedule then) record none: only another schedule is a change
         | ({"rung_schedule": cfg.search.rung_schedule} if cfg.search.rung_schedule != "restart" else {}),

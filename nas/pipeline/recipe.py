@@ -29,9 +29,9 @@ from nas.pipeline.context import (
 from nas.pipeline.identity import check_study
 from nas.plan import STAGES, check_plan
 from nas.prune.cut import plan_cut, prune, save_pruned
-from nas.prune.space import with_horizon
 from nas.report.html import write_report
 from nas.search.horizon import AdaptiveHorizon
+from nas.search.horizon_plan import fix_horizon
 from nas.search.search_context import SearchContext
 from nas.search.strategy import Strategy
 from nas.search.study import (
@@ -104,7 +104,7 @@ def search(
     (`restart`: deleted first). `strategy`: default `search.strategy`'s (`nas.search.strategy`)."""
     check_trackers(cfg.report_to)  # a missing extra before any work
     teacher_config = load_config(cfg.teacher)  # read once for the whole command
-    cfg = with_horizon(cfg, Arch.from_hf_config(teacher_config))  # the horizon in tokens, fixed
+    cfg = fix_horizon(cfg, Arch.from_hf_config(teacher_config))  # the horizon in tokens, fixed
     with own_output(cfg.root):
         identity = check_study(cfg, restart, teacher_config)
         check_plan(cfg, stages, gpu_memory_of(cfg))
@@ -146,7 +146,7 @@ def record_stability(ctx: SearchContext, study: optuna.Study) -> None:
     s = ctx.cfg.search
     # a search without a screen (TPE) has one budget and no budget labels on its trials
     labels = {b: b or ctx.cfg.budgets[0] for b in ctx.budget_sizes()}
-    stability = {label: ranking_stability(study, s.top_k, ctx.cfg.horizon_steps, b) for b, label in labels.items()}
+    stability = {label: ranking_stability(study, s.top_k, ctx.horizon.steps, b) for b, label in labels.items()}
     StudyRecord(stability=stability).write(study)
     for budget in labels:
         keep_top_models(study, s.top_k, budget)

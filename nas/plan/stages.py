@@ -32,7 +32,7 @@ from nas.model.families import layer_units
 from nas.model.load import load_config
 from nas.model.size import count_params
 from nas.plan import dryrun
-from nas.prune.space import enumerate_budgets, with_horizon
+from nas.prune.space import enumerate_budgets
 from nas.settings import DistillConfig, RunConfig
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,6 @@ def plan_study(
         raise ConfigError("the GPU memory must be positive and gpus_per_trial >= 1")
     teacher = load_config(cfg.teacher)
     teacher_arch = Arch.from_hf_config(teacher)
-    cfg = with_horizon(cfg, teacher_arch)
     if student is None:  # the largest candidate of every budget of the study (a given student needs no space)
         spaces = enumerate_budgets(teacher_arch, cfg.budgets, cfg.space)
         student = max((a for space in spaces.values() for a in space), key=count_params)
@@ -113,7 +112,7 @@ def stage_settings(cfg: RunConfig, gpus_per_trial: int) -> dict[str, dict[str, A
     teacher_only = {"precision": precision_for(cfg.distill.precision, CUDA).name, "gpus": 1}
     return {
         "importance": teacher_only | {"batch_size": cfg.importance.batch_size},
-        "trial": train(cfg.short_distill()),
+        "trial": train(cfg.distill),  # a trial's memory knobs (its steps are the horizon's: nas.search)
         "final": train(cfg.final_distill()),
         "evaluation": teacher_only | {"batch_size": cfg.distill.eval_batch_size},
     }

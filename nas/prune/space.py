@@ -21,7 +21,7 @@ from nas.model.size import (
     parse_count,
     recurrent_state_bytes,
 )
-from nas.settings import DTYPE_BYTES, SIZE_KNOBS, ConstraintsConfig, RunConfig, SpaceConfig
+from nas.settings import DTYPE_BYTES, SIZE_KNOBS, ConstraintsConfig, SpaceConfig
 
 
 def default_steps(teacher: Arch) -> dict[str, int]:
@@ -339,10 +339,3 @@ def within_memory(
     kept = [a for a in candidates if memory_violation(a, constraints, teacher) == 0]
     rejected = [a for a in candidates if memory_violation(a, constraints, teacher) > 0]
     return kept, rejected
-
-
-def with_horizon(cfg: RunConfig, teacher: Arch) -> RunConfig:
-    """`cfg` with its search horizon fixed in tokens: `search.horizon_tokens = 0` becomes
-    horizon_tokens_per_param x the largest budget's parameters (`RunConfig.with_horizon`)."""
-    largest = max(parse_budget(b, teacher, cfg.space.budget_kind) for b in cfg.budgets)
-    return cfg.with_horizon(largest)

@@ -254,7 +254,7 @@ def stability_frames(
         top_k = int((record.config or {}).get("search", {}).get("top_k", 10))
         done = trials[front_eligible(trials)]
         last = pd.to_numeric(done["last_step"], errors="coerce").max() if len(done) else math.nan
-        horizon = record.horizon_steps or (int(last) if math.isfinite(last) else 0)
+        horizon = record.short_run_steps or (int(last) if math.isfinite(last) else 0)
         budgets = sorted({str(b) for b in done.get("budget", pd.Series(dtype=object)).dropna()}) or [None]
         recorded = {
             b or "": ranking_stability(study, top_k, horizon, b) if len(done) else {"k": 0} for b in budgets
@@ -341,10 +341,7 @@ def reproducibility(study: optuna.Study, record: StudyRecord) -> dict[str, Any]:
         "data_fingerprint": record.data_fingerprint,
         "chat_templates": record.chat_templates,
         "importance_path": record.importance_path,
-        "horizon_steps": record.horizon_steps,
-        "horizon_tokens": record.horizon_tokens
-        or (record.horizon_steps or 0) * (record.tokens_per_step or 0)
-        or None,
+        **record.horizon_summary(),
         "final_tokens": record.final_tokens,
         "tokens_per_step": record.tokens_per_step,
         "sampler": record.sampler or type(study.sampler).__name__,

@@ -79,16 +79,16 @@ def curve_points(trial: optuna.trial.FrozenTrial, tokens_per_step: int) -> list[
 
 def first_rung(ctx: SearchContext, trials: list, record: dict) -> dict:
     """Rung 0, the horizon: the trials' own losses there, tau against half the horizon, and the noise."""
-    cfg = ctx.cfg
-    half = _nearest_step(trials, cfg.horizon_steps // 2)
+    cfg, h = ctx.cfg, ctx.horizon
+    half = _nearest_step(trials, h.steps // 2)
     previous = {t.number: t.intermediate_values[half] for t in trials if half in t.intermediate_values}
     if cfg.search.rung_schedule == "wsd":  # the reads alone: the stable phase's losses lie above every read
-        record["curves"] = {str(t.number): [(cfg.horizon_tokens, float(t.value))] for t in trials}
+        record["curves"] = {str(t.number): [(h.tokens, float(t.value))] for t in trials}
     else:
-        record["curves"] = {str(t.number): curve_points(t, cfg.tokens_per_step) for t in trials}
+        record["curves"] = {str(t.number): curve_points(t, h.tokens_per_step) for t in trials}
     record["dirs"] = {str(t.number): TrialRecord.read(t).checkpoint for t in trials}
     record["labels"] = {str(t.number): TrialRecord.read(t).label for t in trials}
-    return judge(ctx, {t.number: float(t.value) for t in trials}, previous, cfg.horizon_tokens, record)
+    return judge(ctx, {t.number: float(t.value) for t in trials}, previous, h.tokens, record)
 
 
 def judge(ctx: SearchContext, losses: dict[int, float], previous: dict, tokens: int, record: dict) -> dict:
@@ -113,10 +113,9 @@ def judge(ctx: SearchContext, losses: dict[int, float], previous: dict, tokens: 
     # tokens, against the order now
     ahead = ranking.top_tau(losses, predicted, s.stable_top, noise)
     held = ranking.weakest(tau, ahead if s.predict_crossings else None)
-    cap = s.max_horizon_factor * cfg.horizon_tokens
-    # a rung past the horizon first: the trials' own rungs alone cannot see a ranking moving at longer scales
-    floor = s.min_horizon_factor * cfg.horizon_tokens
-    stop = ranking.stop_reason(len(order), held, s.stable_tau, tokens, tokens, cap, floor)
+    # the cap, and the floor: a rung past the horizon first (the trials' own rungs alone cannot see a ranking
+    # moving at longer scales)
+    stop = ranking.stop_reason(len(order), held, s.stable_tau, tokens, tokens, ctx.horizon.cap, ctx.horizon.floor)
     margin = rank_by[order[1]] - rank_by[order[0]] if len(order) >= 2 else None
     return {"tokens": tokens, "losses": {str(n): v for n, v in losses.items()},
             "predicted": {str(n): v for n, v in predicted.items()}, "order": order, "tau": tau, "crossing_tau": ahead,
@@ -124,11 +123,11 @@ def judge(ctx: SearchContext, losses: dict[int, float], previous: dict, tokens: 
             "stop": stop}  # fmt: skip
 
 
-def continued(cfg, done_steps: int):
+def continued(ctx: SearchContext, done_steps: int):
     """The KD settings of the rung after `done_steps`: as many steps again, on the batches after them, a
     fresh schedule without warmup (the student is already trained; wsd: the stable phase goes on at
     constant LR with its optimizer state, `continue_rung`)."""
-    return cfg.short_distill().replace(steps=done_steps, data_offset=done_steps, warmup_steps=0,
+    return ctx.horizon.short_distill(ctx.cfg).replace(steps=done_steps, data_offset=done_steps, warmup_steps=0,
                                        eval_every=0, checkpoint_every=0)  # fmt: skip
 
 
@@ -148,7 +147,7 @@ def continue_rung(ctx: SearchContext, start: Path, run, out: Path) -> tuple[floa
 def next_rung(ctx: SearchContext, record: dict, budget_label: str) -> dict:
     """Distill the best `stable_top` of the last rung for as many tokens again, and judge the new rung."""
     cfg, last = ctx.cfg, record["rungs"][-1]
-    run = continued(cfg, last["tokens"] // cfg.tokens_per_step)
+    run = continued(ctx, last["tokens"] // ctx.horizon.tokens_per_step)
     losses = {}
     for n in last["order"][: cfg.search.stable_top]:
         start = Path(record["dirs"][str(n)])

@@ -83,6 +83,17 @@ class StudyRecord(_Record):
         return next(iter((self.winners or {}).values()), None)
 
     @property
+    def short_run_steps(self) -> int | None:
+        """The steps of one candidate's short run, as recorded (None: not recorded)."""
+        return self.horizon_steps
+
+    def horizon_summary(self) -> dict[str, int | None]:
+        """The recorded horizon (steps, tokens, tokens a step) under the record's names; the tokens from
+        the steps where a study recorded none."""
+        tokens = self.horizon_tokens or (self.horizon_steps or 0) * (self.tokens_per_step or 0) or None
+        return {"horizon_steps": self.horizon_steps, "horizon_tokens": tokens}
+
+    @property
     def budget(self) -> int | None:
         """The first budget's parameters."""
         return next(iter((self.budgets or {}).values()), None)

@@ -13,6 +13,7 @@ import torch
 
 from nas.model.arch import Arch
 from nas.prune.importance import Importance
+from nas.search.horizon_plan import Horizon, resolve
 from nas.search.strategy import Strategy
 from nas.search.study import arch_key
 from nas.settings import RunConfig
@@ -35,6 +36,11 @@ class SearchContext:
     screen: dict[tuple[int, ...], dict] = field(default_factory=dict)  # key -> its screen (nas.search.funnel)
     kd_teacher: torch.nn.Module | None = None  # `distill_teacher`: the students' KD teacher (None: `teacher`)
     trackers: Trackers = NO_TRACKERS  # `report_to`: where each trial's metrics stream
+    horizon: Horizon | None = None  # the search's horizon, resolved once (None: from `cfg`, fixed in tokens)
+
+    def __post_init__(self) -> None:
+        if self.horizon is None:
+            self.horizon = resolve(self.cfg)
 
     @property
     def distill_from(self) -> torch.nn.Module:

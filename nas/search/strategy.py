@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import optuna
@@ -40,6 +41,7 @@ from nas.errors import ConfigError, InfeasibleError
 from nas.model.arch import Arch
 from nas.prune.space import within_memory
 from nas.search.funnel import FunnelPruner, screen, shortlist
+from nas.search.horizon_plan import Horizon, resolve
 from nas.settings import RunConfig
 
 if TYPE_CHECKING:
@@ -88,26 +90,31 @@ class Strategy(ABC):
     def candidates(self, inputs: SearchInputs) -> Candidates:
         """Which candidates the study distills, in priority order."""
 
+    @cached_property
+    def horizon(self) -> Horizon:
+        """The study's horizon (`nas.search.horizon_plan`: `cfg` has it in tokens by the time a search runs)."""
+        return resolve(self.cfg)
+
     def sampler(self) -> optuna.samplers.BaseSampler:
         """Queued trials carry their parameters, so the sampler is never asked (seeded all the same)."""
         return optuna.samplers.RandomSampler(seed=self.cfg.seed)
 
     def pruner(self, sizes: dict[str | None, int]) -> optuna.pruners.BasePruner:
         """`search.pruner`; `sizes`: budget label -> how many of its candidates the search distills."""
-        s, cfg = self.cfg.search, self.cfg
+        s, h = self.cfg.search, self.horizon
         if s.pruner == "successive-halving":
             return self.halving(sizes)
         if s.pruner == "hyperband":
             return optuna.pruners.HyperbandPruner(
-                min_resource=cfg.rung_steps, max_resource=cfg.horizon_steps, reduction_factor=s.reduction_factor
+                min_resource=h.rung_steps, max_resource=h.steps, reduction_factor=s.reduction_factor
             )
         return optuna.pruners.NopPruner()
 
     def halving(self, sizes: dict[str | None, int]) -> optuna.pruners.BasePruner:
         """Successive halving within each budget, its first `finalists` and the first of each class (with
         `search.per_class`) never stopped."""
-        s, cfg = self.cfg.search, self.cfg
-        return FunnelPruner(cfg.rung_steps, cfg.horizon_steps, s.reduction_factor, s.finalists, sizes,
+        s, h = self.cfg.search, self.horizon
+        return FunnelPruner(h.rung_steps, h.steps, s.reduction_factor, s.finalists, sizes,
                             per_class=s.per_class > 0, screen_top=s.screen_top * s.small_space)  # fmt: skip
 
     def description(self) -> str:
@@ -213,7 +220,7 @@ class TPE(Strategy):
     def halving(self, sizes: dict[str | None, int]) -> optuna.pruners.BasePruner:
         s = self.cfg.search  # sampled trials have no funnel: Optuna's own halving
         return optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=self.cfg.rung_steps, reduction_factor=s.reduction_factor
+            min_resource=self.horizon.rung_steps, reduction_factor=s.reduction_factor
         )
 
     def description(self) -> str:

@@ -162,7 +162,7 @@ def speed_attrs(speed: dict) -> dict:
 
 def trial_config(ctx: SearchContext) -> DistillConfig:
     """The KD settings of one trial; under torchrun every trial is one FSDP2 job over all processes."""
-    cfg = ctx.cfg.short_distill()
+    cfg = ctx.horizon.short_distill(ctx.cfg)
     return cfg.replace(fsdp=True) if dist.world().size > 1 else cfg
 
 
@@ -302,7 +302,7 @@ def report_progress(ctx: SearchContext, study: optuna.Study) -> None:
     losses = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     losses = [v for v in losses if v is not None and v < INFEASIBLE_VALUE]
     values = {"trials_done": done_trials(study), "trials_target": target_trials(ctx),
-              "horizon_tokens": ctx.cfg.horizon_tokens, "best_val_loss": min(losses, default=None)}  # fmt: skip
+              "horizon_tokens": ctx.horizon.tokens, "best_val_loss": min(losses, default=None)}  # fmt: skip
     ctx.trackers.progress(done_trials(study), values)
 
 

@@ -201,53 +201,6 @@ class RunConfig(Settings):
     def storage_url(self) -> str:
         return self.search.storage or f"sqlite:///{self.paths.database}"
 
-    @property
-    def tokens_per_step(self) -> int:
-        """Training tokens of one optimizer step of the short runs (batch x accumulation x seq_len)."""
-        return self.distill.batch_size * self.distill.grad_accum * self.data.seq_len
-
-    def with_horizon(self, budget_params: int) -> RunConfig:
-        """A copy whose horizon is in tokens, fixed: `horizon_tokens = 0` becomes horizon_tokens_per_param
-        x `budget_params` (the largest budget's parameters); a horizon already set is kept."""
-        s = self.search
-        if s.horizon_tokens or s.horizon_steps:
-            return self
-        tokens = max(round(s.horizon_tokens_per_param * budget_params), self.tokens_per_step)
-        return self.replace(search=s.replace(horizon_tokens=tokens))
-
-    @property
-    def horizon_steps(self) -> int:
-        """Steps of one candidate's short KD: search.horizon_tokens over the tokens a step (older studies:
-        search.horizon_steps as given)."""
-        s = self.search
-        if s.horizon_steps:
-            return s.horizon_steps
-        if not s.horizon_tokens:
-            raise ConfigError(
-                "search.horizon_tokens = 0 (per parameter) is fixed once the teacher is known "
-                "(RunConfig.with_horizon); set search.horizon_tokens to use it here"
-            )
-        return max(1, math.ceil(s.horizon_tokens / self.tokens_per_step))
-
-    @property
-    def horizon_tokens(self) -> int:
-        return self.horizon_steps * self.tokens_per_step
-
-    @property
-    def rung_steps(self) -> int:
-        """Steps between validations (the halving's rungs): rung_tokens, or horizon / 8 (Minitron §4:
-        400 steps, rankings compared every 50)."""
-        s = self.search
-        if s.eval_every:
-            return s.eval_every
-        if s.rung_tokens:
-            return max(1, math.ceil(s.rung_tokens / self.tokens_per_step))
-        return max(1, self.horizon_steps // 8)
-
-    def short_distill(self) -> DistillConfig:
-        """The KD settings of one trial: `distill` with the search horizon."""
-        return self.distill.replace(steps=self.horizon_steps, eval_every=self.rung_steps, seed=self.seed)
-
     def final_distill(self) -> DistillConfig:
         """The winner's full distillation: `distill` with the `final` overrides (`tokens` there is
         converted to steps with the final batch)."""

@@ -47,8 +47,8 @@ TINY = DemoPlan(
     importance={"num_samples": 8, "val_sequences": 4, "batch_size": 8},
     screen_top=3,
     finalists=2,
-    horizon_steps=4,
-    eval_every=2,
+    horizon_tokens=4 * 2 * 32,  # 4 steps of batch_size x seq_len
+    rung_tokens=2 * 2 * 32,
     batch_size=2,
     final_steps=2,
 )

@@ -15,6 +15,7 @@ from nas.pipeline import prepare_context
 from nas.prune.cut import prune
 from nas.search import ranking
 from nas.search.horizon import extend_horizon
+from nas.search.horizon_plan import resolve, tokens_per_step
 from nas.settings import run_config_from_dict
 from nas.testing import tiny_study_config
 
@@ -108,10 +109,10 @@ def test_finalists_still_reordering_extend_the_horizon_and_say_so(ctx, caplog):
         record = extend_horizon(ctx, study, ctx.cfg.budgets[0])
     first, second = record["rungs"]
     assert first["tau"] == pytest.approx(-1.0) and first["stop"] is None and not first["within_noise"]
-    assert second["tokens"] == 2 * first["tokens"] == 2 * ctx.cfg.horizon_tokens
+    assert second["tokens"] == 2 * first["tokens"] == 2 * ctx.horizon.tokens
     assert second["stop"] in (ranking.STABLE, ranking.CAP) and record["stop"] == second["stop"]
     assert all(second["losses"][k] != first["losses"][k] for k in second["losses"])  # they trained on
-    assert record["tokens"] == 2 * ctx.cfg.horizon_tokens  # two finalists, one horizon more each
+    assert record["tokens"] == 2 * ctx.horizon.tokens  # two finalists, one horizon more each
     assert (ctx.cfg.root / "horizon").is_dir() and Arch.from_hf_config  # the extended models
     assert any("still reordering" in r.message and "extending the horizon" in r.message for r in caplog.records)
     assert study.user_attrs["horizon"][ctx.cfg.budgets[0]]["pick"] == record["pick"]
@@ -135,20 +136,21 @@ def test_an_order_that_held_but_whose_curves_will_cross_extends_the_horizon(ctx,
     add_trial(study, ctx, 1, bad, bad_loss, 0, {1: bad_loss + 1.5, 2: bad_loss + 0.6, 3: bad_loss + 0.3,
                                                  4: bad_loss})  # fmt: skip
     one = ctx.cfg.search.replace(min_horizon_factor=1)  # the rungs alone would stop at the horizon
-    far = replace(ctx, cfg=ctx.cfg.replace(final={"tokens": 100 * ctx.cfg.horizon_tokens}, search=one))
+    far_cfg = ctx.cfg.replace(final={"tokens": 100 * ctx.horizon.tokens}, search=one)
+    far = replace(ctx, cfg=far_cfg, horizon=resolve(far_cfg))
     with caplog.at_level(logging.INFO, logger="nas.search.horizon"):
         record = extend_horizon(far, study, ctx.cfg.budgets[0])
     first = record["rungs"][0]
     assert first["tau"] == pytest.approx(1.0)  # the rungs agree
     assert first["predicted"]["1"] < first["predicted"]["0"]  # the steep curve is predicted to win at the end
     assert first["crossing_tau"] == pytest.approx(-1.0) and first["stop"] is None
-    assert len(record["rungs"]) == 2 and record["tokens"] == 2 * ctx.cfg.horizon_tokens
+    assert len(record["rungs"]) == 2 and record["tokens"] == 2 * ctx.horizon.tokens
     assert any("predict at the final tokens -1.00" in r.message for r in caplog.records)
     plain = optuna.create_study()  # the same study without the crossing check stops at the horizon
     for t in study.trials[:2]:
         plain.add_trial(t)
     off = far.cfg.replace(search=one.replace(predict_crossings=False))
-    record = extend_horizon(replace(ctx, cfg=off), plain, ctx.cfg.budgets[0])
+    record = extend_horizon(replace(ctx, cfg=off, horizon=resolve(off)), plain, ctx.cfg.budgets[0])
     assert len(record["rungs"]) == 1 and record["stop"] == ranking.STABLE
 
 
@@ -183,7 +185,7 @@ def test_a_run_with_the_adaptive_horizon_distills_its_pick(tmp_path, monkeypatch
     assert horizon["stop"] in (ranking.STABLE, ranking.CAP, ranking.ONE_LEFT)
     assert winner["trial"] == horizon["pick"] and winner["horizon_stop"] == horizon["stop"]
     extra = horizon["rungs"][-1]["tokens"] - horizon["rungs"][0]["tokens"]
-    assert winner["tokens"] >= extra + cfg.final_distill().steps * cfg.tokens_per_step
+    assert winner["tokens"] >= extra + cfg.final_distill().steps * tokens_per_step(cfg)
     assert AutoModelForCausalLM.from_pretrained(result.winner_dir) is not None
     assert "Adaptive horizon" in result.report.read_text()
 
