@@ -225,7 +225,7 @@ def test_a_mixture_of_experts_teacher_plans_in_bf16_down_the_whole_ladder(tmp_pa
     assert any(p.settings.get("grad_accum", 1) > 1 for p in trial)
 
 
-CONFIGS = Path(__file__).parents[1] / "benchmarks" / "configs"
+CONFIGS = Path(__file__).parents[2] / "benchmarks" / "configs"
 # benchmarks/gpu_acceptance.py row 3a's trial (bf16-mixed, torch AdamW, 4 x 2048 tokens, no checkpointing) of
 # random-init models on one H200 (torch 2.11+cu130, transformers 5.17): `max_memory_allocated` (issue 31)
 MEASURED_TRIALS = [
