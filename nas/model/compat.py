@@ -10,7 +10,7 @@ the break (older or fixed ones); `apply()` is idempotent and runs when `nas.mode
   least important Mamba layer, the first one included). The mend asks the first layer that holds a state
   instead: every layer of a cache has seen the same tokens, so that is the sequence length transformers
   means. Written here because no transformers release has the fix yet; the test that a pruned stack whose
-  first layer is an MLP generates (tests/test_nemotron.py) fails if the mend stops working.
+  first layer is an MLP generates (tests/model/families/test_nemotron.py) fails if the mend stops working.
 """
 
 from __future__ import annotations
