@@ -118,6 +118,26 @@ def _results(facts: CardFacts) -> list[str]:
     return lines
 
 
+STATELESS_BLOCKS = ("mlp", "moe")  # hybrid block types that keep nothing in transformers' cache
+
+
+def _loading(facts: CardFacts) -> list[str]:
+    """A hybrid student whose first layer keeps no cache state (depth pruning dropped the first Mamba layer):
+    transformers 5.25's `Cache.get_seq_length()` asks layer 0, so `generate()` fails there without help
+    (`nas.model.compat` mends it inside nas)."""
+    types = facts.arch.layer_types
+    if not types or types[0] not in STATELESS_BLOCKS:
+        return []
+    return [
+        "## Loading",
+        f"The first layer is a `{types[0]}` block, which keeps nothing in transformers' cache. transformers 5.25 "
+        "reads the cached length from layer 0, so its `generate()` fails on this model; pass `use_cache=False`, "
+        "or run `import nas.model.compat; nas.model.compat.apply()` once before generating (releases without "
+        "that break need neither).",
+        "",
+    ]
+
+
 def model_card(facts: CardFacts) -> str:
     """The card's text: YAML front matter, then the body (Markdown)."""
     meta = yaml.safe_dump(front_matter(facts), sort_keys=False, allow_unicode=True)
@@ -135,6 +155,7 @@ def model_card(facts: CardFacts) -> str:
         "## What was cut",
         *_cut(facts),
         "",
+        *_loading(facts),
         "## Training and results",
         *_results(facts),
         "",

@@ -14,6 +14,7 @@ import torch
 
 from nas.errors import InfeasibleError, ModelError
 from nas.model.arch import Arch, check_prunable
+from nas.model.card import CardFacts, model_card
 from nas.model.mamba import channels
 from nas.model.size import count_params, recurrent_state_bytes
 from nas.prune.cut import nemotron_keeps, plan_cut, prune, save_pruned
@@ -278,3 +279,7 @@ def test_a_pruned_stack_whose_first_layer_is_an_mlp_generates_as_without_a_cache
     cached = loaded.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=1)
     uncached = loaded.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=1, use_cache=False)
     assert cached.shape == (1, 11) and torch.equal(cached, uncached)
+    teacher_arch = Arch.from_hf_config(teacher.config)
+    cards = [model_card(CardFacts(teacher="tiny", teacher_arch=teacher_arch, arch=a, study="s", budget="50%", tokens=0))
+             for a in (Arch.from_hf_config(loaded.config), teacher_arch)]  # fmt: skip
+    assert "use_cache=False" in cards[0] and "use_cache=False" not in cards[1]  # only where layer 0 keeps nothing
