@@ -100,6 +100,20 @@ def write_atomic(path: Path, payload: bytes) -> None:
         tmp.write_bytes(payload)
 
 
+def package_versions(names: Sequence[str]) -> dict[str, str]:
+    """Each installed distribution's version ("not installed" for an optional one that is absent), for the
+    records a study or an evaluation keeps of its environment."""
+    import importlib.metadata
+
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
 # ---- the kind of a path, and reads bounded by what nas writes ------------------------------------------
 
 SPECIAL_KINDS = (

@@ -24,7 +24,6 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ from nas.data.tokens import prepare
 from nas.device import resolve_device
 from nas.errors import ConfigError, DataError, first_line
 from nas.evaluate.loss import lm_loss
-from nas.io import GENERATOR, read_json, write_text_atomic, written_by_nas
+from nas.io import GENERATOR, package_versions, read_json, write_text_atomic, written_by_nas
 from nas.model.load import load_model, load_tokenizer
 from nas.settings import Phase
 
@@ -170,13 +169,6 @@ def data_perplexity(
     return out
 
 
-def _version(name: str) -> str:
-    try:
-        return version(name)
-    except PackageNotFoundError:  # an optional package (kernels)
-        return "not installed"
-
-
 def evaluate_model(
     name_or_path: str | os.PathLike,
     tasks: Sequence[str] = (),
@@ -198,7 +190,7 @@ def evaluate_model(
     record: dict[str, Any] = {
         "model": str(name_or_path),
         "params": sum(p.numel() for p in model.parameters()),
-        "versions": {name: _version(name) for name in ("nas", "torch", "transformers", "kernels", "lm_eval")}
+        "versions": package_versions(("nas", "torch", "transformers", "kernels", "lm_eval"))
         | {"hub_kernels": kernels},
         "perplexity": {},
         "tasks": {},

@@ -4,7 +4,6 @@ what the study records about itself."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 from typing import Any
 
@@ -15,6 +14,7 @@ from nas.data.tokens import check_seq_len, prepare
 from nas.device import precision_for, resolve_device
 from nas.errors import ConfigError
 from nas.evaluate.loss import lm_loss
+from nas.io import package_versions as installed_versions
 from nas.io import read_json
 from nas.model.arch import Arch
 from nas.model.load import load_config, load_model, load_tokenizer
@@ -159,13 +159,7 @@ def record_study_attrs(study: optuna.Study, ctx: SearchContext) -> None:
 
 
 def package_versions() -> dict[str, str]:
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name.replace("_", "-"))
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
+    return installed_versions(PACKAGES)
 
 
 def gpu_memory_of(cfg: RunConfig) -> int | None:
