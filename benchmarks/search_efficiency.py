@@ -52,6 +52,9 @@ def tokens_spent(study: optuna.Study) -> int:
     )
 
 
+STEP_TOKENS = 8 * 64  # tokens of one optimizer step of the trials below: batch_size x seq_len
+
+
 def run(root: Path, name: str, sampler: str, pruner: str, args) -> tuple[optuna.Study, float]:
     horizon = args.horizon
     config = tiny_study_config(
@@ -60,7 +63,8 @@ def run(root: Path, name: str, sampler: str, pruner: str, args) -> tuple[optuna.
         budget="70%",
         data={"seq_len": 64},
         space={"tolerance": args.tolerance, "steps": {"hidden_size": 16, "ffn_hidden_size": 16}},
-        search={"strategy": sampler, "pruner": pruner, "horizon_steps": horizon, "eval_every": max(1, horizon // 6)},
+        search={"strategy": sampler, "pruner": pruner, "horizon_tokens": horizon * STEP_TOKENS,
+                "rung_tokens": max(1, horizon // 6) * STEP_TOKENS},
         # 64 validation sequences (4k tokens): the loss gaps between candidates are ~0.01 nats
         distill={
             "batch_size": 8,

@@ -236,8 +236,6 @@ def tiny_study_config(root, name: str = "tiny", **overrides) -> dict:
         "space": {"tolerance": 0.1, "steps": {"hidden_size": 16, "ffn_hidden_size": 32}},
         "importance": {"num_samples": 16, "val_sequences": 4, "batch_size": 8},
         "search": {
-            "horizon_steps": 4,  # in steps, as older studies give it (still loaded)
-            "eval_every": 2,
             "adaptive": False,  # tests of the adaptive horizon turn it on
             "small_space": False,  # the tiny spaces would skip the halving and the horizon (tests of it turn it on)
             "top_k": 3,
@@ -256,6 +254,9 @@ def tiny_study_config(root, name: str = "tiny", **overrides) -> dict:
     }
     for key, value in overrides.items():
         config[key] = {**config[key], **value} if isinstance(value, dict) and key in config else value
+    # a short KD of 4 optimizer steps validated every 2, whatever batch and seq_len the overrides give
+    per_step = config["distill"]["batch_size"] * config["distill"].get("grad_accum", 1) * config["data"]["seq_len"]
+    config["search"] = {"horizon_tokens": 4 * per_step, "rung_tokens": 2 * per_step, **config["search"]}
     return config
 
 

@@ -103,10 +103,9 @@ def test_no_two_modules_of_nas_share_a_file_name():
 
 
 # where `horizon_steps` (the horizon in steps) may be named: the search, which owns the horizon
-# (`nas.search.horizon_plan`; the study record keeps the field), the settings' legacy field of older studies
-# and its check, and the tiny test study, which gives its horizon as older studies do (so every search test
-# also loads the legacy form)
-HORIZON_STEPS_OWNERS = ("nas/search/", "nas/settings/search.py", "nas/settings/run_config.py", "nas/testing.py")
+# (`nas.search.horizon_plan`; the study record keeps the field), and the settings' conversion of older
+# studies' step fields to tokens on load
+HORIZON_STEPS_OWNERS = ("nas/search/", "nas/settings/legacy.py")
 
 
 def test_only_the_search_computes_a_horizon():

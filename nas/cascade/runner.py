@@ -37,7 +37,7 @@ from nas import pipeline
 from nas.cascade.chain import CascadeStage, cascade_stages
 from nas.cascade.report import stored_cascade, write_cascade_report
 from nas.errors import ConfigError
-from nas.io import read_json, require_same, write_text_atomic
+from nas.io import read_json, write_text_atomic
 from nas.lock import own_output
 from nas.model.arch import Arch
 from nas.model.load import load_config
@@ -111,12 +111,7 @@ def read_stage(scfg: RunConfig) -> dict[str, Any] | None:
     done = read_json(path)
     if not (Path(done["winner"]["dir"]) / "config.json").is_file():
         return None  # its winner was removed: run the stage again (its study resumes)
-    require_same(
-        done["identity"],
-        _plain(pipeline.study_identity(scfg)),
-        f"stage {scfg.name!r}",
-        pipeline.STUDY_WAYS_OUT,
-    )
+    pipeline.require_same_study(done["identity"], _plain(pipeline.study_identity(scfg)), f"stage {scfg.name!r}")
     return done
 
 

@@ -8,7 +8,7 @@ the importance file, the study and the distillation checkpoints live under the s
 """
 
 from nas.pipeline.context import load_teacher, prepare_context, record_study_attrs, study_importance
-from nas.pipeline.identity import STUDY_WAYS_OUT, check_study, clear_study, study_identity
+from nas.pipeline.identity import STUDY_WAYS_OUT, check_study, clear_study, require_same_study, study_identity
 from nas.pipeline.recipe import RunResult, final_budgets, finalize, run, search, worker
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "load_teacher",
     "prepare_context",
     "record_study_attrs",
+    "require_same_study",
     "run",
     "search",
     "study_identity",

@@ -18,6 +18,7 @@ from nas.prune.space import parse_budget
 from nas.search.horizon_plan import HORIZON_SETTINGS, resolve
 from nas.search.study import StudyRecord, make_storage, storage_errors
 from nas.settings import RunConfig, SearchConfig
+from nas.settings.legacy import identity_in_tokens
 from nas.train.run_files import NOT_IDENTITY
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,14 @@ def check_study(cfg: RunConfig, restart: bool = False, teacher_config: Any = Non
             return identity
         recorded = StudyRecord.from_attrs(storage.get_study_user_attrs(study_id)).identity
     if recorded:
-        require_same(recorded, identity, f"study {cfg.name!r} in {cfg.storage_url}", STUDY_WAYS_OUT)
+        require_same_study(recorded, identity, f"study {cfg.name!r} in {cfg.storage_url}")
     return identity
+
+
+def require_same_study(recorded: dict[str, Any], identity: dict[str, Any], what: str) -> None:
+    """Refuse to continue `what` when its `recorded` identity is not `identity`; an older study's identity
+    is first read as this nas computes it (its horizon in tokens: `nas.settings.legacy`)."""
+    require_same(identity_in_tokens(recorded), identity, what, STUDY_WAYS_OUT)
 
 
 def clear_study(cfg: RunConfig, storage: optuna.storages.BaseStorage) -> None:

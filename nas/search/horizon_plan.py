@@ -4,9 +4,10 @@ reads it.
 
 The order, stated once (as nanochat's `base_train.py` decides its run length): `search.horizon_tokens`
 as given; else (0) horizon_tokens_per_param x the largest budget's parameters, fixed into the config once
-the teacher is known (`fix_horizon`, so the study records the tokens it ran); older studies give
-`search.horizon_steps` (and `eval_every`) in steps, kept as given. Steps are the tokens over the tokens of
-one optimizer step, rounded up; the rungs (the halving's validations) are `rung_tokens`, else horizon / 8.
+the teacher is known (`fix_horizon`, so the study records the tokens it ran); older studies' steps are
+tokens by then (`nas.settings.legacy`, with this module's tokens a step). Steps are the tokens over the
+tokens of one optimizer step, rounded up; the rungs (the halving's validations) are `rung_tokens`, else
+horizon / 8.
 
 No training code: `nas space` and `nas plan` read it too.
 """
@@ -22,7 +23,7 @@ from nas.prune.space import parse_budget
 from nas.settings import DistillConfig, RunConfig
 
 # the [search] settings that set the horizon (a study's identity holds each: `nas.pipeline.identity`)
-HORIZON_SETTINGS = ("horizon_tokens", "horizon_tokens_per_param", "rung_tokens", "horizon_steps", "eval_every")
+HORIZON_SETTINGS = ("horizon_tokens", "horizon_tokens_per_param", "rung_tokens")
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def fix_horizon(cfg: RunConfig, teacher: Arch) -> RunConfig:
     """`cfg` with its horizon fixed in tokens: `search.horizon_tokens = 0` becomes horizon_tokens_per_param
     x the largest budget's parameters (at least one step); a horizon already set is kept."""
     s = cfg.search
-    if s.horizon_tokens or s.horizon_steps:
+    if s.horizon_tokens:
         return cfg
     per_param = per_param_tokens(teacher, cfg.budgets, cfg.space.budget_kind, s.horizon_tokens_per_param)
     return cfg.replace(search=s.replace(horizon_tokens=max(per_param, tokens_per_step(cfg))))
@@ -71,16 +72,13 @@ def resolve(cfg: RunConfig, teacher: Arch | None = None) -> Horizon:
     if teacher is not None:
         cfg = fix_horizon(cfg, teacher)
     s, per_step = cfg.search, tokens_per_step(cfg)
-    if s.horizon_steps:  # older studies: in steps, as given
-        steps = s.horizon_steps
-    elif s.horizon_tokens:
-        steps = max(1, math.ceil(s.horizon_tokens / per_step))
-    else:
+    if not s.horizon_tokens:
         raise ConfigError(
             "search.horizon_tokens = 0 (per parameter) is fixed once the teacher is known "
             "(nas.search.horizon_plan.resolve with the teacher); set search.horizon_tokens to use it here"
         )
+    steps = max(1, math.ceil(s.horizon_tokens / per_step))
     # Minitron §4: 400 steps, rankings compared every 50
-    rung = s.eval_every or (max(1, math.ceil(s.rung_tokens / per_step)) if s.rung_tokens else max(1, steps // 8))
+    rung = max(1, math.ceil(s.rung_tokens / per_step)) if s.rung_tokens else max(1, steps // 8)
     tokens = steps * per_step
     return Horizon(tokens, steps, rung, per_step, s.max_horizon_factor * tokens, s.min_horizon_factor * tokens)

@@ -22,6 +22,7 @@ from nas.settings.base import (
     _described,
 )
 from nas.settings.data import DataConfig
+from nas.settings.legacy import study_in_tokens
 from nas.settings.paths import StudyPaths, default_root
 from nas.settings.search import ConstraintsConfig, ImportanceConfig, SearchConfig, SpaceConfig
 from nas.settings.train import DistillConfig
@@ -140,6 +141,12 @@ class RunConfig(Settings):
             raise ValueError(f"must be one budget or a list of distinct budgets, got {value!r}")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _older_steps(cls, data: Any) -> Any:
+        """[search] step fields of older studies, in tokens (`nas.settings.legacy`)."""
+        return study_in_tokens(data) if isinstance(data, dict) else data
+
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
         unknown = [b for b in self.final_budgets if b not in self.budgets]
@@ -154,10 +161,6 @@ class RunConfig(Settings):
                 f"search.min_horizon_factor ({self.search.min_horizon_factor}) must be <= "
                 f"search.max_horizon_factor ({self.search.max_horizon_factor})"
             )
-        if self.search.horizon_tokens and self.search.horizon_steps:
-            raise ValueError("give search.horizon_tokens or (older studies) search.horizon_steps, not both")
-        if self.search.rung_tokens and self.search.eval_every:
-            raise ValueError("give search.rung_tokens or (older studies) search.eval_every, not both")
         if (self.cascade or self.iterative_step) and self.final_budgets:
             raise ValueError(
                 "a cascade distills every stage's winner (the next stage starts from it); drop final_budgets"

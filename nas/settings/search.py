@@ -65,12 +65,6 @@ class SearchConfig(Settings):
         "KD tokens between validations, the halving's rungs (0: horizon / 8, Minitron's 50 of 400 steps)",
         ge=0,
     )
-    horizon_steps: int | None = _described(
-        None, "older studies: the horizon in steps (use horizon_tokens); converted with the batch", ge=1
-    )
-    eval_every: int | None = _described(
-        None, "older studies: steps between validations (use rung_tokens)", ge=1
-    )
     adaptive: bool = _described(
         True,
         "after the horizon, the finalists keep distilling in rungs of doubling tokens until the order of "

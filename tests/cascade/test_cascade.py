@@ -28,7 +28,7 @@ from nas.prune.space import parse_budget
 from nas.settings import run_config_from_dict
 from nas.testing import tiny_config, tiny_study_config
 
-SMALL = {"screen_top": 2, "finalists": 1, "top_k": 1, "horizon_steps": 2, "eval_every": 2}
+SMALL = {"screen_top": 2, "finalists": 1, "top_k": 1, "horizon_tokens": 2 * 2 * 32, "rung_tokens": 2 * 2 * 32}  # 2 steps
 
 
 def plan_of(**overrides):

@@ -155,7 +155,7 @@ def test_bad_study_toml_is_a_one_line_error(tmp_path, capsys):
         'teacher = "x"\n[data]\nsources = [{path = "c.jsonl"}]\n[search]\nhorizon = 3\n'
     )
     err = one_line_error(capsys, ["search", str(tmp_path / "s.toml")])
-    assert "unknown field(s) horizon in [search]" in err and "horizon_steps" in err
+    assert "unknown field(s) horizon in [search]" in err and "horizon_tokens" in err
     (tmp_path / "t.toml").write_text(
         'teacher = "x"\nbudget = "50%"\n[data]\nsources = [{path = "c.jsonl"}]\n[search]\npruner = "median"\n'
     )

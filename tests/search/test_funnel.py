@@ -186,7 +186,7 @@ def test_multi_budget_study_end_to_end(tmp_path, monkeypatch, capsys):
     from nas.testing import tiny_study_config
 
     monkeypatch.chdir(tmp_path)  # the report goes to ./reports
-    search = {"screen_top": 3, "finalists": 2, "horizon_steps": 4, "eval_every": 1, "reduction_factor": 2,
+    search = {"screen_top": 3, "finalists": 2, "rung_tokens": 2 * 32, "reduction_factor": 2,  # a rung every step
               "rerank_tasks": ["kjv_lastword"], "rerank_limit": 4}  # fmt: skip
     cfg = run_config_from_dict(tiny_study_config(tmp_path, budget=["50%", "75%"], search=search))
     result = run(cfg)

@@ -12,6 +12,7 @@ from optuna.trial import TrialState
 
 from nas.model.arch import KNOBS, Arch
 from nas.pipeline import finalize, search, worker
+from nas.search.horizon_plan import tokens_per_step
 from nas.search.study import StudyRecord, TrialRecord, kendall_tau
 from nas.search.trial import trial_dir
 from nas.settings import run_config_from_dict
@@ -96,7 +97,8 @@ def training(study) -> list:
 def test_a_trial_killed_mid_run_is_retried_from_its_checkpoint(tmp_path):
     ctx, study = search(run_config_from_dict(tiny_study_config(tmp_path, search={"n_trials": 1})))
     storage = ctx.cfg.storage_url
-    set_search(study, n_trials=0, horizon_steps=100000, eval_every=50000)  # the next trial runs "forever"
+    step = tokens_per_step(ctx.cfg)
+    set_search(study, n_trials=0, horizon_tokens=100000 * step, rung_tokens=50000 * step)  # the next trial runs "forever"
     code = f"from nas.pipeline import worker; worker({storage!r}, 'tiny', max_trials=1)"
     proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
@@ -108,7 +110,7 @@ def test_a_trial_killed_mid_run_is_retried_from_its_checkpoint(tmp_path):
         proc.send_signal(signal.SIGKILL)  # killed mid-trial: no chance to mark the trial failed
         proc.wait()
     assert study.get_trials()[killed.number].state == TrialState.RUNNING
-    set_search(study, horizon_steps=4, eval_every=2)
+    set_search(study, horizon_tokens=4 * step, rung_tokens=2 * step)
     # nothing waits here: this worker evaluates the rest of the queue, then (nothing left to start, one trial
     # RUNNING) its own stale-trial check fails the killed trial once its heartbeat is stale, and retries it
     study = worker(storage, "tiny")

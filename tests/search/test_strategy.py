@@ -109,4 +109,4 @@ def test_every_strategy_keeps_the_contract(name, tmp_path):
         ran = sorted((t for t in study.trials if t.state != TrialState.WAITING), key=lambda t: t.number)
         assert [arch_key(TrialRecord.read(t).arch) for t in ran] == [arch_key(a) for a in ctx.candidates[:3]]
         assert all(t.state == TrialState.COMPLETE for t in ran)
-        assert all(max(t.intermediate_values) == cfg.search.horizon_steps for t in ran)
+        assert all(max(t.intermediate_values) == ctx.horizon.steps for t in ran)

@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 from nas.errors import ConfigError
 from nas.model.arch import KNOBS
 from nas.pipeline import search, worker
+from nas.search.horizon_plan import tokens_per_step
 from nas.search.study import StudyRecord, TrialRecord, make_storage
 from nas.settings import run_config_from_dict
 from nas.testing import tiny_study_config
@@ -90,14 +91,15 @@ def test_two_workers_finish_a_study_when_one_is_killed_mid_trial(tmp_path, stora
     shared = files_with_mtimes(ctx.cfg.root / "importance.safetensors", tmp_path / "cache")
     space = StudyRecord.read(study).candidates
     assert len(space) == 3 and len(study.get_trials()) == 3  # every candidate queued, once
-    set_search(study, n_trials=0, horizon_steps=10**5, eval_every=10**5)  # the victim's trial never ends
+    step = tokens_per_step(ctx.cfg)
+    set_search(study, n_trials=0, horizon_tokens=10**5 * step, rung_tokens=10**5 * step)  # the victim's trial never ends
     logs = [tmp_path / "victim.log", tmp_path / "survivor.log"]
     victim = start_worker(storage_url, "workers", logs[0])
     survivor = None
     try:
         wait_for(lambda: claimed(study), TIMEOUT, "the first worker to start a trial")
         (victim_trial,) = claimed(study)
-        set_search(study, horizon_steps=4, eval_every=2)  # short trials from here on
+        set_search(study, horizon_tokens=4 * step, rung_tokens=2 * step)  # short trials from here on
         survivor = start_worker(storage_url, "workers", logs[1])
         started = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
         wait_for(lambda: len(claimed(study, started)) > 2, TIMEOUT, "the second worker to start a trial")

@@ -76,7 +76,7 @@ def test_the_recorded_config_reads_back_equal(tmp_path):
     cfg = run_config_from_dict(tiny_study_config(tmp_path, final={"steps": 7}))
     again = run_config_from_dict(cfg.to_dict())
     assert again == cfg
-    assert again.final_distill().steps == 7 and resolve(again).short_distill(again).steps == cfg.search.horizon_steps
+    assert again.final_distill().steps == 7 and resolve(again).short_distill(again).steps == 4
 
 
 def test_cli_flags_come_from_the_schema():

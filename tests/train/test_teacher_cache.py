@@ -264,7 +264,7 @@ def test_a_writer_killed_midway_leaves_nothing_that_passes_for_a_cache(tmp_path,
 def test_one_study_setting_makes_every_trial_train_from_the_cache(tmp_path):
     from nas.pipeline import search
 
-    config = tiny_study_config(tmp_path, search={"horizon_steps": 4, "eval_every": 2, "pruner": "none"})
+    config = tiny_study_config(tmp_path, search={"pruner": "none"})
     toml = tmp_path / "study.toml"
     toml.write_text(
         textwrap.dedent(f"""

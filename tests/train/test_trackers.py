@@ -63,7 +63,7 @@ def test_a_study_with_tensorboard_writes_the_scalars_of_its_metrics_files(tmp_pa
     assert max(got["study/trials_done"]) == done and got["study/trials_done"][done] == done
     best = min(t.value for t in study.trials if t.value is not None)
     assert got["study/best_val_loss"][done] == pytest.approx(best, rel=1e-6)
-    assert set(got["study/horizon_tokens"].values()) == {4 * 2 * 32}  # horizon_steps x batch x seq_len
+    assert set(got["study/horizon_tokens"].values()) == {4 * 2 * 32}  # 4 steps x batch x seq_len
 
 
 def test_a_missing_tracker_is_one_line_with_the_pip_command(tmp_path, capsys):
