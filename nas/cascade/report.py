@@ -23,6 +23,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.offline
 
+from nas.cascade.stored import record_from_attrs
 from nas.io import HTML_MARK, write_text_atomic
 from nas.report.html import CSS, PAGE, SORT_JS, fmt, section
 from nas.search.study import check_optuna_schema, check_storage_url, storage_errors
@@ -167,7 +168,7 @@ def render_cascade(record: dict[str, Any]) -> str:
 
 
 def stored_cascade(storage: str, name: str) -> dict[str, Any] | None:
-    """The cascade record (`family.json`) that `nas.cascade` keeps on the cascade's own Optuna study, None
+    """The cascade record (`cascade.json`) that `nas.cascade` keeps on the cascade's own Optuna study, None
     when `name` is not a cascade in `storage` (or the storage does not exist yet)."""
     check_storage_url(storage)
     if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
@@ -176,12 +177,11 @@ def stored_cascade(storage: str, name: str) -> dict[str, Any] | None:
     with storage_errors(storage):
         if name not in optuna.study.get_all_study_names(storage):
             return None
-        # "family": the key every cascade has stored (the name predates nas.cascade)
-        return optuna.load_study(study_name=name, storage=storage).user_attrs.get("family")
+        return record_from_attrs(optuna.load_study(study_name=name, storage=storage).user_attrs)
 
 
 def write_cascade_report(record: dict[str, Any], out: str | Path) -> Path:
-    """Render the cascade page of `record` (`family.json`) to `out`, atomically."""
+    """Render the cascade page of `record` (`cascade.json`) to `out`, atomically."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, render_cascade(record))

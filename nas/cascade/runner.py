@@ -18,7 +18,8 @@ Resumable and kill-safe per stage: a stage is done once its winner is exported a
 and resumes the first unfinished one where its own study stopped. Workers join a stage by its study name
 (`nas worker --study <name>.<k>-<budget>`), or the whole cascade by its name (`nas worker --study <name>`:
 `cascade_worker` serves each stage's trials in turn).
-`<out_dir>/family.json` records the chain as it grows; the report (`reports/<name>.html`) draws it.
+`<out_dir>/cascade.json` records the chain as it grows (`nas.cascade.stored`: older runs' names are read
+too); the report (`reports/<name>.html`) draws it.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import optuna
 from nas import pipeline
 from nas.cascade.chain import CascadeStage, cascade_stages
 from nas.cascade.report import stored_cascade, write_cascade_report
+from nas.cascade.stored import CASCADE_FILE, migrate_record_file, remove_record_file, store_record
 from nas.errors import ConfigError
 from nas.io import read_json, write_text_atomic
 from nas.lock import own_output
@@ -53,7 +55,6 @@ from nas.settings import RunConfig, run_config_from_dict
 from nas.settings.paths import default_report
 
 log = logging.getLogger(__name__)
-CASCADE_FILE = "family.json"  # the name runs wrote before nas.cascade had its own; kept so they resume
 STAGE_FILE = "stage.json"
 
 
@@ -154,7 +155,7 @@ def record_stage(scfg: RunConfig, stage: CascadeStage, kd_teacher: str) -> dict[
 
 
 def cascade_record(cfg: RunConfig, plan: list[CascadeStage], done: list[dict[str, Any]]) -> dict[str, Any]:
-    """`family.json`: the chain as planned, and every finished stage (what the report draws)."""
+    """`cascade.json`: the chain as planned, and every finished stage (what the report draws)."""
     teacher = Arch.from_hf_config(load_config(cfg.teacher))
     return {
         "name": cfg.name,
@@ -179,7 +180,7 @@ def clear_cascade(cfg: RunConfig, plan: list[CascadeStage]) -> None:
             for name in ({stage_name(cfg, s) for s in plan} | {cfg.name}) & names:
                 optuna.delete_study(study_name=name, storage=storage)
     shutil.rmtree(cfg.root / "stages", ignore_errors=True)
-    (cfg.root / CASCADE_FILE).unlink(missing_ok=True)
+    remove_record_file(cfg.root)
 
 
 def record_cascade_study(cfg: RunConfig, record: dict[str, Any]) -> None:
@@ -193,7 +194,7 @@ def record_cascade_study(cfg: RunConfig, record: dict[str, Any]) -> None:
                 f"study {cfg.name!r} in {cfg.storage_url} is a one-shot study, not a cascade; "
                 "give the cascade another name, or pass --restart to delete it"
             )
-        study.set_user_attr("family", record)  # the stored key stays: old studies hold it
+        store_record(study, record)
 
 
 def cascade_worker(storage: str, name: str, poll: float = 2.0) -> int:
@@ -230,6 +231,7 @@ def run_cascade(
         plan = cascade_stages(cfg, Arch.from_hf_config(load_config(cfg.teacher)))
         if restart:
             clear_cascade(cfg, plan)
+        migrate_record_file(cfg.root)  # an older run's record under the current name
         record_cascade_study(cfg, cascade_record(cfg, plan, []))
         done: list[dict[str, Any]] = []
         for stage in plan:

@@ -16,7 +16,9 @@ import pytest
 import tomli_w
 
 from nas.cascade.chain import cascade_stages
-from nas.cascade.runner import cascade_worker, run_cascade
+from nas.cascade.report import stored_cascade
+from nas.cascade.runner import cascade_worker, record_cascade_study, run_cascade
+from nas.cascade.stored import CASCADE_ATTR, CASCADE_FILE, OLD_CASCADE_ATTR, OLD_CASCADE_FILE
 from nas.cli.main import main
 from nas.errors import ConfigError
 from nas.model.arch import Arch
@@ -126,6 +128,17 @@ def test_iterative_step_reaches_25_percent_through_a_50_percent_stage(tmp_path, 
     for s in stages:
         assert s["winner"]["params"] <= s["params"]
         check_card(Path(s["winner"]["dir"]), cfg.teacher)
+    # the same run as nas up to 229d8a6 left it (its record under the older names) resumes: moved to the new
+    cascade = optuna.load_study(study_name="deep", storage=cfg.storage_url)
+    record = cascade.user_attrs[CASCADE_ATTR]
+    cascade.set_user_attr(OLD_CASCADE_ATTR, record)
+    cascade.set_user_attr(CASCADE_ATTR, None)  # Optuna cannot delete an attribute; None reads as unset
+    (cfg.root / CASCADE_FILE).rename(cfg.root / OLD_CASCADE_FILE)
+    assert stored_cascade(cfg.storage_url, "deep") == record
+    assert run_cascade(cfg, report=False).stages == stages  # every stage done: skipped
+    attrs = optuna.load_study(study_name="deep", storage=cfg.storage_url).user_attrs
+    assert attrs[CASCADE_ATTR] == record and attrs[OLD_CASCADE_ATTR] is None
+    assert json.loads((cfg.root / CASCADE_FILE).read_text()) == record and not (cfg.root / OLD_CASCADE_FILE).exists()
 
 
 def trial_digest(storage: str, name: str) -> list[tuple]:
@@ -175,8 +188,8 @@ def test_a_kill_in_stage_2_resumes_without_redoing_stage_1(tmp_path, monkeypatch
     assert len({json.dumps(t.params, sort_keys=True) for t in finished}) == len(finished)  # none run twice
 
 
-def test_the_cascade_view_counts_tokens_and_flops_each_way():
-    from nas.cascade.report import cascade_costs, cascade_frame, render_cascade
+def view_record() -> dict:
+    """A cascade record of two stages (50% cut from a 1000-parameter teacher, then 25%), as runs store it."""
 
     def stage(index, label, named, params, kd, search, final):
         return {"index": index, "label": label, "named": named, "source": index - 1, "study": f"f.{index}",
@@ -184,8 +197,14 @@ def test_the_cascade_view_counts_tokens_and_flops_each_way():
                 "winner": {"params": params, "final_val_loss": 2.0 + index / 10}}  # fmt: skip
 
     stages = [stage(1, "50%", False, 500, 1000, 100, 50), stage(2, "25%", True, 250, 500, 100, 100)]
-    record = {"name": "f", "teacher": "t", "teacher_params": 1000, "teacher_tokens": 10_000,
-              "cascade_teacher": "previous", "iterative_step": "50%", "plan": stages, "stages": stages}  # fmt: skip
+    return {"name": "f", "teacher": "t", "teacher_params": 1000, "teacher_tokens": 10_000,
+            "cascade_teacher": "previous", "iterative_step": "50%", "plan": stages, "stages": stages}  # fmt: skip
+
+
+def test_the_cascade_view_counts_tokens_and_flops_each_way():
+    from nas.cascade.report import cascade_costs, cascade_frame, render_cascade
+
+    record = view_record()
     costs = cascade_costs(record, cascade_frame(record))
     assert costs["cascade_tokens"] == 350 and costs["one_shot_tokens"] == 200 and costs["intermediate"] == 1
     cascade = 150 * (2 * 1000 + 6 * 500) + 200 * (2 * 500 + 6 * 250)
@@ -204,4 +223,27 @@ def test_a_cascade_never_takes_over_a_one_shot_study_of_its_name(tmp_path):
     study.set_user_attr("config", {"name": "f"})  # what a one-shot nas study records
     with pytest.raises(ConfigError, match="one-shot study"):
         record_cascade_study(cfg, {"plan": []})
-    assert "family" not in study.user_attrs
+    assert CASCADE_ATTR not in study.user_attrs and OLD_CASCADE_ATTR not in study.user_attrs
+
+
+def test_a_cascade_stored_under_the_older_names_is_read_and_moved_to_the_new_ones(tmp_path):
+    from nas.cascade.stored import migrate_record_file
+
+    base = {"name": "f", "teacher": "t", "data": {"sources": [{"path": "a.txt"}]}, "out_dir": str(tmp_path)}
+    cfg = run_config_from_dict({**base, "cascade": True, "budget": ["50%", "25%"]})
+    record = view_record()
+    # what nas up to 229d8a6 stored: the study attribute and the file under the older names, nothing else
+    study = optuna.create_study(study_name="f", storage=cfg.storage_url)
+    study.set_user_attr(OLD_CASCADE_ATTR, record)
+    (tmp_path / OLD_CASCADE_FILE).write_text(json.dumps(record, indent=1))
+    assert stored_cascade(cfg.storage_url, "f") == record  # what `nas report` and `nas worker` read
+    out = tmp_path / "f.html"
+    assert main(["report", "--study", "f", "--storage", cfg.storage_url, "--out", str(out)]) == 0
+    assert "nas cascade: f" in out.read_text() and 'href="f.2.html"' in out.read_text()
+    # a resume (`run_cascade`'s first steps) keeps the record under the new names only
+    migrate_record_file(tmp_path)
+    record_cascade_study(cfg, record)
+    assert json.loads((tmp_path / CASCADE_FILE).read_text()) == record and not (tmp_path / OLD_CASCADE_FILE).exists()
+    attrs = optuna.load_study(study_name="f", storage=cfg.storage_url).user_attrs
+    assert attrs[CASCADE_ATTR] == record and attrs[OLD_CASCADE_ATTR] is None
+    assert stored_cascade(cfg.storage_url, "f") == record
