@@ -1,8 +1,10 @@
 """The [search] fields older studies gave in optimizer steps, converted to tokens on load.
 
-Studies made before commit 882a4c2 (nas 0.1.0, before the horizon and its rungs were set in tokens) give
-`search.horizon_steps` (each candidate's short KD) and `search.eval_every` (steps between its validations);
-their TOML files, the config their databases record and their stored identities keep those names. A step
+Studies made before commit 882a4c2 (nas 0.1.0, when the horizon and its rungs were set in tokens) give
+`search.horizon_steps` (each candidate's short KD) and `search.eval_every` (steps between its validations),
+and nas up to commit 229d8a6 still took them as settings (its tiny test study gave them); their TOML files,
+the config their databases record and their stored identities keep those names (identities stored by nas
+from 882a4c2 to 229d8a6 hold them unset, None, beside the token fields: dropped here). A step
 of the short runs is `distill.batch_size x distill.grad_accum x data.seq_len` tokens (what
 `nas.search.horizon_plan.tokens_per_step` computes), so N steps become N x that many tokens, and the
 horizon resolved from them has the same steps as before: ceil(N x t / t) = N.
