@@ -265,7 +265,8 @@ def report_budget(budget, space, studies, screen_loss, curves, truth, per_seq, h
         facts.setdefault(name, {"tau": finalists, "resolved": resolved,
                                 "ratio": study_tokens(study, budget) / own_brute[name]})  # fmt: skip
         rows.append((name, pick, study_tokens(study, budget),
-                     f"stopped at {horizon['rungs'][-1]['tokens'] / horizon_tokens:.0f}x horizon ({horizon['stop']}), "
+                     f"stopped at {horizon['rungs'][-1]['tokens'] / horizon_tokens:.0f}x horizon ({horizon['stop']}"
+                     f"{'; small space: every candidate to the horizon' if horizon.get('small_space') else ''}), "
                      f"finalists' tau {finalists:.2f} ({resolved:.2f} over the pairs the ground truth resolves)"))  # fmt: skip
     stop = max(nas_pick(s, budget)[1]["rungs"][-1]["tokens"] for s in studies.values())
     at_stop = {k: next((v for t, v in c if t >= stop), c[-1][1]) for k, c in curves.items()}

@@ -140,12 +140,14 @@ class SearchConfig(Settings):
         ge=0,
     )
     # the 5-candidate space (benchmarks/search_quality.py): the funnel spent 0.6x of brute force's tokens
-    # and picked worse than the zero-shot score; with this rule (30%, 7 candidates, commit fae8e16) nas spent
-    # 13,440 tokens, brute force's at 1x, and picked the ground truth's best. Not part of the study's identity
+    # and picked worse than the zero-shot score. Stopping such a space at the horizon (commit fae8e16) picked
+    # the ground truth's best on the deep teacher (25%, 30%) but not on the MoE teacher at 45% (regret 0.0161,
+    # 5 candidates, commit c77bd4e: a 4-layer candidate led at 1x and 2x, the deeper ones passed it by 4x), so
+    # the adaptive horizon goes on from the whole space's rung 0. Not part of the study's identity
     small_space: bool = _described(
         True,
         "a budget whose whole space is no larger than screen_top: every candidate runs to the horizon with no "
-        "halving, and the best there is the pick, with no adaptive-horizon rungs",
+        "halving, and the adaptive horizon goes on from all of them",
     )
     pruner: Literal[PRUNERS] = _described("successive-halving", "how losing trials are stopped early")  # type: ignore[valid-type]
     reduction_factor: int = _described(3, "keep the best 1/reduction_factor of the trials at each rung", ge=2)
