@@ -120,23 +120,47 @@ def study_tokens(study, budget: str) -> int:
     return own + int((StudyRecord.read(study).horizon or {}).get(budget, {}).get("tokens", 0))
 
 
-def brute_force(ctx, space, stop_tokens: int, work: Path) -> dict[tuple, list[tuple[int, float]]]:
+def brute_force(ctx, space, stop_tokens: int, work: Path, store: Path) -> dict[tuple, list[tuple[int, float]]]:
     """Every candidate to the horizon (validated at the rungs) and on through the adaptive horizon's rungs
     (`nas.search.horizon.continued`, and with `rung_schedule` wsd each read after its decay branch,
-    `nas.search.wsd`) up to `stop_tokens`: key -> [(tokens, val loss)]."""
+    `nas.search.wsd`) up to `stop_tokens`: key -> [(tokens, val loss)]. Each curve is kept in `store` under a
+    digest of what decides it (as `ground_truth` keeps its losses); a kept curve that reaches `stop_tokens` is
+    cut there (a rung never depends on the rungs after it), a shorter one is run again."""
     cfg, h, curves = ctx.cfg, ctx.horizon, {}
+    kept = json.loads(store.read_text()) if store.is_file() else {}
     for i, arch in enumerate(space):
-        student = prune(ctx.teacher, arch, ctx.importance, cfg.depth_strategy)
-        curve, steps = rung_read(ctx, student, h.short_distill(cfg), work / str(i), None), h.steps
-        while steps * h.tokens_per_step < stop_tokens:
-            last = work / (str(i) if steps == h.steps else f"{i}-{steps}")
-            read = rung_read(ctx, student, continued(ctx, steps), work / f"{i}-{2 * steps}", stable_state(last / "model"))
-            steps *= 2
-            curve.append((steps * h.tokens_per_step, read[-1][1]))
-        shutil.rmtree(work, ignore_errors=True)
-        curves[arch_key(arch)] = curve
+        digest = run_digest(ctx, arch, h.short_distill(cfg), cfg.distill.eval_sequences)
+        if digest not in kept or kept[digest][-1][0] < stop_tokens:
+            kept[digest] = brute_curve(ctx, arch, i, stop_tokens, work)
+            write_text_atomic(store, json.dumps(kept))
+        curves[arch_key(arch)] = curve = [(int(t), v) for t, v in kept[digest] if t <= max(stop_tokens, h.tokens)]
         log.info("brute force %d/%d %s: %s", i + 1, len(space), arch.describe(), [round(v, 4) for _, v in curve])
     return curves
+
+
+def brute_curve(ctx, arch, i: int, stop_tokens: int, work: Path) -> list[tuple[int, float]]:
+    """One candidate's brute-force curve (see `brute_force`)."""
+    cfg, h = ctx.cfg, ctx.horizon
+    student = prune(ctx.teacher, arch, ctx.importance, cfg.depth_strategy)
+    curve, steps = rung_read(ctx, student, h.short_distill(cfg), work / str(i), None), h.steps
+    while steps * h.tokens_per_step < stop_tokens:
+        last = work / (str(i) if steps == h.steps else f"{i}-{steps}")
+        read = rung_read(ctx, student, continued(ctx, steps), work / f"{i}-{2 * steps}", stable_state(last / "model"))
+        steps *= 2
+        curve.append((steps * h.tokens_per_step, read[-1][1]))
+    shutil.rmtree(work, ignore_errors=True)
+    return curve
+
+
+def run_digest(ctx, arch, run, eval_sequences: int) -> str:
+    """A digest of what decides a candidate's distillation: the teacher's files, the candidate, the KD
+    settings, the validation sequences, the depth strategy and the seed (each rung schedule keeps its own store
+    files, `ground_truth-wsd.json`)."""
+    cfg = ctx.cfg
+    teacher = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(Path(cfg.teacher).glob("*.safetensors"))))
+    what = {"teacher": teacher.hexdigest(), "arch": arch.to_dict(), "run": run.to_dict(),
+            "eval_sequences": eval_sequences, "depth": cfg.depth_strategy, "seed": cfg.seed}  # fmt: skip
+    return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def rung_read(ctx, student, run, out: Path, state: Path | None) -> list[tuple[int, float]]:
@@ -168,11 +192,8 @@ def ground_truth(ctx, space, steps: int, work: Path, store: Path, sequences: int
     run = truth_run(cfg, steps)
     val = ctx.data.val(sequences)
     kept = json.loads(store.read_text()) if store.is_file() else {}
-    teacher = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(Path(cfg.teacher).glob("*.safetensors"))))
     for i, arch in enumerate(space):
-        what = {"teacher": teacher.hexdigest(), "arch": arch.to_dict(), "run": run.to_dict(),
-                "eval_sequences": sequences, "depth": cfg.depth_strategy, "seed": cfg.seed}  # fmt: skip
-        digest = hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+        digest = run_digest(ctx, arch, run, sequences)
         if digest not in kept:
             student = prune(ctx.teacher, arch, ctx.importance, cfg.depth_strategy)
             distill(ctx.teacher, student, ctx.data, run, work / str(i))
@@ -321,7 +342,10 @@ def parse_args():
     p.add_argument("--horizon", type=int, default=30, help="search horizon in steps of batch x seq_len tokens")
     p.add_argument("--truth-factor", type=int, default=10, help="ground truth = this many horizons")
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--eval-sequences", type=int, default=32, help="validation sequences of nas's trials and rungs")
+    # 128 x 32 tokens: a rung read on 4,096 tokens (nas's default at seq_len 4096 reads 262,144); with 32 the hybrid
+    # teacher's reads at 25% swapped candidates 0.001-0.003 nats apart and tau vs the ground truth fell from 0.69
+    # at 1x to 0.25 at 4x, with 128 it was 0.88 / 0.81 (commit 295fb68)
+    p.add_argument("--eval-sequences", type=int, default=128, help="validation sequences of nas's trials and rungs")
     p.add_argument("--truth-sequences", type=int, default=256,
                    help="validation sequences of the ground truth (more than the rungs: a finer judge)")
     p.add_argument("--exhaustive", action="store_true", help="also nas with the halving over every candidate")
@@ -378,7 +402,7 @@ def main() -> None:
         stop = max(nas_pick(s, budget)[1]["rungs"][-1]["tokens"] for s in studies.values())
         stop = max(stop, args.brute_factor * h.tokens)
         t0 = time.perf_counter()
-        curves = brute_force(ctx, space, stop, out / f"work{tag}")
+        curves = brute_force(ctx, space, stop, out / f"work{tag}", out / f"brute_force{tag}.json")
         seconds[f"brute force {budget}"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         truth, per_seq = ground_truth(ctx, space, truth_steps, out / f"work{tag}", out / f"ground_truth{tag}.json",
