@@ -56,7 +56,34 @@ from nas.train.loop import distill  # noqa: E402
 log = logging.getLogger("search_quality")
 TEACHER = TeacherSpec(hidden_size=128, num_layers=12, num_attention_heads=4, num_query_groups=2, head_dim=32,
                       ffn_hidden_size=384, vocab_size=1024, steps=500, batch_size=16, warmup_steps=30)  # fmt: skip
-SMOKE_TEACHER = replace(TEACHER, num_layers=4, hidden_size=64, ffn_hidden_size=128, steps=20, vocab_size=512)
+# The teachers of `--teacher`, all trained by the same recipe on the same text: "deep" (the default) is 12 layers
+# deep, so depth vs width is a real choice; "wide" is half as deep and 1.5x as wide; "hybrid" is a Nemotron-H
+# with Nemotron Nano 2's layer mix (Mamba2 every 2nd layer, attention in 2 of 12, squared-ReLU MLPs between), so
+# Mamba heads, their groups and the layer types are cut; "moe" is a Qwen3-MoE (8 experts, top 2), so experts are.
+TEACHERS = {
+    "deep": TEACHER,
+    "wide": replace(TEACHER, num_layers=6, hidden_size=192, num_attention_heads=6, ffn_hidden_size=576),
+    "hybrid": replace(TEACHER, model_type="nemotron_h", extras={
+        "layers_block_type": ["linear_attention", "mlp", "linear_attention", "full_attention"]
+        + ["linear_attention", "mlp"] * 2 + ["linear_attention", "full_attention", "linear_attention", "mlp"],
+        "mamba_num_heads": 8, "mamba_head_dim": 32, "n_groups": 2, "ssm_state_size": 16, "conv_kernel": 4,
+        "chunk_size": 16, "mlp_hidden_act": "relu2"}),
+    "moe": replace(TEACHER, model_type="qwen3_moe", num_layers=8, ffn_hidden_size=128, extras={
+        "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 128, "norm_topk_prob": True}),
+}  # fmt: skip
+
+
+def smoke_teacher(spec: TeacherSpec) -> TeacherSpec:
+    """`spec` at the smoke size: 4 layers (a hybrid: its first 4 layer types) of width 64, 20 steps."""
+    extras = dict(spec.extras)
+    if "layers_block_type" in extras:
+        extras["layers_block_type"] = extras["layers_block_type"][:4]
+    return replace(spec, num_layers=4, hidden_size=64, ffn_hidden_size=128, steps=20, vocab_size=512, extras=extras)
+
+
+# Space steps a teacher adds to `--step`'s: the hybrid's Mamba heads cut in pairs and their head_dim kept, its
+# MLPs in steps of 128 (21 candidates at 30% instead of 155: brute force and the ground truth fit on 2 CPU cores)
+TEACHER_STEPS = {"hybrid": {"ffn_hidden_size": 128, "num_mamba_heads": 2, "mamba_head_dim": 32}}
 MODELOPT_TOP_K = 10  # ModelOpt's Minitron NAS scores the top_k=10 candidates nearest the budget
 
 
@@ -74,7 +101,8 @@ def study_config(out: Path, data_cfg: dict, args, name: str, sampler: str) -> di
         "out_dir": str(out / name),
         "budget": args.budgets.split(","),
         "data": data_cfg,
-        "space": {"tolerance": args.tolerance, "steps": {"hidden_size": args.step, "ffn_hidden_size": 2 * args.step}},
+        "space": {"tolerance": args.tolerance, "steps": {"hidden_size": args.step, "ffn_hidden_size": 2 * args.step}
+                  | TEACHER_STEPS.get(args.teacher, {})},
         "importance": {"num_samples": 64, "val_sequences": 16, "batch_size": 16},
         "search": {"horizon_tokens": args.horizon * tokens_per_step, "strategy": sampler, "screen_sequences": 16,
                    "rung_schedule": args.rung_schedule}
@@ -92,23 +120,47 @@ def study_tokens(study, budget: str) -> int:
     return own + int((StudyRecord.read(study).horizon or {}).get(budget, {}).get("tokens", 0))
 
 
-def brute_force(ctx, space, stop_tokens: int, work: Path) -> dict[tuple, list[tuple[int, float]]]:
+def brute_force(ctx, space, stop_tokens: int, work: Path, store: Path) -> dict[tuple, list[tuple[int, float]]]:
     """Every candidate to the horizon (validated at the rungs) and on through the adaptive horizon's rungs
     (`nas.search.horizon.continued`, and with `rung_schedule` wsd each read after its decay branch,
-    `nas.search.wsd`) up to `stop_tokens`: key -> [(tokens, val loss)]."""
+    `nas.search.wsd`) up to `stop_tokens`: key -> [(tokens, val loss)]. Each curve is kept in `store` under a
+    digest of what decides it (as `ground_truth` keeps its losses); a kept curve that reaches `stop_tokens` is
+    cut there (a rung never depends on the rungs after it), a shorter one is run again."""
     cfg, h, curves = ctx.cfg, ctx.horizon, {}
+    kept = json.loads(store.read_text()) if store.is_file() else {}
     for i, arch in enumerate(space):
-        student = prune(ctx.teacher, arch, ctx.importance, cfg.depth_strategy)
-        curve, steps = rung_read(ctx, student, h.short_distill(cfg), work / str(i), None), h.steps
-        while steps * h.tokens_per_step < stop_tokens:
-            last = work / (str(i) if steps == h.steps else f"{i}-{steps}")
-            read = rung_read(ctx, student, continued(ctx, steps), work / f"{i}-{2 * steps}", stable_state(last / "model"))
-            steps *= 2
-            curve.append((steps * h.tokens_per_step, read[-1][1]))
-        shutil.rmtree(work, ignore_errors=True)
-        curves[arch_key(arch)] = curve
+        digest = run_digest(ctx, arch, h.short_distill(cfg), cfg.distill.eval_sequences)
+        if digest not in kept or kept[digest][-1][0] < stop_tokens:
+            kept[digest] = brute_curve(ctx, arch, i, stop_tokens, work)
+            write_text_atomic(store, json.dumps(kept))
+        curves[arch_key(arch)] = curve = [(int(t), v) for t, v in kept[digest] if t <= max(stop_tokens, h.tokens)]
         log.info("brute force %d/%d %s: %s", i + 1, len(space), arch.describe(), [round(v, 4) for _, v in curve])
     return curves
+
+
+def brute_curve(ctx, arch, i: int, stop_tokens: int, work: Path) -> list[tuple[int, float]]:
+    """One candidate's brute-force curve (see `brute_force`)."""
+    cfg, h = ctx.cfg, ctx.horizon
+    student = prune(ctx.teacher, arch, ctx.importance, cfg.depth_strategy)
+    curve, steps = rung_read(ctx, student, h.short_distill(cfg), work / str(i), None), h.steps
+    while steps * h.tokens_per_step < stop_tokens:
+        last = work / (str(i) if steps == h.steps else f"{i}-{steps}")
+        read = rung_read(ctx, student, continued(ctx, steps), work / f"{i}-{2 * steps}", stable_state(last / "model"))
+        steps *= 2
+        curve.append((steps * h.tokens_per_step, read[-1][1]))
+    shutil.rmtree(work, ignore_errors=True)
+    return curve
+
+
+def run_digest(ctx, arch, run, eval_sequences: int) -> str:
+    """A digest of what decides a candidate's distillation: the teacher's files, the candidate, the KD
+    settings, the validation sequences, the depth strategy and the seed (each rung schedule keeps its own store
+    files, `ground_truth-wsd.json`)."""
+    cfg = ctx.cfg
+    teacher = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(Path(cfg.teacher).glob("*.safetensors"))))
+    what = {"teacher": teacher.hexdigest(), "arch": arch.to_dict(), "run": run.to_dict(),
+            "eval_sequences": eval_sequences, "depth": cfg.depth_strategy, "seed": cfg.seed}  # fmt: skip
+    return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def rung_read(ctx, student, run, out: Path, state: Path | None) -> list[tuple[int, float]]:
@@ -130,26 +182,24 @@ def truth_run(cfg, steps: int):
     return run.replace(schedule="wsd") if cfg.search.rung_schedule == "wsd" else run
 
 
-def ground_truth(ctx, space, steps: int, work: Path, store: Path) -> tuple[dict, dict]:
-    """Every candidate distilled in one run of `steps`: (key -> val loss, key -> per-sequence losses). Each
-    result is kept in `store` (JSON, rewritten atomically after every candidate) under a digest of what
-    decides it (the teacher's files, the candidate, the KD settings), so a killed run resumes and a rerun
-    with other search settings reuses it."""
+def ground_truth(ctx, space, steps: int, work: Path, store: Path, sequences: int) -> tuple[dict, dict]:
+    """Every candidate distilled in one run of `steps`: (key -> val loss, key -> per-sequence losses), both on
+    `sequences` validation sequences (more than the rungs read, so that the judge resolves closer pairs than
+    the judged). Each result is kept in `store` (JSON, rewritten atomically after every candidate) under a
+    digest of what decides it (the teacher's files, the candidate, the KD settings), so a killed run resumes and
+    a rerun with other search settings reuses it."""
     cfg, truth, per_seq = ctx.cfg, {}, {}
     run = truth_run(cfg, steps)
-    val = ctx.data.val(cfg.distill.eval_sequences)
+    val = ctx.data.val(sequences)
     kept = json.loads(store.read_text()) if store.is_file() else {}
-    teacher = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(Path(cfg.teacher).glob("*.safetensors"))))
     for i, arch in enumerate(space):
-        what = {"teacher": teacher.hexdigest(), "arch": arch.to_dict(), "run": run.to_dict(),
-                "eval_sequences": cfg.distill.eval_sequences, "depth": cfg.depth_strategy, "seed": cfg.seed}  # fmt: skip
-        digest = hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+        digest = run_digest(ctx, arch, run, sequences)
         if digest not in kept:
             student = prune(ctx.teacher, arch, ctx.importance, cfg.depth_strategy)
-            result = distill(ctx.teacher, student, ctx.data, run, work / str(i))
+            distill(ctx.teacher, student, ctx.data, run, work / str(i))
             shutil.rmtree(work, ignore_errors=True)
-            kept[digest] = {"loss": result.val_loss,
-                            "per_seq": sequence_losses(student, val, cfg.distill.eval_batch_size)}  # fmt: skip
+            losses = sequence_losses(student, val, cfg.distill.eval_batch_size)
+            kept[digest] = {"loss": float(np.mean(losses)), "per_seq": losses}
             write_text_atomic(store, json.dumps(kept))
         truth[arch_key(arch)], per_seq[arch_key(arch)] = kept[digest]["loss"], kept[digest]["per_seq"]
         log.info("ground truth %d/%d %s: %.4f", i + 1, len(space), arch.describe(), truth[arch_key(arch)])
@@ -178,15 +228,21 @@ def finalist_scores(study, horizon: dict) -> dict:
     return {key[n]: v for n, v in scores.items()}
 
 
+def _resolved(truth: dict, per_seq: dict, keys: list) -> list[tuple]:
+    """The pairs of `keys` the ground truth itself resolves: their loss gap is beyond 2 standard errors of a
+    paired bootstrap over its validation sequences."""
+    return [(a, b) for i, a in enumerate(keys) for b in keys[i + 1 :]
+            if abs(truth[a] - truth[b]) > ranking.NOISE_Z * ranking.margin_noise(per_seq[a], per_seq[b])]  # fmt: skip
+
+
+def resolved_pairs(truth: dict, per_seq: dict) -> int:
+    return len(_resolved(truth, per_seq, list(truth)))
+
+
 def resolved_tau(scores: dict, truth: dict, per_seq: dict) -> float:
-    """Kendall tau vs the ground truth over the pairs the ground truth itself resolves (their loss gap is
-    beyond 2 standard errors of a paired bootstrap over its validation sequences); nan when none is."""
-    keys = [k for k in truth if k in scores]
-    signs = []
-    for i, a in enumerate(keys):
-        for b in keys[i + 1 :]:
-            if abs(truth[a] - truth[b]) > ranking.NOISE_Z * ranking.margin_noise(per_seq[a], per_seq[b]):
-                signs.append(np.sign((truth[a] - truth[b]) * (scores[a] - scores[b])))
+    """Kendall tau vs the ground truth over the pairs the ground truth resolves (`_resolved`); nan when none is."""
+    pairs = _resolved(truth, per_seq, [k for k in truth if k in scores])
+    signs = [np.sign((truth[a] - truth[b]) * (scores[a] - scores[b])) for a, b in pairs]
     return float(np.mean(signs)) if signs else float("nan")
 
 
@@ -230,7 +286,8 @@ def report_budget(budget, space, studies, screen_loss, curves, truth, per_seq, h
         facts.setdefault(name, {"tau": finalists, "resolved": resolved,
                                 "ratio": study_tokens(study, budget) / own_brute[name]})  # fmt: skip
         rows.append((name, pick, study_tokens(study, budget),
-                     f"stopped at {horizon['rungs'][-1]['tokens'] / horizon_tokens:.0f}x horizon ({horizon['stop']}), "
+                     f"stopped at {horizon['rungs'][-1]['tokens'] / horizon_tokens:.0f}x horizon ({horizon['stop']}"
+                     f"{'; small space: every candidate to the horizon' if horizon.get('small_space') else ''}), "
                      f"finalists' tau {finalists:.2f} ({resolved:.2f} over the pairs the ground truth resolves)"))  # fmt: skip
     stop = max(nas_pick(s, budget)[1]["rungs"][-1]["tokens"] for s in studies.values())
     at_stop = {k: next((v for t, v in c if t >= stop), c[-1][1]) for k, c in curves.items()}
@@ -247,7 +304,9 @@ def report_budget(budget, space, studies, screen_loss, curves, truth, per_seq, h
         print(f"{name:<48} {truth[pick] - best:8.4f} {tokens:12,} {tokens / own_brute.get(name, rows[-1][2]):9.3f}  "
               f"{note}")  # fmt: skip
     rungs = sorted({t for c in curves.values() for t, _ in c})
-    by_rung = {f"{t / horizon_tokens:g}x": tau({k: dict(c)[t] for k, c in curves.items()}, truth) for t in rungs}
+    at_rung = {f"{t / horizon_tokens:g}x": {k: dict(c)[t] for k, c in curves.items()} for t in rungs}
+    by_rung = {x: tau(scores, truth) for x, scores in at_rung.items()}
+    resolved_by_rung = {x: resolved_tau(scores, truth, per_seq) for x, scores in at_rung.items()}
     taus = [f"{x} {v:.2f}" for x, v in by_rung.items()]
     final = studies["nas"].user_attrs["final_tokens"]
 
@@ -258,9 +317,15 @@ def report_budget(budget, space, studies, screen_loss, curves, truth, per_seq, h
 
     print(f"Kendall tau vs ground truth, every candidate: screen {tau(screen_loss, truth):.2f}; at the rungs "
           f"(x horizon) {', '.join(taus)}; extrapolated to the ground truth's tokens {extrapolated(rungs[-1]):.2f}")  # fmt: skip
+    pairs = resolved_pairs(truth, per_seq)
+    print(f"  over the {pairs} of {len(truth) * (len(truth) - 1) // 2} pairs the ground truth resolves: screen "
+          f"{resolved_tau(screen_loss, truth, per_seq):.2f}; "
+          + ", ".join(f"{x} {v:.2f}" for x, v in resolved_by_rung.items()))  # fmt: skip
     print("  extrapolated from the curve up to each rung: "
           + ", ".join(f"{t / horizon_tokens:g}x {extrapolated(t):.2f}" for t in rungs[2:]))  # fmt: skip
     curve = {"curve.screen": tau(screen_loss, truth)} | {f"curve.{x}": v for x, v in by_rung.items()}
+    curve |= {"resolved.screen": resolved_tau(screen_loss, truth, per_seq), "resolved.pairs": pairs}
+    curve |= {f"resolved.{x}": v for x, v in resolved_by_rung.items()}
     return regrets | {f"{k}.{f}": v for k, fs in facts.items() for f, v in fs.items()} | curve
 
 
@@ -268,6 +333,8 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=".nas_cache/search_quality")
     p.add_argument("--smoke", action="store_true", help="a tiny teacher and horizon (seconds, for the test)")
+    p.add_argument("--teacher", choices=tuple(TEACHERS), default="deep",
+                   help="the teacher's shape and model type (all trained on the same text; see TEACHERS)")
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--budgets", help="comma-separated (default 30%%; --smoke: 50%%,95%%)")
     p.add_argument("--tolerance", type=float, default=0.025)
@@ -275,7 +342,12 @@ def parse_args():
     p.add_argument("--horizon", type=int, default=30, help="search horizon in steps of batch x seq_len tokens")
     p.add_argument("--truth-factor", type=int, default=10, help="ground truth = this many horizons")
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--eval-sequences", type=int, default=32)
+    # 128 x 32 tokens: a rung read on 4,096 tokens (nas's default at seq_len 4096 reads 262,144); with 32 the hybrid
+    # teacher's reads at 25% swapped candidates 0.001-0.003 nats apart and tau vs the ground truth fell from 0.69
+    # at 1x to 0.25 at 4x, with 128 it was 0.88 / 0.81 (commit 295fb68)
+    p.add_argument("--eval-sequences", type=int, default=128, help="validation sequences of nas's trials and rungs")
+    p.add_argument("--truth-sequences", type=int, default=256,
+                   help="validation sequences of the ground truth (more than the rungs: a finer judge)")
     p.add_argument("--exhaustive", action="store_true", help="also nas with the halving over every candidate")
     p.add_argument("--rung-schedule", choices=("restart", "wsd"), default=None,
                    help="search.rung_schedule of nas, brute force and the ground truth (default: nas's default)")
@@ -287,7 +359,7 @@ def parse_args():
     if args.smoke:
         # budgets of 2 candidates and of 1, fewer than ModelOpt's 10: no row or summary may depend on the count
         args.budgets = args.budgets or "50%,95%"
-        args.horizon, args.truth_factor, args.eval_sequences, args.step = 4, 3, 16, 16
+        args.horizon, args.truth_factor, args.eval_sequences, args.truth_sequences, args.step = 4, 3, 16, 32, 16
         args.tolerance, args.seq_len = 0.06, 16
     return args
 
@@ -298,11 +370,13 @@ def main() -> None:
     log.setLevel(logging.INFO)
     logging.getLogger("nas.search.horizon").setLevel(logging.INFO)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    out, start = Path(args.out) / ("smoke" if args.smoke else "full"), time.perf_counter()
-    spec = SMOKE_TEACHER if args.smoke else TEACHER
+    # the deep teacher keeps the directory it always had ("full"), so its cached teacher and ground truth stay
+    size = ("smoke" if args.smoke else "full") + ("" if args.teacher == "deep" else f"-{args.teacher}")
+    out, start = Path(args.out) / size, time.perf_counter()
+    spec = smoke_teacher(TEACHERS[args.teacher]) if args.smoke else TEACHERS[args.teacher]
     print("run at: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()))
     info, data_cfg = teacher_and_data(out, args.seq_len, spec)
-    print(f"teacher: {info.params:,} params, {spec.num_layers} layers, val loss {info.val_loss:.3f} "
+    print(f"teacher {args.teacher} ({spec.model_type}): {info.params:,} params, {spec.num_layers} layers, val loss {info.val_loss:.3f} "
           f"(unigram {info.unigram_loss:.3f})")  # fmt: skip
     studies, seconds = {}, {}
     variants = [("nas", "auto")] + [("nas, halving over all (exhaustive)", "exhaustive")] * args.exhaustive
@@ -318,7 +392,7 @@ def main() -> None:
     truth_steps = args.truth_factor * h.steps
     print(f"horizon {h.tokens:,} tokens ({h.steps} steps of {h.tokens_per_step} tokens), ground "
           f"truth {truth_steps * h.tokens_per_step:,} tokens ({truth_steps} steps, {args.truth_factor}x), "
-          f"{cfg.distill.eval_sequences} validation sequences")  # fmt: skip
+          f"{cfg.distill.eval_sequences} validation sequences (the ground truth: {args.truth_sequences})")  # fmt: skip
     print(schedules(cfg, truth_steps))
     summary = []
     for budget in cfg.budgets:
@@ -328,10 +402,11 @@ def main() -> None:
         stop = max(nas_pick(s, budget)[1]["rungs"][-1]["tokens"] for s in studies.values())
         stop = max(stop, args.brute_factor * h.tokens)
         t0 = time.perf_counter()
-        curves = brute_force(ctx, space, stop, out / f"work{tag}")
+        curves = brute_force(ctx, space, stop, out / f"work{tag}", out / f"brute_force{tag}.json")
         seconds[f"brute force {budget}"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        truth, per_seq = ground_truth(ctx, space, truth_steps, out / f"work{tag}", out / f"ground_truth{tag}.json")
+        truth, per_seq = ground_truth(ctx, space, truth_steps, out / f"work{tag}", out / f"ground_truth{tag}.json",
+                                      args.truth_sequences)
         seconds[f"ground truth {budget}"] = time.perf_counter() - t0
         summary.append(report_budget(budget, space, studies, screen_loss, curves, truth, per_seq, h.tokens))
     print(f"\nover {len(summary)} budgets (regret in nats, vs nas):")

@@ -112,8 +112,12 @@ def train_tokenizer(texts: list[str], vocab_size: int = 4096):
 
 @dataclass(frozen=True)
 class TeacherSpec:
-    """Shape and training of the demo teacher (nas vocabulary; vocab_size is the tokenizer's)."""
+    """Shape and training of the demo teacher (nas vocabulary; vocab_size is the tokenizer's). `model_type`
+    and `extras` (more config fields of that model type, e.g. Nemotron-H's `layers_block_type` and Mamba
+    sizes, or a MoE's expert count) make it another family's teacher; the default is the demo's Llama."""
 
+    model_type: str = "llama"
+    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
     hidden_size: int = 256
     num_layers: int = 8
     num_attention_heads: int = 8
@@ -145,10 +149,11 @@ class TeacherInfo:
 
 
 def build_teacher(spec: TeacherSpec, seq_len: int, seed: int = 0) -> nn.Module:
-    """A randomly initialised fp32 Llama of `spec`'s shape (EOS id 0 = the tokenizer's only special)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    """A randomly initialised fp32 model of `spec`'s type and shape (EOS id 0 = the tokenizer's only special)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = LlamaConfig(
+    config = AutoConfig.for_model(
+        spec.model_type,
         vocab_size=spec.vocab_size,
         hidden_size=spec.hidden_size,
         intermediate_size=spec.ffn_hidden_size,
@@ -161,6 +166,7 @@ def build_teacher(spec: TeacherSpec, seq_len: int, seed: int = 0) -> nn.Module:
         bos_token_id=0,
         eos_token_id=0,
         pad_token_id=None,
+        **spec.extras,
     )
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -184,7 +190,10 @@ def train_tokens(data: Any) -> torch.Tensor:
 def teacher_key(spec: TeacherSpec, seq_len: int, corpus: Path) -> dict[str, Any]:
     """What a saved teacher must match to be reused: its spec, the sequence length and the corpus text."""
     digest = hashlib.sha1(corpus.read_bytes()).hexdigest()
-    return {"spec": dataclasses.asdict(spec), "seq_len": seq_len, "corpus_sha1": digest}
+    fields = dataclasses.asdict(spec)
+    if spec.model_type == "llama" and not spec.extras:  # the key teachers had before these two fields: still reused
+        del fields["model_type"], fields["extras"]
+    return {"spec": fields, "seq_len": seq_len, "corpus_sha1": digest}
 
 
 def load_teacher_info(teacher_dir: Path, key: dict[str, Any]) -> TeacherInfo | None:

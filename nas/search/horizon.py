@@ -16,7 +16,8 @@ hold between two short rungs and still flip later (slow, steady crossings: Minit
 200 steps"); and it needs a rung past the horizon (`search.min_horizon_factor`), since the trials' own
 half vs full horizon cannot see a ranking still moving at a longer scale. Only the best
 `stable_top` go on to the next rung. A budget whose whole space is no larger than the funnel's shortlist
-(`nas.search.funnel.whole_space`) has every candidate at the horizon and stops there ("small space"). The record (one per budget, written to the study after every rung,
+(`nas.search.funnel.whole_space`) has every candidate at the horizon, and rung 0 judges them all (the record's
+`small_space`; studies before this stored the stop "small space" there, with no rungs after it). The record (one per budget, written to the study after every rung,
 so a killed search resumes at its last rung) holds each rung's tokens, losses, predicted final losses,
 Kendall tau, margin and noise, why it stopped, and the pick with its model directory.
 
@@ -178,10 +179,10 @@ def extend_horizon(ctx: SearchContext, study: optuna.Study, budget: str | None) 
             return record
         record["rungs"].append(first_rung(ctx, trials, record))
         if small and len(trials) > 1:  # the funnel would distill every candidate anyway: brute force is cheaper
-            record["rungs"][-1]["stop"] = ranking.SMALL_SPACE
+            record["small_space"] = small
             log.info("budget %s: its space has %d candidates, no more than the funnel's shortlist (screen_top %d): "
-                     "every candidate ran to the horizon with no halving; the pick is the best there, with no "
-                     "longer rungs", label, small, ctx.cfg.search.screen_top)  # fmt: skip
+                     "every candidate ran to the horizon with no halving; the adaptive horizon goes on from all of "
+                     "them", label, small, ctx.cfg.search.screen_top)  # fmt: skip
     while (reason := record["rungs"][-1]["stop"]) is None:
         last = record["rungs"][-1]
         held = ranking.holds(ranking.weakest(last["tau"], last.get("crossing_tau")), ctx.cfg.search.stable_tau)

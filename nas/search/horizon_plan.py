@@ -21,6 +21,7 @@ from nas.errors import ConfigError
 from nas.model.arch import Arch
 from nas.prune.space import parse_budget
 from nas.settings import DistillConfig, RunConfig
+from nas.settings.search import MIN_HORIZON_FACTOR
 
 # the [search] settings that set the horizon (a study's identity holds each: `nas.pipeline.identity`)
 HORIZON_SETTINGS = ("horizon_tokens", "horizon_tokens_per_param", "rung_tokens")
@@ -81,4 +82,5 @@ def resolve(cfg: RunConfig, teacher: Arch | None = None) -> Horizon:
     # Minitron §4: 400 steps, rankings compared every 50
     rung = max(1, math.ceil(s.rung_tokens / per_step)) if s.rung_tokens else max(1, steps // 8)
     tokens = steps * per_step
-    return Horizon(tokens, steps, rung, per_step, s.max_horizon_factor * tokens, s.min_horizon_factor * tokens)
+    floor = s.min_horizon_factor or min(MIN_HORIZON_FACTOR, s.max_horizon_factor)
+    return Horizon(tokens, steps, rung, per_step, s.max_horizon_factor * tokens, floor * tokens)

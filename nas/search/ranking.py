@@ -24,7 +24,7 @@ from scipy import optimize, stats
 
 NOISE_Z = 2.0  # "within noise": a margin below 2 standard errors (about 95% two-sided)
 STABLE, CAP, ONE_LEFT = "stable", "cap", "one candidate left"
-SMALL_SPACE = "small space: every candidate to the horizon"  # `nas.search.funnel.whole_space`
+SMALL_SPACE = "small space: every candidate to the horizon"  # older studies' stop of a `whole_space` (read only)
 
 
 def margin_noise(best: Sequence[float], second: Sequence[float], samples: int = 1000, seed: int = 0) -> float:

@@ -156,7 +156,7 @@ class RunConfig(Settings):
             raise ValueError(
                 f"search.finalists ({self.search.finalists}) must be <= search.screen_top ({self.search.screen_top})"
             )
-        if self.search.min_horizon_factor > self.search.max_horizon_factor:
+        if (self.search.min_horizon_factor or 0) > self.search.max_horizon_factor:
             raise ValueError(
                 f"search.min_horizon_factor ({self.search.min_horizon_factor}) must be <= "
                 f"search.max_horizon_factor ({self.search.max_horizon_factor})"

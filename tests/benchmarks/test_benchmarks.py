@@ -5,6 +5,7 @@ Each smoke runs as its script's `__main__` in a fresh process forked from a fork
 torch, transformers and nas once: isolated from pytest and from each other as a plain `python script.py`
 is, without paying the ~4 s of imports per script (measured: the smokes themselves take 0.2-2 s)."""
 
+import json
 import multiprocessing
 import os
 import runpy
@@ -89,3 +90,19 @@ def test_search_quality_smoke_on_the_wsd_schedule(tmp_path, forkserver):
     assert "schedules: trials and rungs wsd" in out
     assert "ground truth one wsd run" in out
     assert "curve.1x" in (tmp_path / "figures.json").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("teacher", ["hybrid", "moe"])
+def test_search_quality_smoke_on_a_hybrid_and_a_moe_teacher(tmp_path, forkserver, teacher):
+    """The benchmark's other teachers (a Nemotron-H cutting Mamba heads and layer types, a Qwen3-MoE cutting
+    experts) train on the same text and go through nas, brute force and the ground truth; the curve over the
+    pairs the ground truth resolves is printed and written."""
+    argv = ["--smoke", "--teacher", teacher, "--budgets", "50%", "--json", str(tmp_path / "figures.json")]
+    out = run_smoke(forkserver, "search_quality", argv, tmp_path)
+    model_type = {"hybrid": "nemotron_h", "moe": "qwen3_moe"}[teacher]
+    assert f"teacher {teacher} ({model_type})" in out
+    assert "pairs the ground truth resolves: screen" in out
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    assert figures["args"]["teacher"] == teacher
+    assert "resolved.1x" in figures["budgets"]["50%"]

@@ -16,6 +16,7 @@ from nas.demo.run import DemoPlan, closing_table, demo_plan, run_config, run_dem
 from nas.demo.teacher import (
     MARKER,
     TeacherSpec,
+    build_teacher,
     corpus_documents,
     load_teacher_info,
     teacher_key,
@@ -143,3 +144,21 @@ def test_tiny_demo_writes_every_artifact_and_a_second_demo_searches_afresh(tmp_p
     assert load_teacher_info(teacher, other) is None
     (teacher / MARKER).unlink()
     assert load_teacher_info(teacher, key) is None
+
+
+def test_teacher_key_of_another_family_and_of_the_default_llama(tmp_path):
+    """The demo's Llama keeps the key its teachers were saved under before `model_type`/`extras` existed (so
+    they are reused), while another model type, or other extras, is another teacher; `build_teacher` builds
+    that type."""
+    corpus = tmp_path / "kjv.jsonl"
+    corpus.write_text('{"text": "In the beginning"}\n')
+    llama = TeacherSpec()
+    assert set(teacher_key(llama, 32, corpus)["spec"]) == {f.name for f in dataclasses.fields(TeacherSpec)} - {
+        "model_type", "extras"}
+    hybrid = dataclasses.replace(llama, model_type="nemotron_h", num_layers=2,
+                                 extras={"layers_block_type": ["linear_attention", "mlp"], "mamba_num_heads": 4})
+    keys = [teacher_key(s, 32, corpus) for s in (llama, hybrid, dataclasses.replace(hybrid, extras={}))]
+    assert keys[0] != keys[1] != keys[2]
+    model = build_teacher(dataclasses.replace(hybrid, hidden_size=32, vocab_size=64), seq_len=16)
+    assert model.config.model_type == "nemotron_h" and model.config.layers_block_type == ["linear_attention", "mlp"]
+    assert model.config.mamba_num_heads == 4
