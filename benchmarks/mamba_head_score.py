@@ -208,15 +208,17 @@ def print_table(rows: dict[tuple[str, int], dict], seeds: int, heads: int) -> di
         random = [rows[f"random seed {s}", keep] for s in range(seeds)]
         table[f"random (mean of {seeds}), {keep}"] = {
             "zero_shot": float(np.mean([r["zero_shot"] for r in random])),
-            "after_kd": float(np.mean([r["after_kd"] for r in random]))}  # fmt: skip
+            "after_kd": float(np.mean([r["after_kd"] for r in random])),
+            "seeds": [{k: r[k] for k in ("zero_shot", "after_kd", "after_kd_runs", "kept")} for r in random]}  # fmt: skip
         nas, modelopt = rows["nas (out_proj input)", keep], rows["ModelOpt (in_proj x)", keep]
         same = sum(nas["kept"][i] == modelopt["kept"][i] for i in nas["kept"])
         noise = ranking.margin_noise(nas["per_seq"], modelopt["per_seq"])
+        runs = ", ".join(f"{m - n:+.4f}" for m, n in zip(modelopt["after_kd_runs"], nas["after_kd_runs"], strict=True))
         notes = {"nas (out_proj input)": f"same kept heads as ModelOpt in {same} of {len(nas['kept'])} Mamba layers",
                  "ModelOpt (in_proj x)": f"after KD minus nas's {modelopt['after_kd'] - nas['after_kd']:+.4f} "
-                                         f"(bootstrap noise of that difference {noise:.4f})"}  # fmt: skip
-        for name in ("nas (out_proj input)", "ModelOpt (in_proj x)", "ablation (oracle)"):
-            table[f"{name}, {keep}"] = {k: rows[name, keep][k] for k in ("zero_shot", "after_kd", "kept")}
+                                         f"(per KD run {runs}; bootstrap noise of the mean's {noise:.4f})"}  # fmt: skip
+        for name in [*(n for n, k in rows if k == keep and not n.startswith("random"))]:
+            table[f"{name}, {keep}"] = {k: rows[name, keep][k] for k in ("zero_shot", "after_kd", "after_kd_runs", "kept")}
             r = rows[name, keep]
             print(f"{name:<24} {keep:>3}/{heads} {r['zero_shot']:15.4f} {r['after_kd']:14.4f}  {notes.get(name, '')}")
         spread = f"after KD {min(r['after_kd'] for r in random):.4f}..{max(r['after_kd'] for r in random):.4f}"
