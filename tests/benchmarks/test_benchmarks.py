@@ -66,6 +66,9 @@ def test_benchmark_smoke(script, tmp_path, forkserver):
         assert "candidates worse than the best" in out
         assert "the space's one candidate" in out
         assert "over 2 budgets" in out
+    if script == "mamba_head_score":  # both scores' taus and every row of the decision table
+        assert "ModelOpt (in_proj x)" in out and "nas (out_proj input)" in out
+        assert out.count("random (mean of 2)") == 2 and out.count("ablation (oracle)") == 2
 
 
 def run_smoke(forkserver, script: str, argv: list[str], tmp_path: Path) -> str:
