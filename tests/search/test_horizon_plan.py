@@ -20,7 +20,10 @@ def test_the_horizon_is_in_tokens_and_steps_come_from_the_batch():
     assert tokens_per_step(cfg) == horizon.tokens_per_step == 512
     assert horizon.steps == 20 and horizon.rung_steps == 2  # ceil(10000 / 512), ceil(1000 / 512)
     assert horizon.short_distill(cfg).steps == 20 and horizon.tokens == 20 * 512
-    assert horizon.cap == 8 * horizon.tokens and horizon.floor == 2 * horizon.tokens  # the factors' defaults
+    assert horizon.cap == 8 * horizon.tokens and horizon.floor == 4 * horizon.tokens  # the factors' defaults
+    lower_cap = cfg.replace(search=cfg.search.replace(max_horizon_factor=2))
+    assert resolve(lower_cap).floor == 2 * horizon.tokens  # the default floor is never above the cap
+    assert resolve(cfg.replace(search=cfg.search.replace(min_horizon_factor=1))).floor == horizon.tokens
     old = run_config_from_dict({**STUDY, "data": data, "search": {"horizon_steps": 7, "eval_every": 3}})
     trial = resolve(old).short_distill(old)
     assert trial.steps == 7 and trial.eval_every == 3  # older studies load
