@@ -1,7 +1,8 @@
 """Can nas's search tell candidates apart? Its pick and ranking against a ground truth of 10x the horizon.
 
 Teacher: the demo's recipe (KJV chapters, a byte-level BPE tokenizer trained on them, a Llama with GQA
-trained from scratch), 12 layers deep so depth vs width is a real choice; cached on disk. For each budget,
+trained from scratch), 12 layers deep so depth vs width is a real choice; cached on disk. `--teacher` picks
+another trained the same way (`TEACHERS`: a wider Llama, a Nemotron-H Mamba hybrid, a Qwen3-MoE). For each budget,
 every candidate of the space is measured, with the same KD settings, in one run:
 - nas: `nas search` as a user runs it (screen, funnel with the best of each depth and class, halving,
   the adaptive horizon); and nas with the halving over every candidate (sampler "exhaustive": the
@@ -344,7 +345,7 @@ def parse_args():
     p.add_argument("--batch-size", type=int, default=2)
     # 128 x 32 tokens: a rung read on 4,096 tokens (nas's default at seq_len 4096 reads 262,144); with 32 the hybrid
     # teacher's reads at 25% swapped candidates 0.001-0.003 nats apart and tau vs the ground truth fell from 0.69
-    # at 1x to 0.25 at 4x, with 128 it was 0.88 / 0.81 (commit 295fb68)
+    # at 1x to 0.25 at 4x, with 128 it was 0.88 / 0.81 (commit c77bd4e)
     p.add_argument("--eval-sequences", type=int, default=128, help="validation sequences of nas's trials and rungs")
     p.add_argument("--truth-sequences", type=int, default=256,
                    help="validation sequences of the ground truth (more than the rungs: a finer judge)")

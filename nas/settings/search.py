@@ -78,10 +78,11 @@ class SearchConfig(Settings):
     # measured here (benchmarks/search_quality.py, 30% and 40%): the best three kept their order from half to
     # the full horizon in both budgets, yet their Kendall tau vs a 10x ground truth was -0.33 and 0.33; the
     # half-horizon rung is the trials' own, and cannot see a ranking still moving at a longer scale. The default
-    # floor is MIN_HORIZON_FACTOR (4): over 4 teachers and 9 budgets (commits 7bb4389-295fb68, brute force) the
-    # candidate best at 2x was the ground truth's best, or within 0.004 nats of it, in 8, but on the MoE teacher
-    # at 45% a 4-layer candidate led at 1x and 2x (regret 0.0161) and the deeper ones passed it by 4x (0.0026);
-    # the best at 4x was within 0.004 nats in all 9
+    # floor is MIN_HORIZON_FACTOR (4): over 4 teachers and 9 budgets (commits 7bb4389-295fb68, brute force, reads
+    # on 32 sequences) the candidate best at 2x was the ground truth's best, or within 0.004 nats of it, in 8, but
+    # on the MoE teacher at 45% a 4-layer candidate led at 1x and 2x (regret 0.0161) and the deeper ones passed it
+    # by 4x (0.0026). With reads on 128 sequences (commit 05b86dc, 10 budgets) the best at 2x was within 0.008
+    # nats everywhere, and nas at this floor picked the ground truth's best in all 10 (benchmarks/README.md)
     min_horizon_factor: int | None = _described(
         None,
         "adaptive horizon: the order must hold from the horizon to at least this many horizons before it "
