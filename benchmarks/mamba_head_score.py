@@ -46,11 +46,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from scipy import stats  # noqa: E402
 
 from benchmarks import _smoke as smoke  # noqa: E402  # --smoke
 from benchmarks.common import demo_teacher_and_data  # noqa: E402
-from benchmarks.search_quality import TEACHERS, smoke_teacher  # noqa: E402
+from benchmarks.search_quality import TEACHERS, resolved_pairs, resolved_tau, smoke_teacher, tau  # noqa: E402
 from nas.evaluate.loss import sequence_losses  # noqa: E402
 from nas.io import write_text_atomic  # noqa: E402
 from nas.model.arch import Arch  # noqa: E402
@@ -125,20 +124,17 @@ def ablation_losses(model, val: torch.Tensor) -> tuple[list[float], dict[tuple[i
 
 def layer_taus(scores: dict[str, torch.Tensor], base: list[float], ablated: dict) -> dict[str, dict]:
     """Per Mamba layer and score: Kendall tau vs the ablation loss increase, over every head pair and over the
-    pairs whose ablation losses differ beyond `ranking.NOISE_Z` paired-bootstrap standard errors."""
+    pairs whose ablation losses differ beyond `ranking.NOISE_Z` paired-bootstrap standard errors (search_quality's
+    `tau` and `resolved_tau`, the ablation as the ground truth)."""
     out = {name: {} for name in scores}
     for layer in sorted({i for i, _ in ablated}):
         heads = sorted(h for i, h in ablated if i == layer)
         per_seq = {h: ablated[layer, h] for h in heads}
         delta = {h: float(np.mean(per_seq[h]) - np.mean(base)) for h in heads}
-        pairs = [(a, b) for a in heads for b in heads if a < b
-                 and abs(delta[a] - delta[b]) > ranking.NOISE_Z * ranking.margin_noise(per_seq[a], per_seq[b])]  # fmt: skip
+        pairs = resolved_pairs(delta, per_seq)
         for name, s in scores.items():
             row = {h: float(s[layer, h]) for h in heads}
-            tau = stats.kendalltau([row[h] for h in heads], [delta[h] for h in heads]).statistic
-            signs = [np.sign((delta[a] - delta[b]) * (row[a] - row[b])) for a, b in pairs]
-            out[name][layer] = {"tau": float(tau), "resolved": float(np.mean(signs)) if signs else float("nan"),
-                                "pairs": len(pairs)}  # fmt: skip
+            out[name][layer] = {"tau": tau(row, delta), "resolved": resolved_tau(row, delta, per_seq), "pairs": pairs}
     return out
 
 

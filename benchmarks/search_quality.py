@@ -129,8 +129,9 @@ def brute_force(ctx, space, stop_tokens: int, work: Path, store: Path) -> dict[t
     cut there (a rung never depends on the rungs after it), a shorter one is run again."""
     cfg, h, curves = ctx.cfg, ctx.horizon, {}
     kept = json.loads(store.read_text()) if store.is_file() else {}
+    teacher = teacher_digest(cfg)
     for i, arch in enumerate(space):
-        digest = run_digest(ctx, arch, h.short_distill(cfg), cfg.distill.eval_sequences)
+        digest = run_digest(ctx, teacher, arch, h.short_distill(cfg), cfg.distill.eval_sequences)
         if digest not in kept or kept[digest][-1][0] < stop_tokens:
             kept[digest] = brute_curve(ctx, arch, i, stop_tokens, work)
             write_text_atomic(store, json.dumps(kept))
@@ -153,13 +154,18 @@ def brute_curve(ctx, arch, i: int, stop_tokens: int, work: Path) -> list[tuple[i
     return curve
 
 
-def run_digest(ctx, arch, run, eval_sequences: int) -> str:
-    """A digest of what decides a candidate's distillation: the teacher's files, the candidate, the KD
-    settings, the validation sequences, the depth strategy and the seed (each rung schedule keeps its own store
-    files, `ground_truth-wsd.json`)."""
+def teacher_digest(cfg) -> str:
+    """The digest of the teacher's weight files (read once per space, not per candidate)."""
+    files = sorted(Path(cfg.teacher).glob("*.safetensors"))
+    return hashlib.sha1(b"".join(p.read_bytes() for p in files)).hexdigest()
+
+
+def run_digest(ctx, teacher: str, arch, run, eval_sequences: int) -> str:
+    """A digest of what decides a candidate's distillation: the teacher's files (`teacher_digest`), the
+    candidate, the KD settings, the validation sequences, the depth strategy and the seed (each rung schedule
+    keeps its own store files, `ground_truth-wsd.json`)."""
     cfg = ctx.cfg
-    teacher = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(Path(cfg.teacher).glob("*.safetensors"))))
-    what = {"teacher": teacher.hexdigest(), "arch": arch.to_dict(), "run": run.to_dict(),
+    what = {"teacher": teacher, "arch": arch.to_dict(), "run": run.to_dict(),
             "eval_sequences": eval_sequences, "depth": cfg.depth_strategy, "seed": cfg.seed}  # fmt: skip
     return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -193,8 +199,9 @@ def ground_truth(ctx, space, steps: int, work: Path, store: Path, sequences: int
     run = truth_run(cfg, steps)
     val = ctx.data.val(sequences)
     kept = json.loads(store.read_text()) if store.is_file() else {}
+    teacher = teacher_digest(cfg)
     for i, arch in enumerate(space):
-        digest = run_digest(ctx, arch, run, sequences)
+        digest = run_digest(ctx, teacher, arch, run, sequences)
         if digest not in kept:
             student = prune(ctx.teacher, arch, ctx.importance, cfg.depth_strategy)
             distill(ctx.teacher, student, ctx.data, run, work / str(i))
