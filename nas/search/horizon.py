@@ -140,7 +140,7 @@ def continue_rung(ctx: SearchContext, start: Path, run, out: Path) -> tuple[floa
     if ctx.cfg.search.rung_schedule == "wsd" and (state := stable_state(start)) is not None:
         _, read = distill_and_read(ctx, student, run.replace(schedule="constant"), out, start=state)
         return read.val_loss, read.tokens
-    result = distill(teacher_source(ctx.teacher, ctx.teacher_cache, run, ctx.data), student, ctx.data,
+    result = distill(teacher_source(ctx.distill_from, ctx.teacher_cache, run, ctx.data), student, ctx.data,
                      run, out, fresh_on_change=True, write_dtype=trial_write_dtype(run))  # fmt: skip
     return result.val_loss, 0
 

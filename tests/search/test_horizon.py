@@ -11,13 +11,15 @@ import torch
 
 from nas.evaluate.loss import lm_loss, sequence_losses
 from nas.model.arch import Arch
+from nas.model.load import load_model
 from nas.pipeline import prepare_context
 from nas.prune.cut import prune
 from nas.search import ranking
-from nas.search.horizon import extend_horizon
+from nas.search.horizon import continue_rung, continued, extend_horizon
 from nas.search.horizon_plan import resolve, tokens_per_step
 from nas.settings import run_config_from_dict
 from nas.testing import tiny_study_config
+from nas.train.loop import distill
 
 
 def test_tau_counts_swaps_beyond_noise_only():
@@ -124,6 +126,20 @@ def test_finalists_still_reordering_extend_the_horizon_and_say_so(ctx, caplog):
     assert data.horizon.groupby("tokens")["rank"].apply(sorted).tolist() == [[1, 2], [1, 2]]
     page = render_html(data)
     assert "Adaptive horizon" in page and f"<b>{record['stop']}</b>" in page and "512 tokens" in page
+
+
+def test_a_continued_rung_learns_from_the_kd_teacher(ctx, tmp_path):
+    """A study that cuts one model and distills from another (`distill_teacher`, a cascade's later stage): a
+    restart rung past the horizon learns from the KD teacher, as its trials and the final distillation do."""
+    kd = prune(ctx.teacher, ctx.candidates[-1], ctx.importance).eval()  # another model than the one cut
+    kd_ctx = replace(ctx, kd_teacher=kd, teacher_cache=None)
+    start, _ = saved(ctx, "rung-start")
+    run = continued(kd_ctx, ctx.horizon.steps)
+    loss, _ = continue_rung(kd_ctx, start, run, tmp_path / "rung")
+    by_teacher = {name: distill(teacher, load_model(start), ctx.data, run, tmp_path / name).val_loss
+                  for name, teacher in (("kd", kd), ("cut", ctx.teacher))}  # fmt: skip
+    assert abs(by_teacher["kd"] - by_teacher["cut"]) > 1e-4  # the two teachers teach apart
+    assert loss == pytest.approx(by_teacher["kd"], abs=1e-6)
 
 
 def test_an_order_that_held_but_whose_curves_will_cross_extends_the_horizon(ctx, caplog):
