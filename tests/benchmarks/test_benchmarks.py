@@ -109,3 +109,5 @@ def test_search_quality_smoke_on_a_hybrid_and_a_moe_teacher(tmp_path, forkserver
     figures = json.loads((tmp_path / "figures.json").read_text())
     assert figures["args"]["teacher"] == teacher
     assert "resolved.1x" in figures["budgets"]["50%"]
+    assert figures["budgets"]["50%"]["truth.seeds"] == 2  # the ground truth's noise includes its training run's
+    assert "the seeds'" in out
