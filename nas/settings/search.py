@@ -119,7 +119,10 @@ class SearchConfig(Settings):
     # 1x/2x/4x the horizon: restart 0.82/0.92/0.82, wsd 0.45/0.73/0.77; restart's pick had regret 0 in all
     # four, wsd's 0.0153 at 25%. On four teachers (Llama deep and wide, Nemotron-H, Qwen3-MoE; 10 budgets, commit
     # 05b86dc's floor and reads) both picked the ground truth's best in all 10, the tau over resolved pairs dipped
-    # in 2 of 10 either way, and wsd spent 1.3-2.6x the tokens. Restart stays the default
+    # in 2 of 10 either way, and wsd spent 1.3-2.6x the tokens. With the ground truth on 2 seeds and reads on 1,024
+    # sequences (commit d83cc1f): restart's resolved tau never fell from one rung to the next in all 10 budgets;
+    # on the 3 where a schedule had dipped, wsd fell at hybrid 25% (0.86 / 0.66 / 0.93), picked worse in 2
+    # (0.0017, 0.0046 against 0, 0.0019) and spent more tokens in 2. Restart stays the default
     rung_schedule: Literal["restart", "wsd"] = _described(
         "restart",
         "how trials and the adaptive horizon's rungs train and are read (nas.search.wsd): wsd = constant LR "
