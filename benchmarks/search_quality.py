@@ -202,7 +202,8 @@ def truth_run(cfg, steps: int):
     return run.replace(schedule="wsd") if cfg.search.rung_schedule == "wsd" else run
 
 
-def ground_truth(ctx, space, steps: int, work: Path, store: Path, sequences: int, seeds: int) -> tuple[dict, dict, dict]:
+def ground_truth(ctx, space, steps: int, work: Path, store: Path, sequences: int,
+                 seeds: int) -> tuple[dict, dict, dict]:  # fmt: skip
     """Every candidate distilled in one run of `steps`, repeated with `seeds` data orders (seed k: the data's
     seed + k, the run's seed + k; the first is the rungs' own order): (key -> val loss, key -> per-sequence
     losses, key -> [val loss per seed]), the first two the mean over the seeds, all on `sequences` validation
@@ -217,8 +218,9 @@ def ground_truth(ctx, space, steps: int, work: Path, store: Path, sequences: int
     for i, arch in enumerate(space):
         runs = []
         for k in range(seeds):
-            run = truth_run(cfg, steps)
-            run, data = (run, ctx.data) if k == 0 else (run.replace(seed=run.seed + k), replace(ctx.data, seed=ctx.data.seed + k))
+            run, data = truth_run(cfg, steps), ctx.data
+            if k:  # another data order (and torch seed) for the same candidate
+                run, data = run.replace(seed=run.seed + k), replace(data, seed=data.seed + k)
             digest = run_digest(ctx, teacher, arch, run, sequences, data.seed if k else 0)
             if digest not in kept:
                 student = prune(ctx.teacher, arch, ctx.importance, cfg.depth_strategy)
@@ -264,7 +266,8 @@ def seed_noise(by_seed: dict | None) -> float:
     pair's gap across the seeds pooled over every pair of the space (two seeds give a pair one degree of
     freedom, too few alone), over the number of seeds; 0 with one seed (the bootstrap over the validation
     sequences, `ranking.margin_noise`, sees only the read's noise, not the training run's)."""
-    keys, n = list(by_seed or {}), len(next(iter((by_seed or {0: [0]}).values())))
+    keys = list(by_seed or {})
+    n = len(by_seed[keys[0]]) if keys else 0
     if n < 2 or len(keys) < 2:
         return 0.0
     var = [np.var(np.subtract(by_seed[a], by_seed[b]), ddof=1) for i, a in enumerate(keys) for b in keys[i + 1 :]]
@@ -279,8 +282,9 @@ def _resolved(truth: dict, per_seq: dict, keys: list, by_seed: dict | None = Non
 
     def resolved(a, b) -> bool:
         if by_seed and len({np.sign(x - y) for x, y in zip(by_seed[a], by_seed[b], strict=True)}) > 1:
-            return False
-        return abs(truth[a] - truth[b]) > ranking.NOISE_Z * float(np.hypot(ranking.margin_noise(per_seq[a], per_seq[b]), train))
+            return False  # the seeds disagree on the order
+        noise = float(np.hypot(ranking.margin_noise(per_seq[a], per_seq[b]), train))
+        return abs(truth[a] - truth[b]) > ranking.NOISE_Z * noise
 
     return [(a, b) for i, a in enumerate(keys) for b in keys[i + 1 :] if resolved(a, b)]
 
@@ -299,8 +303,10 @@ def resolved_tau(scores: dict, truth: dict, per_seq: dict, by_seed: dict | None 
 def seed_tau(by_seed: dict) -> float:
     """Kendall tau between the ground truth's first two seeds over every candidate (how far one long run
     repeats itself); nan with one seed or one candidate."""
-    runs = list(zip(*by_seed.values(), strict=True))
-    return tau(dict(zip(by_seed, runs[0], strict=True)), dict(zip(by_seed, runs[1], strict=True))) if len(runs) > 1 else float("nan")
+    runs = list(zip(*by_seed.values(), strict=True))  # runs[k]: every candidate's loss on seed k
+    if len(runs) < 2:
+        return float("nan")
+    return tau(dict(zip(by_seed, runs[0], strict=True)), dict(zip(by_seed, runs[1], strict=True)))
 
 
 def truth_line(truth: dict, per_seq: dict, by_seed: dict) -> str:
@@ -426,6 +432,8 @@ def parse_args():
                    help="brute force's rungs go at least this many horizons (the tau curve; default: where nas stopped)")
     p.add_argument("--json", help="also write the per-budget figures (taus per rung, regrets, tokens) here")
     args = p.parse_args()
+    if args.truth_seeds < 1:
+        p.exit(2, f"search_quality: --truth-seeds must be at least 1, got {args.truth_seeds}\n")
     args.budgets = args.budgets or ("" if args.smoke else "30%")
     if args.smoke:
         # budgets of 2 candidates and of 1, fewer than ModelOpt's 10: no row or summary may depend on the count

@@ -43,3 +43,13 @@ def test_a_gap_within_the_seeds_noise_is_not_resolved_even_when_they_agree():
     assert resolved_pairs(truth, per_seq) == 3
     assert resolved_pairs(truth, per_seq, by_seed) == 2
     assert seed_tau(by_seed) == 1.0  # both seeds order them alike all the same
+
+
+def test_a_ground_truth_of_no_seeds_is_refused_in_one_line(monkeypatch, capsys):
+    from benchmarks.search_quality import parse_args
+
+    monkeypatch.setattr("sys.argv", ["search_quality", "--truth-seeds", "0"])
+    with pytest.raises(SystemExit) as exit_:
+        parse_args()
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == "search_quality: --truth-seeds must be at least 1, got 0"
