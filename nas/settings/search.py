@@ -121,8 +121,8 @@ class SearchConfig(Settings):
     # 05b86dc's floor and reads) both picked the ground truth's best in all 10, the tau over resolved pairs dipped
     # in 2 of 10 either way, and wsd spent 1.3-2.6x the tokens. With the ground truth on 2 seeds and reads on 1,024
     # sequences (commit d83cc1f): restart's resolved tau never fell from one rung to the next in all 10 budgets;
-    # on the 3 where a schedule had dipped, wsd fell at hybrid 25% (0.86 / 0.66 / 0.93), picked worse in 2
-    # (0.0017, 0.0046 against 0, 0.0019) and spent more tokens in 2. Restart stays the default
+    # on 5 of them wsd fell at hybrid 25% (0.86 / 0.66 / 0.93), picked worse in 3 (by 0.0008-0.0027; better in
+    # 1 by 0.0001) and spent more tokens in 4. Restart stays the default
     rung_schedule: Literal["restart", "wsd"] = _described(
         "restart",
         "how trials and the adaptive horizon's rungs train and are read (nas.search.wsd): wsd = constant LR "
