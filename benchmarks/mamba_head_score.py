@@ -134,7 +134,7 @@ def layer_taus(scores: dict[str, torch.Tensor], base: list[float], ablated: dict
         pairs = resolved_pairs(delta, per_seq)
         for name, s in scores.items():
             row = {h: float(s[layer, h]) for h in heads}
-            out[name][layer] = {"tau": tau(row, delta), "resolved": resolved_tau(row, delta, per_seq), "pairs": pairs}
+            out[name][layer] = {"tau": tau(row, delta), "resolved": resolved_tau(row, delta, pairs), "pairs": len(pairs)}
     return out
 
 

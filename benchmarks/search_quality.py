@@ -274,11 +274,11 @@ def seed_noise(by_seed: dict | None) -> float:
     return float(np.sqrt(np.mean(var) / n))
 
 
-def _resolved(truth: dict, per_seq: dict, keys: list, by_seed: dict | None = None) -> list[tuple]:
-    """The pairs of `keys` the ground truth itself resolves: their loss gap is beyond 2 standard errors, the
+def resolved_pairs(truth: dict, per_seq: dict, by_seed: dict | None = None) -> list[tuple]:
+    """The pairs of candidates the ground truth itself resolves: their loss gap is beyond 2 standard errors, the
     read's (a paired bootstrap over its validation sequences) and the training run's (`seed_noise`) together,
-    and, with seeds, every seed orders them alike."""
-    train = seed_noise(by_seed)
+    and, with seeds, every seed orders them alike. Computed once per space: each pair's bootstrap is the cost."""
+    train, keys = seed_noise(by_seed), list(truth)
 
     def resolved(a, b) -> bool:
         if by_seed and len({np.sign(x - y) for x, y in zip(by_seed[a], by_seed[b], strict=True)}) > 1:
@@ -289,14 +289,10 @@ def _resolved(truth: dict, per_seq: dict, keys: list, by_seed: dict | None = Non
     return [(a, b) for i, a in enumerate(keys) for b in keys[i + 1 :] if resolved(a, b)]
 
 
-def resolved_pairs(truth: dict, per_seq: dict, by_seed: dict | None = None) -> int:
-    return len(_resolved(truth, per_seq, list(truth), by_seed))
-
-
-def resolved_tau(scores: dict, truth: dict, per_seq: dict, by_seed: dict | None = None) -> float:
-    """Kendall tau vs the ground truth over the pairs the ground truth resolves (`_resolved`); nan when none is."""
-    pairs = _resolved(truth, per_seq, [k for k in truth if k in scores], by_seed)
-    signs = [np.sign((truth[a] - truth[b]) * (scores[a] - scores[b])) for a, b in pairs]
+def resolved_tau(scores: dict, truth: dict, pairs: list[tuple]) -> float:
+    """Kendall tau vs the ground truth over its resolved `pairs` (`resolved_pairs`) that `scores` ranks; nan
+    when there is none."""
+    signs = [np.sign((truth[a] - truth[b]) * (scores[a] - scores[b])) for a, b in pairs if a in scores and b in scores]
     return float(np.mean(signs)) if signs else float("nan")
 
 
@@ -311,7 +307,7 @@ def seed_tau(by_seed: dict) -> float:
 
 def truth_line(truth: dict, per_seq: dict, by_seed: dict) -> str:
     """The ground truth's best, spread and top-1 margin against its noise (the read's and the seeds', see
-    `_resolved`; a space of one: no margin)."""
+    `resolved_pairs`; a space of one: no margin)."""
     ranked = sorted(truth, key=truth.get)
     best = truth[ranked[0]]
     if len(ranked) < 2:
@@ -340,7 +336,7 @@ def report_budget(budget, space, studies, screen_loss, curves, truth, per_seq, b
     print(f"\n== budget {budget}: {len(space)} candidates, depths {sorted({a.num_layers for a in space})}")
     print(truth_line(truth, per_seq, by_seed))
     nearest = sorted(space, key=lambda a: -count_params(a))[:MODELOPT_TOP_K]
-    rows, regrets = [], {}
+    rows, regrets, judged = [], {}, resolved_pairs(truth, per_seq, by_seed)
     zero_shot = min(screen_loss, key=screen_loss.get)
     modelopt = min((arch_key(a) for a in nearest), key=screen_loss.get)
     largest = arch_key(max(space, key=count_params))
@@ -348,7 +344,7 @@ def report_budget(budget, space, studies, screen_loss, curves, truth, per_seq, b
     for name, study in studies.items():
         pick, horizon = nas_pick(study, budget)
         finalists = tau(finalist_scores(study, horizon), truth)
-        resolved = resolved_tau(finalist_scores(study, horizon), truth, per_seq, by_seed)
+        resolved = resolved_tau(finalist_scores(study, horizon), truth, judged)
         own_brute[name] = brute_tokens(study, len(space), horizon["rungs"][-1]["tokens"], horizon_tokens)
         facts.setdefault(name, {"tau": finalists, "resolved": resolved,
                                 "ratio": study_tokens(study, budget) / own_brute[name]})  # fmt: skip
@@ -373,7 +369,7 @@ def report_budget(budget, space, studies, screen_loss, curves, truth, per_seq, b
     rungs = sorted({t for c in curves.values() for t, _ in c})
     at_rung = {f"{t / horizon_tokens:g}x": {k: dict(c)[t] for k, c in curves.items()} for t in rungs}
     by_rung = {x: tau(scores, truth) for x, scores in at_rung.items()}
-    resolved_by_rung = {x: resolved_tau(scores, truth, per_seq, by_seed) for x, scores in at_rung.items()}
+    resolved_by_rung = {x: resolved_tau(scores, truth, judged) for x, scores in at_rung.items()}
     taus = [f"{x} {v:.2f}" for x, v in by_rung.items()]
     final = studies["nas"].user_attrs["final_tokens"]
 
@@ -384,14 +380,14 @@ def report_budget(budget, space, studies, screen_loss, curves, truth, per_seq, b
 
     print(f"Kendall tau vs ground truth, every candidate: screen {tau(screen_loss, truth):.2f}; at the rungs "
           f"(x horizon) {', '.join(taus)}; extrapolated to the ground truth's tokens {extrapolated(rungs[-1]):.2f}")  # fmt: skip
-    pairs = resolved_pairs(truth, per_seq, by_seed)
+    pairs = len(judged)
     print(f"  over the {pairs} of {len(truth) * (len(truth) - 1) // 2} pairs the ground truth resolves: screen "
-          f"{resolved_tau(screen_loss, truth, per_seq, by_seed):.2f}; "
+          f"{resolved_tau(screen_loss, truth, judged):.2f}; "
           + ", ".join(f"{x} {v:.2f}" for x, v in resolved_by_rung.items()))  # fmt: skip
     print("  extrapolated from the curve up to each rung: "
           + ", ".join(f"{t / horizon_tokens:g}x {extrapolated(t):.2f}" for t in rungs[2:]))  # fmt: skip
     curve = {"curve.screen": tau(screen_loss, truth)} | {f"curve.{x}": v for x, v in by_rung.items()}
-    curve |= {"resolved.screen": resolved_tau(screen_loss, truth, per_seq, by_seed), "resolved.pairs": pairs,
+    curve |= {"resolved.screen": resolved_tau(screen_loss, truth, judged), "resolved.pairs": pairs,
               "truth.seeds": len(next(iter(by_seed.values()))), "truth.seed_noise": seed_noise(by_seed),
               "truth.seed_tau": seed_tau(by_seed)}  # fmt: skip
     curve |= {f"resolved.{x}": v for x, v in resolved_by_rung.items()}

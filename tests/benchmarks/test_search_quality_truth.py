@@ -26,11 +26,11 @@ def test_a_pair_the_seeds_order_differently_is_not_resolved():
     per_seq = {"a": shifted(0.0), "b": shifted(0.02), "c": shifted(0.10)}
     # a and b swap between the seeds; c is behind both on both
     by_seed = {"a": [3.47, 3.53], "b": [3.53, 3.51], "c": [3.60, 3.60]}
-    assert resolved_pairs(truth, per_seq) == 3  # the read alone resolves every pair
-    assert resolved_pairs(truth, per_seq, by_seed) == 2
+    assert len(resolved_pairs(truth, per_seq)) == 3  # the read alone resolves every pair
+    assert len(resolved_pairs(truth, per_seq, by_seed)) == 2
     # a ranking that swaps a and b is only wrong on a pair the judge cannot tell
-    assert resolved_tau({"a": 2.0, "b": 1.0, "c": 3.0}, truth, per_seq, by_seed) == 1.0
-    assert resolved_tau({"a": 2.0, "b": 1.0, "c": 3.0}, truth, per_seq) == pytest.approx(1 / 3)
+    assert resolved_tau({"a": 2.0, "b": 1.0, "c": 3.0}, truth, resolved_pairs(truth, per_seq, by_seed)) == 1.0
+    assert resolved_tau({"a": 2.0, "b": 1.0, "c": 3.0}, truth, resolved_pairs(truth, per_seq)) == pytest.approx(1 / 3)
 
 
 def test_a_gap_within_the_seeds_noise_is_not_resolved_even_when_they_agree():
@@ -40,8 +40,8 @@ def test_a_gap_within_the_seeds_noise_is_not_resolved_even_when_they_agree():
     # the 0.2 to c is not
     by_seed = {"a": [3.400, 3.600], "b": [3.4005, 3.6015], "c": [3.700, 3.700]}
     assert seed_noise(by_seed) > 0.05
-    assert resolved_pairs(truth, per_seq) == 3
-    assert resolved_pairs(truth, per_seq, by_seed) == 2
+    assert len(resolved_pairs(truth, per_seq)) == 3
+    assert len(resolved_pairs(truth, per_seq, by_seed)) == 2
     assert seed_tau(by_seed) == 1.0  # both seeds order them alike all the same
 
 
